@@ -1,0 +1,1248 @@
+#!/usr/bin/env python3
+"""metasystem-monitor: metrics, anomalies, retries and alerts for one machine.
+
+Standard library only, Python 3.9+. Copy this file onto a machine and run it;
+the store is one SQLite file (~/.metasystem/metrics.db unless --db,
+METASYSTEM_DB or METASYSTEM_HOME say otherwise).
+
+From cron:
+    */10 * * * *  metasystem_monitor.py record-sync icloud --success --duration 2.5
+    0 * * * *     df --output=avail / | tail -1 | sed 's/^/disk_avail_kb /' | metasystem_monitor.py record -
+
+Exit codes:
+    0  success (recording commands print nothing)
+    1  runtime error: one line on stderr (-v adds the traceback)
+    2  usage error: a bad option, argument or input value
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+__version__ = "0.1.0"
+__all__ = [
+    "MetricsCollector",
+    "MonitorError",
+    "Sample",
+    "StorageError",
+    "Store",
+    "ValidationError",
+    "ConfigError",
+    "iso_time",
+    "main",
+    "percentile",
+    "resolve_config_path",
+    "resolve_db_path",
+]
+__all__.sort()
+
+log = logging.getLogger("metasystem")
+
+## Constants ##################################################################
+
+PROG = "metasystem_monitor.py"
+SCHEMA_VERSION = 1
+DEFAULT_HOME_DIRNAME = ".metasystem"
+DB_FILENAME = "metrics.db"
+CONFIG_FILENAME = "alerting-config.ini"
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+DEFAULT_WINDOW_HOURS = 24.0
+DEFAULT_RETENTION_DAYS = 30.0
+CLEANUP_INTERVAL_S = 86400.0
+CLEANUP_CHECK_INTERVAL_S = 3600.0
+CLEANUP_BATCH_ROWS = 10_000
+MAX_NAME_CHARS = 200
+MAX_LABELS = 16
+MAX_LABEL_KEY_CHARS = 100
+MAX_LABEL_VALUE_CHARS = 1000
+SYNCHRONOUS_MODES = ("normal", "full")
+BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_NO_LABELS = "{}"
+
+
+def default_home(environ: Optional[Dict[str, str]] = None) -> str:
+    """The folder that holds the default store and configuration."""
+    environ = os.environ if environ is None else environ
+    home = environ.get("METASYSTEM_HOME")
+    if home:
+        return os.path.abspath(os.path.expanduser(home))
+    return os.path.join(os.path.expanduser("~"), DEFAULT_HOME_DIRNAME)
+
+
+def resolve_db_path(option: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> str:
+    """The store's path: --db, then METASYSTEM_DB, then METASYSTEM_HOME, then ~/.metasystem."""
+    environ = os.environ if environ is None else environ
+    chosen = option or environ.get("METASYSTEM_DB")
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
+    return os.path.join(default_home(environ), DB_FILENAME)
+
+
+def resolve_config_path(option: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> str:
+    """The INI file's path: --config, then METASYSTEM_CONFIG, then beside the default store."""
+    environ = os.environ if environ is None else environ
+    chosen = option or environ.get("METASYSTEM_CONFIG")
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
+    return os.path.join(default_home(environ), CONFIG_FILENAME)
+
+
+## Errors #####################################################################
+
+
+class MonitorError(Exception):
+    """Base class for every error this module raises on purpose."""
+
+
+class ValidationError(MonitorError, ValueError):
+    """A value given to the module breaks one of its rules; nothing was stored."""
+
+
+class ConfigError(MonitorError, ValueError):
+    """The configuration file cannot be read or holds a bad value."""
+
+
+class StorageError(MonitorError):
+    """The store cannot be opened, read or written."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr() of a value, cut short so that an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+## Storage ####################################################################
+
+_MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
+    (
+        # One row per (name, labels); samples refer to it by a small integer.
+        """CREATE TABLE series (
+               id INTEGER PRIMARY KEY,
+               name TEXT NOT NULL,
+               labels TEXT NOT NULL,
+               UNIQUE (name, labels))""",
+        # Keyed on (series, time): a window query is one index range and a
+        # sample costs about 25 bytes.  seq keeps two samples of one series at
+        # the same instant apart; it is 0 unless that happens.
+        """CREATE TABLE samples (
+               series_id INTEGER NOT NULL,
+               ts REAL NOT NULL,
+               seq INTEGER NOT NULL,
+               value REAL NOT NULL,
+               PRIMARY KEY (series_id, ts, seq)) WITHOUT ROWID""",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    ),
+)
+
+_SQLITE_MESSAGES = (
+    ("database is locked", "is locked by another process (gave up after {timeout:g} s)"),
+    ("database is busy", "is locked by another process (gave up after {timeout:g} s)"),
+    ("file is not a database", "is not a SQLite database"),
+    ("database disk image is malformed", "is damaged (database disk image is malformed)"),
+    ("readonly database", "is read-only"),
+    ("database or disk is full", "cannot be written: the disk is full"),
+    ("disk i/o error", "cannot be written: disk I/O error"),
+    ("unable to open database file", "cannot be opened"),
+)
+
+
+def _storage_error(err: sqlite3.Error, path: str, timeout_s: float) -> StorageError:
+    """Turn a sqlite3 error into one line that names the store and the cause."""
+    text = str(err)
+    lowered = text.lower()
+    for needle, sentence in _SQLITE_MESSAGES:
+        if needle in lowered:
+            detail = sentence.format(timeout=timeout_s)
+            if needle == "unable to open database file":
+                detail += _why_unopenable(path)
+            return StorageError(f"store {path} {detail}", path)
+    return StorageError(f"store {path}: {text}", path)
+
+
+def _why_unopenable(path: str) -> str:
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f": folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f": folder {folder} is not writable"
+    return ""
+
+
+def _prepare_store_file(path: str) -> None:
+    """Create the store's folder (0700) and file (0600) if they are missing.
+
+    Only folders created here are given 0700: an existing one such as /tmp is
+    left as it is.  Modes are set explicitly, so the umask cannot widen them.
+    """
+    folder = os.path.dirname(path) or "."
+    missing = []
+    probe = folder
+    while probe and not os.path.exists(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    for created in reversed(missing):
+        try:
+            os.mkdir(created, 0o700)
+            os.chmod(created, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise StorageError(f"store {path} cannot be created: {err.strerror}: {created}", path) from None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as err:
+        raise StorageError(f"store {path} cannot be created: {err.strerror}", path) from None
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The one owner of the SQLite connection.
+
+    WAL journal, a busy timeout, every write inside ``BEGIN IMMEDIATE`` (a
+    deferred transaction that later upgrades to a write fails at once with
+    "database is locked" instead of waiting), and the schema migrated forward
+    on open.  A file from a newer version is refused and never touched.
+
+    With ``readonly=True`` nothing is created or changed: a missing file reads
+    as an empty store.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        readonly: bool = False,
+        synchronous: str = "normal",
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    ):
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValidationError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, got {_shown(synchronous)}")
+        self.path = path
+        self.readonly = readonly
+        self.busy_timeout_s = busy_timeout_s
+        self._conn: Optional[sqlite3.Connection] = None
+        with self._translating_errors():
+            self._conn = self._connect_readonly() if readonly else self._connect(synchronous)
+
+    # -- opening ------------------------------------------------------------
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        _prepare_store_file(self.path)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        try:
+            version = self._checked_version(conn)
+            if version == 0:
+                # Must precede the first table, or SQLite ignores it.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                log.warning("store %s: WAL journal not available on this filesystem", self.path)
+            conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            if synchronous == "full" and sys.platform == "darwin":
+                conn.execute("PRAGMA fullfsync = ON")
+            if version < SCHEMA_VERSION:
+                self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            self._migrate(conn)
+            return conn
+        from urllib.parse import quote
+
+        uri = "file:" + quote(self.path) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_s, isolation_level=None)
+        try:
+            version = self._checked_version(conn)
+            if version < SCHEMA_VERSION:
+                if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master").fetchone():
+                    conn.close()
+                    conn = sqlite3.connect(":memory:", isolation_level=None)
+                    self._migrate(conn)
+                    return conn
+                raise StorageError(
+                    f"store {self.path} has schema {version}; run a recording command once to upgrade it",
+                    self.path,
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _checked_version(self, conn: sqlite3.Connection) -> int:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"store {self.path} was written by a newer version (schema {version}; "
+                f"this program knows up to {SCHEMA_VERSION}); it was left unchanged",
+                self.path,
+            )
+        return version
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read inside the lock: another process may have migrated already.
+            version = self._checked_version(conn)
+            for statements in _MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- use ------------------------------------------------------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError(f"store {self.path} is closed", self.path)
+        return self._conn
+
+    @contextlib.contextmanager
+    def _translating_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise _storage_error(err, self.path, self.busy_timeout_s) from err
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any error."""
+        conn = self.connection
+        with self._translating_errors():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> List[tuple]:
+        """Run one read-only statement and return all its rows."""
+        with self._translating_errors():
+            return self.connection.execute(sql, tuple(params)).fetchall()
+
+    def query_one(self, sql: str, params: Iterable[Any] = ()) -> Optional[tuple]:
+        with self._translating_errors():
+            return self.connection.execute(sql, tuple(params)).fetchone()
+
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self.query_one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else row[0]
+
+    def reclaim_space(self) -> None:
+        """Checkpoint the WAL and give free pages back, so the file shrinks after a purge."""
+        with self._translating_errors():
+            self.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self.connection.execute("PRAGMA incremental_vacuum").fetchall()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+## Metrics ####################################################################
+
+
+class Sample(NamedTuple):
+    """One measurement, as ``record_many`` takes it."""
+
+    name: str
+    value: float
+    labels: Optional[Dict[str, str]] = None
+    timestamp: Optional[float] = None
+
+
+def iso_time(ts: Optional[float]) -> Optional[str]:
+    """Epoch seconds as ISO 8601 in UTC with its offset.
+
+    >>> iso_time(0)
+    '1970-01-01T00:00:00.000+00:00'
+    """
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def percentile(sorted_values: List[float], fraction: float) -> Optional[float]:
+    """The value below which ``fraction`` of the data lies, interpolated linearly.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 0.5)
+    2.5
+    """
+    if not sorted_values:
+        return None
+    position = (len(sorted_values) - 1) * fraction
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def validate_name(name: Any, what: str = "metric name") -> str:
+    """Return ``name`` if it is a usable metric name, else raise ValidationError."""
+    if not isinstance(name, str):
+        raise ValidationError(f"{what} must be a string, got {type(name).__name__} {_shown(name)}")
+    if not name:
+        raise ValidationError(f"{what} is empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValidationError(f"{what} {_shown(name)} is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+    if not name.isprintable():
+        raise ValidationError(f"{what} {_shown(name)} holds a control or other non-printable character")
+    return name
+
+
+def finite_number(value: Any, what: str = "value") -> float:
+    """``value`` as a float if it is a finite number, else raise ValidationError."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise ValidationError(f"{what} must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValidationError(f"{what} must be a finite number, got {_shown(value)}") from None
+    if not math.isfinite(number):
+        raise ValidationError(f"{what} must be a finite number, got {number!r}")
+    return number
+
+
+def non_negative(value: Any, what: str) -> float:
+    number = finite_number(value, what)
+    if number < 0:
+        raise ValidationError(f"{what} must not be negative, got {_shown(value)}")
+    return number
+
+
+def whole_count(value: Any, what: str) -> int:
+    number = non_negative(value, what)
+    if not number.is_integer():
+        raise ValidationError(f"{what} must be a whole number, got {_shown(value)}")
+    return int(number)
+
+
+def _flag(value: Any, what: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ValidationError(f"{what} must be True or False, got {_shown(value)}")
+
+
+def canonical_labels(labels: Optional[Dict[str, str]]) -> str:
+    """Labels as the sorted, compact JSON text the store keys series on."""
+    if labels is None:
+        return _NO_LABELS
+    if not isinstance(labels, dict):
+        raise ValidationError(f"labels must be a dict of strings, got {type(labels).__name__}")
+    if not labels:
+        return _NO_LABELS
+    if len(labels) > MAX_LABELS:
+        raise ValidationError(f"{len(labels)} labels given; the limit is {MAX_LABELS}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValidationError(f"label {_shown(key)}={_shown(value)} is not a pair of strings")
+        if not _is_label_key(key):
+            raise ValidationError(
+                f"label key {_shown(key)} must be letters, digits and underscores, not starting with a digit"
+            )
+        if len(value) > MAX_LABEL_VALUE_CHARS:
+            raise ValidationError(f"label {key} is {len(value)} characters long; the limit is {MAX_LABEL_VALUE_CHARS}")
+    return json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _is_label_key(key: str) -> bool:
+    return (
+        0 < len(key) <= MAX_LABEL_KEY_CHARS
+        and key.isascii()
+        and (key[0].isalpha() or key[0] == "_")
+        and key.replace("_", "a").isalnum()
+    )
+
+
+_INSERT_NEW = "INSERT OR IGNORE INTO samples (series_id, ts, seq, value) VALUES (?, ?, 0, ?)"
+_INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
+    VALUES (?1, ?2, (SELECT coalesce(max(seq) + 1, 0) FROM samples WHERE series_id = ?1 AND ts = ?2), ?3)"""
+_IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
+
+
+class MetricsCollector:
+    """Records metrics in the SQLite store and answers questions about them.
+
+    Metric names follow the original design: ``record_sync_metric('icloud',
+    ...)`` stores the duration as ``sync_icloud_success`` or
+    ``sync_icloud_failure``, so ``get_success_rate('sync_icloud')`` and
+    ``get_metric_stats('sync_icloud_success')`` work as its examples show.
+    """
+
+    def __init__(
+        self,
+        db_path: Optional[str] = None,
+        *,
+        readonly: bool = False,
+        synchronous: str = "normal",
+        retention_days: float = DEFAULT_RETENTION_DAYS,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        now=time.time,
+        clock=time.monotonic,
+    ):
+        self.db_path = resolve_db_path(db_path)
+        self.retention_days = non_negative(retention_days, "retention_days")
+        self._now = now
+        self._clock = clock
+        self._series: Dict[Tuple[str, str], int] = {}
+        self._next_cleanup_check = clock()
+        self.store = Store(self.db_path, readonly=readonly, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "MetricsCollector":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- recording ------------------------------------------------------------
+
+    def record(
+        self,
+        name: str,
+        value: float,
+        labels: Optional[Dict[str, str]] = None,
+        timestamp: Optional[float] = None,
+    ) -> None:
+        """Store one sample; it is committed when this returns."""
+        self.record_many(((name, value, labels, timestamp),))
+
+    def record_many(self, samples: Iterable[Any]) -> int:
+        """Store many samples in one transaction: all of them, or none if one is bad.
+
+        Each sample is a ``Sample`` or a tuple ``(name, value[, labels[, timestamp]])``.
+        Returns how many were stored.
+        """
+        prepared = self._prepare(samples)
+        if not prepared:
+            return 0
+        new_series: Dict[Tuple[str, str], int] = {}
+        with self.store.write() as conn:
+            rows = [
+                (self._series.get(key) or self._create_series(conn, key, new_series), ts, value)
+                for key, ts, value in prepared
+            ]
+            self._insert_rows(conn, rows)
+        self._series.update(new_series)
+        self._cleanup_if_due()
+        return len(rows)
+
+    def _prepare(self, samples: Iterable[Any]) -> List[Tuple[Tuple[str, str], float, float]]:
+        """Validate every sample before anything is written."""
+        default_ts = None
+        known = self._series
+        prepared = []
+        for index, sample in enumerate(samples):
+            try:
+                name, value, labels, timestamp = Sample(*sample)
+            except TypeError:
+                raise ValidationError(f"sample {index} is not (name, value[, labels[, timestamp]]): {_shown(sample)}") from None
+            key = (name, _NO_LABELS if labels is None else canonical_labels(labels))
+            if key not in known:
+                validate_name(name)
+            if timestamp is None:
+                if default_ts is None:
+                    default_ts = self._now()
+                ts = default_ts
+            else:
+                ts = non_negative(timestamp, "timestamp")
+            prepared.append((key, ts, finite_number(value, f"value of {name}")))
+        return prepared
+
+    @staticmethod
+    def _create_series(conn: sqlite3.Connection, key: Tuple[str, str], new_series: Dict[Tuple[str, str], int]) -> int:
+        series_id = new_series.get(key)
+        if series_id is None:
+            conn.execute("INSERT OR IGNORE INTO series (name, labels) VALUES (?, ?)", key)
+            series_id = conn.execute("SELECT id FROM series WHERE name = ? AND labels = ?", key).fetchone()[0]
+            # Cached only after COMMIT: a rolled-back id may be reused by another process.
+            new_series[key] = series_id
+        return series_id
+
+    @staticmethod
+    def _insert_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
+        conn.execute("SAVEPOINT insert_samples")
+        before = conn.total_changes
+        conn.executemany(_INSERT_NEW, rows)
+        if conn.total_changes - before != len(rows):
+            # Some sample shares its series and instant with another; both are
+            # kept, the later one with the next seq.  Rare, so it takes the slow way.
+            conn.execute("ROLLBACK TO insert_samples")
+            conn.executemany(_INSERT_NEXT_SEQ, rows)
+        conn.execute("RELEASE insert_samples")
+
+    def record_sync_metric(
+        self,
+        target: str,
+        success: bool,
+        duration: float,
+        files_synced: int = 0,
+        conflicts: int = 0,
+        *,
+        timestamp: Optional[float] = None,
+    ) -> None:
+        """Record one sync run: its duration under ``sync_TARGET_success`` or ``_failure``."""
+        validate_name(target, "sync target")
+        outcome = "success" if _flag(success, "success") else "failure"
+        labels = {"target": target}
+        prefix = f"sync_{target}_"
+        self.record_many(
+            (
+                (prefix + outcome, non_negative(duration, "duration"), labels, timestamp),
+                (prefix + "files", whole_count(files_synced, "files_synced"), labels, timestamp),
+                (prefix + "conflicts", whole_count(conflicts, "conflicts"), labels, timestamp),
+            )
+        )
+
+    def record_circuit_breaker_metric(
+        self,
+        breaker_name: str,
+        state: str,
+        failure_count: int = 0,
+        *,
+        timestamp: Optional[float] = None,
+    ) -> None:
+        """Record a breaker's state (0 closed, 1 open, 2 half_open) and failure count."""
+        validate_name(breaker_name, "breaker name")
+        code = BREAKER_STATES.get(str(state).lower().replace("-", "_"))
+        if code is None:
+            raise ValidationError(f"breaker state must be one of {', '.join(BREAKER_STATES)}, got {_shown(state)}")
+        labels = {"breaker": breaker_name}
+        prefix = f"circuit_breaker_{breaker_name}_"
+        self.record_many(
+            (
+                (prefix + "state", code, labels, timestamp),
+                (prefix + "failures", whole_count(failure_count, "failure_count"), labels, timestamp),
+            )
+        )
+
+    def record_agent_metric(
+        self,
+        agent_name: str,
+        duration: float,
+        success: bool,
+        items_processed: int = 0,
+        *,
+        timestamp: Optional[float] = None,
+    ) -> None:
+        """Record one agent run: its duration under ``agent_NAME_success`` or ``_failure``."""
+        validate_name(agent_name, "agent name")
+        outcome = "success" if _flag(success, "success") else "failure"
+        labels = {"agent": agent_name}
+        prefix = f"agent_{agent_name}_"
+        self.record_many(
+            (
+                (prefix + outcome, non_negative(duration, "duration"), labels, timestamp),
+                (prefix + "items", whole_count(items_processed, "items_processed"), labels, timestamp),
+            )
+        )
+
+    # -- querying -------------------------------------------------------------
+
+    def _window(self, hours: float) -> Tuple[float, float]:
+        hours = finite_number(hours, "hours")
+        if hours <= 0:
+            raise ValidationError(f"hours must be positive, got {_shown(hours)}")
+        until = self._now()
+        return until - hours * 3600.0, until
+
+    def get_metric_stats(self, name: str, hours: float = DEFAULT_WINDOW_HOURS, *, percentiles: bool = False) -> Dict[str, Any]:
+        """Count, avg, min, max, stddev and latest of ``name`` over the last ``hours``.
+
+        An empty window gives count 0 and None for the rest.  ``stddev`` is the
+        sample standard deviation (None below two samples).  ``p50`` and
+        ``p95`` are added when ``percentiles`` is true, at the cost of reading
+        every value in the window.
+        """
+        since, until = self._window(hours)
+        window = (name, since, until)
+        count, avg, low, high, first, last = self.store.query_one(
+            f"SELECT count(*), avg(value), min(value), max(value), min(ts), max(ts) FROM samples WHERE {_IN_WINDOW}",
+            window,
+        )
+        stats: Dict[str, Any] = {
+            "count": count,
+            "avg": avg,
+            "min": low,
+            "max": high,
+            "stddev": None,
+            "latest": None,
+            "first_time": iso_time(first),
+            "last_time": iso_time(last),
+        }
+        if percentiles:
+            stats.update(p50=None, p95=None)
+        if count == 0:
+            return stats
+        stats["latest"] = self.store.query_one(
+            "SELECT value FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) AND ts = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (name, last),
+        )[0]
+        if count > 1:
+            # Two passes: the mean first, then squared deviations from it, which
+            # stays accurate where sum(x*x) - sum(x)**2/n cancels catastrophically.
+            squares = self.store.query_one(
+                f"SELECT sum((value - ?1) * (value - ?1)) FROM samples WHERE series_id IN "
+                f"(SELECT id FROM series WHERE name = ?2) AND ts >= ?3 AND ts <= ?4",
+                (avg, name, since, until),
+            )[0]
+            stats["stddev"] = math.sqrt(squares / (count - 1))
+        if percentiles:
+            values = [row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}", window)]
+            values.sort()
+            stats.update(p50=percentile(values, 0.50), p95=percentile(values, 0.95))
+        return stats
+
+    def count_samples(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> int:
+        """How many samples of ``name`` fall in the last ``hours``."""
+        since, until = self._window(hours)
+        return self.store.query_one(f"SELECT count(*) FROM samples WHERE {_IN_WINDOW}", (name, since, until))[0]
+
+    def get_success_rate(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Optional[float]:
+        """Percentage of ``NAME_success`` among ``NAME_success`` and ``NAME_failure``.
+
+        None when the window holds no attempt at all: 0 % would claim every
+        attempt failed and raise a false alarm.
+        """
+        successes, attempts = self.success_counts(name, hours)
+        return None if attempts == 0 else 100.0 * successes / attempts
+
+    def success_counts(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Tuple[int, int]:
+        """(successes, attempts) of ``name`` in the last ``hours``."""
+        successes = self.count_samples(f"{name}_success", hours)
+        failures = self.count_samples(f"{name}_failure", hours)
+        return successes, successes + failures
+
+    def list_metrics(self) -> List[Dict[str, Any]]:
+        """Every metric name with its sample count and the time of its last sample."""
+        rows = self.store.query(
+            "SELECT series.name, count(*), max(samples.ts) FROM series JOIN samples ON samples.series_id = series.id "
+            "GROUP BY series.name ORDER BY series.name"
+        )
+        return [{"name": name, "count": count, "last_time": iso_time(last)} for name, count, last in rows]
+
+    def _entities(self, label: str) -> List[str]:
+        """Names carried by ``label`` across all series (sync targets, breakers, agents)."""
+        found = set()
+        for (labels,) in self.store.query("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)):
+            value = json.loads(labels).get(label)
+            if value is not None:
+                found.add(value)
+        return sorted(found)
+
+    def _latest(self, name: str) -> Optional[Tuple[float, float]]:
+        """(timestamp, value) of the newest sample of ``name``, or None."""
+        return self.store.query_one(
+            "SELECT ts, value FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) "
+            "ORDER BY ts DESC, seq DESC LIMIT 1",
+            (name,),
+        )
+
+    def _latest_before(self, name: str, until: float, differing_from: float) -> Optional[float]:
+        row = self.store.query_one(
+            "SELECT max(ts) FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) "
+            "AND ts <= ? AND value != ?",
+            (name, until, differing_from),
+        )
+        return None if row is None else row[0]
+
+    def get_system_summary(self, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
+        """The current state of sync targets, circuit breakers and agents.
+
+        This is the one summary that the dashboard, ``--summary`` and
+        exporters read, so they always agree.
+        """
+        until = self._window(hours)[1]
+        return {
+            "schema_version": 1,
+            "generated_at": iso_time(until),
+            "window_hours": hours,
+            "sync": {target: self._sync_summary(target, hours) for target in self._entities("target")},
+            "circuit_breakers": {name: self._breaker_summary(name) for name in self._entities("breaker")},
+            "agents": {name: self._agent_summary(name, hours) for name in self._entities("agent")},
+        }
+
+    def _sync_summary(self, target: str, hours: float) -> Dict[str, Any]:
+        name = f"sync_{target}"
+        successes, attempts = self.success_counts(name, hours)
+        durations = [self.get_metric_stats(f"{name}_{outcome}", hours) for outcome in ("success", "failure")]
+        total = sum(stats["avg"] * stats["count"] for stats in durations if stats["count"])
+        last_success = self._latest(f"{name}_success")
+        return {
+            "success_rate": None if attempts == 0 else 100.0 * successes / attempts,
+            "attempts": attempts,
+            "avg_duration": total / attempts if attempts else None,
+            "last_success": iso_time(last_success[0]) if last_success else None,
+        }
+
+    def _breaker_summary(self, breaker: str) -> Dict[str, Any]:
+        prefix = f"circuit_breaker_{breaker}_"
+        latest = self._latest(prefix + "state")
+        failures = self._latest(prefix + "failures")
+        if latest is None:
+            return {"state": None, "failures": None, "since": None}
+        ts, code = latest
+        state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
+        changed = self._latest_before(prefix + "state", ts, code)
+        since = ts if changed is None else self.store.query_one(
+            "SELECT min(ts) FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) AND ts > ?",
+            (prefix + "state", changed),
+        )[0]
+        return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
+
+    def _agent_summary(self, agent: str, hours: float) -> Dict[str, Any]:
+        name = f"agent_{agent}"
+        successes, executions = self.success_counts(name, hours)
+        durations = [self.get_metric_stats(f"{name}_{outcome}", hours) for outcome in ("success", "failure")]
+        total = sum(stats["avg"] * stats["count"] for stats in durations if stats["count"])
+        runs = [self._latest(f"{name}_{outcome}") for outcome in ("success", "failure")]
+        latest = max((run for run in runs if run is not None), default=None, key=lambda run: run[0])
+        return {
+            "executions": executions,
+            "success_rate": None if executions == 0 else 100.0 * successes / executions,
+            "avg_duration": total / executions if executions else None,
+            "latest_duration": None if latest is None else latest[1],
+        }
+
+    # -- retention --------------------------------------------------------------
+
+    def cleanup_old_metrics(self, days: Optional[float] = None) -> int:
+        """Delete samples older than ``days`` (default: the retention setting).
+
+        Deletes at most CLEANUP_BATCH_ROWS rows per transaction, so a writer
+        never waits long, and keeps going until nothing expired is left.
+        Returns how many samples were deleted.
+        """
+        days = self.retention_days if days is None else non_negative(days, "days")
+        cutoff = self._now() - days * 86400.0
+        deleted = 0
+        for (series_id,) in self.store.query("SELECT id FROM series"):
+            deleted += self._delete_series_before(series_id, cutoff)
+        with self.store.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_cleanup', ?)", (repr(self._now()),))
+        if deleted:
+            self.store.reclaim_space()
+        return deleted
+
+    def _delete_series_before(self, series_id: int, cutoff: float) -> int:
+        deleted = 0
+        while True:
+            row = self.store.query_one(
+                "SELECT ts FROM samples WHERE series_id = ? AND ts < ? ORDER BY ts LIMIT 1 OFFSET ?",
+                (series_id, cutoff, CLEANUP_BATCH_ROWS - 1),
+            )
+            bound = cutoff if row is None else math.nextafter(row[0], math.inf)
+            with self.store.write() as conn:
+                deleted += conn.execute("DELETE FROM samples WHERE series_id = ? AND ts < ?", (series_id, bound)).rowcount
+            if row is None:
+                return deleted
+
+    def _cleanup_if_due(self) -> None:
+        """Run cleanup at most once a day across all processes; checked hourly here."""
+        if self.store.readonly or self._clock() < self._next_cleanup_check:
+            return
+        self._next_cleanup_check = self._clock() + CLEANUP_CHECK_INTERVAL_S
+        last = self.store.get_meta("last_cleanup")
+        if last is None or self._now() - float(last) >= CLEANUP_INTERVAL_S:
+            deleted = self.cleanup_old_metrics()
+            log.debug("automatic cleanup deleted %d samples older than %g days", deleted, self.retention_days)
+
+
+## CLI ########################################################################
+
+_EXIT_CODES_HELP = """exit codes:
+  0  success (recording commands print nothing)
+  1  runtime error, one line on stderr (-v adds the traceback)
+  2  usage error: a bad option, argument or input value"""
+
+
+def load_config(path: str, required: bool = False):
+    """Read the INI file; a missing file is an empty configuration unless ``required``."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"configuration file {path} cannot be read: {err}") from None
+    except configparser.Error as err:
+        first_line = str(err).splitlines()[0]
+        raise ConfigError(f"configuration file {path}: {first_line}") from None
+    return parser
+
+
+def storage_settings(config) -> Dict[str, Any]:
+    """The ``[storage]`` keys this module reads, checked."""
+    section = config["storage"] if config.has_section("storage") else {}
+    synchronous = section.get("synchronous", "normal").strip().lower()
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise ConfigError(f"[storage] synchronous must be normal or full, got {_shown(synchronous)}")
+    raw_days = section.get("retention_days", str(DEFAULT_RETENTION_DAYS))
+    try:
+        retention_days = non_negative(float(raw_days), "retention_days")
+    except (ValueError, ValidationError):
+        raise ConfigError(f"[storage] retention_days must be a number of days, got {_shown(raw_days)}") from None
+    return {"synchronous": synchronous, "retention_days": retention_days}
+
+
+def _open_collector(args, *, readonly: bool) -> MetricsCollector:
+    config = load_config(args.config_path, required=args.config is not None)
+    settings = storage_settings(config)
+    return MetricsCollector(args.db_path, readonly=readonly, **settings)
+
+
+def _print_json(document: Dict[str, Any]) -> None:
+    print(json.dumps(document, sort_keys=True, indent=2, allow_nan=False))
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _parse_number(text: str, what: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValidationError(f"{what} {_shown(text)} is not a number") from None
+    return finite_number(number, what)
+
+
+def _parse_labels(pairs: Optional[List[str]]) -> Optional[Dict[str, str]]:
+    if not pairs:
+        return None
+    labels: Dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValidationError(f"label {_shown(pair)} is not KEY=VALUE")
+        if key in labels:
+            raise ValidationError(f"label {key!r} given twice")
+        labels[key] = value
+    return labels
+
+
+def parse_graphite_line(line: str, number: int) -> Sample:
+    """One line of Graphite's plaintext protocol: ``name[;tag=value...] value [timestamp]``."""
+    fields = line.split()
+    if len(fields) not in (2, 3):
+        raise ValidationError(f"line {number}: expected 'name value [timestamp]', got {_shown(line)}")
+    path, *tags = fields[0].split(";")
+    try:
+        labels = _parse_labels(tags)
+        value = _parse_number(fields[1], "value")
+        timestamp = _parse_number(fields[2], "timestamp") if len(fields) == 3 else None
+        validate_name(path)
+        canonical_labels(labels)
+    except ValidationError as err:
+        raise ValidationError(f"line {number}: {err}") from None
+    return Sample(path, value, labels, timestamp)
+
+
+def read_graphite(stream) -> List[Sample]:
+    """Every sample of a Graphite plaintext stream (bytes); the first bad line raises."""
+    samples = []
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValidationError(f"line {number}: not UTF-8 text") from None
+        if line.strip():
+            samples.append(parse_graphite_line(line, number))
+    return samples
+
+
+def cmd_record(args) -> int:
+    if args.name == "-":
+        if args.value is not None or args.label or args.time is not None:
+            raise ValidationError("'record -' reads name, value and time from stdin; give no other arguments")
+        samples = read_graphite(sys.stdin.buffer)
+    else:
+        if args.value is None:
+            raise ValidationError("record needs a VALUE after the name (or '-' to read stdin)")
+        timestamp = None if args.time is None else _parse_number(args.time, "--time")
+        samples = [Sample(args.name, _parse_number(args.value, "value"), _parse_labels(args.label), timestamp)]
+    with _open_collector(args, readonly=False) as collector:
+        collector.record_many(samples)
+    return EXIT_OK
+
+
+def cmd_record_sync(args) -> int:
+    with _open_collector(args, readonly=False) as collector:
+        collector.record_sync_metric(
+            args.target,
+            args.success,
+            _parse_number(args.duration, "--duration"),
+            files_synced=_parse_number(args.files, "--files"),
+            conflicts=_parse_number(args.conflicts, "--conflicts"),
+        )
+    return EXIT_OK
+
+
+def cmd_record_agent(args) -> int:
+    with _open_collector(args, readonly=False) as collector:
+        collector.record_agent_metric(
+            args.name,
+            _parse_number(args.duration, "--duration"),
+            args.success,
+            items_processed=_parse_number(args.items, "--items"),
+        )
+    return EXIT_OK
+
+
+def cmd_stats(args) -> int:
+    with _open_collector(args, readonly=True) as collector:
+        stats = collector.get_metric_stats(args.name, args.hours, percentiles=args.percentiles)
+    if args.json:
+        _print_json(dict(stats, name=args.name, hours=args.hours))
+        return EXIT_OK
+    print(f"{args.name} (last {args.hours:g}h)")
+    for key, value in stats.items():
+        print(f"  {key:<11} {_format_value(value)}")
+    return EXIT_OK
+
+
+def cmd_success_rate(args) -> int:
+    with _open_collector(args, readonly=True) as collector:
+        successes, attempts = collector.success_counts(args.name, args.hours)
+    rate = None if attempts == 0 else 100.0 * successes / attempts
+    if args.json:
+        _print_json({"name": args.name, "hours": args.hours, "success_rate": rate, "attempts": attempts})
+    elif rate is None:
+        print(f"{args.name}: no attempts in the last {args.hours:g}h")
+    else:
+        print(f"{args.name}: {rate:.1f}% of {attempts} attempts in the last {args.hours:g}h")
+    return EXIT_OK
+
+
+def cmd_metrics(args) -> int:
+    with _open_collector(args, readonly=True) as collector:
+        metrics = collector.list_metrics()
+    if args.json:
+        _print_json({"metrics": metrics})
+        return EXIT_OK
+    for metric in metrics:
+        print(f"{metric['name']}\t{metric['count']}\t{metric['last_time']}")
+    return EXIT_OK
+
+
+def _hours(text: str) -> float:
+    import argparse
+
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours") from None
+    if not (math.isfinite(hours) and 0 < hours <= 1e6):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of hours")
+    return hours
+
+
+def _add_global_options(parser, suppress: bool) -> None:
+    """--db, --config, -v, -q; accepted before and after the subcommand."""
+    import argparse
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--db", metavar="PATH", default=default(None), help="the SQLite store (default: $METASYSTEM_DB, else $METASYSTEM_HOME/metrics.db, else ~/.metasystem/metrics.db)")
+    parser.add_argument("--config", metavar="PATH", default=default(None), help="the INI configuration (default: $METASYSTEM_CONFIG, else alerting-config.ini beside the store)")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0), help="more detail on stderr; tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False), help="only errors on stderr")
+
+
+def _subcommand(subparsers, name: str, func, help_text: str, examples: str):
+    import argparse
+
+    sub = subparsers.add_parser(
+        name, help=help_text, description=help_text, epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_options(sub, suppress=True)
+    sub.set_defaults(func=func)
+    return sub
+
+
+def _add_outcome(sub) -> None:
+    outcome = sub.add_mutually_exclusive_group(required=True)
+    outcome.add_argument("--success", dest="success", action="store_true", help="the run succeeded")
+    outcome.add_argument("--failure", dest="success", action="store_false", help="the run failed")
+    sub.add_argument("--duration", required=True, metavar="SECONDS", help="how long the run took")
+
+
+def _parser_class():
+    """argparse's parser, but a usage error is one line on stderr, not usage plus error."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+    return Parser
+
+
+def build_parser():
+    """The argparse parser for every subcommand."""
+    import argparse
+
+    parser = _parser_class()(
+        prog=PROG,
+        description="Record and query metrics of one machine in a SQLite store.",
+        epilog=_EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_options(parser, suppress=False)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub = _subcommand(subparsers, "record", cmd_record, "store one sample, or many from stdin with '-'",
+                      f"  {PROG} record backup_bytes 52428800 --label host=nas\n"
+                      f"  printf 'load1 0.42\\nload5 0.37 1700000000\\n' | {PROG} record -")
+    sub.add_argument("name", metavar="NAME", help="metric name, or '-' to read 'name value [epoch]' lines from stdin")
+    sub.add_argument("value", metavar="VALUE", nargs="?", help="a finite number")
+    sub.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label of the sample (repeatable)")
+    sub.add_argument("--time", metavar="EPOCH_SECONDS", help="when it was measured (default: now)")
+
+    sub = _subcommand(subparsers, "record-sync", cmd_record_sync, "record one sync run of TARGET",
+                      f"  {PROG} record-sync icloud --success --duration 2.5 --files 10\n"
+                      f"  {PROG} record-sync external --failure --duration 31")
+    sub.add_argument("target", metavar="TARGET")
+    _add_outcome(sub)
+    sub.add_argument("--files", default="0", metavar="N", help="files synced (default 0)")
+    sub.add_argument("--conflicts", default="0", metavar="N", help="conflicts met (default 0)")
+
+    sub = _subcommand(subparsers, "record-agent", cmd_record_agent, "record one run of agent NAME",
+                      f"  {PROG} record-agent cataloger --success --duration 1.2 --items 45")
+    sub.add_argument("name", metavar="NAME")
+    _add_outcome(sub)
+    sub.add_argument("--items", default="0", metavar="N", help="items processed (default 0)")
+
+    sub = _subcommand(subparsers, "stats", cmd_stats, "count, avg, min, max, stddev and latest of a metric",
+                      f"  {PROG} stats sync_icloud_success --hours 24\n"
+                      f"  {PROG} stats backup_bytes --percentiles --json | jq .p95")
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+    sub.add_argument("--percentiles", action="store_true", help="add p50 and p95 (reads every value)")
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    sub = _subcommand(subparsers, "success-rate", cmd_success_rate, "percentage of NAME_success among its attempts",
+                      f"  {PROG} success-rate sync_icloud\n"
+                      f"  {PROG} success-rate agent_cataloger --hours 168 --json")
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    sub = _subcommand(subparsers, "metrics", cmd_metrics, "every metric name with its sample count and last time",
+                      f"  {PROG} metrics\n  {PROG} metrics --json")
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return parser
+
+
+@contextlib.contextmanager
+def _stderr_logging(verbosity: int, quiet: bool) -> Iterator[None]:
+    """Send this module's log records to stderr for the length of one main() call."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    level = logging.ERROR if quiet else logging.DEBUG if verbosity else logging.WARNING
+    previous = log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous)
+
+
+def _error(message: Any) -> None:
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; return the exit code instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+    args.db_path = resolve_db_path(args.db)
+    args.config_path = resolve_config_path(args.config)
+    with _stderr_logging(args.verbose, args.quiet):
+        try:
+            return args.func(args)
+        except ValidationError as err:
+            _error(err)
+            return EXIT_USAGE
+        except MonitorError as err:
+            _error(err)
+            return EXIT_RUNTIME
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader (head, grep -q) went away; keep Python's exit flush quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        except Exception as err:  # a bug of ours: still one line for cron, details with -v
+            if args.verbose:
+                log.exception("unexpected error")
+            _error(f"unexpected {type(err).__name__}: {err}")
+            return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

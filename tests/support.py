@@ -1,0 +1,140 @@
+"""Shared helpers for the tests: temporary stores, a fake clock, running the CLI."""
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import metasystem_monitor as mm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "metasystem_monitor.py")
+SUBPROCESS_TIMEOUT_S = 120
+_ENV_KEYS = ("METASYSTEM_DB", "METASYSTEM_HOME", "METASYSTEM_CONFIG")
+# Mount the folder in $1 read-only in a private mount namespace, then run the rest.
+_READONLY_MOUNT = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+
+
+class FakeClock:
+    """A clock that moves only when told: time() for wall time, sleep() advances it."""
+
+    def __init__(self, start=1_800_000_000.0):
+        self.now = float(start)
+        self.slept = []
+
+    def time(self):
+        return self.now
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class StoreTestCase(unittest.TestCase):
+    """A temporary folder per test, with the environment pointed at it."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="mm-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.db = os.path.join(self.tmp, "metrics.db")
+        saved = {key: os.environ.get(key) for key in _ENV_KEYS}
+        self.addCleanup(_restore_environ, saved)
+        for key in _ENV_KEYS:
+            os.environ.pop(key, None)
+        os.environ["METASYSTEM_HOME"] = os.path.join(self.tmp, "home")
+
+    def collector(self, clock=None, **kwargs):
+        """A collector on this test's store, closed at the end of the test."""
+        if clock is not None:
+            kwargs.setdefault("now", clock.time)
+            kwargs.setdefault("clock", clock.monotonic)
+        collector = mm.MetricsCollector(kwargs.pop("db_path", self.db), **kwargs)
+        self.addCleanup(collector.close)
+        return collector
+
+    def child_env(self, **extra):
+        """The environment of a CLI subprocess: isolated HOME and store folder."""
+        env = {key: value for key, value in os.environ.items() if key not in _ENV_KEYS}
+        env.update(HOME=self.tmp, METASYSTEM_HOME=os.path.join(self.tmp, "home"), PYTHONDONTWRITEBYTECODE="1")
+        env.update(extra)
+        return env
+
+    def run_cli(self, *args, stdin=b"", env=None, timeout=SUBPROCESS_TIMEOUT_S, prefix=()):
+        """Run the real script in a subprocess; return the CompletedProcess (text output)."""
+        return subprocess.run(
+            [*prefix, sys.executable, SCRIPT, *args],
+            input=stdin,
+            capture_output=True,
+            env=self.child_env() if env is None else env,
+            cwd=self.tmp,
+            timeout=timeout,
+        )
+
+    def run_main(self, *args, stdin=b""):
+        """Run main() in this process; return (exit code, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        fake_stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+        saved_stdin = sys.stdin
+        sys.stdin = fake_stdin
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = mm.main(list(args))
+        finally:
+            sys.stdin = saved_stdin
+        return code, out.getvalue(), err.getvalue()
+
+    def run_cli_in_readonly_folder(self, folder, *args):
+        """Run the CLI while ``folder`` cannot be written, even by root."""
+        if os.geteuid() != 0:
+            mode = os.stat(folder).st_mode
+            os.chmod(folder, 0o555)
+            try:
+                return self.run_cli(*args)
+            finally:
+                os.chmod(folder, mode)
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            self.skipTest("running as root without unshare(1): no way to make a folder read-only")
+        probe = subprocess.run([unshare, "-m", "true"], capture_output=True, timeout=30)
+        if probe.returncode != 0:
+            self.skipTest("running as root where unshare -m is not permitted")
+        return self.run_cli(*args, prefix=(unshare, "-m", "sh", "-c", _READONLY_MOUNT, "sh", folder))
+
+    def assertCleanExit(self, result, code=0, stdout=b""):
+        """Exit code and exact stdout, and nothing on stderr."""
+        self.assertEqual((result.returncode, result.stderr.decode()), (code, ""))
+        if stdout is not None:
+            self.assertEqual(result.stdout.decode(), stdout if isinstance(stdout, str) else stdout.decode())
+
+    def assertOneLineError(self, result, code, fragment):
+        """Exit ``code``, nothing on stdout, one stderr line naming ``fragment``, no traceback."""
+        err = result.stderr.decode()
+        self.assertEqual(result.returncode, code, err)
+        self.assertEqual(result.stdout, b"")
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("metasystem_monitor.py"), err)
+        self.assertIn(fragment, err)
+        self.assertNotIn("Traceback", err)
+
+
+def _restore_environ(saved):
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def file_bytes(path):
+    with open(path, "rb") as handle:
+        return handle.read()

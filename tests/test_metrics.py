@@ -1,0 +1,280 @@
+"""MetricsCollector: recording, validation, window statistics, summary, cleanup."""
+
+import math
+import statistics
+import unittest
+
+import metasystem_monitor as mm
+
+from .support import FakeClock, StoreTestCase
+
+HOUR = 3600.0
+
+
+class RecordTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.clock = FakeClock()
+        self.metrics = self.collector(self.clock)
+
+    def rows(self):
+        return self.metrics.store.query(
+            "SELECT name, labels, ts, seq, value FROM samples JOIN series ON id = series_id ORDER BY name, ts, seq"
+        )
+
+    def test_record_stores_name_labels_time_and_value(self):
+        self.metrics.record("disk_free_bytes", 12.5, labels={"mount": "/", "host": "nas"})
+        self.metrics.record("load1", 0.25, timestamp=1_799_999_000.5)
+        self.assertEqual(self.rows(), [
+            ("disk_free_bytes", '{"host":"nas","mount":"/"}', self.clock.now, 0, 12.5),
+            ("load1", "{}", 1_799_999_000.5, 0, 0.25),
+        ])
+
+    def test_two_samples_at_one_instant_are_both_kept(self):
+        self.metrics.record("x", 1.0)
+        self.metrics.record("x", 2.0)
+        self.metrics.record_many([("x", 3.0), ("x", 4.0)])
+        self.assertEqual([(row[3], row[4]) for row in self.rows()], [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0)])
+        self.assertEqual(self.metrics.get_metric_stats("x")["count"], 4)
+
+    def test_record_many_takes_tuples_and_samples_and_returns_the_count(self):
+        stored = self.metrics.record_many([
+            ("a", 1),
+            ("b", 2, {"k": "v"}),
+            mm.Sample("c", 3, None, self.clock.now - 10),
+        ])
+        self.assertEqual(stored, 3)
+        self.assertEqual([(r[0], r[1], r[4]) for r in self.rows()], [("a", "{}", 1.0), ("b", '{"k":"v"}', 2.0), ("c", "{}", 3.0)])
+        self.assertEqual(self.metrics.record_many([]), 0)
+
+    def test_bad_input_is_refused_with_its_value_and_nothing_is_stored(self):
+        self.metrics.record("kept", 1.0)
+        before = self.rows()
+        cases = [
+            (("", 1), "metric name is empty"),
+            (("x" * 201, 1), "is 201 characters long; the limit is 200"),
+            (("a\nb", 1), "metric name 'a\\nb' holds a control or other non-printable character"),
+            (("a\x1b[31m", 1), "holds a control or other non-printable character"),
+            ((7, 1), "metric name must be a string, got int 7"),
+            (("x", float("nan")), "value of x must be a finite number, got nan"),
+            (("x", float("inf")), "value of x must be a finite number, got inf"),
+            (("x", "12"), "value of x must be a number, got '12'"),
+            (("x", None), "value of x must be a number, got None"),
+            (("x", 10**400), "value of x must be a finite number"),
+            (("x", 1, {"k": 1}), "label 'k'=1 is not a pair of strings"),
+            (("x", 1, {"bad key": "v"}), "label key 'bad key' must be letters, digits and underscores"),
+            (("x", 1, ["k", "v"]), "labels must be a dict of strings, got list"),
+            (("x", 1, None, float("nan")), "timestamp must be a finite number, got nan"),
+            (("x", 1, None, -5), "timestamp must not be negative, got -5"),
+            (("x",), "sample 1 is not (name, value[, labels[, timestamp]])"),
+        ]
+        for sample, message in cases:
+            with self.subTest(sample=repr(sample)[:40]):
+                with self.assertRaises(mm.ValidationError) as caught:
+                    self.metrics.record_many([("good", 1.0), sample])
+                self.assertIn(message, str(caught.exception))
+                self.assertEqual(len(str(caught.exception).splitlines()), 1)
+        self.assertEqual(self.rows(), before)
+
+    def test_seed_helpers_refuse_bad_durations_counts_and_states(self):
+        cases = [
+            (lambda: self.metrics.record_sync_metric("icloud", True, -1), "duration must not be negative, got -1"),
+            (lambda: self.metrics.record_sync_metric("icloud", "yes", 1), "success must be True or False, got 'yes'"),
+            (lambda: self.metrics.record_sync_metric("icloud", True, 1, files_synced=1.5), "files_synced must be a whole number"),
+            (lambda: self.metrics.record_sync_metric("", True, 1), "sync target is empty"),
+            (lambda: self.metrics.record_agent_metric("cat", float("nan"), True), "duration must be a finite number"),
+            (lambda: self.metrics.record_agent_metric("cat", 1, True, items_processed=-3), "items_processed must not be negative"),
+            (lambda: self.metrics.record_circuit_breaker_metric("b", "ajar"), "breaker state must be one of closed, open, half_open, got 'ajar'"),
+        ]
+        for call, message in cases:
+            with self.subTest(message=message):
+                with self.assertRaises(mm.ValidationError) as caught:
+                    call()
+                self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.rows(), [])
+
+    def test_sync_metric_names_follow_the_original_document(self):
+        self.metrics.record_sync_metric("icloud", True, 2.5, files_synced=10, conflicts=1)
+        self.metrics.record_sync_metric("icloud", False, 7.0)
+        now = self.clock.now
+        labels = '{"target":"icloud"}'
+        self.assertEqual(self.rows(), [
+            ("sync_icloud_conflicts", labels, now, 0, 1.0),
+            ("sync_icloud_conflicts", labels, now, 1, 0.0),
+            ("sync_icloud_failure", labels, now, 0, 7.0),
+            ("sync_icloud_files", labels, now, 0, 10.0),
+            ("sync_icloud_files", labels, now, 1, 0.0),
+            ("sync_icloud_success", labels, now, 0, 2.5),
+        ])
+
+    def test_breaker_states_are_coded_and_half_open_accepts_a_hyphen(self):
+        self.metrics.record_circuit_breaker_metric("db", "half-open", 2)
+        self.assertEqual([(r[0], r[4]) for r in self.rows()], [("circuit_breaker_db_failures", 2.0), ("circuit_breaker_db_state", 2.0)])
+
+
+class StatsTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.clock = FakeClock()
+        self.metrics = self.collector(self.clock)
+
+    def test_stats_agree_with_the_statistics_module(self):
+        values = [2.5, 3.0, 1.25, 9.0, 4.75, 3.0, 2.0]
+        for age, value in zip(range(len(values), 0, -1), values):
+            self.metrics.record("d", value, timestamp=self.clock.now - age * 60)
+        self.metrics.record("d", 1000.0, timestamp=self.clock.now - 25 * HOUR)  # outside the window
+        self.metrics.record("other", 5.0)
+        stats = self.metrics.get_metric_stats("d", hours=24, percentiles=True)
+        self.assertEqual(stats["count"], 7)
+        self.assertAlmostEqual(stats["avg"], statistics.fmean(values), places=12)
+        self.assertEqual((stats["min"], stats["max"], stats["latest"]), (1.25, 9.0, 2.0))
+        self.assertAlmostEqual(stats["stddev"], statistics.stdev(values), places=12)
+        self.assertEqual(stats["p50"], statistics.median(values))
+        self.assertAlmostEqual(stats["p95"], statistics.quantiles(values, n=20, method="inclusive")[-1], places=12)
+        self.assertEqual(stats["first_time"], mm.iso_time(self.clock.now - 7 * 60))
+        self.assertEqual(stats["last_time"], mm.iso_time(self.clock.now - 60))
+
+    def test_variance_survives_a_large_offset(self):
+        # sum(x*x) - sum(x)**2/n loses every digit here; two passes do not.
+        values = [1e9 + v for v in (4.0, 7.0, 13.0, 16.0)]
+        for i, value in enumerate(values):
+            self.metrics.record("big", value, timestamp=self.clock.now - i)
+        self.assertAlmostEqual(self.metrics.get_metric_stats("big")["stddev"], statistics.stdev(values), places=6)
+
+    def test_empty_window_gives_zero_count_and_none(self):
+        self.assertEqual(self.metrics.get_metric_stats("nothing", percentiles=True), {
+            "count": 0, "avg": None, "min": None, "max": None, "stddev": None, "latest": None,
+            "first_time": None, "last_time": None, "p50": None, "p95": None,
+        })
+
+    def test_one_sample_has_no_stddev(self):
+        self.metrics.record("one", 4.0)
+        stats = self.metrics.get_metric_stats("one")
+        self.assertEqual((stats["count"], stats["avg"], stats["stddev"], stats["latest"]), (1, 4.0, None, 4.0))
+
+    def test_samples_in_the_future_are_outside_the_window(self):
+        self.metrics.record("x", 1.0, timestamp=self.clock.now + 60)
+        self.assertEqual(self.metrics.get_metric_stats("x")["count"], 0)
+        self.clock.advance(61)
+        self.assertEqual(self.metrics.get_metric_stats("x")["count"], 1)
+
+    def test_all_label_sets_of_a_name_count_together(self):
+        self.metrics.record("disk_free", 10, {"mount": "/"})
+        self.metrics.record("disk_free", 30, {"mount": "/home"})
+        stats = self.metrics.get_metric_stats("disk_free")
+        self.assertEqual((stats["count"], stats["avg"]), (2, 20.0))
+
+    def test_bad_windows_are_refused(self):
+        for hours in (0, -1, float("nan")):
+            with self.subTest(hours=hours), self.assertRaises(mm.ValidationError):
+                self.metrics.get_metric_stats("x", hours=hours)
+
+
+class SuccessRateTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.clock = FakeClock()
+        self.metrics = self.collector(self.clock)
+
+    def test_rate_is_a_percentage_of_attempts_in_the_window(self):
+        for success in (True, True, True, False):
+            self.metrics.record_sync_metric("icloud", success, 1.0)
+        self.metrics.record_sync_metric("icloud", False, 1.0, timestamp=self.clock.now - 30 * HOUR)
+        self.assertEqual(self.metrics.get_success_rate("sync_icloud", hours=24), 75.0)
+        self.assertEqual(self.metrics.get_success_rate("sync_icloud", hours=48), 60.0)
+        self.assertEqual(self.metrics.success_counts("sync_icloud", hours=24), (3, 4))
+
+    def test_no_attempts_is_none_not_zero(self):
+        self.assertIsNone(self.metrics.get_success_rate("sync_nowhere"))
+        self.metrics.record_agent_metric("cataloger", 1.0, False)
+        self.assertEqual(self.metrics.get_success_rate("agent_cataloger"), 0.0)
+
+
+class SummaryTest(StoreTestCase):
+    def test_summary_of_targets_breakers_and_agents(self):
+        clock = FakeClock()
+        metrics = self.collector(clock)
+        start = clock.now
+        metrics.record_sync_metric("icloud", True, 2.0, timestamp=start - 300)
+        metrics.record_sync_metric("icloud", False, 4.0, timestamp=start - 200)
+        metrics.record_sync_metric("external_drive", True, 1.0, timestamp=start - 100)
+        metrics.record_circuit_breaker_metric("icloud_sync", "closed", 0, timestamp=start - 900)
+        metrics.record_circuit_breaker_metric("icloud_sync", "open", 3, timestamp=start - 600)
+        metrics.record_circuit_breaker_metric("icloud_sync", "open", 4, timestamp=start - 300)
+        metrics.record_agent_metric("cataloger", 1.5, True, timestamp=start - 50)
+        metrics.record_agent_metric("cataloger", 0.5, True, timestamp=start - 10)
+        self.assertEqual(metrics.get_system_summary(), {
+            "schema_version": 1,
+            "generated_at": mm.iso_time(start),
+            "window_hours": 24.0,
+            "sync": {
+                "external_drive": {"success_rate": 100.0, "attempts": 1, "avg_duration": 1.0,
+                                   "last_success": mm.iso_time(start - 100)},
+                "icloud": {"success_rate": 50.0, "attempts": 2, "avg_duration": 3.0,
+                           "last_success": mm.iso_time(start - 300)},
+            },
+            "circuit_breakers": {"icloud_sync": {"state": "open", "failures": 4, "since": mm.iso_time(start - 600)}},
+            "agents": {"cataloger": {"executions": 2, "success_rate": 100.0, "avg_duration": 1.0,
+                                     "latest_duration": 0.5}},
+        })
+
+    def test_summary_of_an_empty_store(self):
+        summary = self.collector(FakeClock()).get_system_summary()
+        self.assertEqual((summary["sync"], summary["circuit_breakers"], summary["agents"]), ({}, {}, {}))
+
+
+class CleanupTest(StoreTestCase):
+    def test_cleanup_deletes_only_expired_samples_in_batches(self):
+        clock = FakeClock()
+        metrics = self.collector(clock, retention_days=30)
+        old = [("x", i, None, clock.now - 31 * 86400 - i) for i in range(25_000)]
+        young = [("x", 7, None, clock.now - 29 * 86400), ("y", 8, None, clock.now)]
+        metrics.record_many(old + young)  # the first write runs the daily cleanup itself
+        self.assertEqual(metrics.get_metric_stats("x", hours=10_000)["count"], 1)
+        metrics.record_many(old)
+        traced = []
+        metrics.store.connection.set_trace_callback(traced.append)
+        self.assertEqual(metrics.cleanup_old_metrics(), 25_000)
+        # x: 10,000 + 10,000 + 5,000, each in its own transaction; y: one with nothing to do.
+        self.assertEqual(sum(1 for sql in traced if sql.startswith("DELETE")), 4)
+        self.assertEqual(sum(1 for sql in traced if sql == "BEGIN IMMEDIATE"), 5)
+        self.assertEqual(metrics.cleanup_old_metrics(), 0)
+        rows = metrics.store.query("SELECT value FROM samples ORDER BY value")
+        self.assertEqual(rows, [(7.0,), (8.0,)])
+
+    def test_automatic_cleanup_runs_at_most_once_a_day(self):
+        clock = FakeClock()
+        metrics = self.collector(clock, retention_days=1)
+        metrics.record("x", 1)
+        metrics.record("x", 2, timestamp=clock.now - 2 * 86400)  # expired, but cleanup ran a moment ago
+        clock.advance(2 * HOUR)
+        metrics.record("x", 3)
+        self.assertEqual(metrics.get_metric_stats("x", hours=100)["count"], 3)
+        clock.advance(22 * HOUR)
+        metrics.record("x", 4)
+        self.assertEqual(metrics.get_metric_stats("x", hours=100)["count"], 3)
+        self.assertEqual(float(metrics.store.get_meta("last_cleanup")), clock.now)
+
+
+class PureFunctionsTest(unittest.TestCase):
+    def test_percentile_interpolates(self):
+        self.assertEqual(mm.percentile([], 0.5), None)
+        self.assertEqual(mm.percentile([3.0], 0.95), 3.0)
+        self.assertEqual(mm.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.95), 4.8)
+
+    def test_iso_time_has_an_offset(self):
+        self.assertEqual(mm.iso_time(1_700_000_000.25), "2023-11-14T22:13:20.250+00:00")
+        self.assertIsNone(mm.iso_time(None))
+
+    def test_canonical_labels_are_sorted_and_compact(self):
+        self.assertEqual(mm.canonical_labels({"b": "2", "a": "é"}), '{"a":"é","b":"2"}')
+        self.assertEqual(mm.canonical_labels({}), "{}")
+        self.assertEqual(mm.canonical_labels(None), "{}")
+
+    def test_finite_number(self):
+        self.assertEqual(mm.finite_number(3), 3.0)
+        self.assertTrue(math.isfinite(mm.finite_number(True)))
+
+
+if __name__ == "__main__":
+    unittest.main()

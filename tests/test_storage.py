@@ -1,0 +1,273 @@
+"""The SQLite store: files and modes, pragmas, versions, many writers, crashes."""
+
+import hashlib
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import unittest
+
+import metasystem_monitor as mm
+
+from .support import REPO, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes
+
+
+def sqlite_rows(path, sql, params=()):
+    """Read the store with a plain sqlite3 connection, independent of the module."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+class StoreFilesTest(StoreTestCase):
+    def test_created_folder_and_file_are_private_whatever_the_umask(self):
+        for umask in (0o000, 0o022, 0o077):
+            with self.subTest(umask=oct(umask)):
+                folder = os.path.join(self.tmp, f"u{umask:o}", "nested")
+                path = os.path.join(folder, "metrics.db")
+                previous = os.umask(umask)
+                try:
+                    with mm.Store(path) as store:
+                        store.connection.execute("SELECT 1")
+                finally:
+                    os.umask(previous)
+                self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o700)
+                self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(folder)).st_mode), 0o700)
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_an_existing_folder_keeps_its_mode(self):
+        folder = os.path.join(self.tmp, "shared")
+        os.mkdir(folder)
+        os.chmod(folder, 0o755)
+        with mm.Store(os.path.join(folder, "m.db")):
+            pass
+        self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o755)
+
+    def test_wal_files_share_the_private_mode(self):
+        with self.collector() as collector:
+            collector.record("x", 1)
+            for suffix in ("-wal", "-shm"):
+                self.assertEqual(stat.S_IMODE(os.stat(self.db + suffix).st_mode), 0o600)
+
+
+class StorePragmasTest(StoreTestCase):
+    def test_wal_normal_incremental_vacuum_and_schema_version(self):
+        with mm.Store(self.db) as store:
+            self.assertEqual(store.query("PRAGMA journal_mode"), [("wal",)])
+            self.assertEqual(store.query("PRAGMA synchronous"), [(1,)])
+            self.assertEqual(store.query("PRAGMA busy_timeout"), [(5000,)])
+        self.assertEqual(sqlite_rows(self.db, "PRAGMA auto_vacuum"), [(2,)])
+        self.assertEqual(sqlite_rows(self.db, "PRAGMA user_version"), [(mm.SCHEMA_VERSION,)])
+
+    def test_synchronous_full_is_an_option(self):
+        with mm.Store(self.db, synchronous="full") as store:
+            self.assertEqual(store.query("PRAGMA synchronous"), [(2,)])
+
+    def test_unknown_synchronous_mode_is_refused(self):
+        with self.assertRaisesRegex(mm.ValidationError, "synchronous must be one of normal, full, got 'off'"):
+            mm.Store(self.db, synchronous="off")
+        self.assertFalse(os.path.exists(self.db))
+
+    def test_write_transactions_begin_immediate(self):
+        traced = []
+        with mm.Store(self.db) as store:
+            store.connection.set_trace_callback(traced.append)
+            with store.write() as conn:
+                conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+        self.assertEqual(traced, ["BEGIN IMMEDIATE", "INSERT INTO meta VALUES ('k', 'v')", "COMMIT"])
+
+    def test_failed_write_rolls_back(self):
+        with mm.Store(self.db) as store:
+            with self.assertRaises(RuntimeError):
+                with store.write() as conn:
+                    conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+                    raise RuntimeError("stop")
+            self.assertEqual(store.query("SELECT * FROM meta"), [])
+            self.assertFalse(store.connection.in_transaction)
+
+    def test_window_queries_use_the_primary_key_not_a_scan(self):
+        with self.collector() as collector:
+            collector.record("x", 1)
+            plan = collector.store.query(
+                "EXPLAIN QUERY PLAN SELECT count(*), avg(value), min(value), max(value), min(ts), max(ts) "
+                f"FROM samples WHERE {mm._IN_WINDOW}",
+                ("x", 0.0, 1e10),
+            )
+        details = [row[3] for row in plan]
+        self.assertIn("SEARCH samples USING PRIMARY KEY (series_id=? AND ts>? AND ts<?)", details)
+        self.assertFalse([d for d in details if d.startswith("SCAN")], details)
+
+
+class StoreVersionsTest(StoreTestCase):
+    def test_a_newer_schema_is_refused_and_left_byte_for_byte(self):
+        conn = sqlite3.connect(self.db)
+        conn.execute("CREATE TABLE future (x)")
+        conn.execute("PRAGMA user_version = 99")
+        conn.commit()
+        conn.close()
+        before = file_bytes(self.db)
+        for readonly in (False, True):
+            with self.subTest(readonly=readonly):
+                with self.assertRaises(mm.StorageError) as caught:
+                    mm.Store(self.db, readonly=readonly)
+                self.assertEqual(
+                    str(caught.exception),
+                    f"store {self.db} was written by a newer version (schema 99; this program knows up to "
+                    f"{mm.SCHEMA_VERSION}); it was left unchanged",
+                )
+        self.assertEqual(file_bytes(self.db), before)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["metrics.db"])
+
+    def test_a_file_that_is_not_a_database_is_refused_unchanged(self):
+        with open(self.db, "wb") as handle:
+            handle.write(b"these are my notes, not a database\n" * 100)
+        before = file_bytes(self.db)
+        for readonly in (False, True):
+            with self.subTest(readonly=readonly):
+                with self.assertRaisesRegex(mm.StorageError, "is not a SQLite database$"):
+                    mm.Store(self.db, readonly=readonly)
+        self.assertEqual(file_bytes(self.db), before)
+
+    def test_an_empty_file_is_migrated_to_the_current_schema(self):
+        open(self.db, "wb").close()
+        with mm.Store(self.db) as store:
+            tables = {row[0] for row in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertEqual(tables, {"series", "samples", "meta"})
+
+    def test_readonly_open_of_a_missing_store_creates_nothing(self):
+        with mm.Store(self.db, readonly=True) as store:
+            self.assertEqual(store.query("SELECT count(*) FROM samples"), [(0,)])
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_readonly_store_refuses_writes(self):
+        with self.collector() as collector:
+            collector.record("x", 1)
+        with mm.Store(self.db, readonly=True) as store:
+            with self.assertRaisesRegex(mm.StorageError, "is read-only$"):
+                with store.write() as conn:
+                    conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+
+
+_CLI_WRITER = """
+import sys
+import metasystem_monitor as mm
+db, worker, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.stdin.readline()  # wait until every writer has started
+for i in range(count):
+    code = mm.main(["--db", db, "record", "w" + worker, str(i)])
+    if code:
+        sys.exit(code)
+"""
+
+_LIBRARY_WRITER = """
+import sys
+import metasystem_monitor as mm
+db, worker, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.stdin.readline()  # wait until every writer has started
+with mm.MetricsCollector(db) as collector:
+    for i in range(count):
+        collector.record("w" + worker, i)
+"""
+
+
+class ConcurrentWritersTest(StoreTestCase):
+    WRITERS = 8
+    SAMPLES = 1000
+
+    def start_together(self, argvs):
+        procs = [
+            subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=REPO, env=self.child_env())
+            for argv in argvs
+        ]
+        for proc in procs:
+            self.addCleanup(_reap, proc)
+        return procs
+
+    def run_writers(self, script, samples):
+        argvs = [[sys.executable, "-c", script, self.db, str(w), str(samples)] for w in range(self.WRITERS)]
+        procs = self.start_together(argvs)
+        results = [proc.communicate(b"go\n", timeout=SUBPROCESS_TIMEOUT_S) for proc in procs]
+        self.assertEqual([(p.returncode, err) for p, (_, err) in zip(procs, results)], [(0, b"")] * self.WRITERS)
+        self.assert_every_sample_stored(samples)
+
+    def test_eight_processes_each_committing_a_thousand_samples_one_by_one(self):
+        self.run_writers(_LIBRARY_WRITER, self.SAMPLES)
+
+    def test_eight_processes_each_running_the_cli_main_a_hundred_times(self):
+        # Each main() call opens, migrates if needed, commits and closes: a whole cron run.
+        self.run_writers(_CLI_WRITER, 100)
+
+    def test_eight_cli_batches_from_stdin_into_a_fresh_file(self):
+        argvs = [[sys.executable, os.path.join(REPO, "metasystem_monitor.py"), "--db", self.db, "record", "-"]
+                 for _ in range(self.WRITERS)]
+        procs = self.start_together(argvs)
+        results = [
+            proc.communicate("".join(f"w{w} {i}\n" for i in range(self.SAMPLES)).encode(), timeout=SUBPROCESS_TIMEOUT_S)
+            for w, proc in enumerate(procs)
+        ]
+        self.assertEqual([(p.returncode, out, err) for p, (out, err) in zip(procs, results)],
+                         [(0, b"", b"")] * self.WRITERS)
+        self.assert_every_sample_stored(self.SAMPLES)
+
+    def assert_every_sample_stored(self, samples):
+        self.assertEqual(sqlite_rows(self.db, "PRAGMA quick_check"), [("ok",)])
+        rows = sqlite_rows(self.db, "SELECT name, count(*), sum(value) FROM samples JOIN series ON id = series_id "
+                                    "GROUP BY name ORDER BY name")
+        expected_sum = samples * (samples - 1) / 2
+        self.assertEqual(rows, [(f"w{w}", samples, expected_sum) for w in range(self.WRITERS)])
+
+
+_KILLED_WRITER = """
+import sys
+import metasystem_monitor as mm
+collector = mm.MetricsCollector(sys.argv[1])
+for i in range(10**9):
+    collector.record("k", i, timestamp=1_800_000_000 + i)
+    print(i, flush=True)
+"""
+
+
+class KilledWriterTest(StoreTestCase):
+    def test_sigkill_mid_loop_keeps_every_returned_sample(self):
+        confirmed = set()
+        for round_number, stop_after in enumerate((50, 400, 1)):
+            with self.subTest(round=round_number):
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", _KILLED_WRITER, self.db],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=self.child_env(),
+                )
+                watchdog = threading.Timer(SUBPROCESS_TIMEOUT_S, proc.kill)
+                watchdog.start()
+                self.addCleanup(watchdog.cancel)
+                seen = 0
+                for _ in range(stop_after):
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    confirmed.add(int(line))
+                    seen += 1
+                proc.send_signal(signal.SIGKILL)
+                rest, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+                confirmed.update(int(line) for line in rest.split())
+                self.assertEqual((seen, proc.returncode, err), (stop_after, -signal.SIGKILL, b""))
+                self.assertEqual(sqlite_rows(self.db, "PRAGMA quick_check"), [("ok",)])
+                stored = {int(v) for (v,) in sqlite_rows(self.db, "SELECT value FROM samples")}
+                self.assertEqual(confirmed - stored, set())
+        # Each round restarts at 0, at the same instants: both samples of an instant are kept.
+        self.assertEqual(sqlite_rows(self.db, "SELECT max(seq) >= 1 FROM samples WHERE value = 0"), [(1,)])
+
+
+def _reap(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+
+
+if __name__ == "__main__":
+    unittest.main()
