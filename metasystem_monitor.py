@@ -284,7 +284,16 @@ class Store:
         uri = "file:" + quote(self.path) + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_s, isolation_level=None)
         try:
-            version = self._checked_version(conn)
+            try:
+                version = self._checked_version(conn)
+            except sqlite3.OperationalError:
+                if os.access(os.path.dirname(self.path) or ".", os.W_OK):
+                    raise
+                # A WAL store in a folder nobody can write: SQLite cannot make its
+                # -shm file, and no writer can change the store, so read it as is.
+                conn.close()
+                conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+                version = self._checked_version(conn)
             if version < SCHEMA_VERSION:
                 if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master").fetchone():
                     conn.close()
@@ -500,7 +509,7 @@ def _is_label_key(key: str) -> bool:
 
 _INSERT_NEW = "INSERT OR IGNORE INTO samples (series_id, ts, seq, value) VALUES (?, ?, 0, ?)"
 _INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
-    VALUES (?1, ?2, (SELECT coalesce(max(seq) + 1, 0) FROM samples WHERE series_id = ?1 AND ts = ?2), ?3)"""
+    VALUES (?, ?, (SELECT coalesce(max(seq) + 1, 0) FROM samples WHERE series_id = ? AND ts = ?), ?)"""
 _IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
 
 
@@ -614,7 +623,7 @@ class MetricsCollector:
             # Some sample shares its series and instant with another; both are
             # kept, the later one with the next seq.  Rare, so it takes the slow way.
             conn.execute("ROLLBACK TO insert_samples")
-            conn.executemany(_INSERT_NEXT_SEQ, rows)
+            conn.executemany(_INSERT_NEXT_SEQ, ((sid, ts, sid, ts, value) for sid, ts, value in rows))
         conn.execute("RELEASE insert_samples")
 
     def record_sync_metric(
@@ -729,9 +738,7 @@ class MetricsCollector:
             # Two passes: the mean first, then squared deviations from it, which
             # stays accurate where sum(x*x) - sum(x)**2/n cancels catastrophically.
             squares = self.store.query_one(
-                f"SELECT sum((value - ?1) * (value - ?1)) FROM samples WHERE series_id IN "
-                f"(SELECT id FROM series WHERE name = ?2) AND ts >= ?3 AND ts <= ?4",
-                (avg, name, since, until),
+                f"SELECT sum((value - ?) * (value - ?)) FROM samples WHERE {_IN_WINDOW}", (avg, avg, *window)
             )[0]
             stats["stddev"] = math.sqrt(squares / (count - 1))
         if percentiles:
@@ -1153,7 +1160,8 @@ def build_parser():
                       f"  {PROG} record backup_bytes 52428800 --label host=nas\n"
                       f"  printf 'load1 0.42\\nload5 0.37 1700000000\\n' | {PROG} record -")
     sub.add_argument("name", metavar="NAME", help="metric name, or '-' to read 'name value [epoch]' lines from stdin")
-    sub.add_argument("value", metavar="VALUE", nargs="?", help="a finite number")
+    sub.add_argument("value", metavar="VALUE", nargs="?",
+                     help="a finite number (put -- before a negative one in exponent form: -- -2e3)")
     sub.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label of the sample (repeatable)")
     sub.add_argument("--time", metavar="EPOCH_SECONDS", help="when it was measured (default: now)")
 
@@ -1208,11 +1216,6 @@ def _stderr_logging(verbosity: int, quiet: bool) -> Iterator[None]:
         log.setLevel(previous)
 
 
-def _error(message: Any) -> None:
-    text = " ".join(str(message).split()) or type(message).__name__
-    print(f"{PROG}: error: {text}", file=sys.stderr)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code instead of exiting."""
     parser = build_parser()
@@ -1226,11 +1229,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             return args.func(args)
         except ValidationError as err:
-            _error(err)
-            return EXIT_USAGE
+            return _report(err, EXIT_USAGE, args.verbose)
         except MonitorError as err:
-            _error(err)
-            return EXIT_RUNTIME
+            return _report(err, EXIT_RUNTIME, args.verbose)
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         except BrokenPipeError:
@@ -1238,11 +1239,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_OK
         except Exception as err:  # a bug of ours: still one line for cron, details with -v
-            if args.verbose:
-                log.exception("unexpected error")
-            _error(f"unexpected {type(err).__name__}: {err}")
-            return EXIT_RUNTIME
+            return _report(f"unexpected {type(err).__name__}: {err}", EXIT_RUNTIME, args.verbose)
 
+
+def _report(error: Any, code: int, verbose: int) -> int:
+    """One error line on stderr (the traceback first with -v); return ``code``."""
+    if verbose:
+        log.error("traceback follows", exc_info=True)
+    text = " ".join(str(error).split()) or type(error).__name__
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -90,6 +90,17 @@ class StorePragmasTest(StoreTestCase):
             self.assertEqual(store.query("SELECT * FROM meta"), [])
             self.assertFalse(store.connection.in_transaction)
 
+    def test_a_held_write_lock_gives_up_after_the_busy_timeout(self):
+        with mm.Store(self.db) as holder, mm.Store(self.db, busy_timeout_s=0.05) as waiter:
+            holder.connection.execute("BEGIN IMMEDIATE")
+            holder.connection.execute("INSERT INTO meta VALUES ('held', '1')")
+            with self.assertRaises(mm.StorageError) as caught:
+                with waiter.write() as conn:
+                    conn.execute("INSERT INTO meta VALUES ('waiting', '1')")
+            self.assertEqual(str(caught.exception), f"store {self.db} is locked by another process (gave up after 0.05 s)")
+            holder.connection.execute("COMMIT")
+            self.assertEqual(waiter.query("SELECT key FROM meta"), [("held",)])
+
     def test_window_queries_use_the_primary_key_not_a_scan(self):
         with self.collector() as collector:
             collector.record("x", 1)

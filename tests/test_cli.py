@@ -1,0 +1,278 @@
+"""The command line, run as cron runs it: real subprocesses, exact output, exit codes."""
+
+import json
+import os
+import sqlite3
+import time
+
+import metasystem_monitor as mm
+
+from .support import StoreTestCase, file_bytes
+
+
+def stored(path, name=None):
+    conn = sqlite3.connect(path)
+    try:
+        sql = "SELECT name, labels, ts, value FROM samples JOIN series ON id = series_id"
+        params = ()
+        if name is not None:
+            sql += " WHERE name = ?"
+            params = (name,)
+        return conn.execute(sql + " ORDER BY name, ts, seq", params).fetchall()
+    finally:
+        conn.close()
+
+
+class RecordCommandTest(StoreTestCase):
+    def test_record_is_silent_and_stores_labels_and_time(self):
+        when = round(time.time()) - 86400 + 0.5
+        result = self.run_cli("--db", self.db, "record", "backup_bytes", "52428800",
+                              "--label", "host=nas", "--label", "job=nightly", "--time", str(when))
+        self.assertCleanExit(result)
+        self.assertEqual(stored(self.db), [("backup_bytes", '{"host":"nas","job":"nightly"}', when, 52428800.0)])
+
+    def test_record_without_time_uses_now(self):
+        before = time.time()
+        self.assertCleanExit(self.run_cli("--db", self.db, "record", "x", "-2500.5"))
+        self.assertCleanExit(self.run_cli("--db", self.db, "record", "x", "--", "-2.5e3"))
+        ((name, labels, ts, value), (_, _, _, exponent_form)) = stored(self.db)
+        self.assertEqual((name, labels, value, exponent_form), ("x", "{}", -2500.5, -2500.0))
+        self.assertLessEqual(before, ts)
+        self.assertLessEqual(ts, time.time())
+
+    def test_global_options_go_before_or_after_the_subcommand(self):
+        other = os.path.join(self.tmp, "other.db")
+        self.assertCleanExit(self.run_cli("record", "a", "1", "--db", other, "-q"))
+        self.assertCleanExit(self.run_cli("-q", "--db", other, "record", "b", "2"))
+        self.assertEqual([row[0] for row in stored(other)], ["a", "b"])
+
+    def test_store_location_precedence(self):
+        home_db = os.path.join(self.tmp, "home", "metrics.db")
+        env_db = os.path.join(self.tmp, "env.db")
+        option_db = os.path.join(self.tmp, "option.db")
+        self.assertCleanExit(self.run_cli("record", "in_home", "1"))
+        self.assertCleanExit(self.run_cli("record", "in_env", "1", env=self.child_env(METASYSTEM_DB=env_db)))
+        self.assertCleanExit(self.run_cli("--db", option_db, "record", "in_option", "1",
+                                          env=self.child_env(METASYSTEM_DB=env_db)))
+        default_env = self.child_env()
+        del default_env["METASYSTEM_HOME"]
+        self.assertCleanExit(self.run_cli("record", "in_dot_home", "1", env=default_env))
+        self.assertEqual([row[0] for row in stored(home_db)], ["in_home"])
+        self.assertEqual([row[0] for row in stored(env_db)], ["in_env"])
+        self.assertEqual([row[0] for row in stored(option_db)], ["in_option"])
+        self.assertEqual([row[0] for row in stored(os.path.join(self.tmp, ".metasystem", "metrics.db"))], ["in_dot_home"])
+
+    def test_graphite_lines_from_stdin_in_one_transaction(self):
+        then = int(time.time()) - 3600
+        lines = f"load1 0.42\nload5 0.37 {then}\n\ndisk_free;mount=/;host=nas 12.5 {then + 60}\n".encode()
+        self.assertCleanExit(self.run_cli("--db", self.db, "record", "-", stdin=lines))
+        rows = stored(self.db)
+        self.assertEqual([(r[0], r[1], r[3]) for r in rows],
+                         [("disk_free", '{"host":"nas","mount":"/"}', 12.5), ("load1", "{}", 0.42), ("load5", "{}", 0.37)])
+        self.assertEqual((rows[0][2], rows[2][2]), (then + 60.0, float(then)))
+
+    def test_a_bad_graphite_line_is_named_and_nothing_of_the_input_is_stored(self):
+        self.assertCleanExit(self.run_cli("--db", self.db, "record", "kept", "1"))
+        cases = [
+            (b"a 1\nb 2\nc nan\n", "line 3: value must be a finite number, got nan"),
+            (b"a 1\nb\n", "line 2: expected 'name value [timestamp]', got 'b\\n'"),
+            (b"a 1 2 3\n", "line 1: expected 'name value [timestamp]'"),
+            (b"a 1\nb 2 yesterday\n", "line 2: timestamp 'yesterday' is not a number"),
+            (b"a;host 1\n", "line 1: label 'host' is not KEY=VALUE"),
+            (b"a 1\n\xff\xfe 2\n", "line 2: not UTF-8 text"),
+            (b"a\x1b[2J 1\n", "line 1: metric name 'a\\x1b[2J' holds a control or other non-printable character"),
+        ]
+        for stdin, message in cases:
+            with self.subTest(stdin=stdin):
+                result = self.run_cli("--db", self.db, "record", "-", stdin=stdin)
+                self.assertOneLineError(result, 2, message)
+        self.assertEqual([row[0] for row in stored(self.db)], ["kept"])
+
+    def test_bad_arguments_get_one_line_and_exit_2_and_change_nothing(self):
+        self.assertCleanExit(self.run_cli("--db", self.db, "record", "kept", "1"))
+        before = stored(self.db)
+        cases = [
+            (("record", "", "1"), "metric name is empty"),
+            (("record", "x" * 300, "1"), "is 300 characters long; the limit is 200"),
+            (("record", "x", "nan"), "value must be a finite number, got nan"),
+            (("record", "x", "--", "-inf"), "value must be a finite number, got -inf"),
+            (("record", "x", "-1e3"), "unrecognized arguments: -1e3"),
+            (("record", "x", "12abc"), "value '12abc' is not a number"),
+            (("record", "x"), "record needs a VALUE after the name"),
+            (("record", "x", "1", "--label", "novalue"), "label 'novalue' is not KEY=VALUE"),
+            (("record", "x", "1", "--label", "bad-key=1"), "label key 'bad-key' must be letters"),
+            (("record", "x", "1", "--time", "-1"), "timestamp must not be negative, got -1.0"),
+            (("record", "-", "1"), "'record -' reads name, value and time from stdin"),
+            (("record-sync", "icloud", "--success", "--duration", "-2"), "duration must not be negative"),
+            (("record-sync", "icloud", "--success", "--duration", "1", "--files", "2.5"), "files_synced must be a whole number"),
+            (("record-sync", "icloud", "--duration", "1"), "one of the arguments --success --failure is required"),
+            (("record-sync", "icloud", "--success", "--failure", "--duration", "1"), "not allowed with argument"),
+            (("record-agent", "cat", "--success", "--duration", "x"), "--duration 'x' is not a number"),
+            (("stats", "x", "--hours", "0"), "'0' must be a positive number of hours"),
+            (("stats", "x", "--hours", "nan"), "'nan' must be a positive number of hours"),
+            (("frobnicate",), "invalid choice: 'frobnicate'"),
+            ((), "the following arguments are required: COMMAND"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args[:3]):
+                self.assertOneLineError(self.run_cli("--db", self.db, *args), 2, message)
+        self.assertEqual(stored(self.db), before)
+
+
+class ReadCommandsTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        now = time.time()
+        with self.collector() as metrics:
+            for age, success, duration in ((300, True, 2.0), (200, False, 5.0), (100, True, 3.0)):
+                metrics.record_sync_metric("icloud", success, duration, timestamp=now - age)
+            metrics.record("old", 1.0, timestamp=now - 30 * 3600)
+        self.now = now
+
+    def test_stats_text(self):
+        result = self.run_cli("--db", self.db, "stats", "sync_icloud_success")
+        self.assertCleanExit(result, stdout=(
+            "sync_icloud_success (last 24h)\n"
+            "  count       2\n"
+            "  avg         2.5\n"
+            "  min         2\n"
+            "  max         3\n"
+            "  stddev      0.707107\n"
+            "  latest      3\n"
+            f"  first_time  {mm.iso_time(self.now - 300)}\n"
+            f"  last_time   {mm.iso_time(self.now - 100)}\n"
+        ))
+
+    def test_stats_json_is_one_sorted_object(self):
+        result = self.run_cli("--db", self.db, "stats", "sync_icloud_success", "--json", "--percentiles", "--hours", "1")
+        self.assertCleanExit(result, stdout=None)
+        document = json.loads(result.stdout)
+        self.assertEqual(list(document), sorted(document))
+        self.assertEqual(document, {
+            "name": "sync_icloud_success", "hours": 1.0, "count": 2, "avg": 2.5, "min": 2.0, "max": 3.0,
+            "stddev": 0.7071067811865476, "latest": 3.0, "p50": 2.5, "p95": 2.95,
+            "first_time": mm.iso_time(self.now - 300), "last_time": mm.iso_time(self.now - 100),
+        })
+
+    def test_stats_of_an_unknown_metric_is_empty_not_an_error(self):
+        result = self.run_cli("--db", self.db, "stats", "nothing", "--json")
+        self.assertCleanExit(result, stdout=None)
+        self.assertEqual(json.loads(result.stdout)["count"], 0)
+
+    def test_success_rate_text_and_json(self):
+        self.assertCleanExit(self.run_cli("--db", self.db, "success-rate", "sync_icloud"),
+                             stdout="sync_icloud: 66.7% of 3 attempts in the last 24h\n")
+        self.assertCleanExit(self.run_cli("--db", self.db, "success-rate", "sync_nowhere", "--hours", "2"),
+                             stdout="sync_nowhere: no attempts in the last 2h\n")
+        result = self.run_cli("--db", self.db, "success-rate", "sync_icloud", "--json")
+        self.assertEqual(json.loads(result.stdout),
+                         {"name": "sync_icloud", "hours": 24.0, "success_rate": 200 / 3, "attempts": 3})
+        result = self.run_cli("--db", self.db, "success-rate", "sync_nowhere", "--json")
+        self.assertEqual(result.stdout, b'{\n  "attempts": 0,\n  "hours": 24.0,\n  "name": "sync_nowhere",\n'
+                                        b'  "success_rate": null\n}\n')
+
+    def test_metrics_lists_every_name(self):
+        last = mm.iso_time(self.now - 100)
+        self.assertCleanExit(self.run_cli("--db", self.db, "metrics"), stdout=(
+            f"old\t1\t{mm.iso_time(self.now - 30 * 3600)}\n"
+            f"sync_icloud_conflicts\t3\t{last}\n"
+            f"sync_icloud_failure\t1\t{mm.iso_time(self.now - 200)}\n"
+            f"sync_icloud_files\t3\t{last}\n"
+            f"sync_icloud_success\t2\t{last}\n"
+        ))
+        document = json.loads(self.run_cli("--db", self.db, "metrics", "--json").stdout)
+        self.assertEqual(document["metrics"][0], {"name": "old", "count": 1,
+                                                  "last_time": mm.iso_time(self.now - 30 * 3600)})
+
+    def test_reading_a_missing_store_creates_nothing(self):
+        missing = os.path.join(self.tmp, "missing", "m.db")
+        self.assertCleanExit(self.run_cli("--db", missing, "metrics"))
+        self.assertFalse(os.path.exists(os.path.dirname(missing)))
+
+    def test_record_sync_and_agent_then_read_back(self):
+        other = os.path.join(self.tmp, "o.db")
+        self.assertCleanExit(self.run_cli("--db", other, "record-sync", "external", "--failure", "--duration", "31",
+                                          "--files", "3", "--conflicts", "1"))
+        self.assertCleanExit(self.run_cli("--db", other, "record-agent", "cataloger", "--success",
+                                          "--duration", "1.2", "--items", "45"))
+        self.assertEqual([(r[0], r[1], r[3]) for r in stored(other)], [
+            ("agent_cataloger_items", '{"agent":"cataloger"}', 45.0),
+            ("agent_cataloger_success", '{"agent":"cataloger"}', 1.2),
+            ("sync_external_conflicts", '{"target":"external"}', 1.0),
+            ("sync_external_failure", '{"target":"external"}', 31.0),
+            ("sync_external_files", '{"target":"external"}', 3.0),
+        ])
+        self.assertCleanExit(self.run_cli("--db", other, "success-rate", "agent_cataloger"),
+                             stdout="agent_cataloger: 100.0% of 1 attempts in the last 24h\n")
+
+
+class BrokenStoresTest(StoreTestCase):
+    def test_a_file_that_is_not_a_database(self):
+        with open(self.db, "wb") as handle:
+            handle.write(b"not sqlite\n" * 500)
+        before = file_bytes(self.db)
+        for args in (("record", "x", "1"), ("stats", "x"), ("metrics",)):
+            with self.subTest(args=args):
+                self.assertOneLineError(self.run_cli("--db", self.db, *args), 1,
+                                        f"error: store {self.db} is not a SQLite database")
+        self.assertEqual(file_bytes(self.db), before)
+
+    def test_a_store_from_a_newer_version(self):
+        conn = sqlite3.connect(self.db)
+        conn.execute("PRAGMA user_version = 7")
+        conn.close()
+        before = file_bytes(self.db)
+        self.assertOneLineError(self.run_cli("--db", self.db, "record", "x", "1"), 1,
+                                "was written by a newer version (schema 7;")
+        self.assertEqual(file_bytes(self.db), before)
+
+    def test_a_read_only_folder(self):
+        folder = os.path.join(self.tmp, "ro")
+        os.mkdir(folder)
+        existing = os.path.join(folder, "m.db")
+        self.assertCleanExit(self.run_cli("--db", existing, "record", "x", "4"))
+        before = file_bytes(existing)
+        new = os.path.join(folder, "new.db")
+        self.assertOneLineError(self.run_cli_in_readonly_folder(folder, "--db", new, "record", "x", "1"), 1,
+                                f"error: store {new} cannot be created: ")
+        self.assertOneLineError(self.run_cli_in_readonly_folder(folder, "--db", existing, "record", "x", "1"), 1,
+                                f"error: store {existing} ")
+        result = self.run_cli_in_readonly_folder(folder, "--db", existing, "stats", "x", "--json")
+        self.assertCleanExit(result, stdout=None)
+        self.assertEqual(json.loads(result.stdout)["latest"], 4.0)
+        self.assertEqual(file_bytes(existing), before)
+        self.assertFalse(os.path.exists(new))
+
+    def test_verbose_adds_the_traceback(self):
+        with open(self.db, "wb") as handle:
+            handle.write(b"junk" * 100)
+        result = self.run_cli("--db", self.db, "stats", "x", "-v")
+        err = result.stderr.decode()
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("Traceback (most recent call last)", err)
+        self.assertTrue(err.endswith(f"metasystem_monitor.py: error: store {self.db} is not a SQLite database\n"))
+
+
+class HelpTest(StoreTestCase):
+    def test_version(self):
+        self.assertCleanExit(self.run_cli("--version"), stdout=f"metasystem_monitor.py {mm.__version__}\n")
+
+    def test_help_lists_exit_codes_and_each_subcommand_ends_with_examples(self):
+        result = self.run_cli("--help")
+        self.assertCleanExit(result, stdout=None)
+        self.assertIn("exit codes:\n  0  success", result.stdout.decode())
+        for command in ("record", "record-sync", "record-agent", "stats", "success-rate", "metrics"):
+            with self.subTest(command=command):
+                result = self.run_cli(command, "--help")
+                self.assertCleanExit(result, stdout=None)
+                tail = result.stdout.decode().rstrip().split("examples:\n")[-1]
+                self.assertTrue(tail.strip().startswith("metasystem_monitor.py " + command.split("-")[0])
+                                or "| metasystem_monitor.py" in tail, tail)
+
+    def test_in_process_main_returns_codes(self):
+        code, out, err = self.run_main("--db", self.db, "record", "-", stdin=b"a 1\nb 2\n")
+        self.assertEqual((code, out, err), (0, "", ""))
+        code, out, err = self.run_main("--db", self.db, "record", "a", "zz")
+        self.assertEqual((code, out, err), (2, "", "metasystem_monitor.py: error: value 'zz' is not a number\n"))
+        code, out, err = self.run_main("nope")
+        self.assertEqual(code, 2)
