@@ -58,8 +58,12 @@ DEFAULT_BUSY_TIMEOUT_S = 5.0
 DEFAULT_WINDOW_HOURS = 24.0
 DEFAULT_RETENTION_DAYS = 30.0
 CLEANUP_INTERVAL_S = 86400.0
-CLEANUP_CHECK_INTERVAL_S = 3600.0
 CLEANUP_BATCH_ROWS = 10_000
+MAINTENANCE_CHECK_INTERVAL_S = 60.0
+ROLLUP_SPAN_S = 3600.0
+ROLLUP_GRACE_S = 60.0
+ROLLUP_CHUNK_S = 86400.0
+LABEL_CACHE_SIZE = 10_000
 MAX_NAME_CHARS = 200
 MAX_LABELS = 16
 MAX_LABEL_KEY_CHARS = 100
@@ -150,6 +154,22 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                seq INTEGER NOT NULL,
                value REAL NOT NULL,
                PRIMARY KEY (series_id, ts, seq)) WITHOUT ROWID""",
+        # One row per series and closed hour: what window queries read for
+        # whole hours.  m2 is the sum of squared deviations from the hour's own
+        # mean, so hours combine into an exact variance (Chan et al.).
+        """CREATE TABLE rollups (
+               series_id INTEGER NOT NULL,
+               span INTEGER NOT NULL,
+               bucket REAL NOT NULL,
+               n INTEGER NOT NULL,
+               total REAL NOT NULL,
+               m2 REAL NOT NULL,
+               lo REAL NOT NULL,
+               hi REAL NOT NULL,
+               first_ts REAL NOT NULL,
+               last_ts REAL NOT NULL,
+               last_value REAL NOT NULL,
+               PRIMARY KEY (series_id, span, bucket)) WITHOUT ROWID""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     ),
 )
@@ -341,26 +361,20 @@ class Store:
             raise StorageError(f"store {self.path} is closed", self.path)
         return self._conn
 
+    def storage_error(self, err: sqlite3.Error) -> StorageError:
+        """One line naming this store and what went wrong with it."""
+        return _storage_error(err, self.path, self.busy_timeout_s)
+
     @contextlib.contextmanager
     def _translating_errors(self) -> Iterator[None]:
         try:
             yield
         except sqlite3.Error as err:
-            raise _storage_error(err, self.path, self.busy_timeout_s) from err
+            raise self.storage_error(err) from err
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> "_WriteTransaction":
         """A write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any error."""
-        conn = self.connection
-        with self._translating_errors():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        return _WriteTransaction(self)
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> List[tuple]:
         """Run one read-only statement and return all its rows."""
@@ -391,6 +405,36 @@ class Store:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+class _WriteTransaction:
+    """``with store.write() as conn``; a class, not a generator, as every record() pays for it."""
+
+    __slots__ = ("store", "conn")
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.conn = store.connection
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as err:
+            raise self.store.storage_error(err) from err
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            elif self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error as err:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise self.store.storage_error(err) from err
+        if isinstance(exc, sqlite3.Error):
+            raise self.store.storage_error(exc) from exc
 
 
 ## Metrics ####################################################################
@@ -428,6 +472,51 @@ def percentile(sorted_values: List[float], fraction: float) -> Optional[float]:
     low = math.floor(position)
     high = min(low + 1, len(sorted_values) - 1)
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def bucket_start(ts: float, span: float = ROLLUP_SPAN_S) -> float:
+    """Start of the ``span``-second bucket holding ``ts``, exact at the edges.
+
+    >>> bucket_start(7199.5)
+    3600.0
+    """
+    start = math.floor(ts / span) * span
+    if start > ts:
+        start -= span
+    elif ts >= start + span:
+        start += span
+    return start
+
+
+class Summary(NamedTuple):
+    """Count, sum, centred sum of squares, extremes and ends of a set of samples."""
+
+    n: int
+    total: float
+    m2: float
+    lo: float
+    hi: float
+    first_ts: float
+    last_ts: float
+    last_value: float
+
+
+def summarise(points: List[Tuple[float, float]]) -> Summary:
+    """Summary of (timestamp, value) points; the later of two equal times wins ``last_value``.
+
+    >>> summarise([(1.0, 2.0), (2.0, 4.0)]).m2
+    2.0
+    """
+    values = [value for _, value in points]
+    mean = math.fsum(values) / len(values)
+    last_ts, last_value = max(points, key=lambda point: point[0])
+    for ts, value in points:
+        if ts == last_ts:
+            last_value = value
+    return Summary(
+        len(values), math.fsum(values), math.fsum((v - mean) ** 2 for v in values), min(values), max(values),
+        min(ts for ts, _ in points), last_ts, last_value,
+    )
 
 
 def validate_name(name: Any, what: str = "metric name") -> str:
@@ -511,6 +600,64 @@ _INSERT_NEW = "INSERT OR IGNORE INTO samples (series_id, ts, seq, value) VALUES 
 _INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
     VALUES (?, ?, (SELECT coalesce(max(seq) + 1, 0) FROM samples WHERE series_id = ? AND ts = ?), ?)"""
 _IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
+_OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
+# Chan's pairwise update: every right-hand side sees the row as it was.
+_MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (series_id, span, bucket) DO UPDATE SET
+        n = n + excluded.n,
+        total = total + excluded.total,
+        m2 = m2 + excluded.m2 + (excluded.total / excluded.n - total / n) * (excluded.total / excluded.n - total / n)
+             * n * excluded.n / (n + excluded.n),
+        lo = min(lo, excluded.lo),
+        hi = max(hi, excluded.hi),
+        first_ts = min(first_ts, excluded.first_ts),
+        last_value = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_value ELSE last_value END,
+        last_ts = max(last_ts, excluded.last_ts)"""
+# Hours are matched by comparisons (ts >= h AND ts < h + span), the same way
+# window queries split raw samples from rolled-up hours, so none is counted twice.
+_ROLL_UP_HOURS = """WITH RECURSIVE hours(h) AS (
+        SELECT :start UNION ALL SELECT h + :span FROM hours WHERE h + :span < :end)
+    INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
+    SELECT :series, :span, h, count(*), total(value), 0.0, min(value), max(value), min(ts), max(ts), 0.0
+    FROM hours JOIN samples ON samples.series_id = :series AND samples.ts >= h AND samples.ts < h + :span
+    GROUP BY h"""
+_FINISH_ROLLUPS = """UPDATE rollups SET
+        m2 = (SELECT total((value - rollups.total / rollups.n) * (value - rollups.total / rollups.n)) FROM samples
+              WHERE series_id = rollups.series_id AND ts >= rollups.bucket AND ts < rollups.bucket + rollups.span),
+        last_value = (SELECT value FROM samples WHERE series_id = rollups.series_id AND ts = rollups.last_ts
+                      ORDER BY seq DESC LIMIT 1)
+    WHERE series_id = :series AND span = :span AND bucket >= :start AND bucket < :end"""
+
+
+def _rolled_until(conn: sqlite3.Connection) -> Optional[float]:
+    """The hour before which every sample is summarised in rollups (None before the first roll-up)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'rolled_until'").fetchone()
+    return None if row is None else float(row[0])
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: float) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, repr(value)))
+
+
+class _Range(NamedTuple):
+    """Part of a window: whole rolled-up hours, or raw samples between two times."""
+
+    rolled: bool
+    start: float
+    end: float
+    end_inclusive: bool
+
+    def where(self) -> str:
+        column = "bucket" if self.rolled else "ts"
+        span = " AND span = 3600" if self.rolled else ""
+        return f"{_OF_NAME}{span} AND {column} >= ? AND {column} {'<=' if self.end_inclusive else '<'} ?"
+
+
+_RAW_PASS = "SELECT count(*), total(value), min(value), max(value), min(ts), max(ts) FROM samples WHERE "
+_ROLLED_PASS = "SELECT total(n), total(total), min(lo), max(hi), min(first_ts), max(last_ts) FROM rollups WHERE "
+_RAW_SQUARES = "SELECT total((value - ?) * (value - ?)) FROM samples WHERE "
+_ROLLED_SQUARES = "SELECT total(m2 + n * (total / n - ?) * (total / n - ?)) FROM rollups WHERE "
 
 
 class MetricsCollector:
@@ -538,7 +685,9 @@ class MetricsCollector:
         self._now = now
         self._clock = clock
         self._series: Dict[Tuple[str, str], int] = {}
-        self._next_cleanup_check = clock()
+        self._plain_series: Dict[str, int] = {}
+        self._label_texts: Dict[tuple, str] = {}
+        self._next_maintenance = clock()
         self.store = Store(self.db_path, readonly=readonly, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
 
     def close(self) -> None:
@@ -568,63 +717,123 @@ class MetricsCollector:
         Each sample is a ``Sample`` or a tuple ``(name, value[, labels[, timestamp]])``.
         Returns how many were stored.
         """
-        prepared = self._prepare(samples)
-        if not prepared:
+        rows, new_keys, oldest, now = self._prepare(samples)
+        if not rows:
             return 0
-        new_series: Dict[Tuple[str, str], int] = {}
+        created: Dict[Tuple[str, str], int] = {}
         with self.store.write() as conn:
-            rows = [
-                (self._series.get(key) or self._create_series(conn, key, new_series), ts, value)
-                for key, ts, value in prepared
-            ]
+            for i in new_keys:
+                key, ts, value = rows[i]
+                if key not in created:
+                    created[key] = self._series_id(conn, key)
+                rows[i] = (created[key], ts, value)
             self._insert_rows(conn, rows)
-        self._series.update(new_series)
-        self._cleanup_if_due()
+            if oldest < (self._now() if now is None else now) - ROLLUP_GRACE_S:
+                self._merge_late_rows(conn, rows)
+        if created:
+            # Remembered only after COMMIT: a rolled-back id may be taken by another process.
+            self._series.update(created)
+            self._plain_series.update((key[0], sid) for key, sid in created.items() if key[1] == _NO_LABELS)
+        self._maintain_if_due()
         return len(rows)
 
-    def _prepare(self, samples: Iterable[Any]) -> List[Tuple[Tuple[str, str], float, float]]:
-        """Validate every sample before anything is written."""
-        default_ts = None
-        known = self._series
-        prepared = []
-        for index, sample in enumerate(samples):
-            try:
-                name, value, labels, timestamp = Sample(*sample)
-            except TypeError:
-                raise ValidationError(f"sample {index} is not (name, value[, labels[, timestamp]]): {_shown(sample)}") from None
-            key = (name, _NO_LABELS if labels is None else canonical_labels(labels))
-            if key not in known:
-                validate_name(name)
-            if timestamp is None:
-                if default_ts is None:
-                    default_ts = self._now()
-                ts = default_ts
+    def _prepare(self, samples: Iterable[Any]) -> Tuple[List[tuple], List[int], float, Optional[float]]:
+        """Validate every sample before anything is written; one pass, as it is the hot path.
+
+        Returns rows of (series id, time, value), where a series not known yet
+        stands as its (name, labels) key and its index is in the second list;
+        then the oldest time, and the clock reading used for samples given
+        without a time (or None).
+        """
+        now = None
+        oldest = math.inf
+        known, plain = self._series, self._plain_series
+        rows: List[tuple] = []
+        new_keys: List[int] = []
+        for sample in samples:
+            size = len(sample) if isinstance(sample, (tuple, list)) else 0
+            if size == 4:
+                name, value, labels, ts = sample
+            elif size == 2:
+                (name, value), labels, ts = sample, None, None
+            elif size == 3:
+                (name, value, labels), ts = sample, None
             else:
-                ts = non_negative(timestamp, "timestamp")
-            prepared.append((key, ts, finite_number(value, f"value of {name}")))
-        return prepared
+                raise ValidationError(f"sample {len(rows)} is not (name, value[, labels[, timestamp]]): {_shown(sample)}")
+            if labels is None:
+                series = plain.get(name)
+                key = (name, _NO_LABELS)
+            else:
+                key = (name, self._label_text(labels))
+                series = known.get(key)
+            if series is None:
+                validate_name(name)
+                new_keys.append(len(rows))
+                series = key
+            # Fast checks first: x - x is 0.0 only for a finite float.
+            if type(value) is not float or value - value != 0.0:
+                value = finite_number(value, f"value of {name}")
+            if ts is None:
+                if now is None:
+                    now = self._now()
+                ts = now
+            elif type(ts) is not float or not 0.0 <= ts < math.inf:
+                ts = non_negative(ts, "timestamp")
+            if ts < oldest:
+                oldest = ts
+            rows.append((series, ts, value))
+        return rows, new_keys, oldest, now
+
+    def _label_text(self, labels: Any) -> str:
+        """canonical_labels(), remembered: most callers repeat the same few label sets."""
+        try:
+            cache_key = tuple(sorted(labels.items()))
+            text = self._label_texts.get(cache_key)
+        except (AttributeError, TypeError):
+            return canonical_labels(labels)
+        if text is None:
+            text = canonical_labels(labels)
+            if len(self._label_texts) < LABEL_CACHE_SIZE:
+                self._label_texts[cache_key] = text
+        return text
 
     @staticmethod
-    def _create_series(conn: sqlite3.Connection, key: Tuple[str, str], new_series: Dict[Tuple[str, str], int]) -> int:
-        series_id = new_series.get(key)
-        if series_id is None:
-            conn.execute("INSERT OR IGNORE INTO series (name, labels) VALUES (?, ?)", key)
-            series_id = conn.execute("SELECT id FROM series WHERE name = ? AND labels = ?", key).fetchone()[0]
-            # Cached only after COMMIT: a rolled-back id may be reused by another process.
-            new_series[key] = series_id
-        return series_id
+    def _series_id(conn: sqlite3.Connection, key: Tuple[str, str]) -> int:
+        """The id of series (name, labels), created if it is new."""
+        conn.execute("INSERT OR IGNORE INTO series (name, labels) VALUES (?, ?)", key)
+        return conn.execute("SELECT id FROM series WHERE name = ? AND labels = ?", key).fetchone()[0]
 
     @staticmethod
     def _insert_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
+        """Insert (series id, time, value) rows; a sample at an instant already taken gets the next seq."""
+        if len(rows) == 1:
+            before = conn.total_changes
+            conn.execute(_INSERT_NEW, rows[0])
+            if conn.total_changes == before:
+                series_id, ts, value = rows[0]
+                conn.execute(_INSERT_NEXT_SEQ, (series_id, ts, series_id, ts, value))
+            return
         conn.execute("SAVEPOINT insert_samples")
         before = conn.total_changes
         conn.executemany(_INSERT_NEW, rows)
         if conn.total_changes - before != len(rows):
-            # Some sample shares its series and instant with another; both are
-            # kept, the later one with the next seq.  Rare, so it takes the slow way.
+            # Some samples share a series and an instant: rare, so the slow way.
             conn.execute("ROLLBACK TO insert_samples")
             conn.executemany(_INSERT_NEXT_SEQ, ((sid, ts, sid, ts, value) for sid, ts, value in rows))
         conn.execute("RELEASE insert_samples")
+
+    @staticmethod
+    def _merge_late_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
+        """Fold samples that arrive for hours already rolled up into those hours' rollups."""
+        watermark = _rolled_until(conn)
+        if watermark is None:
+            return
+        late: Dict[Tuple[int, float], List[Tuple[float, float]]] = {}
+        for series_id, ts, value in rows:
+            if ts < watermark:
+                late.setdefault((series_id, bucket_start(ts)), []).append((ts, value))
+        for (series_id, bucket), points in late.items():
+            conn.execute(_MERGE_ROLLUP, (series_id, int(ROLLUP_SPAN_S), bucket, *summarise(points)))
 
     def record_sync_metric(
         self,
@@ -701,48 +910,80 @@ class MetricsCollector:
         until = self._now()
         return until - hours * 3600.0, until
 
+    def _ranges(self, since: float, until: float) -> List[_Range]:
+        """Split [since, until] into whole hours already rolled up and raw edges."""
+        watermark = self.store.get_meta("rolled_until")
+        first_hour = bucket_start(since)
+        if first_hour < since:
+            first_hour += ROLLUP_SPAN_S
+        end_hour = bucket_start(until) if watermark is None else min(bucket_start(until), float(watermark))
+        if watermark is None or first_hour >= end_hour:
+            return [_Range(False, since, until, True)]
+        ranges = [_Range(True, first_hour, end_hour, False), _Range(False, end_hour, until, True)]
+        if since < first_hour:
+            ranges.insert(0, _Range(False, since, first_hour, False))
+        return ranges
+
+    def _first_pass(self, name: str, ranges: List[_Range]) -> Tuple[int, float, Optional[float], Optional[float], Optional[float], Optional[float]]:
+        """Count, sum, min, max, first and last time over every range."""
+        count, total, lows, highs, firsts, lasts = 0, 0.0, [], [], [], []
+        for part in ranges:
+            n, part_total, low, high, first, last = self.store.query_one(
+                (_ROLLED_PASS if part.rolled else _RAW_PASS) + part.where(), (name, part.start, part.end)
+            )
+            if n:
+                count += int(n)
+                total += part_total
+                lows.append(low)
+                highs.append(high)
+                firsts.append(first)
+                lasts.append(last)
+        if not count:
+            return 0, 0.0, None, None, None, None
+        return count, total, min(lows), max(highs), min(firsts), max(lasts)
+
+    def _squared_deviations(self, name: str, ranges: List[_Range], mean: float) -> float:
+        """Sum of (x - mean)**2 over every range: the second of two passes."""
+        return math.fsum(
+            self.store.query_one(
+                (_ROLLED_SQUARES if part.rolled else _RAW_SQUARES) + part.where(), (mean, mean, name, part.start, part.end)
+            )[0]
+            for part in ranges
+        )
+
+    def _value_at(self, name: str, ts: float) -> Optional[float]:
+        """The value of ``name`` at ``ts`` (the last recorded, if several), raw or rolled up."""
+        row = self.store.query_one(
+            f"SELECT value FROM samples WHERE {_OF_NAME} AND ts = ? ORDER BY seq DESC LIMIT 1", (name, ts)
+        ) or self.store.query_one(f"SELECT last_value FROM rollups WHERE {_OF_NAME} AND last_ts = ?", (name, ts))
+        return None if row is None else row[0]
+
     def get_metric_stats(self, name: str, hours: float = DEFAULT_WINDOW_HOURS, *, percentiles: bool = False) -> Dict[str, Any]:
         """Count, avg, min, max, stddev and latest of ``name`` over the last ``hours``.
 
+        Whole hours come from the hourly rollups, the edges from raw samples.
         An empty window gives count 0 and None for the rest.  ``stddev`` is the
-        sample standard deviation (None below two samples).  ``p50`` and
-        ``p95`` are added when ``percentiles`` is true, at the cost of reading
-        every value in the window.
+        sample standard deviation (None below two samples), from two passes.
+        ``p50`` and ``p95`` are added when ``percentiles`` is true, at the cost
+        of reading every raw value in the window.
         """
         since, until = self._window(hours)
-        window = (name, since, until)
-        count, avg, low, high, first, last = self.store.query_one(
-            f"SELECT count(*), avg(value), min(value), max(value), min(ts), max(ts) FROM samples WHERE {_IN_WINDOW}",
-            window,
-        )
+        ranges = self._ranges(since, until)
+        count, total, low, high, first, last = self._first_pass(name, ranges)
         stats: Dict[str, Any] = {
             "count": count,
-            "avg": avg,
+            "avg": total / count if count else None,
             "min": low,
             "max": high,
             "stddev": None,
-            "latest": None,
+            "latest": None if last is None else self._value_at(name, last),
             "first_time": iso_time(first),
             "last_time": iso_time(last),
         }
-        if percentiles:
-            stats.update(p50=None, p95=None)
-        if count == 0:
-            return stats
-        stats["latest"] = self.store.query_one(
-            "SELECT value FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) AND ts = ? "
-            "ORDER BY seq DESC LIMIT 1",
-            (name, last),
-        )[0]
         if count > 1:
-            # Two passes: the mean first, then squared deviations from it, which
-            # stays accurate where sum(x*x) - sum(x)**2/n cancels catastrophically.
-            squares = self.store.query_one(
-                f"SELECT sum((value - ?) * (value - ?)) FROM samples WHERE {_IN_WINDOW}", (avg, avg, *window)
-            )[0]
-            stats["stddev"] = math.sqrt(squares / (count - 1))
+            stats["stddev"] = math.sqrt(self._squared_deviations(name, ranges, stats["avg"]) / (count - 1))
         if percentiles:
-            values = [row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}", window)]
+            values = [row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}", (name, since, until))]
             values.sort()
             stats.update(p50=percentile(values, 0.50), p95=percentile(values, 0.95))
         return stats
@@ -750,7 +991,7 @@ class MetricsCollector:
     def count_samples(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> int:
         """How many samples of ``name`` fall in the last ``hours``."""
         since, until = self._window(hours)
-        return self.store.query_one(f"SELECT count(*) FROM samples WHERE {_IN_WINDOW}", (name, since, until))[0]
+        return self._first_pass(name, self._ranges(since, until))[0]
 
     def get_success_rate(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Optional[float]:
         """Percentage of ``NAME_success`` among ``NAME_success`` and ``NAME_failure``.
@@ -858,22 +1099,56 @@ class MetricsCollector:
             "latest_duration": None if latest is None else latest[1],
         }
 
-    # -- retention --------------------------------------------------------------
+    # -- rollups and retention -------------------------------------------------
+
+    def roll_up(self) -> int:
+        """Summarise every closed hour of every series into the rollups; return how many were added.
+
+        An hour is closed a minute after it ends.  Works a day of history per
+        transaction, so a writer never waits long behind it.
+        """
+        target = bucket_start(self._now() - ROLLUP_GRACE_S)
+        added = 0
+        while True:
+            with self.store.write() as conn:
+                start = _rolled_until(conn)
+                if start is None:
+                    start = self._first_hour(conn, default=target)
+                if start >= target:
+                    # Nothing before ``start``: every hour up to the last closed one is summarised.
+                    _set_meta(conn, "rolled_until", target)
+                    return added
+                end = min(target, start + ROLLUP_CHUNK_S)
+                for (series_id,) in conn.execute("SELECT id FROM series").fetchall():
+                    hours = {"series": series_id, "span": int(ROLLUP_SPAN_S), "start": start, "end": end}
+                    before = conn.total_changes  # rowcount is -1 for a statement that starts with WITH
+                    conn.execute(_ROLL_UP_HOURS, hours)
+                    added += conn.total_changes - before
+                    conn.execute(_FINISH_ROLLUPS, hours)
+                _set_meta(conn, "rolled_until", end)
+
+    @staticmethod
+    def _first_hour(conn: sqlite3.Connection, default: float) -> float:
+        row = conn.execute("SELECT min((SELECT min(ts) FROM samples WHERE series_id = series.id)) FROM series").fetchone()
+        return default if row[0] is None else bucket_start(row[0])
 
     def cleanup_old_metrics(self, days: Optional[float] = None) -> int:
-        """Delete samples older than ``days`` (default: the retention setting).
+        """Delete raw samples older than ``days`` (default: the retention setting).
 
-        Deletes at most CLEANUP_BATCH_ROWS rows per transaction, so a writer
-        never waits long, and keeps going until nothing expired is left.
-        Returns how many samples were deleted.
+        Every hour is rolled up first, so window statistics keep their count,
+        sum, min and max.  Deletes at most CLEANUP_BATCH_ROWS rows per
+        transaction, so a writer never waits long, and keeps going until
+        nothing expired is left.  Returns how many samples were deleted.
         """
         days = self.retention_days if days is None else non_negative(days, "days")
-        cutoff = self._now() - days * 86400.0
+        self.roll_up()
+        rolled_until = float(self.store.get_meta("rolled_until"))
+        cutoff = min(self._now() - days * 86400.0, rolled_until)
         deleted = 0
         for (series_id,) in self.store.query("SELECT id FROM series"):
             deleted += self._delete_series_before(series_id, cutoff)
         with self.store.write() as conn:
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_cleanup', ?)", (repr(self._now()),))
+            _set_meta(conn, "last_cleanup", self._now())
         if deleted:
             self.store.reclaim_space()
         return deleted
@@ -891,15 +1166,22 @@ class MetricsCollector:
             if row is None:
                 return deleted
 
-    def _cleanup_if_due(self) -> None:
-        """Run cleanup at most once a day across all processes; checked hourly here."""
-        if self.store.readonly or self._clock() < self._next_cleanup_check:
+    def _maintain_if_due(self) -> None:
+        """After a write: roll up closed hours (hourly) and clean up (daily), across all processes.
+
+        Each collector looks at most once a minute, so a busy writer pays one
+        small query a minute.
+        """
+        if self.store.readonly or self._clock() < self._next_maintenance:
             return
-        self._next_cleanup_check = self._clock() + CLEANUP_CHECK_INTERVAL_S
-        last = self.store.get_meta("last_cleanup")
-        if last is None or self._now() - float(last) >= CLEANUP_INTERVAL_S:
+        self._next_maintenance = self._clock() + MAINTENANCE_CHECK_INTERVAL_S
+        meta = dict(self.store.query("SELECT key, value FROM meta WHERE key IN ('rolled_until', 'last_cleanup')"))
+        now = self._now()
+        if float(meta.get("last_cleanup", "-inf")) <= now - CLEANUP_INTERVAL_S:
             deleted = self.cleanup_old_metrics()
-            log.debug("automatic cleanup deleted %d samples older than %g days", deleted, self.retention_days)
+            log.debug("daily cleanup deleted %d samples older than %g days", deleted, self.retention_days)
+        elif float(meta.get("rolled_until", "-inf")) < bucket_start(now - ROLLUP_GRACE_S):
+            self.roll_up()
 
 
 ## CLI ########################################################################

@@ -1,6 +1,7 @@
 """MetricsCollector: recording, validation, window statistics, summary, cleanup."""
 
 import math
+import random
 import statistics
 import unittest
 
@@ -223,24 +224,127 @@ class SummaryTest(StoreTestCase):
         self.assertEqual((summary["sync"], summary["circuit_breakers"], summary["agents"]), ({}, {}, {}))
 
 
+class RollupTest(StoreTestCase):
+    """Whole hours come from rollups, the edges from raw samples: the answers must not change."""
+
+    def reference(self, points, since, until):
+        """get_metric_stats computed plainly from (ts, order, value) points."""
+        inside = sorted(p for p in points if since <= p[0] <= until)
+        values = [value for _, _, value in inside]
+        if not values:
+            return {"count": 0}
+        return {
+            "count": len(values), "avg": statistics.fmean(values), "min": min(values), "max": max(values),
+            "stddev": statistics.stdev(values) if len(values) > 1 else None, "latest": inside[-1][2],
+            "first_time": mm.iso_time(inside[0][0]), "last_time": mm.iso_time(inside[-1][0]),
+        }
+
+    def assertStatsMatch(self, stats, expected):
+        self.assertEqual(stats["count"], expected["count"])
+        if not expected["count"]:
+            return
+        for key in ("min", "max", "latest", "first_time", "last_time"):
+            self.assertEqual(stats[key], expected[key], key)
+        self.assertAlmostEqual(stats["avg"], expected["avg"], delta=1e-9 * abs(expected["avg"]))
+        if expected["stddev"] is None:
+            self.assertIsNone(stats["stddev"])
+        else:
+            self.assertAlmostEqual(stats["stddev"], expected["stddev"], delta=1e-9 * expected["stddev"])
+
+    def test_windows_agree_with_a_plain_computation(self):
+        rng = random.Random(7)
+        clock = FakeClock(1_800_000_123.4)
+        metrics = self.collector(clock, retention_days=365)
+        points, order = [], 0
+        start = clock.now - 3 * 86400
+
+        def record(batch):
+            nonlocal order
+            metrics.record_many([("m", value, {"copy": str(i % 2)}, ts) for i, (ts, value) in enumerate(batch)])
+            for ts, value in batch:
+                points.append((ts, order, value))
+                order += 1
+
+        record([(start + rng.uniform(0, 3 * 86400), rng.gauss(1e6, 10.0)) for _ in range(3000)])
+        record([(start + 3600.0 * k, float(k)) for k in range(72)])  # exactly on hour edges
+        metrics.roll_up()  # the first write rolled up already: nothing new
+        self.assertGreater(metrics.store.query("SELECT count(*) FROM rollups")[0][0], 100)
+        late = [(start + rng.uniform(0, 2 * 86400), rng.gauss(1e6, 50.0)) for _ in range(200)]
+        record(late + [late[0], (late[1][0], -5.0)])  # two more at instants already taken
+        for advance in (0.0, 1900.0, 3600.0 * 5 + 7):
+            clock.advance(advance)
+            metrics.roll_up()
+            for hours in (0.01, 0.5, 1, 1.5, 2, 5.25, 24, 36.7, 71.99, 80):
+                with self.subTest(advance=advance, hours=hours):
+                    stats = metrics.get_metric_stats("m", hours=hours)
+                    self.assertStatsMatch(stats, self.reference(points, clock.now - hours * HOUR, clock.now))
+
+    def test_a_day_window_reads_rollups_for_whole_hours(self):
+        clock = FakeClock(1_800_000_123.4)
+        metrics = self.collector(clock)
+        metrics.record_many([("m", float(i), None, clock.now - i * 60.0) for i in range(2000)])
+        metrics.roll_up()
+        traced = []
+        metrics.store.connection.set_trace_callback(traced.append)
+        stats = metrics.get_metric_stats("m", hours=24)
+        self.assertEqual(stats["count"], 24 * 60 + 1)
+        reads = [sql for sql in traced if sql.startswith("SELECT")]
+        self.assertEqual(sum(" FROM rollups " in sql for sql in reads), 2)  # first pass and squares
+        self.assertEqual(sum(" FROM samples " in sql for sql in reads), 5)  # two edges, twice; latest
+
+    def test_roll_up_works_a_day_per_transaction_and_only_closed_hours(self):
+        clock = FakeClock(1_800_000_000.0 + 30)  # 30 s into an hour
+        metrics = self.collector(clock)
+        metrics.record_many([("m", 1.0, None, clock.now - i * 600.0) for i in range(3 * 144)])
+        metrics.store.connection.execute("DELETE FROM rollups")
+        metrics.store.connection.execute("DELETE FROM meta WHERE key = 'rolled_until'")
+        traced = []
+        metrics.store.connection.set_trace_callback(traced.append)
+        self.assertEqual(metrics.roll_up(), 71)
+        self.assertEqual(traced.count("BEGIN IMMEDIATE"), 4)  # 71 closed hours: 24 + 24 + 23, then done
+        # The hour that ended 30 s ago is not closed yet: its sample stays raw only.
+        self.assertEqual(float(metrics.store.get_meta("rolled_until")), 1_800_000_000.0 - 3600)
+        self.assertEqual(metrics.store.query("SELECT max(bucket) FROM rollups"), [(1_800_000_000.0 - 7200,)])
+        self.assertEqual(metrics.roll_up(), 0)
+
+    def test_bucket_start_is_exact_at_the_edges(self):
+        for ts, expected in ((0.0, 0.0), (3599.999, 0.0), (3600.0, 3600.0), (1_800_000_000.0, 1_800_000_000.0),
+                             (math.nextafter(1_800_000_000.0, 0), 1_800_000_000.0 - 3600)):
+            with self.subTest(ts=ts):
+                self.assertEqual(mm.bucket_start(ts), expected)
+
+
 class CleanupTest(StoreTestCase):
-    def test_cleanup_deletes_only_expired_samples_in_batches(self):
+    def raw_values(self, metrics):
+        return [row[0] for row in metrics.store.query("SELECT value FROM samples ORDER BY ts, seq")]
+
+    def test_cleanup_deletes_expired_raw_samples_in_batches_and_keeps_their_statistics(self):
         clock = FakeClock()
         metrics = self.collector(clock, retention_days=30)
-        old = [("x", i, None, clock.now - 31 * 86400 - i) for i in range(25_000)]
-        young = [("x", 7, None, clock.now - 29 * 86400), ("y", 8, None, clock.now)]
+        old = [("x", float(i % 101), None, clock.now - 31 * 86400 - i) for i in range(25_000)]
+        young = [("x", 7.0, None, clock.now - 29 * 86400), ("y", 8.0, None, clock.now)]
         metrics.record_many(old + young)  # the first write runs the daily cleanup itself
-        self.assertEqual(metrics.get_metric_stats("x", hours=10_000)["count"], 1)
-        metrics.record_many(old)
+        self.assertEqual(self.raw_values(metrics), [7.0, 8.0])
+        after_first = metrics.get_metric_stats("x", hours=10_000)
+        self.assertEqual(after_first["count"], 25_001)
+        metrics.record_many(old)  # late samples for hours already rolled up
+        before = metrics.get_metric_stats("x", hours=10_000)
         traced = []
         metrics.store.connection.set_trace_callback(traced.append)
         self.assertEqual(metrics.cleanup_old_metrics(), 25_000)
         # x: 10,000 + 10,000 + 5,000, each in its own transaction; y: one with nothing to do.
         self.assertEqual(sum(1 for sql in traced if sql.startswith("DELETE")), 4)
-        self.assertEqual(sum(1 for sql in traced if sql == "BEGIN IMMEDIATE"), 5)
         self.assertEqual(metrics.cleanup_old_metrics(), 0)
-        rows = metrics.store.query("SELECT value FROM samples ORDER BY value")
-        self.assertEqual(rows, [(7.0,), (8.0,)])
+        self.assertEqual(self.raw_values(metrics), [7.0, 8.0])
+        after = metrics.get_metric_stats("x", hours=10_000)
+        self.assertEqual(before["count"], 50_001)
+        self.assertEqual((after["count"], after["min"], after["max"], after["latest"]),
+                         (before["count"], before["min"], before["max"], before["latest"]))
+        self.assertAlmostEqual(after["avg"], before["avg"], delta=1e-9 * before["avg"])
+        self.assertAlmostEqual(after["stddev"], before["stddev"], delta=1e-9 * before["stddev"])
+        values = [float(i % 101) for i in range(25_000)] * 2 + [7.0]
+        self.assertAlmostEqual(after["avg"], statistics.fmean(values), delta=1e-9)
+        self.assertAlmostEqual(after["stddev"], statistics.stdev(values), delta=1e-9)
 
     def test_automatic_cleanup_runs_at_most_once_a_day(self):
         clock = FakeClock()
@@ -249,11 +353,12 @@ class CleanupTest(StoreTestCase):
         metrics.record("x", 2, timestamp=clock.now - 2 * 86400)  # expired, but cleanup ran a moment ago
         clock.advance(2 * HOUR)
         metrics.record("x", 3)
-        self.assertEqual(metrics.get_metric_stats("x", hours=100)["count"], 3)
+        self.assertEqual(self.raw_values(metrics), [2.0, 1.0, 3.0])
         clock.advance(22 * HOUR)
         metrics.record("x", 4)
-        self.assertEqual(metrics.get_metric_stats("x", hours=100)["count"], 3)
+        self.assertEqual(self.raw_values(metrics), [1.0, 3.0, 4.0])
         self.assertEqual(float(metrics.store.get_meta("last_cleanup")), clock.now)
+        self.assertEqual(metrics.get_metric_stats("x", hours=100)["count"], 4)
 
 
 class PureFunctionsTest(unittest.TestCase):

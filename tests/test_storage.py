@@ -148,7 +148,7 @@ class StoreVersionsTest(StoreTestCase):
         open(self.db, "wb").close()
         with mm.Store(self.db) as store:
             tables = {row[0] for row in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertEqual(tables, {"series", "samples", "meta"})
+        self.assertEqual(tables, {"series", "samples", "rollups", "meta"})
 
     def test_readonly_open_of_a_missing_store_creates_nothing(self):
         with mm.Store(self.db, readonly=True) as store:

@@ -1,0 +1,238 @@
+"""make bench: speed and size of the store, each beside a baseline measured in this same run.
+
+Standard library only. Prints one row per figure (ours, the baseline, their ratio, the
+target) and exits 1 if a target is missed. Takes about a minute.
+"""
+
+import json
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import metasystem_monitor as mm  # noqa: E402
+
+SCRIPT = os.path.join(REPO, "metasystem_monitor.py")
+DAY_S = 86400.0
+NAMES = 50
+TOTAL_SAMPLES = 1_000_000
+rows_out = []
+
+
+def report(figure, ours, baseline, unit, ratio, target, ok):
+    rows_out.append(ok)
+    verdict = "PASS" if ok else "FAIL"
+    print(f"{figure:<52} {ours:>10.4g} {unit:<3} {baseline:>10.4g} {unit:<3} {ratio:>8.2f}x  {target:<18} {verdict}")
+
+
+def per_call(func, repeat):
+    """Median of five timings of ``repeat`` calls, in seconds per call."""
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            func()
+        runs.append((time.perf_counter() - start) / repeat)
+    return statistics.median(runs)
+
+
+def original_layout(path):
+    """The original design's way: name and JSON tags in every row, an index for its queries."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE IF NOT EXISTS metrics (id INTEGER PRIMARY KEY, name TEXT, value REAL, "
+                 "tags TEXT, timestamp REAL)")
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_name_time ON metrics (name, timestamp)")
+    conn.commit()
+    return conn
+
+
+def bench_record(tmp):
+    path = os.path.join(tmp, "record.db")
+    with mm.MetricsCollector(path) as collector:
+        collector.record("warm", 1.0)
+        ours = per_call(lambda: collector.record("sync_icloud_success", 2.5, {"target": "icloud"}), 2000)
+
+    original_path = os.path.join(tmp, "original.db")
+    original_layout(original_path).close()
+
+    def original_way():
+        conn = sqlite3.connect(original_path)
+        conn.execute("INSERT INTO metrics (name, value, tags, timestamp) VALUES (?, ?, ?, ?)",
+                     ("sync_icloud_success", 2.5, json.dumps({"target": "icloud"}), time.time()))
+        conn.commit()
+        conn.close()
+
+    original = per_call(original_way, 100)
+
+    bare = sqlite3.connect(os.path.join(tmp, "bare.db"), isolation_level=None)
+    bare.execute("PRAGMA journal_mode = WAL")
+    bare.execute("PRAGMA synchronous = NORMAL")
+    bare.execute("CREATE TABLE bare (series_id INTEGER, ts REAL, value REAL)")
+    insert = "INSERT INTO bare VALUES (1, ?, 2.5)"
+    bare_cost = per_call(lambda: bare.execute(insert, (time.time(),)), 2000)
+    bare.close()
+    report("1. record(), one committed call, vs the original way", ours * 1e6, original * 1e6, "us",
+           original / ours, ">= 30x cheaper", original / ours >= 30)
+    report("   record(), vs a bare insert+commit on a WAL connection", ours * 1e6, bare_cost * 1e6, "us",
+           ours / bare_cost, "<= about 2x", ours / bare_cost <= 2.5)
+
+
+def bench_record_many(tmp):
+    count = 100_000
+    now = time.time()
+    # A batch of current readings, as `record -` from a collector script sends them.
+    samples = [(f"metric_{i % NAMES}", float(i % 97), None, now - (count - i) * 1e-4) for i in range(count)]
+    ours_runs, bare_runs, backfill_runs = [], [], []
+    for attempt in range(3):
+        path = os.path.join(tmp, f"many{attempt}.db")
+        with mm.MetricsCollector(path, now=lambda: now) as collector:
+            collector.record_many(samples[:NAMES])  # series exist, maintenance done: as in steady use
+            start = time.perf_counter()
+            collector.record_many(samples[NAMES:])
+            ours_runs.append(time.perf_counter() - start)
+            # The same values again, stamped into hours already rolled up: a backfill.
+            backfill = [(name, value, None, ts - 7 * DAY_S) for name, value, _, ts in samples[NAMES:]]
+            start = time.perf_counter()
+            collector.record_many(backfill)
+            backfill_runs.append(time.perf_counter() - start)
+        rows = [(i % NAMES + 1, ts, value) for i, (_, value, _, ts) in enumerate(samples[NAMES:])]
+        bare = sqlite3.connect(os.path.join(tmp, f"bare_many{attempt}.db"), isolation_level=None)
+        bare.execute("PRAGMA journal_mode = WAL")
+        bare.execute("PRAGMA synchronous = NORMAL")
+        bare.execute("CREATE TABLE bare (series_id INTEGER, ts REAL, value REAL)")
+        start = time.perf_counter()
+        bare.execute("BEGIN")
+        bare.executemany("INSERT INTO bare VALUES (?, ?, ?)", rows)
+        bare.execute("COMMIT")
+        bare_runs.append(time.perf_counter() - start)
+        bare.close()
+    ours, bare, backfill = min(ours_runs), min(bare_runs), min(backfill_runs)
+    report("2. record_many(100,000 current samples) vs bare executemany", ours * 1e3, bare * 1e3, "ms", ours / bare,
+           "<= 2.5x", ours / bare <= 2.5)
+    print(f"   record_many(100,000 samples into rolled-up hours, a backfill): {backfill * 1e3:.0f} ms, "
+          f"{backfill / bare:.2f}x the bare executemany (no target)")
+
+
+def build_large_store(path, original_path, now):
+    """1,000,000 samples: 50 names over 30 days, and one name each second of the last 24 h."""
+    per_second = int(DAY_S)
+    regular = TOTAL_SAMPLES - per_second
+    rng = random.Random(17)
+    step = 30 * DAY_S / (regular / NAMES)
+    original = original_layout(original_path)
+    with mm.MetricsCollector(path) as collector:
+        batch, legacy = [], []
+        for i in range(regular):
+            name = f"metric_{i % NAMES}"
+            ts = now - 30 * DAY_S + (i // NAMES) * step + (i % NAMES) * 0.001
+            value = rng.gauss(100.0, 15.0)
+            batch.append((name, value, {"host": "nas"}, ts))
+            legacy.append((name, value, '{"host": "nas"}', ts))
+            if len(batch) == 50_000:
+                collector.record_many(batch)
+                original.executemany("INSERT INTO metrics (name, value, tags, timestamp) VALUES (?, ?, ?, ?)", legacy)
+                batch, legacy = [], []
+        for i in range(per_second):
+            ts = now - DAY_S + i + 0.5
+            value = rng.gauss(2.0, 0.3)
+            batch.append(("sync_icloud_success", value, {"target": "icloud"}, ts))
+            legacy.append(("sync_icloud_success", value, '{"target": "icloud"}', ts))
+        collector.record_many(batch)
+        original.executemany("INSERT INTO metrics (name, value, tags, timestamp) VALUES (?, ?, ?, ?)", legacy)
+    original.commit()
+    original.close()
+
+
+def bench_queries(tmp):
+    now = time.time()
+    path = os.path.join(tmp, "large.db")
+    original_path = os.path.join(tmp, "large_original.db")
+    start = time.perf_counter()
+    build_large_store(path, original_path, now)
+    print(f"   (built two stores of {TOTAL_SAMPLES:,} samples in {time.perf_counter() - start:.1f} s)")
+    with mm.MetricsCollector(path, now=lambda: now) as collector:
+        collector.roll_up()  # in steady use, the first write of each hour does this
+        regular = per_call(lambda: collector.get_metric_stats("metric_7", hours=24), 200)
+        dense = per_call(lambda: collector.get_metric_stats("sync_icloud_success", hours=24), 10)
+        assert collector.get_metric_stats("sync_icloud_success", hours=24)["count"] == int(DAY_S)
+    original = sqlite3.connect(original_path)
+    scan_sql = ("SELECT count(*), avg(value), min(value), max(value) FROM metrics NOT INDEXED "
+                "WHERE name = ? AND timestamp >= ?")
+    scan = per_call(lambda: original.execute(scan_sql, ("metric_7", now - DAY_S)).fetchone(), 3)
+    original.close()
+    report("3. get_metric_stats 24h, regular name (1M store)", regular * 1e3, scan * 1e3, "ms", scan / regular,
+           "<= 1 ms", regular <= 0.001)
+    report("   get_metric_stats 24h, 86,400-sample name", dense * 1e3, scan * 1e3, "ms", scan / dense,
+           "<= 10 ms", dense <= 0.010)
+    return path, original_path
+
+
+def bench_bytes(path, original_path):
+    sizes = []
+    for store in (path, original_path):
+        conn = sqlite3.connect(store, isolation_level=None)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        conn.close()
+        sizes.append(os.path.getsize(store) / TOTAL_SAMPLES)
+    ours, original = sizes
+    report("5. bytes on disk per sample after VACUUM, with indexes", ours, original, "B", original / ours,
+           "<= 32 B", ours <= 32)
+
+
+def bench_process(tmp):
+    env = dict(os.environ, METASYSTEM_HOME=os.path.join(tmp, "home"))
+    record = [sys.executable, SCRIPT, "record", "x", "1"]
+    baseline = [sys.executable, "-c", "import sqlite3"]
+    subprocess.run(record, env=env, check=True, timeout=60)
+    ours, base = [], []
+    for _ in range(25):
+        for argv, times in ((record, ours), (baseline, base)):
+            start = time.perf_counter()
+            subprocess.run(argv, env=env, check=True, timeout=60)
+            times.append(time.perf_counter() - start)
+    ours, base = statistics.median(ours), statistics.median(base)
+    report("4. a fresh process running 'record x 1'", ours * 1e3, base * 1e3, "ms", ours / base,
+           "<= 2x python -c 'import sqlite3'", ours / base <= 2.0)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import metasystem_monitor"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:") and "|" in line]
+    mine = [line for line in lines if line.rstrip().endswith(" metasystem_monitor")]
+    if mine:
+        cumulative_us = int(mine[0].split("|")[1])
+        print(f"   python -X importtime: import metasystem_monitor takes {cumulative_us / 1000:.1f} ms "
+              f"(cumulative, after site); largest imports it pulls in:")
+        after_site = lines[next(i for i, line in enumerate(lines) if line.rstrip().endswith(" site")) + 1:]
+        for line in sorted(after_site, key=lambda l: -int(l.split("|")[1]))[1:6]:
+            print("     " + line.split(":", 1)[1].strip())
+
+
+def main():
+    print(f"make bench on {platform.platform()}, Python {platform.python_version()}, "
+          f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
+    print(f"{'figure':<52} {'ours':>14} {'baseline':>14} {'ratio':>9}  {'target':<18} verdict")
+    tmp = tempfile.mkdtemp(prefix="mm-bench-")
+    try:
+        started = time.perf_counter()
+        bench_record(tmp)
+        bench_record_many(tmp)
+        path, original_path = bench_queries(tmp)
+        bench_process(tmp)
+        bench_bytes(path, original_path)
+        print(f"{sum(rows_out)} of {len(rows_out)} targets met in {time.perf_counter() - started:.0f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if all(rows_out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
