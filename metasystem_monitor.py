@@ -292,6 +292,8 @@ class Store:
         except BaseException:
             conn.close()
             raise
+        log.debug("store %s open: schema %d, journal %s, synchronous %s, busy timeout %g s", self.path,
+                  SCHEMA_VERSION, conn.execute("PRAGMA journal_mode").fetchone()[0], synchronous, self.busy_timeout_s)
         return conn
 
     def _connect_readonly(self) -> sqlite3.Connection:
@@ -1226,7 +1228,7 @@ def storage_settings(config) -> Dict[str, Any]:
 
 
 def _open_collector(args, *, readonly: bool) -> MetricsCollector:
-    config = load_config(args.config_path, required=args.config is not None)
+    config = load_config(args.config_path, required=args.config_named)
     settings = storage_settings(config)
     return MetricsCollector(args.db_path, readonly=readonly, **settings)
 
@@ -1507,6 +1509,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
     args.db_path = resolve_db_path(args.db)
     args.config_path = resolve_config_path(args.config)
+    args.config_named = bool(args.config or os.environ.get("METASYSTEM_CONFIG"))
     with _stderr_logging(args.verbose, args.quiet):
         try:
             return args.func(args)

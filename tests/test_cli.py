@@ -3,11 +3,13 @@
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 
 import metasystem_monitor as mm
 
-from .support import StoreTestCase, file_bytes
+from .support import REPO, StoreTestCase, file_bytes
 
 
 def stored(path, name=None):
@@ -251,6 +253,58 @@ class BrokenStoresTest(StoreTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("Traceback (most recent call last)", err)
         self.assertTrue(err.endswith(f"metasystem_monitor.py: error: store {self.db} is not a SQLite database\n"))
+
+
+class ConfigurationTest(StoreTestCase):
+    def write_config(self, text, name="config.ini"):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return path
+
+    def test_the_example_configuration_is_valid(self):
+        example = os.path.join(os.path.dirname(mm.__file__), "alerting-config.example.ini")
+        self.assertCleanExit(self.run_cli("--config", example, "--db", self.db, "record", "x", "1"))
+
+    def test_storage_settings_are_read_from_option_or_environment(self):
+        config = self.write_config("[storage]\nsynchronous = full\nretention_days = 7\n")
+        eight_days_ago = str(time.time() - 8 * 86400)
+        for how, args, env in (("option", ("--config", config), self.child_env()),
+                               ("environment", (), self.child_env(METASYSTEM_CONFIG=config))):
+            with self.subTest(how=how):
+                db = os.path.join(self.tmp, how + ".db")
+                # The first write of a store runs the daily cleanup: 7 days of retention drop the sample.
+                result = self.run_cli(*args, "--db", db, "-v", "record", "old", "1", "--time", eight_days_ago, env=env)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(f"store {db} open: schema 1, journal wal, synchronous full,", result.stderr.decode())
+                self.assertEqual(stored(db), [])
+        default = os.path.join(self.tmp, "default.db")
+        self.assertCleanExit(self.run_cli("--db", default, "record", "old", "1", "--time", eight_days_ago))
+        self.assertEqual([row[0] for row in stored(default)], ["old"])
+
+    def test_bad_configuration_gets_one_line_and_exit_1(self):
+        cases = [
+            ("[storage]\nsynchronous = sometimes\n", "[storage] synchronous must be normal or full, got 'sometimes'"),
+            ("[storage]\nretention_days = a week\n", "[storage] retention_days must be a number of days, got 'a week'"),
+            ("[storage]\nretention_days = -1\n", "[storage] retention_days must be a number of days, got '-1'"),
+            ("[storage\nsynchronous = full\n", "File contains no section headers"),
+            ("[storage]\n[storage]\n", "section 'storage' already exists"),
+        ]
+        for text, message in cases:
+            with self.subTest(message=message):
+                config = self.write_config(text)
+                self.assertOneLineError(self.run_cli("--config", config, "--db", self.db, "record", "x", "1"), 1,
+                                        message)
+        self.assertFalse(os.path.exists(self.db))
+
+    def test_a_missing_file_is_fine_unless_named(self):
+        self.assertCleanExit(self.run_cli("--db", self.db, "record", "x", "1"))
+        missing = os.path.join(self.tmp, "nope.ini")
+        self.assertOneLineError(self.run_cli("--config", missing, "--db", self.db, "record", "x", "1"), 1,
+                                f"configuration file {missing} does not exist")
+        self.assertOneLineError(
+            self.run_cli("--db", self.db, "record", "x", "1", env=self.child_env(METASYSTEM_CONFIG=missing)), 1,
+            f"configuration file {missing} does not exist")
 
 
 class HelpTest(StoreTestCase):
