@@ -316,12 +316,12 @@ class Store:
                 conn.close()
                 conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
                 version = self._checked_version(conn)
+            if version == 0:  # an empty file: it reads as an empty store
+                conn.close()
+                conn = sqlite3.connect(":memory:", isolation_level=None)
+                self._migrate(conn)
+                return conn
             if version < SCHEMA_VERSION:
-                if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master").fetchone():
-                    conn.close()
-                    conn = sqlite3.connect(":memory:", isolation_level=None)
-                    self._migrate(conn)
-                    return conn
                 raise StorageError(
                     f"store {self.path} has schema {version}; run a recording command once to upgrade it",
                     self.path,
@@ -332,11 +332,18 @@ class Store:
         return conn
 
     def _checked_version(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version; a file that is not ours to change raises StorageError."""
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StorageError(
                 f"store {self.path} was written by a newer version (schema {version}; "
                 f"this program knows up to {SCHEMA_VERSION}); it was left unchanged",
+                self.path,
+            )
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StorageError(
+                f"store {self.path} is a SQLite database of another program (tables, but no "
+                f"metasystem schema); it was left unchanged",
                 self.path,
             )
         return version
@@ -352,7 +359,8 @@ class Store:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     # -- use ------------------------------------------------------------------
@@ -384,10 +392,12 @@ class Store:
             return self.connection.execute(sql, tuple(params)).fetchall()
 
     def query_one(self, sql: str, params: Iterable[Any] = ()) -> Optional[tuple]:
+        """Run one read-only statement and return its first row, or None."""
         with self._translating_errors():
             return self.connection.execute(sql, tuple(params)).fetchone()
 
     def get_meta(self, key: str) -> Optional[str]:
+        """A value the store keeps about itself (when it was last cleaned, rolled up)."""
         row = self.query_one("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else row[0]
 
@@ -610,7 +620,7 @@ _MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, l
         n = n + excluded.n,
         total = total + excluded.total,
         m2 = m2 + excluded.m2 + (excluded.total / excluded.n - total / n) * (excluded.total / excluded.n - total / n)
-             * n * excluded.n / (n + excluded.n),
+             * (1.0 * n * excluded.n / (n + excluded.n)),
         lo = min(lo, excluded.lo),
         hi = max(hi, excluded.hi),
         first_ts = min(first_ts, excluded.first_ts),

@@ -144,6 +144,31 @@ class StoreVersionsTest(StoreTestCase):
                     mm.Store(self.db, readonly=readonly)
         self.assertEqual(file_bytes(self.db), before)
 
+    def test_another_programs_database_is_refused_unchanged(self):
+        conn = sqlite3.connect(self.db)
+        conn.execute("CREATE TABLE contacts (name TEXT)")
+        conn.execute("INSERT INTO contacts VALUES ('Ada')")
+        conn.commit()
+        conn.close()
+        before = file_bytes(self.db)
+        for readonly in (False, True):
+            with self.subTest(readonly=readonly):
+                with self.assertRaises(mm.StorageError) as caught:
+                    mm.Store(self.db, readonly=readonly)
+                self.assertEqual(str(caught.exception), f"store {self.db} is a SQLite database of another program "
+                                                        f"(tables, but no metasystem schema); it was left unchanged")
+        self.assertEqual(file_bytes(self.db), before)
+        self.assertEqual(sqlite_rows(self.db, "PRAGMA journal_mode"), [("delete",)])
+
+    def test_a_lock_held_while_the_store_is_first_opened_is_one_clear_error(self):
+        holder = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")
+        with self.assertRaises(mm.StorageError) as caught:
+            mm.Store(self.db, busy_timeout_s=0.05)
+        self.assertEqual(str(caught.exception), f"store {self.db} is locked by another process (gave up after 0.05 s)")
+        holder.execute("ROLLBACK")
+
     def test_an_empty_file_is_migrated_to_the_current_schema(self):
         open(self.db, "wb").close()
         with mm.Store(self.db) as store:
