@@ -69,6 +69,14 @@ MAX_LABELS = 16
 MAX_LABEL_KEY_CHARS = 100
 MAX_LABEL_VALUE_CHARS = 1000
 SYNCHRONOUS_MODES = ("normal", "full")
+ANOMALY_METHODS = ("robust", "zscore")
+DEFAULT_Z_THRESHOLD = 2.0  # the original design's std_dev_threshold
+DEFAULT_ROBUST_THRESHOLD = 3.5  # Iglewicz and Hoaglin's cut for the modified z-score
+DEFAULT_MIN_SAMPLES = 8
+MAD_TO_Z = 0.6745  # modified z = 0.6745 * (x - median) / MAD
+MEAN_AD_SCALE = 1.253314  # where MAD is 0: modified z = (x - median) / (1.253314 * mean absolute deviation)
+# Fetch candidates a hair beyond the cut, then decide in Python, so SQL rounding never drops one.
+_CANDIDATE_MARGIN = 1.0 - 1e-9
 BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 EXIT_OK = 0
@@ -1005,6 +1013,65 @@ class MetricsCollector:
         since, until = self._window(hours)
         return self._first_pass(name, self._ranges(since, until))[0]
 
+    def detect_anomalies(
+        self,
+        metric_name: str,
+        hours: float = DEFAULT_WINDOW_HOURS,
+        std_dev_threshold: float = DEFAULT_Z_THRESHOLD,
+        *,
+        method: str = "zscore",
+        threshold: Optional[float] = None,
+        min_samples: int = DEFAULT_MIN_SAMPLES,
+    ) -> "AnomalyReport":
+        """Samples of the last ``hours`` that stand out from the rest of the window.
+
+        As the original design calls it, a z-score against the window's mean
+        and standard deviation with ``std_dev_threshold``.  ``method="robust"``
+        uses the modified z-score (median and MAD, threshold 3.5), which small
+        samples and clusters of outliers do not fool.  Returns a list of dicts
+        (``value``, ``z_score``, ``timestamp``, ``time``, ``method``, ``score``,
+        ``reason``) that also says whether there was enough data to judge.
+        """
+        if method == "zscore" and threshold is None:
+            threshold = std_dev_threshold
+        method, threshold, min_samples = check_method(method, threshold, min_samples)
+        since, until = self._window(hours)
+        if method == "zscore":
+            baseline = self._zscore_baseline(metric_name, since, until)
+        else:
+            baseline = self._robust_baseline(metric_name, since, until)
+        n = baseline.n if baseline else 0
+        if baseline is None or n < min_samples:
+            return AnomalyReport(method=method, threshold=threshold, baseline=None, n=n, min_samples=min_samples)
+        if baseline.basis == "flat":
+            where, bounds = "value != ?", (baseline.center,)
+        else:
+            where, bounds = "abs(value - ?) > ?", (baseline.center, _CANDIDATE_MARGIN * threshold * baseline.divisor)
+        candidates = self.store.query(
+            f"SELECT ts, value FROM samples WHERE {_IN_WINDOW} AND {where} ORDER BY ts, seq",
+            (metric_name, since, until, *bounds),
+        )
+        return AnomalyReport(flag_points(candidates, baseline, threshold), method=method, threshold=threshold,
+                             baseline=baseline, n=n, min_samples=min_samples)
+
+    def _zscore_baseline(self, name: str, since: float, until: float) -> Optional["Baseline"]:
+        """Mean and standard deviation of the window, from the rollups where they can serve."""
+        ranges = self._ranges(since, until)
+        count, total = self._first_pass(name, ranges)[:2]
+        if not count:
+            return None
+        mean = total / count
+        stddev = math.sqrt(self._squared_deviations(name, ranges, mean) / (count - 1)) if count > 1 else 0.0
+        return Baseline("zscore", count, mean, stddev, "stddev" if stddev else "flat", stddev)
+
+    def _robust_baseline(self, name: str, since: float, until: float) -> Optional["Baseline"]:
+        """Median and MAD of the raw samples in the window: order statistics need every value."""
+        values = [row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}", (name, since, until))]
+        if not values:
+            return None
+        values.sort()
+        return robust_baseline(values)
+
     def get_success_rate(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Optional[float]:
         """Percentage of ``NAME_success`` among ``NAME_success`` and ``NAME_failure``.
 
@@ -1196,6 +1263,202 @@ class MetricsCollector:
             self.roll_up()
 
 
+## Anomalies ##################################################################
+
+class Baseline(NamedTuple):
+    """What normal looks like: a centre and the divisor that turns a distance from it into a score.
+
+    ``basis`` says how the divisor was found: ``stddev`` (z-score), ``mad``,
+    ``mean_absolute_deviation`` (MAD was 0) or ``flat`` (every value equal:
+    any other value is anomalous, and has no score).
+    """
+
+    method: str
+    n: int
+    center: float
+    divisor: float
+    basis: str
+    spread: float
+
+    def describe(self) -> Dict[str, Any]:
+        """The baseline as the CLI's JSON shows it."""
+        if self.method == "zscore":
+            return {"n": self.n, "mean": self.center, "stddev": self.spread}
+        described = {"n": self.n, "median": self.center, "mad": self.spread if self.basis == "mad" else 0.0}
+        if self.basis == "mean_absolute_deviation":
+            described["mean_absolute_deviation"] = self.spread
+        return described
+
+
+def zscore_baseline(values: List[float]) -> Baseline:
+    """Mean and sample standard deviation, by two passes.
+
+    >>> zscore_baseline([1.0, 2.0, 3.0]).divisor
+    1.0
+    """
+    n = len(values)
+    mean = math.fsum(values) / n
+    stddev = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Baseline("zscore", n, mean, stddev, "stddev" if stddev else "flat", stddev)
+
+
+def robust_baseline(sorted_values: List[float]) -> Baseline:
+    """Median and MAD of sorted values; the mean absolute deviation where MAD is 0.
+
+    >>> robust_baseline([1.0, 2.0, 3.0, 4.0, 100.0]).spread
+    1.0
+    """
+    n = len(sorted_values)
+    median = _middle(sorted_values)
+    mad = median_absolute_deviation(sorted_values, median)
+    if mad > 0:
+        return Baseline("robust", n, median, mad / MAD_TO_Z, "mad", mad)
+    mean_ad = math.fsum(abs(v - median) for v in sorted_values) / n
+    if mean_ad > 0:
+        return Baseline("robust", n, median, MEAN_AD_SCALE * mean_ad, "mean_absolute_deviation", mean_ad)
+    return Baseline("robust", n, median, 0.0, "flat", 0.0)
+
+
+def _middle(sorted_values: List[float]) -> float:
+    n = len(sorted_values)
+    return (sorted_values[(n - 1) // 2] + sorted_values[n // 2]) / 2
+
+
+def median_absolute_deviation(sorted_values: List[float], median: float) -> float:
+    """MAD of sorted values without sorting the deviations again.
+
+    Below the median the deviations rise as the values fall, above it they
+    rise with the values: two sorted runs, so their middle is a k-th-element
+    search, O(log n).
+
+    >>> median_absolute_deviation([1.0, 2.0, 4.0, 7.0], 3.0)
+    1.5
+    """
+    import bisect
+
+    n = len(sorted_values)
+    split = bisect.bisect_left(sorted_values, median)
+
+    def below(i: int) -> float:
+        return median - sorted_values[split - 1 - i]
+
+    def above(j: int) -> float:
+        return sorted_values[split + j] - median
+
+    runs = (below, split, above, n - split)
+    return (_kth_of_two_runs(*runs, (n - 1) // 2) + _kth_of_two_runs(*runs, n // 2)) / 2
+
+
+def _kth_of_two_runs(a, len_a: int, b, len_b: int, k: int) -> float:
+    """The k-th smallest (from 0) of two ascending runs given as index functions."""
+    low, high = max(0, k + 1 - len_b), min(k + 1, len_a)
+    while True:
+        taken_a = (low + high) // 2  # how many of the k + 1 smallest come from a
+        taken_b = k + 1 - taken_a
+        if taken_a < len_a and taken_b > 0 and b(taken_b - 1) > a(taken_a):
+            low = taken_a + 1
+        elif taken_a > 0 and taken_b < len_b and a(taken_a - 1) > b(taken_b):
+            high = taken_a - 1
+        else:
+            last = [a(taken_a - 1)] if taken_a else []
+            return max(last + ([b(taken_b - 1)] if taken_b else []))
+
+
+def anomaly_score(value: float, baseline: Baseline) -> Optional[float]:
+    """Distance from the baseline's centre in its units; None on a flat baseline."""
+    return None if baseline.basis == "flat" else (value - baseline.center) / baseline.divisor
+
+
+def is_anomalous(value: float, baseline: Baseline, threshold: float) -> bool:
+    """Beyond the threshold; on a flat baseline, any value that differs."""
+    score = anomaly_score(value, baseline)
+    return value != baseline.center if score is None else abs(score) > threshold
+
+
+def anomaly_reason(value: float, baseline: Baseline) -> str:
+    """Why a value was flagged, in words."""
+    if baseline.basis == "flat":
+        return f"flat baseline: every other value is {baseline.center:g}"
+    score = anomaly_score(value, baseline)
+    side = "above" if score > 0 else "below"
+    if baseline.method == "zscore":
+        return f"{abs(score):.2f} standard deviations {side} the mean {baseline.center:g}"
+    via = " (from the mean absolute deviation; MAD is 0)" if baseline.basis == "mean_absolute_deviation" else ""
+    return f"modified z-score {abs(score):.2f} {side} the median {baseline.center:g}{via}"
+
+
+class AnomalyReport(list):
+    """The flagged points (a list of dicts, as the original design returns), plus how they were found.
+
+    ``insufficient_data`` is true when the window held fewer than the minimum
+    number of samples: no verdict, which is not the same as "no anomalies".
+    """
+
+    def __init__(self, points: Iterable[Dict[str, Any]] = (), *, method: str, threshold: float,
+                 baseline: Optional[Baseline], n: int, min_samples: int):
+        super().__init__(points)
+        self.method = method
+        self.threshold = threshold
+        self.baseline = baseline
+        self.n = n
+        self.min_samples = min_samples
+        self.insufficient_data = baseline is None
+
+    def as_json(self) -> Dict[str, Any]:
+        """Method, threshold, baseline and the flagged points, as the CLI prints them."""
+        return {
+            "method": self.method,
+            "threshold": self.threshold,
+            "insufficient_data": self.insufficient_data,
+            "min_samples": self.min_samples,
+            "baseline": self.baseline.describe() if self.baseline else {"n": self.n},
+            "anomalies": [{key: point[key] for key in ("time", "timestamp", "value", "score", "reason")} for point in self],
+        }
+
+
+def check_method(method: str, threshold: Optional[float], min_samples: int) -> Tuple[str, float, int]:
+    """Validate the detector's settings; the threshold defaults by method."""
+    if method not in ANOMALY_METHODS:
+        raise ValidationError(f"anomaly method must be one of {', '.join(ANOMALY_METHODS)}, got {_shown(method)}")
+    if threshold is None:
+        threshold = DEFAULT_ROBUST_THRESHOLD if method == "robust" else DEFAULT_Z_THRESHOLD
+    threshold = finite_number(threshold, "threshold")
+    if threshold <= 0:
+        raise ValidationError(f"threshold must be positive, got {_shown(threshold)}")
+    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 2:
+        raise ValidationError(f"min_samples must be a whole number of at least 2, got {_shown(min_samples)}")
+    return method, threshold, min_samples
+
+
+def flag_points(points: Iterable[Tuple[float, float]], baseline: Baseline, threshold: float) -> List[Dict[str, Any]]:
+    """The (timestamp, value) points that the baseline calls anomalous, as result dicts."""
+    flagged = []
+    for ts, value in points:
+        if is_anomalous(value, baseline, threshold):
+            score = anomaly_score(value, baseline)
+            flagged.append({
+                "value": value, "z_score": score, "score": score, "timestamp": ts, "time": iso_time(ts),
+                "method": baseline.method, "reason": anomaly_reason(value, baseline),
+            })
+    return flagged
+
+
+def find_anomalies(
+    points: List[Tuple[float, float]],
+    method: str = "robust",
+    threshold: Optional[float] = None,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+) -> AnomalyReport:
+    """Flag the outliers among (timestamp, value) points, judged against all of them."""
+    method, threshold, min_samples = check_method(method, threshold, min_samples)
+    values = [value for _, value in points]
+    if len(values) < min_samples:
+        return AnomalyReport(method=method, threshold=threshold, baseline=None, n=len(values), min_samples=min_samples)
+    baseline = robust_baseline(sorted(values)) if method == "robust" else zscore_baseline(values)
+    return AnomalyReport(flag_points(points, baseline, threshold), method=method, threshold=threshold,
+                         baseline=baseline, n=len(values), min_samples=min_samples)
+
+
 ## CLI ########################################################################
 
 _EXIT_CODES_HELP = """exit codes:
@@ -1370,6 +1633,27 @@ def cmd_success_rate(args) -> int:
     return EXIT_OK
 
 
+def cmd_anomalies(args) -> int:
+    threshold = None if args.threshold is None else _parse_number(args.threshold, "--threshold")
+    with _open_collector(args, readonly=True) as collector:
+        report = collector.detect_anomalies(args.name, args.hours, method=args.method, threshold=threshold,
+                                            min_samples=args.min_samples)
+    if args.json:
+        _print_json(dict(report.as_json(), name=args.name, hours=args.hours))
+        return EXIT_OK
+    heading = f"{args.name} (last {args.hours:g}h)"
+    if report.insufficient_data:
+        print(f"{heading}: insufficient data: {report.n} samples, at least {report.min_samples} needed")
+        return EXIT_OK
+    described = ", ".join(f"{key} {value:g}" for key, value in report.baseline.describe().items() if key != "n")
+    noun = "anomaly" if len(report) == 1 else "anomalies"
+    print(f"{heading}: {len(report)} {noun} among {report.n} samples ({report.method}, threshold {report.threshold:g}; "
+          f"{described})")
+    for point in report:
+        print(f"  {point['time']}  {point['value']:g}  {point['reason']}")
+    return EXIT_OK
+
+
 def cmd_metrics(args) -> int:
     with _open_collector(args, readonly=True) as collector:
         metrics = collector.list_metrics()
@@ -1486,6 +1770,18 @@ def build_parser():
                       f"  {PROG} success-rate agent_cataloger --hours 168 --json")
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    sub = _subcommand(subparsers, "anomalies", cmd_anomalies, "samples that stand out from the rest of the window",
+                      f"  {PROG} anomalies sync_icloud_success --hours 24\n"
+                      f"  {PROG} anomalies backup_seconds --method zscore --threshold 3 --json")
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+    sub.add_argument("--method", choices=ANOMALY_METHODS, default="robust",
+                     help="robust: modified z-score from median and MAD (default); zscore: mean and stddev")
+    sub.add_argument("--threshold", metavar="T", help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
+    sub.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES, metavar="N",
+                     help=f"fewer samples than this is insufficient data (default {DEFAULT_MIN_SAMPLES})")
     sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sub = _subcommand(subparsers, "metrics", cmd_metrics, "every metric name with its sample count and last time",

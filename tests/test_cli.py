@@ -315,7 +315,7 @@ class HelpTest(StoreTestCase):
         result = self.run_cli("--help")
         self.assertCleanExit(result, stdout=None)
         self.assertIn("exit codes:\n  0  success", result.stdout.decode())
-        for command in ("record", "record-sync", "record-agent", "stats", "success-rate", "metrics"):
+        for command in ("record", "record-sync", "record-agent", "stats", "success-rate", "anomalies", "metrics"):
             with self.subTest(command=command):
                 result = self.run_cli(command, "--help")
                 self.assertCleanExit(result, stdout=None)
