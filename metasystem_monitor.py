@@ -65,6 +65,7 @@ ROLLUP_GRACE_S = 60.0
 ROLLUP_CHUNK_S = 86400.0
 LABEL_CACHE_SIZE = 10_000
 MAX_NAME_CHARS = 200
+MAX_TIMESTAMP_S = 253402300800.0  # 10000-01-01: what ISO 8601 and datetime can show
 MAX_LABELS = 16
 MAX_LABEL_KEY_CHARS = 100
 MAX_LABEL_VALUE_CHARS = 1000
@@ -477,7 +478,15 @@ def iso_time(ts: Optional[float]) -> Optional[str]:
     """
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    if not 0 <= ts < MAX_TIMESTAMP_S:  # the slow, general way (which raises past year 9999)
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    # Twice as fast as datetime, which matters when thousands of points are shown;
+    # rounds to the microsecond as datetime.fromtimestamp does, then truncates.
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros // 1000:03d}+00:00"
 
 
 def percentile(sorted_values: List[float], fraction: float) -> Optional[float]:
@@ -570,6 +579,14 @@ def non_negative(value: Any, what: str) -> float:
     if number < 0:
         raise ValidationError(f"{what} must not be negative, got {_shown(value)}")
     return number
+
+
+def valid_timestamp(value: Any, what: str = "timestamp") -> float:
+    """``value`` as epoch seconds if it falls in years 1970 to 9999, else raise ValidationError."""
+    ts = non_negative(value, what)
+    if ts >= MAX_TIMESTAMP_S:
+        raise ValidationError(f"{what} must be before the year 10000 ({MAX_TIMESTAMP_S:.0f}), got {_shown(value)}")
+    return ts
 
 
 def whole_count(value: Any, what: str) -> int:
@@ -797,8 +814,8 @@ class MetricsCollector:
                 if now is None:
                     now = self._now()
                 ts = now
-            elif type(ts) is not float or not 0.0 <= ts < math.inf:
-                ts = non_negative(ts, "timestamp")
+            elif type(ts) is not float or not 0.0 <= ts < MAX_TIMESTAMP_S:
+                ts = valid_timestamp(ts)
             if ts < oldest:
                 oldest = ts
             rows.append((series, ts, value))
@@ -1377,14 +1394,17 @@ def is_anomalous(value: float, baseline: Baseline, threshold: float) -> bool:
 
 def anomaly_reason(value: float, baseline: Baseline) -> str:
     """Why a value was flagged, in words."""
+    return _reason_template(baseline).format(abs(anomaly_score(value, baseline) or 0.0), "above" if value > baseline.center else "below")
+
+
+def _reason_template(baseline: Baseline) -> str:
+    """The reason with two blanks, the score and the side: built once per baseline."""
     if baseline.basis == "flat":
         return f"flat baseline: every other value is {baseline.center:g}"
-    score = anomaly_score(value, baseline)
-    side = "above" if score > 0 else "below"
     if baseline.method == "zscore":
-        return f"{abs(score):.2f} standard deviations {side} the mean {baseline.center:g}"
+        return "{:.2f} standard deviations {} the mean " + f"{baseline.center:g}"
     via = " (from the mean absolute deviation; MAD is 0)" if baseline.basis == "mean_absolute_deviation" else ""
-    return f"modified z-score {abs(score):.2f} {side} the median {baseline.center:g}{via}"
+    return "modified z-score {:.2f} {} the median " + f"{baseline.center:g}{via}"
 
 
 class AnomalyReport(list):
@@ -1432,13 +1452,16 @@ def check_method(method: str, threshold: Optional[float], min_samples: int) -> T
 
 def flag_points(points: Iterable[Tuple[float, float]], baseline: Baseline, threshold: float) -> List[Dict[str, Any]]:
     """The (timestamp, value) points that the baseline calls anomalous, as result dicts."""
+    template = _reason_template(baseline)
+    flat = baseline.basis == "flat"
     flagged = []
     for ts, value in points:
-        if is_anomalous(value, baseline, threshold):
-            score = anomaly_score(value, baseline)
+        score = None if flat else (value - baseline.center) / baseline.divisor
+        if value != baseline.center if flat else abs(score) > threshold:
             flagged.append({
                 "value": value, "z_score": score, "score": score, "timestamp": ts, "time": iso_time(ts),
-                "method": baseline.method, "reason": anomaly_reason(value, baseline),
+                "method": baseline.method,
+                "reason": template.format(abs(score or 0.0), "above" if value > baseline.center else "below"),
             })
     return flagged
 

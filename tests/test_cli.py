@@ -104,6 +104,7 @@ class RecordCommandTest(StoreTestCase):
             (("record", "x", "1", "--label", "novalue"), "label 'novalue' is not KEY=VALUE"),
             (("record", "x", "1", "--label", "bad-key=1"), "label key 'bad-key' must be letters"),
             (("record", "x", "1", "--time", "-1"), "timestamp must not be negative, got -1.0"),
+            (("record", "x", "1", "--time", "1e12"), "timestamp must be before the year 10000"),
             (("record", "-", "1"), "'record -' reads name, value and time from stdin"),
             (("record-sync", "icloud", "--success", "--duration", "-2"), "duration must not be negative"),
             (("record-sync", "icloud", "--success", "--duration", "1", "--files", "2.5"), "files_synced must be a whole number"),

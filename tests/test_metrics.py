@@ -67,6 +67,8 @@ class RecordTest(StoreTestCase):
             (("x", 1, ["k", "v"]), "labels must be a dict of strings, got list"),
             (("x", 1, None, float("nan")), "timestamp must be a finite number, got nan"),
             (("x", 1, None, -5), "timestamp must not be negative, got -5"),
+            (("x", 1, None, 253402300800), "timestamp must be before the year 10000 (253402300800), got 253402300800"),
+            (("x", 1, None, 1e300), "timestamp must be before the year 10000"),
             (("x",), "sample 1 is not (name, value[, labels[, timestamp]])"),
         ]
         for sample, message in cases:
@@ -370,6 +372,17 @@ class PureFunctionsTest(unittest.TestCase):
     def test_iso_time_has_an_offset(self):
         self.assertEqual(mm.iso_time(1_700_000_000.25), "2023-11-14T22:13:20.250+00:00")
         self.assertIsNone(mm.iso_time(None))
+
+    def test_iso_time_agrees_with_datetime(self):
+        from datetime import datetime, timezone
+
+        rng = random.Random(9)
+        cases = [0.0, 0.9999995, 59.9999996, 1_799_999_999.9999997, 253402300799.5]
+        cases += [rng.uniform(0, 4e9) for _ in range(2000)]
+        for ts in cases:
+            with self.subTest(ts=ts):
+                expected = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+                self.assertEqual(mm.iso_time(ts), expected)
 
     def test_canonical_labels_are_sorted_and_compact(self):
         self.assertEqual(mm.canonical_labels({"b": "2", "a": "é"}), '{"a":"é","b":"2"}')
