@@ -57,6 +57,10 @@ CONFIG_FILENAME = "alerting-config.ini"
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 DEFAULT_WINDOW_HOURS = 24.0
 DEFAULT_RETENTION_DAYS = 30.0
+DEFAULT_HOURLY_DAYS = 365.0
+DEFAULT_DAILY_DAYS = 0.0  # 0 keeps daily rollups forever
+DAY_S = 86400.0
+TIER_NAMES = {0: "raw", 3600: "hourly", 86400: "daily"}
 CLEANUP_INTERVAL_S = 86400.0
 CLEANUP_BATCH_ROWS = 10_000
 MAINTENANCE_CHECK_INTERVAL_S = 60.0
@@ -272,12 +276,12 @@ class Store:
         synchronous: str = "normal",
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ):
+        self._conn: Optional[sqlite3.Connection] = None  # first, so close() always works
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValidationError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, got {_shown(synchronous)}")
         self.path = path
         self.readonly = readonly
         self.busy_timeout_s = busy_timeout_s
-        self._conn: Optional[sqlite3.Connection] = None
         with self._translating_errors():
             self._conn = self._connect_readonly() if readonly else self._connect(synchronous)
 
@@ -410,6 +414,11 @@ class Store:
         row = self.query_one("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else row[0]
 
+    def tier_marks(self) -> Tuple[Optional[float], Optional[float]]:
+        """(rolled_until, daily_until): how far hours are rolled up and folded into days."""
+        with self._translating_errors():
+            return _tier_marks(self.connection)
+
     def reclaim_space(self) -> None:
         """Checkpoint the WAL and give free pages back, so the file shrinks after a purge."""
         with self._translating_errors():
@@ -417,9 +426,15 @@ class Store:
             self.connection.execute("PRAGMA incremental_vacuum").fetchall()
 
     def close(self) -> None:
+        """Close the connection; the store cannot be used after this."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def __del__(self) -> None:
+        # The original design never closes its collectors: close here rather
+        # than leave it to sqlite3's finaliser, which warns from Python 3.13.
+        self.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -667,10 +682,28 @@ _FINISH_ROLLUPS = """UPDATE rollups SET
     WHERE series_id = :series AND span = :span AND bucket >= :start AND bucket < :end"""
 
 
+# Whole days of hourly rollups into one daily row each: counts and sums add up,
+# and the spread combines exactly (each hour's m2 plus n * (its mean - the day's mean)**2).
+_FOLD_DAYS = """WITH RECURSIVE days(d) AS (
+        SELECT :start UNION ALL SELECT d + 86400.0 FROM days WHERE d + 86400.0 < :end)
+    INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
+    SELECT :series, 86400, d, sum(n), total(total), 0.0, min(lo), max(hi), min(first_ts), max(last_ts), 0.0
+    FROM days JOIN rollups ON rollups.series_id = :series AND rollups.span = 3600
+        AND rollups.bucket >= d AND rollups.bucket < d + 86400.0
+    GROUP BY d"""
+_FINISH_DAYS = """UPDATE rollups SET
+        m2 = (SELECT total(h.m2 + h.n * (h.total / h.n - rollups.total / rollups.n) * (h.total / h.n - rollups.total / rollups.n))
+              FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
+              AND h.bucket >= rollups.bucket AND h.bucket < rollups.bucket + 86400.0),
+        last_value = (SELECT h.last_value FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
+                      AND h.bucket >= rollups.bucket AND h.bucket < rollups.bucket + 86400.0
+                      ORDER BY h.last_ts DESC LIMIT 1)
+    WHERE series_id = :series AND span = 86400 AND bucket >= :start AND bucket < :end"""
+
+
 def _rolled_until(conn: sqlite3.Connection) -> Optional[float]:
     """The hour before which every sample is summarised in rollups (None before the first roll-up)."""
-    row = conn.execute("SELECT value FROM meta WHERE key = 'rolled_until'").fetchone()
-    return None if row is None else float(row[0])
+    return _tier_marks(conn)[0]
 
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: float) -> None:
@@ -678,17 +711,35 @@ def _set_meta(conn: sqlite3.Connection, key: str, value: float) -> None:
 
 
 class _Range(NamedTuple):
-    """Part of a window: whole rolled-up hours, or raw samples between two times."""
+    """Part of a window: whole rolled-up hours or days (span 3600, 86400), or raw samples (span 0)."""
 
-    rolled: bool
+    span: int
     start: float
     end: float
     end_inclusive: bool
 
     def where(self) -> str:
-        column = "bucket" if self.rolled else "ts"
-        span = " AND span = 3600" if self.rolled else ""
+        column = "bucket" if self.span else "ts"
+        span = f" AND span = {self.span:d}" if self.span else ""
         return f"{_OF_NAME}{span} AND {column} >= ? AND {column} {'<=' if self.end_inclusive else '<'} ?"
+
+    def is_empty(self) -> bool:
+        return self.start > self.end or (self.start == self.end and not self.end_inclusive)
+
+
+def _whole_buckets(start: float, end: float, span: float, limit: float) -> Optional[Tuple[float, float]]:
+    """First and stop of the whole ``span`` buckets inside [start, end] that begin before ``limit``."""
+    first = bucket_start(start, span)
+    if first < start:
+        first += span
+    stop = min(bucket_start(end, span), limit)
+    return (first, stop) if first < stop else None
+
+
+def _tier_marks(conn: sqlite3.Connection) -> Tuple[Optional[float], Optional[float]]:
+    """(rolled_until, daily_until): hours before the first are rolled up, before the second folded into days."""
+    marks = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('rolled_until', 'daily_until')").fetchall())
+    return tuple(None if marks.get(key) is None else float(marks[key]) for key in ("rolled_until", "daily_until"))
 
 
 _RAW_PASS = "SELECT count(*), total(value), min(value), max(value), min(ts), max(ts) FROM samples WHERE "
@@ -704,6 +755,10 @@ class MetricsCollector:
     ...)`` stores the duration as ``sync_icloud_success`` or
     ``sync_icloud_failure``, so ``get_success_rate('sync_icloud')`` and
     ``get_metric_stats('sync_icloud_success')`` work as its examples show.
+
+    Writing also keeps the store tidy: the first write of each hour rolls up
+    closed hours, the first of each day runs ``cleanup()``.  ``maintain=False``
+    leaves that to a scheduled ``cleanup`` instead.
     """
 
     def __init__(
@@ -713,12 +768,18 @@ class MetricsCollector:
         readonly: bool = False,
         synchronous: str = "normal",
         retention_days: float = DEFAULT_RETENTION_DAYS,
+        hourly_days: float = DEFAULT_HOURLY_DAYS,
+        daily_days: float = DEFAULT_DAILY_DAYS,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        maintain: bool = True,
         now=time.time,
         clock=time.monotonic,
     ):
         self.db_path = resolve_db_path(db_path)
+        self.maintain = maintain
         self.retention_days = non_negative(retention_days, "retention_days")
+        self.hourly_days = non_negative(hourly_days, "hourly_days")
+        self.daily_days = non_negative(daily_days, "daily_days")
         self._now = now
         self._clock = clock
         self._series: Dict[Tuple[str, str], int] = {}
@@ -861,16 +922,20 @@ class MetricsCollector:
 
     @staticmethod
     def _merge_late_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
-        """Fold samples that arrive for hours already rolled up into those hours' rollups."""
-        watermark = _rolled_until(conn)
-        if watermark is None:
+        """Fold samples that arrive for hours already rolled up into the rollup that covers them.
+
+        That is their hour, or their day where the hours were folded into days.
+        """
+        rolled_until, daily_until = _tier_marks(conn)
+        if rolled_until is None:
             return
-        late: Dict[Tuple[int, float], List[Tuple[float, float]]] = {}
+        late: Dict[Tuple[int, int, float], List[Tuple[float, float]]] = {}
         for series_id, ts, value in rows:
-            if ts < watermark:
-                late.setdefault((series_id, bucket_start(ts)), []).append((ts, value))
-        for (series_id, bucket), points in late.items():
-            conn.execute(_MERGE_ROLLUP, (series_id, int(ROLLUP_SPAN_S), bucket, *summarise(points)))
+            if ts < rolled_until:
+                span = DAY_S if daily_until is not None and ts < daily_until else ROLLUP_SPAN_S
+                late.setdefault((series_id, int(span), bucket_start(ts, span)), []).append((ts, value))
+        for (series_id, span, bucket), points in late.items():
+            conn.execute(_MERGE_ROLLUP, (series_id, span, bucket, *summarise(points)))
 
     def record_sync_metric(
         self,
@@ -948,25 +1013,36 @@ class MetricsCollector:
         return until - hours * 3600.0, until
 
     def _ranges(self, since: float, until: float) -> List[_Range]:
-        """Split [since, until] into whole hours already rolled up and raw edges."""
-        watermark = self.store.get_meta("rolled_until")
-        first_hour = bucket_start(since)
-        if first_hour < since:
-            first_hour += ROLLUP_SPAN_S
-        end_hour = bucket_start(until) if watermark is None else min(bucket_start(until), float(watermark))
-        if watermark is None or first_hour >= end_hour:
-            return [_Range(False, since, until, True)]
-        ranges = [_Range(True, first_hour, end_hour, False), _Range(False, end_hour, until, True)]
-        if since < first_hour:
-            ranges.insert(0, _Range(False, since, first_hour, False))
-        return ranges
+        """Split [since, until] into whole days and hours already rolled up, and raw samples.
 
-    def _first_pass(self, name: str, ranges: List[_Range]) -> Tuple[int, float, Optional[float], Optional[float], Optional[float], Optional[float]]:
-        """Count, sum, min, max, first and last time over every range."""
-        count, total, lows, highs, firsts, lasts = 0, 0.0, [], [], [], []
+        Before the hourly horizon only days remain, so such a window starts at
+        its first whole day.
+        """
+        rolled_until, daily_until = self.store.tier_marks()
+        parts: List[_Range] = []
+        start = since
+        days = None if daily_until is None else _whole_buckets(since, until, DAY_S, daily_until)
+        if days:
+            parts += self._hours_and_raw(since, days[0], False, rolled_until)
+            parts.append(_Range(int(DAY_S), days[0], days[1], False))
+            start = days[1]
+        parts += self._hours_and_raw(start, until, True, rolled_until)
+        return [part for part in parts if not part.is_empty()]
+
+    @staticmethod
+    def _hours_and_raw(start: float, end: float, end_inclusive: bool, rolled_until: Optional[float]) -> List[_Range]:
+        hours = None if rolled_until is None else _whole_buckets(start, end, ROLLUP_SPAN_S, rolled_until)
+        if not hours:
+            return [_Range(0, start, end, end_inclusive)]
+        return [_Range(0, start, hours[0], False), _Range(int(ROLLUP_SPAN_S), *hours, False),
+                _Range(0, hours[1], end, end_inclusive)]
+
+    def _first_pass(self, name: str, ranges: List[_Range]) -> Tuple[int, float, Optional[float], Optional[float], Optional[float], Optional[float], List[str]]:
+        """Count, sum, min, max, first and last time over every range, and the tiers that held data."""
+        count, total, lows, highs, firsts, lasts, tiers = 0, 0.0, [], [], [], [], []
         for part in ranges:
             n, part_total, low, high, first, last = self.store.query_one(
-                (_ROLLED_PASS if part.rolled else _RAW_PASS) + part.where(), (name, part.start, part.end)
+                (_ROLLED_PASS if part.span else _RAW_PASS) + part.where(), (name, part.start, part.end)
             )
             if n:
                 count += int(n)
@@ -975,15 +1051,17 @@ class MetricsCollector:
                 highs.append(high)
                 firsts.append(first)
                 lasts.append(last)
+                tiers.append(TIER_NAMES[part.span])
+        tiers = sorted(set(tiers))
         if not count:
-            return 0, 0.0, None, None, None, None
-        return count, total, min(lows), max(highs), min(firsts), max(lasts)
+            return 0, 0.0, None, None, None, None, tiers
+        return count, total, min(lows), max(highs), min(firsts), max(lasts), tiers
 
     def _squared_deviations(self, name: str, ranges: List[_Range], mean: float) -> float:
         """Sum of (x - mean)**2 over every range: the second of two passes."""
         return math.fsum(
             self.store.query_one(
-                (_ROLLED_SQUARES if part.rolled else _RAW_SQUARES) + part.where(), (mean, mean, name, part.start, part.end)
+                (_ROLLED_SQUARES if part.span else _RAW_SQUARES) + part.where(), (mean, mean, name, part.start, part.end)
             )[0]
             for part in ranges
         )
@@ -998,7 +1076,8 @@ class MetricsCollector:
     def get_metric_stats(self, name: str, hours: float = DEFAULT_WINDOW_HOURS, *, percentiles: bool = False) -> Dict[str, Any]:
         """Count, avg, min, max, stddev and latest of ``name`` over the last ``hours``.
 
-        Whole hours come from the hourly rollups, the edges from raw samples.
+        Whole days and hours come from the rollups, the edges from raw samples;
+        ``tiers`` says which of raw, hourly and daily held data.
         An empty window gives count 0 and None for the rest.  ``stddev`` is the
         sample standard deviation (None below two samples), from two passes.
         ``p50`` and ``p95`` are added when ``percentiles`` is true, at the cost
@@ -1006,7 +1085,7 @@ class MetricsCollector:
         """
         since, until = self._window(hours)
         ranges = self._ranges(since, until)
-        count, total, low, high, first, last = self._first_pass(name, ranges)
+        count, total, low, high, first, last, tiers = self._first_pass(name, ranges)
         stats: Dict[str, Any] = {
             "count": count,
             "avg": total / count if count else None,
@@ -1016,6 +1095,7 @@ class MetricsCollector:
             "latest": None if last is None else self._value_at(name, last),
             "first_time": iso_time(first),
             "last_time": iso_time(last),
+            "tiers": tiers,
         }
         if count > 1:
             stats["stddev"] = math.sqrt(self._squared_deviations(name, ranges, stats["avg"]) / (count - 1))
@@ -1201,18 +1281,21 @@ class MetricsCollector:
         """Summarise every closed hour of every series into the rollups; return how many were added.
 
         An hour is closed a minute after it ends.  Works a day of history per
-        transaction, so a writer never waits long behind it.
+        transaction, so a writer never waits long behind it; takes no write
+        lock when there is nothing to do.
         """
         target = bucket_start(self._now() - ROLLUP_GRACE_S)
         added = 0
         while True:
+            current = self.store.tier_marks()[0]
+            if current is not None and current >= target:
+                return added
             with self.store.write() as conn:
-                start = _rolled_until(conn)
+                start = _rolled_until(conn)  # again, under the lock
                 if start is None:
-                    start = self._first_hour(conn, default=target)
+                    start = min(self._first_bucket(conn, "samples", "ts", ROLLUP_SPAN_S, target), target)
                 if start >= target:
-                    # Nothing before ``start``: every hour up to the last closed one is summarised.
-                    _set_meta(conn, "rolled_until", target)
+                    _set_meta(conn, "rolled_until", start)
                     return added
                 end = min(target, start + ROLLUP_CHUNK_S)
                 for (series_id,) in conn.execute("SELECT id FROM series").fetchall():
@@ -1224,43 +1307,98 @@ class MetricsCollector:
                 _set_meta(conn, "rolled_until", end)
 
     @staticmethod
-    def _first_hour(conn: sqlite3.Connection, default: float) -> float:
-        row = conn.execute("SELECT min((SELECT min(ts) FROM samples WHERE series_id = series.id)) FROM series").fetchone()
-        return default if row[0] is None else bucket_start(row[0])
+    def _first_bucket(conn: sqlite3.Connection, table: str, column: str, span: float, default: float) -> float:
+        """Start of the ``span`` bucket of the oldest row of ``table`` over all series, or ``default``."""
+        tier = " AND span = 3600" if table == "rollups" else ""
+        row = conn.execute(
+            f"SELECT min((SELECT min({column}) FROM {table} WHERE series_id = series.id{tier})) FROM series"
+        ).fetchone()
+        return default if row[0] is None else bucket_start(row[0], span)
+
+    def cleanup(self, retention_days: Optional[float] = None) -> Dict[str, int]:
+        """The daily upkeep: roll up closed hours, delete expired raw samples, fold old hours into days.
+
+        Raw samples older than ``retention_days`` go only once their hours are
+        rolled up, so statistics keep their count, sum, min and max; hourly
+        rollups older than ``hourly_days`` become daily ones; daily ones older
+        than ``daily_days`` (if set) are dropped.  Every transaction touches at
+        most CLEANUP_BATCH_ROWS rows, so a writer never waits long, and each
+        step goes on until nothing expired is left.  Returns what was done.
+        """
+        retention_days = self.retention_days if retention_days is None else non_negative(retention_days, "days")
+        now = self._now()
+        report = {"rolled_up_hours": self.roll_up()}
+        rolled_until = self.store.tier_marks()[0]
+        series = [row[0] for row in self.store.query("SELECT id FROM series")]
+        raw_cutoff = min(now - retention_days * DAY_S, rolled_until)
+        report["deleted_samples"] = sum(
+            self._delete_in_batches("samples", "series_id = ?", "ts", (sid,), raw_cutoff) for sid in series
+        )
+        report["folded_hours"], report["daily_rollups"] = self._fold_old_hours(series, now, rolled_until)
+        report["deleted_days"] = 0
+        if self.daily_days:
+            day_cutoff = bucket_start(now - self.daily_days * DAY_S, DAY_S)
+            report["deleted_days"] = sum(
+                self._delete_in_batches("rollups", "series_id = ? AND span = 86400", "bucket", (sid,), day_cutoff)
+                for sid in series
+            )
+        with self.store.write() as conn:
+            _set_meta(conn, "last_cleanup", now)
+        if report["deleted_samples"] or report["folded_hours"] or report["deleted_days"]:
+            self.store.reclaim_space()
+        return report
 
     def cleanup_old_metrics(self, days: Optional[float] = None) -> int:
-        """Delete raw samples older than ``days`` (default: the retention setting).
+        """The original design's cleanup: ``cleanup()``, returning how many raw samples were deleted."""
+        return self.cleanup(retention_days=days)["deleted_samples"]
 
-        Every hour is rolled up first, so window statistics keep their count,
-        sum, min and max.  Deletes at most CLEANUP_BATCH_ROWS rows per
-        transaction, so a writer never waits long, and keeps going until
-        nothing expired is left.  Returns how many samples were deleted.
-        """
-        days = self.retention_days if days is None else non_negative(days, "days")
-        self.roll_up()
-        rolled_until = float(self.store.get_meta("rolled_until"))
-        cutoff = min(self._now() - days * 86400.0, rolled_until)
-        deleted = 0
-        for (series_id,) in self.store.query("SELECT id FROM series"):
-            deleted += self._delete_series_before(series_id, cutoff)
-        with self.store.write() as conn:
-            _set_meta(conn, "last_cleanup", self._now())
-        if deleted:
-            self.store.reclaim_space()
-        return deleted
-
-    def _delete_series_before(self, series_id: int, cutoff: float) -> int:
+    def _delete_in_batches(self, table: str, where: str, column: str, params: tuple, cutoff: float) -> int:
+        """Delete the rows of ``table`` matching ``where`` whose ``column`` is below ``cutoff``, a batch at a time."""
         deleted = 0
         while True:
             row = self.store.query_one(
-                "SELECT ts FROM samples WHERE series_id = ? AND ts < ? ORDER BY ts LIMIT 1 OFFSET ?",
-                (series_id, cutoff, CLEANUP_BATCH_ROWS - 1),
+                f"SELECT {column} FROM {table} WHERE {where} AND {column} < ? ORDER BY {column} LIMIT 1 OFFSET ?",
+                (*params, cutoff, CLEANUP_BATCH_ROWS - 1),
             )
+            if row is None and not self.store.query_one(
+                f"SELECT 1 FROM {table} WHERE {where} AND {column} < ? LIMIT 1", (*params, cutoff)
+            ):
+                return deleted  # nothing (left) to delete: no write lock taken
             bound = cutoff if row is None else math.nextafter(row[0], math.inf)
             with self.store.write() as conn:
-                deleted += conn.execute("DELETE FROM samples WHERE series_id = ? AND ts < ?", (series_id, bound)).rowcount
+                deleted += conn.execute(f"DELETE FROM {table} WHERE {where} AND {column} < ?", (*params, bound)).rowcount
             if row is None:
                 return deleted
+
+    def _fold_old_hours(self, series: List[int], now: float, rolled_until: float) -> Tuple[int, int]:
+        """Fold whole days of hourly rollups past the hourly horizon into daily ones; (hours, days)."""
+        fold_until = bucket_start(min(now - self.hourly_days * DAY_S, rolled_until), DAY_S)
+        start = self.store.tier_marks()[1]
+        if start is not None and start >= fold_until:
+            return 0, 0
+        if start is None:
+            with self.store._translating_errors():
+                start = min(self._first_bucket(self.store.connection, "rollups", "bucket", DAY_S, fold_until), fold_until)
+        # About CLEANUP_BATCH_ROWS hourly rows per transaction, whatever the number of series.
+        step = DAY_S * max(1, CLEANUP_BATCH_ROWS // (24 * max(1, len(series))))
+        folded = days = 0
+        while True:
+            end = min(fold_until, start + step)
+            with self.store.write() as conn:
+                for series_id in series:
+                    span = {"series": series_id, "start": start, "end": end}
+                    before = conn.total_changes
+                    conn.execute(_FOLD_DAYS, span)
+                    days += conn.total_changes - before
+                    conn.execute(_FINISH_DAYS, span)
+                    folded += conn.execute(
+                        "DELETE FROM rollups WHERE series_id = ? AND span = 3600 AND bucket >= ? AND bucket < ?",
+                        (series_id, start, end),
+                    ).rowcount
+                _set_meta(conn, "daily_until", end)
+            if end >= fold_until:
+                return folded, days
+            start = end
 
     def _maintain_if_due(self) -> None:
         """After a write: roll up closed hours (hourly) and clean up (daily), across all processes.
@@ -1268,14 +1406,13 @@ class MetricsCollector:
         Each collector looks at most once a minute, so a busy writer pays one
         small query a minute.
         """
-        if self.store.readonly or self._clock() < self._next_maintenance:
+        if not self.maintain or self.store.readonly or self._clock() < self._next_maintenance:
             return
         self._next_maintenance = self._clock() + MAINTENANCE_CHECK_INTERVAL_S
         meta = dict(self.store.query("SELECT key, value FROM meta WHERE key IN ('rolled_until', 'last_cleanup')"))
         now = self._now()
         if float(meta.get("last_cleanup", "-inf")) <= now - CLEANUP_INTERVAL_S:
-            deleted = self.cleanup_old_metrics()
-            log.debug("daily cleanup deleted %d samples older than %g days", deleted, self.retention_days)
+            log.debug("daily cleanup: %s", self.cleanup())
         elif float(meta.get("rolled_until", "-inf")) < bucket_start(now - ROLLUP_GRACE_S):
             self.roll_up()
 
@@ -1509,18 +1646,50 @@ def load_config(path: str, required: bool = False):
     return parser
 
 
+_DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration_s(text: str) -> float:
+    """``90s``, ``5m``, ``2h`` or ``7d`` (a bare number is seconds) as seconds.
+
+    >>> parse_duration_s("2h")
+    7200.0
+    """
+    cleaned = text.strip().lower()
+    unit = _DURATION_UNITS_S.get(cleaned[-1:], None)
+    number = cleaned[:-1] if unit else cleaned
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d")
+    return seconds
+
+
+def _days_setting(section: Any, key: str, default: float) -> float:
+    """A ``[storage]`` horizon in days: a number of days, or a duration such as ``12h``."""
+    text = section.get(key)
+    if text is None:
+        return default
+    try:
+        return float(text) if text.strip().replace(".", "", 1).isdigit() else parse_duration_s(text) / DAY_S
+    except ValidationError:
+        raise ConfigError(f"[storage] {key} must be a number of days or a duration such as 12h, got {text!r}") from None
+
+
 def storage_settings(config) -> Dict[str, Any]:
     """The ``[storage]`` keys this module reads, checked."""
     section = config["storage"] if config.has_section("storage") else {}
     synchronous = section.get("synchronous", "normal").strip().lower()
     if synchronous not in SYNCHRONOUS_MODES:
         raise ConfigError(f"[storage] synchronous must be normal or full, got {_shown(synchronous)}")
-    raw_days = section.get("retention_days", str(DEFAULT_RETENTION_DAYS))
-    try:
-        retention_days = non_negative(float(raw_days), "retention_days")
-    except (ValueError, ValidationError):
-        raise ConfigError(f"[storage] retention_days must be a number of days, got {_shown(raw_days)}") from None
-    return {"synchronous": synchronous, "retention_days": retention_days}
+    return {
+        "synchronous": synchronous,
+        "retention_days": _days_setting(section, "retention_days", DEFAULT_RETENTION_DAYS),
+        "hourly_days": _days_setting(section, "rollup_hourly_days", DEFAULT_HOURLY_DAYS),
+        "daily_days": _days_setting(section, "rollup_daily_days", DEFAULT_DAILY_DAYS),
+    }
 
 
 def _open_collector(args, *, readonly: bool) -> MetricsCollector:
@@ -1534,8 +1703,10 @@ def _print_json(document: Dict[str, Any]) -> None:
 
 
 def _format_value(value: Any) -> str:
-    if value is None:
+    if value is None or value == []:
         return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
@@ -1677,6 +1848,20 @@ def cmd_anomalies(args) -> int:
     return EXIT_OK
 
 
+def cmd_cleanup(args) -> int:
+    with _open_collector(args, readonly=False) as collector:
+        report = collector.cleanup()
+        horizons = {"retention_days": collector.retention_days, "rollup_hourly_days": collector.hourly_days,
+                    "rollup_daily_days": collector.daily_days}
+    if args.json:
+        _print_json(dict(report, **horizons))
+    elif not args.quiet:
+        print(f"cleanup: rolled up {report['rolled_up_hours']} hours; deleted {report['deleted_samples']} raw samples "
+              f"older than {horizons['retention_days']:g} days; folded {report['folded_hours']} hours into "
+              f"{report['daily_rollups']} days; deleted {report['deleted_days']} daily rollups")
+    return EXIT_OK
+
+
 def cmd_metrics(args) -> int:
     with _open_collector(args, readonly=True) as collector:
         metrics = collector.list_metrics()
@@ -1805,6 +1990,12 @@ def build_parser():
     sub.add_argument("--threshold", metavar="T", help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
     sub.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES, metavar="N",
                      help=f"fewer samples than this is insufficient data (default {DEFAULT_MIN_SAMPLES})")
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    sub = _subcommand(subparsers, "cleanup", cmd_cleanup,
+                      "roll up closed hours, delete expired raw samples, fold old hours into days",
+                      f"  {PROG} cleanup\n"
+                      f"  17 4 * * *  {PROG} -q cleanup     # daily from cron, silent unless it fails")
     sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sub = _subcommand(subparsers, "metrics", cmd_metrics, "every metric name with its sample count and last time",

@@ -135,6 +135,17 @@ def _restore_environ(saved):
             os.environ[key] = value
 
 
+def sqlite_rows(path, sql, params=()):
+    """Read a store with a plain sqlite3 connection, independent of the module."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
 def file_bytes(path):
     with open(path, "rb") as handle:
         return handle.read()

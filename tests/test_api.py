@@ -52,6 +52,15 @@ class ImportIsCheapTest(StoreTestCase):
         self.assertEqual(os.listdir(self.tmp), [])
 
 
+class UnclosedCollectorTest(StoreTestCase):
+    def test_a_collector_never_closed_leaves_no_warning(self):
+        # The original examples never call close(); Python 3.13 warns about unclosed connections.
+        code = "import metasystem_monitor as mm; m = mm.MetricsCollector(); m.record('x', 1)"
+        result = subprocess.run([sys.executable, "-W", "error", "-X", "dev", "-c", code], capture_output=True,
+                                cwd=REPO, env=self.child_env(), timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+
+
 class OriginalDocumentExamplesTest(StoreTestCase):
     """The MetricsCollector section of PHASE_17_IMPLEMENTATION_SUMMARY.md, as written there."""
 

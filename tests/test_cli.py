@@ -126,9 +126,11 @@ class ReadCommandsTest(StoreTestCase):
     def setUp(self):
         super().setUp()
         now = time.time()
+        # Inside an hour that closed over an hour ago, so it is rolled up whenever the test runs.
+        self.base = base = mm.bucket_start(now) - 7200
         with self.collector() as metrics:
-            for age, success, duration in ((300, True, 2.0), (200, False, 5.0), (100, True, 3.0)):
-                metrics.record_sync_metric("icloud", success, duration, timestamp=now - age)
+            for offset, success, duration in ((300, True, 2.0), (1000, False, 5.0), (2000, True, 3.0)):
+                metrics.record_sync_metric("icloud", success, duration, timestamp=base + offset)
             metrics.record("old", 1.0, timestamp=now - 30 * 3600)
         self.now = now
 
@@ -142,19 +144,21 @@ class ReadCommandsTest(StoreTestCase):
             "  max         3\n"
             "  stddev      0.707107\n"
             "  latest      3\n"
-            f"  first_time  {mm.iso_time(self.now - 300)}\n"
-            f"  last_time   {mm.iso_time(self.now - 100)}\n"
+            f"  first_time  {mm.iso_time(self.base + 300)}\n"
+            f"  last_time   {mm.iso_time(self.base + 2000)}\n"
+            "  tiers       hourly\n"
         ))
 
     def test_stats_json_is_one_sorted_object(self):
-        result = self.run_cli("--db", self.db, "stats", "sync_icloud_success", "--json", "--percentiles", "--hours", "1")
+        result = self.run_cli("--db", self.db, "stats", "sync_icloud_success", "--json", "--percentiles", "--hours", "3")
         self.assertCleanExit(result, stdout=None)
         document = json.loads(result.stdout)
         self.assertEqual(list(document), sorted(document))
         self.assertEqual(document, {
-            "name": "sync_icloud_success", "hours": 1.0, "count": 2, "avg": 2.5, "min": 2.0, "max": 3.0,
+            "name": "sync_icloud_success", "hours": 3.0, "count": 2, "avg": 2.5, "min": 2.0, "max": 3.0,
             "stddev": 0.7071067811865476, "latest": 3.0, "p50": 2.5, "p95": 2.95,
-            "first_time": mm.iso_time(self.now - 300), "last_time": mm.iso_time(self.now - 100),
+            "first_time": mm.iso_time(self.base + 300), "last_time": mm.iso_time(self.base + 2000),
+            "tiers": ["hourly"],
         })
 
     def test_stats_of_an_unknown_metric_is_empty_not_an_error(self):
@@ -175,11 +179,11 @@ class ReadCommandsTest(StoreTestCase):
                                         b'  "success_rate": null\n}\n')
 
     def test_metrics_lists_every_name(self):
-        last = mm.iso_time(self.now - 100)
+        last = mm.iso_time(self.base + 2000)
         self.assertCleanExit(self.run_cli("--db", self.db, "metrics"), stdout=(
             f"old\t1\t{mm.iso_time(self.now - 30 * 3600)}\n"
             f"sync_icloud_conflicts\t3\t{last}\n"
-            f"sync_icloud_failure\t1\t{mm.iso_time(self.now - 200)}\n"
+            f"sync_icloud_failure\t1\t{mm.iso_time(self.base + 1000)}\n"
             f"sync_icloud_files\t3\t{last}\n"
             f"sync_icloud_success\t2\t{last}\n"
         ))
@@ -286,8 +290,14 @@ class ConfigurationTest(StoreTestCase):
     def test_bad_configuration_gets_one_line_and_exit_1(self):
         cases = [
             ("[storage]\nsynchronous = sometimes\n", "[storage] synchronous must be normal or full, got 'sometimes'"),
-            ("[storage]\nretention_days = a week\n", "[storage] retention_days must be a number of days, got 'a week'"),
-            ("[storage]\nretention_days = -1\n", "[storage] retention_days must be a number of days, got '-1'"),
+            ("[storage]\nretention_days = a week\n",
+             "[storage] retention_days must be a number of days or a duration such as 12h, got 'a week'"),
+            ("[storage]\nretention_days = -1\n",
+             "[storage] retention_days must be a number of days or a duration such as 12h, got '-1'"),
+            ("[storage]\nrollup_hourly_days = 1y\n",
+             "[storage] rollup_hourly_days must be a number of days or a duration such as 12h, got '1y'"),
+            ("[storage]\nrollup_daily_days = nan\n",
+             "[storage] rollup_daily_days must be a number of days or a duration such as 12h, got 'nan'"),
             ("[storage\nsynchronous = full\n", "File contains no section headers"),
             ("[storage]\n[storage]\n", "section 'storage' already exists"),
         ]

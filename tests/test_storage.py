@@ -12,16 +12,7 @@ import unittest
 
 import metasystem_monitor as mm
 
-from .support import REPO, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes
-
-
-def sqlite_rows(path, sql, params=()):
-    """Read the store with a plain sqlite3 connection, independent of the module."""
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+from .support import REPO, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes, sqlite_rows
 
 
 class StoreFilesTest(StoreTestCase):
