@@ -63,6 +63,7 @@ DAY_S = 86400.0
 TIER_NAMES = {0: "raw", 3600: "hourly", 86400: "daily"}
 CLEANUP_INTERVAL_S = 86400.0
 CLEANUP_BATCH_ROWS = 10_000
+WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 MAINTENANCE_CHECK_INTERVAL_S = 60.0
 ROLLUP_SPAN_S = 3600.0
 ROLLUP_GRACE_S = 60.0
@@ -298,6 +299,8 @@ class Store:
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 log.warning("store %s: WAL journal not available on this filesystem", self.path)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            # A WAL grown by a large purge is cut back to this when it restarts.
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES:d}")
             if synchronous == "full" and sys.platform == "darwin":
                 conn.execute("PRAGMA fullfsync = ON")
             if version < SCHEMA_VERSION:
@@ -420,10 +423,14 @@ class Store:
             return _tier_marks(self.connection)
 
     def reclaim_space(self) -> None:
-        """Checkpoint the WAL and give free pages back, so the file shrinks after a purge."""
+        """Give free pages back and checkpoint the WAL, so the file shrinks after a purge."""
         with self._translating_errors():
-            self.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            self.connection.execute("PRAGMA incremental_vacuum").fetchall()
+            # executescript, not execute: the pragma frees one page per step, and
+            # execute() steps a statement without result columns only once.
+            self.connection.executescript("PRAGMA incremental_vacuum;")
+            # PASSIVE never makes a writer wait; the WAL is cut back to
+            # journal_size_limit the next time it restarts.
+            self.connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def close(self) -> None:
         """Close the connection; the store cannot be used after this."""
