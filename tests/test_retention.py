@@ -191,7 +191,10 @@ class LargeCleanupTest(StoreTestCase):
         metrics.record("after", 2.0)
         metrics.store.connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
         self.assertGreater(size_before, 40_000_000)
-        self.assertLess(os.path.getsize(self.db), size_before / 20)
+        free_pages, pages = (sqlite_rows(self.db, f"PRAGMA {pragma}")[0][0] for pragma in ("freelist_count", "page_count"))
+        self.assertLess(free_pages, 64)
+        self.assertEqual(os.path.getsize(self.db), pages * 4096)
+        self.assertLess(os.path.getsize(self.db), size_before / 4)  # what is left is rollups and the writer's samples
         self.assertLessEqual(os.path.getsize(self.db + "-wal"), mm.WAL_SIZE_LIMIT_BYTES + 65536)
         again = metrics.cleanup()
         self.assertEqual(again["deleted_samples"] + again["folded_hours"] + again["deleted_days"], 0)
