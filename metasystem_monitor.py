@@ -18,6 +18,7 @@ Exit codes:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -30,6 +31,15 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tu
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdaptiveRetry",
+    "AnomalyReport",
+    "CallOutcome",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "RetryAfterTooLong",
+    "RetryConfig",
+    "classify_error",
+    "find_anomalies",
     "MetricsCollector",
     "MonitorError",
     "Sample",
@@ -50,7 +60,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -185,6 +195,55 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                last_value REAL NOT NULL,
                PRIMARY KEY (series_id, span, bucket)) WITHOUT ROWID""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    ),
+    (
+        # Every attempt and every call of AdaptiveRetry, from every process. Error
+        # class names only: a message may hold a secret.
+        """CREATE TABLE retry_attempts (
+               operation TEXT NOT NULL,
+               ts REAL NOT NULL,
+               call_id TEXT NOT NULL,
+               attempt INTEGER NOT NULL,
+               duration_s REAL NOT NULL,
+               error TEXT NOT NULL,
+               category TEXT NOT NULL,
+               slept_s REAL NOT NULL,
+               PRIMARY KEY (operation, ts, call_id, attempt)) WITHOUT ROWID""",
+        """CREATE TABLE retry_calls (
+               operation TEXT NOT NULL,
+               started REAL NOT NULL,
+               call_id TEXT NOT NULL,
+               ended REAL NOT NULL,
+               attempts INTEGER NOT NULL,
+               succeeded INTEGER NOT NULL,
+               first_error TEXT NOT NULL,
+               error TEXT NOT NULL,
+               category TEXT NOT NULL,
+               total_sleep REAL NOT NULL,
+               stop_reason TEXT NOT NULL,
+               PRIMARY KEY (operation, started, call_id)) WITHOUT ROWID""",
+        "CREATE TABLE retry_budget (operation TEXT PRIMARY KEY, tokens REAL NOT NULL) WITHOUT ROWID",
+        # One row per breaker: every process reads and changes it inside BEGIN IMMEDIATE.
+        """CREATE TABLE breakers (
+               name TEXT PRIMARY KEY,
+               state TEXT NOT NULL,
+               since REAL NOT NULL,
+               open_until REAL NOT NULL,
+               opens INTEGER NOT NULL,
+               lease_owner TEXT NOT NULL,
+               lease_until REAL NOT NULL,
+               failure_threshold INTEGER NOT NULL,
+               window_s REAL NOT NULL) WITHOUT ROWID""",
+        "CREATE TABLE breaker_failures (name TEXT NOT NULL, ts REAL NOT NULL)",
+        "CREATE INDEX breaker_failures_by_time ON breaker_failures (name, ts)",
+        """CREATE TABLE breaker_transitions (
+               name TEXT NOT NULL,
+               ts REAL NOT NULL,
+               from_state TEXT NOT NULL,
+               to_state TEXT NOT NULL,
+               reason TEXT NOT NULL,
+               failures INTEGER NOT NULL)""",
+        "CREATE INDEX breaker_transitions_by_time ON breaker_transitions (name, ts)",
     ),
 )
 
@@ -624,6 +683,18 @@ def _flag(value: Any, what: str) -> bool:
     raise ValidationError(f"{what} must be True or False, got {_shown(value)}")
 
 
+def _breaker_state_name(state: Any) -> str:
+    return str(state).lower().replace("-", "_")
+
+
+def _breaker_code(state: Any) -> int:
+    """0, 1 or 2 for closed, open or half_open (``half-open`` and any case accepted)."""
+    code = BREAKER_STATES.get(_breaker_state_name(state))
+    if code is None:
+        raise ValidationError(f"breaker state must be one of {', '.join(BREAKER_STATES)}, got {_shown(state)}")
+    return code
+
+
 def canonical_labels(labels: Optional[Dict[str, str]]) -> str:
     """Labels as the sorted, compact JSON text the store keys series on."""
     if labels is None:
@@ -822,25 +893,34 @@ class MetricsCollector:
         Each sample is a ``Sample`` or a tuple ``(name, value[, labels[, timestamp]])``.
         Returns how many were stored.
         """
-        rows, new_keys, oldest, now = self._prepare(samples)
-        if not rows:
+        prepared = self._prepare(samples)
+        if not prepared[0]:
             return 0
-        created: Dict[Tuple[str, str], int] = {}
         with self.store.write() as conn:
-            for i in new_keys:
-                key, ts, value = rows[i]
-                if key not in created:
-                    created[key] = self._series_id(conn, key)
-                rows[i] = (created[key], ts, value)
-            self._insert_rows(conn, rows)
-            if oldest < (self._now() if now is None else now) - ROLLUP_GRACE_S:
-                self._merge_late_rows(conn, rows)
+            created = self._write_prepared(conn, *prepared)
+        self._remember(created)
+        self._maintain_if_due()
+        return len(prepared[0])
+
+    def _write_prepared(self, conn: sqlite3.Connection, rows: List[tuple], new_keys: List[int], oldest: float,
+                        now: Optional[float]) -> Dict[Tuple[str, str], int]:
+        """Write rows from _prepare() inside the caller's transaction; return the series it created."""
+        created: Dict[Tuple[str, str], int] = {}
+        for i in new_keys:
+            key, ts, value = rows[i]
+            if key not in created:
+                created[key] = self._series_id(conn, key)
+            rows[i] = (created[key], ts, value)
+        self._insert_rows(conn, rows)
+        if oldest < (self._now() if now is None else now) - ROLLUP_GRACE_S:
+            self._merge_late_rows(conn, rows)
+        return created
+
+    def _remember(self, created: Dict[Tuple[str, str], int]) -> None:
+        """Cache new series ids; only after COMMIT, as a rolled-back id may be taken by another process."""
         if created:
-            # Remembered only after COMMIT: a rolled-back id may be taken by another process.
             self._series.update(created)
             self._plain_series.update((key[0], sid) for key, sid in created.items() if key[1] == _NO_LABELS)
-        self._maintain_if_due()
-        return len(rows)
 
     def _prepare(self, samples: Iterable[Any]) -> Tuple[List[tuple], List[int], float, Optional[float]]:
         """Validate every sample before anything is written; one pass, as it is the hot path.
@@ -974,20 +1054,39 @@ class MetricsCollector:
         failure_count: int = 0,
         *,
         timestamp: Optional[float] = None,
+        previous_state: Optional[str] = None,
+        reason: str = "",
     ) -> None:
-        """Record a breaker's state (0 closed, 1 open, 2 half_open) and failure count."""
+        """Record a breaker's state (0 closed, 1 open, 2 half_open) and failure count.
+
+        With ``previous_state``, the change is also kept as a transition
+        (from, to, reason, time), in the same transaction.
+        """
+        with self.store.write() as conn:
+            created = self._breaker_change(conn, breaker_name, previous_state, state, failure_count, reason, timestamp)
+        self._remember(created)
+        self._maintain_if_due()
+
+    def _breaker_change(self, conn: sqlite3.Connection, breaker_name: str, previous_state: Optional[str], state: str,
+                        failure_count: int, reason: str, timestamp: Optional[float]) -> Dict[Tuple[str, str], int]:
+        """Write a breaker's state samples, and its transition when it has a previous state."""
         validate_name(breaker_name, "breaker name")
-        code = BREAKER_STATES.get(str(state).lower().replace("-", "_"))
-        if code is None:
-            raise ValidationError(f"breaker state must be one of {', '.join(BREAKER_STATES)}, got {_shown(state)}")
+        code = _breaker_code(state)
         labels = {"breaker": breaker_name}
         prefix = f"circuit_breaker_{breaker_name}_"
-        self.record_many(
-            (
-                (prefix + "state", code, labels, timestamp),
-                (prefix + "failures", whole_count(failure_count, "failure_count"), labels, timestamp),
+        prepared = self._prepare((
+            (prefix + "state", code, labels, timestamp),
+            (prefix + "failures", whole_count(failure_count, "failure_count"), labels, timestamp),
+        ))
+        created = self._write_prepared(conn, *prepared)
+        if previous_state is not None:
+            _breaker_code(previous_state)
+            conn.execute(
+                "INSERT INTO breaker_transitions (name, ts, from_state, to_state, reason, failures) VALUES (?, ?, ?, ?, ?, ?)",
+                (breaker_name, prepared[0][0][1], _breaker_state_name(previous_state), _breaker_state_name(state),
+                 str(reason), int(failure_count)),
             )
-        )
+        return created
 
     def record_agent_metric(
         self,
@@ -1349,11 +1448,20 @@ class MetricsCollector:
                 self._delete_in_batches("rollups", "series_id = ? AND span = 86400", "bucket", (sid,), day_cutoff)
                 for sid in series
             )
+        report["deleted_retry_records"] = self._delete_retry_records(now - retention_days * DAY_S)
         with self.store.write() as conn:
             _set_meta(conn, "last_cleanup", now)
-        if report["deleted_samples"] or report["folded_hours"] or report["deleted_days"]:
+        if any(report[key] for key in ("deleted_samples", "folded_hours", "deleted_days", "deleted_retry_records")):
             self.store.reclaim_space()
         return report
+
+    def _delete_retry_records(self, cutoff: float) -> int:
+        """AdaptiveRetry's attempts and calls older than the raw retention."""
+        deleted = 0
+        for table, column in (("retry_calls", "started"), ("retry_attempts", "ts")):
+            for (operation,) in self.store.query(f"SELECT DISTINCT operation FROM {table}"):
+                deleted += self._delete_in_batches(table, "operation = ?", column, (operation,), cutoff)
+        return deleted
 
     def cleanup_old_metrics(self, days: Optional[float] = None) -> int:
         """The original design's cleanup: ``cleanup()``, returning how many raw samples were deleted."""
@@ -1626,6 +1734,731 @@ def find_anomalies(
                          baseline=baseline, n=len(values), min_samples=min_samples)
 
 
+## Retry and breakers ##########################################################
+
+TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+PERMANENT_HTTP_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 422})
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE", "ETIMEDOUT", "EAGAIN",
+                                      "EWOULDBLOCK", "EINTR", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EBUSY")
+    if hasattr(errno, name)
+)
+_PERMANENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EACCES", "EPERM", "ENOENT", "ENOSPC", "EROFS", "EDQUOT", "EISDIR", "ENOTDIR")
+    if hasattr(errno, name)
+)
+ERROR_CATEGORIES = ("transient", "permanent", "unknown")
+JITTER_MODES = ("proportional", "full", "decorrelated", "none")
+PROPORTIONAL_JITTER = 0.2  # the original design's +/-20%
+DEFAULT_RETRY_AFTER_MAX_S = 300.0
+RETRY_BUDGET_MAX = 10.0  # tokens an operation can save up: retries allowed in a total outage
+RETRY_BUDGET_DEPOSIT = 0.1  # each successful call; so retries stay near 10 % of calls
+RETRY_BUDGET_COST = 1.0  # each retry
+RECOMMEND_TARGET = 0.95  # the share of recoverable failures a recommendation must recover
+RECOMMEND_MIN_EVIDENCE = 5
+NEVER_RECOVERS_AFTER = 3  # failures of one error class with no recovery before it is called hopeless
+DEFAULT_BREAKER_WINDOW_S = 1800.0
+DEFAULT_OPEN_DURATION_S = 60.0
+
+
+class CircuitOpenError(MonitorError):
+    """The breaker is open (or another process is probing): the call was not made."""
+
+    def __init__(self, name: str, retry_after_s: float, probing: bool = False):
+        what = "is being probed by another caller" if probing else f"is open for {retry_after_s:.0f} s more"
+        super().__init__(f"circuit breaker {name!r} {what}")
+        self.name = name
+        self.retry_after = retry_after_s
+        self.probing = probing
+
+
+class RetryAfterTooLong(MonitorError):
+    """The server asked to wait longer than the deadline or the cap allows; nothing was slept."""
+
+    def __init__(self, operation: str, retry_after_s: float, limit_s: float):
+        super().__init__(f"{operation}: the server asked to retry after {retry_after_s:g} s, beyond the {limit_s:g} s allowed")
+        self.retry_after = retry_after_s
+        self.limit = limit_s
+
+
+def classify_error(error: BaseException) -> str:
+    """``transient``, ``permanent`` or ``unknown``: can trying again in a few seconds help?
+
+    Connection resets and refusals, timeouts, a locked SQLite store and HTTP
+    408/429/5xx are transient; permissions, missing files, a full or read-only
+    disk, HTTP 400/401/403/404/410/422 and programming errors are permanent.
+    A ``URLError`` is judged by the error inside it.
+    """
+    from urllib.error import HTTPError, URLError
+
+    if isinstance(error, HTTPError):
+        if error.code in TRANSIENT_HTTP_STATUSES:
+            return "transient"
+        return "permanent" if error.code in PERMANENT_HTTP_STATUSES else "unknown"
+    if isinstance(error, URLError):
+        reason = error.reason
+        if isinstance(reason, BaseException):
+            return classify_error(reason)
+        return "transient" if "timed out" in str(reason) else "unknown"
+    if isinstance(error, (StorageError, sqlite3.OperationalError)):
+        text = str(error).lower()
+        return "transient" if "locked" in text or "busy" in text else "permanent"
+    return _classify_os_error(error)
+
+
+def _classify_os_error(error: BaseException) -> str:
+    import socket
+
+    if isinstance(error, socket.gaierror):
+        if error.errno == socket.EAI_AGAIN:
+            return "transient"
+        return "permanent" if error.errno == socket.EAI_NONAME else "unknown"
+    if isinstance(error, (ConnectionError, TimeoutError, BlockingIOError, InterruptedError, socket.timeout)):
+        return "transient"
+    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return "permanent"
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+        return "transient"
+    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
+        return "permanent"
+    if isinstance(error, (ValueError, TypeError, KeyError)):
+        return "permanent"
+    return "unknown"
+
+
+def parse_retry_after(value: Any, now: float) -> Optional[float]:
+    """Seconds to wait from a Retry-After value: seconds, or an HTTP date; None if unreadable.
+
+    >>> parse_retry_after("7", now=0.0)
+    7.0
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    text = str(value).strip()
+    if text.isdigit():
+        return float(text)
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+def retry_after_of(error: BaseException, now: float) -> Optional[float]:
+    """The wait a failed call asked for: an attribute the callee set, or an HTTP error's header."""
+    value = getattr(error, "retry_after", None)
+    if value is None:
+        headers = getattr(error, "headers", None)
+        value = headers.get("Retry-After") if headers is not None and hasattr(headers, "get") else None
+    return parse_retry_after(value, now)
+
+
+def nominal_delay(retry_number: int, initial: float, multiplier: float, cap: float) -> float:
+    """``min(cap, initial * multiplier**(k-1))`` for retry k, without overflow.
+
+    >>> [nominal_delay(k, 1.0, 2.0, 60.0) for k in (1, 2, 3, 7, 500)]
+    [1.0, 2.0, 4.0, 60.0, 60.0]
+    """
+    exponent = retry_number - 1
+    if multiplier > 1 and exponent * math.log(multiplier) > math.log(cap / initial):
+        return cap
+    return min(cap, initial * multiplier ** exponent)
+
+
+def jittered_delay(nominal: float, mode: str, rng: Any, *, cap: float, initial: float, previous: float) -> float:
+    """One delay drawn around ``nominal``; always inside [0, cap], never piled up on the cap.
+
+    ``proportional``: uniform over [0.8 d, min(1.2 d, cap)] (the original +/-20%).
+    ``full``: uniform over [0, d], the best published choice when many clients
+    contend.  ``decorrelated``: uniform over [initial, min(cap, 3 * previous)].
+    ``none``: d.
+    """
+    if mode == "proportional":
+        return rng.uniform((1 - PROPORTIONAL_JITTER) * nominal, min((1 + PROPORTIONAL_JITTER) * nominal, cap))
+    if mode == "full":
+        return rng.uniform(0.0, nominal)
+    if mode == "decorrelated":
+        return rng.uniform(initial, max(initial, min(cap, 3.0 * previous)))
+    return nominal
+
+
+class RetryConfig:
+    """How to retry: attempts, backoff and jitter, and the limits on waiting.
+
+    The original design's fields and defaults, plus ``jitter`` (one of
+    JITTER_MODES; proportional when ``use_jitter``), ``deadline`` (seconds for
+    the whole call, or None), ``retry_after_max`` (the longest Retry-After to
+    honour) and ``budget`` (spend from the operation's retry budget).
+    """
+
+    __slots__ = ("max_attempts", "initial_backoff", "max_backoff", "backoff_multiplier", "use_jitter", "jitter",
+                 "deadline", "retry_after_max", "budget")
+
+    def __init__(self, max_attempts: int = 3, initial_backoff: float = 1.0, max_backoff: float = 60.0,
+                 backoff_multiplier: float = 2.0, use_jitter: bool = True, *, jitter: Optional[str] = None,
+                 deadline: Optional[float] = None, retry_after_max: float = DEFAULT_RETRY_AFTER_MAX_S,
+                 budget: bool = True):
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValidationError(f"max_attempts must be a whole number of at least 1, got {_shown(max_attempts)}")
+        self.max_attempts = max_attempts
+        self.initial_backoff = _positive(initial_backoff, "initial_backoff")
+        self.max_backoff = _positive(max_backoff, "max_backoff")
+        if self.max_backoff < self.initial_backoff:
+            raise ValidationError(f"max_backoff {max_backoff!r} is below initial_backoff {initial_backoff!r}")
+        self.backoff_multiplier = finite_number(backoff_multiplier, "backoff_multiplier")
+        if self.backoff_multiplier < 1:
+            raise ValidationError(f"backoff_multiplier must be at least 1, got {_shown(backoff_multiplier)}")
+        self.use_jitter = bool(use_jitter)
+        self.jitter = jitter if jitter is not None else ("proportional" if use_jitter else "none")
+        if self.jitter not in JITTER_MODES:
+            raise ValidationError(f"jitter must be one of {', '.join(JITTER_MODES)}, got {_shown(jitter)}")
+        self.deadline = None if deadline is None else _positive(deadline, "deadline")
+        self.retry_after_max = _positive(retry_after_max, "retry_after_max")
+        self.budget = bool(budget)
+
+    def replace(self, **changes: Any) -> "RetryConfig":
+        """A copy with some fields changed."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return RetryConfig(**fields)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, RetryConfig) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "RetryConfig(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+
+
+def _positive(value: Any, what: str) -> float:
+    number = finite_number(value, what)
+    if number <= 0:
+        raise ValidationError(f"{what} must be positive, got {_shown(value)}")
+    return number
+
+
+class CallOutcome(NamedTuple):
+    """What one retried call did: returned per call, attached to the exception on failure."""
+
+    operation: str
+    attempts: int
+    succeeded: bool
+    total_sleep: float
+    delays: Tuple[float, ...]
+    category: str
+    stop_reason: str
+
+
+class AdaptiveRetry:
+    """Retry with backoff and jitter, errors classified first, every attempt stored.
+
+    ``retry(name, func, *args, **kwargs)`` calls ``func`` until it returns, at
+    most ``config.max_attempts`` times; a permanent error gets one attempt and
+    no sleep; a deadline, a Retry-After beyond the limits, an open breaker or
+    an empty retry budget stop early.  The original exception is raised, with
+    ``retry_info`` (a CallOutcome) attached.  Outcomes go to the store, so
+    ``get_retry_stats`` and ``analyze_failures`` cover every process.  With
+    ``adaptive=True`` the attempts and deadline come from ``recommend()``.
+    """
+
+    def __init__(self, config: Optional[RetryConfig] = None, *, db_path: Optional[str] = None,
+                 collector: Optional["MetricsCollector"] = None, adaptive: bool = False,
+                 breaker: Optional["CircuitBreaker"] = None, classifier=classify_error,
+                 classifiers: Optional[Dict[str, Any]] = None, max_attempts_limit: int = 10,
+                 deadline_limit_s: float = 3600.0, clock=time.monotonic, now=time.time, sleep=time.sleep, rng=None):
+        import random
+
+        self.config = RetryConfig() if config is None else config
+        self.collector = MetricsCollector(db_path, now=now, clock=clock) if collector is None else collector
+        self.store = self.collector.store
+        self.adaptive = adaptive
+        self.breaker = breaker
+        self.classifier = classifier
+        self.classifiers = dict(classifiers or {})
+        self.max_attempts_limit = max_attempts_limit
+        self.deadline_limit_s = deadline_limit_s
+        self._clock, self._now, self._sleep = clock, now, sleep
+        self._rng = random.Random() if rng is None else rng
+
+    # -- the original API ---------------------------------------------------
+
+    def retry(self, operation_name: str, func, *args: Any, **kwargs: Any) -> Any:
+        """``func(*args, **kwargs)``, retried; raises the last error when it gives up."""
+        return self.run(operation_name, func, *args, **kwargs)[0]
+
+    def retry_async(self, operation_name: str, func, *args: Any, **kwargs: Any) -> Any:
+        """Like ``retry``, but returns None instead of raising when every attempt failed."""
+        try:
+            return self.retry(operation_name, func, *args, **kwargs)
+        except Exception as err:
+            log.info("%s: gave up after %s", operation_name, getattr(err, "retry_info", None) or type(err).__name__)
+            return None
+
+    def run(self, operation_name: str, func, *args: Any, **kwargs: Any) -> Tuple[Any, CallOutcome]:
+        """``retry``, returning (result, CallOutcome): the statistics of this call, as a value."""
+        validate_name(operation_name, "operation name")
+        config, hopeless = self._policy(operation_name)
+        classify = self.classifiers.get(operation_name, self.classifier)
+        call = _RetryCall(self, operation_name, config)
+        while True:
+            try:
+                result = self.breaker.call(func, *args, **kwargs) if self.breaker else func(*args, **kwargs)
+            except CircuitOpenError as err:
+                call.finish(False, "breaker", err, "permanent")
+                raise
+            except Exception as err:
+                category = "permanent" if type(err).__name__ in hopeless else classify(err)
+                delay, stop = call.failed(err, category)
+                if stop:
+                    call.finish(False, stop, err, category)
+                    raise
+                self._sleep(delay)
+                call.slept(delay)
+            else:
+                return result, call.finish(True, "success")
+
+    def get_retry_stats(self, operation_name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
+        """Calls, attempts, success rate and the most common errors of the last ``hours``, over every process.
+
+        ``success_rate`` is a percentage, or None when there was no call.
+        """
+        since = self._now() - _positive(hours, "hours") * 3600.0
+        calls, successes, attempts, sleep, first_try, recovered, permanent, exhausted = self.store.query_one(
+            "SELECT count(*), total(succeeded), total(attempts), total(total_sleep), "
+            "total(succeeded AND attempts = 1), total(succeeded AND attempts > 1), "
+            "total(NOT succeeded AND attempts <= 1), total(NOT succeeded AND attempts > 1) "
+            "FROM retry_calls WHERE operation = ? AND started >= ?",
+            (operation_name, since),
+        )
+        errors = self.store.query(
+            "SELECT error, count(*) FROM retry_attempts WHERE operation = ? AND ts >= ? AND error != '' "
+            "GROUP BY error ORDER BY count(*) DESC, error LIMIT 5",
+            (operation_name, since),
+        )
+        return {
+            "operation": operation_name,
+            "hours": hours,
+            "calls": calls,
+            "successes": int(successes),
+            "failures": calls - int(successes),
+            "success_rate": 100.0 * successes / calls if calls else None,
+            "attempts": int(attempts),
+            "retries": int(attempts) - calls,
+            "first_try_successes": int(first_try),
+            "recovered_after_retry": int(recovered),
+            "failed_without_retry": int(permanent),
+            "failed_after_retries": int(exhausted),
+            "total_sleep_s": sleep,
+            "common_errors": [(error, count) for error, count in errors],
+        }
+
+    def analyze_failures(self, operation_name: str, hours: Optional[float] = None) -> Dict[str, Any]:
+        """Of the calls that met a failure: how many recovered on a retry (transient) and how many never did.
+
+        ``transient_rate`` is 0.0 when there was no failure at all.
+        """
+        since = -math.inf if hours is None else self._now() - _positive(hours, "hours") * 3600.0
+        rows = self.store.query(
+            "SELECT first_error, count(*), total(succeeded) FROM retry_calls "
+            "WHERE operation = ? AND started >= ? AND first_error != '' GROUP BY first_error ORDER BY first_error",
+            (operation_name, since),
+        )
+        total = sum(count for _, count, _ in rows)
+        transient = int(sum(recovered for _, _, recovered in rows))
+        advice = self.recommend(operation_name)
+        return {
+            "operation": operation_name,
+            "total_failures": total,
+            "transient": transient,
+            "permanent": total - transient,
+            "transient_rate": 100.0 * transient / total if total else 0.0,
+            "by_error": {error: {"failures": count, "recovered": int(recovered)} for error, count, recovered in rows},
+            "recommendation": advice["summary"],
+        }
+
+    # -- learning ---------------------------------------------------------------
+
+    def recommend(self, operation_name: str) -> Dict[str, Any]:
+        """The smallest max_attempts and deadline that recovered 95 % of the recoverable failures.
+
+        Read from the stored outcomes only, so the same data gives the same
+        answer; bounded by the limits; never more attempts than configured
+        while the last hour's failure rate is above 50 %; and it names the
+        error classes that never recovered.  ``evidence`` says why.
+        """
+        calls = self.store.query(
+            "SELECT attempts, succeeded, first_error, ended - started, started FROM retry_calls "
+            "WHERE operation = ? AND first_error != '' ORDER BY started, call_id",
+            (operation_name,),
+        )
+        recovered = sorted((attempts, elapsed) for attempts, ok, _, elapsed, _ in calls if ok)
+        evidence: List[str] = []
+        max_attempts, deadline = self.config.max_attempts, self.config.deadline
+        if len(recovered) >= RECOMMEND_MIN_EVIDENCE:
+            index = math.ceil(RECOMMEND_TARGET * len(recovered)) - 1
+            needed = recovered[index][0]
+            durations = sorted(elapsed for _, elapsed in recovered)
+            max_attempts = max(2, min(self.max_attempts_limit, needed))
+            deadline = min(self.deadline_limit_s, max(1.0, math.ceil(durations[index])))
+            by_attempt = sum(1 for attempts, _ in recovered if attempts <= needed)
+            evidence.append(f"{by_attempt} of {len(recovered)} recovered failures ({100.0 * by_attempt / len(recovered):.0f} %) "
+                            f"succeeded by attempt {needed}, within {durations[index]:.1f} s")
+        else:
+            evidence.append(f"only {len(recovered)} recovered failures on record: keeping max_attempts="
+                            f"{max_attempts}")
+        rate = self._recent_failure_rate(operation_name)
+        if rate is not None and rate > 0.5 and max_attempts > self.config.max_attempts:
+            max_attempts = self.config.max_attempts
+            evidence.append(f"{rate * 100:.0f} % of the last hour's calls failed: not retrying harder than "
+                            f"max_attempts={max_attempts}")
+        hopeless = self._hopeless_errors(calls)
+        evidence += [f"stop retrying {name}: 0 of {count} recovered" for name, count in hopeless]
+        return {
+            "operation": operation_name,
+            "max_attempts": max_attempts,
+            "deadline_s": deadline,
+            "stop_retrying": [name for name, _ in hopeless],
+            "recoverable_failures": len(recovered),
+            "failure_rate_1h": rate,
+            "evidence": evidence,
+            "summary": "; ".join(evidence),
+        }
+
+    @staticmethod
+    def _hopeless_errors(calls: List[tuple]) -> List[Tuple[str, int]]:
+        seen: Dict[str, List[int]] = {}
+        for _, ok, first_error, _, _ in calls:
+            counts = seen.setdefault(first_error, [0, 0])
+            counts[0] += 1
+            counts[1] += ok
+        return [(name, count) for name, (count, ok) in sorted(seen.items()) if ok == 0 and count >= NEVER_RECOVERS_AFTER]
+
+    def _recent_failure_rate(self, operation_name: str) -> Optional[float]:
+        calls, failures = self.store.query_one(
+            "SELECT count(*), total(NOT succeeded) FROM retry_calls WHERE operation = ? AND started >= ?",
+            (operation_name, self._now() - 3600.0),
+        )
+        return failures / calls if calls else None
+
+    def _policy(self, operation_name: str) -> Tuple[RetryConfig, frozenset]:
+        """The config for this call, and the error classes never to retry (adaptive mode only)."""
+        if not self.adaptive:
+            return self.config, frozenset()
+        advice = self.recommend(operation_name)
+        config = self.config.replace(max_attempts=advice["max_attempts"], deadline=advice["deadline_s"])
+        return config, frozenset(advice["stop_retrying"])
+
+    # -- the budget ---------------------------------------------------------------
+
+    def _spend_budget(self, operation_name: str) -> bool:
+        """Take one retry from the operation's budget, shared by every process; False when it is empty."""
+        with self.store.write() as conn:
+            row = conn.execute("SELECT tokens FROM retry_budget WHERE operation = ?", (operation_name,)).fetchone()
+            tokens = RETRY_BUDGET_MAX if row is None else row[0]
+            if tokens < RETRY_BUDGET_COST:
+                return False
+            conn.execute("INSERT OR REPLACE INTO retry_budget (operation, tokens) VALUES (?, ?)",
+                         (operation_name, tokens - RETRY_BUDGET_COST))
+            return True
+
+    def _deposit_budget(self, conn: sqlite3.Connection, operation_name: str) -> None:
+        conn.execute(
+            "INSERT INTO retry_budget (operation, tokens) VALUES (?, ?) ON CONFLICT (operation) "
+            "DO UPDATE SET tokens = min(?, tokens + ?)",
+            (operation_name, RETRY_BUDGET_MAX, RETRY_BUDGET_MAX, RETRY_BUDGET_DEPOSIT),
+        )
+
+
+class _RetryCall:
+    """The state of one retried call: attempts so far, delays, and their records."""
+
+    def __init__(self, retry: AdaptiveRetry, operation: str, config: RetryConfig):
+        self.retry, self.operation, self.config = retry, operation, config
+        self.call_id = os.urandom(8).hex()
+        self.started_at = retry._clock()
+        self.started_wall = retry._now()
+        self.attempt_started = self.started_at
+        self.attempts = 0
+        self.delays: List[float] = []
+        self.first_error = ""
+
+    def failed(self, error: Exception, category: str) -> Tuple[float, str]:
+        """Record a failed attempt; return (the delay before the next, or a reason to stop)."""
+        self.attempts += 1
+        self.first_error = self.first_error or type(error).__name__
+        self._record_attempt(type(error).__name__, category)
+        config = self.config
+        if category == "permanent":
+            return 0.0, "permanent"
+        if self.attempts >= config.max_attempts:
+            return 0.0, "exhausted"
+        previous = self.delays[-1] if self.delays else config.initial_backoff
+        delay = jittered_delay(
+            nominal_delay(self.attempts, config.initial_backoff, config.backoff_multiplier, config.max_backoff),
+            config.jitter, self.retry._rng, cap=config.max_backoff, initial=config.initial_backoff, previous=previous,
+        )
+        elapsed = self.retry._clock() - self.started_at
+        asked = retry_after_of(error, self.retry._now())
+        if asked is not None:
+            limit = config.retry_after_max if config.deadline is None else min(config.retry_after_max,
+                                                                               config.deadline - elapsed)
+            if asked > limit:
+                self.finish(False, "retry_after", error, category)
+                raise RetryAfterTooLong(self.operation, asked, limit) from error
+            delay = max(delay, asked)
+        if config.deadline is not None and elapsed + delay > config.deadline:
+            return 0.0, "deadline"
+        if config.budget and not self.retry._spend_budget(self.operation):
+            return 0.0, "budget"
+        return delay, ""
+
+    def slept(self, delay: float) -> None:
+        self.delays.append(delay)
+        self.attempt_started = self.retry._clock()
+
+    def finish(self, succeeded: bool, stop_reason: str, error: Optional[BaseException] = None,
+               category: str = "") -> CallOutcome:
+        """Store the call's outcome; attach it to the error, if any, and return it."""
+        if succeeded:
+            self.attempts += 1
+            self._record_attempt("", "")
+        outcome = CallOutcome(self.operation, self.attempts, succeeded, math.fsum(self.delays), tuple(self.delays),
+                              category, stop_reason)
+        self._store(lambda conn: self._write_call(conn, outcome, error))
+        if error is not None:
+            error.retry_info = outcome
+        return outcome
+
+    def _record_attempt(self, error: str, category: str) -> None:
+        duration = self.retry._clock() - self.attempt_started
+        slept = self.delays[-1] if self.delays and len(self.delays) == self.attempts - 1 else 0.0
+        self._store(lambda conn: conn.execute(
+            "INSERT INTO retry_attempts (operation, ts, call_id, attempt, duration_s, error, category, slept_s) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.operation, self.retry._now(), self.call_id, self.attempts, duration, error, category, slept),
+        ))
+
+    def _write_call(self, conn: sqlite3.Connection, outcome: CallOutcome, error: Optional[BaseException]) -> None:
+        conn.execute(
+            "INSERT INTO retry_calls (operation, started, call_id, ended, attempts, succeeded, first_error, error, "
+            "category, total_sleep, stop_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.operation, self.started_wall, self.call_id, self.retry._now(), outcome.attempts,
+             int(outcome.succeeded), self.first_error, "" if error is None else type(error).__name__,
+             outcome.category, outcome.total_sleep, outcome.stop_reason),
+        )
+        if outcome.succeeded:
+            self.retry._deposit_budget(conn, self.operation)
+
+    def _store(self, write) -> None:
+        """Write a record; a store that fails is logged, never allowed to break the call being retried."""
+        try:
+            with self.retry.store.write() as conn:
+                write(conn)
+        except MonitorError as err:
+            log.warning("%s: could not record a retry outcome: %s", self.operation, err)
+
+
+class CircuitBreaker:
+    """A circuit breaker whose state lives in the store, so every process sees one breaker.
+
+    ``failure_threshold`` failures within ``window`` seconds (a success resets
+    the count; older failures age out) open it for ``open_duration`` seconds:
+    calls then fail fast with CircuitOpenError.  After that exactly one caller,
+    in any process, runs a probe under a lease that expires, so a crashed
+    prober does not hold it; success closes the breaker, failure opens it again
+    for twice as long, up to ``max_open_duration``.  Errors of the ``exclude``
+    types neither count nor reset.  Use it as ``breaker.call(f, ...)``, as a
+    decorator, or as a context manager.
+    """
+
+    def __init__(self, name: str, failure_threshold: int = 3, window: float = DEFAULT_BREAKER_WINDOW_S,
+                 open_duration: float = DEFAULT_OPEN_DURATION_S, *, max_open_duration: Optional[float] = None,
+                 probe_timeout: Optional[float] = None, exclude: Tuple[type, ...] = (),
+                 db_path: Optional[str] = None, collector: Optional["MetricsCollector"] = None, now=time.time):
+        self.name = validate_name(name, "breaker name")
+        if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
+            raise ValidationError(f"failure_threshold must be a whole number of at least 1, got {_shown(failure_threshold)}")
+        self.failure_threshold = failure_threshold
+        self.window = _positive(window, "window")
+        self.open_duration = _positive(open_duration, "open_duration")
+        self.max_open_duration = _positive(
+            16 * self.open_duration if max_open_duration is None else max_open_duration, "max_open_duration")
+        self.probe_timeout = _positive(self.open_duration if probe_timeout is None else probe_timeout, "probe_timeout")
+        self.exclude = tuple(exclude)
+        self.collector = MetricsCollector(db_path, now=now) if collector is None else collector
+        self.store = self.collector.store
+        self._now = now
+        self._tickets: List[Optional[str]] = []
+
+    # -- the three ways to use it -------------------------------------------
+
+    def call(self, func, *args: Any, **kwargs: Any) -> Any:
+        """``func(*args, **kwargs)`` if the breaker lets it through; its outcome counts."""
+        ticket = self._admit()
+        try:
+            result = func(*args, **kwargs)
+        except Exception as err:
+            self._failed(ticket, err)
+            raise
+        self._succeeded(ticket)
+        return result
+
+    def __call__(self, func):
+        import functools
+
+        @functools.wraps(func)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            return self.call(func, *args, **kwargs)
+
+        return guarded
+
+    def __enter__(self) -> "CircuitBreaker":
+        self._tickets.append(self._admit())
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> bool:
+        ticket = self._tickets.pop()
+        if exc is None:
+            self._succeeded(ticket)
+        elif isinstance(exc, Exception):
+            self._failed(ticket, exc)
+        return False
+
+    # -- state ----------------------------------------------------------------------
+
+    def duration(self, opens: int) -> float:
+        """How long the breaker stays open the ``opens``-th time in a row: doubling, bounded."""
+        return nominal_delay(max(1, opens), self.open_duration, 2.0, self.max_open_duration)
+
+    def status(self) -> Dict[str, Any]:
+        """State, failures in the window, and since when, as stored."""
+        return breaker_status(self.store, self.name, self._now())
+
+    def reset(self) -> None:
+        """Close the breaker by hand."""
+        with self.store.write() as conn:
+            row = self._row(conn, self._now())
+            if row["state"] != "closed":
+                self._change(conn, row, "closed", "reset by hand", self._now())
+
+    def _row(self, conn: sqlite3.Connection, now: float) -> Dict[str, Any]:
+        row = conn.execute("SELECT state, since, open_until, opens, lease_owner, lease_until FROM breakers "
+                           "WHERE name = ?", (self.name,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO breakers VALUES (?, 'closed', ?, 0, 0, '', 0, ?, ?)",
+                         (self.name, now, self.failure_threshold, self.window))
+            row = ("closed", now, 0.0, 0, "", 0.0)
+        return dict(zip(("state", "since", "open_until", "opens", "lease_owner", "lease_until"), row))
+
+    def _failures(self, conn: sqlite3.Connection, now: float) -> int:
+        conn.execute("DELETE FROM breaker_failures WHERE name = ? AND ts < ?", (self.name, now - self.window))
+        return conn.execute("SELECT count(*) FROM breaker_failures WHERE name = ?", (self.name,)).fetchone()[0]
+
+    def _change(self, conn: sqlite3.Connection, row: Dict[str, Any], state: str, reason: str, now: float,
+                **fields: Any) -> None:
+        """Move to ``state``, recording the transition once, in the same transaction."""
+        values = dict(row, state=state, since=now, **fields)
+        if state == "closed":
+            values.update(opens=0, lease_owner="", lease_until=0.0, open_until=0.0)
+            conn.execute("DELETE FROM breaker_failures WHERE name = ?", (self.name,))
+        conn.execute("UPDATE breakers SET state = ?, since = ?, open_until = ?, opens = ?, lease_owner = ?, "
+                     "lease_until = ?, failure_threshold = ?, window_s = ? WHERE name = ?",
+                     (values["state"], now, values["open_until"], values["opens"], values["lease_owner"],
+                      values["lease_until"], self.failure_threshold, self.window, self.name))
+        failures = conn.execute("SELECT count(*) FROM breaker_failures WHERE name = ?", (self.name,)).fetchone()[0]
+        self.collector._breaker_change(conn, self.name, row["state"], state, failures, reason, now)
+        log.info("circuit breaker %s: %s -> %s (%s)", self.name, row["state"], state, reason)
+        row.update(values)
+
+    def _admit(self) -> Optional[str]:
+        """Let a call through: None for an ordinary call, a lease token for the probe; else CircuitOpenError."""
+        now = self._now()
+        if self.store.query_one("SELECT state FROM breakers WHERE name = ?", (self.name,)) == ("closed",):
+            return None  # the common case, decided without a write lock
+        with self.store.write() as conn:
+            row = self._row(conn, now)
+            if row["state"] == "closed":
+                return None
+            if row["state"] == "open":
+                duration = self.duration(row["opens"])
+                if row["open_until"] - now > duration:
+                    # The wall clock went back: never hold the breaker past a fresh full duration.
+                    row["open_until"] = now + duration
+                    conn.execute("UPDATE breakers SET open_until = ? WHERE name = ?", (row["open_until"], self.name))
+                if now < row["open_until"]:
+                    refusal = CircuitOpenError(self.name, row["open_until"] - now)
+                else:
+                    self._change(conn, row, "half_open", f"open for {duration:g} s", now)
+                    refusal = None
+            else:
+                refusal = None
+            if refusal is None and row["lease_owner"] and row["lease_until"] > now:
+                refusal = CircuitOpenError(self.name, row["lease_until"] - now, probing=True)
+            if refusal is None:
+                token = os.urandom(8).hex()
+                conn.execute("UPDATE breakers SET lease_owner = ?, lease_until = ? WHERE name = ?",
+                             (token, now + self.probe_timeout, self.name))
+                return token
+        raise refusal
+
+    def _failed(self, ticket: Optional[str], error: BaseException) -> None:
+        now = self._now()
+        with self.store.write() as conn:
+            row = self._row(conn, now)
+            probing = ticket is not None and row["state"] == "half_open" and row["lease_owner"] == ticket
+            if isinstance(error, self.exclude):
+                if probing:  # says nothing about health: let the next caller probe
+                    conn.execute("UPDATE breakers SET lease_owner = '', lease_until = 0 WHERE name = ?", (self.name,))
+                return
+            if probing:
+                opens = row["opens"] + 1
+                self._change(conn, row, "open", f"probe failed: {type(error).__name__}", now, opens=opens,
+                             open_until=now + self.duration(opens), lease_owner="", lease_until=0.0)
+                return
+            conn.execute("INSERT INTO breaker_failures (name, ts) VALUES (?, ?)", (self.name, now))
+            failures = self._failures(conn, now)
+            if row["state"] == "closed" and failures >= self.failure_threshold:
+                self._change(conn, row, "open", f"{failures} failures within {self.window:g} s, the last "
+                             f"{type(error).__name__}", now, opens=1, open_until=now + self.duration(1))
+
+    def _succeeded(self, ticket: Optional[str]) -> None:
+        now = self._now()
+        if ticket is None and not self.store.query_one("SELECT 1 FROM breaker_failures WHERE name = ? LIMIT 1",
+                                                       (self.name,)):
+            return  # the common case: closed, nothing to reset, no write
+        with self.store.write() as conn:
+            row = self._row(conn, now)
+            if ticket is not None and row["state"] == "half_open" and row["lease_owner"] == ticket:
+                self._change(conn, row, "closed", "probe succeeded", now)
+            elif row["state"] == "closed":
+                conn.execute("DELETE FROM breaker_failures WHERE name = ?", (self.name,))
+
+
+def breaker_status(store: Store, name: str, now: float) -> Dict[str, Any]:
+    """One stored breaker: state, failures within its window, since when, and until when if open."""
+    row = store.query_one("SELECT state, since, open_until, window_s FROM breakers WHERE name = ?", (name,))
+    if row is None:
+        raise MonitorError(f"no circuit breaker named {name!r} in {store.path}")
+    state, since, open_until, window_s = row
+    failures = store.query_one("SELECT count(*) FROM breaker_failures WHERE name = ? AND ts >= ?",
+                               (name, now - window_s))[0]
+    return {"name": name, "state": state, "failures": failures, "window_s": window_s, "since": iso_time(since),
+            "open_until": iso_time(open_until) if state == "open" else None}
+
+
+def list_breakers(store: Store, now: float) -> List[Dict[str, Any]]:
+    """Every breaker the store knows, by name."""
+    return [breaker_status(store, name, now) for (name,) in store.query("SELECT name FROM breakers ORDER BY name")]
+
+
 ## CLI ########################################################################
 
 _EXIT_CODES_HELP = """exit codes:
@@ -1865,7 +2698,56 @@ def cmd_cleanup(args) -> int:
     elif not args.quiet:
         print(f"cleanup: rolled up {report['rolled_up_hours']} hours; deleted {report['deleted_samples']} raw samples "
               f"older than {horizons['retention_days']:g} days; folded {report['folded_hours']} hours into "
-              f"{report['daily_rollups']} days; deleted {report['deleted_days']} daily rollups")
+              f"{report['daily_rollups']} days; deleted {report['deleted_days']} daily rollups and "
+              f"{report['deleted_retry_records']} retry records")
+    return EXIT_OK
+
+
+def cmd_breakers(args) -> int:
+    with _open_collector(args, readonly=True) as collector:
+        breakers = list_breakers(collector.store, time.time())
+    if args.json:
+        _print_json({"breakers": breakers})
+        return EXIT_OK
+    for breaker in breakers:
+        until = f"\tuntil {breaker['open_until']}" if breaker["open_until"] else ""
+        print(f"{breaker['name']}\t{breaker['state']}\t{breaker['failures']} failures in {breaker['window_s']:g} s"
+              f"\tsince {breaker['since']}{until}")
+    return EXIT_OK
+
+
+def cmd_breaker_reset(args) -> int:
+    with _open_collector(args, readonly=False) as collector:
+        before = breaker_status(collector.store, args.name, time.time())
+        CircuitBreaker(args.name, collector=collector).reset()
+    print(f"{args.name}: {before['state']} -> closed")
+    return EXIT_OK
+
+
+def cmd_retry_stats(args) -> int:
+    with _open_collector(args, readonly=True) as collector:
+        retry = AdaptiveRetry(collector=collector)
+        report = {
+            "stats": retry.get_retry_stats(args.operation, args.hours),
+            "analysis": retry.analyze_failures(args.operation),
+            "recommendation": retry.recommend(args.operation),
+        }
+    if args.json:
+        _print_json(dict(report, operation=args.operation, hours=args.hours))
+        return EXIT_OK
+    stats, analysis = report["stats"], report["analysis"]
+    rate = "-" if stats["success_rate"] is None else f"{stats['success_rate']:.1f}%"
+    errors = ", ".join(f"{name} {count}" for name, count in stats["common_errors"]) or "none"
+    print(f"{args.operation} (last {args.hours:g}h): {stats['calls']} calls, {rate} succeeded, "
+          f"{stats['retries']} retries, {stats['total_sleep_s']:.1f} s asleep")
+    print(f"  errors: {errors}")
+    print(f"  failures ever: {analysis['total_failures']}, recovered on a retry {analysis['transient']}, "
+          f"never {analysis['permanent']}")
+    advice = report["recommendation"]
+    deadline = "none" if advice["deadline_s"] is None else f"{advice['deadline_s']:g} s"
+    print(f"  recommended: max_attempts {advice['max_attempts']}, deadline {deadline}")
+    for line in advice["evidence"]:
+        print(f"    {line}")
     return EXIT_OK
 
 
@@ -2003,6 +2885,22 @@ def build_parser():
                       "roll up closed hours, delete expired raw samples, fold old hours into days",
                       f"  {PROG} cleanup\n"
                       f"  17 4 * * *  {PROG} -q cleanup     # daily from cron, silent unless it fails")
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    sub = _subcommand(subparsers, "breakers", cmd_breakers, "every circuit breaker: state, failures, since when",
+                      f"  {PROG} breakers\n  {PROG} breakers --json")
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    sub = _subcommand(subparsers, "breaker", cmd_breaker_reset, "close a circuit breaker by hand",
+                      f"  {PROG} breaker reset icloud_sync")
+    sub.add_argument("action", choices=("reset",), metavar="reset")
+    sub.add_argument("name", metavar="NAME")
+
+    sub = _subcommand(subparsers, "retry-stats", cmd_retry_stats,
+                      "retry statistics of an operation, its failures, and the learned recommendation",
+                      f"  {PROG} retry-stats fetch_data\n  {PROG} retry-stats sync_icloud --hours 168 --json")
+    sub.add_argument("operation", metavar="OPERATION")
+    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
     sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sub = _subcommand(subparsers, "metrics", cmd_metrics, "every metric name with its sample count and last time",

@@ -281,7 +281,8 @@ class ConfigurationTest(StoreTestCase):
                 # The first write of a store runs the daily cleanup: 7 days of retention drop the sample.
                 result = self.run_cli(*args, "--db", db, "-v", "record", "old", "1", "--time", eight_days_ago, env=env)
                 self.assertEqual(result.returncode, 0, result.stderr)
-                self.assertIn(f"store {db} open: schema 1, journal wal, synchronous full,", result.stderr.decode())
+                self.assertIn(f"store {db} open: schema {mm.SCHEMA_VERSION}, journal wal, synchronous full,",
+                              result.stderr.decode())
                 self.assertEqual(stored(db), [])
         default = os.path.join(self.tmp, "default.db")
         self.assertCleanExit(self.run_cli("--db", default, "record", "old", "1", "--time", eight_days_ago))

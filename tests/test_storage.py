@@ -164,7 +164,24 @@ class StoreVersionsTest(StoreTestCase):
         open(self.db, "wb").close()
         with mm.Store(self.db) as store:
             tables = {row[0] for row in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertEqual(tables, {"series", "samples", "rollups", "meta"})
+        self.assertEqual(tables, {"series", "samples", "rollups", "meta", "retry_attempts", "retry_calls",
+                                  "retry_budget", "breakers", "breaker_failures", "breaker_transitions"})
+
+    def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(self):
+        conn = sqlite3.connect(self.db)
+        for statement in mm._MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO series (id, name, labels) VALUES (1, 'kept', '{}')")
+        conn.execute("INSERT INTO samples VALUES (1, 1800000000.0, 0, 42.0)")
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+        conn.close()
+        with self.assertRaisesRegex(mm.StorageError, "has schema 1; run a recording command once to upgrade it"):
+            mm.Store(self.db, readonly=True)
+        with mm.Store(self.db) as store:
+            self.assertEqual(store.query("PRAGMA user_version"), [(mm.SCHEMA_VERSION,)])
+            self.assertEqual(store.query("SELECT * FROM samples"), [(1, 1800000000.0, 0, 42.0)])
+            self.assertEqual(store.query("SELECT count(*) FROM retry_calls"), [(0,)])
 
     def test_readonly_open_of_a_missing_store_creates_nothing(self):
         with mm.Store(self.db, readonly=True) as store:
