@@ -1315,13 +1315,21 @@ class MetricsCollector:
             (name,),
         )
 
-    def _latest_before(self, name: str, until: float, differing_from: float) -> Optional[float]:
-        row = self.store.query_one(
-            "SELECT max(ts) FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) "
-            "AND ts <= ? AND value != ?",
-            (name, until, differing_from),
+    def _unchanged_since(self, name: str, value: float) -> Optional[float]:
+        """When ``name`` last took ``value``: the first sample after the last one that differed.
+
+        Ordered by (time, seq), so two changes at the same instant are told apart.
+        """
+        differing = self.store.query_one(
+            f"SELECT ts, seq FROM samples WHERE {_OF_NAME} AND value != ? ORDER BY ts DESC, seq DESC LIMIT 1",
+            (name, value),
         )
-        return None if row is None else row[0]
+        if differing is None:
+            return self.store.query_one(f"SELECT min(ts) FROM samples WHERE {_OF_NAME}", (name,))[0]
+        return self.store.query_one(
+            f"SELECT min(ts) FROM samples WHERE {_OF_NAME} AND (ts > ? OR (ts = ? AND seq > ?))",
+            (name, differing[0], differing[0], differing[1]),
+        )[0]
 
     def get_system_summary(self, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
         """The current state of sync targets, circuit breakers and agents.
@@ -1358,13 +1366,9 @@ class MetricsCollector:
         failures = self._latest(prefix + "failures")
         if latest is None:
             return {"state": None, "failures": None, "since": None}
-        ts, code = latest
+        code = latest[1]
         state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
-        changed = self._latest_before(prefix + "state", ts, code)
-        since = ts if changed is None else self.store.query_one(
-            "SELECT min(ts) FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) AND ts > ?",
-            (prefix + "state", changed),
-        )[0]
+        since = self._unchanged_since(prefix + "state", code)
         return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
 
     def _agent_summary(self, agent: str, hours: float) -> Dict[str, Any]:
@@ -1855,10 +1859,15 @@ def parse_retry_after(value: Any, now: float) -> Optional[float]:
 
 def retry_after_of(error: BaseException, now: float) -> Optional[float]:
     """The wait a failed call asked for: an attribute the callee set, or an HTTP error's header."""
-    value = getattr(error, "retry_after", None)
-    if value is None:
-        headers = getattr(error, "headers", None)
-        value = headers.get("Retry-After") if headers is not None and hasattr(headers, "get") else None
+    from urllib.error import HTTPError
+
+    if isinstance(error, HTTPError):
+        # Not getattr: on Python 3.9 an HTTPError without a body raises KeyError for unknown names.
+        value = vars(error).get("retry_after")
+        if value is None and error.headers is not None:
+            value = error.headers.get("Retry-After")
+    else:
+        value = getattr(error, "retry_after", None)
     return parse_retry_after(value, now)
 
 
@@ -1973,7 +1982,7 @@ class AdaptiveRetry:
                  collector: Optional["MetricsCollector"] = None, adaptive: bool = False,
                  breaker: Optional["CircuitBreaker"] = None, classifier=classify_error,
                  classifiers: Optional[Dict[str, Any]] = None, max_attempts_limit: int = 10,
-                 deadline_limit_s: float = 3600.0, clock=time.monotonic, now=time.time, sleep=time.sleep, rng=None):
+                 deadline_limit_s: float = 3600.0, clock=time.monotonic, now=time.time, sleep=None, rng=None):
         import random
 
         self.config = RetryConfig() if config is None else config
@@ -1985,7 +1994,9 @@ class AdaptiveRetry:
         self.classifiers = dict(classifiers or {})
         self.max_attempts_limit = max_attempts_limit
         self.deadline_limit_s = deadline_limit_s
-        self._clock, self._now, self._sleep = clock, now, sleep
+        # time.sleep looked up now, not when this module was defined: a test that
+        # forbids it catches every retry that would really wait.
+        self._clock, self._now, self._sleep = clock, now, time.sleep if sleep is None else sleep
         self._rng = random.Random() if rng is None else rng
 
     # -- the original API ---------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -319,6 +320,79 @@ class ConfigurationTest(StoreTestCase):
             f"configuration file {missing} does not exist")
 
 
+_RETRYING_PROCESS = """
+import random
+import sys
+import metasystem_monitor as mm
+
+retry = mm.AdaptiveRetry(db_path=sys.argv[1], sleep=lambda seconds: None, rng=random.Random(1))
+failures = [ConnectionResetError, TimeoutError]
+
+
+def flaky():
+    if failures:
+        raise failures.pop(0)()
+    return "ok"
+
+
+retry.retry("nightly_sync", flaky)
+retry.retry_async("nightly_sync", lambda: open("/nonexistent/file"))
+"""
+
+
+class RetryAndBreakerCommandsTest(StoreTestCase):
+    def test_retry_stats_cover_every_process(self):
+        for _ in range(2):
+            child = subprocess.run([sys.executable, "-c", _RETRYING_PROCESS, self.db], capture_output=True,
+                                   cwd=REPO, env=self.child_env(), timeout=60)
+            self.assertEqual((child.returncode, child.stderr), (0, b""))
+        result = self.run_cli("--db", self.db, "retry-stats", "nightly_sync", "--json")
+        self.assertCleanExit(result, stdout=None)
+        document = json.loads(result.stdout)
+        self.assertEqual(sorted(document), ["analysis", "hours", "operation", "recommendation", "stats"])
+        stats = document["stats"]
+        self.assertEqual((stats["calls"], stats["attempts"], stats["success_rate"], stats["common_errors"]),
+                         (4, 8, 50.0, [["ConnectionResetError", 2], ["FileNotFoundError", 2], ["TimeoutError", 2]]))
+        self.assertEqual({key: document["analysis"][key] for key in ("total_failures", "transient", "permanent")},
+                         {"total_failures": 4, "transient": 2, "permanent": 2})
+        text = self.run_cli("--db", self.db, "retry-stats", "nightly_sync")
+        self.assertCleanExit(text, stdout=None)
+        draws = random.Random(1)
+        slept = 2 * (draws.uniform(0.8, 1.2) + draws.uniform(1.6, 2.4))  # two processes, the same seed
+        self.assertAlmostEqual(stats["total_sleep_s"], slept)
+        self.assertEqual(text.stdout.decode().splitlines()[:4], [
+            f"nightly_sync (last 24h): 4 calls, 50.0% succeeded, 4 retries, {slept:.1f} s asleep",
+            "  errors: ConnectionResetError 2, FileNotFoundError 2, TimeoutError 2",
+            "  failures ever: 4, recovered on a retry 2, never 2",
+            "  recommended: max_attempts 3, deadline none",
+        ])
+
+    def test_breakers_list_and_reset(self):
+        with self.collector() as metrics:
+            breaker = mm.CircuitBreaker("icloud_sync", collector=metrics)
+            for _ in range(3):
+                with self.assertRaises(TimeoutError):
+                    breaker.call(self._timeout)
+            status = breaker.status()
+        result = self.run_cli("--db", self.db, "breakers")
+        self.assertCleanExit(result, stdout=f"icloud_sync\topen\t3 failures in 1800 s\tsince {status['since']}"
+                                            f"\tuntil {status['open_until']}\n")
+        document = json.loads(self.run_cli("--db", self.db, "breakers", "--json").stdout)
+        self.assertEqual(document, {"breakers": [status]})
+        self.assertCleanExit(self.run_cli("--db", self.db, "breaker", "reset", "icloud_sync"),
+                             stdout="icloud_sync: open -> closed\n")
+        self.assertEqual(json.loads(self.run_cli("--db", self.db, "breakers", "--json").stdout)["breakers"][0]["state"],
+                         "closed")
+        self.assertOneLineError(self.run_cli("--db", self.db, "breaker", "reset", "nope"), 1,
+                                f"error: no circuit breaker named 'nope' in {self.db}")
+        self.assertOneLineError(self.run_cli("--db", self.db, "breaker", "open", "icloud_sync"), 2,
+                                "invalid choice: 'open'")
+
+    @staticmethod
+    def _timeout():
+        raise TimeoutError("slow")
+
+
 class HelpTest(StoreTestCase):
     def test_version(self):
         self.assertCleanExit(self.run_cli("--version"), stdout=f"metasystem_monitor.py {mm.__version__}\n")
@@ -327,7 +401,8 @@ class HelpTest(StoreTestCase):
         result = self.run_cli("--help")
         self.assertCleanExit(result, stdout=None)
         self.assertIn("exit codes:\n  0  success", result.stdout.decode())
-        for command in ("record", "record-sync", "record-agent", "stats", "success-rate", "anomalies", "metrics"):
+        for command in ("record", "record-sync", "record-agent", "stats", "success-rate", "anomalies", "metrics",
+                        "cleanup", "breakers", "breaker", "retry-stats"):
             with self.subTest(command=command):
                 result = self.run_cli(command, "--help")
                 self.assertCleanExit(result, stdout=None)
