@@ -139,8 +139,9 @@ class OriginalDocumentExamplesTest(RetryTestCase):
 
     def test_the_documented_backoff(self):
         # Attempt 1: Fail, wait 1.0s +/- 0.2s; attempt 2: 2.0s +/- 0.4s; attempt 3: 4.0s +/- 0.8s ... max 60 s.
+        collector = self.collector(self.clock)
         for seed in range(200):
-            retry = mm.AdaptiveRetry(mm.RetryConfig(max_attempts=9, budget=False), collector=self.collector(self.clock),
+            retry = mm.AdaptiveRetry(mm.RetryConfig(max_attempts=9, budget=False), collector=collector,
                                      sleep=self.clock.sleep, clock=self.clock.monotonic, now=self.clock.time,
                                      rng=random.Random(seed))
             with self.assertRaises(ConnectionResetError) as caught:
@@ -466,6 +467,15 @@ class RecommendTest(RetryTestCase):
         self.assertIn("of the last hour's calls failed", advice["summary"])
         self.clock.advance(7200)
         self.assertEqual(retry.recommend("busy")["max_attempts"], 5)
+
+    def test_recommendations_stay_within_the_limits(self):
+        retry = self.retry(mm.RetryConfig(max_attempts=8, initial_backoff=10.0, max_backoff=60.0, budget=False),
+                           max_attempts_limit=4, deadline_limit_s=30.0)
+        for _ in range(10):
+            retry.retry("slow", Failing(*[TimeoutError] * 6))  # recovers on the 7th attempt, after minutes
+            self.clock.advance(7200)
+        advice = retry.recommend("slow")
+        self.assertEqual((advice["max_attempts"], advice["deadline_s"]), (4, 30.0))
 
     def test_adaptive_mode_applies_the_recommendation(self):
         learner = self.retry(mm.RetryConfig(max_attempts=5, budget=False))
