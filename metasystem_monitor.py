@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
@@ -714,6 +713,8 @@ def canonical_labels(labels: Optional[Dict[str, str]]) -> str:
             )
         if len(value) > MAX_LABEL_VALUE_CHARS:
             raise ValidationError(f"label {key} is {len(value)} characters long; the limit is {MAX_LABEL_VALUE_CHARS}")
+    import json  # here, not at the top: a cron run that records no labels never needs it
+
     return json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -1300,6 +1301,8 @@ class MetricsCollector:
 
     def _entities(self, label: str) -> List[str]:
         """Names carried by ``label`` across all series (sync targets, breakers, agents)."""
+        import json
+
         found = set()
         for (labels,) in self.store.query("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)):
             value = json.loads(labels).get(label)
@@ -2480,6 +2483,8 @@ _EXIT_CODES_HELP = """exit codes:
 
 def load_config(path: str, required: bool = False):
     """Read the INI file; a missing file is an empty configuration unless ``required``."""
+    if not required and not os.path.exists(path):
+        return _EMPTY_CONFIG  # the usual cron run: no configparser to import
     import configparser
 
     parser = configparser.ConfigParser(interpolation=None)
@@ -2529,6 +2534,17 @@ def _days_setting(section: Any, key: str, default: float) -> float:
         raise ConfigError(f"[storage] {key} must be a number of days or a duration such as 12h, got {text!r}") from None
 
 
+class _EmptyConfig:
+    """What load_config() returns for a missing file: no sections."""
+
+    @staticmethod
+    def has_section(name: str) -> bool:
+        return False
+
+
+_EMPTY_CONFIG = _EmptyConfig()
+
+
 def storage_settings(config) -> Dict[str, Any]:
     """The ``[storage]`` keys this module reads, checked."""
     section = config["storage"] if config.has_section("storage") else {}
@@ -2550,6 +2566,8 @@ def _open_collector(args, *, readonly: bool) -> MetricsCollector:
 
 
 def _print_json(document: Dict[str, Any]) -> None:
+    import json
+
     print(json.dumps(document, sort_keys=True, indent=2, allow_nan=False))
 
 
@@ -2798,12 +2816,9 @@ def _add_global_options(parser, suppress: bool) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", default=default(False), help="only errors on stderr")
 
 
-def _subcommand(subparsers, name: str, func, help_text: str, examples: str):
-    import argparse
-
+def _subcommand(subparsers, name: str, func, help_text: str, examples: str, formatter):
     sub = subparsers.add_parser(
-        name, help=help_text, description=help_text, epilog="examples:\n" + examples,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        name, help=help_text, description=help_text, epilog="examples:\n" + examples, formatter_class=formatter,
     )
     _add_global_options(sub, suppress=True)
     sub.set_defaults(func=func)
@@ -2828,96 +2843,146 @@ def _parser_class():
     return Parser
 
 
-def build_parser():
-    """The argparse parser for every subcommand."""
-    import argparse
-
-    parser = _parser_class()(
-        prog=PROG,
-        description="Record and query metrics of one machine in a SQLite store.",
-        epilog=_EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _add_global_options(parser, suppress=False)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    sub = _subcommand(subparsers, "record", cmd_record, "store one sample, or many from stdin with '-'",
-                      f"  {PROG} record backup_bytes 52428800 --label host=nas\n"
-                      f"  printf 'load1 0.42\\nload5 0.37 1700000000\\n' | {PROG} record -")
+def _args_record(sub) -> None:
     sub.add_argument("name", metavar="NAME", help="metric name, or '-' to read 'name value [epoch]' lines from stdin")
     sub.add_argument("value", metavar="VALUE", nargs="?",
                      help="a finite number (put -- before a negative one in exponent form: -- -2e3)")
     sub.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label of the sample (repeatable)")
     sub.add_argument("--time", metavar="EPOCH_SECONDS", help="when it was measured (default: now)")
 
-    sub = _subcommand(subparsers, "record-sync", cmd_record_sync, "record one sync run of TARGET",
-                      f"  {PROG} record-sync icloud --success --duration 2.5 --files 10\n"
-                      f"  {PROG} record-sync external --failure --duration 31")
+
+def _args_record_sync(sub) -> None:
     sub.add_argument("target", metavar="TARGET")
     _add_outcome(sub)
     sub.add_argument("--files", default="0", metavar="N", help="files synced (default 0)")
     sub.add_argument("--conflicts", default="0", metavar="N", help="conflicts met (default 0)")
 
-    sub = _subcommand(subparsers, "record-agent", cmd_record_agent, "record one run of agent NAME",
-                      f"  {PROG} record-agent cataloger --success --duration 1.2 --items 45")
+
+def _args_record_agent(sub) -> None:
     sub.add_argument("name", metavar="NAME")
     _add_outcome(sub)
     sub.add_argument("--items", default="0", metavar="N", help="items processed (default 0)")
 
-    sub = _subcommand(subparsers, "stats", cmd_stats, "count, avg, min, max, stddev and latest of a metric",
-                      f"  {PROG} stats sync_icloud_success --hours 24\n"
-                      f"  {PROG} stats backup_bytes --percentiles --json | jq .p95")
+
+def _args_stats(sub) -> None:
     sub.add_argument("name", metavar="NAME")
-    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+    _add_hours(sub)
     sub.add_argument("--percentiles", action="store_true", help="add p50 and p95 (reads every value)")
-    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _add_json(sub)
 
-    sub = _subcommand(subparsers, "success-rate", cmd_success_rate, "percentage of NAME_success among its attempts",
-                      f"  {PROG} success-rate sync_icloud\n"
-                      f"  {PROG} success-rate agent_cataloger --hours 168 --json")
-    sub.add_argument("name", metavar="NAME")
-    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
-    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
-    sub = _subcommand(subparsers, "anomalies", cmd_anomalies, "samples that stand out from the rest of the window",
-                      f"  {PROG} anomalies sync_icloud_success --hours 24\n"
-                      f"  {PROG} anomalies backup_seconds --method zscore --threshold 3 --json")
+def _args_named_window(sub) -> None:
     sub.add_argument("name", metavar="NAME")
-    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+    _add_hours(sub)
+    _add_json(sub)
+
+
+def _args_anomalies(sub) -> None:
+    sub.add_argument("name", metavar="NAME")
+    _add_hours(sub)
     sub.add_argument("--method", choices=ANOMALY_METHODS, default="robust",
                      help="robust: modified z-score from median and MAD (default); zscore: mean and stddev")
     sub.add_argument("--threshold", metavar="T", help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
     sub.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES, metavar="N",
                      help=f"fewer samples than this is insufficient data (default {DEFAULT_MIN_SAMPLES})")
-    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _add_json(sub)
 
-    sub = _subcommand(subparsers, "cleanup", cmd_cleanup,
-                      "roll up closed hours, delete expired raw samples, fold old hours into days",
-                      f"  {PROG} cleanup\n"
-                      f"  17 4 * * *  {PROG} -q cleanup     # daily from cron, silent unless it fails")
-    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
-    sub = _subcommand(subparsers, "breakers", cmd_breakers, "every circuit breaker: state, failures, since when",
-                      f"  {PROG} breakers\n  {PROG} breakers --json")
-    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
-
-    sub = _subcommand(subparsers, "breaker", cmd_breaker_reset, "close a circuit breaker by hand",
-                      f"  {PROG} breaker reset icloud_sync")
+def _args_breaker(sub) -> None:
     sub.add_argument("action", choices=("reset",), metavar="reset")
     sub.add_argument("name", metavar="NAME")
 
-    sub = _subcommand(subparsers, "retry-stats", cmd_retry_stats,
-                      "retry statistics of an operation, its failures, and the learned recommendation",
-                      f"  {PROG} retry-stats fetch_data\n  {PROG} retry-stats sync_icloud --hours 168 --json")
+
+def _args_retry_stats(sub) -> None:
     sub.add_argument("operation", metavar="OPERATION")
+    _add_hours(sub)
+    _add_json(sub)
+
+
+def _add_hours(sub) -> None:
     sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+
+
+def _add_json(sub) -> None:
     sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
-    sub = _subcommand(subparsers, "metrics", cmd_metrics, "every metric name with its sample count and last time",
-                      f"  {PROG} metrics\n  {PROG} metrics --json")
-    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+# name, function, what it does, examples, its arguments: in the order --help lists them.
+_COMMANDS = (
+    ("record", cmd_record, "store one sample, or many from stdin with '-'",
+     f"  {PROG} record backup_bytes 52428800 --label host=nas\n"
+     f"  printf 'load1 0.42\\nload5 0.37 1700000000\\n' | {PROG} record -", _args_record),
+    ("record-sync", cmd_record_sync, "record one sync run of TARGET",
+     f"  {PROG} record-sync icloud --success --duration 2.5 --files 10\n"
+     f"  {PROG} record-sync external --failure --duration 31", _args_record_sync),
+    ("record-agent", cmd_record_agent, "record one run of agent NAME",
+     f"  {PROG} record-agent cataloger --success --duration 1.2 --items 45", _args_record_agent),
+    ("stats", cmd_stats, "count, avg, min, max, stddev and latest of a metric",
+     f"  {PROG} stats sync_icloud_success --hours 24\n"
+     f"  {PROG} stats backup_bytes --percentiles --json | jq .p95", _args_stats),
+    ("success-rate", cmd_success_rate, "percentage of NAME_success among its attempts",
+     f"  {PROG} success-rate sync_icloud\n"
+     f"  {PROG} success-rate agent_cataloger --hours 168 --json", _args_named_window),
+    ("anomalies", cmd_anomalies, "samples that stand out from the rest of the window",
+     f"  {PROG} anomalies sync_icloud_success --hours 24\n"
+     f"  {PROG} anomalies backup_seconds --method zscore --threshold 3 --json", _args_anomalies),
+    ("cleanup", cmd_cleanup, "roll up closed hours, delete expired raw samples, fold old hours into days",
+     f"  {PROG} cleanup\n"
+     f"  17 4 * * *  {PROG} -q cleanup     # daily from cron, silent unless it fails", _add_json),
+    ("breakers", cmd_breakers, "every circuit breaker: state, failures, since when",
+     f"  {PROG} breakers\n  {PROG} breakers --json", _add_json),
+    ("breaker", cmd_breaker_reset, "close a circuit breaker by hand",
+     f"  {PROG} breaker reset icloud_sync", _args_breaker),
+    ("retry-stats", cmd_retry_stats, "retry statistics of an operation, its failures, and the learned recommendation",
+     f"  {PROG} retry-stats fetch_data\n  {PROG} retry-stats sync_icloud --hours 168 --json", _args_retry_stats),
+    ("metrics", cmd_metrics, "every metric name with its sample count and last time",
+     f"  {PROG} metrics\n  {PROG} metrics --json", _add_json),
+)
+_GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
+
+
+def build_parser(command: Optional[str] = None):
+    """The argparse parser: every subcommand, or only ``command``.
+
+    Building all eleven costs milliseconds that every cron run would pay;
+    main() asks for the one on its command line, and for all of them when
+    help is wanted or the command is unknown.
+    """
+    import argparse
+    import functools
+    import shutil
+
+    # argparse makes a formatter for every argument it adds, and each asks the
+    # terminal for its width: ask once.
+    formatter = functools.partial(argparse.RawDescriptionHelpFormatter,
+                                  width=max(shutil.get_terminal_size().columns - 2, 11))
+    parser = _parser_class()(
+        prog=PROG,
+        description="Record and query metrics of one machine in a SQLite store.",
+        epilog=_EXIT_CODES_HELP,
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_options(parser, suppress=False)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, func, help_text, examples, add_arguments in _COMMANDS:
+        if command is None or name == command:
+            add_arguments(_subcommand(subparsers, name, func, help_text, examples, formatter))
     return parser
+
+
+def _command_of(argv: List[str]) -> Optional[str]:
+    """The subcommand named on a command line, or None when it is unclear or help is asked for."""
+    names = {entry[0] for entry in _COMMANDS}
+    tokens = iter(argv)
+    for token in tokens:
+        if token in _GLOBAL_OPTIONS_WITH_VALUE:
+            next(tokens, None)
+        elif token in ("-h", "--help", "--version", "--"):
+            return None
+        elif not token.startswith("-"):
+            return token if token in names else None
+    return None
 
 
 @contextlib.contextmanager
@@ -2938,7 +3003,8 @@ def _stderr_logging(verbosity: int, quiet: bool) -> Iterator[None]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code instead of exiting."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:

@@ -147,6 +147,21 @@ class StoreDetectorTest(StoreTestCase):
                 self.assertAlmostEqual(stored.baseline.center, pure.baseline.center, delta=1e-9)
                 self.assertAlmostEqual(stored.baseline.divisor, pure.baseline.divisor, delta=1e-9)
 
+    def test_large_windows_agree_with_the_pure_detector(self):
+        rng = random.Random(8)
+        cases = {
+            "gauss": [rng.gauss(50, 4) for _ in range(25_000)] + [95.0, 3.0],
+            "ties": [float(rng.randint(0, 6)) for _ in range(25_001)] + [40.0],
+            "mostly_equal": [10.0] * 24_000 + [rng.uniform(0, 20) for _ in range(1_000)] + [60.0],
+        }
+        for label, values in cases.items():
+            with self.subTest(data=label):
+                samples = self.record(label, values, step=3.0)
+                stored = self.metrics.detect_anomalies(label, hours=24, method="robust")
+                pure = mm.find_anomalies(samples, "robust")
+                self.assertEqual(stored.baseline, pure.baseline)
+                self.assertEqual([p["timestamp"] for p in stored], [p["timestamp"] for p in pure])
+
     def test_an_empty_window_is_insufficient_data(self):
         report = self.metrics.detect_anomalies("nothing", method="robust")
         self.assertEqual((list(report), report.insufficient_data, report.n), ([], True, 0))
