@@ -337,7 +337,8 @@ class Store:
     ):
         self._conn: Optional[sqlite3.Connection] = None  # first, so close() always works
         if synchronous not in SYNCHRONOUS_MODES:
-            raise ValidationError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, got {_shown(synchronous)}")
+            raise ValidationError(
+                f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, got {_shown(synchronous)}")
         self.path = path
         self.readonly = readonly
         self.busy_timeout_s = busy_timeout_s
@@ -771,7 +772,8 @@ _FOLD_DAYS = """WITH RECURSIVE days(d) AS (
         AND rollups.bucket >= d AND rollups.bucket < d + 86400.0
     GROUP BY d"""
 _FINISH_DAYS = """UPDATE rollups SET
-        m2 = (SELECT total(h.m2 + h.n * (h.total / h.n - rollups.total / rollups.n) * (h.total / h.n - rollups.total / rollups.n))
+        m2 = (SELECT total(h.m2 + h.n * (h.total / h.n - rollups.total / rollups.n)
+                                         * (h.total / h.n - rollups.total / rollups.n))
               FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
               AND h.bucket >= rollups.bucket AND h.bucket < rollups.bucket + 86400.0),
         last_value = (SELECT h.last_value FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
@@ -945,7 +947,8 @@ class MetricsCollector:
             elif size == 3:
                 (name, value, labels), ts = sample, None
             else:
-                raise ValidationError(f"sample {len(rows)} is not (name, value[, labels[, timestamp]]): {_shown(sample)}")
+                raise ValidationError(
+                    f"sample {len(rows)} is not (name, value[, labels[, timestamp]]): {_shown(sample)}")
             if labels is None:
                 series = plain.get(name)
                 key = (name, _NO_LABELS)
@@ -1083,7 +1086,8 @@ class MetricsCollector:
         if previous_state is not None:
             _breaker_code(previous_state)
             conn.execute(
-                "INSERT INTO breaker_transitions (name, ts, from_state, to_state, reason, failures) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO breaker_transitions (name, ts, from_state, to_state, reason, failures) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (breaker_name, prepared[0][0][1], _breaker_state_name(previous_state), _breaker_state_name(state),
                  str(reason), int(failure_count)),
             )
@@ -1144,7 +1148,8 @@ class MetricsCollector:
         return [_Range(0, start, hours[0], False), _Range(int(ROLLUP_SPAN_S), *hours, False),
                 _Range(0, hours[1], end, end_inclusive)]
 
-    def _first_pass(self, name: str, ranges: List[_Range]) -> Tuple[int, float, Optional[float], Optional[float], Optional[float], Optional[float], List[str]]:
+    def _first_pass(self, name: str, ranges: List[_Range]) -> Tuple[int, float, Optional[float], Optional[float],
+                                                                    Optional[float], Optional[float], List[str]]:
         """Count, sum, min, max, first and last time over every range, and the tiers that held data."""
         count, total, lows, highs, firsts, lasts, tiers = 0, 0.0, [], [], [], [], []
         for part in ranges:
@@ -1168,7 +1173,8 @@ class MetricsCollector:
         """Sum of (x - mean)**2 over every range: the second of two passes."""
         return math.fsum(
             self.store.query_one(
-                (_ROLLED_SQUARES if part.span else _RAW_SQUARES) + part.where(), (mean, mean, name, part.start, part.end)
+                (_ROLLED_SQUARES if part.span else _RAW_SQUARES) + part.where(),
+                (mean, mean, name, part.start, part.end),
             )[0]
             for part in ranges
         )
@@ -1180,7 +1186,8 @@ class MetricsCollector:
         ) or self.store.query_one(f"SELECT last_value FROM rollups WHERE {_OF_NAME} AND last_ts = ?", (name, ts))
         return None if row is None else row[0]
 
-    def get_metric_stats(self, name: str, hours: float = DEFAULT_WINDOW_HOURS, *, percentiles: bool = False) -> Dict[str, Any]:
+    def get_metric_stats(self, name: str, hours: float = DEFAULT_WINDOW_HOURS, *,
+                         percentiles: bool = False) -> Dict[str, Any]:
         """Count, avg, min, max, stddev and latest of ``name`` over the last ``hours``.
 
         Whole days and hours come from the rollups, the edges from raw samples;
@@ -1207,8 +1214,8 @@ class MetricsCollector:
         if count > 1:
             stats["stddev"] = math.sqrt(self._squared_deviations(name, ranges, stats["avg"]) / (count - 1))
         if percentiles:
-            values = [row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}", (name, since, until))]
-            values.sort()
+            values = sorted(row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}",
+                                                               (name, since, until)))
             stats.update(p50=percentile(values, 0.50), p95=percentile(values, 0.95))
         return stats
 
@@ -1270,7 +1277,8 @@ class MetricsCollector:
 
     def _robust_baseline(self, name: str, since: float, until: float) -> Optional["Baseline"]:
         """Median and MAD of the raw samples in the window: order statistics need every value."""
-        values = [row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}", (name, since, until))]
+        query = f"SELECT value FROM samples WHERE {_IN_WINDOW}"
+        values = [row[0] for row in self.store.query(query, (name, since, until))]
         if not values:
             return None
         values.sort()
@@ -1488,7 +1496,8 @@ class MetricsCollector:
                 return deleted  # nothing (left) to delete: no write lock taken
             bound = cutoff if row is None else math.nextafter(row[0], math.inf)
             with self.store.write() as conn:
-                deleted += conn.execute(f"DELETE FROM {table} WHERE {where} AND {column} < ?", (*params, bound)).rowcount
+                deleted += conn.execute(f"DELETE FROM {table} WHERE {where} AND {column} < ?",
+                                        (*params, bound)).rowcount
             if row is None:
                 return deleted
 
@@ -1500,7 +1509,8 @@ class MetricsCollector:
             return 0, 0
         if start is None:
             with self.store._translating_errors():
-                start = min(self._first_bucket(self.store.connection, "rollups", "bucket", DAY_S, fold_until), fold_until)
+                first = self._first_bucket(self.store.connection, "rollups", "bucket", DAY_S, fold_until)
+                start = min(first, fold_until)
         # About CLEANUP_BATCH_ROWS hourly rows per transaction, whatever the number of series.
         step = DAY_S * max(1, CLEANUP_BATCH_ROWS // (24 * max(1, len(series))))
         folded = days = 0
@@ -1653,7 +1663,8 @@ def is_anomalous(value: float, baseline: Baseline, threshold: float) -> bool:
 
 def anomaly_reason(value: float, baseline: Baseline) -> str:
     """Why a value was flagged, in words."""
-    return _reason_template(baseline).format(abs(anomaly_score(value, baseline) or 0.0), "above" if value > baseline.center else "below")
+    side = "above" if value > baseline.center else "below"
+    return _reason_template(baseline).format(abs(anomaly_score(value, baseline) or 0.0), side)
 
 
 def _reason_template(baseline: Baseline) -> str:
@@ -1691,7 +1702,8 @@ class AnomalyReport(list):
             "insufficient_data": self.insufficient_data,
             "min_samples": self.min_samples,
             "baseline": self.baseline.describe() if self.baseline else {"n": self.n},
-            "anomalies": [{key: point[key] for key in ("time", "timestamp", "value", "score", "reason")} for point in self],
+            "anomalies": [{key: point[key] for key in ("time", "timestamp", "value", "score", "reason")}
+                          for point in self],
         }
 
 
@@ -1783,7 +1795,8 @@ class RetryAfterTooLong(MonitorError):
     """The server asked to wait longer than the deadline or the cap allows; nothing was slept."""
 
     def __init__(self, operation: str, retry_after_s: float, limit_s: float):
-        super().__init__(f"{operation}: the server asked to retry after {retry_after_s:g} s, beyond the {limit_s:g} s allowed")
+        super().__init__(f"{operation}: the server asked to retry after {retry_after_s:g} s, "
+                         f"beyond the {limit_s:g} s allowed")
         self.retry_after = retry_after_s
         self.limit = limit_s
 
@@ -2123,7 +2136,8 @@ class AdaptiveRetry:
             max_attempts = max(2, min(self.max_attempts_limit, needed))
             deadline = min(self.deadline_limit_s, max(1.0, math.ceil(durations[index])))
             by_attempt = sum(1 for attempts, _ in recovered if attempts <= needed)
-            evidence.append(f"{by_attempt} of {len(recovered)} recovered failures ({100.0 * by_attempt / len(recovered):.0f} %) "
+            share = 100.0 * by_attempt / len(recovered)
+            evidence.append(f"{by_attempt} of {len(recovered)} recovered failures ({share:.0f} %) "
                             f"succeeded by attempt {needed}, within {durations[index]:.1f} s")
         else:
             evidence.append(f"only {len(recovered)} recovered failures on record: keeping max_attempts="
@@ -2153,7 +2167,8 @@ class AdaptiveRetry:
             counts = seen.setdefault(first_error, [0, 0])
             counts[0] += 1
             counts[1] += ok
-        return [(name, count) for name, (count, ok) in sorted(seen.items()) if ok == 0 and count >= NEVER_RECOVERS_AFTER]
+        return [(name, count) for name, (count, ok) in sorted(seen.items())
+                if ok == 0 and count >= NEVER_RECOVERS_AFTER]
 
     def _recent_failure_rate(self, operation_name: str) -> Optional[float]:
         calls, failures = self.store.query_one(
@@ -2299,7 +2314,8 @@ class CircuitBreaker:
                  db_path: Optional[str] = None, collector: Optional["MetricsCollector"] = None, now=time.time):
         self.name = validate_name(name, "breaker name")
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
-            raise ValidationError(f"failure_threshold must be a whole number of at least 1, got {_shown(failure_threshold)}")
+            raise ValidationError(
+                f"failure_threshold must be a whole number of at least 1, got {_shown(failure_threshold)}")
         self.failure_threshold = failure_threshold
         self.window = _positive(window, "window")
         self.open_duration = _positive(open_duration, "open_duration")
@@ -2810,9 +2826,14 @@ def _add_global_options(parser, suppress: bool) -> None:
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--db", metavar="PATH", default=default(None), help="the SQLite store (default: $METASYSTEM_DB, else $METASYSTEM_HOME/metrics.db, else ~/.metasystem/metrics.db)")
-    parser.add_argument("--config", metavar="PATH", default=default(None), help="the INI configuration (default: $METASYSTEM_CONFIG, else alerting-config.ini beside the store)")
-    parser.add_argument("-v", "--verbose", action="count", default=default(0), help="more detail on stderr; tracebacks on errors")
+    parser.add_argument("--db", metavar="PATH", default=default(None),
+                        help="the SQLite store (default: $METASYSTEM_DB, else $METASYSTEM_HOME/metrics.db, "
+                             "else ~/.metasystem/metrics.db)")
+    parser.add_argument("--config", metavar="PATH", default=default(None),
+                        help="the INI configuration (default: $METASYSTEM_CONFIG, else alerting-config.ini "
+                             "beside the store)")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0),
+                        help="more detail on stderr; tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", default=default(False), help="only errors on stderr")
 
 
@@ -2882,7 +2903,8 @@ def _args_anomalies(sub) -> None:
     _add_hours(sub)
     sub.add_argument("--method", choices=ANOMALY_METHODS, default="robust",
                      help="robust: modified z-score from median and MAD (default); zscore: mean and stddev")
-    sub.add_argument("--threshold", metavar="T", help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
+    sub.add_argument("--threshold", metavar="T",
+                     help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
     sub.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES, metavar="N",
                      help=f"fewer samples than this is insufficient data (default {DEFAULT_MIN_SAMPLES})")
     _add_json(sub)

@@ -258,7 +258,7 @@ def bench_process(tmp):
         print(f"   python -X importtime: import metasystem_monitor takes {timings[-1] / 1000:.1f} ms "
               f"(cumulative, after site; {timings[0] / 1000:.1f} ms the first time); largest imports it pulls in:")
         after_site = lines[next(i for i, line in enumerate(lines) if line.rstrip().endswith(" site")) + 1:]
-        for line in sorted(after_site, key=lambda l: -int(l.split("|")[1]))[1:6]:
+        for line in sorted(after_site, key=lambda entry: -int(entry.split("|")[1]))[1:6]:
             print("     " + line.split(":", 1)[1].strip())
 
 
@@ -288,11 +288,11 @@ def bench_year(tmp):
         idle = per_call(collector.cleanup, 20)
         timings = {}
         for days in (30, 365):
-            ours = per_call(lambda: collector.get_metric_stats("series_7", hours=days * 24), 20)
+            ours = per_call(lambda days=days: collector.get_metric_stats("series_7", hours=days * 24), 20)
             tiers = collector.get_metric_stats("series_7", hours=days * 24)["tiers"]
             since = clock[0] - days * DAY_S
-            scan = per_call(lambda: bare.execute("SELECT count(*), avg(value), min(value), max(value) FROM raw "
-                                                 "WHERE ts >= ?", (since,)).fetchone(), 3)
+            scan = per_call(lambda since=since: bare.execute("SELECT count(*), avg(value), min(value), max(value) "
+                                                             "FROM raw WHERE ts >= ?", (since,)).fetchone(), 3)
             timings[days] = (ours, scan, tiers)
     bare.close()
     print(f"   (a year of {series} series at one sample a minute, {365 * per_day * series:,} samples, "

@@ -152,7 +152,6 @@ class ProbeTest(BreakerTestCase):
         breaker = self.tripped(max_open_duration=200)
         waits = []
         for _ in range(4):
-            remaining = breaker.status()
             with self.assertRaises(mm.CircuitOpenError) as caught:
                 breaker.call(self.service)
             waits.append(caught.exception.retry_after)

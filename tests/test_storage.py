@@ -1,6 +1,5 @@
 """The SQLite store: files and modes, pragmas, versions, many writers, crashes."""
 
-import hashlib
 import os
 import signal
 import sqlite3
