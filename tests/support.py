@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import metasystem_monitor as mm
@@ -17,6 +18,22 @@ SUBPROCESS_TIMEOUT_S = 120
 _ENV_KEYS = ("METASYSTEM_DB", "METASYSTEM_HOME", "METASYSTEM_CONFIG")
 # Mount the folder in $1 read-only in a private mount namespace, then run the rest.
 _READONLY_MOUNT = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+
+
+def forbid_real_sleep():
+    """(setUpModule, tearDownModule) that make time.sleep raise for a whole test module."""
+    real_sleep = time.sleep
+
+    def no_sleeping(seconds):
+        raise AssertionError(f"time.sleep({seconds}) was called in a test")
+
+    def forbid():
+        time.sleep = no_sleeping
+
+    def allow():
+        time.sleep = real_sleep
+
+    return forbid, allow
 
 
 class FakeClock:

@@ -4,26 +4,13 @@ No test here sleeps: time.sleep raises for the whole module; the clock is a fake
 """
 
 import random
-import time
 import unittest
 
 import metasystem_monitor as mm
 
-from .support import FakeClock, StoreTestCase
+from .support import FakeClock, StoreTestCase, forbid_real_sleep
 
-_real_sleep = time.sleep
-
-
-def _no_sleeping(seconds):
-    raise AssertionError(f"time.sleep({seconds}) was called in a test")
-
-
-def setUpModule():
-    time.sleep = _no_sleeping
-
-
-def tearDownModule():
-    time.sleep = _real_sleep
+setUpModule, tearDownModule = forbid_real_sleep()
 
 
 class Service:

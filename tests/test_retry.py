@@ -13,7 +13,6 @@ import random
 import socket
 import sqlite3
 import textwrap
-import time
 import unittest
 from email.utils import format_datetime
 from datetime import datetime, timezone
@@ -21,21 +20,9 @@ from urllib.error import HTTPError, URLError
 
 import metasystem_monitor as mm
 
-from .support import FakeClock, StoreTestCase
+from .support import FakeClock, StoreTestCase, forbid_real_sleep
 
-_real_sleep = time.sleep
-
-
-def _no_sleeping(seconds):
-    raise AssertionError(f"time.sleep({seconds}) was called in a test")
-
-
-def setUpModule():
-    time.sleep = _no_sleeping
-
-
-def tearDownModule():
-    time.sleep = _real_sleep
+setUpModule, tearDownModule = forbid_real_sleep()
 
 
 def http_error(code, retry_after=None):
