@@ -1358,16 +1358,20 @@ class MetricsCollector:
             "agents": {name: self._agent_summary(name, hours) for name in self._entities("agent")},
         }
 
+    def _runs(self, prefix: str, hours: float) -> Tuple[int, int, Optional[float]]:
+        """(successes, attempts, average duration) of the PREFIX_success / PREFIX_failure durations."""
+        stats = [self.get_metric_stats(f"{prefix}_{outcome}", hours) for outcome in ("success", "failure")]
+        attempts = stats[0]["count"] + stats[1]["count"]
+        total = sum(part["avg"] * part["count"] for part in stats if part["count"])
+        return stats[0]["count"], attempts, total / attempts if attempts else None
+
     def _sync_summary(self, target: str, hours: float) -> Dict[str, Any]:
-        name = f"sync_{target}"
-        successes, attempts = self.success_counts(name, hours)
-        durations = [self.get_metric_stats(f"{name}_{outcome}", hours) for outcome in ("success", "failure")]
-        total = sum(stats["avg"] * stats["count"] for stats in durations if stats["count"])
-        last_success = self._latest(f"{name}_success")
+        successes, attempts, avg_duration = self._runs(f"sync_{target}", hours)
+        last_success = self._latest(f"sync_{target}_success")
         return {
             "success_rate": None if attempts == 0 else 100.0 * successes / attempts,
             "attempts": attempts,
-            "avg_duration": total / attempts if attempts else None,
+            "avg_duration": avg_duration,
             "last_success": iso_time(last_success[0]) if last_success else None,
         }
 
@@ -1383,16 +1387,13 @@ class MetricsCollector:
         return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
 
     def _agent_summary(self, agent: str, hours: float) -> Dict[str, Any]:
-        name = f"agent_{agent}"
-        successes, executions = self.success_counts(name, hours)
-        durations = [self.get_metric_stats(f"{name}_{outcome}", hours) for outcome in ("success", "failure")]
-        total = sum(stats["avg"] * stats["count"] for stats in durations if stats["count"])
-        runs = [self._latest(f"{name}_{outcome}") for outcome in ("success", "failure")]
+        successes, executions, avg_duration = self._runs(f"agent_{agent}", hours)
+        runs = [self._latest(f"agent_{agent}_{outcome}") for outcome in ("success", "failure")]
         latest = max((run for run in runs if run is not None), default=None, key=lambda run: run[0])
         return {
             "executions": executions,
             "success_rate": None if executions == 0 else 100.0 * successes / executions,
-            "avg_duration": total / executions if executions else None,
+            "avg_duration": avg_duration,
             "latest_duration": None if latest is None else latest[1],
         }
 

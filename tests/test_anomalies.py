@@ -70,6 +70,17 @@ class PureDetectorTest(unittest.TestCase):
         (point,) = mm.flag_points([(1.0, 4.5), (2.0, 4.0)], history, 3.5)
         self.assertEqual((point["score"], point["reason"]), (None, "flat baseline: every other value is 4"))
 
+    def test_anomaly_reason_says_what_flag_points_says(self):
+        for baseline, value in ((mm.zscore_baseline([1.0, 2.0, 3.0, 2.0]), -9.0),
+                                (mm.robust_baseline([10.0] * 9 + [60.0]), 60.0),
+                                (mm.robust_baseline([1.0, 2.0, 3.0, 4.0, 5.0]), 40.0),
+                                (mm.robust_baseline([4.0] * 9), 4.5)):
+            with self.subTest(basis=baseline.basis):
+                (point,) = mm.flag_points([(0.0, value)], baseline, 0.1)
+                self.assertEqual(mm.anomaly_reason(value, baseline), point["reason"])
+        self.assertEqual(mm.anomaly_reason(-9.0, mm.zscore_baseline([1.0, 2.0, 3.0, 2.0])),
+                         "13.47 standard deviations below the mean 2")
+
     def test_result_shape_keeps_the_original_keys(self):
         (point,) = mm.find_anomalies(points(ONE_SPIKE), "zscore")
         self.assertEqual(sorted(point), ["method", "reason", "score", "time", "timestamp", "value", "z_score"])
