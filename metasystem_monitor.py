@@ -471,15 +471,14 @@ class Store:
         with self._translating_errors():
             return self.connection.execute(sql, tuple(params)).fetchone()
 
-    def get_meta(self, key: str) -> Optional[str]:
-        """A value the store keeps about itself (when it was last cleaned, rolled up)."""
-        row = self.query_one("SELECT value FROM meta WHERE key = ?", (key,))
-        return None if row is None else row[0]
+    def meta_times(self, *keys: str) -> Tuple[Optional[float], ...]:
+        """Times the store keeps about itself (rolled_until, daily_until, last_cleanup); None if unset."""
+        with self._translating_errors():
+            return _meta_times(self.connection, *keys)
 
     def tier_marks(self) -> Tuple[Optional[float], Optional[float]]:
         """(rolled_until, daily_until): how far hours are rolled up and folded into days."""
-        with self._translating_errors():
-            return _tier_marks(self.connection)
+        return self.meta_times("rolled_until", "daily_until")
 
     def reclaim_space(self) -> None:
         """Give free pages back and checkpoint the WAL, so the file shrinks after a purge."""
@@ -817,10 +816,16 @@ def _whole_buckets(start: float, end: float, span: float, limit: float) -> Optio
     return (first, stop) if first < stop else None
 
 
+def _meta_times(conn: sqlite3.Connection, *keys: str) -> Tuple[Optional[float], ...]:
+    """The meta values of ``keys``, as floats, None where unset; one query."""
+    marks = dict(conn.execute(f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
+                              keys).fetchall())
+    return tuple(None if marks.get(key) is None else float(marks[key]) for key in keys)
+
+
 def _tier_marks(conn: sqlite3.Connection) -> Tuple[Optional[float], Optional[float]]:
     """(rolled_until, daily_until): hours before the first are rolled up, before the second folded into days."""
-    marks = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('rolled_until', 'daily_until')").fetchall())
-    return tuple(None if marks.get(key) is None else float(marks[key]) for key in ("rolled_until", "daily_until"))
+    return _meta_times(conn, "rolled_until", "daily_until")
 
 
 _RAW_PASS = "SELECT count(*), total(value), min(value), max(value), min(ts), max(ts) FROM samples WHERE "
@@ -1542,11 +1547,11 @@ class MetricsCollector:
         if not self.maintain or self.store.readonly or self._clock() < self._next_maintenance:
             return
         self._next_maintenance = self._clock() + MAINTENANCE_CHECK_INTERVAL_S
-        meta = dict(self.store.query("SELECT key, value FROM meta WHERE key IN ('rolled_until', 'last_cleanup')"))
+        rolled_until, last_cleanup = self.store.meta_times("rolled_until", "last_cleanup")
         now = self._now()
-        if float(meta.get("last_cleanup", "-inf")) <= now - CLEANUP_INTERVAL_S:
+        if last_cleanup is None or last_cleanup <= now - CLEANUP_INTERVAL_S:
             log.debug("daily cleanup: %s", self.cleanup())
-        elif float(meta.get("rolled_until", "-inf")) < bucket_start(now - ROLLUP_GRACE_S):
+        elif rolled_until is None or rolled_until < bucket_start(now - ROLLUP_GRACE_S):
             self.roll_up()
 
 
@@ -2370,7 +2375,10 @@ class CircuitBreaker:
         return nominal_delay(max(1, opens), self.open_duration, 2.0, self.max_open_duration)
 
     def status(self) -> Dict[str, Any]:
-        """State, failures in the window, and since when, as stored."""
+        """State, failures in the window, and since when, as stored; closed if it was never used."""
+        if self.store.query_one("SELECT 1 FROM breakers WHERE name = ?", (self.name,)) is None:
+            return {"name": self.name, "state": "closed", "failures": 0, "window_s": self.window, "since": None,
+                    "open_until": None}
         return breaker_status(self.store, self.name, self._now())
 
     def reset(self) -> None:

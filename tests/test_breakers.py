@@ -49,6 +49,10 @@ class BreakerTestCase(StoreTestCase):
 
 
 class TripTest(BreakerTestCase):
+    def test_a_breaker_never_used_is_closed(self):
+        self.assertEqual(self.breaker().status(), {"name": "svc", "state": "closed", "failures": 0,
+                                                   "window_s": 1800.0, "since": None, "open_until": None})
+
     def test_three_failures_open_it_and_calls_then_fail_fast(self):
         breaker = self.breaker()
         self.fail_calls(breaker, 3)

@@ -305,7 +305,7 @@ class RollupTest(StoreTestCase):
         self.assertEqual(metrics.roll_up(), 71)
         self.assertEqual(traced.count("BEGIN IMMEDIATE"), 3)  # 71 closed hours: 24 + 24 + 23
         # The hour that ended 30 s ago is not closed yet: its sample stays raw only.
-        self.assertEqual(float(metrics.store.get_meta("rolled_until")), 1_800_000_000.0 - 3600)
+        self.assertEqual(metrics.store.meta_times("rolled_until")[0], 1_800_000_000.0 - 3600)
         self.assertEqual(metrics.store.query("SELECT max(bucket) FROM rollups"), [(1_800_000_000.0 - 7200,)])
         self.assertEqual(metrics.roll_up(), 0)
 
@@ -359,7 +359,7 @@ class CleanupTest(StoreTestCase):
         clock.advance(22 * HOUR)
         metrics.record("x", 4)
         self.assertEqual(self.raw_values(metrics), [1.0, 3.0, 4.0])
-        self.assertEqual(float(metrics.store.get_meta("last_cleanup")), clock.now)
+        self.assertEqual(metrics.store.meta_times("last_cleanup")[0], clock.now)
         self.assertEqual(metrics.get_metric_stats("x", hours=100)["count"], 4)
 
 

@@ -52,7 +52,7 @@ class FoldingTest(StoreTestCase):
         self.assertEqual(report["deleted_samples"], sum(1 for ts, _ in self.points if ts < mm.bucket_start(
             self.clock.now - DAY)))
         day_edge = mm.bucket_start(self.clock.now - 3 * DAY, DAY)
-        self.assertEqual(float(self.metrics.store.get_meta("daily_until")), day_edge)
+        self.assertEqual(self.metrics.store.meta_times("daily_until")[0], day_edge)
         self.assertEqual(report["daily_rollups"], 2 * 5)  # two series, five whole days before the edge
         self.assertEqual(self.metrics.store.query("SELECT count(*) FROM rollups WHERE span = 3600 AND bucket < ?",
                                                   (day_edge,)), [(0,)])
@@ -86,7 +86,7 @@ class FoldingTest(StoreTestCase):
         hours = (self.clock.now - since) / HOUR
         self.assertSameStats(self.observed(hours), self.expected(since))
         self.assertEqual(self.metrics.store.query("SELECT count(*) FROM rollups WHERE span = 3600 AND bucket < ?",
-                                                  (float(self.metrics.store.get_meta("daily_until")),)), [(0,)])
+                                                  (self.metrics.store.meta_times("daily_until")[0],)), [(0,)])
 
     def test_daily_rollups_expire_when_configured(self):
         self.metrics.daily_days = 5
