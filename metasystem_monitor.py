@@ -11,8 +11,10 @@ From cron:
 
 Exit codes:
     0  success (recording commands print nothing)
-    1  runtime error: one line on stderr (-v adds the traceback)
+    1  runtime error: one line on stderr (-v adds the traceback); a bad configuration
     2  usage error: a bad option, argument or input value
+    3  alert: some channels failed
+    4  alert: no channel delivered
 """
 
 from __future__ import annotations
@@ -26,11 +28,19 @@ import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
+from enum import Enum
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
 __all__ = [
     "AdaptiveRetry",
+    "Alert",
+    "AlertChannel",
+    "AlertSeverity",
+    "AlertingSystem",
+    "Delivery",
+    "DeliveryReport",
+    "mask_url",
     "AnomalyReport",
     "CallOutcome",
     "CircuitBreaker",
@@ -59,7 +69,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -97,6 +107,8 @@ BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
+EXIT_ALERT_PARTIAL = 3  # alert: some channels failed
+EXIT_ALERT_NONE = 4  # alert: no channel delivered
 EXIT_INTERRUPTED = 130
 
 _NO_LABELS = "{}"
@@ -243,6 +255,40 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                reason TEXT NOT NULL,
                failures INTEGER NOT NULL)""",
         "CREATE INDEX breaker_transitions_by_time ON breaker_transitions (name, ts)",
+    ),
+    (
+        # Every alert sent, tested or refused, and what each channel did with it. Secrets are
+        # masked before they get here.
+        """CREATE TABLE alerts (
+               id INTEGER PRIMARY KEY,
+               ts REAL NOT NULL,
+               kind TEXT NOT NULL,
+               dedup_key TEXT NOT NULL,
+               severity TEXT NOT NULL,
+               title TEXT NOT NULL,
+               message TEXT NOT NULL,
+               details TEXT NOT NULL)""",
+        "CREATE INDEX alerts_by_time ON alerts (ts)",
+        """CREATE TABLE alert_deliveries (
+               alert_id INTEGER NOT NULL,
+               channel TEXT NOT NULL,
+               ts REAL NOT NULL,
+               outcome TEXT NOT NULL,
+               attempts INTEGER NOT NULL,
+               http_status INTEGER,
+               error_class TEXT,
+               error TEXT,
+               latency_ms REAL,
+               PRIMARY KEY (alert_id, channel)) WITHOUT ROWID""",
+        # Per dedup key and channel: the last successful delivery (the dedup window runs from it)
+        # and the lease of the process sending it now.
+        """CREATE TABLE alert_marks (
+               dedup_key TEXT NOT NULL,
+               channel TEXT NOT NULL,
+               sent_at REAL,
+               claim_owner TEXT NOT NULL,
+               claim_until REAL NOT NULL,
+               PRIMARY KEY (dedup_key, channel)) WITHOUT ROWID""",
     ),
 )
 
@@ -1761,8 +1807,8 @@ def find_anomalies(
 
 ## Retry and breakers ##########################################################
 
-TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-PERMANENT_HTTP_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 422})
+TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429})  # and every 5xx
+PERMANENT_HTTP_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 413, 422})
 _TRANSIENT_ERRNOS = frozenset(
     getattr(errno, name) for name in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE", "ETIMEDOUT", "EAGAIN",
                                       "EWOULDBLOCK", "EINTR", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EBUSY")
@@ -1810,17 +1856,21 @@ class RetryAfterTooLong(MonitorError):
 def classify_error(error: BaseException) -> str:
     """``transient``, ``permanent`` or ``unknown``: can trying again in a few seconds help?
 
-    Connection resets and refusals, timeouts, a locked SQLite store and HTTP
-    408/429/5xx are transient; permissions, missing files, a full or read-only
-    disk, HTTP 400/401/403/404/410/422 and programming errors are permanent.
-    A ``URLError`` is judged by the error inside it.
+    Connection resets and refusals, timeouts, a locked SQLite store, HTTP
+    408/425/429/5xx and SMTP 4xx replies are transient; permissions, missing
+    files, a full or read-only disk, HTTP 400/401/403/404/405/410/413/422, SMTP
+    5xx replies and programming errors are permanent.  A ``URLError`` is judged
+    by the error inside it.
     """
     from urllib.error import HTTPError, URLError
 
     if isinstance(error, HTTPError):
-        if error.code in TRANSIENT_HTTP_STATUSES:
-            return "transient"
-        return "permanent" if error.code in PERMANENT_HTTP_STATUSES else "unknown"
+        return classify_http_status(error.code)
+    smtp_code = getattr(error, "smtp_code", None)
+    if isinstance(smtp_code, int):  # smtplib: 4xx is "try again later", 5xx is final
+        return "transient" if 400 <= smtp_code < 500 else "permanent"
+    if type(error).__name__ == "SMTPServerDisconnected":
+        return "transient"
     if isinstance(error, URLError):
         reason = error.reason
         if isinstance(reason, BaseException):
@@ -2498,12 +2548,1345 @@ def list_breakers(store: Store, now: float) -> List[Dict[str, Any]]:
     return [breaker_status(store, name, now) for (name,) in store.query("SELECT name FROM breakers ORDER BY name")]
 
 
+## Alerting ###################################################################
+
+ALERT_SEVERITIES = ("info", "warning", "critical")  # lowest first
+CHANNEL_TYPES = ("discord", "email", "log", "ntfy", "slack", "telegram", "webhook")
+DEFAULT_DEDUP_WINDOW_S = 3600.0  # the original design's window
+DEFAULT_ALERT_TIMEOUT_S = 10.0
+DEFAULT_CHANNEL_BUDGET_S = 20.0
+DELIVERY_ATTEMPTS = 3
+DELIVERY_BACKOFF_S = 1.0
+DELIVERY_BACKOFF_CAP_S = 8.0
+DELIVERY_MIN_ATTEMPT_S = 0.5  # below this much budget left, another attempt is not started
+DELIVERY_CLAIM_GRACE_S = 10.0  # a claim outlives the channel budget by this much
+DELIVERY_CLAIM_POLL_S = 0.1
+CLOCK_SKEW_S = 60.0  # a mark this far in the future is from a clock that jumped back: ignore it
+MAX_REPLY_BYTES = 64 * 1024
+USER_AGENT = f"metasystem-monitor/{__version__} (Python urllib)"
+TRUNCATION_MARKER = "… [truncated]"
+SLACK_TEXT_CHARS = 3000
+DISCORD_CONTENT_CHARS = 2000
+DISCORD_TITLE_CHARS = 256
+DISCORD_DESCRIPTION_CHARS = 4096
+DISCORD_FIELD_NAME_CHARS = 256
+DISCORD_FIELD_VALUE_CHARS = 1024
+DISCORD_FIELDS = 25
+DISCORD_FOOTER_CHARS = 2048
+DISCORD_EMBED_TOTAL_CHARS = 6000
+TELEGRAM_TEXT_CHARS = 4096
+NTFY_BODY_BYTES = 4096
+NTFY_TITLE_CHARS = 250
+LOG_LINE_CHARS = 1000  # classic syslog receivers cut lines near 1 KB
+SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")
+SYSLOG_LEVELS = {"critical": 2, "warning": 4, "info": 6}
+SYSLOG_FACILITIES = {"user": 1, "daemon": 3, **{f"local{n}": 16 + n for n in range(8)}}
+SLACK_COLORS = {"critical": "#d00000", "warning": "#f2c744", "info": "#439fe0"}
+DISCORD_COLORS = {"critical": 0xD00000, "warning": 0xF2C744, "info": 0x439FE0}
+NTFY_PRIORITIES = {"critical": "5", "warning": "4", "info": "3"}
+NTFY_TAGS = {"critical": "rotating_light", "warning": "warning", "info": "information_source"}
+DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured")
+# The original design's [alerting] keys: each makes the channel named here.
+SEED_CHANNEL_KEYS = {"email_to": ("email", "email"), "slack_webhook_url": ("slack", "slack"),
+                     "discord_webhook_url": ("discord", "discord"), "webhook_url": ("webhook", "webhook")}
+ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget")
+CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget")
+# Per type: (plain keys, secret keys, required keys).  A secret key also works as KEY_env and KEY_file.
+CHANNEL_KEYS = {
+    "email": (("method", "to", "from", "smtp_host", "smtp_port", "security", "username", "allow_insecure_auth",
+               "tls_verify", "command"), ("password",), ("to",)),
+    "slack": (("tls_verify",), ("url",), ("url",)),
+    "discord": (("tls_verify", "username"), ("url",), ("url",)),
+    "webhook": (("tls_verify",), ("url", "secret"), ("url",)),
+    "ntfy": (("tls_verify",), ("url", "token"), ("url",)),
+    "telegram": (("tls_verify", "chat_id", "api_url"), ("token",), ("token", "chat_id")),
+    "log": (("address", "facility"), (), ()),
+}
+EMAIL_METHODS = ("smtp", "mail", "sendmail")
+EMAIL_SECURITY = {"starttls": 587, "ssl": 465, "none": 25}
+CONFIG_SECTIONS = ("storage", "alerting", "serve")
+CONFIG_SECTION_PREFIXES = ("channel:", "check:")
+STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous")
+
+
+class AlertSeverity(Enum):
+    """How bad it is; the original design's three levels."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return ALERT_SEVERITIES.index(self.value)
+
+
+class AlertChannel(Enum):
+    """The original design's channel kinds; each selects every configured channel of that type."""
+
+    EMAIL = "email"
+    WEBHOOK = "webhook"
+    SLACK = "slack"
+    DISCORD = "discord"
+    LOG = "log"
+
+
+class DeliveryError(MonitorError):
+    """One attempt to deliver failed; ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, status: Optional[int] = None, retry_after: Optional[float] = None,
+                 error_class: Optional[str] = None, category: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.error_class = error_class or ("http" if status is not None else "delivery")
+        self.category = category or (classify_http_status(status) if status is not None else "permanent")
+
+
+class Alert(NamedTuple):
+    """What create_alert() returns and send_alert() delivers."""
+
+    title: str
+    message: str
+    severity: AlertSeverity
+    channels: Optional[Tuple[str, ...]]
+    details: Dict[str, Any]
+    created_at: float
+    uid: str  # one per alert: the webhook-id and Message-ID, the same on every retry
+
+    @property
+    def key(self) -> str:
+        """The dedup key of the original design: ``severity:title``."""
+        return f"{self.severity.value}:{self.title}"
+
+    @property
+    def headline(self) -> str:
+        return f"[{self.severity.value.upper()}] {self.title}"
+
+    def detail_lines(self) -> List[str]:
+        return [f"{key}: {_one_line(str(value))}" for key, value in sorted(self.details.items())]
+
+
+class Delivery(NamedTuple):
+    """What happened on one channel: one row of the history."""
+
+    outcome: str  # one of DELIVERY_OUTCOMES
+    attempts: int = 0
+    http_status: Optional[int] = None
+    error_class: Optional[str] = None
+    error: Optional[str] = None
+    latency_ms: Optional[float] = None
+
+
+class DeliveryReport(dict):
+    """``{channel: delivered}`` as the original design returns it, with each Delivery in ``outcomes``."""
+
+    def __init__(self, outcomes: Dict[str, Delivery], external: Iterable[str] = ()):
+        super().__init__((name, d.outcome in ("sent", "deduplicated")) for name, d in outcomes.items())
+        self.outcomes = outcomes
+        self.external = [name for name in external if name in outcomes]
+
+    def exit_code(self) -> int:
+        """0 delivered, deduplicated or nothing configured; 3 some channels failed; 4 none delivered."""
+        judged = [name for name in (self.external or list(self)) if self.outcomes[name].outcome != "not_configured"]
+        failed = [name for name in judged if self.outcomes[name].outcome == "failed"]
+        if not failed:
+            return EXIT_OK
+        return EXIT_ALERT_PARTIAL if len(failed) < len(judged) else EXIT_ALERT_NONE
+
+
+def classify_http_status(status: int) -> str:
+    """``transient`` for 408, 425, 429 and 5xx; ``permanent`` for 400, 401, 403, 404, 405, 410, 413, 422."""
+    if status in TRANSIENT_HTTP_STATUSES or 500 <= status <= 599:
+        return "transient"
+    return "permanent" if status in PERMANENT_HTTP_STATUSES else "unknown"
+
+
+def _one_line(text: str) -> str:
+    """Control characters (CR and LF among them) as spaces: safe in a header or a log line."""
+    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).strip()
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in a visible marker when cut."""
+    if len(text) <= limit:
+        return text
+    return text[:max(0, limit - len(TRUNCATION_MARKER))] + TRUNCATION_MARKER[:limit]
+
+
+def truncate_utf8(text: str, limit_bytes: int) -> bytes:
+    """``text`` as UTF-8 of at most ``limit_bytes``, cut on a character boundary with the marker."""
+    data = text.encode("utf-8")
+    if len(data) <= limit_bytes:
+        return data
+    marker = TRUNCATION_MARKER.encode("utf-8")
+    return data[:limit_bytes - len(marker)].decode("utf-8", "ignore").encode("utf-8") + marker
+
+
+def mask_url(url: str) -> str:
+    """A URL as it may be shown: scheme, host and port; path, query and credentials as ``***``.
+
+    >>> mask_url("https://hooks.slack.com/services/T000/B000/XXXX")
+    'https://hooks.slack.com/***'
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "***"
+    netloc = ("***@" if "@" in parts.netloc else "") + (f"[{host}]" if ":" in host else host)
+    netloc += f":{port}" if port else ""
+    path = "/***" if parts.path.strip("/") else parts.path
+    return f"{parts.scheme}://{netloc}{path}" + ("?***" if parts.query else "")
+
+
+class Masker:
+    """Replaces every known secret, and the parts of secret URLs, with ``***`` in any text."""
+
+    MIN_SECRET_CHARS = 4  # shorter fragments would mangle ordinary words
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self._urls: List[str] = []
+        self._fragments: set = set()
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: Optional[str]) -> None:
+        if not secret:
+            return
+        if "://" in secret:
+            self._urls.append(secret)
+            self._fragments.update(_url_fragments(secret))
+        self._fragments.add(secret)
+
+    def scrub(self, text: Any) -> str:
+        text = str(text)
+        for url in sorted(self._urls, key=len, reverse=True):
+            text = text.replace(url, mask_url(url))
+        for fragment in sorted(self._fragments, key=len, reverse=True):
+            if len(fragment) >= self.MIN_SECRET_CHARS:
+                text = text.replace(fragment, "***")
+        return text
+
+
+def _url_fragments(url: str) -> List[str]:
+    """The parts of a URL that may be a secret: path segments, query values, user and password."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        # Words such as 'services' or 'webhooks' are not secrets; ids and tokens have digits or length.
+        fragments = [segment for segment in parts.path.split("/")
+                     if len(segment) >= 12 or any(ch.isdigit() for ch in segment)]
+        fragments += [unquote(segment) for segment in fragments]
+        fragments += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
+        fragments += [parts.query, parts.username or "", parts.password or ""]
+    except ValueError:
+        return []
+    return [fragment for fragment in fragments if fragment]
+
+
+# -- configuration ------------------------------------------------------------
+
+class ChannelSpec(NamedTuple):
+    """One channel as configured: its plain settings, its secrets, and where each secret came from."""
+
+    name: str
+    kind: str
+    section: str
+    settings: Dict[str, str]
+    secrets: Dict[str, str]
+    sources: Dict[str, str]
+    min_severity: str
+    timeout_s: float
+    budget_s: float
+    enabled: bool = True
+    missing: Optional[str] = None  # why the channel cannot be used now (a secret not set), or None
+
+
+class AlertingSettings(NamedTuple):
+    """Everything alerting reads from the INI file, checked; problems are (section, key, text)."""
+
+    path: str
+    channels: Dict[str, ChannelSpec]
+    dedup_window_s: float
+    timeout_s: float
+    budget_s: float
+    problems: List[Tuple[str, str, str]]
+    inline_secrets: List[str]  # "[section] key" of each secret written in the file itself
+
+    def masker(self) -> Masker:
+        return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
+
+    def problem_lines(self) -> List[str]:
+        return [f"{self.path}: [{section}] {key + ': ' if key else ''}{text}" for section, key, text in self.problems]
+
+
+def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
+    """Read and check the ``[alerting]`` and ``[channel:NAME]`` sections; never raises for bad values."""
+    environ = os.environ if environ is None else environ
+    problems: List[Tuple[str, str, str]] = []
+    inline: List[str] = []
+    _check_sections(config, problems)
+    alerting = dict(config["alerting"]) if config.has_section("alerting") else {}
+    timeout_s = _duration_setting(alerting, "alerting", "timeout", DEFAULT_ALERT_TIMEOUT_S, problems, positive=True)
+    budget_s = _duration_setting(alerting, "alerting", "channel_budget", DEFAULT_CHANNEL_BUDGET_S, problems,
+                                 positive=True)
+    window_s = _duration_setting(alerting, "alerting", "dedup_window", DEFAULT_DEDUP_WINDOW_S, problems)
+    seed_keys = {f"{key}{suffix}" for key in SEED_CHANNEL_KEYS for suffix in ("", "_env", "_file")
+                 if key != "email_to" or not suffix}
+    for key in alerting:
+        if key not in ALERTING_KEYS and key not in seed_keys:
+            problems.append(("alerting", key, "unknown key"))
+    channels: Dict[str, ChannelSpec] = {}
+    for key, (name, kind) in SEED_CHANNEL_KEYS.items():
+        if any(k in alerting and k in seed_keys for k in (key, f"{key}_env", f"{key}_file")):
+            items = {"type": kind}
+            for suffix in ("", "_env", "_file"):
+                if key + suffix in alerting and key + suffix in seed_keys:
+                    items[("to" if kind == "email" else "url") + suffix] = alerting[key + suffix]
+            channels[name] = _channel_spec(name, "alerting", items, environ, problems, inline,
+                                           timeout_s, budget_s, seed_key=key)
+    for section in config.sections():
+        if not section.startswith("channel:"):
+            continue
+        name = section[len("channel:"):].strip()
+        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+            problems.append((section, "", "a channel name takes letters, digits, '-', '_' and '.'"))
+            continue
+        if name in channels:
+            problems.append((section, "", f"channel {name!r} is also made by a key in [alerting]"))
+            continue
+        channels[name] = _channel_spec(name, section, dict(config[section]), environ, problems, inline,
+                                       timeout_s, budget_s)
+    if "log" not in channels:
+        channels["log"] = ChannelSpec("log", "log", "", {}, {}, {}, "info", timeout_s, budget_s)
+    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline)
+
+
+def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
+    if not hasattr(config, "sections"):
+        return
+    for section in config.sections():
+        if section not in CONFIG_SECTIONS and not section.startswith(CONFIG_SECTION_PREFIXES):
+            problems.append((section, "", "unknown section"))
+    if config.has_section("storage"):
+        for key in config["storage"]:
+            if key not in STORAGE_KEYS:
+                problems.append(("storage", key, "unknown key"))
+        try:
+            storage_settings(config)
+        except ConfigError as err:
+            problems.append(("storage", "", str(err).replace("[storage] ", "")))
+
+
+def _duration_setting(items: Dict[str, str], section: str, key: str, default: float,
+                      problems: List[Tuple[str, str, str]], positive: bool = False) -> float:
+    if key not in items:
+        return default
+    try:
+        seconds = parse_duration_s(items[key])
+    except ValidationError as err:
+        problems.append((section, key, str(err)))
+        return default
+    if positive and seconds <= 0:
+        problems.append((section, key, "must be more than 0"))
+        return default
+    return seconds
+
+
+def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[str, str],
+                  problems: List[Tuple[str, str, str]], inline: List[str], timeout_s: float, budget_s: float,
+                  seed_key: Optional[str] = None) -> ChannelSpec:
+    """One channel from its section's items; every problem found is appended, none raised."""
+    start = len(problems)
+    kind = items.get("type", "").strip().lower()
+    if kind not in CHANNEL_KEYS:
+        shown = f"unknown channel type {_shown(kind)}" if kind else "missing"
+        problems.append((section, "type", f"{shown}; one of {', '.join(CHANNEL_TYPES)}"))
+        return ChannelSpec(name, kind, section, {}, {}, {}, "info", timeout_s, budget_s, False)
+    plain, secret_keys, required = CHANNEL_KEYS[kind]
+    allowed = set(CHANNEL_COMMON_KEYS) | set(plain)
+    allowed |= {f"{key}{suffix}" for key in secret_keys for suffix in ("", "_env", "_file")}
+    for key in items:
+        if key not in allowed:
+            problems.append((section, key, f"unknown key for a {kind} channel"))
+    settings = {key: items[key].strip() for key in plain if key in items}
+    secrets: Dict[str, str] = {}
+    sources: Dict[str, str] = {}
+    why_missing: Dict[str, str] = {}
+    for key in secret_keys:
+        value, source, why = _secret(items, key, section, environ, problems)
+        if source == "file":
+            inline.append(f"[{section}] {seed_key or key}")
+        if value:
+            secrets[key], sources[key] = value, source
+        elif why:
+            why_missing[key] = why
+    missing = None
+    for key in required:
+        if settings.get(key) or key in secrets:
+            continue
+        if not any(f"{key}{suffix}" in items for suffix in ("", "_env", "_file")):
+            problems.append((section, key, f"required for a {kind} channel"))
+        elif missing is None:
+            missing = why_missing.get(key, f"{key} is empty")
+    min_severity = items.get("min_severity", "info").strip().lower()
+    if min_severity not in ALERT_SEVERITIES:
+        problems.append((section, "min_severity", f"{_shown(min_severity)} is not one of {', '.join(ALERT_SEVERITIES)}"))
+        min_severity = "info"
+    enabled = _bool_setting(items, section, "enabled", True, problems)
+    channel_timeout = _duration_setting(items, section, "timeout", timeout_s, problems, positive=True)
+    channel_budget = _duration_setting(items, section, "channel_budget", budget_s, problems, positive=True)
+    _check_channel_values(kind, section, settings, items, problems)
+    if seed_key:  # name the key as the user wrote it
+        written = {"url": seed_key, "to": seed_key}
+        problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]
+        missing = missing and missing.replace("url", seed_key, 1).replace("to is", f"{seed_key} is", 1)
+    usable = len(problems) == start
+    return ChannelSpec(name, kind, section, settings, secrets, sources, min_severity, channel_timeout,
+                       channel_budget, enabled and usable, missing)
+
+
+def _secret(items: Dict[str, str], key: str, section: str, environ: Dict[str, str],
+            problems: List[Tuple[str, str, str]]) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(value, where it came from, why it is missing) for KEY, KEY_env or KEY_file."""
+    given = [name for name in (key, f"{key}_env", f"{key}_file") if name in items]
+    if len(given) > 1:
+        problems.append((section, key, f"give only one of {', '.join(given)}"))
+    if not given:
+        return None, None, None
+    chosen = given[0]
+    text = items[chosen].strip()
+    if chosen == key:
+        return (text or None), "file", (None if text else f"{key} is empty")
+    if chosen.endswith("_env"):
+        value = environ.get(text, "").strip()
+        return (value or None), f"${text}", (None if value else f"${text} is not set")
+    path = os.path.expanduser(text)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = handle.read().strip()
+    except OSError as err:
+        return None, f"file {path}", f"{path} cannot be read ({err.strerror or err})"
+    return (value or None), f"file {path}", (None if value else f"{path} is empty")
+
+
+def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
+                  problems: List[Tuple[str, str, str]]) -> bool:
+    text = items.get(key)
+    if text is None:
+        return default
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        problems.append((section, key, f"{_shown(text)} is not true or false"))
+        return default
+    return value
+
+
+def _check_channel_values(kind: str, section: str, settings: Dict[str, str], items: Dict[str, str],
+                          problems: List[Tuple[str, str, str]]) -> None:
+    """The checks a value can fail whatever the machine: URLs, addresses, ports, choices."""
+    for key in ("url", "api_url"):
+        text = items.get(key, "").strip()
+        if text and not _is_http_url(text):
+            problems.append((section, key, f"{mask_url(text)} is not an http or https URL"))
+    for key in ("tls_verify", "allow_insecure_auth"):
+        _bool_setting(settings, section, key, True, problems)
+    if kind == "email":
+        _check_email_values(section, settings, items, problems)
+    if kind == "log":
+        facility = settings.get("facility", "user")
+        if facility not in SYSLOG_FACILITIES:
+            problems.append((section, "facility", f"{_shown(facility)} is not one of {', '.join(SYSLOG_FACILITIES)}"))
+    if kind == "telegram" and "chat_id" in settings and not settings["chat_id"].lstrip("-@").replace("_", "").isalnum():
+        problems.append((section, "chat_id", f"{_shown(settings['chat_id'])} is not a chat id or @channel"))
+
+
+def _check_email_values(section: str, settings: Dict[str, str], items: Dict[str, str],
+                        problems: List[Tuple[str, str, str]]) -> None:
+    for address in _recipients(settings.get("to", "")):
+        if address[0] in "-|" or any(ch.isspace() or ord(ch) < 32 or ch in "<>;\"'`$\\" for ch in address):
+            problems.append((section, "to", f"{_shown(address)} is not a mail address"))
+    sender = settings.get("from", "")
+    if sender and (sender[0] in "-|" or any(ch.isspace() or ord(ch) < 32 for ch in sender)):
+        problems.append((section, "from", f"{_shown(sender)} is not a mail address"))
+    method = settings.get("method", "smtp" if "smtp_host" in settings else "mail")
+    if method not in EMAIL_METHODS:
+        problems.append((section, "method", f"{_shown(method)} is not one of {', '.join(EMAIL_METHODS)}"))
+    security = settings.get("security", "starttls")
+    if security not in EMAIL_SECURITY:
+        problems.append((section, "security", f"{_shown(security)} is not one of {', '.join(EMAIL_SECURITY)}"))
+    if method == "smtp" and not settings.get("smtp_host"):
+        problems.append((section, "smtp_host", "required when method = smtp"))
+    port = settings.get("smtp_port")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        problems.append((section, "smtp_port", f"{_shown(port)} is not a port number"))
+    if settings.get("username") and method == "smtp" and not any(
+            key in items for key in ("password", "password_env", "password_file")):
+        problems.append((section, "password", "required when username is set"))
+    insecure = settings.get("allow_insecure_auth", "false").lower() in ("true", "yes", "on", "1")
+    if security == "none" and settings.get("username") and not insecure:
+        problems.append((section, "username", "login over a connection without TLS sends the password in clear; "
+                                              "set allow_insecure_auth = true to allow it"))
+
+
+def _recipients(text: str) -> List[str]:
+    return [address.strip() for address in text.split(",") if address.strip()]
+
+
+def _is_http_url(text: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and _one_line(text) == text
+
+
+def config_is_shared(path: str) -> bool:
+    """True when users other than the owner may read the file."""
+    try:
+        return bool(os.stat(path).st_mode & 0o044)
+    except OSError:
+        return False
+
+
+# -- channels -----------------------------------------------------------------
+
+class HttpReply(NamedTuple):
+    status: int
+    headers: Any
+    body: bytes
+
+
+def http_post(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, context: Any) -> HttpReply:
+    """POST ``body``; every status is returned, none raised; redirects are not followed."""
+    import urllib.request
+    from urllib.error import HTTPError
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # a webhook that moved is a failure to see, not to follow with a GET
+
+    request = urllib.request.Request(url, data=body, method="POST", headers={"User-Agent": USER_AGENT, **headers})
+    handlers = [NoRedirect] + ([urllib.request.HTTPSHandler(context=context)] if context is not None else [])
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            return HttpReply(response.status, response.headers, response.read(MAX_REPLY_BYTES))
+    except HTTPError as err:
+        with contextlib.closing(err):
+            reply = err.read(MAX_REPLY_BYTES) if err.fp is not None else b""
+        return HttpReply(err.code, err.headers, reply)
+
+
+def _verifies(spec: ChannelSpec) -> bool:
+    """False only when the channel says ``tls_verify = false``."""
+    return spec.settings.get("tls_verify", "true").lower() not in ("false", "no", "off", "0")
+
+
+def tls_context(verify: bool) -> Any:
+    """The default verifying context, or (asked for explicitly) one that accepts any certificate."""
+    import ssl
+
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _json_bytes(document: Dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def _reply_json(reply: HttpReply) -> Dict[str, Any]:
+    import json
+
+    try:
+        document = json.loads(reply.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _reply_error(reply: HttpReply, now: float, retry_after: Any = None) -> DeliveryError:
+    """The failure an HTTP reply means, with its Retry-After (header, or the body's) parsed."""
+    text = _one_line(reply.body[:200].decode("utf-8", "replace"))
+    header = reply.headers.get("Retry-After") if reply.headers is not None else None
+    wait = parse_retry_after(retry_after if retry_after is not None else header, now)
+    error_class = "rate_limited" if reply.status == 429 else "http"
+    return DeliveryError(f"HTTP {reply.status}" + (f": {text}" if text else ""), status=reply.status,
+                         retry_after=wait, error_class=error_class)
+
+
+class _Channel:
+    """One configured channel: renders an alert for its service and delivers it."""
+
+    def __init__(self, spec: ChannelSpec, hostname: str):
+        self.spec = spec
+        self.name = spec.name
+        self.hostname = hostname
+
+    def describe(self) -> str:
+        return self.spec.kind
+
+    def render(self, alert: Alert) -> str:
+        """The payload as --dry-run shows it (secrets are masked by the caller)."""
+        raise NotImplementedError
+
+    def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
+        """Deliver once; return the HTTP status if any; raise on failure."""
+        raise NotImplementedError
+
+    def body_text(self, alert: Alert) -> str:
+        lines = [alert.message] if alert.message else []
+        if alert.details:
+            lines += [""] + alert.detail_lines()
+        lines += ["", f"host: {self.hostname}", f"time: {iso_time(alert.created_at)}"]
+        return "\n".join(lines)
+
+
+class _HttpChannel(_Channel):
+    """A channel that POSTs JSON to a URL and reads the status."""
+
+    content_type = "application/json"
+
+    def url(self) -> str:
+        return self.spec.secrets["url"]
+
+    def describe(self) -> str:
+        return f"{self.spec.kind} POST {mask_url(self.url())}"
+
+    def payload(self, alert: Alert) -> bytes:
+        raise NotImplementedError
+
+    def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
+        return {"Content-Type": self.content_type}
+
+    def render(self, alert: Alert) -> str:
+        return self.payload(alert).decode("utf-8")
+
+    def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
+        body = self.payload(alert)
+        url = self.url()
+        context = tls_context(_verifies(self.spec)) if url.startswith("https:") else None
+        reply = http_post(url, body, self.headers(alert, body, now), timeout_s, context)
+        self.check(reply, now)
+        return reply.status
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if not 200 <= reply.status < 300:
+            raise _reply_error(reply, now)
+
+
+class SlackChannel(_HttpChannel):
+    """Slack incoming webhook: ``text`` always, one attachment colored by severity; success is 200 ``ok``."""
+
+    def payload(self, alert: Alert) -> bytes:
+        body = _slack_escape(self.body_text(alert))
+        return _json_bytes({
+            "text": truncate(_slack_escape(alert.headline), SLACK_TEXT_CHARS),
+            "attachments": [{
+                "color": SLACK_COLORS[alert.severity.value],
+                "fallback": truncate(alert.headline, SLACK_TEXT_CHARS),
+                "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": _slack_cut(body)}}],
+            }],
+        })
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if reply.status != 200 or reply.body.strip() != b"ok":
+            raise _reply_error(reply, now)
+
+
+def _slack_escape(text: str) -> str:
+    """Slack's three control characters as entities, so alert text never becomes a link or mention."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_cut(text: str) -> str:
+    cut = truncate(text, SLACK_TEXT_CHARS)
+    if cut != text:  # never leave half an entity before the marker
+        head = cut[:-len(TRUNCATION_MARKER)]
+        amp = head.rfind("&", max(0, len(head) - 5))
+        if amp >= 0 and ";" not in head[amp:]:
+            head = head[:amp]
+        cut = head + TRUNCATION_MARKER
+    return cut
+
+
+class DiscordChannel(_HttpChannel):
+    """Discord webhook with ``?wait=true``, one embed, mentions disabled, within Discord's limits."""
+
+    def url(self) -> str:
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+        parts = urlsplit(self.spec.secrets["url"])
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "wait"]
+        return urlunsplit(parts._replace(query=urlencode(query + [("wait", "true")])))
+
+    def payload(self, alert: Alert) -> bytes:
+        fields = [{"name": truncate(str(key), DISCORD_FIELD_NAME_CHARS) or "-",
+                   "value": truncate(_one_line(str(value)), DISCORD_FIELD_VALUE_CHARS) or "-", "inline": True}
+                  for key, value in sorted(alert.details.items())][:DISCORD_FIELDS]
+        footer = truncate(f"metasystem-monitor on {self.hostname}", DISCORD_FOOTER_CHARS)
+        title = truncate(alert.headline, DISCORD_TITLE_CHARS)
+        used = len(title) + len(footer) + sum(len(f["name"]) + len(f["value"]) for f in fields)
+        room = min(DISCORD_DESCRIPTION_CHARS, DISCORD_EMBED_TOTAL_CHARS - used)
+        embed = {"title": title, "description": truncate(alert.message or "-", max(room, 1)),
+                 "color": DISCORD_COLORS[alert.severity.value], "fields": fields, "footer": {"text": footer},
+                 "timestamp": iso_time(alert.created_at)}
+        document = {"content": truncate(alert.headline, DISCORD_CONTENT_CHARS), "embeds": [embed],
+                    "allowed_mentions": {"parse": []}}
+        if self.spec.settings.get("username"):
+            document["username"] = self.spec.settings["username"]
+        return _json_bytes(document)
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if reply.status not in (200, 204):
+            raise _reply_error(reply, now, _reply_json(reply).get("retry_after") if reply.status == 429 else None)
+
+
+class WebhookChannel(_HttpChannel):
+    """A JSON body an Alertmanager webhook receiver can read, optionally signed (Standard Webhooks)."""
+
+    def payload(self, alert: Alert) -> bytes:
+        labels = {"alertname": alert.title, "severity": alert.severity.value, "instance": self.hostname,
+                  "source": "metasystem"}
+        annotations = {"summary": alert.title, "description": alert.message}
+        return _json_bytes({
+            "version": "4", "status": "firing", "receiver": self.name, "groupKey": alert.key,
+            "truncatedAlerts": 0, "groupLabels": {"alertname": alert.title}, "commonLabels": labels,
+            "commonAnnotations": annotations, "externalURL": "",
+            "alerts": [{"status": "firing", "labels": labels, "annotations": annotations,
+                        "startsAt": iso_time(alert.created_at), "endsAt": "0001-01-01T00:00:00Z",
+                        "generatorURL": "", "fingerprint": _fingerprint(alert.key)}],
+            "severity": alert.severity.value, "dedup_key": alert.key, "details": alert.details,
+            "title": alert.title, "message": alert.message,
+        })
+
+    def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
+        headers = super().headers(alert, body, now)
+        secret = self.spec.secrets.get("secret")
+        if secret:
+            headers.update(webhook_signature(secret, alert.uid, int(now), body))
+        return headers
+
+
+def _fingerprint(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> Dict[str, str]:
+    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body``; a ``whsec_`` secret is base64."""
+    import base64
+    import hashlib
+    import hmac
+
+    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode("utf-8")
+    signed = f"{message_id}.{timestamp}.".encode("utf-8") + body
+    digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+    return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
+
+
+class NtfyChannel(_HttpChannel):
+    """ntfy: the body is the message, Title, Priority and Tags are headers."""
+
+    content_type = "text/plain; charset=utf-8"
+
+    def payload(self, alert: Alert) -> bytes:
+        return truncate_utf8(self.body_text(alert), NTFY_BODY_BYTES)
+
+    def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
+        headers = super().headers(alert, body, now)
+        headers.update(Title=_header_text(truncate(alert.headline, NTFY_TITLE_CHARS)),
+                       Priority=NTFY_PRIORITIES[alert.severity.value], Tags=NTFY_TAGS[alert.severity.value])
+        if self.spec.secrets.get("token"):
+            headers["Authorization"] = f"Bearer {self.spec.secrets['token']}"
+        return headers
+
+    def render(self, alert: Alert) -> str:
+        headers = self.headers(alert, b"", 0.0)
+        shown = "".join(f"{key}: {value}\n" for key, value in headers.items() if key != "Authorization")
+        return shown + "\n" + self.payload(alert).decode("utf-8")
+
+
+def _header_text(text: str) -> str:
+    """A header value: ASCII as it is, anything else as an RFC 2047 encoded word."""
+    import base64
+
+    text = _one_line(text)
+    if text.isascii():
+        return text
+    return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
+
+
+class TelegramChannel(_HttpChannel):
+    """Telegram Bot API sendMessage; the token sits in the path, so only the masked URL is ever shown."""
+
+    def url(self) -> str:
+        base = self.spec.settings.get("api_url", "https://api.telegram.org").rstrip("/")
+        return f"{base}/bot{self.spec.secrets['token']}/sendMessage"
+
+    def payload(self, alert: Alert) -> bytes:
+        text = truncate(f"{alert.headline}\n\n{self.body_text(alert)}", TELEGRAM_TEXT_CHARS)
+        return _json_bytes({"chat_id": self.spec.settings["chat_id"], "text": text,
+                            "disable_web_page_preview": True})
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        document = _reply_json(reply)
+        if reply.status != 200 or document.get("ok") is not True:
+            parameters = document.get("parameters")
+            retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+            raise _reply_error(reply, now, retry_after)
+
+
+class EmailChannel(_Channel):
+    """Email by SMTP (STARTTLS or implicit TLS, verified), by ``mail``, or by ``sendmail -t -oi``."""
+
+    def method(self) -> str:
+        return self.spec.settings.get("method", "smtp" if "smtp_host" in self.spec.settings else "mail")
+
+    def recipients(self) -> List[str]:
+        return _recipients(self.spec.settings["to"])
+
+    def describe(self) -> str:
+        method = self.method()
+        if method == "smtp":
+            security = self.spec.settings.get("security", "starttls")
+            where = f"smtp {self.spec.settings['smtp_host']}:{self._port()} ({security})"
+        else:
+            where = self._command()[0] if self._command() else method
+        return f"email via {where} to {', '.join(self.recipients())}"
+
+    def subject(self, alert: Alert) -> str:
+        return _one_line(alert.headline)
+
+    def message(self, alert: Alert) -> Any:
+        from email.message import EmailMessage
+        from email.utils import formatdate, make_msgid
+
+        message = EmailMessage()
+        message["Subject"] = self.subject(alert)
+        message["From"] = self.spec.settings.get("from") or f"metasystem@{self.hostname}"
+        message["To"] = ", ".join(self.recipients())
+        message["Date"] = formatdate(alert.created_at, localtime=True)
+        message["Message-ID"] = make_msgid(idstring=alert.uid, domain="metasystem.invalid")
+        message["X-Metasystem-Severity"] = alert.severity.value
+        message.set_content(self.body_text(alert) + "\n")
+        return message
+
+    def render(self, alert: Alert) -> str:
+        if self.method() == "mail":
+            return f"argv: {self._mail_argv(alert)}\n\n{self._mail_body(alert)}"
+        return self.message(alert).as_string()
+
+    def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
+        method = self.method()
+        if method == "smtp":
+            self._send_smtp(self.message(alert), timeout_s)
+        elif method == "mail":
+            self._run(self._mail_argv(alert), self._mail_body(alert).encode("utf-8"), timeout_s)
+        else:
+            self._run(self._command() + ["-t", "-oi"], self.message(alert).as_bytes(), timeout_s)
+        return None
+
+    def _port(self) -> int:
+        security = self.spec.settings.get("security", "starttls")
+        return int(self.spec.settings.get("smtp_port") or EMAIL_SECURITY[security])
+
+    def _send_smtp(self, message: Any, timeout_s: float) -> None:
+        import smtplib
+
+        settings = self.spec.settings
+        security = settings.get("security", "starttls")
+        context = tls_context(_verifies(self.spec)) if security != "none" else None
+        host, port = settings["smtp_host"], self._port()
+        if security == "ssl":
+            client = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=context)
+        else:
+            client = smtplib.SMTP(host, port, timeout=timeout_s)
+        with client:
+            client.ehlo()
+            if security == "starttls":
+                client.starttls(context=context)
+                client.ehlo()
+            if settings.get("username"):
+                client.login(settings["username"], self.spec.secrets.get("password", ""))
+            client.send_message(message)
+
+    def _command(self) -> List[str]:
+        import shutil
+
+        configured = self.spec.settings.get("command")
+        if configured:
+            return [configured]
+        name = "mail" if self.method() == "mail" else "sendmail"
+        found = shutil.which(name) or (shutil.which(name, path="/usr/sbin:/usr/lib") if name == "sendmail" else None)
+        return [found] if found else []
+
+    def _mail_argv(self, alert: Alert) -> List[str]:
+        return self._command()[:1] + ["-s", self.subject(alert), "--"] + self.recipients()
+
+    def _mail_body(self, alert: Alert) -> str:
+        # mailx reads a line starting with '~' as a command: a space in front makes it text.
+        lines = self.body_text(alert).split("\n")
+        return "\n".join(" " + line if line.startswith("~") else line for line in lines) + "\n"
+
+    def _run(self, argv: List[str], data: bytes, timeout_s: float) -> None:
+        import subprocess
+
+        if not argv or not argv[0]:
+            raise DeliveryError(f"no {self.method()} command found on PATH", error_class="command")
+        try:
+            result = subprocess.run(argv, input=data, capture_output=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise DeliveryError(f"{os.path.basename(argv[0])} did not finish in {timeout_s:g} s",
+                                error_class="timeout", category="transient") from None
+        except OSError as err:
+            raise DeliveryError(f"{argv[0]} cannot be run: {err.strerror or err}", error_class="command") from None
+        if result.returncode != 0:
+            said = _one_line(result.stderr.decode("utf-8", "replace"))[:200]
+            raise DeliveryError(f"{os.path.basename(argv[0])} exited with {result.returncode}"
+                                + (f": {said}" if said else ""), error_class="command")
+
+
+class LogChannel(_Channel):
+    """syslog through its local socket (LOG_CRIT, LOG_WARNING, LOG_INFO), else the logging module."""
+
+    def address(self) -> Optional[str]:
+        configured = self.spec.settings.get("address")
+        if configured:
+            return None if configured == "none" else configured
+        return next((path for path in SYSLOG_SOCKETS if os.path.exists(path)), None)
+
+    def describe(self) -> str:
+        address = self.address()
+        return f"log to syslog at {address}" if address else "log to the 'metasystem.alert' logger"
+
+    def line(self, alert: Alert) -> str:
+        parts = [alert.headline] + ([alert.message] if alert.message else []) + alert.detail_lines()
+        return truncate(_one_line(" | ".join(_one_line(part) for part in parts)), LOG_LINE_CHARS)
+
+    def render(self, alert: Alert) -> str:
+        return self.line(alert)
+
+    def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
+        address = self.address()
+        line = self.line(alert)
+        if address:
+            try:
+                self._syslog(address, alert.severity.value, line, timeout_s)
+                return None
+            except OSError as err:
+                log.info("syslog at %s refused the alert (%s); using the logger", address, err.strerror or err)
+        level = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
+        logging.getLogger("metasystem.alert").log(level[alert.severity.value], "%s", line)
+        return None
+
+    def _syslog(self, address: str, severity: str, line: str, timeout_s: float) -> None:
+        import socket
+
+        facility = SYSLOG_FACILITIES[self.spec.settings.get("facility", "user")]
+        datagram = f"<{facility * 8 + SYSLOG_LEVELS[severity]}>metasystem[{os.getpid()}]: {line}".encode("utf-8")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(address)
+            sock.send(datagram)
+
+
+_CHANNEL_CLASSES = {"slack": SlackChannel, "discord": DiscordChannel, "webhook": WebhookChannel,
+                    "ntfy": NtfyChannel, "telegram": TelegramChannel, "email": EmailChannel, "log": LogChannel}
+
+
+def delivery_failure(error: BaseException) -> Tuple[str, str, Optional[int]]:
+    """(category, error class, HTTP status) of a failed attempt, by the module's one classifier."""
+    import socket
+    import ssl
+
+    if isinstance(error, DeliveryError):
+        return error.category, error.error_class, error.status
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        error_class = "timeout"
+    elif isinstance(error, ssl.SSLError):
+        error_class = "tls"
+    elif isinstance(error, socket.gaierror):
+        error_class = "dns"
+    elif getattr(error, "smtp_code", None) is not None or type(error).__module__ == "smtplib":
+        error_class = "smtp"
+    elif isinstance(error, OSError):
+        error_class = "connection"
+    else:
+        error_class = type(error).__name__
+    reason = getattr(error, "reason", None)  # URLError wraps the socket error
+    if isinstance(reason, BaseException):
+        return delivery_failure(reason)[0], delivery_failure(reason)[1], None
+    return classify_error(error), error_class, None
+
+
+def _error_text(error: BaseException) -> str:
+    """One line saying what went wrong, the inner error of a URLError unwrapped."""
+    reason = getattr(error, "reason", None)
+    inner = reason if isinstance(reason, BaseException) else error
+    if isinstance(inner, DeliveryError):
+        return _one_line(str(inner))
+    return _one_line(f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
+
+
+# -- the alerting system ------------------------------------------------------
+
+class AlertingSystem:
+    """Alerts to every configured channel, deduplicated across processes through the store.
+
+    ``create_alert`` then ``send_alert`` (or ``send_critical_alert`` and
+    friends) deliver to each selected channel with classified retries inside
+    a time budget, and record every outcome: ``get_alert_history``.  Alerts
+    with the same severity and title go out once per channel within the dedup
+    window; a channel that failed is tried again by the next call.
+    """
+
+    def __init__(self, config_path: Optional[str] = None, *, db_path: Optional[str] = None,
+                 environ: Optional[Dict[str, str]] = None, now=time.time, clock=time.monotonic, sleep=None,
+                 rng=None, store: Optional[Store] = None, settings: Optional[AlertingSettings] = None,
+                 synchronous: str = "normal"):
+        import random
+        import socket
+
+        environ = os.environ if environ is None else environ
+        self.config_path = resolve_config_path(config_path, environ)
+        if settings is None:
+            settings = alerting_settings(load_config(self.config_path), self.config_path, environ)
+        if settings.problems:
+            lines = settings.problem_lines()
+            more = f" (and {len(lines) - 1} more; see 'config --check')" if len(lines) > 1 else ""
+            raise ConfigError(lines[0] + more)
+        if settings.inline_secrets and config_is_shared(self.config_path):
+            log.warning("%s holds secrets (%s) and other users can read it: chmod 600 %s", self.config_path,
+                        ", ".join(settings.inline_secrets), self.config_path)
+        for spec in settings.channels.values():
+            if spec.enabled and not _verifies(spec):
+                log.warning("channel %s: TLS certificates are not verified (tls_verify = false)", spec.name)
+        self.settings = settings
+        self.masker = settings.masker()
+        self.hostname = socket.gethostname()
+        self.channels = {name: _CHANNEL_CLASSES[spec.kind](spec, self.hostname)
+                         for name, spec in settings.channels.items() if spec.enabled and not spec.missing}
+        self._store = store
+        self._db_path = resolve_db_path(db_path, environ)
+        self._synchronous = synchronous
+        self._now, self._clock = now, clock
+        self._sleep = time.sleep if sleep is None else sleep
+        self._rng = random.Random() if rng is None else rng
+        self._owner = os.urandom(8).hex()
+
+    @property
+    def store(self) -> Store:
+        """The store, opened on first use: a dry run or a configuration check never creates one."""
+        if self._store is None:
+            self._store = Store(self._db_path, synchronous=self._synchronous)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "AlertingSystem":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- the original API ---------------------------------------------------
+
+    def create_alert(self, title: str, message: str, severity: AlertSeverity = AlertSeverity.WARNING,
+                     channels: Optional[Iterable[Any]] = None, details: Optional[Dict[str, Any]] = None) -> Alert:
+        """An alert, not yet sent. ``channels``: AlertChannel kinds or channel names; None is every channel."""
+        title = _one_line(str(title))
+        if not title:
+            raise ValidationError("an alert needs a title")
+        severity = _severity(severity)
+        chosen = None if channels is None else tuple(_channel_selector(channel) for channel in channels)
+        return Alert(title, str(message or ""), severity, chosen, dict(details or {}), self._now(),
+                     os.urandom(8).hex())
+
+    def send_alert(self, alert: Alert) -> DeliveryReport:
+        """Deliver to each selected channel; ``{name: delivered}``, never raising for a channel's failure."""
+        return self._deliver(alert, kind="alert")
+
+    def send_critical_alert(self, title: str, message: str = "", channels: Optional[Iterable[Any]] = None,
+                            details: Optional[Dict[str, Any]] = None) -> DeliveryReport:
+        return self.send_alert(self.create_alert(title, message, AlertSeverity.CRITICAL, channels, details))
+
+    def send_warning_alert(self, title: str, message: str = "", channels: Optional[Iterable[Any]] = None,
+                           details: Optional[Dict[str, Any]] = None) -> DeliveryReport:
+        return self.send_alert(self.create_alert(title, message, AlertSeverity.WARNING, channels, details))
+
+    def send_info_alert(self, title: str, message: str = "", channels: Optional[Iterable[Any]] = None,
+                        details: Optional[Dict[str, Any]] = None) -> DeliveryReport:
+        return self.send_alert(self.create_alert(title, message, AlertSeverity.INFO, channels, details))
+
+    def send_test(self, channels: Optional[Iterable[Any]] = None) -> DeliveryReport:
+        """A labelled test to each channel, past the dedup window and leaving it untouched."""
+        alert = self.create_alert(f"Test alert from metasystem-monitor on {self.hostname}",
+                                  "If you can read this, the channel works. Nothing is wrong.",
+                                  AlertSeverity.INFO, channels, {"test": "true"})
+        return self._deliver(alert, kind="test")
+
+    def get_alert_history(self, hours: float = DEFAULT_WINDOW_HOURS) -> List[Dict[str, Any]]:
+        """Alerts of the last ``hours``, newest first, each with its per-channel outcomes."""
+        import json
+
+        since = self._now() - float(hours) * 3600.0
+        alerts = self.store.query("SELECT id, ts, kind, severity, title, message, details FROM alerts "
+                                  "WHERE ts >= ? ORDER BY ts DESC, id DESC", (since,))
+        history = []
+        for alert_id, ts, kind, severity, title, message, details in alerts:
+            rows = self.store.query("SELECT channel, outcome, attempts, http_status, error_class, error, latency_ms "
+                                    "FROM alert_deliveries WHERE alert_id = ? ORDER BY channel", (alert_id,))
+            history.append({
+                "id": alert_id, "time": iso_time(ts), "timestamp": ts, "kind": kind, "severity": severity,
+                "title": title, "message": message, "details": json.loads(details),
+                "channels": {row[0]: dict(zip(("outcome", "attempts", "http_status", "error_class", "error",
+                                               "latency_ms"), row[1:])) for row in rows},
+            })
+        return history
+
+    # -- selection ------------------------------------------------------------
+
+    def selected(self, alert: Alert) -> Tuple[List[_Channel], List[str]]:
+        """(channels to try, selectors that match no usable channel)."""
+        specs = self.settings.channels
+        if alert.channels is None:
+            chosen = [name for name, spec in specs.items()
+                      if ALERT_SEVERITIES.index(spec.min_severity) <= alert.severity.rank]
+            missing = []
+        else:
+            chosen, missing = [], []
+            for selector in alert.channels:
+                names = [selector] if selector in specs else [n for n, s in specs.items() if s.kind == selector]
+                chosen += [name for name in names if name not in chosen]
+                if not names and selector not in missing:
+                    log.info("channel %s not configured, skipped", selector)
+                    missing.append(selector)
+        for name in chosen:
+            if name not in self.channels:
+                spec = specs[name]
+                why = spec.missing or "it is disabled"
+                log.info("channel %s not configured (%s), skipped", name, self.masker.scrub(why))
+                missing.append(name)
+        return [self.channels[name] for name in chosen if name in self.channels], missing
+
+    def external_channels(self, alert: Alert) -> List[str]:
+        """The selected channels besides the always-on log."""
+        channels, missing = self.selected(alert)
+        return [c.name for c in channels if c.spec.kind != "log"] + [m for m in missing if m != "log"]
+
+    # -- delivery ---------------------------------------------------------------
+
+    def _deliver(self, alert: Alert, kind: str) -> DeliveryReport:
+        import json
+
+        channels, missing = self.selected(alert)
+        with self.store.write() as conn:
+            alert_id = conn.execute(
+                "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (alert.created_at, kind, alert.key, alert.severity.value, self.masker.scrub(alert.title),
+                 self.masker.scrub(alert.message), self.masker.scrub(json.dumps(alert.details, sort_keys=True,
+                                                                                 default=str))),
+            ).lastrowid
+            for name in missing:
+                self._write_delivery(conn, alert_id, name, Delivery("not_configured"))
+        outcomes = {name: Delivery("not_configured") for name in missing}
+        for channel in channels:
+            outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, dedup=kind != "test")
+        external = [name for name in outcomes if self.settings.channels.get(name) is None
+                    or self.settings.channels[name].kind != "log"]
+        report = DeliveryReport(outcomes, external)
+        if external and not any(report[name] for name in external) and not any(
+                c.spec.kind == "log" for c in channels):
+            self._last_resort(alert)
+        return report
+
+    def _last_resort(self, alert: Alert) -> None:
+        """No channel took the alert: the log gets it, so it is on record somewhere."""
+        spec = self.settings.channels.get("log")
+        if spec is not None and spec.kind == "log" and "log" in self.channels:
+            with contextlib.suppress(Exception):
+                self.channels["log"].send(alert, self.settings.timeout_s, self._now())
+
+    def _deliver_to(self, channel: _Channel, alert: Alert, alert_id: int, dedup: bool) -> Delivery:
+        if dedup and not self._claim(channel, alert):
+            delivery = Delivery("deduplicated")
+            with self.store.write() as conn:
+                self._write_delivery(conn, alert_id, channel.name, delivery)
+            log.info("channel %s: %s already sent within the dedup window", channel.name, alert.key)
+            return delivery
+        delivery = self._attempts(channel, alert)
+        with self.store.write() as conn:
+            self._write_delivery(conn, alert_id, channel.name, delivery)
+            if dedup:
+                self._settle_claim(conn, channel.name, alert.key, delivery.outcome == "sent")
+        if delivery.outcome == "failed":
+            log.warning("channel %s failed after %d attempt%s: %s", channel.name, delivery.attempts,
+                        "" if delivery.attempts == 1 else "s", delivery.error)
+        return delivery
+
+    def _claim(self, channel: _Channel, alert: Alert) -> bool:
+        """Take the right to send ``alert`` on ``channel``; False when it was sent within the window.
+
+        A claim is a lease in the store: another process sending the same alert
+        waits for it to settle, then sees the delivery (or the failure, and
+        tries itself).  A claim left by a killed process expires.
+        """
+        lease_s = channel.spec.budget_s + DELIVERY_CLAIM_GRACE_S
+        while True:
+            with self.store.write() as conn:
+                now = self._now()
+                row = conn.execute("SELECT sent_at, claim_owner, claim_until FROM alert_marks "
+                                   "WHERE dedup_key = ? AND channel = ?", (alert.key, channel.name)).fetchone()
+                sent_at, owner, until = row if row else (None, "", 0.0)
+                if sent_at is not None and now - self.settings.dedup_window_s < sent_at <= now + CLOCK_SKEW_S:
+                    return False
+                if not owner or until <= now or owner == self._owner:
+                    conn.execute("INSERT INTO alert_marks (dedup_key, channel, sent_at, claim_owner, claim_until) "
+                                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (dedup_key, channel) DO UPDATE SET "
+                                 "claim_owner = excluded.claim_owner, claim_until = excluded.claim_until",
+                                 (alert.key, channel.name, sent_at, self._owner, now + lease_s))
+                    return True
+            self._sleep(DELIVERY_CLAIM_POLL_S)
+
+    def _settle_claim(self, conn: sqlite3.Connection, channel: str, key: str, sent: bool) -> None:
+        if sent:
+            conn.execute("UPDATE alert_marks SET sent_at = ?, claim_owner = '', claim_until = 0 "
+                         "WHERE dedup_key = ? AND channel = ?", (self._now(), key, channel))
+        else:
+            conn.execute("UPDATE alert_marks SET claim_owner = '', claim_until = 0 "
+                         "WHERE dedup_key = ? AND channel = ? AND claim_owner = ?", (key, channel, self._owner))
+
+    def _write_delivery(self, conn: sqlite3.Connection, alert_id: int, channel: str, delivery: Delivery) -> None:
+        conn.execute(
+            "INSERT INTO alert_deliveries (alert_id, channel, ts, outcome, attempts, http_status, error_class, "
+            "error, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (alert_id, channel, self._now(), delivery.outcome, delivery.attempts, delivery.http_status,
+             delivery.error_class, delivery.error, delivery.latency_ms),
+        )
+
+    def _attempts(self, channel: _Channel, alert: Alert) -> Delivery:
+        """Send with classified retries: transient failures again after jittered backoff (Retry-After as
+        a floor), permanent ones never, a timeout at most twice, all inside the channel's budget."""
+        spec = channel.spec
+        started = self._clock()
+        deadline = started + spec.budget_s
+        attempts = timeouts = 0
+        while True:
+            attempts += 1
+            timeout_s = max(0.001, min(spec.timeout_s, deadline - self._clock()))
+            try:
+                status = channel.send(alert, timeout_s, self._now())
+            except Exception as error:  # every failure is classified and recorded, none escapes
+                category, error_class, status = delivery_failure(error)
+                text = self.masker.scrub(_error_text(error))
+                timeouts += error_class == "timeout"
+                wait, stop = self._next_wait(error, category, attempts, timeouts, deadline)
+                if stop is not None:
+                    latency = (self._clock() - started) * 1000.0
+                    return Delivery("failed", attempts, status, error_class, text + stop, round(latency, 1))
+                log.info("channel %s attempt %d failed (%s); again in %.1f s", spec.name, attempts, text, wait)
+                self._sleep(wait)
+                continue
+            return Delivery("sent", attempts, status, None, None, round((self._clock() - started) * 1000.0, 1))
+
+    def _next_wait(self, error: BaseException, category: str, attempts: int, timeouts: int,
+                   deadline: float) -> Tuple[float, Optional[str]]:
+        """(seconds to wait, None) to try again, or (0, what to add to the error) to stop."""
+        if category != "transient" or attempts >= DELIVERY_ATTEMPTS:
+            return 0.0, ""
+        if timeouts >= 2:
+            return 0.0, " (timed out twice; it may have arrived)"
+        nominal = nominal_delay(attempts, DELIVERY_BACKOFF_S, 2.0, DELIVERY_BACKOFF_CAP_S)
+        wait = jittered_delay(nominal, "full", self._rng, cap=DELIVERY_BACKOFF_CAP_S, initial=DELIVERY_BACKOFF_S,
+                              previous=nominal)
+        asked = error.retry_after if isinstance(error, DeliveryError) else None
+        left = deadline - self._clock()
+        if asked is not None and asked + DELIVERY_MIN_ATTEMPT_S > left:
+            return 0.0, f" (asked to retry after {asked:g} s, beyond the {max(left, 0):.0f} s left of the budget)"
+        wait = max(wait, asked or 0.0)
+        if wait + DELIVERY_MIN_ATTEMPT_S > left:
+            return 0.0, " (the channel's time budget is spent)"
+        return wait, None
+
+    # -- dry run ------------------------------------------------------------
+
+    def render(self, alert: Alert) -> List[str]:
+        """What each selected channel would send, secrets masked: the --dry-run output."""
+        channels, missing = self.selected(alert)
+        blocks = [f"--- {name}: not configured, skipped" for name in missing]
+        for channel in channels:
+            text = f"--- {channel.name}: {channel.describe()}\n{channel.render(alert)}"
+            blocks.append(self.masker.scrub(text.rstrip("\n")))
+        return blocks
+
+
+def _severity(value: Any) -> AlertSeverity:
+    if isinstance(value, AlertSeverity):
+        return value
+    try:
+        return AlertSeverity(str(value).lower())
+    except ValueError:
+        raise ValidationError(f"severity must be one of {', '.join(ALERT_SEVERITIES)}, got {_shown(value)}") from None
+
+
+def _channel_selector(value: Any) -> str:
+    if isinstance(value, AlertChannel):
+        return value.value
+    text = str(value).strip()
+    if not text:
+        raise ValidationError("a channel name cannot be empty")
+    return text
+
+
+def effective_configuration(settings: AlertingSettings) -> List[str]:
+    """The configuration as alerting reads it, every secret masked: what ``config`` prints."""
+    masker = settings.masker()
+    lines = [f"# {settings.path}" + ("" if os.path.exists(settings.path) else " (does not exist: defaults)"),
+             "[alerting]", f"dedup_window = {format_duration(settings.dedup_window_s)}",
+             f"timeout = {format_duration(settings.timeout_s)}", f"channel_budget = {format_duration(settings.budget_s)}"]
+    for name, spec in sorted(settings.channels.items()):
+        made_by = "" if spec.section.startswith("channel:") or not spec.section else f"  # from [{spec.section}]"
+        lines += ["", f"[channel:{name}]{made_by}", f"type = {spec.kind}"]
+        if not spec.section:
+            lines.append("# always on: the record of last resort")
+        lines += [f"{key} = {value}" for key, value in sorted(spec.settings.items())]
+        for key, value in sorted(spec.secrets.items()):
+            shown = mask_url(value) if "://" in value else "***"
+            lines.append(f"{key} = {shown}  # from {spec.sources[key]}")
+        if spec.min_severity != "info":
+            lines.append(f"min_severity = {spec.min_severity}")
+        if spec.missing:
+            lines.append(f"# not configured: {masker.scrub(spec.missing)}; the channel is skipped")
+        elif not spec.enabled:
+            lines.append("# disabled")
+    return [masker.scrub(line) for line in lines]
+
+
 ## CLI ########################################################################
 
 _EXIT_CODES_HELP = """exit codes:
   0  success (recording commands print nothing)
-  1  runtime error, one line on stderr (-v adds the traceback)
-  2  usage error: a bad option, argument or input value"""
+  1  runtime error, one line on stderr (-v adds the traceback); a bad configuration
+  2  usage error: a bad option, argument or input value
+  3  alert, alert-test: some channels failed
+  4  alert, alert-test: no channel delivered"""
 
 
 def load_config(path: str, required: bool = False):
@@ -2548,6 +3931,18 @@ def parse_duration_s(text: str) -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """The largest whole unit: ``3600`` as ``1h``, ``90`` as ``90s``; what parse_duration_s reads back.
+
+    >>> format_duration(3600), format_duration(90), format_duration(0.5)
+    ('1h', '90s', '0.5s')
+    """
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _days_setting(section: Any, key: str, default: float) -> float:
     """A ``[storage]`` horizon in days: a number of days, or a duration such as ``12h``."""
     text = section.get(key)
@@ -2565,6 +3960,10 @@ class _EmptyConfig:
     @staticmethod
     def has_section(name: str) -> bool:
         return False
+
+    @staticmethod
+    def sections() -> List[str]:
+        return []
 
 
 _EMPTY_CONFIG = _EmptyConfig()
@@ -2816,6 +4215,105 @@ def cmd_metrics(args) -> int:
     return EXIT_OK
 
 
+def _alerting(args) -> AlertingSystem:
+    """The alerting system of the command line: its configuration checked, its store not yet opened."""
+    config = load_config(args.config_path, required=args.config_named)
+    settings = alerting_settings(config, args.config_path)
+    synchronous = storage_settings(config)["synchronous"] if not settings.problems else "normal"
+    return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings, synchronous=synchronous)
+
+
+def _parse_details(pairs: Optional[List[str]]) -> Dict[str, str]:
+    details: Dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValidationError(f"detail {_shown(pair)} is not KEY=VALUE")
+        details[key.strip()] = value
+    return details
+
+
+def _delivery_line(name: str, delivery: Delivery) -> str:
+    """``slack: sent in 120 ms`` or ``discord: failed after 1 attempt in 15 ms: HTTP 404: ...``."""
+    line = f"{name}: {delivery.outcome}"
+    if delivery.outcome == "failed":
+        line += f" after {delivery.attempts} attempt{'' if delivery.attempts == 1 else 's'}"
+    if delivery.latency_ms is not None:
+        line += f" in {delivery.latency_ms:.0f} ms"
+    return line + (f": {delivery.error}" if delivery.error else "")
+
+
+def _delivery_exit(report: DeliveryReport) -> int:
+    code = report.exit_code()
+    if not report.external:
+        log.warning("no alert channel is configured: the alert went to the log only "
+                    "(see alerting-config.example.ini)")
+    for name, delivery in report.outcomes.items():
+        if delivery.outcome == "not_configured" and name != "log":
+            log.warning("channel %s is not configured, skipped", name)
+    if code == EXIT_ALERT_NONE:
+        log.error("no channel delivered the alert")
+    return code
+
+
+def cmd_alert(args) -> int:
+    with contextlib.closing(_alerting(args)) as system:
+        alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
+                                    _parse_details(args.detail))
+        if args.dry_run:
+            for block in system.render(alert):
+                print(block)
+            return EXIT_OK
+        return _delivery_exit(system.send_alert(alert))
+
+
+def cmd_alert_test(args) -> int:
+    with contextlib.closing(_alerting(args)) as system:
+        report = system.send_test(args.channel)
+        for name, delivery in report.outcomes.items():
+            print(_delivery_line(name, delivery))
+        return _delivery_exit(report)
+
+
+def cmd_alerts(args) -> int:
+    with contextlib.closing(_alerting(args)) as system:
+        if not os.path.exists(system._db_path):
+            history: List[Dict[str, Any]] = []
+        else:
+            system._store = Store(system._db_path, readonly=True)
+            history = system.get_alert_history(args.hours)
+    if args.json:
+        _print_json({"hours": args.hours, "alerts": history})
+        return EXIT_OK
+    for entry in history:
+        outcomes = " ".join(f"{name}={channel['outcome']}" for name, channel in entry["channels"].items())
+        test = " (test)" if entry["kind"] == "test" else ""
+        print(f"{entry['time']}  {entry['severity']:<8}  {entry['title']}{test}  {outcomes}".rstrip())
+    return EXIT_OK
+
+
+def cmd_config(args) -> int:
+    config = load_config(args.config_path, required=args.config_named)
+    settings = alerting_settings(config, args.config_path)
+    if not args.check:
+        print("\n".join(effective_configuration(settings)))
+    for line in settings.problem_lines():
+        print(line if args.check else f"{PROG}: error: {line}", file=sys.stdout if args.check else sys.stderr)
+    if settings.problems:
+        return EXIT_RUNTIME
+    if settings.inline_secrets and config_is_shared(args.config_path):
+        log.warning("%s holds secrets (%s) and other users can read it: chmod 600 %s", args.config_path,
+                    ", ".join(settings.inline_secrets), args.config_path)
+    if args.check:
+        masker = settings.masker()
+        for name, spec in sorted(settings.channels.items()):
+            if spec.missing and spec.enabled:
+                print(f"note: channel {name} is not configured ({masker.scrub(spec.missing)}) and will be skipped")
+        usable = sorted(name for name, spec in settings.channels.items() if spec.enabled and not spec.missing)
+        print(f"configuration OK: {len(usable)} channel{'' if len(usable) == 1 else 's'} ({', '.join(usable)})")
+    return EXIT_OK
+
+
 def _hours(text: str) -> float:
     import argparse
 
@@ -2930,6 +4428,33 @@ def _args_retry_stats(sub) -> None:
     _add_json(sub)
 
 
+def _args_alert(sub) -> None:
+    severity = sub.add_mutually_exclusive_group(required=True)
+    for level in ALERT_SEVERITIES:
+        severity.add_argument(f"--{level}", dest="severity", action="store_const", const=level,
+                              help=f"a {level} alert")
+    sub.add_argument("title", metavar="TITLE", help="what happened, in a few words (the dedup key with the severity)")
+    sub.add_argument("message", metavar="MESSAGE", nargs="?", help="more about it")
+    _add_channels(sub)
+    sub.add_argument("--detail", action="append", metavar="KEY=VALUE", help="a detail to show (repeatable)")
+    sub.add_argument("--dry-run", action="store_true", help="print what each channel would send; send nothing")
+
+
+def _add_channels(sub) -> None:
+    sub.add_argument("--channel", action="append", metavar="NAME",
+                     help="only this channel, by name or type (repeatable; default: every channel)")
+
+
+def _args_alerts(sub) -> None:
+    _add_hours(sub)
+    _add_json(sub)
+
+
+def _args_config(sub) -> None:
+    sub.add_argument("--check", action="store_true",
+                     help="list every problem with its section and key; exit 1 if there is one")
+
+
 def _add_hours(sub) -> None:
     sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
 
@@ -2968,6 +4493,15 @@ _COMMANDS = (
      f"  {PROG} retry-stats fetch_data\n  {PROG} retry-stats sync_icloud --hours 168 --json", _args_retry_stats),
     ("metrics", cmd_metrics, "every metric name with its sample count and last time",
      f"  {PROG} metrics\n  {PROG} metrics --json", _add_json),
+    ("alert", cmd_alert, "send an alert to every configured channel (deduplicated for an hour)",
+     f"  {PROG} alert --critical 'Backup failed' 'rsync exited with 23' --detail host=nas\n"
+     f"  {PROG} alert --warning 'Disk almost full' --channel slack --dry-run", _args_alert),
+    ("alert-test", cmd_alert_test, "send a labelled test to each channel, past the dedup window",
+     f"  {PROG} alert-test\n  {PROG} alert-test --channel ops-slack", _add_channels),
+    ("alerts", cmd_alerts, "alerts sent in the window, with each channel's outcome",
+     f"  {PROG} alerts --hours 168\n  {PROG} alerts --json | jq '.alerts[0].channels'", _args_alerts),
+    ("config", cmd_config, "print the configuration in effect, secrets masked",
+     f"  {PROG} config\n  {PROG} config --check --config /etc/metasystem/alerting-config.ini", _args_config),
 )
 _GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
 

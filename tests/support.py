@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -166,3 +167,60 @@ def sqlite_rows(path, sql, params=()):
 def file_bytes(path):
     with open(path, "rb") as handle:
         return handle.read()
+
+
+class _ListHandler(logging.Handler):
+    """Keeps "LEVEL message" of each record: what the tests assert on, and nothing printed."""
+
+    def __init__(self, lines):
+        super().__init__(logging.DEBUG)
+        self.lines = lines
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+class AlertTestCase(StoreTestCase):
+    """A store, a fake clock, and a syslog socket that the log channel writes to."""
+
+    def setUp(self):
+        super().setUp()
+        from .servers import SyslogSocket
+
+        self.clock = FakeClock()
+        self.syslog_path = os.path.join(self.tmp, "log.sock")
+        self.syslog = SyslogSocket(self.syslog_path)
+        self.addCleanup(self.syslog.__exit__)
+        self.config_path = os.path.join(self.tmp, "alerting-config.ini")
+        self.logged = []
+        handler = _ListHandler(self.logged)
+        logger = logging.getLogger("metasystem")
+        saved_level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        self.addCleanup(logger.setLevel, saved_level)
+        self.addCleanup(logger.removeHandler, handler)
+
+    def write_config(self, text="", mode=0o600, log_channel=True):
+        """The INI file of this test (the log channel pointed at the test's syslog socket); its path."""
+        head = f"[channel:log]\ntype = log\naddress = {self.syslog_path}\n\n" if log_channel else ""
+        with open(self.config_path, "w", encoding="utf-8") as handle:
+            handle.write(head + text)
+        os.chmod(self.config_path, mode)
+        return self.config_path
+
+    def system(self, text="", **kwargs):
+        """An AlertingSystem on this test's store, clock and configuration, closed at the end."""
+        import random
+
+        self.write_config(text)
+        kwargs.setdefault("now", self.clock.time)
+        kwargs.setdefault("clock", self.clock.monotonic)
+        kwargs.setdefault("sleep", self.clock.sleep)
+        kwargs.setdefault("rng", random.Random(7))
+        system = mm.AlertingSystem(self.config_path, db_path=self.db, **kwargs)
+        self.addCleanup(system.close)
+        return system
+
+    def cli_env(self, **extra):
+        return self.child_env(METASYSTEM_CONFIG=self.config_path, METASYSTEM_DB=self.db, **extra)

@@ -144,7 +144,8 @@ class StoreVersionsTest(StoreTestCase):
         with mm.Store(self.db) as store:
             tables = {row[0] for row in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertEqual(tables, {"series", "samples", "rollups", "meta", "retry_attempts", "retry_calls",
-                                  "retry_budget", "breakers", "breaker_failures", "breaker_transitions"})
+                                  "retry_budget", "breakers", "breaker_failures", "breaker_transitions",
+                                  "alerts", "alert_deliveries", "alert_marks"})
 
     def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(self):
         conn = sqlite3.connect(self.db)

@@ -1,0 +1,306 @@
+"""Real servers on 127.0.0.1 for the alerting tests: HTTP, SMTP and a syslog socket.
+
+Each records what it receives and answers what the test scripted. Every
+socket has a timeout, and every server stops when its ``with`` block ends.
+"""
+
+import base64
+import http.server
+import os
+import socket
+import socketserver
+import ssl
+import threading
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SELF_SIGNED_PEM = os.path.join(HERE, "data", "selfsigned.pem")  # CN and SAN 127.0.0.1, for tests only
+SOCKET_TIMEOUT_S = 10.0
+
+
+class Reply:
+    """One scripted HTTP answer; ``hang`` holds the connection without answering until the server stops."""
+
+    def __init__(self, status=200, body=b"", headers=None, hang=False):
+        self.status = status
+        self.body = body.encode("utf-8") if isinstance(body, str) else body
+        self.headers = dict(headers or {})
+        self.hang = hang
+
+
+class Request:
+    def __init__(self, method, path, headers, body):
+        self.method = method
+        self.path = path
+        self.headers = headers  # an email.message.Message: case-insensitive get()
+        self.body = body
+
+    def json(self):
+        import json
+
+        return json.loads(self.body.decode("utf-8"))
+
+
+class HTTPServer:
+    """``with HTTPServer(Reply(429, ...), Reply(200, "ok")) as server``: answers in order, then ``default``."""
+
+    def __init__(self, *replies, default=None):
+        self.replies = list(replies)
+        self.default = default or Reply(200, b"ok")
+        self.requests = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = SOCKET_TIMEOUT_S
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                with owner._lock:
+                    owner.requests.append(Request("POST", self.path, self.headers, body))
+                    reply = owner.replies.pop(0) if owner.replies else owner.default
+                if reply.hang:
+                    owner._stopping.wait(SOCKET_TIMEOUT_S)
+                    self.close_connection = True
+                    return
+                self.send_response(reply.status)
+                for key, value in reply.headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(reply.body)
+                self.close_connection = True
+
+            do_GET = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def port(self):
+        return self._server.server_address[1]
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(SOCKET_TIMEOUT_S)
+
+
+class Mail:
+    """One message the SMTP server took: envelope, data, and how the session went."""
+
+    def __init__(self, sender, recipients, data, tls, login):
+        self.sender = sender
+        self.recipients = recipients
+        self.data = data
+        self.tls = tls
+        self.login = login  # (user, password) or None
+
+    def message(self):
+        import email
+        from email import policy
+
+        return email.message_from_bytes(self.data, policy=policy.default)
+
+
+class SMTPServer:
+    """A small ESMTP server: EHLO, STARTTLS, AUTH PLAIN and LOGIN, MAIL, RCPT, DATA, RSET, NOOP, QUIT.
+
+    ``implicit_tls`` wraps every connection in TLS from the start (port 465 style);
+    ``starttls`` offers STARTTLS; ``auth`` offers AUTH and ``accept_login`` decides it.
+    """
+
+    def __init__(self, *, implicit_tls=False, starttls=False, auth=False, accept_login=True, reject_rcpt=None):
+        self.mails = []
+        self.sessions = 0
+        self.implicit_tls = implicit_tls
+        self.starttls = starttls
+        self.auth = auth
+        self.accept_login = accept_login
+        self.reject_rcpt = reject_rcpt
+        self.context = None
+        if implicit_tls or starttls:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(SELF_SIGNED_PEM)
+        owner = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            timeout = SOCKET_TIMEOUT_S
+
+            def setup(self):
+                if owner.implicit_tls:
+                    self.request = owner.context.wrap_socket(self.request, server_side=True)
+                super().setup()
+
+            def handle(self):
+                owner.sessions += 1
+                _SMTPSession(owner, self).run()
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def port(self):
+        return self._server.server_address[1]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(SOCKET_TIMEOUT_S)
+
+
+class _SMTPSession:
+    def __init__(self, server, handler):
+        self.server = server
+        self.handler = handler
+        self.tls = server.implicit_tls
+        self.login = None
+        self.sender = None
+        self.recipients = []
+
+    def reply(self, line):
+        self.handler.wfile.write(line.encode("ascii") + b"\r\n")
+        self.handler.wfile.flush()
+
+    def read_line(self):
+        line = self.handler.rfile.readline(4096)
+        return line.decode("utf-8", "replace").rstrip("\r\n") if line else None
+
+    def run(self):
+        self.reply("220 127.0.0.1 ESMTP test")
+        while True:
+            line = self.read_line()
+            if line is None:
+                return
+            verb, _, rest = line.partition(" ")
+            verb = verb.upper()
+            if verb in ("EHLO", "HELO"):
+                self.ehlo()
+            elif verb == "STARTTLS" and self.server.starttls and not self.tls:
+                self.reply("220 go ahead")
+                self.handler.connection = self.server.context.wrap_socket(self.handler.connection, server_side=True)
+                self.handler.rfile = self.handler.connection.makefile("rb")
+                self.handler.wfile = self.handler.connection.makefile("wb")
+                self.tls = True
+            elif verb == "AUTH" and self.server.auth:
+                self.authenticate(rest)
+            elif verb == "MAIL":
+                self.sender = rest.partition(":")[2].strip().strip("<>")
+                self.recipients = []
+                self.reply("250 ok")
+            elif verb == "RCPT":
+                recipient = rest.partition(":")[2].strip().strip("<>")
+                if self.server.reject_rcpt and recipient == self.server.reject_rcpt:
+                    self.reply("550 no such user")
+                else:
+                    self.recipients.append(recipient)
+                    self.reply("250 ok")
+            elif verb == "DATA":
+                self.data()
+            elif verb in ("RSET", "NOOP"):
+                self.reply("250 ok")
+            elif verb == "QUIT":
+                self.reply("221 bye")
+                return
+            else:
+                self.reply("502 not implemented")
+
+    def ehlo(self):
+        lines = ["127.0.0.1"]
+        if self.server.starttls and not self.tls:
+            lines.append("STARTTLS")
+        if self.server.auth:
+            lines.append("AUTH PLAIN LOGIN")
+        for line in lines[:-1]:
+            self.reply(f"250-{line}")
+        self.reply(f"250 {lines[-1]}")
+
+    def authenticate(self, rest):
+        mechanism, _, initial = rest.partition(" ")
+        if mechanism.upper() == "PLAIN":
+            if not initial:
+                self.reply("334 ")
+                initial = self.read_line() or ""
+            _, user, password = base64.b64decode(initial).decode("utf-8").split("\0")
+        else:
+            self.reply("334 VXNlcm5hbWU6")
+            user = base64.b64decode(self.read_line() or "").decode("utf-8")
+            self.reply("334 UGFzc3dvcmQ6")
+            password = base64.b64decode(self.read_line() or "").decode("utf-8")
+        if self.server.accept_login:
+            self.login = (user, password)
+            self.reply("235 authenticated")
+        else:
+            self.reply("535 authentication failed")
+
+    def data(self):
+        self.reply("354 end with <CRLF>.<CRLF>")
+        lines = []
+        while True:
+            raw = self.handler.rfile.readline(1 << 20)
+            if not raw or raw in (b".\r\n", b".\n"):
+                break
+            lines.append(raw[1:] if raw.startswith(b"..") else raw)
+        self.server.mails.append(Mail(self.sender, list(self.recipients), b"".join(lines), self.tls, self.login))
+        self.reply("250 queued")
+
+
+class SyslogSocket:
+    """A Unix datagram socket standing in for /dev/log."""
+
+    def __init__(self, path):
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(path)
+        self._sock.settimeout(SOCKET_TIMEOUT_S)
+
+    def receive(self):
+        return self._sock.recv(65536)
+
+    def pending(self):
+        """Every datagram already waiting, without blocking."""
+        self._sock.setblocking(False)
+        try:
+            found = []
+            while True:
+                try:
+                    found.append(self._sock.recv(65536))
+                except BlockingIOError:
+                    return found
+        finally:
+            self._sock.settimeout(SOCKET_TIMEOUT_S)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._sock.close()
+
+
+def closed_port():
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
