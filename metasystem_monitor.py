@@ -2992,8 +2992,10 @@ def _check_channel_values(kind: str, section: str, settings: Dict[str, str], ite
     """The checks a value can fail whatever the machine: URLs, addresses, ports, choices."""
     for key in ("url", "api_url"):
         text = items.get(key, "").strip()
-        if text and not _is_http_url(text):
-            problems.append((section, key, f"{mask_url(text)} is not an http or https URL"))
+        if text and not _is_http_url(text):  # the value itself is not shown: it may be a secret
+            scheme = text.partition(":")[0] if ":" in text else ""
+            shown = f" (it starts with {scheme!r})" if scheme.isalpha() and scheme not in ("http", "https") else ""
+            problems.append((section, key, f"not an http or https URL{shown}"))
     for key in ("tls_verify", "allow_insecure_auth"):
         _bool_setting(settings, section, key, True, problems)
     if kind == "email":
@@ -3234,15 +3236,12 @@ class DiscordChannel(_HttpChannel):
         return urlunsplit(parts._replace(query=urlencode(query + [("wait", "true")])))
 
     def payload(self, alert: Alert) -> bytes:
-        fields = [{"name": truncate(str(key), DISCORD_FIELD_NAME_CHARS) or "-",
-                   "value": truncate(_one_line(str(value)), DISCORD_FIELD_VALUE_CHARS) or "-", "inline": True}
-                  for key, value in sorted(alert.details.items())][:DISCORD_FIELDS]
-        footer = truncate(f"metasystem-monitor on {self.hostname}", DISCORD_FOOTER_CHARS)
         title = truncate(alert.headline, DISCORD_TITLE_CHARS)
-        used = len(title) + len(footer) + sum(len(f["name"]) + len(f["value"]) for f in fields)
-        room = min(DISCORD_DESCRIPTION_CHARS, DISCORD_EMBED_TOTAL_CHARS - used)
-        embed = {"title": title, "description": truncate(alert.message or "-", max(room, 1)),
-                 "color": DISCORD_COLORS[alert.severity.value], "fields": fields, "footer": {"text": footer},
+        footer = truncate(f"metasystem-monitor on {self.hostname}", DISCORD_FOOTER_CHARS)
+        room = DISCORD_EMBED_TOTAL_CHARS - len(title) - len(footer)
+        description = truncate(alert.message or "-", min(DISCORD_DESCRIPTION_CHARS, room))
+        embed = {"title": title, "description": description, "color": DISCORD_COLORS[alert.severity.value],
+                 "fields": _discord_fields(alert.details, room - len(description)), "footer": {"text": footer},
                  "timestamp": iso_time(alert.created_at)}
         document = {"content": truncate(alert.headline, DISCORD_CONTENT_CHARS), "embeds": [embed],
                     "allowed_mentions": {"parse": []}}
@@ -3279,6 +3278,21 @@ class WebhookChannel(_HttpChannel):
         if secret:
             headers.update(webhook_signature(secret, alert.uid, int(now), body))
         return headers
+
+
+def _discord_fields(details: Dict[str, Any], room: int) -> List[Dict[str, Any]]:
+    """One inline field per detail, as many as fit in ``room`` characters (the last one cut)."""
+    fields = []
+    for key, value in sorted(details.items())[:DISCORD_FIELDS]:
+        name = truncate(str(key), DISCORD_FIELD_NAME_CHARS) or "-"
+        text = truncate(_one_line(str(value)), DISCORD_FIELD_VALUE_CHARS) or "-"
+        if len(name) + len(text) > room:
+            if room - len(name) <= len(TRUNCATION_MARKER):
+                break
+            text = truncate(text, room - len(name))
+        fields.append({"name": name, "value": text, "inline": True})
+        room -= len(name) + len(text)
+    return fields
 
 
 def _fingerprint(key: str) -> str:

@@ -20,8 +20,9 @@ SOCKET_TIMEOUT_S = 10.0
 class Reply:
     """One scripted HTTP answer; ``hang`` holds the connection without answering until the server stops."""
 
-    def __init__(self, status=200, body=b"", headers=None, hang=False):
+    def __init__(self, status=200, body=b"", headers=None, hang=False, echo_path=False):
         self.status = status
+        self.echo_path = echo_path  # add the request's path to the body, as some services' errors do
         self.body = body.encode("utf-8") if isinstance(body, str) else body
         self.headers = dict(headers or {})
         self.hang = hang
@@ -65,13 +66,14 @@ class HTTPServer:
                     owner._stopping.wait(SOCKET_TIMEOUT_S)
                     self.close_connection = True
                     return
+                body = reply.body + (f" {self.path}".encode() if reply.echo_path else b"")
                 self.send_response(reply.status)
                 for key, value in reply.headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(reply.body)))
+                self.send_header("Content-Length", str(len(body)))
                 self.send_header("Connection", "close")
                 self.end_headers()
-                self.wfile.write(reply.body)
+                self.wfile.write(body)
                 self.close_connection = True
 
             do_GET = do_POST
@@ -144,13 +146,28 @@ class SMTPServer:
             timeout = SOCKET_TIMEOUT_S
 
             def setup(self):
+                self.tls_sockets = []  # wrapped here: closed here, as the server closes only its own
                 if owner.implicit_tls:
-                    self.request = owner.context.wrap_socket(self.request, server_side=True)
+                    try:
+                        self.request = owner.context.wrap_socket(self.request, server_side=True)
+                    finally:
+                        self.tls_sockets.append(self.request)
                 super().setup()
 
             def handle(self):
                 owner.sessions += 1
-                _SMTPSession(owner, self).run()
+                try:
+                    _SMTPSession(owner, self).run()
+                except OSError:  # ssl.SSLError among them: the client refused our certificate
+                    pass
+
+            def finish(self):
+                try:
+                    super().finish()
+                except OSError:
+                    pass
+                for sock in self.tls_sockets:
+                    sock.close()
 
         self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -200,7 +217,10 @@ class _SMTPSession:
                 self.ehlo()
             elif verb == "STARTTLS" and self.server.starttls and not self.tls:
                 self.reply("220 go ahead")
+                self.handler.rfile.close()
+                self.handler.wfile.close()
                 self.handler.connection = self.server.context.wrap_socket(self.handler.connection, server_side=True)
+                self.handler.tls_sockets.append(self.handler.connection)
                 self.handler.rfile = self.handler.connection.makefile("rb")
                 self.handler.wfile = self.handler.connection.makefile("wb")
                 self.tls = True

@@ -1,0 +1,315 @@
+"""Each channel against a real local server: payload shapes, size limits, headers, email safety, syslog."""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import socket
+import stat
+import sys
+import unittest
+
+import metasystem_monitor as mm
+
+from .servers import HTTPServer, Reply, SMTPServer
+from .support import AlertTestCase, forbid_real_sleep
+
+setUpModule, tearDownModule = forbid_real_sleep()
+
+LONG = "x" * 10_000
+
+
+class HttpChannels(AlertTestCase):
+    def send(self, section, server, title="Disk full", message="only 1 GB left", details=None,
+             severity=mm.AlertSeverity.CRITICAL):
+        alerts = self.system(section.format(url=server.url("")))
+        alert = alerts.create_alert(title, message, severity, channels=["it"], details=details)
+        return alerts.send_alert(alert).outcomes["it"]
+
+    def test_slack_text_always_an_attachment_colored_and_success_only_on_ok(self):
+        with HTTPServer(Reply(200, "not ok"), Reply(200, "ok")) as slack:
+            first = self.send("[channel:it]\ntype = slack\nurl = {url}/services/T1/B1/x\n", slack)
+            self.clock.advance(3600)
+            second = self.send("[channel:it]\ntype = slack\nurl = {url}/services/T1/B1/x\n", slack,
+                               title="Disk <full> & more")
+        self.assertEqual((first.outcome, first.error), ("failed", "HTTP 200: not ok"))
+        self.assertEqual(second.outcome, "sent")
+        payload = slack.requests[1].json()
+        self.assertEqual(payload["text"], "[CRITICAL] Disk &lt;full&gt; &amp; more")
+        [attachment] = payload["attachments"]
+        self.assertEqual(attachment["color"], "#d00000")
+        self.assertEqual(attachment["fallback"], "[CRITICAL] Disk <full> & more")
+        self.assertEqual(attachment["blocks"][0]["text"]["type"], "mrkdwn")
+        self.assertTrue(attachment["blocks"][0]["text"]["text"].startswith("only 1 GB left\n\nhost: "))
+        self.assertEqual(slack.requests[1].headers["Content-Type"], "application/json")
+
+    def test_slack_cuts_long_text_to_3000_with_a_marker(self):
+        with HTTPServer() as slack:
+            self.send("[channel:it]\ntype = slack\nurl = {url}/s\n", slack, title=LONG, message="<" * 10_000)
+        payload = slack.requests[0].json()
+        section = payload["attachments"][0]["blocks"][0]["text"]["text"]
+        self.assertEqual(len(payload["text"]), 3000)
+        self.assertTrue(payload["text"].endswith(mm.TRUNCATION_MARKER))
+        self.assertLessEqual(len(section), 3000)
+        self.assertTrue(section.endswith("&lt;" + mm.TRUNCATION_MARKER), section[-30:])
+
+    def test_discord_waits_for_confirmation_pings_nobody_and_keeps_every_limit(self):
+        details = {f"field{n:02d}": LONG for n in range(30)}
+        with HTTPServer() as discord:
+            delivery = self.send("[channel:it]\ntype = discord\nurl = {url}/api/webhooks/1/tok?thread_id=9\n",
+                                 discord, title="@everyone " + LONG, message=LONG, details=details)
+        self.assertEqual(delivery.outcome, "sent")
+        request = discord.requests[0]
+        self.assertEqual(request.path, "/api/webhooks/1/tok?thread_id=9&wait=true")
+        self.assertEqual(request.headers["User-Agent"], mm.USER_AGENT)
+        payload = request.json()
+        self.assertEqual(payload["allowed_mentions"], {"parse": []})
+        [embed] = payload["embeds"]
+        self.assertIsInstance(embed["color"], int)
+        self.assertEqual(embed["color"], 0xD00000)
+        self.assertEqual(len(payload["content"]), 2000)
+        self.assertEqual(len(embed["title"]), 256)
+        self.assertEqual([f["name"] for f in embed["fields"]], ["field00", "field01"])  # what fits in 6000
+        self.assertEqual(len(embed["description"]), 4096)
+        self.assertTrue(all(len(f["value"]) <= 1024 and len(f["name"]) <= 256 for f in embed["fields"]))
+        total = len(embed["title"]) + len(embed["description"]) + len(embed["footer"]["text"]) + sum(
+            len(f["name"]) + len(f["value"]) for f in embed["fields"])
+        self.assertLessEqual(total, 6000)
+        self.assertLessEqual(len(embed["description"]), 4096)
+        for text in (payload["content"], embed["title"], embed["description"], embed["fields"][0]["value"]):
+            self.assertTrue(text.endswith(mm.TRUNCATION_MARKER))
+
+    def test_discord_204_is_success_and_a_429_body_retry_after_is_honoured(self):
+        limited = Reply(429, json.dumps({"message": "rate limited", "retry_after": 2.5, "global": False}))
+        with HTTPServer(limited, Reply(204)) as discord:
+            delivery = self.send("[channel:it]\ntype = discord\nurl = {url}/api/webhooks/1/tok\n", discord)
+        self.assertEqual((delivery.outcome, delivery.attempts, delivery.http_status), ("sent", 2, 204))
+        self.assertGreaterEqual(self.clock.slept[0], 2.5)
+
+    def test_webhook_body_reads_as_alertmanager_and_is_signed(self):
+        secret = "whsec_" + base64.b64encode(b"shared secret bytes").decode()
+        with HTTPServer() as hook:
+            self.send(f"[channel:it]\ntype = webhook\nurl = {{url}}/hook\nsecret = {secret}\n", hook,
+                      details={"free_gb": 2.5})
+        request = hook.requests[0]
+        payload = request.json()
+        self.assertEqual(payload["version"], "4")
+        self.assertEqual(payload["status"], "firing")
+        [alert] = payload["alerts"]
+        self.assertEqual(alert["labels"], {"alertname": "Disk full", "severity": "critical",
+                                           "instance": socket.gethostname(), "source": "metasystem"})
+        self.assertEqual(alert["annotations"], {"summary": "Disk full", "description": "only 1 GB left"})
+        self.assertEqual(alert["startsAt"], mm.iso_time(self.clock.now))
+        self.assertEqual((payload["severity"], payload["dedup_key"], payload["details"]),
+                         ("critical", "critical:Disk full", {"free_gb": 2.5}))
+        signed = (f"{request.headers['webhook-id']}.{request.headers['webhook-timestamp']}.".encode()
+                  + request.body)
+        expected = base64.b64encode(hmac.new(b"shared secret bytes", signed, hashlib.sha256).digest()).decode()
+        self.assertEqual(request.headers["webhook-signature"], f"v1,{expected}")
+        self.assertEqual(request.headers["webhook-timestamp"], str(int(self.clock.now)))
+
+    def test_webhook_retries_carry_the_same_id_so_a_receiver_can_dedup(self):
+        with HTTPServer(Reply(503), Reply(200)) as hook:
+            self.send("[channel:it]\ntype = webhook\nurl = {url}/hook\nsecret = plain-secret\n", hook)
+        ids = [r.headers["webhook-id"] for r in hook.requests]
+        self.assertEqual(len(ids), 2)
+        self.assertEqual(ids[0], ids[1])
+
+    def test_ntfy_headers_utf8_title_and_body_limit(self):
+        with HTTPServer() as ntfy:
+            self.send("[channel:it]\ntype = ntfy\nurl = {url}/mytopic-0123\ntoken = tk_secret_token\n", ntfy,
+                      title="Température élevée", message="é" * 5000, severity=mm.AlertSeverity.WARNING)
+        request = ntfy.requests[0]
+        self.assertEqual(request.path, "/mytopic-0123")
+        expected_title = "=?UTF-8?B?" + base64.b64encode("[WARNING] Température élevée".encode()).decode() + "?="
+        self.assertEqual(request.headers["Title"], expected_title)
+        self.assertEqual((request.headers["Priority"], request.headers["Tags"]), ("4", "warning"))
+        self.assertEqual(request.headers["Authorization"], "Bearer tk_secret_token")
+        self.assertLessEqual(len(request.body), 4096)
+        self.assertTrue(request.body.decode("utf-8").endswith(mm.TRUNCATION_MARKER))
+
+    def test_telegram_token_in_path_text_limit_and_ok_false(self):
+        failure = Reply(400, json.dumps({"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}))
+        with HTTPServer(Reply(200, '{"ok":true,"result":{}}'), failure) as telegram:
+            section = "[channel:it]\ntype = telegram\ntoken = 123456:ABC-secret\nchat_id = -100200\napi_url = {url}\n"
+            sent = self.send(section, telegram, message=LONG)
+            self.clock.advance(3600)
+            failed = self.send(section, telegram)
+        self.assertEqual(telegram.requests[0].path, "/bot123456:ABC-secret/sendMessage")
+        payload = telegram.requests[0].json()
+        self.assertEqual(payload["chat_id"], "-100200")
+        self.assertEqual(len(payload["text"]), 4096)
+        self.assertTrue(payload["text"].startswith("[CRITICAL] Disk full\n\nxxx"))
+        self.assertEqual(sent.outcome, "sent")
+        self.assertEqual((failed.outcome, failed.attempts), ("failed", 1))
+        self.assertNotIn("123456:ABC-secret", failed.error)
+
+    def test_telegram_429_parameters_retry_after(self):
+        limited = Reply(429, json.dumps({"ok": False, "error_code": 429, "parameters": {"retry_after": 3}}))
+        with HTTPServer(limited, Reply(200, '{"ok":true}')) as telegram:
+            delivery = self.send("[channel:it]\ntype = telegram\ntoken = 1:x\nchat_id = 5\napi_url = {url}\n",
+                                 telegram)
+        self.assertEqual((delivery.outcome, delivery.attempts), ("sent", 2))
+        self.assertGreaterEqual(self.clock.slept[0], 3.0)
+
+    def test_every_request_names_the_program_and_version(self):
+        sections = {"slack": "url = {url}/s", "discord": "url = {url}/d", "webhook": "url = {url}/w",
+                    "ntfy": "url = {url}/n", "telegram": "token = 1:x\nchat_id = 5\napi_url = {url}"}
+        with HTTPServer(default=Reply(200, '{"ok":true}')) as server:
+            for kind, keys in sections.items():
+                self.clock.advance(3600)
+                self.send(f"[channel:it]\ntype = {kind}\n{keys}\n", server)
+        self.assertEqual(len(server.requests), 5)
+        self.assertEqual({r.headers["User-Agent"] for r in server.requests}, {f"metasystem-monitor/{mm.__version__} (Python urllib)"})
+
+
+class EmailBySmtp(AlertTestCase):
+    def section(self, server, extra=""):
+        return (f"[channel:it]\ntype = email\nto = ops@example.com, me@example.com\nfrom = mm@example.com\n"
+                f"smtp_host = 127.0.0.1\nsmtp_port = {server.port}\n{extra}")
+
+    def test_a_header_injection_in_the_title_yields_one_subject_and_no_bcc(self):
+        with SMTPServer() as smtp:
+            alerts = self.system(self.section(smtp, "security = none\n"))
+            delivery = alerts.send_critical_alert("Disk\r\nBcc: x@example.com", "body", channels=["it"])
+        self.assertEqual(delivery.outcomes["it"].outcome, "sent")
+        [mail] = smtp.mails
+        self.assertEqual(mail.recipients, ["ops@example.com", "me@example.com"])
+        headers = [line.split(b":")[0] for line in mail.data.split(b"\r\n\r\n")[0].split(b"\r\n")]
+        self.assertEqual(headers.count(b"Subject"), 1)
+        self.assertNotIn(b"Bcc", headers)
+        self.assertEqual(mail.message()["Subject"], "[CRITICAL] Disk  Bcc: x@example.com")
+        self.assertEqual(mail.message()["From"], "mm@example.com")
+
+    def test_starttls_refuses_a_self_signed_server_by_default(self):
+        with SMTPServer(starttls=True) as smtp:
+            alerts = self.system(self.section(smtp))
+            delivery = alerts.send_critical_alert("Disk", channels=["it"]).outcomes["it"]
+        self.assertEqual((delivery.outcome, delivery.attempts, delivery.error_class), ("failed", 1, "tls"))
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", delivery.error)
+        self.assertEqual(smtp.mails, [])
+
+    def test_starttls_with_tls_verify_false_sends_logs_in_and_warns(self):
+        with SMTPServer(starttls=True, auth=True) as smtp:
+            alerts = self.system(self.section(smtp, "tls_verify = false\nusername = mm\npassword = s3cret-pw\n"))
+            delivery = alerts.send_critical_alert("Disk", channels=["it"]).outcomes["it"]
+        self.assertEqual(delivery.outcome, "sent")
+        [mail] = smtp.mails
+        self.assertEqual((mail.tls, mail.login), (True, ("mm", "s3cret-pw")))
+        self.assertIn("WARNING channel it: TLS certificates are not verified (tls_verify = false)", self.logged)
+
+    def test_implicit_tls(self):
+        with SMTPServer(implicit_tls=True) as smtp:
+            alerts = self.system(self.section(smtp, "security = ssl\ntls_verify = false\n"))
+            delivery = alerts.send_critical_alert("Disk", channels=["it"]).outcomes["it"]
+        self.assertEqual(delivery.outcome, "sent")
+        self.assertTrue(smtp.mails[0].tls)
+
+    def test_a_refused_login_is_permanent(self):
+        with SMTPServer(starttls=True, auth=True, accept_login=False) as smtp:
+            alerts = self.system(self.section(smtp, "tls_verify = false\nusername = mm\npassword = wrong-pw\n"))
+            delivery = alerts.send_critical_alert("Disk", channels=["it"]).outcomes["it"]
+        self.assertEqual((delivery.outcome, delivery.attempts, delivery.error_class), ("failed", 1, "smtp"))
+        self.assertIn("535", delivery.error)
+
+    def test_no_login_over_plaintext_unless_allowed(self):
+        with SMTPServer(auth=True) as smtp:
+            with self.assertRaises(mm.ConfigError) as caught:
+                self.system(self.section(smtp, "security = none\nusername = mm\npassword = pw\n"))
+            self.assertIn("[channel:it] username: login over a connection without TLS sends the password in clear",
+                          str(caught.exception))
+            alerts = self.system(self.section(smtp, "security = none\nusername = mm\npassword = pw\n"
+                                                    "allow_insecure_auth = true\n"))
+            delivery = alerts.send_critical_alert("Disk", channels=["it"]).outcomes["it"]
+        self.assertEqual(delivery.outcome, "sent")
+        self.assertEqual(smtp.mails[0].login, ("mm", "pw"))
+
+
+class EmailByCommand(AlertTestCase):
+    """The ``mail`` and ``sendmail`` paths, with a real program that records its argv and stdin."""
+
+    def fake_program(self, name="fake-mail"):
+        """A program that writes its arguments and stdin to a JSON file, in a folder put first on PATH."""
+        folder = os.path.join(self.tmp, "bin")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        self.record = os.path.join(self.tmp, "fake-mail.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(f"#!{sys.executable}\nimport json, sys\n"
+                         f"json.dump({{'argv': sys.argv[1:], 'stdin': sys.stdin.buffer.read().decode()}}, "
+                         f"open({self.record!r}, 'w'))\n")
+        os.chmod(path, stat.S_IRWXU)
+        saved = os.environ["PATH"]
+        self.addCleanup(os.environ.__setitem__, "PATH", saved)
+        os.environ["PATH"] = folder + os.pathsep + saved
+        return path
+
+    def recorded(self):
+        with open(self.record, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    def test_mail_gets_an_argv_list_with_dashes_and_a_neutralised_body(self):
+        self.fake_program("mail")  # found on PATH, as the original design's `mail` is
+        alerts = self.system("[alerting]\nemail_to = root, ops@example.com\n")
+        message = "line one\n~! rm -rf /\n~r /etc/shadow"
+        delivery = alerts.send_critical_alert("Disk\nfull", message, channels=[mm.AlertChannel.EMAIL])
+        self.assertEqual(delivery, {"email": True})
+        record = self.recorded()
+        self.assertEqual(record["argv"], ["-s", "[CRITICAL] Disk full", "--", "root", "ops@example.com"])
+        self.assertEqual(record["stdin"].split("\n")[:3], ["line one", " ~! rm -rf /", " ~r /etc/shadow"])
+
+    def test_recipients_that_look_like_options_or_pipes_are_refused_at_load(self):
+        for recipient in ("-oQ/tmp/x", "|/bin/sh", "a b@example.com"):
+            with self.subTest(recipient=recipient):
+                with self.assertRaises(mm.ConfigError) as caught:
+                    self.system(f"[alerting]\nemail_to = ok@example.com, {recipient}\n")
+                self.assertIn(f"[alerting] email_to: '{recipient}' is not a mail address", str(caught.exception))
+
+    def test_sendmail_gets_the_whole_message_on_stdin(self):
+        program = self.fake_program()
+        alerts = self.system(f"[channel:it]\ntype = email\nmethod = sendmail\nto = ops@example.com\n"
+                             f"command = {program}\n")
+        self.assertEqual(alerts.send_warning_alert("Slow", "took 31 s", channels=["it"]), {"it": True})
+        record = self.recorded()
+        self.assertEqual(record["argv"], ["-t", "-oi"])
+        self.assertIn("Subject: [WARNING] Slow\n", record["stdin"])
+        self.assertIn("To: ops@example.com\n", record["stdin"])
+
+    def test_a_failing_command_is_one_line_with_its_exit_code(self):
+        path = os.path.join(self.tmp, "broken-mail")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(f"#!{sys.executable}\nimport sys\nsys.stderr.write('relay refused\\nsecond line\\n')\n"
+                         "sys.exit(75)\n")
+        os.chmod(path, stat.S_IRWXU)
+        alerts = self.system(f"[channel:it]\ntype = email\nmethod = mail\nto = root\ncommand = {path}\n")
+        delivery = alerts.send_critical_alert("Disk", channels=["it"]).outcomes["it"]
+        self.assertEqual((delivery.outcome, delivery.error_class, delivery.attempts), ("failed", "command", 1))
+        self.assertEqual(delivery.error, "broken-mail exited with 75: relay refused second line")
+
+
+class LogChannel(AlertTestCase):
+    def test_syslog_priorities_per_severity(self):
+        alerts = self.system("[channel:extra]\ntype = log\nenabled = false\n")
+        alerts.send_critical_alert("Disk", "full", details={"free_gb": 1})
+        alerts.send_warning_alert("Slow", "31 s")
+        alerts.send_info_alert("Done", "")
+        pid = os.getpid()
+        self.assertEqual(self.syslog.pending(), [
+            f"<10>metasystem[{pid}]: [CRITICAL] Disk | full | free_gb: 1".encode(),
+            f"<12>metasystem[{pid}]: [WARNING] Slow | 31 s".encode(),
+            f"<14>metasystem[{pid}]: [INFO] Done".encode(),
+        ])
+
+    def test_without_a_socket_the_logger_gets_it(self):
+        with open(self.config_path, "w", encoding="utf-8") as handle:
+            handle.write("[channel:log]\ntype = log\naddress = none\n")
+        alerts = mm.AlertingSystem(self.config_path, db_path=self.db, now=self.clock.time)
+        self.addCleanup(alerts.close)
+        with self.assertLogs("metasystem.alert", "INFO") as logs:
+            alerts.send_warning_alert("Slow\r\nsync", "line1\nline2")
+        self.assertEqual(logs.output, ["WARNING:metasystem.alert:[WARNING] Slow  sync | line1 line2"])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,282 @@
+"""The alert, alert-test, alerts and config commands, run as cron runs them: real subprocesses."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import unittest
+
+import metasystem_monitor as mm
+
+from .servers import HTTPServer, Reply, SMTPServer
+from .support import REPO, SCRIPT, SUBPROCESS_TIMEOUT_S, AlertTestCase, file_bytes, sqlite_rows
+
+PROG = "metasystem_monitor.py"
+
+
+class AlertCommand(AlertTestCase):
+    def alert(self, *args, env=None):
+        return self.run_cli("alert", *args, env=env or self.cli_env())
+
+    def test_delivered_is_silent_with_exit_0(self):
+        with HTTPServer() as slack:
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\n")
+            result = self.alert("--critical", "Backup failed", "rsync exited with 23", "--detail", "host=nas")
+        self.assertCleanExit(result)
+        self.assertEqual(slack.requests[0].json()["text"], "[CRITICAL] Backup failed")
+        [datagram] = self.syslog.pending()
+        self.assertTrue(datagram.endswith(b"]: [CRITICAL] Backup failed | rsync exited with 23 | host: nas"))
+
+    def test_one_channel_failing_is_exit_3_and_all_failing_is_exit_4(self):
+        with HTTPServer(default=Reply(404, "no_team")) as slack, HTTPServer() as hook:
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\nwebhook_url = {hook.url()}\n")
+            partial = self.alert("--warning", "Slow")
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\n")
+            none = self.alert("--warning", "Slower")
+        self.assertEqual((partial.returncode, partial.stdout), (3, b""))
+        self.assertEqual(partial.stderr.decode(),
+                         f"{PROG}: WARNING: channel slack failed after 1 attempt: HTTP 404: no_team\n")
+        self.assertEqual((none.returncode, none.stdout), (4, b""))
+        self.assertEqual(none.stderr.decode(),
+                         f"{PROG}: WARNING: channel slack failed after 1 attempt: HTTP 404: no_team\n"
+                         f"{PROG}: ERROR: no channel delivered the alert\n")
+
+    def test_nothing_configured_is_exit_0_said_on_stderr_unless_quiet(self):
+        self.write_config("")
+        said = self.alert("--info", "Hello")
+        quiet = self.run_cli("-q", "alert", "--info", "Hello again", env=self.cli_env())
+        self.assertEqual((said.returncode, said.stdout), (0, b""))
+        self.assertEqual(said.stderr.decode(), f"{PROG}: WARNING: no alert channel is configured: "
+                                               "the alert went to the log only (see alerting-config.example.ini)\n")
+        self.assertCleanExit(quiet)
+        self.assertEqual(len(self.syslog.pending()), 2)
+
+    def test_a_channel_asked_for_but_not_configured(self):
+        self.write_config("")
+        result = self.alert("--critical", "Disk", "--channel", "pager", "-q")
+        self.assertCleanExit(result)
+        self.assertEqual(sqlite_rows(self.db, "SELECT channel, outcome FROM alert_deliveries"),
+                         [("pager", "not_configured")])
+
+    def test_a_bad_configuration_is_exit_1_in_one_line_and_nothing_is_sent(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n[channel:x]\ntype = pagerduty\n")
+            result = self.alert("--critical", "Disk")
+        self.assertOneLineError(result, 1, f"{self.config_path}: [channel:x] type: unknown channel type 'pagerduty'")
+        self.assertEqual(hook.requests, [])
+        self.assertFalse(os.path.exists(self.db))
+
+    def test_usage_errors_are_exit_2(self):
+        self.write_config("")
+        for args in (("Disk",), ("--info", "--critical", "Disk"), ("--info", "Disk", "--detail", "novalue")):
+            with self.subTest(args=args):
+                result = self.alert(*args)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(len(result.stderr.decode().splitlines()), 1, result.stderr)
+
+    def test_dedup_holds_between_separate_processes(self):
+        with HTTPServer() as slack, HTTPServer() as hook:
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\nwebhook_url = {hook.url()}\n")
+            runs = [self.alert("--critical", "Disk full", f"run {n}") for n in range(3)]
+        self.assertEqual([r.returncode for r in runs], [0, 0, 0])
+        self.assertEqual((len(slack.requests), len(hook.requests)), (1, 1))
+        self.assertEqual(sqlite_rows(self.db, "SELECT channel, outcome, count(*) FROM alert_deliveries "
+                                              "GROUP BY channel, outcome ORDER BY channel, outcome"),
+                         [("log", "deduplicated", 2), ("log", "sent", 1), ("slack", "deduplicated", 2),
+                          ("slack", "sent", 1), ("webhook", "deduplicated", 2), ("webhook", "sent", 1)])
+
+    def test_processes_started_together_deliver_once_per_channel(self):
+        with HTTPServer() as slack, HTTPServer() as hook:
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\nwebhook_url = {hook.url()}\n")
+            children = [subprocess.Popen([sys.executable, SCRIPT, "alert", "--critical", "Disk full"],
+                                         env=self.cli_env(), cwd=self.tmp, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE) for _ in range(4)]
+            outputs = [child.communicate(timeout=SUBPROCESS_TIMEOUT_S) for child in children]
+        self.assertEqual([c.returncode for c in children], [0] * 4, outputs)
+        self.assertEqual((len(slack.requests), len(hook.requests)), (1, 1))
+        self.assertEqual(len(self.syslog.pending()), 1)
+
+    def test_dry_run_prints_each_payload_masked_and_sends_nothing(self):
+        with HTTPServer() as slack:
+            url = slack.url("/services/T0001/B0002/SECRETSECRETSECRET")
+            self.write_config(f"[alerting]\nslack_webhook_url = {url}\n")
+            result = self.alert("--warning", "Disk", "90% used", "--dry-run")
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        out = result.stdout.decode()
+        self.assertNotIn("SECRET", out)
+        blocks = out.split("--- ")
+        self.assertEqual(blocks[1].splitlines()[0], f"slack: slack POST http://127.0.0.1:{slack.port}/***")
+        self.assertEqual(json.loads(blocks[1].split("\n", 1)[1])["text"], "[WARNING] Disk")
+        self.assertEqual(blocks[2], f"log: log to syslog at {self.syslog_path}\n[WARNING] Disk | 90% used\n")
+        self.assertEqual(slack.requests, [])
+        self.assertFalse(os.path.exists(self.db))
+
+
+class AlertTestCommand(AlertTestCase):
+    def test_one_line_per_channel_and_no_dedup(self):
+        with HTTPServer() as slack, HTTPServer(default=Reply(404, "Unknown Webhook")) as discord:
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\n"
+                              f"discord_webhook_url = {discord.url('/d')}\n")
+            first = self.run_cli("alert-test", env=self.cli_env())
+            second = self.run_cli("alert-test", "--channel", "slack", env=self.cli_env())
+        lines = first.stdout.decode().splitlines()
+        self.assertEqual(first.returncode, 3)
+        self.assertRegex(lines[0], r"^slack: sent in \d+ ms$")
+        self.assertRegex(lines[2], r"^log: sent in \d+ ms$")
+        self.assertRegex(lines[1], r"^discord: failed after 1 attempt in \d+ ms: HTTP 404: Unknown Webhook$")
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(second.returncode, 0)
+        self.assertRegex(second.stdout.decode(), r"^slack: sent in \d+ ms\n$")
+        self.assertEqual(len(slack.requests), 2)
+        self.assertTrue(slack.requests[0].json()["text"].startswith("[INFO] Test alert from metasystem-monitor on "))
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM alert_marks"), [(0,)])
+
+
+class AlertsCommand(AlertTestCase):
+    def test_history_as_text_and_json(self):
+        with HTTPServer(Reply(500), Reply(500), Reply(500)) as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\nchannel_budget = 1s\n")
+            self.run_cli("alert", "--warning", "Slow sync", "took 31 s", env=self.cli_env())
+        text = self.run_cli("alerts", env=self.cli_env())
+        as_json = self.run_cli("alerts", "--json", "--hours", "1", env=self.cli_env())
+        self.assertEqual(text.returncode, 0)
+        self.assertRegex(text.stdout.decode(), r"^\S+  warning   Slow sync  log=sent webhook=failed\n$")
+        document = json.loads(as_json.stdout)
+        self.assertEqual(document["hours"], 1.0)
+        [entry] = document["alerts"]
+        self.assertEqual((entry["title"], entry["message"], entry["severity"], entry["kind"]),
+                         ("Slow sync", "took 31 s", "warning", "alert"))
+        webhook = entry["channels"]["webhook"]
+        self.assertEqual((webhook["outcome"], webhook["http_status"], webhook["error_class"]), ("failed", 500, "http"))
+        self.assertGreaterEqual(webhook["attempts"], 1)
+
+    def test_no_store_yet_is_an_empty_history(self):
+        self.write_config("")
+        result = self.run_cli("alerts", "--json", env=self.cli_env())
+        self.assertCleanExit(result, 0, json.dumps({"alerts": [], "hours": 24.0}, indent=2) + "\n")
+        self.assertFalse(os.path.exists(self.db))
+
+
+class ConfigCommand(AlertTestCase):
+    def test_config_prints_the_effective_configuration_masked(self):
+        self.write_config("[alerting]\nslack_webhook_url = https://hooks.slack.com/services/T0/B0/XYZSECRET\n"
+                          "dedup_window = 2h\n\n[channel:phone]\ntype = ntfy\nurl_env = MM_NTFY_URL\n"
+                          "min_severity = critical\n", log_channel=False)
+        result = self.run_cli("config", env=self.cli_env(MM_NTFY_URL="https://ntfy.sh/topic-0123456789"))
+        self.assertCleanExit(result, 0, "\n".join([
+            f"# {self.config_path}", "[alerting]", "dedup_window = 2h", "timeout = 10s", "channel_budget = 20s", "",
+            "[channel:log]", "type = log", "# always on: the record of last resort", "",
+            "[channel:phone]", "type = ntfy", "url = https://ntfy.sh/***  # from $MM_NTFY_URL",
+            "min_severity = critical", "",
+            "[channel:slack]  # from [alerting]", "type = slack", "url = https://hooks.slack.com/***  # from file",
+        ]) + "\n")
+
+    def test_check_lists_every_problem_with_section_and_key(self):
+        self.write_config("[alerting]\nwebhook_url = not-a-url\nrepeat = 5\ntimeout = soon\n\n"
+                          "[channel:a]\ntype = carrier-pigeon\n\n[channel:b]\ntype = slack\n\n"
+                          "[channel:c]\ntype = email\nto = -oQ/tmp\n\n[alert]\nx = 1\n", log_channel=False)
+        result = self.run_cli("config", "--check", env=self.cli_env())
+        self.assertEqual((result.returncode, result.stderr), (1, b""))
+        path = self.config_path
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            f"{path}: [alert] unknown section",
+            f"{path}: [alerting] timeout: 'soon' is not a duration such as 90s, 5m, 2h or 7d",
+            f"{path}: [alerting] repeat: unknown key",
+            f"{path}: [alerting] webhook_url: not an http or https URL",
+            f"{path}: [channel:a] type: unknown channel type 'carrier-pigeon'; one of "
+            "discord, email, log, ntfy, slack, telegram, webhook",
+            f"{path}: [channel:b] url: required for a slack channel",
+            f"{path}: [channel:c] to: '-oQ/tmp' is not a mail address",
+        ])
+
+    def test_check_of_a_syntax_error_is_one_line_exit_1(self):
+        self.write_config("[alerting\nx = 1\n", log_channel=False)
+        result = self.run_cli("config", "--check", env=self.cli_env())
+        self.assertOneLineError(result, 1, f"configuration file {self.config_path}: File contains no section headers.")
+
+    def test_check_passes_notes_missing_secrets_and_counts_channels(self):
+        self.write_config("[channel:ops]\ntype = slack\nurl_env = MM_UNSET_FOR_TEST\n")
+        result = self.run_cli("config", "--check", env=self.cli_env())
+        self.assertCleanExit(result, 0, "note: channel ops is not configured ($MM_UNSET_FOR_TEST is not set) "
+                                        "and will be skipped\nconfiguration OK: 1 channel (log)\n")
+
+    def test_a_config_others_can_read_that_holds_a_secret_draws_a_warning(self):
+        text = "[alerting]\nslack_webhook_url = https://hooks.slack.com/services/T0/B0/XYZSECRET\n"
+        self.write_config(text, mode=0o644)
+        shared = self.run_cli("config", "--check", env=self.cli_env())
+        self.write_config(text, mode=0o600)
+        private = self.run_cli("config", "--check", env=self.cli_env())
+        self.write_config("[channel:s]\ntype = slack\nurl_env = MM_X\n", mode=0o644)
+        no_secret_inside = self.run_cli("config", "--check", env=self.cli_env())
+        self.assertEqual(shared.stderr.decode(),
+                         f"{PROG}: WARNING: {self.config_path} holds secrets ([alerting] slack_webhook_url) "
+                         f"and other users can read it: chmod 600 {self.config_path}\n")
+        self.assertEqual((private.returncode, private.stderr), (0, b""))
+        self.assertEqual((no_secret_inside.returncode, no_secret_inside.stderr), (0, b""))
+
+    def test_the_example_file_is_valid_and_documents_every_key(self):
+        example = os.path.join(REPO, "alerting-config.example.ini")
+        result = self.run_cli("--config", example, "config", "--check", env=self.child_env())
+        self.assertCleanExit(result, 0, "configuration OK: 1 channel (log)\n")
+        with open(example, encoding="utf-8") as handle:
+            text = handle.read()
+        written = set(re.findall(r"^[#; ]*([a-z_]+) = ", text, re.MULTILINE))
+        expected = set(mm.ALERTING_KEYS) | set(mm.SEED_CHANNEL_KEYS) | set(mm.STORAGE_KEYS)
+        expected |= set(mm.CHANNEL_COMMON_KEYS) - {"timeout", "channel_budget"}
+        for plain, secrets, _ in mm.CHANNEL_KEYS.values():
+            expected |= set(plain) | set(secrets)
+            expected |= {f"{key}{suffix}" for key in secrets for suffix in ("_env", "_file")} & written
+        self.assertEqual(expected - written, set())
+        self.assertEqual({kind for kind in mm.CHANNEL_TYPES if f"type = {kind}\n" not in text}, set())
+
+
+class SecretsNeverShow(AlertTestCase):
+    """A configuration full of secrets, driven through failures: no secret in any output or in the store."""
+
+    SECRETS = ("T0SLACKSECRET", "B0SLACKSECRET", "slack-token-0123456789", "9876543210987", "discord-token-ABCDEF",
+               "sig-value-31415926", "hmac-shared-key-27182818", "smtp-password-1618", "424242:telegram-bot-token",
+               "ntfy-topic-0987654321", "ntfy-token-112358")
+
+    def test_secrets_are_masked_everywhere(self):
+        with HTTPServer(default=Reply(403, "invalid_token for", echo_path=True)) as server, SMTPServer(auth=True, accept_login=False,
+                                                                                   starttls=True) as smtp:
+            base = server.url("")
+            self.write_config(
+                f"[alerting]\nchannel_budget = 1s\nslack_webhook_url = {base}/services/T0SLACKSECRET/B0SLACKSECRET/slack-token-0123456789\n"
+                f"discord_webhook_url = {base}/api/webhooks/9876543210987/discord-token-ABCDEF\n\n"
+                f"[channel:hook]\ntype = webhook\nurl = {base}/hook?sig=sig-value-31415926\n"
+                f"secret = hmac-shared-key-27182818\n\n"
+                f"[channel:mail]\ntype = email\nto = ops@example.com\nsmtp_host = 127.0.0.1\n"
+                f"smtp_port = {smtp.port}\nusername = mm\npassword = smtp-password-1618\ntls_verify = false\n\n"
+                f"[channel:tg]\ntype = telegram\ntoken = 424242:telegram-bot-token\nchat_id = 1\napi_url = {base}\n\n"
+                f"[channel:phone]\ntype = ntfy\nurl = {base}/ntfy-topic-0987654321\ntoken = ntfy-token-112358\n\n"
+                f"[channel:gone]\ntype = webhook\nurl = http://127.0.0.1:1/hook?token=sig-value-31415926\n")
+            env = self.cli_env()
+            results = [
+                self.run_cli("-v", "alert", "--critical", "Disk", "full", env=env),
+                self.run_cli("-v", "alert", "--critical", "Disk", "--dry-run", env=env),
+                self.run_cli("-v", "alert-test", env=env),
+                self.run_cli("alerts", "--json", env=env),
+                self.run_cli("alerts", env=env),
+                self.run_cli("config", env=env),
+                self.run_cli("config", "--check", env=env),
+            ]
+            self.assertGreater(len(server.requests), 5)
+        self.assertEqual(results[0].returncode, 4, results[0].stderr)
+        self.assertIn(f"hook: webhook POST {base}/***?***".encode(), results[1].stdout)
+        seen = b"".join(r.stdout + r.stderr for r in results) + file_bytes(self.db)
+        seen += b"".join(self.syslog.pending())
+        for name in (self.db + "-wal",):
+            if os.path.exists(name):
+                seen += file_bytes(name)
+        for secret in self.SECRETS:
+            self.assertFalse(secret.encode() in seen, f"{secret} was shown or stored")
+        self.assertIn(b"channel gone failed after", results[0].stderr)
+        self.assertIn(b"535", results[0].stderr)
+        self.assertIn(b"channel slack failed after 1 attempt: HTTP 403: invalid_token for /services/***/***/***\n",
+                      results[0].stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
