@@ -2681,17 +2681,20 @@ class Delivery(NamedTuple):
 class DeliveryReport(dict):
     """``{channel: delivered}`` as the original design returns it, with each Delivery in ``outcomes``."""
 
-    def __init__(self, outcomes: Dict[str, Delivery], external: Iterable[str] = ()):
+    def __init__(self, outcomes: Dict[str, Delivery], external: Iterable[str] = (),
+                 storage_error: Optional[StorageError] = None):
         super().__init__((name, d.outcome in ("sent", "deduplicated")) for name, d in outcomes.items())
         self.outcomes = outcomes
         self.external = [name for name in external if name in outcomes]
+        self.storage_error = storage_error  # the store could not be written: sent without dedup or history
 
     def exit_code(self) -> int:
-        """0 delivered, deduplicated or nothing configured; 3 some channels failed; 4 none delivered."""
+        """0 delivered, deduplicated or nothing configured; 1 delivered but the store could not be
+        written; 3 some channels failed; 4 none delivered."""
         judged = [name for name in (self.external or list(self)) if self.outcomes[name].outcome != "not_configured"]
         failed = [name for name in judged if self.outcomes[name].outcome == "failed"]
         if not failed:
-            return EXIT_OK
+            return EXIT_RUNTIME if self.storage_error else EXIT_OK
         return EXIT_ALERT_PARTIAL if len(failed) < len(judged) else EXIT_ALERT_NONE
 
 
@@ -3708,28 +3711,42 @@ class AlertingSystem:
     # -- delivery ---------------------------------------------------------------
 
     def _deliver(self, alert: Alert, kind: str) -> DeliveryReport:
-        import json
-
         channels, missing = self.selected(alert)
-        with self.store.write() as conn:
-            alert_id = conn.execute(
-                "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (alert.created_at, kind, alert.key, alert.severity.value, self.masker.scrub(alert.title),
-                 self.masker.scrub(alert.message), self.masker.scrub(json.dumps(alert.details, sort_keys=True,
-                                                                                 default=str))),
-            ).lastrowid
-            for name in missing:
-                self._write_delivery(conn, alert_id, name, Delivery("not_configured"))
+        storage_errors: List[StorageError] = []
+        try:
+            alert_id: Optional[int] = self._record_alert(alert, kind, missing)
+        except StorageError as err:
+            # A full disk or a broken store must not swallow the alert that may be about it.
+            log.error("%s: sending without deduplication or history", err)
+            storage_errors.append(err)
+            alert_id = None
         outcomes = {name: Delivery("not_configured") for name in missing}
         for channel in channels:
-            outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, dedup=kind != "test")
+            outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, kind != "test", storage_errors)
+        if storage_errors and alert_id is not None:
+            log.error("%s: some of this alert's history or dedup marks were not saved", storage_errors[0])
         external = [name for name in outcomes if self.settings.channels.get(name) is None
                     or self.settings.channels[name].kind != "log"]
-        report = DeliveryReport(outcomes, external)
+        report = DeliveryReport(outcomes, external, storage_errors[0] if storage_errors else None)
         if external and not any(report[name] for name in external) and not any(
                 c.spec.kind == "log" for c in channels):
             self._last_resort(alert)
         return report
+
+    def _record_alert(self, alert: Alert, kind: str, missing: List[str]) -> int:
+        import json
+
+        details = json.dumps(alert.details, sort_keys=True, default=str)
+        with self.store.write() as conn:
+            alert_id = conn.execute(
+                "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (alert.created_at, kind, alert.key, alert.severity.value, self.masker.scrub(alert.title),
+                 self.masker.scrub(alert.message), self.masker.scrub(details)),
+            ).lastrowid
+            for name in missing:
+                self._write_delivery(conn, alert_id, name, Delivery("not_configured"))
+        return alert_id
 
     def _last_resort(self, alert: Alert) -> None:
         """No channel took the alert: the log gets it, so it is on record somewhere."""
@@ -3738,18 +3755,31 @@ class AlertingSystem:
             with contextlib.suppress(Exception):
                 self.channels["log"].send(alert, self.settings.timeout_s, self._now())
 
-    def _deliver_to(self, channel: _Channel, alert: Alert, alert_id: int, dedup: bool) -> Delivery:
-        if dedup and not self._claim(channel, alert):
-            delivery = Delivery("deduplicated")
+    def _deliver_to(self, channel: _Channel, alert: Alert, alert_id: Optional[int], dedup: bool,
+                    storage_errors: List[StorageError]) -> Delivery:
+        """Claim, send, record. A store that fails on the way costs the dedup and the history row,
+        never the delivery; the error is added to ``storage_errors``."""
+        if alert_id is None:
+            return self._logged(channel, self._attempts(channel, alert))
+        try:
+            fresh = not dedup or self._claim(channel, alert)
+        except StorageError as err:
+            storage_errors.append(err)
+            return self._logged(channel, self._attempts(channel, alert))
+        delivery = self._attempts(channel, alert) if fresh else Delivery("deduplicated")
+        try:
             with self.store.write() as conn:
                 self._write_delivery(conn, alert_id, channel.name, delivery)
+                if dedup and fresh:
+                    self._settle_claim(conn, channel.name, alert.key, delivery.outcome == "sent")
+        except StorageError as err:
+            storage_errors.append(err)
+        if not fresh:
             log.info("channel %s: %s already sent within the dedup window", channel.name, alert.key)
-            return delivery
-        delivery = self._attempts(channel, alert)
-        with self.store.write() as conn:
-            self._write_delivery(conn, alert_id, channel.name, delivery)
-            if dedup:
-                self._settle_claim(conn, channel.name, alert.key, delivery.outcome == "sent")
+        return self._logged(channel, delivery)
+
+    @staticmethod
+    def _logged(channel: _Channel, delivery: Delivery) -> Delivery:
         if delivery.outcome == "failed":
             log.warning("channel %s failed after %d attempt%s: %s", channel.name, delivery.attempts,
                         "" if delivery.attempts == 1 else "s", delivery.error)
@@ -4564,11 +4594,18 @@ def _command_of(argv: List[str]) -> Optional[str]:
     return None
 
 
+class _LowerLevelFormatter(logging.Formatter):
+    """``metasystem_monitor.py: warning: ...``: the level in lower case, as in the one-line errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
+
+
 @contextlib.contextmanager
 def _stderr_logging(verbosity: int, quiet: bool) -> Iterator[None]:
     """Send this module's log records to stderr for the length of one main() call."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
     level = logging.ERROR if quiet else logging.DEBUG if verbosity else logging.WARNING
     previous = log.level
     log.addHandler(handler)

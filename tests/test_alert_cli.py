@@ -36,18 +36,18 @@ class AlertCommand(AlertTestCase):
             none = self.alert("--warning", "Slower")
         self.assertEqual((partial.returncode, partial.stdout), (3, b""))
         self.assertEqual(partial.stderr.decode(),
-                         f"{PROG}: WARNING: channel slack failed after 1 attempt: HTTP 404: no_team\n")
+                         f"{PROG}: warning: channel slack failed after 1 attempt: HTTP 404: no_team\n")
         self.assertEqual((none.returncode, none.stdout), (4, b""))
         self.assertEqual(none.stderr.decode(),
-                         f"{PROG}: WARNING: channel slack failed after 1 attempt: HTTP 404: no_team\n"
-                         f"{PROG}: ERROR: no channel delivered the alert\n")
+                         f"{PROG}: warning: channel slack failed after 1 attempt: HTTP 404: no_team\n"
+                         f"{PROG}: error: no channel delivered the alert\n")
 
     def test_nothing_configured_is_exit_0_said_on_stderr_unless_quiet(self):
         self.write_config("")
         said = self.alert("--info", "Hello")
         quiet = self.run_cli("-q", "alert", "--info", "Hello again", env=self.cli_env())
         self.assertEqual((said.returncode, said.stdout), (0, b""))
-        self.assertEqual(said.stderr.decode(), f"{PROG}: WARNING: no alert channel is configured: "
+        self.assertEqual(said.stderr.decode(), f"{PROG}: warning: no alert channel is configured: "
                                                "the alert went to the log only (see alerting-config.example.ini)\n")
         self.assertCleanExit(quiet)
         self.assertEqual(len(self.syslog.pending()), 2)
@@ -66,6 +66,20 @@ class AlertCommand(AlertTestCase):
         self.assertOneLineError(result, 1, f"{self.config_path}: [channel:x] type: unknown channel type 'pagerduty'")
         self.assertEqual(hook.requests, [])
         self.assertFalse(os.path.exists(self.db))
+
+    def test_a_broken_store_still_lets_the_alert_out_and_says_so(self):
+        with open(self.db, "wb") as handle:
+            handle.write(b"not a database, and it must stay this way\n" * 100)
+        before = file_bytes(self.db)
+        with HTTPServer() as slack:
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\n")
+            result = self.alert("--critical", "Disk full")
+        self.assertEqual((result.returncode, result.stdout), (1, b""))
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            f"{PROG}: error: store {self.db} is not a SQLite database: sending without deduplication or history"])
+        self.assertEqual(len(slack.requests), 1)
+        self.assertEqual(len(self.syslog.pending()), 1)
+        self.assertEqual(file_bytes(self.db), before)
 
     def test_usage_errors_are_exit_2(self):
         self.write_config("")
@@ -210,7 +224,7 @@ class ConfigCommand(AlertTestCase):
         self.write_config("[channel:s]\ntype = slack\nurl_env = MM_X\n", mode=0o644)
         no_secret_inside = self.run_cli("config", "--check", env=self.cli_env())
         self.assertEqual(shared.stderr.decode(),
-                         f"{PROG}: WARNING: {self.config_path} holds secrets ([alerting] slack_webhook_url) "
+                         f"{PROG}: warning: {self.config_path} holds secrets ([alerting] slack_webhook_url) "
                          f"and other users can read it: chmod 600 {self.config_path}\n")
         self.assertEqual((private.returncode, private.stderr), (0, b""))
         self.assertEqual((no_secret_inside.returncode, no_secret_inside.stderr), (0, b""))
