@@ -69,7 +69,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -289,6 +289,53 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                claim_owner TEXT NOT NULL,
                claim_until REAL NOT NULL,
                PRIMARY KEY (dedup_key, channel)) WITHOUT ROWID""",
+    ),
+    (
+        # fire() and resolve(): one row per key, counting its runs.
+        """CREATE TABLE alert_states (
+               key TEXT PRIMARY KEY,
+               state TEXT NOT NULL,
+               title TEXT NOT NULL,
+               message TEXT NOT NULL,
+               severity TEXT NOT NULL,
+               details TEXT NOT NULL,
+               since REAL,
+               recent TEXT NOT NULL,
+               fail_streak INTEGER NOT NULL,
+               pass_streak INTEGER NOT NULL,
+               flips INTEGER NOT NULL,
+               updated REAL NOT NULL) WITHOUT ROWID""",
+        # Per key and channel: the last delivery (a RESOLVED is owed while the row exists), whether a
+        # notification waits for the end of quiet hours, and the lease of the process sending one now.
+        """CREATE TABLE alert_channel_states (
+               key TEXT NOT NULL,
+               channel TEXT NOT NULL,
+               delivered_at REAL,
+               severity TEXT,
+               reminders INTEGER NOT NULL,
+               held INTEGER NOT NULL,
+               claim_owner TEXT NOT NULL,
+               claim_until REAL NOT NULL,
+               claim_kind TEXT NOT NULL,
+               claim_severity TEXT NOT NULL,
+               PRIMARY KEY (key, channel)) WITHOUT ROWID""",
+        """CREATE TABLE alert_held (
+               id INTEGER PRIMARY KEY,
+               channel TEXT NOT NULL,
+               key TEXT NOT NULL,
+               kind TEXT NOT NULL,
+               severity TEXT NOT NULL,
+               title TEXT NOT NULL,
+               ts REAL NOT NULL,
+               claim_owner TEXT NOT NULL,
+               claim_until REAL NOT NULL)""",
+        """CREATE TABLE silences (
+               id INTEGER PRIMARY KEY,
+               match TEXT NOT NULL,
+               starts REAL NOT NULL,
+               ends REAL NOT NULL,
+               comment TEXT NOT NULL)""",
+        "ALTER TABLE alert_deliveries ADD COLUMN kind TEXT",
     ),
 )
 
@@ -2581,16 +2628,24 @@ LOG_LINE_CHARS = 1000  # classic syslog receivers cut lines near 1 KB
 SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")
 SYSLOG_LEVELS = {"critical": 2, "warning": 4, "info": 6}
 SYSLOG_FACILITIES = {"user": 1, "daemon": 3, **{f"local{n}": 16 + n for n in range(8)}}
-SLACK_COLORS = {"critical": "#d00000", "warning": "#f2c744", "info": "#439fe0"}
-DISCORD_COLORS = {"critical": 0xD00000, "warning": 0xF2C744, "info": 0x439FE0}
+SLACK_COLORS = {"critical": "#d00000", "warning": "#f2c744", "info": "#439fe0", "resolved": "#2eb67d"}
+DISCORD_COLORS = {"critical": 0xD00000, "warning": 0xF2C744, "info": 0x439FE0, "resolved": 0x2EB67D}
 NTFY_PRIORITIES = {"critical": "5", "warning": "4", "info": "3"}
 NTFY_TAGS = {"critical": "rotating_light", "warning": "warning", "info": "information_source"}
-DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured")
+DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured", "silenced", "held", "uncertain")
+ALERT_KINDS = ("alert", "test", "firing", "reminder", "resolved", "digest", "catchup")
+DEFAULT_REPEAT_INTERVALS_S = {"critical": 3600.0, "warning": 4 * 3600.0, "info": None}  # None: never
+DEFAULT_FIRE_AFTER = 1
+DEFAULT_RESOLVE_AFTER = 2
+DEFAULT_MAX_MESSAGES_PER_RUN = 5
+RECENT_RUNS_KEPT = 32  # per key, for "N within M" (M may not exceed it)
 # The original design's [alerting] keys: each makes the channel named here.
 SEED_CHANNEL_KEYS = {"email_to": ("email", "email"), "slack_webhook_url": ("slack", "slack"),
                      "discord_webhook_url": ("discord", "discord"), "webhook_url": ("webhook", "webhook")}
-ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget")
-CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget")
+ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_critical", "repeat_interval_warning",
+                 "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
+CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
+                       "quiet_hours", "quiet_hours_bypass", "fallback")
 # Per type: (plain keys, secret keys, required keys).  A secret key also works as KEY_env and KEY_file.
 CHANNEL_KEYS = {
     "email": (("method", "to", "from", "smtp_host", "smtp_port", "security", "username", "allow_insecure_auth",
@@ -2653,15 +2708,25 @@ class Alert(NamedTuple):
     details: Dict[str, Any]
     created_at: float
     uid: str  # one per alert: the webhook-id and Message-ID, the same on every retry
+    kind: str = "alert"  # one of ALERT_KINDS
+    dedup: Optional[str] = None  # the key given to fire() and resolve()
+    note: str = ""  # "still firing since ..., reminder #2", shown before the message
+    started_at: Optional[float] = None  # when a firing alert started
 
     @property
     def key(self) -> str:
-        """The dedup key of the original design: ``severity:title``."""
-        return f"{self.severity.value}:{self.title}"
+        """The dedup key: the one given to fire(), else the original design's ``severity:title``."""
+        return self.dedup or f"{self.severity.value}:{self.title}"
 
     @property
     def headline(self) -> str:
-        return f"[{self.severity.value.upper()}] {self.title}"
+        label = "RESOLVED" if self.kind == "resolved" else self.severity.value.upper()
+        return f"[{label}] {self.title}"
+
+    @property
+    def color(self) -> str:
+        """The key of the color tables: the severity, or ``resolved``."""
+        return "resolved" if self.kind == "resolved" else self.severity.value
 
     def detail_lines(self) -> List[str]:
         return [f"{key}: {_one_line(str(value))}" for key, value in sorted(self.details.items())]
@@ -2807,6 +2872,35 @@ class ChannelSpec(NamedTuple):
     budget_s: float
     enabled: bool = True
     missing: Optional[str] = None  # why the channel cannot be used now (a secret not set), or None
+    send_resolved: bool = True
+    quiet_hours: Optional[Tuple[int, int]] = None  # (start, end) in minutes after local midnight
+    quiet_bypass: Optional[str] = None  # this severity and above go out in quiet hours
+    fallback: Optional[str] = None  # the channel tried when this one fails
+
+    def is_quiet(self, local_minute: int, severity: str) -> bool:
+        """True when a notification of ``severity`` is held back at this local time."""
+        if self.quiet_hours is None:
+            return False
+        if self.quiet_bypass and ALERT_SEVERITIES.index(severity) >= ALERT_SEVERITIES.index(self.quiet_bypass):
+            return False
+        start, end = self.quiet_hours
+        return start <= local_minute < end if start < end else local_minute >= start or local_minute < end
+
+
+class Lifecycle(NamedTuple):
+    """How fire() and resolve() behave over runs: reminders, hysteresis, digests."""
+
+    repeat_s: Dict[str, Optional[float]]  # per severity; None: never remind
+    fire_after: int = DEFAULT_FIRE_AFTER
+    fire_within: Optional[int] = None  # "fire_after = 3 within 5": 3 failing runs among the last 5
+    resolve_after: int = DEFAULT_RESOLVE_AFTER
+    max_messages_per_run: int = DEFAULT_MAX_MESSAGES_PER_RUN
+
+    def triggered(self, recent: str, fail_streak: int) -> bool:
+        """Do these runs (``F`` failing, ``P`` passing, oldest first) make the alert fire?"""
+        if self.fire_within:
+            return recent[-self.fire_within:].count("F") >= self.fire_after
+        return fail_streak >= self.fire_after
 
 
 class AlertingSettings(NamedTuple):
@@ -2819,6 +2913,7 @@ class AlertingSettings(NamedTuple):
     budget_s: float
     problems: List[Tuple[str, str, str]]
     inline_secrets: List[str]  # "[section] key" of each secret written in the file itself
+    lifecycle: Lifecycle = Lifecycle(dict(DEFAULT_REPEAT_INTERVALS_S))
 
     def masker(self) -> Masker:
         return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
@@ -2866,7 +2961,70 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
                                        timeout_s, budget_s)
     if "log" not in channels:
         channels["log"] = ChannelSpec("log", "log", "", {}, {}, {}, "info", timeout_s, budget_s)
-    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline)
+    for name, spec in channels.items():
+        if spec.fallback and (spec.fallback not in channels or spec.fallback == name):
+            what = "itself" if spec.fallback == name else f"{spec.fallback!r}, which is not a channel"
+            problems.append((spec.section, "fallback", f"names {what}"))
+    lifecycle = _lifecycle_settings(alerting, problems)
+    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle)
+
+
+def _lifecycle_settings(items: Dict[str, str], problems: List[Tuple[str, str, str]]) -> Lifecycle:
+    repeat: Dict[str, Optional[float]] = {}
+    for severity in ALERT_SEVERITIES:
+        key = f"repeat_interval_{severity}"
+        text = items.get(key, "").strip().lower()
+        if text in ("never", "0"):
+            repeat[severity] = None
+        elif text:
+            repeat[severity] = _duration_setting(items, "alerting", key, 3600.0, problems, positive=True)
+        else:
+            repeat[severity] = DEFAULT_REPEAT_INTERVALS_S[severity]
+    fire_after, within = DEFAULT_FIRE_AFTER, None
+    text = items.get("fire_after", "").strip().lower()
+    if text:
+        count, _, window = (part.strip() for part in text.partition("within"))
+        if not count.isdigit() or int(count) < 1 or (window and not (window.isdigit()
+                                                                      and int(count) <= int(window) <= RECENT_RUNS_KEPT)):
+            problems.append(("alerting", "fire_after", f"{_shown(text)} is not N or 'N within M' "
+                                                        f"(1 <= N <= M <= {RECENT_RUNS_KEPT})"))
+        else:
+            fire_after, within = int(count), int(window) if window else None
+    resolve_after = _count_setting(items, "resolve_after", DEFAULT_RESOLVE_AFTER, problems)
+    max_per_run = _count_setting(items, "max_messages_per_run", DEFAULT_MAX_MESSAGES_PER_RUN, problems)
+    return Lifecycle(repeat, fire_after, within, resolve_after, max_per_run)
+
+
+def _count_setting(items: Dict[str, str], key: str, default: int, problems: List[Tuple[str, str, str]]) -> int:
+    text = items.get(key, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        problems.append(("alerting", key, f"{_shown(text)} is not a whole number of at least 1"))
+        return default
+    return int(text)
+
+
+def parse_quiet_hours(text: str) -> Tuple[int, int]:
+    """``22:00-07:30`` as (start, end) minutes after midnight; the range may cross midnight.
+
+    >>> parse_quiet_hours("22:00-07:30")
+    (1320, 450)
+    """
+    try:
+        start, end = (_minute_of_day(part) for part in text.split("-"))
+    except ValueError:
+        raise ValidationError(f"{_shown(text)} is not a time range such as 22:00-07:30") from None
+    if start == end:
+        raise ValidationError(f"{_shown(text)} is an empty time range")
+    return start, end
+
+
+def _minute_of_day(text: str) -> int:
+    hours, _, minutes = text.strip().partition(":")
+    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2 and int(hours) < 24 and int(minutes) < 60):
+        raise ValueError(text)
+    return int(hours) * 60 + int(minutes)
 
 
 def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
@@ -2948,9 +3106,30 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
         written = {"url": seed_key, "to": seed_key}
         problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]
         missing = missing and missing.replace("url", seed_key, 1).replace("to is", f"{seed_key} is", 1)
+    send_resolved = _bool_setting(items, section, "send_resolved", True, problems)
+    quiet, bypass = _quiet_settings(items, section, problems)
+    fallback = items.get("fallback", "").strip() or None
     usable = len(problems) == start
     return ChannelSpec(name, kind, section, settings, secrets, sources, min_severity, channel_timeout,
-                       channel_budget, enabled and usable, missing)
+                       channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback)
+
+
+def _quiet_settings(items: Dict[str, str], section: str,
+                    problems: List[Tuple[str, str, str]]) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+    quiet = None
+    if items.get("quiet_hours", "").strip():
+        try:
+            quiet = parse_quiet_hours(items["quiet_hours"])
+        except ValidationError as err:
+            problems.append((section, "quiet_hours", str(err)))
+    bypass = items.get("quiet_hours_bypass", "").strip().lower() or None
+    if bypass == "none":
+        bypass = None
+    if bypass is not None and bypass not in ALERT_SEVERITIES:
+        problems.append((section, "quiet_hours_bypass", f"{_shown(bypass)} is not none or one of "
+                                                        f"{', '.join(ALERT_SEVERITIES)}"))
+        bypass = None
+    return quiet, bypass
 
 
 def _secret(items: Dict[str, str], key: str, section: str, environ: Dict[str, str],
@@ -3153,7 +3332,8 @@ class _Channel:
         raise NotImplementedError
 
     def body_text(self, alert: Alert) -> str:
-        lines = [alert.message] if alert.message else []
+        lines = [alert.note] if alert.note else []
+        lines += [alert.message] if alert.message else []
         if alert.details:
             lines += [""] + alert.detail_lines()
         lines += ["", f"host: {self.hostname}", f"time: {iso_time(alert.created_at)}"]
@@ -3201,7 +3381,7 @@ class SlackChannel(_HttpChannel):
         return _json_bytes({
             "text": truncate(_slack_escape(alert.headline), SLACK_TEXT_CHARS),
             "attachments": [{
-                "color": SLACK_COLORS[alert.severity.value],
+                "color": SLACK_COLORS[alert.color],
                 "fallback": truncate(alert.headline, SLACK_TEXT_CHARS),
                 "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": _slack_cut(body)}}],
             }],
@@ -3243,7 +3423,7 @@ class DiscordChannel(_HttpChannel):
         footer = truncate(f"metasystem-monitor on {self.hostname}", DISCORD_FOOTER_CHARS)
         room = DISCORD_EMBED_TOTAL_CHARS - len(title) - len(footer)
         description = truncate(alert.message or "-", min(DISCORD_DESCRIPTION_CHARS, room))
-        embed = {"title": title, "description": description, "color": DISCORD_COLORS[alert.severity.value],
+        embed = {"title": title, "description": description, "color": DISCORD_COLORS[alert.color],
                  "fields": _discord_fields(alert.details, room - len(description)), "footer": {"text": footer},
                  "timestamp": iso_time(alert.created_at)}
         document = {"content": truncate(alert.headline, DISCORD_CONTENT_CHARS), "embeds": [embed],
@@ -3264,15 +3444,17 @@ class WebhookChannel(_HttpChannel):
         labels = {"alertname": alert.title, "severity": alert.severity.value, "instance": self.hostname,
                   "source": "metasystem"}
         annotations = {"summary": alert.title, "description": alert.message}
+        status = "resolved" if alert.kind == "resolved" else "firing"
+        ends = iso_time(alert.created_at) if status == "resolved" else "0001-01-01T00:00:00Z"
         return _json_bytes({
-            "version": "4", "status": "firing", "receiver": self.name, "groupKey": alert.key,
+            "version": "4", "status": status, "receiver": self.name, "groupKey": alert.key,
             "truncatedAlerts": 0, "groupLabels": {"alertname": alert.title}, "commonLabels": labels,
             "commonAnnotations": annotations, "externalURL": "",
-            "alerts": [{"status": "firing", "labels": labels, "annotations": annotations,
-                        "startsAt": iso_time(alert.created_at), "endsAt": "0001-01-01T00:00:00Z",
+            "alerts": [{"status": status, "labels": labels, "annotations": annotations,
+                        "startsAt": iso_time(alert.started_at or alert.created_at), "endsAt": ends,
                         "generatorURL": "", "fingerprint": _fingerprint(alert.key)}],
             "severity": alert.severity.value, "dedup_key": alert.key, "details": alert.details,
-            "title": alert.title, "message": alert.message,
+            "title": alert.title, "message": alert.message, "kind": alert.kind, "note": alert.note,
         })
 
     def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
@@ -3327,7 +3509,8 @@ class NtfyChannel(_HttpChannel):
     def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
         headers = super().headers(alert, body, now)
         headers.update(Title=_header_text(truncate(alert.headline, NTFY_TITLE_CHARS)),
-                       Priority=NTFY_PRIORITIES[alert.severity.value], Tags=NTFY_TAGS[alert.severity.value])
+                       Priority=NTFY_PRIORITIES[alert.severity.value],
+                       Tags="white_check_mark" if alert.kind == "resolved" else NTFY_TAGS[alert.severity.value])
         if self.spec.secrets.get("token"):
             headers["Authorization"] = f"Bearer {self.spec.secrets['token']}"
         return headers
@@ -3492,7 +3675,7 @@ class LogChannel(_Channel):
         return f"log to syslog at {address}" if address else "log to the 'metasystem.alert' logger"
 
     def line(self, alert: Alert) -> str:
-        parts = [alert.headline] + ([alert.message] if alert.message else []) + alert.detail_lines()
+        parts = [alert.headline] + [text for text in (alert.note, alert.message) if text] + alert.detail_lines()
         return truncate(_one_line(" | ".join(_one_line(part) for part in parts)), LOG_LINE_CHARS)
 
     def render(self, alert: Alert) -> str:
@@ -3605,6 +3788,7 @@ class AlertingSystem:
         self._sleep = time.sleep if sleep is None else sleep
         self._rng = random.Random() if rng is None else rng
         self._owner = os.urandom(8).hex()
+        self._batch: Optional[_Batch] = None
 
     @property
     def store(self) -> Store:
@@ -3703,17 +3887,16 @@ class AlertingSystem:
                 missing.append(name)
         return [self.channels[name] for name in chosen if name in self.channels], missing
 
-    def external_channels(self, alert: Alert) -> List[str]:
-        """The selected channels besides the always-on log."""
-        channels, missing = self.selected(alert)
-        return [c.name for c in channels if c.spec.kind != "log"] + [m for m in missing if m != "log"]
-
     # -- delivery ---------------------------------------------------------------
 
     def _deliver(self, alert: Alert, kind: str) -> DeliveryReport:
         channels, missing = self.selected(alert)
         storage_errors: List[StorageError] = []
+        silence = None
         try:
+            if kind != "test":
+                self._release_held(self._now())
+                silence = self._active_silence(alert)
             alert_id: Optional[int] = self._record_alert(alert, kind, missing)
         except StorageError as err:
             # A full disk or a broken store must not swallow the alert that may be about it.
@@ -3722,7 +3905,16 @@ class AlertingSystem:
             alert_id = None
         outcomes = {name: Delivery("not_configured") for name in missing}
         for channel in channels:
+            if silence is not None:
+                outcomes[channel.name] = self._record_outcome(alert_id, channel.name,
+                                                              Delivery("silenced", error=f"silence #{silence}"))
+                continue
             outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, kind != "test", storage_errors)
+            fallback = self._fallback_for(channel, outcomes[channel.name], outcomes, [c.name for c in channels])
+            if fallback is not None:
+                delivery = self._logged(fallback, self._attempts(fallback, alert))
+                outcomes[fallback.name] = self._record_outcome(
+                    alert_id, fallback.name, delivery._replace(error=delivery.error or f"fallback for {channel.name}"))
         if storage_errors and alert_id is not None:
             log.error("%s: some of this alert's history or dedup marks were not saved", storage_errors[0])
         external = [name for name in outcomes if self.settings.channels.get(name) is None
@@ -3733,20 +3925,45 @@ class AlertingSystem:
             self._last_resort(alert)
         return report
 
+    def _record_outcome(self, alert_id: Optional[int], channel: str, delivery: Delivery) -> Delivery:
+        """A history row for an outcome reached without the dedup claim (silenced, a fallback)."""
+        if alert_id is not None:
+            with contextlib.suppress(StorageError), self.store.write() as conn:
+                self._write_delivery(conn, alert_id, channel, delivery)
+        return delivery
+
+    def _active_silence(self, alert: Alert) -> Optional[int]:
+        with self.store.write() as conn:
+            return self._silence_for(conn, alert, self._now())
+
+    def _fallback_for(self, channel: _Channel, delivery: Delivery, outcomes: Dict[str, Delivery],
+                      targets: List[str]) -> Optional[_Channel]:
+        """The channel to try when ``channel`` failed: its ``fallback``, unless that one has it already."""
+        name = channel.spec.fallback
+        if delivery.outcome != "failed" or not name or name in targets or name in outcomes:
+            return None
+        fallback = self.channels.get(name)
+        if fallback is not None:
+            log.warning("channel %s failed: trying its fallback %s", channel.name, name)
+        return fallback
+
     def _record_alert(self, alert: Alert, kind: str, missing: List[str]) -> int:
+        with self.store.write() as conn:
+            alert_id = self._insert_alert(conn, alert, kind)
+            for name in missing:
+                self._write_delivery(conn, alert_id, name, Delivery("not_configured"), kind)
+        return alert_id
+
+    def _insert_alert(self, conn: sqlite3.Connection, alert: Alert, kind: str) -> int:
+        """The history row of an alert, secrets masked."""
         import json
 
         details = json.dumps(alert.details, sort_keys=True, default=str)
-        with self.store.write() as conn:
-            alert_id = conn.execute(
-                "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (alert.created_at, kind, alert.key, alert.severity.value, self.masker.scrub(alert.title),
-                 self.masker.scrub(alert.message), self.masker.scrub(details)),
-            ).lastrowid
-            for name in missing:
-                self._write_delivery(conn, alert_id, name, Delivery("not_configured"))
-        return alert_id
+        return conn.execute(
+            "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (self._now(), kind, alert.key, alert.severity.value, self.masker.scrub(alert.title),
+             self.masker.scrub(alert.message), self.masker.scrub(details)),
+        ).lastrowid
 
     def _last_resort(self, alert: Alert) -> None:
         """No channel took the alert: the log gets it, so it is on record somewhere."""
@@ -3766,12 +3983,19 @@ class AlertingSystem:
         except StorageError as err:
             storage_errors.append(err)
             return self._logged(channel, self._attempts(channel, alert))
-        delivery = self._attempts(channel, alert) if fresh else Delivery("deduplicated")
+        if not fresh:
+            delivery = Delivery("deduplicated")
+        elif dedup and channel.spec.is_quiet(_local_minute(self._now()), alert.severity.value):
+            delivery = Delivery("held")  # marked as sent: the catch-up at the end of quiet hours carries it
+            with contextlib.suppress(StorageError), self.store.write() as conn:
+                self._hold(conn, channel.name, alert, self._now())
+        else:
+            delivery = self._attempts(channel, alert)
         try:
             with self.store.write() as conn:
-                self._write_delivery(conn, alert_id, channel.name, delivery)
+                self._write_delivery(conn, alert_id, channel.name, delivery, "test" if not dedup else "alert")
                 if dedup and fresh:
-                    self._settle_claim(conn, channel.name, alert.key, delivery.outcome == "sent")
+                    self._settle_claim(conn, channel.name, alert.key, delivery.outcome in ("sent", "held"))
         except StorageError as err:
             storage_errors.append(err)
         if not fresh:
@@ -3817,12 +4041,13 @@ class AlertingSystem:
             conn.execute("UPDATE alert_marks SET claim_owner = '', claim_until = 0 "
                          "WHERE dedup_key = ? AND channel = ? AND claim_owner = ?", (key, channel, self._owner))
 
-    def _write_delivery(self, conn: sqlite3.Connection, alert_id: int, channel: str, delivery: Delivery) -> None:
+    def _write_delivery(self, conn: sqlite3.Connection, alert_id: int, channel: str, delivery: Delivery,
+                        kind: str = "alert") -> None:
         conn.execute(
             "INSERT INTO alert_deliveries (alert_id, channel, ts, outcome, attempts, http_status, error_class, "
-            "error, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "error, latency_ms, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (alert_id, channel, self._now(), delivery.outcome, delivery.attempts, delivery.http_status,
-             delivery.error_class, delivery.error, delivery.latency_ms),
+             delivery.error_class, delivery.error, delivery.latency_ms, kind),
         )
 
     def _attempts(self, channel: _Channel, alert: Alert) -> Delivery:
@@ -3869,6 +4094,372 @@ class AlertingSystem:
             return 0.0, " (the channel's time budget is spent)"
         return wait, None
 
+    # -- the lifecycle: fire, resolve, reminders, silences, quiet hours, digests -----
+
+    def fire(self, key: str, title: str, message: str = "", severity: AlertSeverity = AlertSeverity.WARNING,
+             details: Optional[Dict[str, Any]] = None) -> DeliveryReport:
+        """One run in which ``key`` is failing: notify on change, remind on schedule, else stay quiet.
+
+        The first fire (after ``fire_after`` failing runs) is delivered to every
+        channel; later ones only when the severity rises or the reminder
+        interval of the severity has passed since the last delivery.
+        """
+        key = _lifecycle_key(key)
+        alert = self.create_alert(title, message, _severity(severity), None, details)._replace(dedup=key)
+        return self._observe_and_notify(alert, failing=True)
+
+    def resolve(self, key: str, message: Optional[str] = None) -> DeliveryReport:
+        """One run in which ``key`` passes: after ``resolve_after`` such runs, one RESOLVED goes to each
+        channel that received the FIRING (and only to those)."""
+        key = _lifecycle_key(key)
+        alert = self.create_alert(key, message or "", AlertSeverity.INFO, None, None)._replace(dedup=key)
+        return self._observe_and_notify(alert, failing=False)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["_Batch"]:
+        """Gather the notifications of several fire() and resolve() calls (one cron run) and send them
+        at the end; more than ``max_messages_per_run`` for one channel go as one digest."""
+        if self._batch is not None:
+            raise MonitorError("batches do not nest")
+        self._batch = _Batch()
+        try:
+            yield self._batch
+        finally:
+            batch, self._batch = self._batch, None
+            batch.report = self._deliver_calls(batch.calls)
+
+    def firing(self) -> List[Dict[str, Any]]:
+        """What is firing now: since when, at which severity, and the last delivery to each channel."""
+        import json
+
+        rows = self.store.query("SELECT key, title, message, severity, details, since, flips, recent FROM alert_states "
+                                "WHERE state = 'firing' ORDER BY since, key")
+        found = []
+        for key, title, message, severity, details, since, flips, recent in rows:
+            channels = self.store.query("SELECT channel, delivered_at, severity, reminders, held "
+                                        "FROM alert_channel_states WHERE key = ? ORDER BY channel", (key,))
+            found.append({
+                "key": key, "title": title, "message": message, "severity": severity, "details": json.loads(details),
+                "since": iso_time(since), "flips": flips, "recent_runs": recent,
+                "channels": {channel: {"last_delivered": iso_time(at), "severity": sev, "reminders": reminders,
+                                       "held": bool(held)} for channel, at, sev, reminders, held in channels},
+            })
+        return found
+
+    def _observe_and_notify(self, alert: Alert, failing: bool) -> DeliveryReport:
+        now = self._now()
+        self._release_held(now)
+        with self.store.write() as conn:
+            state = self._observe(conn, alert, failing, now)
+            if failing:
+                call = self._plan_firing(conn, state, alert, now) if state["state"] == "firing" else None
+            else:
+                call = self._plan_resolved(conn, state, alert, now)
+        if call is None:
+            return DeliveryReport({})
+        if self._batch is not None:
+            self._batch.calls.append(call)
+            return DeliveryReport(dict(call.outcomes))
+        return self._deliver_calls([call])
+
+    def _observe(self, conn: sqlite3.Connection, alert: Alert, failing: bool, now: float) -> Dict[str, Any]:
+        """Count this run into the key's state (streaks, recent runs, flips); return the new state."""
+        import json
+
+        columns = ("state", "title", "message", "severity", "details", "since", "recent", "fail_streak",
+                   "pass_streak", "flips")
+        row = conn.execute(f"SELECT {', '.join(columns)} FROM alert_states WHERE key = ?", (alert.key,)).fetchone()
+        state = dict(zip(columns, row)) if row else {
+            "state": "ok", "title": alert.title, "message": "", "severity": "info", "details": "{}", "since": None,
+            "recent": "", "fail_streak": 0, "pass_streak": 0, "flips": 0}
+        lifecycle = self.settings.lifecycle
+        state["recent"] = (state["recent"] + ("F" if failing else "P"))[-RECENT_RUNS_KEPT:]
+        state["fail_streak"] = state["fail_streak"] + 1 if failing else 0
+        state["pass_streak"] = 0 if failing else state["pass_streak"] + 1
+        if failing:
+            state.update(title=alert.title, message=alert.message, severity=alert.severity.value,
+                         details=json.dumps(alert.details, sort_keys=True, default=str))
+            if state["state"] != "firing" and lifecycle.triggered(state["recent"], state["fail_streak"]):
+                state.update(state="firing", since=now, flips=state["flips"] + 1)
+        elif state["state"] == "firing" and state["pass_streak"] >= lifecycle.resolve_after:
+            state.update(state="ok", flips=state["flips"] + 1)
+        conn.execute(
+            "INSERT OR REPLACE INTO alert_states (key, state, title, message, severity, details, since, recent, "
+            "fail_streak, pass_streak, flips, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (alert.key, state["state"], self.masker.scrub(state["title"]), self.masker.scrub(state["message"]),
+             state["severity"], self.masker.scrub(state["details"]), state["since"], state["recent"],
+             state["fail_streak"], state["pass_streak"], state["flips"], now))
+        return state
+
+    def _plan_firing(self, conn: sqlite3.Connection, state: Dict[str, Any], alert: Alert, now: float) -> "_Call":
+        """Per channel: a FIRING, a reminder, or nothing; claimed, silenced or held as the store says."""
+        alert = alert._replace(kind="firing", started_at=state["since"])
+        call = _Call(alert, "firing")
+        silence = self._silence_for(conn, alert, now)
+        minute = _local_minute(now)
+        for channel in self.selected(alert)[0]:
+            row = self._channel_state(conn, alert.key, channel.name, now)
+            if row["claimed"] or row["held"]:
+                continue  # another process is sending it, or the end of quiet hours will
+            kind, note = self._due(row, state, now)
+            if kind is None:
+                continue
+            if silence is not None:
+                call.outcomes[channel.name] = Delivery("silenced", error=f"silence #{silence}")
+            elif channel.spec.is_quiet(minute, alert.severity.value):
+                if kind != "reminder":  # a reminder is not worth keeping for the catch-up
+                    self._hold(conn, channel.name, alert._replace(kind=kind), now)
+                    call.outcomes[channel.name] = Delivery("held")
+            else:
+                self._claim_channel(conn, alert.key, channel, kind, alert.severity.value, now)
+                call.plans.append(_Plan(channel, alert._replace(kind=kind, note=note)))
+        return call
+
+    def _due(self, row: Dict[str, Any], state: Dict[str, Any], now: float) -> Tuple[Optional[str], str]:
+        """(kind, note) owed to a channel now: ("firing", ...), ("reminder", ...), or (None, "")."""
+        severity = state["severity"]
+        if row["delivered_at"] is None:
+            return "firing", ""
+        if ALERT_SEVERITIES.index(severity) > ALERT_SEVERITIES.index(row["severity"]):
+            return "firing", f"severity raised from {row['severity']} to {severity}"
+        repeat = self.settings.lifecycle.repeat_s[severity]
+        if repeat is not None and now - row["delivered_at"] >= repeat:
+            return "reminder", (f"still firing since {iso_time(state['since'])}, "
+                                f"reminder #{row['reminders'] + 1}")
+        return None, ""
+
+    def _plan_resolved(self, conn: sqlite3.Connection, state: Dict[str, Any], alert: Alert,
+                       now: float) -> Optional["_Call"]:
+        """A RESOLVED for each channel that got the FIRING and still has none; nothing while firing."""
+        if state["state"] == "firing":
+            return None
+        rows = conn.execute("SELECT channel FROM alert_channel_states WHERE key = ?", (alert.key,)).fetchall()
+        if not rows:
+            return None
+        severity = _severity(state["severity"])
+        since = state["since"] or now
+        alert = alert._replace(kind="resolved", title=state["title"], severity=severity, started_at=since,
+                               message=alert.message or state["message"],
+                               note=f"resolved after {format_span(now - since)} (firing since {iso_time(since)})")
+        call = _Call(alert, "resolved")
+        minute = _local_minute(now)
+        for (name,) in rows:
+            row = self._channel_state(conn, alert.key, name, now)
+            channel = self.channels.get(name)
+            if row["claimed"]:
+                continue
+            if row["delivered_at"] is None or channel is None or not channel.spec.send_resolved:
+                if row["held"]:  # the FIRING waits in the catch-up: tell its end there too
+                    self._hold(conn, name, alert, now)
+                conn.execute("DELETE FROM alert_channel_states WHERE key = ? AND channel = ?", (alert.key, name))
+            elif channel.spec.is_quiet(minute, severity.value):
+                if not row["held"]:
+                    self._hold(conn, name, alert, now)
+                    call.outcomes[name] = Delivery("held")
+            else:
+                self._claim_channel(conn, alert.key, channel, "resolved", severity.value, now)
+                call.plans.append(_Plan(channel, alert))
+        return call if call.plans or call.outcomes else None
+
+    def _channel_state(self, conn: sqlite3.Connection, key: str, channel: str, now: float) -> Dict[str, Any]:
+        """One channel's state for a key. A claim whose process died (killed right after the service
+        answered, perhaps) counts as delivered: a duplicate is worse than a late reminder."""
+        columns = ("delivered_at", "severity", "reminders", "held", "claim_owner", "claim_until", "claim_kind",
+                   "claim_severity")
+        row = conn.execute(f"SELECT {', '.join(columns)} FROM alert_channel_states WHERE key = ? AND channel = ?",
+                           (key, channel)).fetchone()
+        state = dict(zip(columns, row)) if row else dict(zip(columns, (None, None, 0, 0, "", 0.0, "", "")))
+        if state["claim_owner"] and state["claim_until"] <= now:
+            log.warning("channel %s: a run stopped while sending %s for %s; counted as delivered",
+                        channel, state["claim_kind"], key)
+            self._settle_channel(conn, key, channel, state["claim_kind"], state["claim_severity"], True,
+                                 state["claim_until"])
+            return self._channel_state(conn, key, channel, now)
+        state["claimed"] = bool(state["claim_owner"])
+        return state
+
+    def _claim_channel(self, conn: sqlite3.Connection, key: str, channel: _Channel, kind: str, severity: str,
+                       now: float) -> None:
+        lease = now + channel.spec.budget_s + DELIVERY_CLAIM_GRACE_S
+        conn.execute(
+            "INSERT INTO alert_channel_states (key, channel, delivered_at, severity, reminders, held, claim_owner, "
+            "claim_until, claim_kind, claim_severity) VALUES (?, ?, NULL, NULL, 0, 0, ?, ?, ?, ?) "
+            "ON CONFLICT (key, channel) DO UPDATE SET claim_owner = excluded.claim_owner, "
+            "claim_until = excluded.claim_until, claim_kind = excluded.claim_kind, "
+            "claim_severity = excluded.claim_severity",
+            (key, channel.name, self._owner, lease, kind, severity))
+
+    def _settle_channel(self, conn: sqlite3.Connection, key: str, channel: str, kind: str, severity: str,
+                        sent: bool, at: float) -> None:
+        """After a delivery: a FIRING or reminder marks the channel, a RESOLVED ends its state."""
+        if not sent:
+            conn.execute("UPDATE alert_channel_states SET claim_owner = '', claim_until = 0 "
+                         "WHERE key = ? AND channel = ?", (key, channel))
+        elif kind == "resolved":
+            conn.execute("DELETE FROM alert_channel_states WHERE key = ? AND channel = ?", (key, channel))
+        else:
+            conn.execute(
+                "INSERT INTO alert_channel_states (key, channel, delivered_at, severity, reminders, held, "
+                "claim_owner, claim_until, claim_kind, claim_severity) VALUES (?, ?, ?, ?, 0, 0, '', 0, '', '') "
+                "ON CONFLICT (key, channel) DO UPDATE SET delivered_at = excluded.delivered_at, "
+                "severity = excluded.severity, reminders = CASE WHEN ? THEN reminders + 1 ELSE 0 END, held = 0, "
+                "claim_owner = '', claim_until = 0", (key, channel, at, severity, kind == "reminder"))
+
+    # -- silences -------------------------------------------------------------
+
+    def add_silence(self, match: str, duration_s: float, comment: str = "") -> int:
+        """Silence alerts whose key or title contains ``match`` (``key=K``: the key K exactly)."""
+        match = _one_line(str(match))
+        if not match or match == "key=":
+            raise ValidationError("a silence needs a --match text")
+        duration_s = non_negative(duration_s, "silence duration")
+        if duration_s <= 0:
+            raise ValidationError("a silence needs a duration of more than 0")
+        now = self._now()
+        with self.store.write() as conn:
+            return conn.execute("INSERT INTO silences (match, starts, ends, comment) VALUES (?, ?, ?, ?)",
+                                (match, now, now + duration_s, _one_line(comment))).lastrowid
+
+    def list_silences(self, include_expired: bool = False) -> List[Dict[str, Any]]:
+        now = self._now()
+        rows = self.store.query("SELECT id, match, starts, ends, comment FROM silences WHERE ends > ? ORDER BY id",
+                                (float("-inf") if include_expired else now,))
+        return [{"id": id_, "match": match, "starts": iso_time(starts), "ends": iso_time(ends), "comment": comment,
+                 "active": starts <= now < ends} for id_, match, starts, ends, comment in rows]
+
+    def remove_silence(self, silence_id: int) -> bool:
+        with self.store.write() as conn:
+            return conn.execute("DELETE FROM silences WHERE id = ?", (int(silence_id),)).rowcount > 0
+
+    def _silence_for(self, conn: sqlite3.Connection, alert: Alert, now: float) -> Optional[int]:
+        """The id of an active silence that matches the alert's key or title, or None."""
+        for silence_id, match in conn.execute("SELECT id, match FROM silences WHERE starts <= ? AND ends > ? "
+                                              "ORDER BY id", (now, now)):
+            if match.startswith("key="):
+                if match[4:] == alert.key:
+                    return silence_id
+            elif match in alert.key or match in alert.title:
+                return silence_id
+        return None
+
+    # -- quiet hours ----------------------------------------------------------
+
+    def _hold(self, conn: sqlite3.Connection, channel: str, alert: Alert, now: float) -> None:
+        """Keep a notification for the catch-up message at the end of the channel's quiet hours."""
+        conn.execute("INSERT INTO alert_held (channel, key, kind, severity, title, ts, claim_owner, claim_until) "
+                     "VALUES (?, ?, ?, ?, ?, ?, '', 0)",
+                     (channel, alert.key, alert.kind, alert.severity.value, self.masker.scrub(alert.title), now))
+        if alert.dedup:
+            conn.execute("UPDATE alert_channel_states SET held = 1 WHERE key = ? AND channel = ?",
+                         (alert.key, channel))
+            conn.execute("INSERT OR IGNORE INTO alert_channel_states (key, channel, delivered_at, severity, reminders, "
+                         "held, claim_owner, claim_until, claim_kind, claim_severity) "
+                         "VALUES (?, ?, NULL, NULL, 0, 1, '', 0, '', '')", (alert.key, channel))
+
+    def _release_held(self, now: float) -> List[DeliveryReport]:
+        """Send one catch-up message to each channel whose quiet hours are over."""
+        minute = _local_minute(now)
+        reports = []
+        for (name,) in self.store.query("SELECT DISTINCT channel FROM alert_held WHERE claim_until <= ?", (now,)):
+            channel = self.channels.get(name)
+            if channel is None or channel.spec.is_quiet(minute, "info"):
+                continue
+            with self.store.write() as conn:
+                held = conn.execute("SELECT id, key, kind, severity, title, ts FROM alert_held "
+                                    "WHERE channel = ? AND claim_until <= ? ORDER BY ts, id", (name, now)).fetchall()
+                conn.executemany("UPDATE alert_held SET claim_owner = ?, claim_until = ? WHERE id = ?",
+                                 [(self._owner, now + channel.spec.budget_s + DELIVERY_CLAIM_GRACE_S, row[0])
+                                  for row in held])
+            if held:
+                reports.append(self._send_catch_up(channel, held, now))
+        return reports
+
+    def _send_catch_up(self, channel: _Channel, held: List[tuple], now: float) -> DeliveryReport:
+        worst = max((row[3] for row in held), key=ALERT_SEVERITIES.index)
+        lines = [f"{_local_hhmm(ts)} {kind.upper()} [{severity.upper()}] {title}"
+                 for _, _, kind, severity, title, ts in held]
+        alert = self.create_alert(f"{len(held)} notification{'s' if len(held) > 1 else ''} held during quiet hours",
+                                  "\n".join(lines), worst)._replace(kind="catchup")
+        delivery = self._logged(channel, self._attempts(channel, alert))
+        sent = delivery.outcome == "sent"
+        with self.store.write() as conn:
+            alert_id = self._insert_alert(conn, alert, "catchup")
+            self._write_delivery(conn, alert_id, channel.name, delivery, "catchup")
+            for row_id, key, kind, severity, _, _ in held:
+                if not sent:
+                    conn.execute("UPDATE alert_held SET claim_owner = '', claim_until = 0 WHERE id = ?", (row_id,))
+                    continue
+                conn.execute("DELETE FROM alert_held WHERE id = ?", (row_id,))
+                firing = conn.execute("SELECT 1 FROM alert_states WHERE key = ? AND state = 'firing'",
+                                      (key,)).fetchone()
+                if kind in ("firing", "reminder") and firing:
+                    self._settle_channel(conn, key, channel.name, kind, severity, True, now)
+                elif kind == "resolved":
+                    self._settle_channel(conn, key, channel.name, kind, severity, True, now)
+        return DeliveryReport({channel.name: delivery})
+
+    # -- sending what was planned ----------------------------------------------
+
+    def _deliver_calls(self, calls: List["_Call"]) -> DeliveryReport:
+        """Send every plan: one message each, or one digest per channel with more than the limit."""
+        by_channel: Dict[str, List[Tuple["_Call", "_Plan"]]] = {}
+        for call in calls:
+            for plan in call.plans:
+                by_channel.setdefault(plan.channel.name, []).append((call, plan))
+        limit = self.settings.lifecycle.max_messages_per_run
+        results: Dict[int, Dict[str, Delivery]] = {id(call): dict(call.outcomes) for call in calls}
+        for name, entries in by_channel.items():
+            channel = entries[0][1].channel
+            if len(entries) > limit:
+                digest = self._digest([plan.alert for _, plan in entries])
+                delivery = self._logged(channel, self._attempts(channel, digest))
+                for call, _ in entries:
+                    results[id(call)][name] = delivery._replace(error=delivery.error or "in a digest")
+            else:
+                for call, plan in entries:
+                    results[id(call)][name] = self._logged(channel, self._attempts(channel, plan.alert))
+        for call in calls:
+            self._fall_back(call, results[id(call)])
+            self._record_call(call, results[id(call)])
+        merged: Dict[str, Delivery] = {}
+        for call in calls:
+            for name, delivery in results[id(call)].items():
+                if name not in merged or delivery.outcome == "failed":  # a failure anywhere is reported
+                    merged[name] = delivery
+        external = [name for name in merged if self.settings.channels[name].kind != "log"]
+        return DeliveryReport(merged, external)
+
+    def _fall_back(self, call: "_Call", outcomes: Dict[str, Delivery]) -> None:
+        """Each failed plan goes to its channel's fallback, which then counts as having the alert."""
+        targets = [plan.channel.name for plan in call.plans]
+        for plan in list(call.plans):
+            fallback = self._fallback_for(plan.channel, outcomes[plan.channel.name], outcomes, targets)
+            if fallback is None:
+                continue
+            delivery = self._logged(fallback, self._attempts(fallback, plan.alert))
+            outcomes[fallback.name] = delivery._replace(error=delivery.error or f"fallback for {plan.channel.name}")
+            call.plans.append(_Plan(fallback, plan.alert))
+
+    def _record_call(self, call: "_Call", outcomes: Dict[str, Delivery]) -> None:
+        """History rows, and the channels' states settled, in one transaction."""
+        now = self._now()
+        kinds = {plan.channel.name: plan.alert.kind for plan in call.plans}
+        with self.store.write() as conn:
+            alert_id = self._insert_alert(conn, call.alert, call.kind)
+            for name, delivery in outcomes.items():
+                self._write_delivery(conn, alert_id, name, delivery, kinds.get(name, call.kind))
+                if name in kinds:
+                    self._settle_channel(conn, call.alert.key, name, kinds[name], call.alert.severity.value,
+                                         delivery.outcome == "sent", now)
+
+    @staticmethod
+    def _digest(alerts: List[Alert]) -> Alert:
+        worst = max((alert.severity for alert in alerts), key=lambda severity: severity.rank)
+        lines = [alert.headline + (f" ({alert.note})" if alert.note else "") for alert in alerts]
+        first = alerts[0]
+        return first._replace(title=f"{len(alerts)} alerts", message="\n".join(lines), severity=worst,
+                              details={}, kind="digest", dedup=None, note="", uid=os.urandom(8).hex())
+
     # -- dry run ------------------------------------------------------------
 
     def render(self, alert: Alert) -> List[str]:
@@ -3879,6 +4470,65 @@ class AlertingSystem:
             text = f"--- {channel.name}: {channel.describe()}\n{channel.render(alert)}"
             blocks.append(self.masker.scrub(text.rstrip("\n")))
         return blocks
+
+
+class _Plan(NamedTuple):
+    """One notification to send: the channel and the alert as that channel gets it."""
+
+    channel: _Channel
+    alert: Alert
+
+
+class _Call:
+    """What one fire() or resolve() decided: plans to send, and outcomes already known."""
+
+    def __init__(self, alert: Alert, kind: str):
+        self.alert = alert
+        self.kind = kind
+        self.plans: List[_Plan] = []
+        self.outcomes: Dict[str, Delivery] = {}
+
+
+class _Batch:
+    """The calls of one AlertingSystem.batch(); ``report`` is set when it ends."""
+
+    def __init__(self) -> None:
+        self.calls: List[_Call] = []
+        self.report: Optional[DeliveryReport] = None
+
+
+def _lifecycle_key(key: Any) -> str:
+    text = _one_line(str(key))
+    if not text or len(text) > MAX_NAME_CHARS:
+        raise ValidationError(f"an alert key must be 1 to {MAX_NAME_CHARS} characters, got {_shown(key)}")
+    return text
+
+
+def _local_minute(ts: float) -> int:
+    """Minutes after local midnight: what quiet hours are written in."""
+    local = time.localtime(ts)
+    return local.tm_hour * 60 + local.tm_min
+
+
+def _local_hhmm(ts: float) -> str:
+    return time.strftime("%H:%M", time.localtime(ts))
+
+
+def format_span(seconds: float) -> str:
+    """A duration for people: ``45s``, ``12m``, ``1h 5m``, ``2d 3h``.
+
+    >>> format_span(3900)
+    '1h 5m'
+    """
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    return f"{minutes}m" if minutes else f"{secs}s"
 
 
 def _severity(value: Any) -> AlertSeverity:
@@ -4264,7 +4914,17 @@ def _alerting(args) -> AlertingSystem:
     config = load_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
     synchronous = storage_settings(config)["synchronous"] if not settings.problems else "normal"
-    return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings, synchronous=synchronous)
+    return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings, synchronous=synchronous,
+                          now=_cli_clock())
+
+
+def _cli_clock():
+    """time.time, or a fixed instant from METASYSTEM_NOW (epoch seconds): replays and tests of cron runs."""
+    text = os.environ.get("METASYSTEM_NOW")
+    if not text:
+        return time.time
+    fixed = valid_timestamp(_parse_number(text, "METASYSTEM_NOW"), "METASYSTEM_NOW")
+    return lambda: fixed
 
 
 def _parse_details(pairs: Optional[List[str]]) -> Dict[str, str]:
@@ -4287,9 +4947,9 @@ def _delivery_line(name: str, delivery: Delivery) -> str:
     return line + (f": {delivery.error}" if delivery.error else "")
 
 
-def _delivery_exit(report: DeliveryReport) -> int:
+def _delivery_exit(report: DeliveryReport, lifecycle: bool = False) -> int:
     code = report.exit_code()
-    if not report.external:
+    if not report.external and not lifecycle:
         log.warning("no alert channel is configured: the alert went to the log only "
                     "(see alerting-config.example.ini)")
     for name, delivery in report.outcomes.items():
@@ -4301,7 +4961,21 @@ def _delivery_exit(report: DeliveryReport) -> int:
 
 
 def cmd_alert(args) -> int:
+    if args.batch:
+        return _alert_batch(args)
+    if args.title is None:
+        raise ValidationError("alert needs a TITLE (or --batch)")
+    if args.severity is None:
+        raise ValidationError("one of --info, --warning, --critical or --resolve is required")
     with contextlib.closing(_alerting(args)) as system:
+        if args.severity == "resolve":
+            return _delivery_exit(system.resolve(args.title, args.message), lifecycle=True)
+        if args.key and (args.channel or args.dry_run):
+            raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
+        if args.key:
+            report = system.fire(args.key, args.title, args.message or "", args.severity,
+                                 _parse_details(args.detail))
+            return _delivery_exit(report, lifecycle=True)
         alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
                                     _parse_details(args.detail))
         if args.dry_run:
@@ -4309,6 +4983,61 @@ def cmd_alert(args) -> int:
                 print(block)
             return EXIT_OK
         return _delivery_exit(system.send_alert(alert))
+
+
+def _alert_batch(args) -> int:
+    """One run's states from stdin, one JSON object a line: fired and resolved together, digested."""
+    import json
+
+    if args.title is not None or args.severity is not None:
+        raise ValidationError("--batch reads everything from stdin: give no TITLE or severity")
+    entries = []
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ValidationError(f"line {number}: not a JSON object") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or \
+                entry.get("state", "firing") not in ("firing", "ok"):
+            raise ValidationError(f"line {number}: expected {{\"key\": ..., \"state\": \"firing\" or \"ok\", "
+                                  f"\"severity\", \"title\", \"message\", \"details\"}}")
+        if entry.get("state", "firing") == "firing":
+            _severity(entry.get("severity", "warning"))
+        entries.append(entry)
+    with contextlib.closing(_alerting(args)) as system, system.batch() as batch:
+        for entry in entries:
+            if entry.get("state", "firing") == "ok":
+                system.resolve(entry["key"], entry.get("message"))
+            else:
+                system.fire(entry["key"], entry.get("title") or entry["key"], entry.get("message", ""),
+                            entry.get("severity", "warning"), entry.get("details"))
+    return _delivery_exit(batch.report, lifecycle=True)
+
+
+def cmd_silence(args) -> int:
+    with contextlib.closing(_alerting(args)) as system:
+        if args.action == "add":
+            if not args.match or not args.duration:
+                raise ValidationError("silence add needs --match TEXT and --for DURATION")
+            silence_id = system.add_silence(args.match, parse_duration_s(args.duration), args.comment or "")
+            print(silence_id)
+            return EXIT_OK
+        if args.action == "remove":
+            if not args.id or not args.id.isdigit():
+                raise ValidationError("silence remove needs the ID that 'silence list' shows")
+            if not system.remove_silence(int(args.id)):
+                raise MonitorError(f"no silence #{args.id}")
+            return EXIT_OK
+        silences = system.list_silences()
+    if args.json:
+        _print_json({"silences": silences})
+    for entry in [] if args.json else silences:
+        comment = f"  # {entry['comment']}" if entry["comment"] else ""
+        state = "active" if entry["active"] else "scheduled"
+        print(f"{entry['id']}  {entry['match']}  until {entry['ends']}  {state}{comment}")
+    return EXIT_OK
 
 
 def cmd_alert_test(args) -> int:
@@ -4325,14 +5054,27 @@ def cmd_alerts(args) -> int:
             history: List[Dict[str, Any]] = []
         else:
             system._store = Store(system._db_path, readonly=True)
-            history = system.get_alert_history(args.hours)
+            history = system.firing() if args.firing else system.get_alert_history(args.hours)
+    if args.firing:
+        return _print_firing(history, args.json)
     if args.json:
         _print_json({"hours": args.hours, "alerts": history})
         return EXIT_OK
     for entry in history:
         outcomes = " ".join(f"{name}={channel['outcome']}" for name, channel in entry["channels"].items())
-        test = " (test)" if entry["kind"] == "test" else ""
-        print(f"{entry['time']}  {entry['severity']:<8}  {entry['title']}{test}  {outcomes}".rstrip())
+        kind = f" ({entry['kind']})" if entry["kind"] != "alert" else ""
+        print(f"{entry['time']}  {entry['severity']:<8}  {entry['title']}{kind}  {outcomes}".rstrip())
+    return EXIT_OK
+
+
+def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
+    if as_json:
+        _print_json({"firing": firing})
+        return EXIT_OK
+    for entry in firing:
+        channels = " ".join(f"{name}={channel['last_delivered'] or channel['held'] and 'held' or 'pending'}"
+                            for name, channel in entry["channels"].items())
+        print(f"{entry['key']}  {entry['severity']:<8}  since {entry['since']}  {entry['title']}  {channels}".rstrip())
     return EXIT_OK
 
 
@@ -4473,15 +5215,32 @@ def _args_retry_stats(sub) -> None:
 
 
 def _args_alert(sub) -> None:
-    severity = sub.add_mutually_exclusive_group(required=True)
+    severity = sub.add_mutually_exclusive_group()
     for level in ALERT_SEVERITIES:
         severity.add_argument(f"--{level}", dest="severity", action="store_const", const=level,
                               help=f"a {level} alert")
-    sub.add_argument("title", metavar="TITLE", help="what happened, in a few words (the dedup key with the severity)")
+    severity.add_argument("--resolve", dest="severity", action="store_const", const="resolve",
+                          help="TITLE is a KEY that passes this run: resolve it after resolve_after such runs")
+    sub.add_argument("title", metavar="TITLE", nargs="?",
+                     help="what happened, in a few words (the dedup key with the severity)")
     sub.add_argument("message", metavar="MESSAGE", nargs="?", help="more about it")
+    sub.add_argument("--key", metavar="KEY",
+                     help="a failing run of KEY: notify on change, remind on schedule, resolve with --resolve KEY")
+    sub.add_argument("--batch", action="store_true",
+                     help='read one run from stdin, a JSON object a line: {"key", "state": "firing" or "ok", '
+                          '"severity", "title", "message", "details"}')
     _add_channels(sub)
     sub.add_argument("--detail", action="append", metavar="KEY=VALUE", help="a detail to show (repeatable)")
     sub.add_argument("--dry-run", action="store_true", help="print what each channel would send; send nothing")
+
+
+def _args_silence(sub) -> None:
+    sub.add_argument("action", choices=("add", "list", "remove"), metavar="add|list|remove")
+    sub.add_argument("id", metavar="ID", nargs="?", help="the silence to remove")
+    sub.add_argument("--match", metavar="TEXT", help="silence alerts whose key or title contains TEXT; key=K: key K")
+    sub.add_argument("--for", dest="duration", metavar="DURATION", help="how long: 90m, 2h, 7d")
+    sub.add_argument("--comment", metavar="TEXT", help="why (shown by list)")
+    _add_json(sub)
 
 
 def _add_channels(sub) -> None:
@@ -4491,6 +5250,7 @@ def _add_channels(sub) -> None:
 
 def _args_alerts(sub) -> None:
     _add_hours(sub)
+    sub.add_argument("--firing", action="store_true", help="what is firing now, and each channel's last delivery")
     _add_json(sub)
 
 
@@ -4539,11 +5299,17 @@ _COMMANDS = (
      f"  {PROG} metrics\n  {PROG} metrics --json", _add_json),
     ("alert", cmd_alert, "send an alert to every configured channel (deduplicated for an hour)",
      f"  {PROG} alert --critical 'Backup failed' 'rsync exited with 23' --detail host=nas\n"
-     f"  {PROG} alert --warning 'Disk almost full' --channel slack --dry-run", _args_alert),
+     f"  {PROG} alert --warning 'Disk almost full' --channel slack --dry-run\n"
+     f"  {PROG} alert --critical 'Backup is stale' --key backup     # each failing run; notifies on change\n"
+     f"  {PROG} alert --resolve backup                             # each passing run", _args_alert),
+    ("silence", cmd_silence, "mute matching alerts for a while (maintenance), list or remove silences",
+     f"  {PROG} silence add --match backup --for 2h --comment 'moving the NAS'\n"
+     f"  {PROG} silence list\n  {PROG} silence remove 3", _args_silence),
     ("alert-test", cmd_alert_test, "send a labelled test to each channel, past the dedup window",
      f"  {PROG} alert-test\n  {PROG} alert-test --channel ops-slack", _add_channels),
     ("alerts", cmd_alerts, "alerts sent in the window, with each channel's outcome",
-     f"  {PROG} alerts --hours 168\n  {PROG} alerts --json | jq '.alerts[0].channels'", _args_alerts),
+     f"  {PROG} alerts --hours 168\n  {PROG} alerts --json | jq '.alerts[0].channels'\n"
+     f"  {PROG} alerts --firing", _args_alerts),
     ("config", cmd_config, "print the configuration in effect, secrets masked",
      f"  {PROG} config\n  {PROG} config --check --config /etc/metasystem/alerting-config.ini", _args_config),
 )

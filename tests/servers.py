@@ -48,6 +48,7 @@ class HTTPServer:
         self.replies = list(replies)
         self.default = default or Reply(200, b"ok")
         self.requests = []
+        self.after_reply = None  # called once the answer is written: a test may kill the client there
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         owner = self
@@ -74,7 +75,10 @@ class HTTPServer:
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
+                self.wfile.flush()
                 self.close_connection = True
+                if owner.after_reply is not None:
+                    owner.after_reply()
 
             do_GET = do_POST
 

@@ -21,6 +21,9 @@ _ENV_KEYS = ("METASYSTEM_DB", "METASYSTEM_HOME", "METASYSTEM_CONFIG")
 _READONLY_MOUNT = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
 
 
+REAL_SLEEP = time.sleep
+
+
 def forbid_real_sleep():
     """(setUpModule, tearDownModule) that make time.sleep raise for a whole test module."""
     real_sleep = time.sleep

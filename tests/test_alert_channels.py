@@ -8,12 +8,13 @@ import os
 import socket
 import stat
 import sys
+import time
 import unittest
 
 import metasystem_monitor as mm
 
 from .servers import HTTPServer, Reply, SMTPServer
-from .support import AlertTestCase, forbid_real_sleep
+from .support import REAL_SLEEP, AlertTestCase, forbid_real_sleep
 
 setUpModule, tearDownModule = forbid_real_sleep()
 
@@ -229,6 +230,12 @@ class EmailBySmtp(AlertTestCase):
 class EmailByCommand(AlertTestCase):
     """The ``mail`` and ``sendmail`` paths, with a real program that records its argv and stdin."""
 
+    def setUp(self):
+        super().setUp()
+        # subprocess.run(timeout=...) waits for the child by polling with time.sleep on Python 3.9.
+        forbidden, time.sleep = time.sleep, REAL_SLEEP
+        self.addCleanup(setattr, time, "sleep", forbidden)
+
     def fake_program(self, name="fake-mail"):
         """A program that writes its arguments and stdin to a JSON file, in a folder put first on PATH."""
         folder = os.path.join(self.tmp, "bin")
@@ -254,7 +261,7 @@ class EmailByCommand(AlertTestCase):
         alerts = self.system("[alerting]\nemail_to = root, ops@example.com\n")
         message = "line one\n~! rm -rf /\n~r /etc/shadow"
         delivery = alerts.send_critical_alert("Disk\nfull", message, channels=[mm.AlertChannel.EMAIL])
-        self.assertEqual(delivery, {"email": True})
+        self.assertEqual(delivery, {"email": True}, delivery.outcomes)
         record = self.recorded()
         self.assertEqual(record["argv"], ["-s", "[CRITICAL] Disk full", "--", "root", "ops@example.com"])
         self.assertEqual(record["stdin"].split("\n")[:3], ["line one", " ~! rm -rf /", " ~r /etc/shadow"])

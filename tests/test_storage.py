@@ -145,7 +145,8 @@ class StoreVersionsTest(StoreTestCase):
             tables = {row[0] for row in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertEqual(tables, {"series", "samples", "rollups", "meta", "retry_attempts", "retry_calls",
                                   "retry_budget", "breakers", "breaker_failures", "breaker_transitions",
-                                  "alerts", "alert_deliveries", "alert_marks"})
+                                  "alerts", "alert_deliveries", "alert_marks", "alert_states",
+                                  "alert_channel_states", "alert_held", "silences"})
 
     def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(self):
         conn = sqlite3.connect(self.db)

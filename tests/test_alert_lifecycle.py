@@ -1,0 +1,279 @@
+"""fire() and resolve() across cron runs: notify on change, reminders, resolved, flapping, silences,
+quiet hours, routing and digests. Runs are separate processes where the issue says so."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import unittest
+
+import metasystem_monitor as mm
+
+from .servers import HTTPServer, Reply, SMTPServer
+from .support import SCRIPT, SUBPROCESS_TIMEOUT_S, AlertTestCase, sqlite_rows
+
+T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+
+
+class CronRuns(AlertTestCase):
+    """Each run is its own process, its clock set with METASYSTEM_NOW."""
+
+    def run_at(self, when, *args, stdin=b""):
+        result = self.run_cli(*args, stdin=stdin, env=self.cli_env(METASYSTEM_NOW=repr(when), TZ="UTC"))
+        self.assertIn(result.returncode, (0, 3, 4), result.stderr)
+        return result
+
+    def kinds(self, server):
+        return [r.json()["kind"] for r in server.requests]
+
+    def test_fail_fail_fail_pass_pass_is_one_firing_and_one_resolved_per_channel(self):
+        with HTTPServer() as hook, HTTPServer(default=Reply(204)) as discord:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\ndiscord_webhook_url = {discord.url('/d')}\n")
+            for n in range(3):
+                self.run_at(T0 + 300 * n, "alert", "--critical", "Disk full", "2 GB left", "--key", "disk")
+            for n in range(3, 5):
+                self.run_at(T0 + 300 * n, "alert", "--resolve", "disk", "20 GB free")
+        self.assertEqual(self.kinds(hook), ["firing", "resolved"])
+        firing, resolved = (r.json() for r in hook.requests)
+        self.assertEqual((firing["status"], firing["alerts"][0]["startsAt"]), ("firing", mm.iso_time(T0)))
+        self.assertEqual(resolved["status"], "resolved")
+        self.assertEqual(resolved["alerts"][0]["endsAt"], mm.iso_time(T0 + 1200))
+        self.assertEqual(resolved["note"], f"resolved after 20m (firing since {mm.iso_time(T0)})")
+        self.assertEqual([r.json()["embeds"][0]["title"] for r in discord.requests],
+                         ["[CRITICAL] Disk full", "[RESOLVED] Disk full"])
+        self.assertEqual([r.json()["embeds"][0]["color"] for r in discord.requests], [0xD00000, 0x2EB67D])
+        self.assertEqual(len(self.syslog.pending()), 2)
+
+    def test_reminders_every_hour_while_it_keeps_firing(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\nrepeat_interval_critical = 1h\n")
+            for n in range(25):  # every 5 minutes for 2 hours
+                self.run_at(T0 + 300 * n, "alert", "--critical", "Backup stale", "--key", "backup")
+        self.assertEqual(self.kinds(hook), ["firing", "reminder", "reminder"])
+        self.assertEqual([r.json()["note"] for r in hook.requests], [
+            "", f"still firing since {mm.iso_time(T0)}, reminder #1",
+            f"still firing since {mm.iso_time(T0)}, reminder #2"])
+
+    def test_processes_firing_together_deliver_once(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            env = self.cli_env(METASYSTEM_NOW=repr(T0))
+            children = [subprocess.Popen([sys.executable, SCRIPT, "alert", "--critical", "Disk", "--key", "disk"],
+                                         env=env, cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                        for _ in range(4)]
+            outputs = [child.communicate(timeout=SUBPROCESS_TIMEOUT_S) for child in children]
+        self.assertEqual([c.returncode for c in children], [0] * 4, outputs)
+        self.assertEqual(self.kinds(hook), ["firing"])
+        self.assertEqual(len(self.syslog.pending()), 1)
+
+    def test_a_run_killed_right_after_the_2xx_causes_no_second_delivery(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            env = self.cli_env(METASYSTEM_NOW=repr(T0))
+            child = subprocess.Popen([sys.executable, SCRIPT, "alert", "--critical", "Disk", "--key", "disk"],
+                                     env=env, cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            hook.after_reply = lambda: os.kill(child.pid, signal.SIGKILL)
+            child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+            hook.after_reply = None
+            self.assertEqual(child.returncode, -signal.SIGKILL)
+            later = self.run_at(T0 + 300, "alert", "--critical", "Disk", "--key", "disk")
+            self.run_at(T0 + 600, "alert", "--critical", "Disk", "--key", "disk")
+        self.assertEqual(self.kinds(hook), ["firing"])
+        self.assertIn(b"a run stopped while sending firing for disk; counted as delivered", later.stderr)
+
+    def test_twelve_alerts_in_one_run_reach_a_channel_as_one_digest(self):
+        lines = "".join(json.dumps({"key": f"check{n}", "severity": "critical" if n == 7 else "warning",
+                                    "title": f"Check {n} failed"}) + "\n" for n in range(12))
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            result = self.run_at(T0, "alert", "--batch", stdin=lines.encode())
+            again = self.run_at(T0 + 300, "alert", "--batch", stdin=lines.encode())
+        self.assertEqual((result.returncode, again.returncode), (0, 0))
+        [digest] = hook.requests
+        payload = digest.json()
+        self.assertEqual((payload["kind"], payload["title"], payload["severity"]), ("digest", "12 alerts", "critical"))
+        self.assertEqual(payload["message"].splitlines(),
+                         [f"[{'CRITICAL' if n == 7 else 'WARNING'}] Check {n} failed" for n in range(12)])
+        self.assertEqual(len(self.syslog.pending()), 1)
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*), min(outcome), max(outcome) FROM alert_deliveries "
+                                              "WHERE channel = 'webhook'"), [(12, "sent", "sent")])
+
+    def test_a_silence_suppresses_is_recorded_and_expires(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            added = self.run_at(T0, "silence", "add", "--match", "backup", "--for", "1h", "--comment", "moving")
+            listed = self.run_at(T0 + 60, "silence", "list")
+            self.run_at(T0 + 60, "alert", "--critical", "Backup stale", "--key", "nas-backup")
+            self.run_at(T0 + 1800, "alert", "--critical", "Backup stale", "--key", "nas-backup")
+            self.run_at(T0 + 3600, "alert", "--critical", "Backup stale", "--key", "nas-backup")
+        self.assertEqual(added.stdout, b"1\n")
+        self.assertEqual(listed.stdout.decode(), f"1  backup  until {mm.iso_time(T0 + 3600)}  active  # moving\n")
+        self.assertEqual(self.kinds(hook), ["firing"])
+        self.assertEqual(hook.requests[0].json()["alerts"][0]["startsAt"], mm.iso_time(T0 + 60))
+        self.assertEqual(sqlite_rows(self.db, "SELECT outcome, error, count(*) FROM alert_deliveries "
+                                              "WHERE channel = 'webhook' GROUP BY outcome, error ORDER BY outcome"),
+                         [("sent", None, 1), ("silenced", "silence #1", 2)])
+
+    def test_firing_lists_what_fires_and_each_channels_last_delivery(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            self.run_at(T0, "alert", "--warning", "Slow sync", "31 s", "--key", "sync")
+            self.run_at(T0 + 60, "alert", "--critical", "Disk", "--key", "disk")
+            self.run_at(T0 + 120, "alert", "--resolve", "disk")
+            self.run_at(T0 + 150, "alert", "--resolve", "disk")
+        result = self.run_at(T0 + 180, "alerts", "--firing", "--json")
+        [entry] = json.loads(result.stdout)["firing"]
+        self.assertEqual({k: entry[k] for k in ("key", "severity", "since", "title", "message", "flips")},
+                         {"key": "sync", "severity": "warning", "since": mm.iso_time(T0), "title": "Slow sync",
+                          "message": "31 s", "flips": 1})
+        self.assertEqual(entry["channels"]["webhook"],
+                         {"last_delivered": mm.iso_time(T0), "severity": "warning", "reminders": 0, "held": False})
+        text = self.run_at(T0 + 180, "alerts", "--firing")
+        self.assertEqual(text.stdout.decode(), f"sync  warning   since {mm.iso_time(T0)}  Slow sync  "
+                                               f"log={mm.iso_time(T0)} webhook={mm.iso_time(T0)}\n")
+
+
+    def test_warning_then_critical_is_delivered_at_once_and_a_decrease_waits(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\nrepeat_interval_warning = 4h\n")
+            for when, level in ((T0, "--warning"), (T0 + 300, "--critical"), (T0 + 600, "--warning"),
+                                (T0 + 600 + 4 * 3600, "--warning")):
+                self.run_at(when, "alert", level, "Disk filling", "--key", "disk")
+        payloads = [r.json() for r in hook.requests]
+        self.assertEqual([(p["kind"], p["severity"]) for p in payloads],
+                         [("firing", "warning"), ("firing", "critical"), ("reminder", "warning")])
+        self.assertEqual(payloads[1]["note"], "severity raised from warning to critical")
+
+    def test_a_channel_that_failed_the_firing_gets_no_resolved_and_is_retried_next_run(self):
+        with HTTPServer(Reply(404), Reply(404)) as slack, HTTPServer() as hook:
+            self.write_config(f"[alerting]\nslack_webhook_url = {slack.url('/s')}\nwebhook_url = {hook.url()}\n")
+            first = self.run_at(T0, "alert", "--critical", "Disk", "--key", "disk")
+            self.run_at(T0 + 300, "alert", "--resolve", "disk")
+            self.run_at(T0 + 600, "alert", "--resolve", "disk")
+            self.assertEqual((first.returncode, len(slack.requests)), (3, 1))
+            self.assertEqual(self.kinds(hook), ["firing", "resolved"])
+            self.run_at(T0 + 900, "alert", "--critical", "Disk", "--key", "disk")  # fires again; slack fails
+            self.run_at(T0 + 1200, "alert", "--critical", "Disk", "--key", "disk")  # slack recovers
+            self.run_at(T0 + 1500, "alert", "--critical", "Disk", "--key", "disk")  # quiet
+        self.assertEqual([r.json()["text"] for r in slack.requests], ["[CRITICAL] Disk"] * 3)
+        self.assertEqual(self.kinds(hook), ["firing", "resolved", "firing"])
+
+    def test_fire_after_three_in_a_row_ignores_a_check_that_fails_every_other_run(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\nfire_after = 3\n")
+            for n, failing in enumerate((True, False, True, False, True, False)):
+                self.run_at(T0 + 300 * n, "alert", *(("--critical", "Flaky", "--key", "flaky") if failing
+                                                      else ("--resolve", "flaky")))
+        self.assertEqual(hook.requests, [])
+        self.assertEqual(sqlite_rows(self.db, "SELECT state, recent, flips FROM alert_states"), [("ok", "FPFPFP", 0)])
+
+    def test_three_within_five_catches_it(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\nfire_after = 3 within 5\n")
+            for n, failing in enumerate((True, False, True, False, True)):
+                self.run_at(T0 + 300 * n, "alert", *(("--critical", "Flaky", "--key", "flaky") if failing
+                                                      else ("--resolve", "flaky")))
+                self.assertEqual(len(hook.requests), 1 if n == 4 else 0)
+        self.assertEqual(self.kinds(hook), ["firing"])
+        self.assertEqual(sqlite_rows(self.db, "SELECT state, flips FROM alert_states"), [("firing", 1)])
+
+    def test_quiet_hours_hold_a_warning_for_one_catch_up_and_let_a_critical_through(self):
+        night = T0 + 15 * 3600  # 23:00 UTC
+        morning = T0 + 23.5 * 3600 + 60  # 07:31 UTC: the quiet hours are over
+        with HTTPServer() as hook:
+            self.write_config(f"[channel:night]\ntype = webhook\nurl = {hook.url()}\n"
+                              "quiet_hours = 22:00-07:30\nquiet_hours_bypass = critical\n")
+            held = self.run_at(night, "alert", "--warning", "Slow sync", "--key", "sync", "-v")
+            self.run_at(night, "alert", "--warning", "Backup took long")
+            self.run_at(night + 300, "alert", "--warning", "Slow sync", "--key", "sync")  # not held twice
+            self.run_at(night + 300, "alert", "--critical", "Disk full", "--key", "disk")  # bypasses them
+            self.assertEqual([r.json()["title"] for r in hook.requests], ["Disk full"])
+            self.run_at(morning, "alert", "--warning", "Slow sync", "--key", "sync")
+            self.run_at(morning + 300, "alert", "--warning", "Slow sync", "--key", "sync")
+        self.assertEqual(sqlite_rows(self.db, "SELECT outcome FROM alert_deliveries d JOIN alerts a "
+                                              "ON a.id = d.alert_id WHERE channel = 'night' ORDER BY a.id LIMIT 2"),
+                         [("held",), ("held",)])
+        self.assertEqual(held.returncode, 0)
+        catch_up = hook.requests[1].json()
+        self.assertEqual((catch_up["kind"], catch_up["title"], catch_up["severity"]),
+                         ("catchup", "2 notifications held during quiet hours", "warning"))
+        self.assertEqual(catch_up["message"].splitlines(),
+                         ["23:00 FIRING [WARNING] Slow sync", "23:00 ALERT [WARNING] Backup took long"])
+        self.assertEqual(len(hook.requests), 2)  # the held FIRING counts as delivered: no second one
+
+
+class LifecycleInProcess(AlertTestCase):
+    def test_resolve_after_needs_consecutive_passes_and_flips_are_counted(self):
+        with HTTPServer() as hook:
+            alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\nresolve_after = 2\n")
+            for failing in (True, False, True, False, False, True, False, False):
+                alerts.fire("k", "K") if failing else alerts.resolve("k")
+        self.assertEqual([r.json()["kind"] for r in hook.requests], ["firing", "resolved", "firing", "resolved"])
+        self.assertEqual(sqlite_rows(self.db, "SELECT state, flips FROM alert_states"), [("ok", 4)])
+
+    def test_never_a_resolved_for_a_firing_that_was_never_delivered(self):
+        with HTTPServer() as hook:
+            alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            alerts.add_silence("key=disk", 3600)
+            alerts.fire("disk", "Disk")
+            alerts.resolve("disk")
+            report = alerts.resolve("disk")
+        self.assertEqual((hook.requests, dict(report)), ([], {}))
+
+    def test_send_resolved_false_turns_it_off_for_one_channel(self):
+        with HTTPServer() as hook, HTTPServer() as other:
+            alerts = self.system(f"[channel:a]\ntype = webhook\nurl = {hook.url()}\nsend_resolved = false\n\n"
+                                 f"[channel:b]\ntype = webhook\nurl = {other.url()}\n")
+            alerts.fire("k", "K")
+            alerts.resolve("k")
+            alerts.resolve("k")
+        self.assertEqual([r.json()["kind"] for r in hook.requests], ["firing"])
+        self.assertEqual([r.json()["kind"] for r in other.requests], ["firing", "resolved"])
+
+    def test_a_failing_channel_falls_back_and_its_failure_stays_in_history(self):
+        with HTTPServer(default=Reply(404, "gone")) as slack, SMTPServer() as smtp:
+            alerts = self.system(f"[channel:slack]\ntype = slack\nurl = {slack.url('/s')}\nfallback = mail\n\n"
+                                 f"[channel:mail]\ntype = email\nto = me@example.com\nsmtp_host = 127.0.0.1\n"
+                                 f"smtp_port = {smtp.port}\nsecurity = none\nmin_severity = critical\n")
+            report = alerts.fire("sync", "Slow sync", severity="warning")
+            alerts.resolve("sync")
+            alerts.resolve("sync")
+        self.assertEqual({k: (d.outcome, d.error) for k, d in report.outcomes.items()},
+                         {"log": ("sent", None), "slack": ("failed", "HTTP 404: gone"),
+                          "mail": ("sent", "fallback for slack")})
+        self.assertEqual([m.message()["Subject"] for m in smtp.mails],
+                         ["[WARNING] Slow sync", "[RESOLVED] Slow sync"])
+        self.assertIn("WARNING channel slack failed: trying its fallback mail", self.logged)
+
+    def test_one_shot_alerts_fall_back_too(self):
+        with HTTPServer(default=Reply(404)) as primary, HTTPServer() as backup:
+            alerts = self.system(f"[channel:a]\ntype = webhook\nurl = {primary.url()}\nfallback = b\n\n"
+                                 f"[channel:b]\ntype = webhook\nurl = {backup.url()}\nmin_severity = critical\n")
+            report = alerts.send_warning_alert("Slow")
+        self.assertEqual(report, {"log": True, "a": False, "b": True})
+        self.assertEqual(report.exit_code(), 3)
+        self.assertEqual(len(backup.requests), 1)
+
+
+class LifecycleSettings(AlertTestCase):
+    def test_bad_lifecycle_values_are_problems_with_section_and_key(self):
+        self.write_config("[alerting]\nfire_after = 3 within 2\nresolve_after = 0\nrepeat_interval_info = soon\n\n"
+                          "[channel:a]\ntype = log\nquiet_hours = 22:00-25:00\nquiet_hours_bypass = loud\n"
+                          "fallback = nowhere\n")
+        settings = mm.alerting_settings(mm.load_config(self.config_path), self.config_path)
+        self.assertEqual([(section, key) for section, key, _ in settings.problems],
+                         [("channel:a", "quiet_hours"), ("channel:a", "quiet_hours_bypass"),
+                          ("channel:a", "fallback"), ("alerting", "repeat_interval_info"),
+                          ("alerting", "fire_after"), ("alerting", "resolve_after")])
+
+    def test_quiet_hours_across_midnight(self):
+        spec = mm.ChannelSpec("x", "log", "", {}, {}, {}, "info", 10, 20, quiet_hours=mm.parse_quiet_hours("22:00-07:30"),
+                              quiet_bypass="critical")
+        self.assertEqual([spec.is_quiet(m, "warning") for m in (21 * 60 + 59, 22 * 60, 0, 7 * 60 + 29, 7 * 60 + 30)],
+                         [False, True, True, True, False])
+        self.assertFalse(spec.is_quiet(23 * 60, "critical"))
+
+
+if __name__ == "__main__":
+    unittest.main()
