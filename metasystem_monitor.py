@@ -3852,13 +3852,13 @@ class AlertingSystem:
                                   "WHERE ts >= ? ORDER BY ts DESC, id DESC", (since,))
         history = []
         for alert_id, ts, kind, severity, title, message, details in alerts:
-            rows = self.store.query("SELECT channel, outcome, attempts, http_status, error_class, error, latency_ms "
-                                    "FROM alert_deliveries WHERE alert_id = ? ORDER BY channel", (alert_id,))
+            rows = self.store.query("SELECT channel, outcome, attempts, http_status, error_class, error, latency_ms, "
+                                    "kind FROM alert_deliveries WHERE alert_id = ? ORDER BY channel", (alert_id,))
             history.append({
                 "id": alert_id, "time": iso_time(ts), "timestamp": ts, "kind": kind, "severity": severity,
                 "title": title, "message": message, "details": json.loads(details),
                 "channels": {row[0]: dict(zip(("outcome", "attempts", "http_status", "error_class", "error",
-                                               "latency_ms"), row[1:])) for row in rows},
+                                               "latency_ms", "kind"), row[1:])) for row in rows},
             })
         return history
 
@@ -4549,12 +4549,37 @@ def _channel_selector(value: Any) -> str:
     return text
 
 
+def _lifecycle_lines(lifecycle: Lifecycle) -> List[str]:
+    lines = [f"repeat_interval_{severity} = {format_duration(seconds) if seconds else 'never'}"
+             for severity, seconds in sorted(lifecycle.repeat_s.items(), key=lambda item: -ALERT_SEVERITIES.index(
+                 item[0]))]
+    within = f" within {lifecycle.fire_within}" if lifecycle.fire_within else ""
+    return lines + [f"fire_after = {lifecycle.fire_after}{within}", f"resolve_after = {lifecycle.resolve_after}",
+                    f"max_messages_per_run = {lifecycle.max_messages_per_run}"]
+
+
+def _routing_lines(spec: ChannelSpec) -> List[str]:
+    """A channel's routing keys that differ from the defaults."""
+    lines = [f"min_severity = {spec.min_severity}"] if spec.min_severity != "info" else []
+    if spec.quiet_hours:
+        start, end = spec.quiet_hours
+        lines.append(f"quiet_hours = {start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}")
+    if spec.quiet_bypass:
+        lines.append(f"quiet_hours_bypass = {spec.quiet_bypass}")
+    if spec.fallback:
+        lines.append(f"fallback = {spec.fallback}")
+    if not spec.send_resolved:
+        lines.append("send_resolved = false")
+    return lines
+
+
 def effective_configuration(settings: AlertingSettings) -> List[str]:
     """The configuration as alerting reads it, every secret masked: what ``config`` prints."""
     masker = settings.masker()
     lines = [f"# {settings.path}" + ("" if os.path.exists(settings.path) else " (does not exist: defaults)"),
              "[alerting]", f"dedup_window = {format_duration(settings.dedup_window_s)}",
              f"timeout = {format_duration(settings.timeout_s)}", f"channel_budget = {format_duration(settings.budget_s)}"]
+    lines += _lifecycle_lines(settings.lifecycle)
     for name, spec in sorted(settings.channels.items()):
         made_by = "" if spec.section.startswith("channel:") or not spec.section else f"  # from [{spec.section}]"
         lines += ["", f"[channel:{name}]{made_by}", f"type = {spec.kind}"]
@@ -4564,8 +4589,7 @@ def effective_configuration(settings: AlertingSettings) -> List[str]:
         for key, value in sorted(spec.secrets.items()):
             shown = mask_url(value) if "://" in value else "***"
             lines.append(f"{key} = {shown}  # from {spec.sources[key]}")
-        if spec.min_severity != "info":
-            lines.append(f"min_severity = {spec.min_severity}")
+        lines += _routing_lines(spec)
         if spec.missing:
             lines.append(f"# not configured: {masker.scrub(spec.missing)}; the channel is skipped")
         elif not spec.enabled:

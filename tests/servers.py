@@ -41,7 +41,34 @@ class Request:
         return json.loads(self.body.decode("utf-8"))
 
 
-class HTTPServer:
+class _Serving:
+    """A socketserver run in a thread for the length of a ``with`` block."""
+
+    def _serve(self, server):
+        self._server = server
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def port(self):
+        return self._server.server_address[1]
+
+    def _stopping_now(self):
+        """Called first when the block ends: release whatever a handler waits on."""
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stopping_now()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(SOCKET_TIMEOUT_S)
+
+
+class HTTPServer(_Serving):
     """``with HTTPServer(Reply(429, ...), Reply(200, "ok")) as server``: answers in order, then ``default``."""
 
     def __init__(self, *replies, default=None):
@@ -85,27 +112,13 @@ class HTTPServer:
             def log_message(self, *args):
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def port(self):
-        return self._server.server_address[1]
+        self._serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler))
 
     def url(self, path="/"):
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
+    def _stopping_now(self):
         self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(SOCKET_TIMEOUT_S)
 
 
 class Mail:
@@ -125,7 +138,7 @@ class Mail:
         return email.message_from_bytes(self.data, policy=policy.default)
 
 
-class SMTPServer:
+class SMTPServer(_Serving):
     """A small ESMTP server: EHLO, STARTTLS, AUTH PLAIN and LOGIN, MAIL, RCPT, DATA, RSET, NOOP, QUIT.
 
     ``implicit_tls`` wraps every connection in TLS from the start (port 465 style);
@@ -173,23 +186,7 @@ class SMTPServer:
                 for sock in self.tls_sockets:
                     sock.close()
 
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def port(self):
-        return self._server.server_address[1]
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(SOCKET_TIMEOUT_S)
+        self._serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
 
 
 class _SMTPSession:

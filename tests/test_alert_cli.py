@@ -175,14 +175,18 @@ class AlertsCommand(AlertTestCase):
 class ConfigCommand(AlertTestCase):
     def test_config_prints_the_effective_configuration_masked(self):
         self.write_config("[alerting]\nslack_webhook_url = https://hooks.slack.com/services/T0/B0/XYZSECRET\n"
-                          "dedup_window = 2h\n\n[channel:phone]\ntype = ntfy\nurl_env = MM_NTFY_URL\n"
-                          "min_severity = critical\n", log_channel=False)
+                          "dedup_window = 2h\nfire_after = 3 within 5\n\n[channel:phone]\ntype = ntfy\n"
+                          "url_env = MM_NTFY_URL\nmin_severity = critical\nquiet_hours = 22:00-07:30\n"
+                          "quiet_hours_bypass = critical\nfallback = slack\nsend_resolved = no\n", log_channel=False)
         result = self.run_cli("config", env=self.cli_env(MM_NTFY_URL="https://ntfy.sh/topic-0123456789"))
         self.assertCleanExit(result, 0, "\n".join([
-            f"# {self.config_path}", "[alerting]", "dedup_window = 2h", "timeout = 10s", "channel_budget = 20s", "",
+            f"# {self.config_path}", "[alerting]", "dedup_window = 2h", "timeout = 10s", "channel_budget = 20s",
+            "repeat_interval_critical = 1h", "repeat_interval_warning = 4h", "repeat_interval_info = never",
+            "fire_after = 3 within 5", "resolve_after = 2", "max_messages_per_run = 5", "",
             "[channel:log]", "type = log", "# always on: the record of last resort", "",
             "[channel:phone]", "type = ntfy", "url = https://ntfy.sh/***  # from $MM_NTFY_URL",
-            "min_severity = critical", "",
+            "min_severity = critical", "quiet_hours = 22:00-07:30", "quiet_hours_bypass = critical", "fallback = slack",
+            "send_resolved = false", "",
             "[channel:slack]  # from [alerting]", "type = slack", "url = https://hooks.slack.com/***  # from file",
         ]) + "\n")
 

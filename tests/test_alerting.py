@@ -91,7 +91,7 @@ class OriginalDesignExamples(AlertTestCase):
         self.assertEqual([h["title"] for h in history], ["Two", "One"])
         self.assertEqual(history[0]["channels"]["webhook"],
                          {"outcome": "sent", "attempts": 1, "http_status": 200, "error_class": None, "error": None,
-                          "latency_ms": 0.0})
+                          "latency_ms": 0.0, "kind": "alert"})
         self.assertEqual(history[0]["channels"]["discord"]["outcome"], "not_configured")
         self.assertEqual(history[1]["channels"]["webhook"]["outcome"], "failed")
         self.assertEqual(history[1]["channels"]["webhook"]["http_status"], 404)
@@ -136,6 +136,12 @@ class MissingConfiguration(AlertTestCase):
                          "(and 1 more; see 'config --check')")
 
 
+def claimed_by_another_process(alerts, alert, until):
+    """The webhook channel's claim on ``alert``, as another process would leave it."""
+    with alerts.store.write() as conn:
+        conn.execute("INSERT INTO alert_marks VALUES (?, 'webhook', NULL, 'another', ?)", (alert.key, until))
+
+
 class FailedChannelsAndDedup(AlertTestCase):
     def test_a_failed_channel_is_tried_again_while_delivered_ones_stay_quiet(self):
         failing = [Reply(500, "boom")] * 3
@@ -164,10 +170,7 @@ class FailedChannelsAndDedup(AlertTestCase):
         with HTTPServer() as hook:
             alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\n")
             alert = alerts.create_alert("Disk", "full", mm.AlertSeverity.CRITICAL, channels=["webhook"])
-            # Another process claimed the channel a moment ago and is sending now.
-            with alerts.store.write() as conn:
-                conn.execute("INSERT INTO alert_marks VALUES (?, 'webhook', NULL, 'other', ?)",
-                             (alert.key, self.clock.now + 30))
+            claimed_by_another_process(alerts, alert, until=self.clock.now + 30)  # and it is sending now
             polls = []
 
             def the_other_process_finishes(seconds):
@@ -188,9 +191,7 @@ class FailedChannelsAndDedup(AlertTestCase):
         with HTTPServer() as hook:
             alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\n")
             alert = alerts.create_alert("Disk", "full", mm.AlertSeverity.CRITICAL, channels=["webhook"])
-            with alerts.store.write() as conn:
-                conn.execute("INSERT INTO alert_marks VALUES (?, 'webhook', NULL, 'killed', ?)",
-                             (alert.key, self.clock.now + 2))
+            claimed_by_another_process(alerts, alert, until=self.clock.now + 2)  # which was killed
             results = alerts.send_alert(alert)
         self.assertEqual(results.outcomes["webhook"].outcome, "sent")
         self.assertEqual(len(hook.requests), 1)
