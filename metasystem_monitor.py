@@ -2632,16 +2632,17 @@ SLACK_COLORS = {"critical": "#d00000", "warning": "#f2c744", "info": "#439fe0", 
 DISCORD_COLORS = {"critical": 0xD00000, "warning": 0xF2C744, "info": 0x439FE0, "resolved": 0x2EB67D}
 NTFY_PRIORITIES = {"critical": "5", "warning": "4", "info": "3"}
 NTFY_TAGS = {"critical": "rotating_light", "warning": "warning", "info": "information_source"}
-DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured", "silenced", "held", "uncertain")
+DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured", "silenced", "held")
 ALERT_KINDS = ("alert", "test", "firing", "reminder", "resolved", "digest", "catchup")
 DEFAULT_REPEAT_INTERVALS_S = {"critical": 3600.0, "warning": 4 * 3600.0, "info": None}  # None: never
 DEFAULT_FIRE_AFTER = 1
 DEFAULT_RESOLVE_AFTER = 2
 DEFAULT_MAX_MESSAGES_PER_RUN = 5
 RECENT_RUNS_KEPT = 32  # per key, for "N within M" (M may not exceed it)
-# The original design's [alerting] keys: each makes the channel named here.
-SEED_CHANNEL_KEYS = {"email_to": ("email", "email"), "slack_webhook_url": ("slack", "slack"),
-                     "discord_webhook_url": ("discord", "discord"), "webhook_url": ("webhook", "webhook")}
+# The original design's [alerting] keys: each makes the channel of that name and type.
+SEED_CHANNEL_KEYS = {"email_to": "email", "slack_webhook_url": "slack", "discord_webhook_url": "discord",
+                     "webhook_url": "webhook"}
+SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
 ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_critical", "repeat_interval_warning",
                  "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
 CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
@@ -2933,19 +2934,18 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
     budget_s = _duration_setting(alerting, "alerting", "channel_budget", DEFAULT_CHANNEL_BUDGET_S, problems,
                                  positive=True)
     window_s = _duration_setting(alerting, "alerting", "dedup_window", DEFAULT_DEDUP_WINDOW_S, problems)
-    seed_keys = {f"{key}{suffix}" for key in SEED_CHANNEL_KEYS for suffix in ("", "_env", "_file")
-                 if key != "email_to" or not suffix}
+    seed_keys = {f"{key}{suffix}" for key in SEED_CHANNEL_KEYS for suffix in SECRET_SUFFIXES
+                 if key != "email_to" or not suffix}  # email_to is an address, not a secret
     for key in alerting:
         if key not in ALERTING_KEYS and key not in seed_keys:
             problems.append(("alerting", key, "unknown key"))
     channels: Dict[str, ChannelSpec] = {}
-    for key, (name, kind) in SEED_CHANNEL_KEYS.items():
-        if any(k in alerting and k in seed_keys for k in (key, f"{key}_env", f"{key}_file")):
-            items = {"type": kind}
-            for suffix in ("", "_env", "_file"):
-                if key + suffix in alerting and key + suffix in seed_keys:
-                    items[("to" if kind == "email" else "url") + suffix] = alerting[key + suffix]
-            channels[name] = _channel_spec(name, "alerting", items, environ, problems, inline,
+    for key, name in SEED_CHANNEL_KEYS.items():
+        target = "to" if name == "email" else "url"
+        items = {target + suffix: alerting[key + suffix] for suffix in SECRET_SUFFIXES if key + suffix in alerting
+                 and key + suffix in seed_keys}
+        if items:
+            channels[name] = _channel_spec(name, "alerting", {"type": name, **items}, environ, problems, inline,
                                            timeout_s, budget_s, seed_key=key)
     for section in config.sections():
         if not section.startswith("channel:"):
@@ -3070,27 +3070,17 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
         return ChannelSpec(name, kind, section, {}, {}, {}, "info", timeout_s, budget_s, False)
     plain, secret_keys, required = CHANNEL_KEYS[kind]
     allowed = set(CHANNEL_COMMON_KEYS) | set(plain)
-    allowed |= {f"{key}{suffix}" for key in secret_keys for suffix in ("", "_env", "_file")}
+    allowed |= {f"{key}{suffix}" for key in secret_keys for suffix in SECRET_SUFFIXES}
     for key in items:
         if key not in allowed:
             problems.append((section, key, f"unknown key for a {kind} channel"))
     settings = {key: items[key].strip() for key in plain if key in items}
-    secrets: Dict[str, str] = {}
-    sources: Dict[str, str] = {}
-    why_missing: Dict[str, str] = {}
-    for key in secret_keys:
-        value, source, why = _secret(items, key, section, environ, problems)
-        if source == "file":
-            inline.append(f"[{section}] {seed_key or key}")
-        if value:
-            secrets[key], sources[key] = value, source
-        elif why:
-            why_missing[key] = why
+    secrets, sources, why_missing = _channel_secrets(items, secret_keys, section, environ, problems, inline, seed_key)
     missing = None
     for key in required:
         if settings.get(key) or key in secrets:
             continue
-        if not any(f"{key}{suffix}" in items for suffix in ("", "_env", "_file")):
+        if not any(f"{key}{suffix}" in items for suffix in SECRET_SUFFIXES):
             problems.append((section, key, f"required for a {kind} channel"))
         elif missing is None:
             missing = why_missing.get(key, f"{key} is empty")
@@ -3114,6 +3104,24 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
                        channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback)
 
 
+def _channel_secrets(items: Dict[str, str], keys: Tuple[str, ...], section: str, environ: Dict[str, str],
+                     problems: List[Tuple[str, str, str]], inline: List[str], seed_key: Optional[str]
+                     ) -> Tuple[Dict[str, str], Dict[str, str], Dict[str, str]]:
+    """(values, where each came from, why each missing one is missing) of a channel's secret keys."""
+    secrets: Dict[str, str] = {}
+    sources: Dict[str, str] = {}
+    why_missing: Dict[str, str] = {}
+    for key in keys:
+        value, source, why = _secret(items, key, section, environ, problems)
+        if source == "file":
+            inline.append(f"[{section}] {seed_key or key}")
+        if value:
+            secrets[key], sources[key] = value, source
+        elif why:
+            why_missing[key] = why
+    return secrets, sources, why_missing
+
+
 def _quiet_settings(items: Dict[str, str], section: str,
                     problems: List[Tuple[str, str, str]]) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
     quiet = None
@@ -3135,7 +3143,7 @@ def _quiet_settings(items: Dict[str, str], section: str,
 def _secret(items: Dict[str, str], key: str, section: str, environ: Dict[str, str],
             problems: List[Tuple[str, str, str]]) -> Tuple[Optional[str], Optional[str], Optional[str]]:
     """(value, where it came from, why it is missing) for KEY, KEY_env or KEY_file."""
-    given = [name for name in (key, f"{key}_env", f"{key}_file") if name in items]
+    given = [key + suffix for suffix in SECRET_SUFFIXES if key + suffix in items]
     if len(given) > 1:
         problems.append((section, key, f"give only one of {', '.join(given)}"))
     if not given:
@@ -3233,12 +3241,15 @@ def _is_http_url(text: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname) and _one_line(text) == text
 
 
-def config_is_shared(path: str) -> bool:
-    """True when users other than the owner may read the file."""
+def warn_if_shared(settings: "AlertingSettings") -> None:
+    """One warning when secrets are written in a configuration file that other users can read."""
     try:
-        return bool(os.stat(path).st_mode & 0o044)
+        shared = bool(os.stat(settings.path).st_mode & 0o044)
     except OSError:
-        return False
+        return
+    if shared and settings.inline_secrets:
+        log.warning("%s holds secrets (%s) and other users can read it: chmod 600 %s", settings.path,
+                    ", ".join(settings.inline_secrets), settings.path)
 
 
 # -- channels -----------------------------------------------------------------
@@ -3758,7 +3769,7 @@ class AlertingSystem:
     def __init__(self, config_path: Optional[str] = None, *, db_path: Optional[str] = None,
                  environ: Optional[Dict[str, str]] = None, now=time.time, clock=time.monotonic, sleep=None,
                  rng=None, store: Optional[Store] = None, settings: Optional[AlertingSettings] = None,
-                 synchronous: str = "normal"):
+                 synchronous: str = "normal", readonly: bool = False):
         import random
         import socket
 
@@ -3770,9 +3781,7 @@ class AlertingSystem:
             lines = settings.problem_lines()
             more = f" (and {len(lines) - 1} more; see 'config --check')" if len(lines) > 1 else ""
             raise ConfigError(lines[0] + more)
-        if settings.inline_secrets and config_is_shared(self.config_path):
-            log.warning("%s holds secrets (%s) and other users can read it: chmod 600 %s", self.config_path,
-                        ", ".join(settings.inline_secrets), self.config_path)
+        warn_if_shared(settings)
         for spec in settings.channels.values():
             if spec.enabled and not _verifies(spec):
                 log.warning("channel %s: TLS certificates are not verified (tls_verify = false)", spec.name)
@@ -3784,6 +3793,7 @@ class AlertingSystem:
         self._store = store
         self._db_path = resolve_db_path(db_path, environ)
         self._synchronous = synchronous
+        self._readonly = readonly  # for reading the history: a missing store reads as an empty one
         self._now, self._clock = now, clock
         self._sleep = time.sleep if sleep is None else sleep
         self._rng = random.Random() if rng is None else rng
@@ -3794,7 +3804,7 @@ class AlertingSystem:
     def store(self) -> Store:
         """The store, opened on first use: a dry run or a configuration check never creates one."""
         if self._store is None:
-            self._store = Store(self._db_path, synchronous=self._synchronous)
+            self._store = Store(self._db_path, synchronous=self._synchronous, readonly=self._readonly)
         return self._store
 
     def close(self) -> None:
@@ -4933,13 +4943,13 @@ def cmd_metrics(args) -> int:
     return EXIT_OK
 
 
-def _alerting(args) -> AlertingSystem:
+def _alerting(args, readonly: bool = False) -> AlertingSystem:
     """The alerting system of the command line: its configuration checked, its store not yet opened."""
     config = load_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
     synchronous = storage_settings(config)["synchronous"] if not settings.problems else "normal"
     return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings, synchronous=synchronous,
-                          now=_cli_clock())
+                          now=_cli_clock(), readonly=readonly)
 
 
 def _cli_clock():
@@ -4987,13 +4997,17 @@ def _delivery_exit(report: DeliveryReport, lifecycle: bool = False) -> int:
 def cmd_alert(args) -> int:
     if args.batch:
         return _alert_batch(args)
+    if args.severity == "resolve":  # alert --resolve KEY [MESSAGE], or alert --resolve --key KEY [MESSAGE]
+        key, message = (args.key, args.title) if args.key else (args.title, args.message)
+        if not key:
+            raise ValidationError("--resolve needs the KEY that --key fired")
+        with contextlib.closing(_alerting(args)) as system:
+            return _delivery_exit(system.resolve(key, message), lifecycle=True)
     if args.title is None:
         raise ValidationError("alert needs a TITLE (or --batch)")
     if args.severity is None:
         raise ValidationError("one of --info, --warning, --critical or --resolve is required")
     with contextlib.closing(_alerting(args)) as system:
-        if args.severity == "resolve":
-            return _delivery_exit(system.resolve(args.title, args.message), lifecycle=True)
         if args.key and (args.channel or args.dry_run):
             raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
         if args.key:
@@ -5073,12 +5087,8 @@ def cmd_alert_test(args) -> int:
 
 
 def cmd_alerts(args) -> int:
-    with contextlib.closing(_alerting(args)) as system:
-        if not os.path.exists(system._db_path):
-            history: List[Dict[str, Any]] = []
-        else:
-            system._store = Store(system._db_path, readonly=True)
-            history = system.firing() if args.firing else system.get_alert_history(args.hours)
+    with contextlib.closing(_alerting(args, readonly=True)) as system:
+        history = system.firing() if args.firing else system.get_alert_history(args.hours)
     if args.firing:
         return _print_firing(history, args.json)
     if args.json:
@@ -5111,9 +5121,7 @@ def cmd_config(args) -> int:
         print(line if args.check else f"{PROG}: error: {line}", file=sys.stdout if args.check else sys.stderr)
     if settings.problems:
         return EXIT_RUNTIME
-    if settings.inline_secrets and config_is_shared(args.config_path):
-        log.warning("%s holds secrets (%s) and other users can read it: chmod 600 %s", args.config_path,
-                    ", ".join(settings.inline_secrets), args.config_path)
+    warn_if_shared(settings)
     if args.check:
         masker = settings.masker()
         for name, spec in sorted(settings.channels.items()):

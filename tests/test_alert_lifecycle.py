@@ -32,14 +32,15 @@ class CronRuns(AlertTestCase):
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\ndiscord_webhook_url = {discord.url('/d')}\n")
             for n in range(3):
                 self.run_at(T0 + 300 * n, "alert", "--critical", "Disk full", "2 GB left", "--key", "disk")
-            for n in range(3, 5):
-                self.run_at(T0 + 300 * n, "alert", "--resolve", "disk", "20 GB free")
+            self.run_at(T0 + 900, "alert", "--resolve", "disk", "20 GB free")
+            self.run_at(T0 + 1200, "alert", "--resolve", "--key", "disk", "20 GB free")  # the same, spelled out
         self.assertEqual(self.kinds(hook), ["firing", "resolved"])
         firing, resolved = (r.json() for r in hook.requests)
         self.assertEqual((firing["status"], firing["alerts"][0]["startsAt"]), ("firing", mm.iso_time(T0)))
         self.assertEqual(resolved["status"], "resolved")
         self.assertEqual(resolved["alerts"][0]["endsAt"], mm.iso_time(T0 + 1200))
         self.assertEqual(resolved["note"], f"resolved after 20m (firing since {mm.iso_time(T0)})")
+        self.assertEqual(resolved["message"], "20 GB free")
         self.assertEqual([r.json()["embeds"][0]["title"] for r in discord.requests],
                          ["[CRITICAL] Disk full", "[RESOLVED] Disk full"])
         self.assertEqual([r.json()["embeds"][0]["color"] for r in discord.requests], [0xD00000, 0x2EB67D])
