@@ -373,6 +373,27 @@ def _why_unopenable(path: str) -> str:
     return ""
 
 
+def _checked_schema_version(conn: sqlite3.Connection, path: str) -> int:
+    """The file's schema version; a file that is not ours to change raises StorageError."""
+    # One statement, so one snapshot: read apart, a migration another process commits in between
+    # would show its tables without its version, and the store would look like another program's.
+    version, objects = conn.execute(
+        "SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master)").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"store {path} was written by a newer version (schema {version}; "
+            f"this program knows up to {SCHEMA_VERSION}); it was left unchanged",
+            path,
+        )
+    if version == 0 and objects:
+        raise StorageError(
+            f"store {path} is a SQLite database of another program (tables, but no "
+            f"metasystem schema); it was left unchanged",
+            path,
+        )
+    return version
+
+
 def _prepare_store_file(path: str) -> None:
     """Create the store's folder (0700) and file (0600) if they are missing.
 
@@ -500,21 +521,7 @@ class Store:
         return conn
 
     def _checked_version(self, conn: sqlite3.Connection) -> int:
-        """The file's schema version; a file that is not ours to change raises StorageError."""
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StorageError(
-                f"store {self.path} was written by a newer version (schema {version}; "
-                f"this program knows up to {SCHEMA_VERSION}); it was left unchanged",
-                self.path,
-            )
-        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise StorageError(
-                f"store {self.path} is a SQLite database of another program (tables, but no "
-                f"metasystem schema); it was left unchanged",
-                self.path,
-            )
-        return version
+        return _checked_schema_version(conn, self.path)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")

@@ -200,6 +200,28 @@ with mm.MetricsCollector(db) as collector:
 """
 
 
+class MigrationRaceTest(StoreTestCase):
+    def test_a_migration_committed_while_another_process_checks_the_file_is_seen_whole(self):
+        # Process A migrates a fresh file; B checks the file's version and tables meanwhile. A commits
+        # just as B's check starts a statement that reads sqlite_master: B must see A's schema whole,
+        # never tables without a version (once two reads, which called the store another program's).
+        migrating = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(migrating.close)
+        migrating.execute("BEGIN IMMEDIATE")
+        migrating.execute("CREATE TABLE series (id INTEGER PRIMARY KEY)")
+        migrating.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION}")
+        checking = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(checking.close)
+
+        def commit_the_migration_now(sql):
+            if "sqlite_master" in sql and migrating.in_transaction:
+                migrating.execute("COMMIT")
+
+        checking.set_trace_callback(commit_the_migration_now)
+        self.assertEqual(mm._checked_schema_version(checking, self.db), mm.SCHEMA_VERSION)
+        self.assertFalse(migrating.in_transaction)
+
+
 class ConcurrentWritersTest(StoreTestCase):
     WRITERS = 8
     SAMPLES = 1000
