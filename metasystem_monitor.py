@@ -8,6 +8,8 @@ METASYSTEM_DB or METASYSTEM_HOME say otherwise).
 From cron:
     */10 * * * *  metasystem_monitor.py record-sync icloud --success --duration 2.5
     0 * * * *     df --output=avail / | tail -1 | sed 's/^/disk_avail_kb /' | metasystem_monitor.py record -
+    */5 * * * *   metasystem_monitor.py check > /dev/null
+    17 3 * * *    metasystem_monitor.py run backup --timeout 2h --lock -- rsync -a /home /mnt/backup
 
 Exit codes:
     0  success (recording commands print nothing)
@@ -15,6 +17,8 @@ Exit codes:
     2  usage error: a bad option, argument or input value
     3  alert: some channels failed
     4  alert: no channel delivered
+    check exits 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; run exits with its command's code
+    (124 on timeout, 75 while its breaker is open)
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -109,6 +113,7 @@ EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_ALERT_PARTIAL = 3  # alert: some channels failed
 EXIT_ALERT_NONE = 4  # alert: no channel delivered
+EXIT_TEMPFAIL = 75  # run: the breaker is open; try again later (EX_TEMPFAIL)
 EXIT_INTERRUPTED = 130
 
 _NO_LABELS = "{}"
@@ -336,6 +341,21 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                ends REAL NOT NULL,
                comment TEXT NOT NULL)""",
         "ALTER TABLE alert_deliveries ADD COLUMN kind TEXT",
+    ),
+    (
+        # One row per run of a job: inserted when it starts (a run in progress has no end), with the
+        # tail of its output.
+        """CREATE TABLE job_runs (
+               run_id TEXT PRIMARY KEY,
+               job TEXT NOT NULL,
+               started REAL NOT NULL,
+               ended REAL,
+               exit_code INTEGER,
+               outcome TEXT NOT NULL,
+               attempts INTEGER NOT NULL,
+               output BLOB NOT NULL,
+               cut_bytes INTEGER NOT NULL)""",
+        "CREATE INDEX job_runs_by_job ON job_runs (job, started)",
     ),
 )
 
@@ -1431,6 +1451,19 @@ class MetricsCollector:
             (name,),
         )
 
+    def last_sample_time(self, name: str) -> Optional[float]:
+        """When the newest sample of ``name`` was taken, or None."""
+        latest = self._latest(name)
+        return latest[0] if latest else None
+
+    def sync_targets(self) -> List[str]:
+        """Every sync target ever recorded (the ``target`` label)."""
+        return self._entities("target")
+
+    def baseline(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Optional["Baseline"]:
+        """The robust baseline (median, MAD) of ``name`` over the window, or None without samples."""
+        return self._robust_baseline(name, *self._window(hours))
+
     def _unchanged_since(self, name: str, value: float) -> Optional[float]:
         """When ``name`` last took ``value``: the first sample after the last one that differed.
 
@@ -1570,9 +1603,11 @@ class MetricsCollector:
                 for sid in series
             )
         report["deleted_retry_records"] = self._delete_retry_records(now - retention_days * DAY_S)
+        report["deleted_job_runs"] = self._delete_job_runs(now - retention_days * DAY_S)
         with self.store.write() as conn:
             _set_meta(conn, "last_cleanup", now)
-        if any(report[key] for key in ("deleted_samples", "folded_hours", "deleted_days", "deleted_retry_records")):
+        if any(report[key] for key in ("deleted_samples", "folded_hours", "deleted_days", "deleted_retry_records",
+                                       "deleted_job_runs")):
             self.store.reclaim_space()
         return report
 
@@ -1583,6 +1618,15 @@ class MetricsCollector:
             for (operation,) in self.store.query(f"SELECT DISTINCT operation FROM {table}"):
                 deleted += self._delete_in_batches(table, "operation = ?", column, (operation,), cutoff)
         return deleted
+
+    def _delete_job_runs(self, cutoff: float) -> int:
+        """``run`` records older than the raw retention, except each job's last (the job check reads it)."""
+        expired = ("FROM job_runs WHERE started < ? AND started < "
+                   "(SELECT max(started) FROM job_runs AS newer WHERE newer.job = job_runs.job)")
+        if self.store.query_one(f"SELECT 1 {expired} LIMIT 1", (cutoff,)) is None:
+            return 0  # idle: no write lock taken
+        with self.store.write() as conn:
+            return conn.execute(f"DELETE {expired}", (cutoff,)).rowcount
 
     def cleanup_old_metrics(self, days: Optional[float] = None) -> int:
         """The original design's cleanup: ``cleanup()``, returning how many raw samples were deleted."""
@@ -4125,12 +4169,12 @@ class AlertingSystem:
         alert = self.create_alert(title, message, _severity(severity), None, details)._replace(dedup=key)
         return self._observe_and_notify(alert, failing=True)
 
-    def resolve(self, key: str, message: Optional[str] = None) -> DeliveryReport:
-        """One run in which ``key`` passes: after ``resolve_after`` such runs, one RESOLVED goes to each
-        channel that received the FIRING (and only to those)."""
+    def resolve(self, key: str, message: Optional[str] = None, *, after: Optional[int] = None) -> DeliveryReport:
+        """One run in which ``key`` passes: after ``resolve_after`` such runs (or ``after``), one RESOLVED
+        goes to each channel that received the FIRING (and only to those)."""
         key = _lifecycle_key(key)
         alert = self.create_alert(key, message or "", AlertSeverity.INFO, None, None)._replace(dedup=key)
-        return self._observe_and_notify(alert, failing=False)
+        return self._observe_and_notify(alert, failing=False, resolve_after=after)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator["_Batch"]:
@@ -4163,11 +4207,11 @@ class AlertingSystem:
             })
         return found
 
-    def _observe_and_notify(self, alert: Alert, failing: bool) -> DeliveryReport:
+    def _observe_and_notify(self, alert: Alert, failing: bool, resolve_after: Optional[int] = None) -> DeliveryReport:
         now = self._now()
         self._release_held(now)
         with self.store.write() as conn:
-            state = self._observe(conn, alert, failing, now)
+            state = self._observe(conn, alert, failing, now, resolve_after)
             if failing:
                 call = self._plan_firing(conn, state, alert, now) if state["state"] == "firing" else None
             else:
@@ -4179,7 +4223,8 @@ class AlertingSystem:
             return DeliveryReport(dict(call.outcomes))
         return self._deliver_calls([call])
 
-    def _observe(self, conn: sqlite3.Connection, alert: Alert, failing: bool, now: float) -> Dict[str, Any]:
+    def _observe(self, conn: sqlite3.Connection, alert: Alert, failing: bool, now: float,
+                 resolve_after: Optional[int] = None) -> Dict[str, Any]:
         """Count this run into the key's state (streaks, recent runs, flips); return the new state."""
         import json
 
@@ -4198,7 +4243,7 @@ class AlertingSystem:
                          details=json.dumps(alert.details, sort_keys=True, default=str))
             if state["state"] != "firing" and lifecycle.triggered(state["recent"], state["fail_streak"]):
                 state.update(state="firing", since=now, flips=state["flips"] + 1)
-        elif state["state"] == "firing" and state["pass_streak"] >= lifecycle.resolve_after:
+        elif state["state"] == "firing" and state["pass_streak"] >= (resolve_after or lifecycle.resolve_after):
             state.update(state="ok", flips=state["flips"] + 1)
         conn.execute(
             "INSERT OR REPLACE INTO alert_states (key, state, title, message, severity, details, since, recent, "
@@ -4614,6 +4659,781 @@ def effective_configuration(settings: AlertingSettings) -> List[str]:
     return [masker.scrub(line) for line in lines]
 
 
+## Health checks ##############################################################
+
+CHECK_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # the Monitoring Plugins exit codes 0 to 3
+STATE_RANK = {"OK": 0, "WARNING": 1, "UNKNOWN": 2, "CRITICAL": 3}  # which state is worse
+CHECK_TYPES = ("anomaly", "circuit_breaker", "command", "database", "disk", "file_age", "job", "metric",
+               "sync_recency")
+CHECK_KEYS = {  # the keys each type takes besides CHECK_COMMON_KEYS; the first, if any, is required
+    "disk": ("path",), "database": (), "circuit_breaker": (), "sync_recency": ("target",),
+    "file_age": ("path",), "metric": ("metric", "hours", "statistic"), "anomaly": ("metric", "hours"),
+    "job": ("job", "expected_every", "max_duration", "min_duration"), "command": ("command",),
+}
+CHECK_REQUIRED_KEYS = {"sync_recency": "target", "file_age": "path", "metric": "metric", "anomaly": "metric",
+                       "job": "job", "command": "command"}
+CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout")
+DEFAULT_CHECK_TIMEOUT_S = 10.0
+CHECK_TIMEOUT_GRACE_S = 1.0  # past a check's timeout, before its thread is given up
+DEFAULT_DISK_WARNING = "10GB:,10%:"  # the original design's scenario: warn under 10 GB or 10 % free
+DEFAULT_DISK_CRITICAL = "5GB:,5%:"  # ... and critical under 5 GB or 5 % free
+DEFAULT_SYNC_WARNING = "~:24h"  # the age of the last successful sync
+DEFAULT_SYNC_CRITICAL = "~:48h"
+DEFAULT_ANOMALY_WARNING = "3.5"  # the robust score (modified z) of the latest sample: Iglewicz and Hoaglin's cut
+DEFAULT_ANOMALY_CRITICAL = "7"
+BREAKER_CRITICAL_OPEN_S = 3600.0
+METRIC_STATISTICS = ("latest", "avg", "min", "max", "count", "stddev")
+CHECK_OUTPUT_LINE_CHARS = 300
+SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+              "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+class Threshold(NamedTuple):
+    """One range of the Monitoring Plugins guidelines: alert outside [low, high], or inside with ``@``."""
+
+    low: float
+    high: float
+    inside: bool
+    unit: str  # "" (a plain number), "B" (bytes), "%" or "s"
+    text: str
+
+    def alerts(self, value: float) -> bool:
+        within = self.low <= value <= self.high
+        return within if self.inside else not within
+
+
+def parse_threshold(text: str) -> Threshold:
+    """``10``, ``10:``, ``~:10``, ``10:20`` or ``@10:20``; each number may carry a unit: ``5GB``, ``90%``, ``24h``.
+
+    >>> parse_threshold("10GB:").alerts(5e9), parse_threshold("~:24h").alerts(90000)
+    (True, True)
+    """
+    spec = text.strip()
+    inside = spec.startswith("@")
+    body = spec[1:] if inside else spec
+    low_text, sep, high_text = body.partition(":")
+    if not low_text.strip() and not high_text.strip():
+        raise ValidationError(f"{_shown(text)} is not a range such as 10, 10:, ~:10, 10:20 or @10:20")
+    if not sep:
+        low_text, high_text = "0", body
+    units = set()
+    low = -math.inf if low_text == "~" else _threshold_number(low_text or "0", units, text)
+    high = math.inf if not high_text and sep else _threshold_number(high_text, units, text)
+    if len(units - {""}) > 1 or low > high:
+        raise ValidationError(f"{_shown(text)} is not a range such as 10, 10:, ~:10, 10:20 or @10:20")
+    return Threshold(low, high, inside, max(units, key=len) if units else "", spec)
+
+
+def _threshold_number(text: str, units: set, whole: str) -> float:
+    cleaned = text.strip().lower()
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz%")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValidationError(f"{_shown(whole)} is not a range such as 10, 10:, ~:10, 10:20 or @10:20") from None
+    if unit in SIZE_UNITS:
+        units.add("B")
+        return value * SIZE_UNITS[unit]
+    if unit == "%":
+        units.add("%")
+        return value
+    if unit in _DURATION_UNITS_S:
+        units.add("s")
+        return value * _DURATION_UNITS_S[unit]
+    if unit:
+        raise ValidationError(f"{_shown(whole)}: unknown unit {unit!r} (B, KB, MB, GB, TB, KiB..TiB, %, s, m, h, d)")
+    units.add("")
+    return value
+
+
+def parse_thresholds(text: Optional[str]) -> List[Threshold]:
+    """A comma-separated list of ranges: the state applies when any of them alerts."""
+    return [parse_threshold(part) for part in (text or "").split(",") if part.strip()]
+
+
+class CheckResult(NamedTuple):
+    """One check's verdict: a Monitoring Plugins state, a one-line summary, and its measurements."""
+
+    name: str
+    state: str  # one of CHECK_STATES
+    summary: str
+    value: Optional[float] = None
+    unit: str = ""
+    warning: str = ""
+    critical: str = ""
+    perfdata: Tuple[str, ...] = ()
+    duration_s: float = 0.0
+
+    def as_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "state": self.state, "summary": self.summary, "value": self.value,
+                "unit": self.unit, "warning": self.warning or None, "critical": self.critical or None,
+                "duration_s": round(self.duration_s, 3)}
+
+
+def judge(value: float, unit: str, warning: List[Threshold], critical: List[Threshold]) -> str:
+    """CRITICAL if a critical range of this unit alerts, else WARNING if a warning one does, else OK."""
+    if any(t.alerts(value) for t in critical if t.unit == unit):
+        return "CRITICAL"
+    if any(t.alerts(value) for t in warning if t.unit == unit):
+        return "WARNING"
+    return "OK"
+
+
+def worst_state(states: Iterable[str]) -> str:
+    return max(states, key=STATE_RANK.__getitem__, default="OK")
+
+
+def perfdata_item(label: str, value: float, unit: str = "", warning: Iterable[Threshold] = (),
+                  critical: Iterable[Threshold] = (), minimum: Optional[float] = None,
+                  maximum: Optional[float] = None) -> str:
+    """``'label'=value[UOM];[warn];[crit];[min];[max]``, the label quoted, thresholds of the same unit."""
+    def ranges(thresholds: Iterable[Threshold]) -> str:
+        found = [t for t in thresholds if t.unit == unit]
+        return _range_text(found[0]) if found else ""
+
+    quoted = "'" + label.replace("'", "''") + "'"
+    fields = [f"{quoted}={_perf_number(value)}{'' if unit == '' else unit}", ranges(warning), ranges(critical),
+              "" if minimum is None else _perf_number(minimum), "" if maximum is None else _perf_number(maximum)]
+    return ";".join(fields).rstrip(";")
+
+
+def _range_text(threshold: Threshold) -> str:
+    """A range in base units (bytes, seconds), as perfdata wants it."""
+    low = "~" if threshold.low == -math.inf else _perf_number(threshold.low)
+    high = "" if threshold.high == math.inf else _perf_number(threshold.high)
+    text = high if low == "0" and high else f"{low}:{high}"
+    return ("@" if threshold.inside else "") + text
+
+
+def _perf_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+
+
+def format_bytes(count: float) -> str:
+    """``52.3 GB``: powers of 1000, as disks are sold and df -H shows."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if abs(count) >= SIZE_UNITS[unit.lower()]:
+            return f"{count / SIZE_UNITS[unit.lower()]:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+class CheckSpec(NamedTuple):
+    """One ``[check:NAME]`` section, or a default check."""
+
+    name: str
+    kind: str
+    settings: Dict[str, str]
+    warning: List[Threshold]
+    critical: List[Threshold]
+    timeout_s: float
+
+
+def check_specs(config, collector: MetricsCollector) -> List[CheckSpec]:
+    """The configured checks, or the defaults when there are none; bad values raise ConfigError."""
+    problems = check_problems(config)
+    if problems:
+        section, key, text = problems[0]
+        raise ConfigError(f"[{section}] {key + ': ' if key else ''}{text}")
+    specs = [_check_spec(section[len("check:"):], dict(config[section]))
+             for section in config.sections() if section.startswith("check:")]
+    return specs or default_checks(collector)
+
+
+def check_problems(config) -> List[Tuple[str, str, str]]:
+    """Every problem of the ``[check:NAME]`` sections, as (section, key, text)."""
+    problems = []
+    for section in config.sections() if hasattr(config, "sections") else ():
+        if not section.startswith("check:"):
+            continue
+        items = dict(config[section])
+        kind = items.get("type", "").strip()
+        if kind not in CHECK_KEYS:
+            problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(CHECK_TYPES)}"))
+            continue
+        for key in items:
+            if key not in CHECK_COMMON_KEYS and key not in CHECK_KEYS[kind]:
+                problems.append((section, key, f"unknown key for a {kind} check"))
+        for key in ("warning", "critical"):
+            try:
+                parse_thresholds(items.get(key))
+            except ValidationError as err:
+                problems.append((section, key, str(err)))
+        required = CHECK_REQUIRED_KEYS.get(kind)
+        if required and not items.get(required, "").strip():
+            problems.append((section, required, f"required for a {kind} check"))
+        problems += _check_value_problems(section, kind, items)
+    return problems
+
+
+def _check_value_problems(section: str, kind: str, items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+    problems = []
+    if "timeout" in items:
+        try:
+            if parse_duration_s(items["timeout"]) <= 0:
+                problems.append((section, "timeout", "must be more than 0"))
+        except ValidationError as err:
+            problems.append((section, "timeout", str(err)))
+    for key in ("expected_every", "max_duration", "min_duration"):
+        if key in items:
+            try:
+                parse_duration_s(items[key])
+            except ValidationError as err:
+                problems.append((section, key, str(err)))
+    if "hours" in items and not _is_positive_number(items["hours"]):
+        problems.append((section, "hours", f"{_shown(items['hours'])} is not a positive number of hours"))
+    if kind == "metric" and items.get("statistic", "latest") not in METRIC_STATISTICS:
+        problems.append((section, "statistic", f"{_shown(items['statistic'])} is not one of "
+                                               f"{', '.join(METRIC_STATISTICS)}"))
+    if kind == "command" and items.get("command"):
+        import shlex
+
+        try:
+            shlex.split(items["command"])
+        except ValueError as err:
+            problems.append((section, "command", f"cannot be split into words: {err}"))
+    return problems
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return 0 < float(text) < math.inf
+    except ValueError:
+        return False
+
+
+def _check_spec(name: str, items: Dict[str, str]) -> CheckSpec:
+    kind = items["type"].strip()
+    timeout = parse_duration_s(items["timeout"]) if "timeout" in items else DEFAULT_CHECK_TIMEOUT_S
+    defaults = {"disk": (DEFAULT_DISK_WARNING, DEFAULT_DISK_CRITICAL),
+                "sync_recency": (DEFAULT_SYNC_WARNING, DEFAULT_SYNC_CRITICAL),
+                "anomaly": (DEFAULT_ANOMALY_WARNING, DEFAULT_ANOMALY_CRITICAL)}.get(kind, ("", ""))
+    return CheckSpec(name, kind, {key: value.strip() for key, value in items.items()},
+                     parse_thresholds(items.get("warning", defaults[0])),
+                     parse_thresholds(items.get("critical", defaults[1])), timeout)
+
+
+def default_checks(collector: MetricsCollector) -> List[CheckSpec]:
+    """With no [check:...] at all: disk, database, circuit_breaker, and sync_recency per target ever seen."""
+    specs = [_check_spec("disk", {"type": "disk"}), _check_spec("database", {"type": "database"}),
+             _check_spec("circuit_breaker", {"type": "circuit_breaker"})]
+    for target in collector.sync_targets():
+        specs.append(_check_spec(f"sync_recency_{target}", {"type": "sync_recency", "target": target}))
+    return specs
+
+
+_CHECKS_WITHOUT_STORE = ("disk", "file_age", "command")
+
+
+class CheckContext(NamedTuple):
+    """What every check may read: the store, the time of this run, and --deep."""
+
+    collector: MetricsCollector
+    now: float
+    deep: bool = False
+
+
+def run_checks(specs: List[CheckSpec], ctx: CheckContext, clock=time.monotonic) -> List[CheckResult]:
+    """Every check at once, each in its own thread: one that hangs is UNKNOWN, the rest report."""
+    results: Dict[int, CheckResult] = {}
+    started = clock()
+    threads = [_start_check(index, spec, ctx, results, clock) for index, spec in enumerate(specs)]
+    for index, (spec, thread) in enumerate(zip(specs, threads)):
+        # Each is waited for until its timeout from the start, and a moment more: a command check
+        # stops its process itself at the timeout, and then says so.
+        thread.join(max(0.0, started + spec.timeout_s + CHECK_TIMEOUT_GRACE_S - clock()))
+        if index not in results:
+            results[index] = CheckResult(spec.name, "UNKNOWN", f"no answer within {spec.timeout_s:g} s",
+                                         duration_s=spec.timeout_s)
+    return [results[index] for index in range(len(specs))]
+
+
+def _start_check(index: int, spec: CheckSpec, ctx: "CheckContext", results: Dict[int, CheckResult], clock) -> Any:
+    import threading
+
+    def work() -> None:
+        began = clock()
+        results[index] = _checked(spec, ctx)._replace(duration_s=clock() - began)
+
+    thread = threading.Thread(target=work, name=f"check {spec.name}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _checked(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """One check; those that read the store get a read-only connection of their own, as a SQLite
+    connection belongs to the thread that made it."""
+    if spec.kind in _CHECKS_WITHOUT_STORE:
+        return _run_one(spec, ctx)
+    try:
+        with MetricsCollector(ctx.collector.db_path, readonly=True, now=lambda: ctx.now) as own:
+            return _run_one(spec, ctx._replace(collector=own))
+    except StorageError as err:
+        return CheckResult(spec.name, "CRITICAL" if spec.kind == "database" else "UNKNOWN", str(err))
+
+
+def _run_one(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """One check, whatever goes wrong inside it: an exception is UNKNOWN with a one-line reason."""
+    try:
+        return _CHECK_FUNCTIONS[spec.kind](spec, ctx)
+    except Exception as err:  # a check must report, never take the others down
+        text = " ".join(str(err).split()) or type(err).__name__
+        return CheckResult(spec.name, "UNKNOWN", f"{type(err).__name__}: {text}"[:CHECK_OUTPUT_LINE_CHARS])
+
+
+def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Free space of the filesystem holding ``path`` (default: the store), in bytes and percent."""
+    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.collector.db_path) or ".")
+    stats = os.statvfs(path)
+    free, total = stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
+    percent = 100.0 * free / total if total else 0.0
+    state = worst_state([judge(free, "B", spec.warning, spec.critical),
+                         judge(percent, "%", spec.warning, spec.critical)])
+    summary = f"{format_bytes(free)} free of {format_bytes(total)} ({percent:.1f}%) on {path}"
+    perf = (perfdata_item(f"{spec.name}_free", free, "B", spec.warning, spec.critical, 0, total),
+            perfdata_item(f"{spec.name}_free_percent", round(percent, 2), "%", spec.warning, spec.critical, 0, 100))
+    return CheckResult(spec.name, state, summary, free, "B", _texts(spec.warning), _texts(spec.critical), perf)
+
+
+def check_database(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """The store answers ``quick_check`` (``integrity_check`` with --deep); its size and WAL size."""
+    path = ctx.collector.db_path
+    pragma = "integrity_check" if ctx.deep else "quick_check"
+    verdict = [row[0] for row in ctx.collector.store.query(f"PRAGMA {pragma}")]
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    wal = os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+    perf = (perfdata_item(f"{spec.name}_size", size, "B", minimum=0), perfdata_item(f"{spec.name}_wal", wal, "B",
+                                                                                    minimum=0))
+    if verdict != ["ok"]:
+        return CheckResult(spec.name, "CRITICAL", f"{pragma} failed: {' '.join(verdict[:3])}"[:CHECK_OUTPUT_LINE_CHARS],
+                           size, "B", perfdata=perf)
+    return CheckResult(spec.name, "OK", f"{pragma} ok, {format_bytes(size)}, WAL {format_bytes(wal)}", size, "B",
+                       perfdata=perf)
+
+
+def check_sync_recency(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Age of the last successful sync of ``target``."""
+    target = spec.settings["target"]
+    last = ctx.collector.last_sample_time(f"sync_{target}_success")
+    if last is None:
+        failures = ctx.collector.last_sample_time(f"sync_{target}_failure")
+        what = "no success recorded" + (", only failures" if failures is not None else ", no run recorded")
+        return CheckResult(spec.name, "CRITICAL", f"{target}: {what}")
+    age = ctx.now - last
+    if age < -CLOCK_SKEW_S:
+        return CheckResult(spec.name, "UNKNOWN", f"{target}: the last success is in the future ({iso_time(last)})")
+    age = max(age, 0.0)
+    state = judge(age, "s", spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0),)
+    return CheckResult(spec.name, state, f"{target}: last success {format_span(age)} ago ({iso_time(last)})", age,
+                       "s", _texts(spec.warning), _texts(spec.critical), perf)
+
+
+def check_circuit_breakers(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Any breaker open is WARNING; one open for longer than an hour is CRITICAL."""
+    now = ctx.now
+    opened = {}
+    for entry in list_breakers(ctx.collector.store, now):
+        if entry["state"] == "open":
+            opened[entry["name"]] = _epoch(entry.get("since"))
+    for name, entry in ctx.collector.get_system_summary()["circuit_breakers"].items():
+        if entry["state"] == "open" and name not in opened:
+            opened[name] = _epoch(entry.get("since"))
+    perf = (perfdata_item(f"{spec.name}_open", len(opened), minimum=0),)
+    if not opened:
+        return CheckResult(spec.name, "OK", "no circuit breaker is open", 0, perfdata=perf)
+    longest = max(now - (since or now) for since in opened.values())
+    state = "CRITICAL" if longest > BREAKER_CRITICAL_OPEN_S else "WARNING"
+    names = ", ".join(f"{name} (open {format_span(now - (since or now))})" for name, since in sorted(opened.items()))
+    return CheckResult(spec.name, state, f"open: {names}", len(opened), perfdata=perf)
+
+
+def _epoch(text: Optional[str]) -> Optional[float]:
+    return datetime.fromisoformat(text).timestamp() if text else None
+
+
+def check_file_age(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Monit's timestamp check: how long ago ``path`` was modified; a missing file is CRITICAL."""
+    path = os.path.expanduser(spec.settings["path"])
+    try:
+        modified = os.stat(path).st_mtime
+    except FileNotFoundError:
+        return CheckResult(spec.name, "CRITICAL", f"{path} does not exist")
+    age = max(ctx.now - modified, 0.0)
+    state = judge(age, "s", spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0),)
+    return CheckResult(spec.name, state, f"{path} modified {format_span(age)} ago", age, "s",
+                       _texts(spec.warning), _texts(spec.critical), perf)
+
+
+def check_metric(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """The latest value, or a window statistic, of any metric against the thresholds."""
+    name = spec.settings["metric"]
+    statistic = spec.settings.get("statistic", "latest")
+    hours = float(spec.settings.get("hours", DEFAULT_WINDOW_HOURS))
+    value = ctx.collector.get_metric_stats(name, hours)[statistic]
+    if value is None:
+        return CheckResult(spec.name, "UNKNOWN", f"{name}: no samples in the last {hours:g} h")
+    state = judge(value, "", spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}", value, "", spec.warning, spec.critical),)
+    return CheckResult(spec.name, state, f"{name} {statistic} {value:.6g} over {hours:g} h", value, "",
+                       _texts(spec.warning), _texts(spec.critical), perf)
+
+
+def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Any Monitoring Plugins executable: its exit code is the state, its first line the summary."""
+    import shlex
+    import signal
+    import subprocess
+
+    argv = shlex.split(spec.settings["command"])
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=spec.timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return CheckResult(spec.name, "UNKNOWN", f"{os.path.basename(argv[0])} did not finish in {spec.timeout_s:g} s")
+    first = output.decode("utf-8", "replace").splitlines()[0] if output.strip() else ""
+    text, _, perf = first.partition("|")
+    state = CHECK_STATES[process.returncode] if 0 <= process.returncode <= 3 else "UNKNOWN"
+    summary = _one_line(text) or f"{os.path.basename(argv[0])} exited with {process.returncode}"
+    return CheckResult(spec.name, state, summary[:CHECK_OUTPUT_LINE_CHARS], float(process.returncode),
+                       perfdata=tuple(perf.split()))
+
+
+def _texts(thresholds: List[Threshold]) -> str:
+    return ",".join(t.text for t in thresholds)
+
+
+def plugin_output(results: List[CheckResult]) -> List[str]:
+    """``METASYSTEM STATE - summary | perfdata``, then one line per check."""
+    state = worst_state(r.state for r in results)
+    bad = [r for r in results if r.state != "OK"]
+    summary = "; ".join(f"{r.name} {r.state}: {r.summary}" for r in bad) if bad else f"{len(results)} checks OK"
+    perfdata = " ".join(item for r in results for item in r.perfdata)
+    lines = [f"METASYSTEM {state} - {_one_line(summary)}" + (f" | {perfdata}" if perfdata else "")]
+    lines += [f"{r.state} {r.name}: {r.summary}" for r in results]
+    return lines
+
+
+def check_job(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """A ``run`` job: did it start on time, succeed, and take a sensible time?"""
+    job = spec.settings["job"]
+    now = ctx.now
+    runs = ctx.collector.store.query("SELECT started, ended, exit_code, outcome FROM job_runs WHERE job = ? "
+                                     "ORDER BY started DESC LIMIT 20", (job,))
+    if not runs:
+        return CheckResult(spec.name, "CRITICAL", f"job {job}: no run recorded")
+    started, ended, exit_code, outcome = runs[0]
+    problems: List[Tuple[str, str]] = []
+    expected = spec.settings.get("expected_every")
+    if expected and now - started > parse_duration_s(expected):
+        problems.append(("CRITICAL", f"late: last started {format_span(now - started)} ago, expected every "
+                                     f"{format_duration(parse_duration_s(expected))}"))
+    limits = {key: parse_duration_s(spec.settings[key]) for key in ("max_duration", "min_duration")
+              if spec.settings.get(key)}
+    running = next((run[0] for run in runs if run[1] is None), None)  # a run without an end (or killed)
+    if running is not None and "max_duration" in limits and now - running > limits["max_duration"]:
+        problems.append(("CRITICAL", f"running for {format_span(now - running)}, longer than "
+                                     f"{format_duration(limits['max_duration'])}"))
+    done = next((run for run in runs if run[1] is not None and run[3] != "skipped"), None)  # the last that ran
+    if outcome == "skipped":
+        problems.append(("WARNING", "the last run was skipped: the one before was still going"))
+    if done is not None:
+        problems += _finished_run_problems(done, limits)
+    state = worst_state(level for level, _ in problems)
+    summary = "; ".join(text for _, text in problems) or (
+        f"job {job}: last run {format_span(now - started)} ago, "
+        + ("running" if ended is None else f"exit {exit_code} in {format_span(ended - started)}"))
+    perf = (perfdata_item(f"{spec.name}_age", round(now - started), "s", minimum=0),)
+    return CheckResult(spec.name, state, summary if not problems else f"job {job}: {summary}", now - started, "s",
+                       perfdata=perf)
+
+
+def _finished_run_problems(run: tuple, limits: Dict[str, float]) -> List[Tuple[str, str]]:
+    started, ended, exit_code, outcome = run
+    took = ended - started
+    problems = []
+    if outcome in ("failure", "timeout", "breaker_open"):
+        problems.append(("CRITICAL", f"the last run failed ({outcome}, exit {exit_code})"))
+    if "max_duration" in limits and took > limits["max_duration"]:
+        problems.append(("WARNING", f"took {format_span(took)}, longer than {format_duration(limits['max_duration'])}"))
+    if "min_duration" in limits and took < limits["min_duration"]:
+        problems.append(("WARNING", f"took {format_span(took)}, less than {format_duration(limits['min_duration'])}"))
+    return problems
+
+
+def check_anomaly(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """The robust detector's score of the latest sample of ``metric`` (default: warning 3.5, critical 7)."""
+    name = spec.settings["metric"]
+    hours = float(spec.settings.get("hours", DEFAULT_WINDOW_HOURS))
+    latest = ctx.collector.get_metric_stats(name, hours)["latest"]
+    if latest is None:
+        return CheckResult(spec.name, "UNKNOWN", f"{name}: no samples in the last {hours:g} h")
+    baseline = ctx.collector.baseline(name, hours)
+    if baseline is None:
+        return CheckResult(spec.name, "UNKNOWN", f"{name}: too few samples in the last {hours:g} h for a baseline")
+    score = anomaly_score(latest, baseline)
+    score = abs(score) if score is not None else 0.0
+    state = judge(score, "", spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_score", round(score, 3), "", spec.warning, spec.critical, 0),)
+    return CheckResult(spec.name, state, f"{name} latest {latest:.6g}: {anomaly_reason(latest, baseline)}", score,
+                       "", _texts(spec.warning), _texts(spec.critical), perf)
+
+
+_CHECK_FUNCTIONS = {"disk": check_disk, "database": check_database, "sync_recency": check_sync_recency,
+                    "circuit_breaker": check_circuit_breakers, "file_age": check_file_age, "metric": check_metric,
+                    "command": check_command, "job": check_job,
+                    "anomaly": check_anomaly}
+
+
+# -- jobs: the run wrapper ------------------------------------------------------
+
+JOB_OUTPUT_TAIL_BYTES = 10_000
+DEFAULT_KILL_AFTER_S = 5.0  # after --timeout: SIGTERM, then SIGKILL this much later, as timeout(1) -k
+JOB_TRANSIENT_EXIT_CODES = (75, 124)  # EX_TEMPFAIL, and our own timeout
+EXIT_TIMEOUT = 124  # what timeout(1) exits with
+JOB_RETRY_BACKOFF_S = 1.0
+JOB_RETRY_BACKOFF_CAP_S = 60.0
+
+
+class JobRun(NamedTuple):
+    """One ``run`` of a job: what happened, and the tail of what it printed."""
+
+    run_id: str
+    job: str
+    started: float
+    ended: Optional[float]
+    exit_code: Optional[int]
+    outcome: str  # success, failure, timeout, skipped, breaker_open
+    attempts: int
+    output: bytes  # the last JOB_OUTPUT_TAIL_BYTES of stdout and stderr together
+    cut_bytes: int  # how many earlier bytes of output were dropped
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended or self.started) - self.started
+
+
+class _Tail:
+    """Keeps the last ``limit`` bytes of a stream and counts what it dropped."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.data += chunk
+        excess = len(self.data) - self.limit
+        if excess > 0:
+            del self.data[:excess]
+            self.dropped += excess
+
+
+class JobRunner:
+    """Runs a command as job NAME: timeout over its whole process group, retries, a lock, a breaker.
+
+    Every run is a row of ``job_runs`` (started when it starts, so ``check``
+    sees a run in progress) and two metrics, ``job_duration`` and
+    ``job_exit_code`` with the label ``job=NAME``.
+    """
+
+    def __init__(self, collector: MetricsCollector, *, now=time.time, clock=time.monotonic, sleep=None, rng=None):
+        import random
+
+        self.collector = collector
+        self.store = collector.store
+        self._now, self._clock = now, clock
+        self._sleep = time.sleep if sleep is None else sleep
+        self._rng = random.Random() if rng is None else rng
+
+    def run(self, name: str, argv: List[str], *, timeout_s: Optional[float] = None, retries: int = 0,
+            lock: bool = False, kill_after_s: float = DEFAULT_KILL_AFTER_S,
+            breaker: Optional["CircuitBreaker"] = None) -> JobRun:
+        name = validate_name(name, "job name")
+        if not argv:
+            raise ValidationError("run needs a command after --")
+        with contextlib.ExitStack() as stack:
+            if lock and not stack.enter_context(_job_lock(self.collector.db_path, name)):
+                return self._skipped(name)
+            run_id = os.urandom(8).hex()
+            started = self._now()
+            with self.store.write() as conn:
+                conn.execute("INSERT INTO job_runs (run_id, job, started, attempts, outcome, output, cut_bytes) "
+                             "VALUES (?, ?, ?, 0, 'running', x'', 0)", (run_id, name, started))
+            attempts, code, tail = 0, None, _Tail(JOB_OUTPUT_TAIL_BYTES)
+            outcome = "failure"
+            while True:
+                attempts += 1
+                if breaker is not None:
+                    try:
+                        code = self._through_breaker(breaker, argv, timeout_s, kill_after_s, tail)
+                    except CircuitOpenError as err:
+                        tail.feed(f"{err}\n".encode("utf-8"))
+                        code, outcome = None, "breaker_open"
+                        break
+                else:
+                    code = run_command(argv, timeout_s, kill_after_s, tail)
+                if code == 0 or code not in JOB_TRANSIENT_EXIT_CODES or attempts > retries:
+                    break
+                delay = jittered_delay(nominal_delay(attempts, JOB_RETRY_BACKOFF_S, 2.0, JOB_RETRY_BACKOFF_CAP_S),
+                                       "full", self._rng, cap=JOB_RETRY_BACKOFF_CAP_S,
+                                       initial=JOB_RETRY_BACKOFF_S, previous=JOB_RETRY_BACKOFF_S)
+                tail.feed(f"[metasystem: exit {code}, attempt {attempts} of {retries + 1}; "
+                          f"again in {delay:.1f} s]\n".encode("utf-8"))
+                self._sleep(delay)
+            if outcome != "breaker_open":
+                outcome = "success" if code == 0 else "timeout" if code == EXIT_TIMEOUT else "failure"
+            return self._finish(JobRun(run_id, name, started, self._now(), code, outcome, attempts,
+                                       bytes(tail.data), tail.dropped))
+
+    def _through_breaker(self, breaker: "CircuitBreaker", argv: List[str], timeout_s: Optional[float],
+                         kill_after_s: float, tail: _Tail) -> int:
+        """The command as a breaker call: a non-zero exit counts as the breaker's failure."""
+        result: Dict[str, int] = {}
+
+        def attempt() -> None:
+            result["code"] = run_command(argv, timeout_s, kill_after_s, tail)
+            if result["code"] != 0:
+                raise _JobFailed(result["code"])
+
+        try:
+            breaker.call(attempt)
+        except _JobFailed:
+            pass
+        return result["code"]
+
+    def _skipped(self, name: str) -> JobRun:
+        now = self._now()
+        run = JobRun(os.urandom(8).hex(), name, now, now, None, "skipped", 0, b"", 0)
+        with self.store.write() as conn:
+            conn.execute("INSERT INTO job_runs (run_id, job, started, ended, attempts, outcome, output, cut_bytes) "
+                         "VALUES (?, ?, ?, ?, 0, 'skipped', x'', 0)", (run.run_id, name, now, now))
+        return run
+
+    def _finish(self, run: JobRun) -> JobRun:
+        with self.store.write() as conn:
+            conn.execute("UPDATE job_runs SET ended = ?, exit_code = ?, outcome = ?, attempts = ?, output = ?, "
+                         "cut_bytes = ? WHERE run_id = ?",
+                         (run.ended, run.exit_code, run.outcome, run.attempts, run.output, run.cut_bytes, run.run_id))
+        labels = {"job": run.job}
+        samples = [Sample("job_duration", run.duration_s, labels, run.ended)]
+        if run.exit_code is not None:
+            samples.append(Sample("job_exit_code", float(run.exit_code), labels, run.ended))
+        self.collector.record_many(samples)
+        return run
+
+
+class _JobFailed(Exception):
+    def __init__(self, code: int):
+        super().__init__(f"exit {code}")
+        self.code = code
+
+
+@contextlib.contextmanager
+def _job_lock(db_path: str, name: str) -> Iterator[bool]:
+    """An exclusive flock on ``locks/NAME.lock`` beside the store; yields False when another run holds it."""
+    import fcntl
+
+    folder = os.path.join(os.path.dirname(db_path) or ".", "locks")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    handle = open(os.path.join(folder, f"{name.replace(os.sep, '_')}.lock"), "a+b")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        handle.close()  # closing releases the lock, also when the process is killed
+
+
+def run_command(argv: List[str], timeout_s: Optional[float], kill_after_s: float, tail: _Tail) -> int:
+    """Run ``argv`` (no shell) in its own process group, stdin passed through, output into ``tail``.
+
+    SIGTERM and SIGINT sent to us go to the whole group. On timeout the group
+    gets SIGTERM, then SIGKILL ``kill_after_s`` later; the result is 124.
+    """
+    import signal
+    import subprocess
+    import threading
+
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as err:
+        tail.feed(f"cannot run {argv[0]}: {err.strerror or err}\n".encode("utf-8"))
+        return 127 if isinstance(err, FileNotFoundError) else 126
+    reader = threading.Thread(target=_drain, args=(process.stdout, tail), daemon=True)
+    reader.start()
+    forwarded = _forward_signals(process.pid)
+    try:
+        try:
+            code = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(process, kill_after_s)
+            tail.feed(f"[metasystem: timed out after {timeout_s:g} s; the process group was stopped]\n"
+                      .encode("utf-8"))
+            code = EXIT_TIMEOUT
+    finally:
+        for signum, previous in forwarded:
+            signal.signal(signum, previous)
+    reader.join(kill_after_s + 1.0)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
+
+
+def _drain(stream, tail: _Tail) -> None:
+    with stream:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            tail.feed(chunk)
+
+
+def _forward_signals(pgid: int) -> List[Tuple[int, Any]]:
+    """SIGTERM and SIGINT to us go to the child's process group; the previous handlers are returned."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return []
+
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+
+    return [(signum, signal.signal(signum, forward)) for signum in (signal.SIGTERM, signal.SIGINT)]
+
+
+def _kill_group(process: Any, kill_after_s: float) -> None:
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=kill_after_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def job_report(run: JobRun, argv: List[str]) -> str:
+    """What ``run`` prints when the command failed: cron mails it."""
+    import shlex
+
+    attempts = f", {run.attempts} attempts" if run.attempts > 1 else ""
+    code = "no exit code" if run.exit_code is None else f"exit {run.exit_code}"
+    lines = [f"run {run.job}: {run.outcome} ({code}) after {run.duration_s:.1f} s{attempts}",
+             f"command: {shlex.join(argv)}"]
+    if run.cut_bytes:
+        lines.append(f"[... {run.cut_bytes} earlier bytes of output cut; the last {len(run.output)} follow ...]")
+    text = run.output.decode("utf-8", "replace")
+    return "\n".join(lines) + ("\n" + text.rstrip("\n") if text.strip() else "") + "\n"
+
+
 ## CLI ########################################################################
 
 _EXIT_CODES_HELP = """exit codes:
@@ -4621,7 +5441,8 @@ _EXIT_CODES_HELP = """exit codes:
   1  runtime error, one line on stderr (-v adds the traceback); a bad configuration
   2  usage error: a bad option, argument or input value
   3  alert, alert-test: some channels failed
-  4  alert, alert-test: no channel delivered"""
+  4  alert, alert-test: no channel delivered
+  check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; run: the command's own code (124 on timeout)"""
 
 
 def load_config(path: str, required: bool = False):
@@ -4886,8 +5707,8 @@ def cmd_cleanup(args) -> int:
     elif not args.quiet:
         print(f"cleanup: rolled up {report['rolled_up_hours']} hours; deleted {report['deleted_samples']} raw samples "
               f"older than {horizons['retention_days']:g} days; folded {report['folded_hours']} hours into "
-              f"{report['daily_rollups']} days; deleted {report['deleted_days']} daily rollups and "
-              f"{report['deleted_retry_records']} retry records")
+              f"{report['daily_rollups']} days; deleted {report['deleted_days']} daily rollups, "
+              f"{report['deleted_retry_records']} retry records and {report['deleted_job_runs']} job runs")
     return EXIT_OK
 
 
@@ -5122,6 +5943,7 @@ def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
 def cmd_config(args) -> int:
     config = load_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
+    settings.problems.extend(check_problems(config))
     if not args.check:
         print("\n".join(effective_configuration(settings)))
     for line in settings.problem_lines():
@@ -5137,6 +5959,112 @@ def cmd_config(args) -> int:
         usable = sorted(name for name, spec in settings.channels.items() if spec.enabled and not spec.missing)
         print(f"configuration OK: {len(usable)} channel{'' if len(usable) == 1 else 's'} ({', '.join(usable)})")
     return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    """Exit with the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage or configuration error too)."""
+    try:
+        config = load_config(args.config_path, required=args.config_named)
+        collector = _open_collector(args, readonly=False)
+    except ConfigError as err:
+        return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
+    except StorageError as err:
+        return _check_failed("CRITICAL", f"database: {err}", args.json)
+    with contextlib.closing(collector):
+        try:
+            specs = check_specs(config, collector)
+        except ConfigError as err:
+            return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
+        unknown = sorted(set(args.only or ()) - {spec.name for spec in specs})
+        if unknown:
+            return _check_failed("UNKNOWN", f"no check named {', '.join(unknown)} "
+                                            f"(there are: {', '.join(spec.name for spec in specs)})", args.json)
+        specs = [spec for spec in specs if not args.only or spec.name in args.only]
+        now = _cli_clock()()
+        results = run_checks(specs, CheckContext(collector, now, args.deep))
+        _record_checks(collector, results, now)
+    if not args.no_alert:
+        _alert_checks(args, results)
+    state = worst_state(result.state for result in results)
+    if args.json:
+        _print_json({"state": state, "checks": [result.as_json() for result in results]})
+    else:
+        print("\n".join(plugin_output(results)))
+    return CHECK_STATES.index(state)
+
+
+def _check_failed(state: str, text: str, as_json: bool) -> int:
+    """``check`` could not run its checks: one line in the plugin format (or JSON), and the state's code."""
+    text = " ".join(text.split())
+    if as_json:
+        _print_json({"state": state, "checks": [], "error": text})
+    else:
+        print(f"METASYSTEM {state} - {text}")
+    return CHECK_STATES.index(state)
+
+
+def _record_checks(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
+    """Each result as metrics: check_state (0-3), check_value and check_duration, labelled check=NAME."""
+    samples = []
+    for result in results:
+        labels = {"check": result.name}
+        samples.append(Sample("check_state", float(CHECK_STATES.index(result.state)), labels, now))
+        samples.append(Sample("check_duration", result.duration_s, labels, now))
+        if result.value is not None and math.isfinite(result.value):
+            samples.append(Sample("check_value", float(result.value), labels, now))
+    try:
+        collector.record_many(samples)
+    except StorageError as err:  # the verdict still goes out
+        log.error("%s: the check results were not recorded", err)
+
+
+def _alert_checks(args, results: List[CheckResult]) -> None:
+    """Fire each check that is not OK (key: its name) and resolve each that is, as one run."""
+    try:
+        with contextlib.closing(_alerting(args)) as system, system.batch():
+            for result in results:
+                if result.state == "OK":
+                    system.resolve(result.name, result.summary)
+                else:
+                    severity = "critical" if result.state == "CRITICAL" else "warning"
+                    system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}", severity)
+    except MonitorError as err:  # a broken alert configuration must not hide the checks' verdict
+        log.error("alerts not sent: %s", err)
+
+
+def cmd_run(args) -> int:
+    """The command's own exit code (124 on timeout, 75 when the breaker is open); silent on success."""
+    argv = list(args.command)
+    if not argv:
+        raise ValidationError("run needs a command: run NAME [options] -- COMMAND [ARG]...")
+    timeout_s = parse_duration_s(args.timeout) if args.timeout else None
+    kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
+    with contextlib.closing(_open_collector(args, readonly=False)) as collector:
+        breaker = CircuitBreaker(args.breaker, collector=collector, now=_cli_clock()) if args.breaker else None
+        run = JobRunner(collector, now=_cli_clock()).run(args.name, argv, timeout_s=timeout_s, retries=args.retries,
+                                                         lock=args.lock, kill_after_s=kill_after_s, breaker=breaker)
+    if run.outcome == "skipped":
+        log.warning("run %s: skipped: another run of it still holds its lock", run.job)
+        return EXIT_OK
+    if run.outcome != "success":
+        sys.stdout.write(job_report(run, argv))
+        sys.stdout.flush()
+    _alert_job(args, run, argv)
+    if run.outcome == "breaker_open":
+        return EXIT_TEMPFAIL
+    return run.exit_code
+
+
+def _alert_job(args, run: JobRun, argv: List[str]) -> None:
+    try:
+        with contextlib.closing(_alerting(args)) as system:
+            if run.outcome == "success":
+                # A job's next success ends its failure: one passing run, not resolve_after.
+                system.resolve(f"job {run.job}", f"exit 0 in {format_span(run.duration_s)}", after=1)
+            else:
+                system.fire(f"job {run.job}", f"job {run.job} failed", job_report(run, argv)[:2000], "critical")
+    except MonitorError as err:  # the job ran; a broken alert configuration is reported, not fatal
+        log.error("alerts not sent: %s", err)
 
 
 def _hours(text: str) -> float:
@@ -5298,6 +6226,28 @@ def _args_config(sub) -> None:
                      help="list every problem with its section and key; exit 1 if there is one")
 
 
+def _args_check(sub) -> None:
+    sub.add_argument("--only", action="append", metavar="NAME", help="run only this check (repeatable)")
+    sub.add_argument("--deep", action="store_true", help="the database check runs integrity_check (slow)")
+    sub.add_argument("--no-alert", action="store_true", help="report only: fire and resolve no alert")
+    _add_json(sub)
+
+
+def _args_run(sub) -> None:
+    sub.usage = f"{PROG} run NAME [options] -- COMMAND [ARG]..."
+    sub.add_argument("name", metavar="NAME", help="the job's name: its metrics, lock, alert and check")
+    sub.add_argument("--timeout", metavar="DURATION", help="stop the whole process group after this long (exit 124)")
+    sub.add_argument("--kill-after", metavar="DURATION",
+                     help=f"after the timeout's SIGTERM, SIGKILL this much later (default {DEFAULT_KILL_AFTER_S:g}s)")
+    sub.add_argument("--retries", type=int, default=0, metavar="N",
+                     help="run again up to N times after exit 75 (EX_TEMPFAIL) or a timeout, with backoff")
+    sub.add_argument("--lock", action="store_true", help="skip this run while another run of NAME is alive")
+    sub.add_argument("--quiet-on-success", action="store_true",
+                     help="print nothing when the command succeeds (what run always does, as chronic)")
+    sub.add_argument("--breaker", metavar="BREAKER", help="fail fast (exit 75) while this circuit breaker is open")
+    sub.set_defaults(command=[])  # what follows '--': main() takes it off before argparse sees it
+
+
 def _add_hours(sub) -> None:
     sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
 
@@ -5341,6 +6291,12 @@ _COMMANDS = (
      f"  {PROG} alert --warning 'Disk almost full' --channel slack --dry-run\n"
      f"  {PROG} alert --critical 'Backup is stale' --key backup     # each failing run; notifies on change\n"
      f"  {PROG} alert --resolve backup                             # each passing run", _args_alert),
+    ("check", cmd_check, "run the health checks; Monitoring Plugins output, exit 0 OK 1 WARNING 2 CRITICAL 3 UNKNOWN",
+     f"  {PROG} check\n  */5 * * * *  {PROG} check > /dev/null     # alerts by itself; cron mails only errors\n"
+     f"  {PROG} check --only disk --json", _args_check),
+    ("run", cmd_run, "run a cron job: silent on success, a report and an alert on failure",
+     f"  17 3 * * *  {PROG} run backup --timeout 2h --lock -- rsync -a /home /mnt/backup\n"
+     f"  {PROG} run fetch --retries 3 --breaker fetch -- ./fetch.sh", _args_run),
     ("silence", cmd_silence, "mute matching alerts for a while (maintenance), list or remove silences",
      f"  {PROG} silence add --match backup --for 2h --comment 'moving the NAS'\n"
      f"  {PROG} silence list\n  {PROG} silence remove 3", _args_silence),
@@ -5425,11 +6381,18 @@ def _stderr_logging(verbosity: int, quiet: bool) -> Iterator[None]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code instead of exiting."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_of(argv))
+    command = _command_of(argv)
+    job_argv = None
+    if command == "run" and "--" in argv:  # everything after it is the job's own command line
+        cut = argv.index("--")
+        argv, job_argv = argv[:cut], argv[cut + 1:]
+    parser = build_parser(command)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+    if job_argv is not None:
+        args.command = job_argv
     args.db_path = resolve_db_path(args.db)
     args.config_path = resolve_config_path(args.config)
     args.config_named = bool(args.config or os.environ.get("METASYSTEM_CONFIG"))

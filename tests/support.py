@@ -131,6 +131,16 @@ class StoreTestCase(unittest.TestCase):
             self.skipTest("running as root where unshare -m is not permitted")
         return self.run_cli(*args, prefix=(unshare, "-m", "sh", "-c", _READONLY_MOUNT, "sh", folder))
 
+    def write_script(self, name, body):
+        """An executable Python script in the test's folder (os, signal, sys and time imported); its path."""
+        import stat
+
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(f"#!{sys.executable}\nimport os, signal, sys, time\n{body}\n")
+        os.chmod(path, stat.S_IRWXU)
+        return path
+
     def assertCleanExit(self, result, code=0, stdout=b""):
         """Exit code and exact stdout, and nothing on stderr."""
         self.assertEqual((result.returncode, result.stderr.decode()), (code, ""))
@@ -154,6 +164,13 @@ def _restore_environ(saved):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def reap(process):
+    """Kill a test's child process if it still runs, and wait for it (bounded)."""
+    if process.poll() is None:
+        process.kill()
+    process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
 
 
 def sqlite_rows(path, sql, params=()):

@@ -244,8 +244,8 @@ class EmailByCommand(AlertTestCase):
         self.record = os.path.join(self.tmp, "fake-mail.json")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(f"#!{sys.executable}\nimport json, sys\n"
-                         f"json.dump({{'argv': sys.argv[1:], 'stdin': sys.stdin.buffer.read().decode()}}, "
-                         f"open({self.record!r}, 'w'))\n")
+                         f"with open({self.record!r}, 'w') as record:\n"
+                         f"    json.dump({{'argv': sys.argv[1:], 'stdin': sys.stdin.buffer.read().decode()}}, record)\n")
         os.chmod(path, stat.S_IRWXU)
         saved = os.environ["PATH"]
         self.addCleanup(os.environ.__setitem__, "PATH", saved)

@@ -245,8 +245,9 @@ class ConfigCommand(AlertTestCase):
         for plain, secrets, _ in mm.CHANNEL_KEYS.values():
             expected |= set(plain) | set(secrets)
             expected |= {f"{key}{suffix}" for key in secrets for suffix in ("_env", "_file")} & written
+        expected |= set(mm.CHECK_COMMON_KEYS) | {key for keys in mm.CHECK_KEYS.values() for key in keys}
         self.assertEqual(expected - written, set())
-        self.assertEqual({kind for kind in mm.CHANNEL_TYPES if f"type = {kind}\n" not in text}, set())
+        self.assertEqual({kind for kind in mm.CHANNEL_TYPES + mm.CHECK_TYPES if f"type = {kind}\n" not in text}, set())
 
 
 class SecretsNeverShow(AlertTestCase):

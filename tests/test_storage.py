@@ -11,7 +11,7 @@ import unittest
 
 import metasystem_monitor as mm
 
-from .support import REPO, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes, sqlite_rows
+from .support import REPO, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes, reap, sqlite_rows
 
 
 class StoreFilesTest(StoreTestCase):
@@ -146,7 +146,7 @@ class StoreVersionsTest(StoreTestCase):
         self.assertEqual(tables, {"series", "samples", "rollups", "meta", "retry_attempts", "retry_calls",
                                   "retry_budget", "breakers", "breaker_failures", "breaker_transitions",
                                   "alerts", "alert_deliveries", "alert_marks", "alert_states",
-                                  "alert_channel_states", "alert_held", "silences"})
+                                  "alert_channel_states", "alert_held", "silences", "job_runs"})
 
     def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(self):
         conn = sqlite3.connect(self.db)
@@ -233,7 +233,7 @@ class ConcurrentWritersTest(StoreTestCase):
             for argv in argvs
         ]
         for proc in procs:
-            self.addCleanup(_reap, proc)
+            self.addCleanup(reap, proc)
         return procs
 
     def run_writers(self, script, samples):
@@ -308,12 +308,6 @@ class KilledWriterTest(StoreTestCase):
                 self.assertEqual(confirmed - stored, set())
         # Each round restarts at 0, at the same instants: both samples of an instant are kept.
         self.assertEqual(sqlite_rows(self.db, "SELECT max(seq) >= 1 FROM samples WHERE value = 0"), [(1,)])
-
-
-def _reap(proc):
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,241 @@
+"""check: thresholds, perfdata, the default and configured checks, exit codes, alerts across runs."""
+
+import json
+import os
+import re
+import unittest
+
+import metasystem_monitor as mm
+
+from .servers import HTTPServer
+from .support import AlertTestCase, sqlite_rows
+
+T0 = 1_800_000_000.0
+
+# The Monitoring Plugins guidelines' first line: "SERVICE STATE - text | 'label'=value[UOM];[warn];[crit];[min];[max]"
+PERF_ITEM = r"('([^']|'')+'|[^=' ]+)=-?[0-9.]+(e[+-]?[0-9]+)?([a-zA-Z%]*)(;[^; ]*){0,4}"
+FIRST_LINE = re.compile(rf"^METASYSTEM (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+( \| {PERF_ITEM}( {PERF_ITEM})*)?$")
+
+
+class Thresholds(unittest.TestCase):
+    def test_each_form_and_its_edges(self):
+        cases = {
+            "10": [(-0.1, True), (0, False), (10, False), (10.001, True)],
+            "10:": [(9.99, True), (10, False), (1e300, False)],
+            "~:10": [(-1e300, False), (10, False), (10.01, True)],
+            "10:20": [(9.9, True), (10, False), (20, False), (20.1, True)],
+            "@10:20": [(9.9, False), (10, True), (15, True), (20, True), (20.1, False)],
+        }
+        for text, expectations in cases.items():
+            threshold = mm.parse_threshold(text)
+            for value, alerts in expectations:
+                with self.subTest(range=text, value=value):
+                    self.assertEqual(threshold.alerts(value), alerts)
+
+    def test_units(self):
+        self.assertEqual(mm.parse_threshold("5GB:")[:4], (5e9, float("inf"), False, "B"))
+        self.assertEqual(mm.parse_threshold("1.5KiB")[:4], (0, 1536, False, "B"))
+        self.assertEqual(mm.parse_threshold("90%")[:4], (0, 90, False, "%"))
+        self.assertEqual(mm.parse_threshold("~:24h")[:4], (float("-inf"), 86400, False, "s"))
+        self.assertEqual(mm.parse_threshold("@5m:2h")[:4], (300, 7200, True, "s"))
+        self.assertEqual([t.unit for t in mm.parse_thresholds("10GB:, 10%:")], ["B", "%"])
+
+    def test_bad_ranges_are_refused(self):
+        for text in ("20:10", "abc", "10XB:", "5GB:10%", ":", "@"):
+            with self.subTest(text=text), self.assertRaises(mm.ValidationError):
+                mm.parse_threshold(text)
+
+    def test_perfdata_items(self):
+        warning, critical = mm.parse_thresholds("10GB:"), mm.parse_thresholds("5GB:")
+        self.assertEqual(mm.perfdata_item("disk free", 5e9, "B", warning, critical, 0, 1e12),
+                         "'disk free'=5000000000B;10000000000:;5000000000:;0;1000000000000")
+        self.assertEqual(mm.perfdata_item("it's", 0.25), "'it''s'=0.25")
+        self.assertEqual(mm.perfdata_item("age", 90, "s", mm.parse_thresholds("~:1h"), mm.parse_thresholds("@1:2")),
+                         "'age'=90s;~:3600")
+        self.assertEqual(mm.perfdata_item("n", 3, "", mm.parse_thresholds("@1:2"), mm.parse_thresholds("5")),
+                         "'n'=3;@1:2;5")
+
+
+class CheckCommand(AlertTestCase):
+    def check(self, *args, when=T0, config=None):
+        if config is not None:
+            self.write_config(config)
+        return self.run_cli("check", "--no-alert", *args, env=self.cli_env(METASYSTEM_NOW=repr(when), TZ="UTC"))
+
+    def record(self, name, value, ts, **labels):
+        with mm.MetricsCollector(self.db, now=lambda: ts) as collector:
+            collector.record(name, value, labels=labels or None, timestamp=ts)
+
+    def assertPluginOutput(self, result, code, lines):
+        """Exit code, the first line against the guidelines' grammar, then the check lines exactly."""
+        out = result.stdout.decode().splitlines()
+        self.assertEqual(result.returncode, code, result.stdout + result.stderr)
+        self.assertRegex(out[0], FIRST_LINE)
+        self.assertEqual(out[1:], lines)
+        return out[0]
+
+    def test_the_defaults_on_a_fresh_machine(self):
+        self.write_config("")
+        result = self.check()
+        out = result.stdout.decode().splitlines()
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertRegex(out[0], FIRST_LINE)
+        self.assertTrue(out[0].startswith("METASYSTEM OK - 3 checks OK | 'disk_free'="), out[0])
+        self.assertRegex(out[1], r"^OK disk: [0-9.]+ [KMGT]?B free of [0-9.]+ [KMGT]?B \([0-9.]+%\) on "
+                         + re.escape(self.tmp))
+        self.assertRegex(out[2], r"^OK database: quick_check ok, [0-9.]+ [KMG]?B, WAL [0-9.]+ [KMG]?B$")
+        self.assertEqual(out[3:], ["OK circuit_breaker: no circuit breaker is open"])
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM samples JOIN series ON id = series_id "
+                                              "WHERE name = 'check_state'"), [(3,)])
+
+    def test_sync_recency_with_an_injected_clock(self):
+        self.write_config("")
+        self.record("sync_icloud_success", 2.5, T0, target="icloud")
+        self.record("sync_external_failure", 30, T0, target="external")
+        expectations = [
+            (T0 + 23 * 3600, 2, "OK", "last success 23h ago"),
+            (T0 + 25 * 3600, 2, "WARNING", "last success 1d 1h ago"),
+            (T0 + 49 * 3600, 2, "CRITICAL", "last success 2d 1h ago"),
+        ]
+        for when, _, state, text in expectations:
+            with self.subTest(state=state):
+                result = self.check("--only", "sync_recency_icloud", "--only", "sync_recency_external", when=when)
+                self.assertPluginOutput(result, 2, [
+                    "CRITICAL sync_recency_external: external: no success recorded, only failures",
+                    f"{state} sync_recency_icloud: icloud: {text} ({mm.iso_time(T0)})"])
+        future = self.check("--only", "sync_recency_icloud", when=T0 - 3600)
+        self.assertPluginOutput(future, 3, [
+            f"UNKNOWN sync_recency_icloud: icloud: the last success is in the future ({mm.iso_time(T0)})"])
+
+    def test_file_age_and_a_missing_file(self):
+        path = os.path.join(self.tmp, "backup.done")
+        open(path, "w").close()
+        os.utime(path, (T0 - 5400, T0 - 5400))
+        config = (f"[check:backup]\ntype = file_age\npath = {path}\nwarning = ~:1h\ncritical = ~:2h\n\n"
+                  f"[check:gone]\ntype = file_age\npath = {path}.missing\n")
+        result = self.check(config=config)
+        first = self.assertPluginOutput(result, 2, [f"WARNING backup: {path} modified 1h 30m ago",
+                                                    f"CRITICAL gone: {path}.missing does not exist"])
+        self.assertEqual(first, f"METASYSTEM CRITICAL - backup WARNING: {path} modified 1h 30m ago; gone CRITICAL: "
+                                f"{path}.missing does not exist | 'backup_age'=5400s;~:3600;~:7200;0")
+
+    def test_a_command_check_takes_the_plugins_state_line_and_perfdata(self):
+        for code, state in enumerate(mm.CHECK_STATES):
+            with self.subTest(state=state):
+                plugin = self.write_script("plugin", f"print('DISK {state} - 42% used | used=42%;80;90;0;100 "
+                                                     f"inodes=7')\nprint('more text')\nsys.exit({code})")
+                result = self.check(config=f"[check:disk2]\ntype = command\ncommand = {plugin} --flag 'a b'\n")
+                first = self.assertPluginOutput(result, code, [f"{state} disk2: DISK {state} - 42% used"])
+                self.assertTrue(first.endswith(" | used=42%;80;90;0;100 inodes=7"), first)
+        plugin = self.write_script("plugin4", "sys.exit(4)")
+        result = self.check(config=f"[check:odd]\ntype = command\ncommand = {plugin}\n")
+        self.assertPluginOutput(result, 3, ["UNKNOWN odd: plugin4 exited with 4"])
+
+    def test_a_hanging_check_is_killed_at_its_timeout_while_the_others_report(self):
+        hang = self.write_script("hang", "time.sleep(60)")
+        ok = self.write_script("ok", "print('FINE - yes')")
+        result = self.check(config=f"[check:hang]\ntype = command\ncommand = {hang}\ntimeout = 0.3s\n\n"
+                                   f"[check:ok]\ntype = command\ncommand = {ok}\n")
+        self.assertPluginOutput(result, 3, ["UNKNOWN hang: hang did not finish in 0.3 s", "OK ok: FINE - yes"])
+
+    def test_json_has_every_check_with_state_value_thresholds_and_duration(self):
+        self.record("queue_length", 12, T0)
+        result = self.check("--json", when=T0 + 60, config="[check:queue]\ntype = metric\nmetric = queue_length\n"
+                                                            "warning = 10\ncritical = 20\n")
+        document = json.loads(result.stdout)
+        self.assertEqual(result.returncode, 1)
+        [check] = document["checks"]
+        self.assertEqual({k: v for k, v in check.items() if k != "duration_s"},
+                         {"name": "queue", "state": "WARNING", "summary": "queue_length latest 12 over 24 h",
+                          "value": 12.0, "unit": "", "warning": "10", "critical": "20"})
+        self.assertEqual(document["state"], "WARNING")
+        self.assertGreaterEqual(check["duration_s"], 0)
+
+    def test_a_check_that_raises_is_unknown_in_one_line(self):
+        result = self.check(config="[check:missing]\ntype = disk\npath = /no/such/folder\n")
+        self.assertPluginOutput(result, 3, ["UNKNOWN missing: FileNotFoundError: [Errno 2] No such file or "
+                                            "directory: '/no/such/folder'"])
+
+    def test_a_bad_configuration_is_unknown_exit_3(self):
+        result = self.check(config="[check:x]\ntype = disk\nwarning = 20:10\n")
+        self.assertEqual(result.returncode, 3)
+        self.assertEqual(result.stdout.decode(), "METASYSTEM UNKNOWN - configuration: [check:x] warning: '20:10' is "
+                                                 "not a range such as 10, 10:, ~:10, 10:20 or @10:20\n")
+
+    def test_config_check_lists_the_problems_of_check_sections(self):
+        self.write_config("[check:x]\ntype = disk\nwarning = 20:10\nbogus = 1\n\n[check:y]\ntype = job\n"
+                          "expected_every = often\n\n[check:z]\ntype = nope\n")
+        result = self.run_cli("config", "--check", env=self.cli_env())
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            f"{self.config_path}: [check:x] bogus: unknown key for a disk check",
+            f"{self.config_path}: [check:x] warning: '20:10' is not a range such as 10, 10:, ~:10, 10:20 or @10:20",
+            f"{self.config_path}: [check:y] job: required for a job check",
+            f"{self.config_path}: [check:y] expected_every: 'often' is not a duration such as 90s, 5m, 2h or 7d",
+            f"{self.config_path}: [check:z] type: 'nope' is not one of anomaly, circuit_breaker, command, database, "
+            "disk, file_age, job, metric, sync_recency",
+        ])
+
+    def test_deep_runs_integrity_check(self):
+        self.write_config("")
+        result = self.check("--only", "database", "--deep")
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout.decode().splitlines()[1], r"^OK database: integrity_check ok, ")
+
+    def test_a_store_that_is_not_a_database_is_critical_and_untouched(self):
+        self.write_config("")
+        with open(self.db, "wb") as handle:
+            handle.write(b"garbage" * 100)
+        result = self.check()
+        self.assertEqual((result.returncode, result.stdout.decode()),
+                         (2, f"METASYSTEM CRITICAL - database: store {self.db} is not a SQLite database\n"))
+        with open(self.db, "rb") as handle:
+            self.assertEqual(handle.read(), b"garbage" * 100)
+
+    def test_an_open_breaker_is_warning_and_critical_after_an_hour(self):
+        self.write_config("")
+        with mm.MetricsCollector(self.db, now=lambda: T0) as collector:
+            breaker = mm.CircuitBreaker("nas", failure_threshold=1, collector=collector, now=lambda: T0)
+            with self.assertRaises(OSError):
+                breaker.call(self._fail)
+        soon = self.check("--only", "circuit_breaker", when=T0 + 60)
+        later = self.check("--only", "circuit_breaker", when=T0 + 3700)
+        self.assertPluginOutput(soon, 1, ["WARNING circuit_breaker: open: nas (open 1m)"])
+        self.assertPluginOutput(later, 2, ["CRITICAL circuit_breaker: open: nas (open 1h 1m)"])
+
+    @staticmethod
+    def _fail():
+        raise OSError("nas unreachable")
+
+    def test_the_anomaly_check_scores_the_latest_sample(self):
+        with mm.MetricsCollector(self.db, now=lambda: T0) as collector:
+            collector.record_many([("backup_seconds", 100 + (i % 5), None, T0 - 3600 + 60 * i) for i in range(40)])
+            collector.record("backup_seconds", 400, timestamp=T0)
+        result = self.check(when=T0 + 1, config="[check:backup_time]\ntype = anomaly\nmetric = backup_seconds\n")
+        out = self.assertPluginOutput(result, 2, [result.stdout.decode().splitlines()[1]])
+        self.assertTrue(result.stdout.decode().splitlines()[1].startswith(
+            "CRITICAL backup_time: backup_seconds latest 400: "), out)
+
+
+class ChecksFireAndResolve(AlertTestCase):
+    def test_alerts_fired_and_resolved_across_separate_runs(self):
+        path = os.path.join(self.tmp, "heartbeat")
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
+                              f"[check:heartbeat]\ntype = file_age\npath = {path}\ncritical = ~:10m\n")
+            env = self.cli_env(METASYSTEM_NOW=repr(T0), TZ="UTC")
+            first = self.run_cli("check", env=env)
+            again = self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(T0 + 300)))
+            open(path, "w").close()
+            os.utime(path, (T0 + 550, T0 + 550))
+            passes = [self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(T0 + 600 + 300 * n)))
+                      for n in range(2)]
+        self.assertEqual([r.returncode for r in (first, again, *passes)], [2, 2, 0, 0])
+        payloads = [r.json() for r in hook.requests]
+        self.assertEqual([(p["kind"], p["title"], p["severity"]) for p in payloads],
+                         [("firing", "check heartbeat", "critical"), ("resolved", "check heartbeat", "critical")])
+        self.assertEqual(payloads[0]["message"], f"CRITICAL: {path} does not exist")
+
+
+if __name__ == "__main__":
+    unittest.main()
