@@ -1604,10 +1604,11 @@ class MetricsCollector:
             )
         report["deleted_retry_records"] = self._delete_retry_records(now - retention_days * DAY_S)
         report["deleted_job_runs"] = self._delete_job_runs(now - retention_days * DAY_S)
+        report["deleted_alerts"] = self._delete_alert_history(now - retention_days * DAY_S)
         with self.store.write() as conn:
             _set_meta(conn, "last_cleanup", now)
         if any(report[key] for key in ("deleted_samples", "folded_hours", "deleted_days", "deleted_retry_records",
-                                       "deleted_job_runs")):
+                                       "deleted_job_runs", "deleted_alerts")):
             self.store.reclaim_space()
         return report
 
@@ -1627,6 +1628,24 @@ class MetricsCollector:
             return 0  # idle: no write lock taken
         with self.store.write() as conn:
             return conn.execute(f"DELETE {expired}", (cutoff,)).rowcount
+
+    def _delete_alert_history(self, cutoff: float) -> int:
+        """History rows (alerts and their deliveries) older than the raw retention, in batches.
+
+        Only the history: what fires now, its channels' last deliveries and the
+        dedup marks live in other tables and are kept.
+        """
+        deleted = 0
+        while True:
+            ids = [row[0] for row in self.store.query("SELECT id FROM alerts WHERE ts < ? ORDER BY id LIMIT ?",
+                                                      (cutoff, CLEANUP_BATCH_ROWS))]
+            if not ids:
+                return deleted
+            with self.store.write() as conn:
+                conn.execute("DELETE FROM alert_deliveries WHERE alert_id BETWEEN ? AND ? AND alert_id IN "
+                             "(SELECT id FROM alerts WHERE ts < ?)", (ids[0], ids[-1], cutoff))
+                deleted += conn.execute("DELETE FROM alerts WHERE id BETWEEN ? AND ? AND ts < ?",
+                                        (ids[0], ids[-1], cutoff)).rowcount
 
     def cleanup_old_metrics(self, days: Optional[float] = None) -> int:
         """The original design's cleanup: ``cleanup()``, returning how many raw samples were deleted."""
@@ -5708,7 +5727,8 @@ def cmd_cleanup(args) -> int:
         print(f"cleanup: rolled up {report['rolled_up_hours']} hours; deleted {report['deleted_samples']} raw samples "
               f"older than {horizons['retention_days']:g} days; folded {report['folded_hours']} hours into "
               f"{report['daily_rollups']} days; deleted {report['deleted_days']} daily rollups, "
-              f"{report['deleted_retry_records']} retry records and {report['deleted_job_runs']} job runs")
+              f"{report['deleted_retry_records']} retry records, {report['deleted_job_runs']} job runs and "
+              f"{report['deleted_alerts']} alerts of the history")
     return EXIT_OK
 
 

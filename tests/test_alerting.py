@@ -103,6 +103,23 @@ class OriginalDesignExamples(AlertTestCase):
         self.assertEqual([h["title"] for h in alerts.get_alert_history(hours=24)], ["Two"])
 
 
+class HistoryRetention(AlertTestCase):
+    def test_cleanup_drops_history_past_the_retention_and_keeps_what_fires(self):
+        with HTTPServer() as hook:
+            alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            alerts.send_critical_alert("Old one")
+            alerts.fire("disk", "Disk full", severity="critical")
+            self.clock.advance(31 * 86400)
+            alerts.send_warning_alert("Recent one")
+        with mm.MetricsCollector(self.db, now=self.clock.time) as collector:
+            self.assertEqual(collector.cleanup()["deleted_alerts"], 2)
+        self.assertEqual(sqlite_rows(self.db, "SELECT title FROM alerts"), [("Recent one",)])
+        self.assertEqual(sqlite_rows(self.db, "SELECT DISTINCT a.title FROM alert_deliveries d "
+                                              "JOIN alerts a ON a.id = d.alert_id"), [("Recent one",)])
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM alert_deliveries"), [(2,)])
+        self.assertEqual(sqlite_rows(self.db, "SELECT key, state FROM alert_states"), [("disk", "firing")])
+
+
 class MissingConfiguration(AlertTestCase):
     def test_no_file_at_all_still_works_through_the_log(self):
         alerts = mm.AlertingSystem(os.path.join(self.tmp, "absent.ini"), db_path=self.db, now=self.clock.time,

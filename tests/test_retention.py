@@ -71,7 +71,8 @@ class FoldingTest(StoreTestCase):
         self.metrics.store.connection.set_trace_callback(traced.append)
         self.assertEqual(self.metrics.cleanup(), {"rolled_up_hours": 0, "deleted_samples": 0, "folded_hours": 0,
                                                   "daily_rollups": 0, "deleted_days": 0,
-                                                  "deleted_retry_records": 0, "deleted_job_runs": 0})
+                                                  "deleted_retry_records": 0, "deleted_job_runs": 0,
+                                                  "deleted_alerts": 0})
         self.assertEqual(table_rows(self.metrics.store), before)
         writes = [sql for sql in traced if sql.split()[0] in ("INSERT", "UPDATE", "DELETE")]
         self.assertEqual(len(writes), 1)  # when the last cleanup ran, and nothing else
@@ -103,13 +104,15 @@ class CleanupCommandTest(StoreTestCase):
             metrics.record_many([("m", float(i), None, old + i) for i in range(100)])
         result = self.run_cli("--db", self.db, "cleanup")
         self.assertCleanExit(result, stdout="cleanup: rolled up 1 hours; deleted 100 raw samples older than 30 days; "
-                                            "folded 0 hours into 0 days; deleted 0 daily rollups, 0 retry records and 0 job runs\n")
+                                            "folded 0 hours into 0 days; deleted 0 daily rollups, 0 retry records, 0 job runs and "
+                                            "0 alerts of the history\n")
         result = self.run_cli("--db", self.db, "cleanup", "--json")
         self.assertCleanExit(result, stdout=None)
         self.assertEqual(json.loads(result.stdout), {
             "rolled_up_hours": 0, "deleted_samples": 0, "folded_hours": 0, "daily_rollups": 0, "deleted_days": 0,
             "deleted_retry_records": 0,
             "deleted_job_runs": 0,
+            "deleted_alerts": 0,
             "retention_days": 30.0, "rollup_hourly_days": 365.0, "rollup_daily_days": 0.0,
         })
         self.assertCleanExit(self.run_cli("--db", self.db, "-q", "cleanup"))
