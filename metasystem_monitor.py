@@ -4689,6 +4689,11 @@ CHECK_KEYS = {  # the keys each type takes besides CHECK_COMMON_KEYS; the first,
     "file_age": ("path",), "metric": ("metric", "hours", "statistic"), "anomaly": ("metric", "hours"),
     "job": ("job", "expected_every", "max_duration", "min_duration"), "command": ("command",),
 }
+# The units a threshold of each type may carry; a number without a unit is in the check's own unit.
+PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
+ANY_UNIT = ("", "B", "%", "s")
+CHECK_UNITS = {"disk": ("B", "%", ""), "sync_recency": SECONDS, "file_age": SECONDS, "metric": ANY_UNIT,
+               "anomaly": PLAIN, "database": (), "circuit_breaker": (), "job": (), "command": ()}
 CHECK_REQUIRED_KEYS = {"sync_recency": "target", "file_age": "path", "metric": "metric", "anomaly": "metric",
                        "job": "job", "command": "command"}
 CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout")
@@ -4721,6 +4726,9 @@ class Threshold(NamedTuple):
         return within if self.inside else not within
 
 
+_NOT_A_RANGE = "is not a range such as 10, 10:, ~:10, 10:20 or @10:20"
+
+
 def parse_threshold(text: str) -> Threshold:
     """``10``, ``10:``, ``~:10``, ``10:20`` or ``@10:20``; each number may carry a unit: ``5GB``, ``90%``, ``24h``.
 
@@ -4732,14 +4740,14 @@ def parse_threshold(text: str) -> Threshold:
     body = spec[1:] if inside else spec
     low_text, sep, high_text = body.partition(":")
     if not low_text.strip() and not high_text.strip():
-        raise ValidationError(f"{_shown(text)} is not a range such as 10, 10:, ~:10, 10:20 or @10:20")
+        raise ValidationError(f"{_shown(text)} {_NOT_A_RANGE}")
     if not sep:
         low_text, high_text = "0", body
     units = set()
     low = -math.inf if low_text == "~" else _threshold_number(low_text or "0", units, text)
     high = math.inf if not high_text and sep else _threshold_number(high_text, units, text)
     if len(units - {""}) > 1 or low > high:
-        raise ValidationError(f"{_shown(text)} is not a range such as 10, 10:, ~:10, 10:20 or @10:20")
+        raise ValidationError(f"{_shown(text)} {_NOT_A_RANGE}")
     return Threshold(low, high, inside, max(units, key=len) if units else "", spec)
 
 
@@ -4750,7 +4758,7 @@ def _threshold_number(text: str, units: set, whole: str) -> float:
     try:
         value = float(number)
     except ValueError:
-        raise ValidationError(f"{_shown(whole)} is not a range such as 10, 10:, ~:10, 10:20 or @10:20") from None
+        raise ValidationError(f"{_shown(whole)} {_NOT_A_RANGE}") from None
     if unit in SIZE_UNITS:
         units.add("B")
         return value * SIZE_UNITS[unit]
@@ -4790,11 +4798,11 @@ class CheckResult(NamedTuple):
                 "duration_s": round(self.duration_s, 3)}
 
 
-def judge(value: float, unit: str, warning: List[Threshold], critical: List[Threshold]) -> str:
-    """CRITICAL if a critical range of this unit alerts, else WARNING if a warning one does, else OK."""
-    if any(t.alerts(value) for t in critical if t.unit == unit):
+def judge(value: float, units: Tuple[str, ...], warning: List[Threshold], critical: List[Threshold]) -> str:
+    """CRITICAL if a critical range in one of ``units`` alerts, else WARNING if a warning one does, else OK."""
+    if any(t.alerts(value) for t in critical if t.unit in units):
         return "CRITICAL"
-    if any(t.alerts(value) for t in warning if t.unit == unit):
+    if any(t.alerts(value) for t in warning if t.unit in units):
         return "WARNING"
     return "OK"
 
@@ -4805,10 +4813,11 @@ def worst_state(states: Iterable[str]) -> str:
 
 def perfdata_item(label: str, value: float, unit: str = "", warning: Iterable[Threshold] = (),
                   critical: Iterable[Threshold] = (), minimum: Optional[float] = None,
-                  maximum: Optional[float] = None) -> str:
-    """``'label'=value[UOM];[warn];[crit];[min];[max]``, the label quoted, thresholds of the same unit."""
+                  maximum: Optional[float] = None, units: Optional[Tuple[str, ...]] = None) -> str:
+    """``'label'=value[UOM];[warn];[crit];[min];[max]``, the label quoted; the first threshold in one of
+    ``units`` (default: the value's unit) is shown."""
     def ranges(thresholds: Iterable[Threshold]) -> str:
-        found = [t for t in thresholds if t.unit == unit]
+        found = [t for t in thresholds if t.unit in (units or (unit,))]
         return _range_text(found[0]) if found else ""
 
     quoted = "'" + label.replace("'", "''") + "'"
@@ -4874,15 +4883,29 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
             if key not in CHECK_COMMON_KEYS and key not in CHECK_KEYS[kind]:
                 problems.append((section, key, f"unknown key for a {kind} check"))
         for key in ("warning", "critical"):
-            try:
-                parse_thresholds(items.get(key))
-            except ValidationError as err:
-                problems.append((section, key, str(err)))
+            problems += _threshold_problems(section, kind, key, items.get(key))
         required = CHECK_REQUIRED_KEYS.get(kind)
         if required and not items.get(required, "").strip():
             problems.append((section, required, f"required for a {kind} check"))
         problems += _check_value_problems(section, kind, items)
     return problems
+
+
+def _threshold_problems(section: str, kind: str, key: str, text: Optional[str]) -> List[Tuple[str, str, str]]:
+    if text is None:
+        return []
+    if not CHECK_UNITS[kind]:
+        return [(section, key, f"a {kind} check takes no thresholds")]
+    try:
+        thresholds = parse_thresholds(text)
+    except ValidationError as err:
+        return [(section, key, str(err))]
+    wrong = [t.text for t in thresholds if t.unit not in CHECK_UNITS[kind]]
+    if wrong:
+        units = {"B": "bytes", "%": "percent", "s": "durations", "": "plain numbers"}
+        allowed = ", ".join(units[unit] for unit in CHECK_UNITS[kind])
+        return [(section, key, f"{_shown(', '.join(wrong))}: a {kind} check compares {allowed}")]
+    return []
 
 
 def _check_value_problems(section: str, kind: str, items: Dict[str, str]) -> List[Tuple[str, str, str]]:
@@ -5006,10 +5029,10 @@ def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     stats = os.statvfs(path)
     free, total = stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
     percent = 100.0 * free / total if total else 0.0
-    state = worst_state([judge(free, "B", spec.warning, spec.critical),
-                         judge(percent, "%", spec.warning, spec.critical)])
+    state = worst_state([judge(free, BYTES, spec.warning, spec.critical),
+                         judge(percent, PERCENT, spec.warning, spec.critical)])
     summary = f"{format_bytes(free)} free of {format_bytes(total)} ({percent:.1f}%) on {path}"
-    perf = (perfdata_item(f"{spec.name}_free", free, "B", spec.warning, spec.critical, 0, total),
+    perf = (perfdata_item(f"{spec.name}_free", free, "B", spec.warning, spec.critical, 0, total, BYTES),
             perfdata_item(f"{spec.name}_free_percent", round(percent, 2), "%", spec.warning, spec.critical, 0, 100))
     return CheckResult(spec.name, state, summary, free, "B", _texts(spec.warning), _texts(spec.critical), perf)
 
@@ -5042,8 +5065,8 @@ def check_sync_recency(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     if age < -CLOCK_SKEW_S:
         return CheckResult(spec.name, "UNKNOWN", f"{target}: the last success is in the future ({iso_time(last)})")
     age = max(age, 0.0)
-    state = judge(age, "s", spec.warning, spec.critical)
-    perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0),)
+    state = judge(age, SECONDS, spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0, units=SECONDS),)
     return CheckResult(spec.name, state, f"{target}: last success {format_span(age)} ago ({iso_time(last)})", age,
                        "s", _texts(spec.warning), _texts(spec.critical), perf)
 
@@ -5079,8 +5102,8 @@ def check_file_age(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     except FileNotFoundError:
         return CheckResult(spec.name, "CRITICAL", f"{path} does not exist")
     age = max(ctx.now - modified, 0.0)
-    state = judge(age, "s", spec.warning, spec.critical)
-    perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0),)
+    state = judge(age, SECONDS, spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0, units=SECONDS),)
     return CheckResult(spec.name, state, f"{path} modified {format_span(age)} ago", age, "s",
                        _texts(spec.warning), _texts(spec.critical), perf)
 
@@ -5093,8 +5116,8 @@ def check_metric(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     value = ctx.collector.get_metric_stats(name, hours)[statistic]
     if value is None:
         return CheckResult(spec.name, "UNKNOWN", f"{name}: no samples in the last {hours:g} h")
-    state = judge(value, "", spec.warning, spec.critical)
-    perf = (perfdata_item(f"{spec.name}", value, "", spec.warning, spec.critical),)
+    state = judge(value, ANY_UNIT, spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}", value, "", spec.warning, spec.critical, units=ANY_UNIT),)
     return CheckResult(spec.name, state, f"{name} {statistic} {value:.6g} over {hours:g} h", value, "",
                        _texts(spec.warning), _texts(spec.critical), perf)
 
@@ -5196,7 +5219,7 @@ def check_anomaly(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
         return CheckResult(spec.name, "UNKNOWN", f"{name}: too few samples in the last {hours:g} h for a baseline")
     score = anomaly_score(latest, baseline)
     score = abs(score) if score is not None else 0.0
-    state = judge(score, "", spec.warning, spec.critical)
+    state = judge(score, PLAIN, spec.warning, spec.critical)
     perf = (perfdata_item(f"{spec.name}_score", round(score, 3), "", spec.warning, spec.critical, 0),)
     return CheckResult(spec.name, state, f"{name} latest {latest:.6g}: {anomaly_reason(latest, baseline)}", score,
                        "", _texts(spec.warning), _texts(spec.critical), perf)

@@ -164,7 +164,8 @@ class CheckCommand(AlertTestCase):
 
     def test_config_check_lists_the_problems_of_check_sections(self):
         self.write_config("[check:x]\ntype = disk\nwarning = 20:10\nbogus = 1\n\n[check:y]\ntype = job\n"
-                          "expected_every = often\n\n[check:z]\ntype = nope\n")
+                          "expected_every = often\n\n[check:z]\ntype = nope\n\n[check:age]\ntype = file_age\n"
+                          "path = /x\ncritical = 5GB:,~:2h\n\n[check:db]\ntype = database\nwarning = 10\n")
         result = self.run_cli("config", "--check", env=self.cli_env())
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stdout.decode().splitlines(), [
@@ -174,7 +175,17 @@ class CheckCommand(AlertTestCase):
             f"{self.config_path}: [check:y] expected_every: 'often' is not a duration such as 90s, 5m, 2h or 7d",
             f"{self.config_path}: [check:z] type: 'nope' is not one of anomaly, circuit_breaker, command, database, "
             "disk, file_age, job, metric, sync_recency",
+            f"{self.config_path}: [check:age] critical: '5GB:': a file_age check compares durations, plain numbers",
+            f"{self.config_path}: [check:db] warning: a database check takes no thresholds",
         ])
+
+    def test_a_number_without_a_unit_is_in_the_checks_own_unit(self):
+        path = os.path.join(self.tmp, "marker")
+        open(path, "w").close()
+        os.utime(path, (T0 - 100, T0 - 100))
+        result = self.check(config=f"[check:m]\ntype = file_age\npath = {path}\nwarning = 60\ncritical = 3600\n")
+        first = self.assertPluginOutput(result, 1, [f"WARNING m: {path} modified 1m ago"])
+        self.assertTrue(first.endswith(" | 'm_age'=100s;60;3600;0"), first)
 
     def test_deep_runs_integrity_check(self):
         self.write_config("")
