@@ -6080,9 +6080,24 @@ def cmd_run(args) -> int:
     argv = list(args.command)
     if not argv:
         raise ValidationError("run needs a command: run NAME [options] -- COMMAND [ARG]...")
+    if args.retries < 0:
+        raise ValidationError(f"--retries must be 0 or more, got {args.retries}")
     timeout_s = parse_duration_s(args.timeout) if args.timeout else None
+    if timeout_s == 0:
+        raise ValidationError("--timeout must be more than 0")
     kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
-    with contextlib.closing(_open_collector(args, readonly=False)) as collector:
+    try:
+        collector = _open_collector(args, readonly=False)
+    except StorageError as err:  # the job matters more than its record: run it anyway
+        log.error("%s: running %s without recording it", err, args.name)
+        tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), time.time()
+        code = run_command(argv, timeout_s, kill_after_s, tail)
+        if code != 0:
+            outcome = "timeout" if code == EXIT_TIMEOUT else "failure"
+            sys.stdout.write(job_report(JobRun("", args.name, started, time.time(), code, outcome, 1,
+                                               bytes(tail.data), tail.dropped), argv))
+        return code
+    with contextlib.closing(collector):
         breaker = CircuitBreaker(args.breaker, collector=collector, now=_cli_clock()) if args.breaker else None
         run = JobRunner(collector, now=_cli_clock()).run(args.name, argv, timeout_s=timeout_s, retries=args.retries,
                                                          lock=args.lock, kill_after_s=kill_after_s, breaker=breaker)

@@ -162,9 +162,25 @@ time.sleep(60)""")
             self.run_job("copy", "--breaker", "nas", "--", "false")
         self.assertEqual(self.run_job("copy", "--breaker", "nas", "--", "true").returncode, 75)
 
-    def test_no_command_is_a_usage_error(self):
+    def test_usage_errors(self):
         self.assertOneLineError(self.run_job("x"), 2, "run needs a command")
         self.assertOneLineError(self.run_job("x", "--"), 2, "run needs a command")
+        self.assertOneLineError(self.run_job("x", "--retries", "-1", "--", "true"), 2, "--retries must be 0 or more")
+        self.assertOneLineError(self.run_job("x", "--timeout", "0", "--", "true"), 2, "--timeout must be more than 0")
+        self.assertOneLineError(self.run_job("x", "--timeout", "soon", "--", "true"), 2, "'soon' is not a duration")
+
+    def test_a_broken_store_does_not_stop_the_job(self):
+        with open(self.db, "wb") as handle:
+            handle.write(b"not a database\n" * 50)
+        marker = os.path.join(self.tmp, "ran")
+        result = self.run_job("backup", "--", "sh", "-c", f"touch {marker}; echo done; exit 4")
+        self.assertEqual(result.returncode, 4)
+        self.assertTrue(os.path.exists(marker))
+        self.assertEqual(result.stderr.decode(), f"metasystem_monitor.py: error: store {self.db} is not a SQLite "
+                                                 "database: running backup without recording it\n")
+        self.assertEqual(result.stdout.decode().splitlines()[2:], ["done"])
+        with open(self.db, "rb") as handle:
+            self.assertEqual(handle.read(), b"not a database\n" * 50)
 
 
 class JobRunRetention(AlertTestCase):
