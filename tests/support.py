@@ -86,14 +86,20 @@ class StoreTestCase(unittest.TestCase):
     def child_env(self, **extra):
         """The environment of a CLI subprocess: isolated HOME and store folder."""
         env = {key: value for key, value in os.environ.items() if key not in _ENV_KEYS}
-        env.update(HOME=self.tmp, METASYSTEM_HOME=os.path.join(self.tmp, "home"), PYTHONDONTWRITEBYTECODE="1")
+        env.update(HOME=self.tmp, METASYSTEM_HOME=os.path.join(self.tmp, "home"), PYTHONPATH=REPO)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # run_cli's children share the module's cached bytecode
         env.update(extra)
         return env
 
     def run_cli(self, *args, stdin=b"", env=None, timeout=SUBPROCESS_TIMEOUT_S, prefix=()):
-        """Run the real script in a subprocess; return the CompletedProcess (text output)."""
+        """Run the command line in a subprocess; return the CompletedProcess.
+
+        As ``python3 -m metasystem_monitor``: the same main() as the script, from cached bytecode, so
+        hundreds of runs do not each compile the file. The tests that start processes together run
+        the script itself.
+        """
         return subprocess.run(
-            [*prefix, sys.executable, SCRIPT, *args],
+            [*prefix, sys.executable, "-m", "metasystem_monitor", *args],
             input=stdin,
             capture_output=True,
             env=self.child_env() if env is None else env,

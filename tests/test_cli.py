@@ -10,7 +10,7 @@ import time
 
 import metasystem_monitor as mm
 
-from .support import REPO, StoreTestCase, file_bytes
+from .support import REPO, SCRIPT, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes
 
 
 def stored(path, name=None):
@@ -121,6 +121,18 @@ class RecordCommandTest(StoreTestCase):
             with self.subTest(args=args[:3]):
                 self.assertOneLineError(self.run_cli("--db", self.db, *args), 2, message)
         self.assertEqual(stored(self.db), before)
+
+
+class TheScriptItselfTest(StoreTestCase):
+    """run_cli goes through ``python3 -m``; here the file runs as a user runs it: by its own name."""
+
+    def test_the_executable_script_records_and_reads(self):
+        recorded = subprocess.run([SCRIPT, "record", "backup_bytes", "42", "--time", "1800000000"],
+                                  capture_output=True, env=self.child_env(), cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertCleanExit(recorded)
+        read = subprocess.run([sys.executable, SCRIPT, "metrics"], capture_output=True, env=self.child_env(),
+                              cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertCleanExit(read, 0, f"backup_bytes\t1\t{mm.iso_time(1_800_000_000)}\n")
 
 
 class ReadCommandsTest(StoreTestCase):
