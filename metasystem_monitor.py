@@ -5176,11 +5176,12 @@ def check_job(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                                      f"{format_duration(parse_duration_s(expected))}"))
     limits = {key: parse_duration_s(spec.settings[key]) for key in ("max_duration", "min_duration")
               if spec.settings.get(key)}
-    running = next((run[0] for run in runs if run[1] is None), None)  # a run without an end (or killed)
+    done = next((run for run in runs if run[1] is not None and run[3] != "skipped"), None)  # the last that ran
+    # A run without an end after the last that ran: still going, or killed (a later run supersedes it).
+    running = next((run[0] for run in runs if run[1] is None and (done is None or run[0] > done[0])), None)
     if running is not None and "max_duration" in limits and now - running > limits["max_duration"]:
         problems.append(("CRITICAL", f"running for {format_span(now - running)}, longer than "
                                      f"{format_duration(limits['max_duration'])}"))
-    done = next((run for run in runs if run[1] is not None and run[3] != "skipped"), None)  # the last that ran
     if outcome == "skipped":
         problems.append(("WARNING", "the last run was skipped: the one before was still going"))
     if done is not None:

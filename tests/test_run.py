@@ -238,6 +238,15 @@ class JobCheck(AlertTestCase):
             "was still going; took 1s, less than 5s",
         ])
 
+    def test_a_run_killed_long_ago_is_superseded_by_the_next_one_that_ran(self):
+        self.write_config("[check:sync]\ntype = job\njob = sync\nmax_duration = 10m\n")
+        with mm.Store(self.db) as store, store.write() as conn:
+            conn.executemany("INSERT INTO job_runs VALUES (?, 'sync', ?, ?, ?, ?, 1, x'', 0)",
+                             [("killed", T0, None, None, "running"), ("next", T0 + 3600, T0 + 3660, 0, "success")])
+        result = self.run_at(T0 + 7200, "check", "--no-alert")
+        self.assertEqual(result.stdout.decode().splitlines()[1],
+                         "OK sync: job sync: last run 1h ago, exit 0 in 1m")
+
 
 def _fail():
     raise OSError("nas unreachable")
