@@ -5142,7 +5142,14 @@ def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     state = CHECK_STATES[process.returncode] if 0 <= process.returncode <= 3 else "UNKNOWN"
     summary = _one_line(text) or f"{os.path.basename(argv[0])} exited with {process.returncode}"
     return CheckResult(spec.name, state, summary[:CHECK_OUTPUT_LINE_CHARS], float(process.returncode),
-                       perfdata=tuple(perf.split()))
+                       perfdata=tuple(_perfdata_items(perf)))
+
+
+def _perfdata_items(text: str) -> List[str]:
+    """The items of a plugin's perfdata; a quoted label may hold spaces (``'disk usage'=5%``)."""
+    import re
+
+    return re.findall(r"(?:'[^']*'|[^'\s])+", text)
 
 
 def _texts(thresholds: List[Threshold]) -> str:
@@ -5155,9 +5162,14 @@ def plugin_output(results: List[CheckResult]) -> List[str]:
     bad = [r for r in results if r.state != "OK"]
     summary = "; ".join(f"{r.name} {r.state}: {r.summary}" for r in bad) if bad else f"{len(results)} checks OK"
     perfdata = " ".join(item for r in results for item in r.perfdata)
-    lines = [f"METASYSTEM {state} - {_one_line(summary)}" + (f" | {perfdata}" if perfdata else "")]
-    lines += [f"{r.state} {r.name}: {r.summary}" for r in results]
+    lines = [f"METASYSTEM {state} - {_plugin_text(summary)}" + (f" | {perfdata}" if perfdata else "")]
+    lines += [f"{r.state} {r.name}: {_plugin_text(r.summary)}" for r in results]
     return lines
+
+
+def _plugin_text(text: str) -> str:
+    """One line without '|', which would start the perfdata in any line of a plugin's output."""
+    return _one_line(text).replace("|", "/")
 
 
 def check_job(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:

@@ -45,6 +45,15 @@ class Thresholds(unittest.TestCase):
             with self.subTest(text=text), self.assertRaises(mm.ValidationError):
                 mm.parse_threshold(text)
 
+    def test_plugin_output_keeps_pipes_out_of_the_text(self):
+        results = [mm.CheckResult("a", "OK", "fine", perfdata=("'a b'=1",)),
+                   mm.CheckResult("b", "CRITICAL", "path /x|y is gone\nsecond line")]
+        self.assertEqual(mm.plugin_output(results), [
+            "METASYSTEM CRITICAL - b CRITICAL: path /x/y is gone second line | 'a b'=1",
+            "OK a: fine", "CRITICAL b: path /x/y is gone second line"])
+        self.assertEqual(mm._perfdata_items(" 'disk usage'=5%;80 inodes=7  'it''s'=1 "),
+                         ["'disk usage'=5%;80", "inodes=7", "'it''s'=1"])
+
     def test_perfdata_items(self):
         warning, critical = mm.parse_thresholds("10GB:"), mm.parse_thresholds("5GB:")
         self.assertEqual(mm.perfdata_item("disk free", 5e9, "B", warning, critical, 0, 1e12),
