@@ -6399,7 +6399,8 @@ def build_parser(command: Optional[str] = None):
                                   width=max(shutil.get_terminal_size().columns - 2, 11))
     parser = _parser_class()(
         prog=PROG,
-        description="Record and query metrics of one machine in a SQLite store.",
+        description="Record and query metrics of one machine in a SQLite store, check its health, run its cron "
+                    "jobs, and send alerts.",
         epilog=_EXIT_CODES_HELP,
         formatter_class=formatter,
     )
