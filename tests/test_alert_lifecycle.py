@@ -100,6 +100,19 @@ class CronRuns(AlertTestCase):
         self.assertEqual(sqlite_rows(self.db, "SELECT count(*), min(outcome), max(outcome) FROM alert_deliveries "
                                               "WHERE channel = 'webhook'"), [(12, "sent", "sent")])
 
+    def test_a_bad_batch_line_is_a_usage_error_and_nothing_is_sent(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            good = json.dumps({"key": "a", "title": "A"}) + "\n"
+            for bad, fragment in (("not json\n", "line 2: not a JSON object"),
+                                   ('{"title": "no key"}\n', "line 2: expected"),
+                                   ('{"key": "b", "state": "maybe"}\n', "line 2: expected"),
+                                   ('{"key": "b", "severity": "loud"}\n', "severity must be one of")):
+                with self.subTest(line=bad):
+                    result = self.run_cli("alert", "--batch", stdin=(good + bad).encode(), env=self.cli_env())
+                    self.assertOneLineError(result, 2, fragment)
+        self.assertEqual(hook.requests, [])
+
     def test_a_silence_suppresses_is_recorded_and_expires(self):
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")

@@ -125,11 +125,15 @@ sys.exit(75 if tries < 2 else 0)""")
         with open(out, encoding="utf-8") as handle:
             self.assertEqual(handle.read(), "from stdin;from env")
 
-    def test_sigterm_to_run_reaches_the_job(self):
+    def start_and_signal(self, signum, code):
+        """Start a job that reports the signal it gets, send ``signum`` to run, return run's output."""
         fifo = os.path.join(self.tmp, "ready")
         os.mkfifo(fifo)
         job = self.write_script("graceful", f"""
-signal.signal(signal.SIGTERM, lambda *_: (print('got SIGTERM', flush=True), sys.exit(143)))
+def stop(signum, frame):
+    print('got', signal.Signals(signum).name, flush=True)
+    sys.exit({code})
+signal.signal(signal.{signum.name}, stop)
 with open({fifo!r}, 'w') as ready:
     ready.write('ready')
 time.sleep(60)""")
@@ -141,10 +145,16 @@ time.sleep(60)""")
             self.assertEqual(ready.read(), "ready")
         # While it runs, its row is there without an end: the job check sees a run in progress.
         self.assertEqual(sqlite_rows(self.db, "SELECT job, outcome, ended FROM job_runs"), [("svc", "running", None)])
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         out, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-        self.assertEqual(process.returncode, 143)
-        self.assertEqual(out.decode().splitlines()[2:], ["got SIGTERM"])
+        self.assertEqual(process.returncode, code)
+        return out.decode().splitlines()[2:]
+
+    def test_sigterm_to_run_reaches_the_job(self):
+        self.assertEqual(self.start_and_signal(signal.SIGTERM, 143), ["got SIGTERM"])
+
+    def test_sigint_to_run_reaches_the_job(self):
+        self.assertEqual(self.start_and_signal(signal.SIGINT, 130), ["got SIGINT"])
 
     def test_an_open_breaker_fails_fast(self):
         with mm.MetricsCollector(self.db) as collector:
