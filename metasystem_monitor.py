@@ -6366,8 +6366,8 @@ _COMMANDS = (
      f"  {PROG} check\n  */5 * * * *  {PROG} check > /dev/null     # alerts by itself; cron mails only errors\n"
      f"  {PROG} check --only disk --json", _args_check),
     ("run", cmd_run, "run a cron job: silent on success, a report and an alert on failure",
-     f"  17 3 * * *  {PROG} run backup --timeout 2h --lock -- rsync -a /home /mnt/backup\n"
-     f"  {PROG} run fetch --retries 3 --breaker fetch -- ./fetch.sh", _args_run),
+     f"  {PROG} run fetch --retries 3 --breaker fetch -- ./fetch.sh\n"
+     f"  17 3 * * *  {PROG} run backup --timeout 2h --lock -- rsync -a /home /mnt/backup", _args_run),
     ("silence", cmd_silence, "mute matching alerts for a while (maintenance), list or remove silences",
      f"  {PROG} silence add --match backup --for 2h --comment 'moving the NAS'\n"
      f"  {PROG} silence list\n  {PROG} silence remove 3", _args_silence),

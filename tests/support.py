@@ -153,6 +153,14 @@ class StoreTestCase(unittest.TestCase):
         if stdout is not None:
             self.assertEqual(result.stdout.decode(), stdout if isinstance(stdout, str) else stdout.decode())
 
+    def assertMainError(self, code, fragment, *args, stdin=b""):
+        """assertOneLineError for main() run in this process: the same checks, without a process to start."""
+        status, out, err = self.run_main(*args, stdin=stdin)
+        self.assertEqual((status, out, len(err.splitlines())), (code, "", 1), err)
+        self.assertTrue(err.startswith("metasystem_monitor.py"), err)
+        self.assertIn(fragment, err)
+        self.assertNotIn("Traceback", err)
+
     def assertOneLineError(self, result, code, fragment):
         """Exit ``code``, nothing on stdout, one stderr line naming ``fragment``, no traceback."""
         err = result.stderr.decode()

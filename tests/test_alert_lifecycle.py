@@ -104,13 +104,14 @@ class CronRuns(AlertTestCase):
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
             good = json.dumps({"key": "a", "title": "A"}) + "\n"
-            for bad, fragment in (("not json\n", "line 2: not a JSON object"),
-                                   ('{"title": "no key"}\n', "line 2: expected"),
-                                   ('{"key": "b", "state": "maybe"}\n', "line 2: expected"),
-                                   ('{"key": "b", "severity": "loud"}\n', "severity must be one of")):
-                with self.subTest(line=bad):
-                    result = self.run_cli("alert", "--batch", stdin=(good + bad).encode(), env=self.cli_env())
-                    self.assertOneLineError(result, 2, fragment)
+            result = self.run_cli("alert", "--batch", stdin=(good + "not json\n").encode(), env=self.cli_env())
+            self.assertOneLineError(result, 2, "line 2: not a JSON object")
+            os.environ["METASYSTEM_CONFIG"], os.environ["METASYSTEM_DB"] = self.config_path, self.db
+            for bad, fragment in (('{"title": "no key"}\n', "line 2: expected"),
+                                  ('{"key": "b", "state": "maybe"}\n', "line 2: expected"),
+                                  ('{"key": "b", "severity": "loud"}\n', "severity must be one of")):
+                with self.subTest(line=bad):  # the same main(), in this process
+                    self.assertMainError(2, fragment, "alert", "--batch", stdin=(good + bad).encode())
         self.assertEqual(hook.requests, [])
 
     def test_a_silence_suppresses_is_recorded_and_expires(self):

@@ -153,9 +153,13 @@ class LargeCleanupTest(StoreTestCase):
                              [(i, f"s{i}") for i in range(1, 5)])
             step = 30 * DAY / (self.ROWS / 4)
             start = now - 61 * DAY
-            conn.executemany(
-                "INSERT INTO samples (series_id, ts, seq, value) VALUES (?, ?, 0, ?)",
-                ((i % 4 + 1, start + (i // 4) * step, float(i % 1009)) for i in range(self.ROWS)),
+            # Row i: series i % 4 + 1, time start + (i // 4) * step, value i % 1009; made by SQLite itself,
+            # which is faster than two million Python tuples.
+            conn.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ? - 1) "
+                "INSERT INTO samples (series_id, ts, seq, value) "
+                "SELECT i % 4 + 1, ? + (i / 4) * ?, 0, CAST(i % 1009 AS REAL) FROM n",
+                (self.ROWS, start, step),
             )
             conn.executemany("INSERT INTO samples (series_id, ts, seq, value) VALUES (?, ?, 0, ?)",
                              [(1, now - d * DAY, 5000.0 + d) for d in range(1, 30)])

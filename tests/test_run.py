@@ -174,10 +174,14 @@ time.sleep(60)""")
 
     def test_usage_errors(self):
         self.assertOneLineError(self.run_job("x"), 2, "run needs a command")
-        self.assertOneLineError(self.run_job("x", "--"), 2, "run needs a command")
-        self.assertOneLineError(self.run_job("x", "--retries", "-1", "--", "true"), 2, "--retries must be 0 or more")
-        self.assertOneLineError(self.run_job("x", "--timeout", "0", "--", "true"), 2, "--timeout must be more than 0")
-        self.assertOneLineError(self.run_job("x", "--timeout", "soon", "--", "true"), 2, "'soon' is not a duration")
+        cases = [(("x", "--"), "run needs a command"),
+                 (("x", "--retries", "-1", "--", "true"), "--retries must be 0 or more"),
+                 (("x", "--timeout", "0", "--", "true"), "--timeout must be more than 0"),
+                 (("x", "--timeout", "soon", "--", "true"), "'soon' is not a duration")]
+        for args, message in cases:  # the same main(), in this process
+            with self.subTest(args=args):
+                self.assertMainError(2, message, "run", *args)
+        self.assertFalse(os.path.exists(self.db))
 
     def test_a_broken_store_does_not_stop_the_job(self):
         with open(self.db, "wb") as handle:
