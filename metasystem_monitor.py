@@ -58,11 +58,13 @@ __all__ = [
     "Sample",
     "StorageError",
     "Store",
+    "system_summary",
     "ValidationError",
     "ConfigError",
     "iso_time",
     "main",
     "percentile",
+    "read_summary",
     "resolve_config_path",
     "resolve_db_path",
 ]
@@ -73,7 +75,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -356,6 +358,14 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                output BLOB NOT NULL,
                cut_bytes INTEGER NOT NULL)""",
         "CREATE INDEX job_runs_by_job ON job_runs (job, started)",
+    ),
+    (
+        # The last verdict of each check, in words, for the dashboard and the summary.
+        """CREATE TABLE check_results (
+               name TEXT PRIMARY KEY,
+               ts REAL NOT NULL,
+               state TEXT NOT NULL,
+               summary TEXT NOT NULL) WITHOUT ROWID""",
     ),
 )
 
@@ -1432,17 +1442,6 @@ class MetricsCollector:
         )
         return [{"name": name, "count": count, "last_time": iso_time(last)} for name, count, last in rows]
 
-    def _entities(self, label: str) -> List[str]:
-        """Names carried by ``label`` across all series (sync targets, breakers, agents)."""
-        import json
-
-        found = set()
-        for (labels,) in self.store.query("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)):
-            value = json.loads(labels).get(label)
-            if value is not None:
-                found.add(value)
-        return sorted(found)
-
     def _latest(self, name: str) -> Optional[Tuple[float, float]]:
         """(timestamp, value) of the newest sample of ``name``, or None."""
         return self.store.query_one(
@@ -1458,7 +1457,7 @@ class MetricsCollector:
 
     def sync_targets(self) -> List[str]:
         """Every sync target ever recorded (the ``target`` label)."""
-        return self._entities("target")
+        return self.entities("target")["target"]
 
     def baseline(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Optional["Baseline"]:
         """The robust baseline (median, MAD) of ``name`` over the window, or None without samples."""
@@ -1481,20 +1480,24 @@ class MetricsCollector:
         )[0]
 
     def get_system_summary(self, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
-        """The current state of sync targets, circuit breakers and agents.
+        """The current state of sync targets, circuit breakers, agents, recent alerts and health.
 
         This is the one summary that the dashboard, ``--summary`` and
-        exporters read, so they always agree.
+        exporters read, so they always agree (``system_summary``).
         """
-        until = self._window(hours)[1]
-        return {
-            "schema_version": 1,
-            "generated_at": iso_time(until),
-            "window_hours": hours,
-            "sync": {target: self._sync_summary(target, hours) for target in self._entities("target")},
-            "circuit_breakers": {name: self._breaker_summary(name) for name in self._entities("breaker")},
-            "agents": {name: self._agent_summary(name, hours) for name in self._entities("agent")},
-        }
+        return system_summary(self, hours)
+
+    def entities(self, *labels: str) -> Dict[str, List[str]]:
+        """For each label (target, breaker, agent): the names it carries across all series, sorted."""
+        import json
+
+        found: Dict[str, set] = {label: set() for label in labels}
+        for (text,) in self.store.query("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)):
+            pairs = json.loads(text)
+            for label, names in found.items():
+                if label in pairs:
+                    names.add(pairs[label])
+        return {label: sorted(names) for label, names in found.items()}
 
     def _runs(self, prefix: str, hours: float) -> Tuple[int, int, Optional[float]]:
         """(successes, attempts, average duration) of the PREFIX_success / PREFIX_failure durations."""
@@ -5074,13 +5077,8 @@ def check_sync_recency(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 def check_circuit_breakers(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Any breaker open is WARNING; one open for longer than an hour is CRITICAL."""
     now = ctx.now
-    opened = {}
-    for entry in list_breakers(ctx.collector.store, now):
-        if entry["state"] == "open":
-            opened[entry["name"]] = _epoch(entry.get("since"))
-    for name, entry in ctx.collector.get_system_summary()["circuit_breakers"].items():
-        if entry["state"] == "open" and name not in opened:
-            opened[name] = _epoch(entry.get("since"))
+    breakers = _breaker_summaries(ctx.collector, ctx.collector.entities("breaker")["breaker"], now, now)
+    opened = {name: _epoch(entry["since"]) for name, entry in breakers.items() if entry["state"] == "open"}
     perf = (perfdata_item(f"{spec.name}_open", len(opened), minimum=0),)
     if not opened:
         return CheckResult(spec.name, "OK", "no circuit breaker is open", 0, perfdata=perf)
@@ -5154,6 +5152,25 @@ def _perfdata_items(text: str) -> List[str]:
 
 def _texts(thresholds: List[Threshold]) -> str:
     return ",".join(t.text for t in thresholds)
+
+
+def record_check_results(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
+    """Each verdict in words (for the summary) and as metrics: check_state (0-3), check_value and
+    check_duration, labelled check=NAME; one transaction."""
+    samples = []
+    for result in results:
+        labels = {"check": result.name}
+        samples.append(Sample("check_state", float(CHECK_STATES.index(result.state)), labels, now))
+        samples.append(Sample("check_duration", result.duration_s, labels, now))
+        if result.value is not None and math.isfinite(result.value):
+            samples.append(Sample("check_value", float(result.value), labels, now))
+    prepared = collector._prepare(samples)
+    with collector.store.write() as conn:
+        created = collector._write_prepared(conn, *prepared) if prepared[0] else {}
+        conn.executemany("INSERT OR REPLACE INTO check_results (name, ts, state, summary) VALUES (?, ?, ?, ?)",
+                         [(result.name, now, result.state, result.summary) for result in results])
+    collector._remember(created)
+    collector._maintain_if_due()  # a writing command: the daily cleanup may be due
 
 
 def plugin_output(results: List[CheckResult]) -> List[str]:
@@ -5487,6 +5504,143 @@ def job_report(run: JobRun, argv: List[str]) -> str:
         lines.append(f"[... {run.cut_bytes} earlier bytes of output cut; the last {len(run.output)} follow ...]")
     text = run.output.decode("utf-8", "replace")
     return "\n".join(lines) + ("\n" + text.rstrip("\n") if text.strip() else "") + "\n"
+
+
+## Summary ####################################################################
+
+SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
+SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
+SUMMARY_ALERTS = 20
+CHECK_RESULT_STALE_S = 3600.0  # a verdict older than this no longer stands (has cron stopped?)
+
+
+def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
+                 now=time.time) -> Dict[str, Any]:
+    """The summary of the store at ``db_path``, read without writing anything.
+
+    A missing store reads as an empty one. A store that cannot be read gives an
+    empty summary too, whose ``database`` health is CRITICAL and says why.
+    """
+    hours = _window_hours(hours)
+    try:
+        with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
+            return system_summary(collector, hours)
+    except StorageError as err:
+        return _unreadable_summary(err, hours, now())
+
+
+def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
+    """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
+    recent alerts and the checks' last verdicts, over the last ``hours``."""
+    hours = _window_hours(hours)
+    since, until = collector._window(hours)
+    entities = collector.entities("target", "breaker", "agent")
+    health = recorded_health(collector.store, until)
+    return {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "generated_at": iso_time(until),
+        "window_hours": hours,
+        "status": summary_status(health),
+        "sync": {target: dict(collector._sync_summary(target, hours),
+                              recent=recent_runs(collector, f"sync_{target}", since))
+                 for target in entities["target"]},
+        "circuit_breakers": _breaker_summaries(collector, entities["breaker"], since, until),
+        "agents": {agent: dict(collector._agent_summary(agent, hours),
+                               recent=recent_runs(collector, f"agent_{agent}", since))
+                   for agent in entities["agent"]},
+        "alerts": recent_alerts(collector.store, since),
+        "health": health,
+    }
+
+
+def _window_hours(hours: Any) -> float:
+    hours = finite_number(hours, "hours")
+    if hours <= 0:
+        raise ValidationError(f"hours must be positive, got {_shown(hours)}")
+    return hours
+
+
+def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:
+    health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
+    return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
+            "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [],
+            "health": health}
+
+
+def summary_status(health: Dict[str, Dict[str, Any]]) -> str:
+    """The worst state among the checks, in lower case; ``unknown`` when no check has run."""
+    if not health:
+        return "unknown"
+    return worst_state(entry["state"] for entry in health.values()).lower()
+
+
+def _newest(collector: MetricsCollector, name: str, since: float, limit: int) -> List[Tuple[float, int, float]]:
+    """Up to ``limit`` newest samples of ``name`` since ``since``, as (time, seq, value), newest first."""
+    return collector.store.query(
+        f"SELECT ts, seq, value FROM samples WHERE {_OF_NAME} AND ts >= ? ORDER BY ts DESC, seq DESC LIMIT ?",
+        (name, since, limit))
+
+
+def recent_runs(collector: MetricsCollector, prefix: str, since: float) -> Dict[str, List[Any]]:
+    """The durations of the last runs of PREFIX_success and PREFIX_failure, oldest first, with the
+    positions of the failed ones and of those the robust detector finds anomalous against the runs
+    before them."""
+    runs = sorted((ts, seq, value, outcome == "failure") for outcome in ("success", "failure")
+                  for ts, seq, value in _newest(collector, f"{prefix}_{outcome}", since, SUMMARY_BASELINE_POINTS))
+    known = runs[-SUMMARY_BASELINE_POINTS:]
+    recent = known[-SUMMARY_RECENT_POINTS:]
+    anomalous: List[int] = []
+    if len(known) >= DEFAULT_MIN_SAMPLES:
+        baseline = robust_baseline(sorted(run[2] for run in known))
+        anomalous = [i for i, run in enumerate(recent) if is_anomalous(run[2], baseline, DEFAULT_ROBUST_THRESHOLD)]
+    return {"durations": [run[2] for run in recent], "failed": [i for i, run in enumerate(recent) if run[3]],
+            "anomalous": anomalous}
+
+
+def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: float,
+                       until: float) -> Dict[str, Dict[str, Any]]:
+    """Breakers recorded as metrics, and those CircuitBreaker keeps (its table is the fresher)."""
+    found = {name: collector._breaker_summary(name) for name in recorded}
+    for entry in list_breakers(collector.store, until):
+        found[entry["name"]] = {key: entry[key] for key in ("state", "failures", "since")}
+    for name, entry in found.items():
+        samples = _newest(collector, f"circuit_breaker_{name}_failures", since, SUMMARY_RECENT_POINTS)
+        entry["recent"] = {"failures": [sample[2] for sample in reversed(samples)]}
+    return dict(sorted(found.items()))
+
+
+def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> List[Dict[str, Any]]:
+    """The newest alerts since ``since``, newest first, each with what every channel did with it."""
+    newest = "SELECT id FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?"
+    channels: Dict[int, Dict[str, str]] = {}
+    for alert_id, channel, outcome in store.query(
+            f"SELECT alert_id, channel, outcome FROM alert_deliveries WHERE alert_id IN ({newest})", (since, limit)):
+        channels.setdefault(alert_id, {})[channel] = outcome
+    return [{"time": iso_time(ts), "kind": kind, "severity": severity, "title": title,
+             "channels": dict(sorted(channels.get(alert_id, {}).items()))}
+            for alert_id, ts, kind, severity, title in store.query(
+                "SELECT id, ts, kind, severity, title FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?",
+                (since, limit))]
+
+
+def recorded_health(store: Store, now: float) -> Dict[str, Dict[str, Any]]:
+    """The last verdict of each check that ``check`` still runs.
+
+    A check missing from the last hour of runs is one the configuration no
+    longer has, and is left out. A verdict older than an hour is UNKNOWN: the
+    checks have stopped running, and what they said then no longer stands.
+    """
+    rows = store.query("SELECT name, ts, state, summary FROM check_results ORDER BY name")
+    newest = max((row[1] for row in rows), default=now)
+    health = {}
+    for name, ts, state, text in rows:
+        if ts < newest - CHECK_RESULT_STALE_S:
+            continue
+        if now - ts > CHECK_RESULT_STALE_S:
+            state, text = "UNKNOWN", f"not checked for {format_span(now - ts)} (then {state}: {text})"
+        health[name] = {"state": state, "summary": text, "checked_at": iso_time(ts)}
+    return health
 
 
 ## CLI ########################################################################
@@ -5833,10 +5987,10 @@ def _alerting(args, readonly: bool = False) -> AlertingSystem:
     settings = alerting_settings(config, args.config_path)
     synchronous = storage_settings(config)["synchronous"] if not settings.problems else "normal"
     return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings, synchronous=synchronous,
-                          now=_cli_clock(), readonly=readonly)
+                          now=cli_clock(), readonly=readonly)
 
 
-def _cli_clock():
+def cli_clock():
     """time.time, or a fixed instant from METASYSTEM_NOW (epoch seconds): replays and tests of cron runs."""
     text = os.environ.get("METASYSTEM_NOW")
     if not text:
@@ -6036,7 +6190,7 @@ def cmd_check(args) -> int:
             return _check_failed("UNKNOWN", f"no check named {', '.join(unknown)} "
                                             f"(there are: {', '.join(spec.name for spec in specs)})", args.json)
         specs = [spec for spec in specs if not args.only or spec.name in args.only]
-        now = _cli_clock()()
+        now = cli_clock()()
         results = run_checks(specs, CheckContext(collector, now, args.deep))
         _record_checks(collector, results, now)
     if not args.no_alert:
@@ -6060,16 +6214,8 @@ def _check_failed(state: str, text: str, as_json: bool) -> int:
 
 
 def _record_checks(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
-    """Each result as metrics: check_state (0-3), check_value and check_duration, labelled check=NAME."""
-    samples = []
-    for result in results:
-        labels = {"check": result.name}
-        samples.append(Sample("check_state", float(CHECK_STATES.index(result.state)), labels, now))
-        samples.append(Sample("check_duration", result.duration_s, labels, now))
-        if result.value is not None and math.isfinite(result.value):
-            samples.append(Sample("check_value", float(result.value), labels, now))
     try:
-        collector.record_many(samples)
+        record_check_results(collector, results, now)
     except StorageError as err:  # the verdict still goes out
         log.error("%s: the check results were not recorded", err)
 
@@ -6111,8 +6257,8 @@ def cmd_run(args) -> int:
                                                bytes(tail.data), tail.dropped), argv))
         return code
     with contextlib.closing(collector):
-        breaker = CircuitBreaker(args.breaker, collector=collector, now=_cli_clock()) if args.breaker else None
-        run = JobRunner(collector, now=_cli_clock()).run(args.name, argv, timeout_s=timeout_s, retries=args.retries,
+        breaker = CircuitBreaker(args.breaker, collector=collector, now=cli_clock()) if args.breaker else None
+        run = JobRunner(collector, now=cli_clock()).run(args.name, argv, timeout_s=timeout_s, retries=args.retries,
                                                          lock=args.lock, kill_after_s=kill_after_s, breaker=breaker)
     if run.outcome == "skipped":
         log.warning("run %s: skipped: another run of it still holds its lock", run.job)
@@ -6184,7 +6330,7 @@ def _add_outcome(sub) -> None:
     sub.add_argument("--duration", required=True, metavar="SECONDS", help="how long the run took")
 
 
-def _parser_class():
+def parser_class():
     """argparse's parser, but a usage error is one line on stderr, not usage plus error."""
     import argparse
 
@@ -6397,7 +6543,7 @@ def build_parser(command: Optional[str] = None):
     # terminal for its width: ask once.
     formatter = functools.partial(argparse.RawDescriptionHelpFormatter,
                                   width=max(shutil.get_terminal_size().columns - 2, 11))
-    parser = _parser_class()(
+    parser = parser_class()(
         prog=PROG,
         description="Record and query metrics of one machine in a SQLite store, check its health, run its cron "
                     "jobs, and send alerts.",

@@ -96,6 +96,9 @@ class CheckCommand(AlertTestCase):
         self.assertEqual(out[3:], ["OK circuit_breaker: no circuit breaker is open"])
         self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM samples JOIN series ON id = series_id "
                                               "WHERE name = 'check_state'"), [(3,)])
+        # In words too, for the dashboard: the same lines the output shows.
+        recorded = sqlite_rows(self.db, "SELECT state, name, summary FROM check_results")
+        self.assertEqual(sorted(f"{state} {name}: {summary}" for state, name, summary in recorded), sorted(out[1:]))
 
     def test_sync_recency_with_an_injected_clock(self):
         self.write_config("")

@@ -210,15 +210,22 @@ class SummaryTest(StoreTestCase):
             "schema_version": 1,
             "generated_at": mm.iso_time(start),
             "window_hours": 24.0,
+            "status": "unknown",
             "sync": {
                 "external_drive": {"success_rate": 100.0, "attempts": 1, "avg_duration": 1.0,
-                                   "last_success": mm.iso_time(start - 100)},
+                                   "last_success": mm.iso_time(start - 100),
+                                   "recent": {"durations": [1.0], "failed": [], "anomalous": []}},
                 "icloud": {"success_rate": 50.0, "attempts": 2, "avg_duration": 3.0,
-                           "last_success": mm.iso_time(start - 300)},
+                           "last_success": mm.iso_time(start - 300),
+                           "recent": {"durations": [2.0, 4.0], "failed": [1], "anomalous": []}},
             },
-            "circuit_breakers": {"icloud_sync": {"state": "open", "failures": 4, "since": mm.iso_time(start - 600)}},
+            "circuit_breakers": {"icloud_sync": {"state": "open", "failures": 4, "since": mm.iso_time(start - 600),
+                                                 "recent": {"failures": [0.0, 3.0, 4.0]}}},
             "agents": {"cataloger": {"executions": 2, "success_rate": 100.0, "avg_duration": 1.0,
-                                     "latest_duration": 0.5}},
+                                     "latest_duration": 0.5,
+                                     "recent": {"durations": [1.5, 0.5], "failed": [], "anomalous": []}}},
+            "alerts": [],
+            "health": {},
         })
 
     def test_summary_of_an_empty_store(self):

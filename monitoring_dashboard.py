@@ -1,0 +1,638 @@
+#!/usr/bin/env python3
+"""metasystem-monitor's terminal dashboard: sync targets, circuit breakers, agents, alerts and health.
+
+Standard library only, Python 3.9+. Keep it beside metasystem_monitor.py:
+
+    python3 monitoring_dashboard.py               # refreshes every 10 seconds; q quits
+    python3 monitoring_dashboard.py --refresh 5
+    python3 monitoring_dashboard.py --summary     # one JSON object, for jq and shell pipelines
+    python3 monitoring_dashboard.py --once        # the screen once, as plain text (also when piped)
+
+Everything shown comes from metasystem_monitor.read_summary(), so the screen and
+--summary always agree. The dashboard never writes to the store. Color goes off
+with NO_COLOR, --no-color or TERM=dumb; a terminal that is not UTF-8, or --ascii,
+gets ASCII sparklines and marks.
+
+Exit codes: 0 quit or printed; 1 the summary or the screen could not be made (one
+line on stderr); 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import unicodedata
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import metasystem_monitor as mm
+
+PROG = "monitoring_dashboard.py"
+DEFAULT_REFRESH_S = 10
+REFRESH_RANGE_S = (1, 3600)
+PLAIN_WIDTH = 80
+FULL_SIZE = (80, 24)  # below this, the lower-priority sections are dropped
+MIN_SIZE = (20, 5)  # below this, one line says the terminal is too small
+HEADER_LINES = 2
+FOOTER_LINES = 1
+SYNC_OK_PERCENT = 90.0  # a target's success rate at or above this is OK, at or above the next WARNING
+SYNC_WARNING_PERCENT = 50.0
+ESCAPE_KEY = 27
+WIDE = 110  # from this width on, rows show more columns
+
+SPARK_UNICODE = "▁▂▃▄▅▆▇█"
+SPARK_ASCII = "_.-:=+*#"
+MARKS = {"unicode": {"anomaly": "◆", "up": "↑", "down": "↓", "rule": "─"},
+         "ascii": {"anomaly": "!", "up": "Up", "down": "Down", "rule": "-"}}
+
+# A line is a list of (text, style) segments. Styles name a meaning; the curses loop picks the look.
+Segment = Tuple[str, str]
+Line = List[Segment]
+
+# Sections in the order they are drawn, each with its priority: on a small screen, the highest
+# priorities (lowest numbers) are kept.
+SECTION_PRIORITY = {"sync": 1, "circuit_breakers": 2, "agents": 4, "alerts": 3, "health": 0}
+
+
+## Text ########################################################################
+
+def inert(text: Any, ascii_only: bool = False) -> str:
+    """``text`` with every control or format character shown as an escape, so a name holding ANSI
+    codes cannot steer the terminal; non-ASCII escaped too when the terminal cannot show it."""
+    out = []
+    for char in str(text):
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") or (ascii_only and ord(char) > 126):
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def cell_width(char: str) -> int:
+    """Columns a character takes: 2 for wide East Asian ones, 0 for combining marks, else 1."""
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def width_of(text: str) -> int:
+    return sum(cell_width(char) for char in text)
+
+
+def clip(text: str, cells: int) -> str:
+    """The longest start of ``text`` that fits in ``cells`` columns."""
+    used = 0
+    for index, char in enumerate(text):
+        used += cell_width(char)
+        if used > cells:
+            return text[:index]
+    return text
+
+
+def pad(text: str, cells: int) -> str:
+    """``text`` cut or padded with spaces to exactly ``cells`` columns."""
+    text = clip(text, cells)
+    return text + " " * (cells - width_of(text))
+
+
+def clip_line(line: Line, cells: int) -> Line:
+    """The segments of ``line`` that fit in ``cells`` columns, the last one cut."""
+    out: Line = []
+    for text, style in line:
+        if cells <= 0:
+            break
+        piece = clip(text, cells)
+        if piece:
+            out.append((piece, style))
+        cells -= width_of(piece)
+    return out
+
+
+def plain(line: Line) -> str:
+    return "".join(text for text, _ in line).rstrip()
+
+
+def sparkline(values: List[float], ascii_only: bool = False, marked: Tuple[int, ...] = (),
+              failed: Tuple[int, ...] = ()) -> Line:
+    """One character per value, scaled between the smallest and the largest; marked values (anomalies)
+    are drawn as a mark of their own, so they show without color, and failed runs in the failure color."""
+    levels = SPARK_ASCII if ascii_only else SPARK_UNICODE
+    mark = MARKS["ascii" if ascii_only else "unicode"]["anomaly"]
+    if not values:
+        return []
+    usual = [value for index, value in enumerate(values) if index not in marked] or values
+    low, high = min(usual), max(usual)  # scaled without the anomalies, which would flatten the rest
+    line: Line = []
+    for index, value in enumerate(values):
+        if index in marked:
+            line.append((mark, "anomaly"))
+            continue
+        step = (len(levels) - 1) * (value - low) / (high - low) if high > low else (len(levels) - 1) / 2
+        step = min(max(step, 0), len(levels) - 1)
+        line.append((levels[int(round(step))], "failed" if index in failed else "spark"))
+    return _merged(line)
+
+
+def _merged(line: Line) -> Line:
+    """Neighbouring segments of one style joined, so the screen is drawn in fewer pieces."""
+    out: Line = []
+    for text, style in line:
+        if out and out[-1][1] == style:
+            out[-1] = (out[-1][0] + text, style)
+        else:
+            out.append((text, style))
+    return out
+
+
+def seconds(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if value < 10:
+        return f"{value:.2f}s"
+    if value < 600:
+        return f"{value:.1f}s"
+    return mm.format_span(value)
+
+
+def percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def short_time(text: Optional[str]) -> str:
+    """An ISO 8601 time as 'YYYY-MM-DD HH:MM' (the summary's own offset)."""
+    return "-" if not text else text[:16].replace("T", " ")
+
+
+## Sections ####################################################################
+
+def state_of_rate(rate: Optional[float]) -> str:
+    if rate is None:
+        return "UNKNOWN"
+    if rate >= SYNC_OK_PERCENT:
+        return "OK"
+    return "WARNING" if rate >= SYNC_WARNING_PERCENT else "CRITICAL"
+
+
+BREAKER_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
+
+
+def _state_cell(state: str) -> Segment:
+    return (pad(state, 8), state.lower())
+
+
+def _with_sparkline(line: Line, values: List[float], marked: List[int], width: int, ascii_only: bool,
+                    failed: Tuple[int, ...] = ()) -> Line:
+    """``line``, then as many of the newest ``values`` as a sparkline as the width leaves room for, and
+    how many of those are anomalous, in words."""
+    odd = len(marked)
+    note = f" {odd} anomalous" if odd else ""
+    room = width - width_of(plain(line) + " ") - 2 - len(note)
+    if room < 4 or not values:
+        return line
+    start = max(0, len(values) - room)
+    shown = values[start:]
+    marked_shown = tuple(i - start for i in marked if i >= start)
+    failed_shown = tuple(i - start for i in failed if i >= start)
+    line = line + [(" ", "plain")] + sparkline(shown, ascii_only, marked_shown, failed_shown)
+    return line + [(note, "anomaly")] if note else line
+
+
+def _runs_line(name: str, entry: Dict[str, Any], columns: List[str], width: int, ascii_only: bool) -> Line:
+    recent = entry.get("recent") or {}
+    line: Line = [("  ", "plain"), _state_cell(state_of_rate(entry.get("success_rate"))),
+                  (" " + pad(inert(name, ascii_only), 14) + " " + " ".join(columns), "plain")]
+    return _with_sparkline(line, recent.get("durations", []), list(recent.get("anomalous", ())), width, ascii_only,
+                           tuple(recent.get("failed", ())))
+
+
+def sync_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
+    lines = []
+    for target, entry in sorted(summary["sync"].items()):
+        columns = [f"{percent(entry.get('success_rate')):>6}", f"{entry.get('attempts', 0):>4} runs",
+                   f"avg {seconds(entry.get('avg_duration')):>6}"]
+        if width >= WIDE:
+            columns.append(f"last ok {short_time(entry.get('last_success'))}")
+        lines.append(_runs_line(target, entry, columns, width, ascii_only))
+    return lines or [[("  no sync recorded in the window", "dim")]]
+
+
+def breaker_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
+    lines = []
+    for name, entry in sorted(summary["circuit_breakers"].items()):
+        state = entry.get("state") or "unknown"
+        failures = entry.get("failures")
+        line: Line = [("  ", "plain"), _state_cell(BREAKER_WORDS.get(state, "UNKNOWN")),
+                      (" " + pad(inert(name, ascii_only), 18) + f" {pad(state, 9)} failures "
+                       f"{'-' if failures is None else failures:>3} since {short_time(entry.get('since'))[5:]}",
+                       "plain")]
+        lines.append(_with_sparkline(line, (entry.get("recent") or {}).get("failures", []), [], width, ascii_only))
+    return lines or [[("  no circuit breaker recorded", "dim")]]
+
+
+def agent_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
+    lines = []
+    for agent, entry in sorted(summary["agents"].items()):
+        columns = [f"{percent(entry.get('success_rate')):>6}", f"{entry.get('executions', 0):>4} runs",
+                   f"avg {seconds(entry.get('avg_duration')):>6}", f"latest {seconds(entry.get('latest_duration')):>6}"]
+        lines.append(_runs_line(agent, entry, columns, width, ascii_only))
+    return lines or [[("  no agent run recorded in the window", "dim")]]
+
+
+SEVERITY_STATES = {"critical": "CRITICAL", "warning": "WARNING", "info": "OK"}
+
+
+def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
+    lines = []
+    for alert in summary["alerts"]:
+        kind = alert.get("kind")
+        word = "RESOLVED" if kind == "resolved" else str(alert.get("severity", "")).upper()
+        style = "ok" if kind == "resolved" else SEVERITY_STATES.get(alert.get("severity"), "UNKNOWN").lower()
+        channels = ", ".join(f"{inert(name, ascii_only)} {inert(outcome, ascii_only)}"
+                             for name, outcome in sorted(alert.get("channels", {}).items()))
+        lines.append([("  " + short_time(alert.get("time"))[5:] + " ", "plain"), (pad(word, 8), style),
+                      (" " + inert(alert.get("title", ""), ascii_only) + (f"  [{channels}]" if channels else ""),
+                       "plain")])
+    hours = summary.get("window_hours", mm.DEFAULT_WINDOW_HOURS)
+    return lines or [[(f"  no alerts in the past {hours:g} hours", "dim")]]
+
+
+def health_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
+    lines = []
+    for name, entry in sorted(summary["health"].items()):
+        lines.append([("  ", "plain"), _state_cell(entry.get("state", "UNKNOWN")),
+                      (" " + pad(inert(name, ascii_only), 21) + " " + inert(entry.get("summary", ""), ascii_only),
+                       "plain")])
+    return lines or [[("  no check has run yet: metasystem_monitor.py check (from cron, every 5 minutes)", "dim")]]
+
+
+SECTIONS: Tuple[Tuple[str, str, Callable[[Dict[str, Any], int, bool], List[Line]]], ...] = (
+    ("sync", "SYNC OPERATIONS", sync_lines),
+    ("circuit_breakers", "CIRCUIT BREAKERS", breaker_lines),
+    ("agents", "AGENTS", agent_lines),
+    ("alerts", "RECENT ALERTS", alert_lines),
+    ("health", "SYSTEM HEALTH", health_lines),
+)
+
+
+## Screens #####################################################################
+
+def header_lines(summary: Dict[str, Any], width: int, error: Optional[str] = None) -> List[Line]:
+    status = str(summary.get("status", "unknown")).upper()
+    updated = f"updated {str(summary.get('generated_at', '-')).replace('T', ' ')}"
+    title = "METASYSTEM MONITOR"
+    first: Line = [(title, "title"), (" " * max(1, width - len(title) - len(updated)) + updated, "plain")]
+    second: Line = [("status ", "plain"), (status, status.lower()),
+                    (f"   window {summary.get('window_hours', mm.DEFAULT_WINDOW_HOURS):g} h", "plain")]
+    if error:
+        second.append(("   " + inert(error), "critical"))
+    return [first, second]
+
+
+def section_blocks(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Tuple[str, List[Line]]]:
+    """Each section as (key, lines): a blank line, its title, a rule, then its rows."""
+    rule = MARKS["ascii" if ascii_only else "unicode"]["rule"] * width
+    return [(key, [[("", "plain")], [(title, "title")], [(rule, "dim")]] + render_rows(summary, width, ascii_only))
+            for key, title, render_rows in SECTIONS]
+
+
+def body_lines(summary: Dict[str, Any], width: int, height: Optional[int] = None,
+               ascii_only: bool = False) -> List[Line]:
+    """Every section, or on a screen smaller than 80x24 those of the highest priority that fit."""
+    blocks = section_blocks(summary, width, ascii_only)
+    if height is not None and (width < FULL_SIZE[0] or height < FULL_SIZE[1]):
+        room = height - HEADER_LINES - FOOTER_LINES
+        kept, used = set(), 0
+        for key, lines in sorted(blocks, key=lambda block: SECTION_PRIORITY[block[0]]):
+            if used + len(lines) <= room or not kept:
+                kept.add(key)
+                used += len(lines)
+        blocks = [block for block in blocks if block[0] in kept]
+    return [line for _, lines in blocks for line in lines]
+
+
+def footer_line(width: int, ascii_only: bool, first: int, shown: int, total: int) -> Line:
+    marks = MARKS["ascii" if ascii_only else "unicode"]
+    keys = f"q quit  r refresh  h help  {marks['up']}{marks['down']} PgUp PgDn scroll"
+    where = f"lines {first + 1}-{first + shown} of {total}" if total > shown else ""
+    return [(keys + " " * max(1, width - len(keys) - len(where)) + where, "dim")]
+
+
+HELP = (
+    "KEYS",
+    "  q, Escape     quit",
+    "  r             refresh now",
+    "  h, ?          this help (any key returns)",
+    "  Up, Down      scroll a line",
+    "  PgUp, PgDn    scroll a page; Home, End",
+    "",
+    "STATES",
+    "  OK, WARNING, CRITICAL, UNKNOWN: the checks' words, shown in color too",
+    "  a sync target or agent: OK at 90% success or more, WARNING at 50%",
+    "  a circuit breaker: closed OK, half_open WARNING, open CRITICAL",
+    "  sparklines: the recent run durations; a mark is a run the robust detector",
+    "  finds anomalous",
+)
+
+
+def screen(summary: Dict[str, Any], width: int, height: int, *, scroll: int = 0, ascii_only: bool = False,
+           show_help: bool = False, error: Optional[str] = None) -> Tuple[List[Line], int]:
+    """The lines of one screen of ``width`` x ``height``, each clipped to the width, and the scroll
+    position actually used (kept within the content)."""
+    if width < MIN_SIZE[0] or height < MIN_SIZE[1]:
+        return [clip_line([("too small", "warning")], width)] if height > 0 and width > 0 else [], 0
+    room = height - HEADER_LINES - FOOTER_LINES
+    if show_help:
+        body = [[(text, "title" if text.isupper() else "plain")] for text in HELP]
+    else:
+        body = body_lines(summary, width, height, ascii_only)
+    scroll = max(0, min(scroll, len(body) - room))
+    shown = body[scroll:scroll + room]
+    lines = header_lines(summary, width, error) + shown + [[("", "plain")]] * (room - len(shown))
+    lines.append(footer_line(width, ascii_only, scroll, len(shown), len(body)))
+    return [clip_line(line, width) for line in lines], scroll
+
+
+def plain_text(summary: Dict[str, Any], ascii_only: bool = False, width: int = PLAIN_WIDTH) -> str:
+    """The whole dashboard once, as plain text of ``width`` columns: for --once and redirected output."""
+    lines = header_lines(summary, width) + body_lines(summary, width, None, ascii_only)
+    return "\n".join(plain(clip_line(line, width)) for line in lines) + "\n"
+
+
+## The curses loop #############################################################
+
+class Terminal:
+    """The curses screen, started without curses.wrapper (which turns color on even under NO_COLOR)
+    and always given back to the terminal as it was."""
+
+    def __init__(self, color: bool):
+        import curses
+
+        self.curses = curses
+        if hasattr(curses, "set_escdelay"):
+            curses.set_escdelay(25)  # Escape quits at once, not after a second
+        else:
+            os.environ.setdefault("ESCDELAY", "25")
+        self.window = curses.initscr()
+        try:
+            curses.noecho()
+            curses.cbreak()
+            self.window.keypad(True)
+            try:
+                curses.curs_set(0)
+            except curses.error:
+                pass  # a terminal that cannot hide its cursor
+            self.styles = self._styles(color and curses.has_colors())
+        except BaseException:
+            self.close()
+            raise
+
+    def _styles(self, color: bool) -> Dict[str, int]:
+        curses = self.curses
+        bold = curses.A_BOLD
+        styles = {"title": bold, "critical": bold, "anomaly": bold, "dim": curses.A_DIM}
+        if not color:
+            return styles
+        curses.start_color()
+        try:
+            curses.use_default_colors()
+            background = -1
+        except curses.error:
+            background = curses.COLOR_BLACK
+        for number, (style, foreground, extra) in enumerate((
+                ("ok", curses.COLOR_GREEN, 0), ("warning", curses.COLOR_YELLOW, bold),
+                ("critical", curses.COLOR_RED, bold), ("unknown", curses.COLOR_MAGENTA, bold),
+                ("anomaly", curses.COLOR_RED, bold), ("spark", curses.COLOR_CYAN, 0), ("failed", curses.COLOR_RED, 0),
+                ("title", curses.COLOR_CYAN, bold),
+        ), start=1):
+            curses.init_pair(number, foreground, background)
+            styles[style] = curses.color_pair(number) | extra
+        return styles
+
+    def size(self) -> Tuple[int, int]:
+        height, width = self.window.getmaxyx()
+        return width, height
+
+    def draw(self, lines: List[Line]) -> None:
+        """Every segment at its place; nothing is written past the window (the last cell of the last
+        row is left alone, as writing it raises in curses)."""
+        curses = self.curses
+        width, height = self.size()
+        self.window.erase()
+        for row, line in enumerate(lines[:height]):
+            column = 0
+            for text, style in clip_line(line, width - 1 if row == height - 1 else width):
+                try:
+                    self.window.addstr(row, column, text, self.styles.get(style, 0))
+                except curses.error:
+                    break
+                column += width_of(text)
+        self.window.noutrefresh()
+        curses.doupdate()
+
+    def key(self, timeout_s: float) -> int:
+        """The next key, or -1 after ``timeout_s``: the loop sleeps here, costing no CPU."""
+        self.window.timeout(max(1, int(timeout_s * 1000)))
+        return self.window.getch()
+
+    def resized(self) -> None:
+        try:
+            self.curses.update_lines_cols()
+        except AttributeError:
+            pass
+
+    def close(self) -> None:
+        curses = self.curses
+        try:
+            self.window.keypad(False)
+            curses.nocbreak()
+            curses.echo()
+        finally:
+            curses.endwin()
+
+
+class Dashboard:
+    """The state of a running dashboard: the last summary, the scroll position, help shown or not."""
+
+    def __init__(self, collect: Callable[[], Dict[str, Any]], refresh_s: float, ascii_only: bool,
+                 clock: Callable[[], float] = time.monotonic):
+        self.collect = collect
+        self.refresh_s = refresh_s
+        self.ascii_only = ascii_only
+        self.clock = clock
+        self.summary: Dict[str, Any] = empty_summary()
+        self.error: Optional[str] = None
+        self.scroll = 0
+        self.show_help = False
+        self.next_refresh = 0.0
+
+    def refresh_if_due(self) -> None:
+        if self.clock() < self.next_refresh:
+            return
+        try:
+            self.summary, self.error = self.collect(), None
+        except Exception as err:  # the last good screen stays, with the reason on its second line
+            self.error = " ".join(str(err).split()) or type(err).__name__
+        self.next_refresh = self.clock() + self.refresh_s
+
+    def lines(self, width: int, height: int) -> List[Line]:
+        lines, self.scroll = screen(self.summary, width, height, scroll=self.scroll, ascii_only=self.ascii_only,
+                                    show_help=self.show_help, error=self.error)
+        return lines
+
+    def handle(self, key: int, page: int, curses: Any) -> bool:
+        """Act on one key; False when it quits."""
+        if self.show_help and key != -1 and key != curses.KEY_RESIZE:
+            self.show_help = False
+            return True
+        if key in (ord("q"), ord("Q"), ESCAPE_KEY):
+            return False
+        moves = {curses.KEY_UP: -1, curses.KEY_DOWN: 1, curses.KEY_PPAGE: -page, curses.KEY_NPAGE: page,
+                 curses.KEY_HOME: -10 ** 9, curses.KEY_END: 10 ** 9}
+        if key in moves:
+            self.scroll = max(0, self.scroll + moves[key])
+        elif key in (ord("r"), ord("R")):
+            self.next_refresh = 0.0
+        elif key in (ord("h"), ord("H"), ord("?")):
+            self.show_help = True
+        return True
+
+    def run(self, terminal: Terminal) -> int:
+        curses = terminal.curses
+        while True:
+            self.refresh_if_due()
+            width, height = terminal.size()
+            terminal.draw(self.lines(width, height))
+            key = terminal.key(max(0.0, self.next_refresh - self.clock()))
+            if key == curses.KEY_RESIZE:
+                terminal.resized()
+            elif not self.handle(key, max(1, height - HEADER_LINES - FOOTER_LINES), curses):
+                return 0
+
+
+def empty_summary() -> Dict[str, Any]:
+    return {"status": "unknown", "generated_at": "-", "window_hours": mm.DEFAULT_WINDOW_HOURS, "sync": {},
+            "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {}}
+
+
+## Command line ################################################################
+
+def build_parser():
+    import argparse
+
+    parser = mm.parser_class()(
+        prog=PROG, description="The metasystem-monitor dashboard: what the store holds, refreshed.",
+        epilog="examples:\n  python3 monitoring_dashboard.py --refresh 5\n"
+               "  python3 monitoring_dashboard.py --summary | jq .status",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", help="the SQLite store (default: $METASYSTEM_DB, else ~/.metasystem/metrics.db)")
+    parser.add_argument("--config", help="the INI file (default: $METASYSTEM_CONFIG, else beside the store)")
+    parser.add_argument("--refresh", type=_refresh_seconds, default=DEFAULT_REFRESH_S, metavar="SECONDS",
+                        help=f"seconds between refreshes, {REFRESH_RANGE_S[0]} to {REFRESH_RANGE_S[1]} "
+                             f"(default {DEFAULT_REFRESH_S})")
+    parser.add_argument("--hours", type=_window_hours, default=mm.DEFAULT_WINDOW_HOURS, metavar="H",
+                        help="the window shown, in hours (default 24)")
+    parser.add_argument("--once", action="store_true", help="print the screen once as plain text and exit")
+    parser.add_argument("--summary", action="store_true", help="print the summary as one JSON object and exit")
+    parser.add_argument("--no-color", action="store_true", help="no color (so do NO_COLOR and TERM=dumb)")
+    parser.add_argument("--ascii", action="store_true", help="ASCII sparklines and marks")
+    return parser
+
+
+def _refresh_seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not REFRESH_RANGE_S[0] <= value <= REFRESH_RANGE_S[1]:
+        raise argparse.ArgumentTypeError(f"must be {REFRESH_RANGE_S[0]} to {REFRESH_RANGE_S[1]} seconds, got {text!r}")
+    return value
+
+
+def _window_hours(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of hours, got {text!r}")
+    return value
+
+
+def use_color(args, environ: Dict[str, str]) -> bool:
+    return not (args.no_color or environ.get("NO_COLOR") or environ.get("TERM", "") == "dumb")
+
+
+def terminal_is_utf8() -> bool:
+    import locale
+
+    try:
+        return locale.nl_langinfo(locale.CODESET).replace("-", "").upper() == "UTF8"
+    except AttributeError:  # no nl_langinfo on this platform
+        return (sys.stdout.encoding or "").replace("-", "").upper() == "UTF8"
+
+
+def fail(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None) -> int:
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    config_path = mm.resolve_config_path(args.config, environ)
+    db_path = mm.resolve_db_path(args.db, environ)
+    try:
+        mm.load_config(config_path, required=bool(args.config or environ.get("METASYSTEM_CONFIG")))
+        now = mm.cli_clock()
+
+        def collect() -> Dict[str, Any]:
+            return mm.read_summary(db_path, args.hours, now=now)
+
+        if args.summary:
+            import json
+
+            sys.stdout.write(json.dumps(collect(), sort_keys=True, indent=2, allow_nan=False) + "\n")
+            return 0
+        if args.once or not sys.stdout.isatty():
+            ascii_only = args.ascii or (sys.stdout.encoding or "").replace("-", "").upper() != "UTF8"
+            sys.stdout.write(plain_text(collect(), ascii_only))
+            return 0
+        return run_screen(args, collect, environ)
+    except mm.MonitorError as err:
+        return fail(str(err))
+    except BrokenPipeError:
+        return 1
+
+
+def run_screen(args, collect: Callable[[], Dict[str, Any]], environ: Dict[str, str]) -> int:
+    import curses
+    import locale
+    import signal
+
+    locale.setlocale(locale.LC_ALL, "")
+    ascii_only = args.ascii or not terminal_is_utf8()
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        terminal = Terminal(use_color(args, environ))
+    except curses.error as err:
+        return fail(f"cannot start the screen ({err}); --once prints it as plain text")
+    try:
+        return Dashboard(collect, args.refresh, ascii_only).run(terminal)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        terminal.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

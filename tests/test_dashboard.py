@@ -1,0 +1,438 @@
+"""The dashboard: its renderers as pure functions, its command line, and the real curses screen in a
+pseudo-terminal."""
+
+import curses
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+import unittest
+
+import metasystem_monitor as mm
+import monitoring_dashboard as dash
+from tests.support import REPO, SUBPROCESS_TIMEOUT_S, FakeClock, StoreTestCase, reap
+
+DASHBOARD = os.path.join(REPO, "monitoring_dashboard.py")
+GOLDEN = os.path.join(REPO, "tests", "data")
+NOW = 1_800_000_000.0
+PTY_TIMEOUT_S = 20
+# SGR parameters that set a color: 30-39 and 90-97 foreground, 40-49 and 100-107 background.
+COLOR_SGR = re.compile(rb"\x1b\[(?:[0-9;]*;)?(?:3[0-9]|4[0-9]|9[0-7]|10[0-7])(?:;[0-9;]*)?m")
+
+
+def sample_summary():
+    """A summary as read_summary() makes it, with every kind of row the screen draws."""
+    return {
+        "schema_version": 1, "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0,
+        "status": "critical",
+        "sync": {
+            "icloud": {"success_rate": 92.5, "attempts": 40, "avg_duration": 2.34,
+                       "last_success": "2027-01-15T07:50:00.000+00:00",
+                       "recent": {"durations": [2.0, 2.2, 2.4, 2.1, 2.3, 9.5, 2.2, 2.0], "failed": [2],
+                                  "anomalous": [5]}},
+            "external": {"success_rate": 75.0, "attempts": 20, "avg_duration": 1.89,
+                         "last_success": "2027-01-15T06:10:00.000+00:00",
+                         "recent": {"durations": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], "failed": [0, 1],
+                                    "anomalous": []}},
+            "nas": {"success_rate": None, "attempts": 0, "avg_duration": None, "last_success": None,
+                    "recent": {"durations": [], "failed": [], "anomalous": []}},
+        },
+        "circuit_breakers": {
+            "icloud_sync": {"state": "closed", "failures": 0, "since": "2027-01-14T22:00:00.000+00:00",
+                            "recent": {"failures": [0.0, 3.0, 0.0]}},
+            "external_sync": {"state": "open", "failures": 5, "since": "2027-01-15T07:30:00.000+00:00",
+                              "recent": {"failures": [0.0, 5.0]}},
+            "knowledge_graph": {"state": "half_open", "failures": 3, "since": "2027-01-15T07:55:00.000+00:00",
+                                "recent": {"failures": []}},
+        },
+        "agents": {
+            "cataloger": {"executions": 24, "success_rate": 100.0, "avg_duration": 1.23, "latest_duration": 1.15,
+                          "recent": {"durations": [1.2, 1.3, 1.1, 1.15], "failed": [], "anomalous": []}},
+            "maintainer": {"executions": 24, "success_rate": 95.8, "avg_duration": 0.95, "latest_duration": 0.92,
+                           "recent": {"durations": [0.9, 1.0, 0.92], "failed": [], "anomalous": []}},
+            "synthesizer": {"executions": 24, "success_rate": 41.7, "avg_duration": 612.0, "latest_duration": 2.38,
+                            "recent": {"durations": [2.4, 2.38], "failed": [1], "anomalous": []}},
+        },
+        "alerts": [
+            {"time": "2027-01-15T07:31:00.000+00:00", "kind": "firing", "severity": "critical",
+             "title": "external sync \x1b[31mfailing\x1b[0m", "channels": {"email": "sent", "slack": "failed"}},
+            {"time": "2027-01-15T06:00:00.000+00:00", "kind": "resolved", "severity": "warning",
+             "title": "disk almost full", "channels": {"email": "sent"}},
+        ],
+        "health": {
+            "disk": {"state": "OK", "summary": "85.6 GB free of 270.6 GB (31.6%) on /srv",
+                     "checked_at": "2027-01-15T07:55:00.000+00:00"},
+            "database": {"state": "OK", "summary": "quick_check ok, 12.0 MB, WAL 0 B",
+                         "checked_at": "2027-01-15T07:55:00.000+00:00"},
+            "circuit_breaker": {"state": "CRITICAL", "summary": "open: external_sync (open 30m)",
+                                "checked_at": "2027-01-15T07:55:00.000+00:00"},
+            "backup": {"state": "UNKNOWN", "summary": "not checked for 3h (then OK: ran 4h ago)",
+                       "checked_at": "2027-01-15T05:00:00.000+00:00"},
+        },
+    }
+
+
+def screen_text(summary, width, height, **options):
+    lines, _ = dash.screen(summary, width, height, **options)
+    return "\n".join(dash.plain(line) for line in lines) + "\n"
+
+
+class RendererTest(unittest.TestCase):
+    """Given a summary and a size, the lines drawn."""
+
+    maxDiff = None
+
+    def assertGolden(self, name, text):
+        with open(os.path.join(GOLDEN, name), encoding="utf-8") as handle:
+            self.assertEqual(text, handle.read())
+
+    def test_golden_screens(self):
+        for width, height in ((80, 24), (120, 40), (40, 12)):
+            with self.subTest(size=f"{width}x{height}"):
+                self.assertGolden(f"dashboard_{width}x{height}.txt", screen_text(sample_summary(), width, height))
+
+    def test_golden_plain_text_in_ascii(self):
+        self.assertGolden("dashboard_once_ascii.txt", dash.plain_text(sample_summary(), ascii_only=True))
+
+    def test_no_size_draws_past_the_window(self):
+        summary = sample_summary()
+        summary["sync"]["同期ターゲット"] = dict(summary["sync"]["icloud"])  # wide characters: two columns each
+        for width in range(0, 131, 7):
+            for height in range(0, 46, 3):
+                for ascii_only in (False, True):
+                    lines, _ = dash.screen(summary, width, height, ascii_only=ascii_only, scroll=5)
+                    self.assertLessEqual(len(lines), height)
+                    for line in lines:
+                        self.assertLessEqual(dash.width_of("".join(text for text, _ in line)), width)
+
+    def test_below_20x5_one_line_says_too_small(self):
+        for width, height, expected in ((19, 24, "too small"), (80, 4, "too small"), (10, 3, "too small"),
+                                        (5, 1, "too s"), (0, 0, None)):
+            lines, _ = dash.screen(sample_summary(), width, height)
+            self.assertEqual([dash.plain(line) for line in lines], [expected] if expected else [])
+
+    def test_below_80x24_the_lower_priority_sections_are_dropped(self):
+        text = screen_text(sample_summary(), 80, 16)
+        self.assertIn("SYSTEM HEALTH", text)
+        self.assertIn("SYNC OPERATIONS", text)
+        for dropped in ("CIRCUIT BREAKERS", "AGENTS", "RECENT ALERTS"):
+            self.assertNotIn(dropped, text)
+        # At 80x24 and more, nothing is dropped: what does not fit scrolls.
+        body = dash.body_lines(sample_summary(), 80, 24)
+        self.assertEqual(sum(dash.plain(line) in ("SYNC OPERATIONS", "AGENTS", "RECENT ALERTS", "CIRCUIT BREAKERS",
+                                                  "SYSTEM HEALTH") for line in body), 5)
+
+    def test_scrolling_stays_within_the_content(self):
+        summary = sample_summary()
+        total = len(dash.body_lines(summary, 80, 24))
+        room = 24 - dash.HEADER_LINES - dash.FOOTER_LINES
+        lines, scroll = dash.screen(summary, 80, 24, scroll=10 ** 6)
+        self.assertEqual(scroll, total - room)
+        self.assertEqual(dash.plain(lines[-1])[-len(f"lines {scroll + 1}-{total} of {total}"):],
+                         f"lines {scroll + 1}-{total} of {total}")
+        self.assertEqual(dash.plain(lines[-2]),
+                         "  OK       disk                  85.6 GB free of 270.6 GB (31.6%) on /srv")
+
+    def test_control_characters_and_escapes_are_drawn_inert(self):
+        text = screen_text(sample_summary(), 120, 40)
+        self.assertNotIn("\x1b", text)
+        self.assertIn("external sync \\x1b[31mfailing\\x1b[0m", text)
+        self.assertEqual(dash.inert("a\tb\r\nc\u202ed\x00"), "a\\tb\\r\\nc\\u202ed\\x00")
+
+    def test_ascii_mode_draws_only_ascii(self):
+        summary = sample_summary()
+        summary["agents"]["écrivain"] = summary["agents"]["cataloger"]
+        text = screen_text(summary, 120, 40, ascii_only=True) + dash.plain_text(summary, ascii_only=True)
+        self.assertEqual(text.encode("ascii", "replace").decode("ascii"), text)
+        self.assertIn("\\xe9crivain", text)
+        self.assertIn("Up", text)
+
+    def test_sparkline_scales_and_marks(self):
+        def drawn(*args, **kwargs):
+            return "".join(text for text, _ in dash.sparkline(*args, **kwargs))
+
+        self.assertEqual(drawn([1, 2, 3, 4, 5, 6, 7, 8]), "▁▂▃▄▅▆▇█")
+        self.assertEqual(drawn([8, 1]), "█▁")
+        self.assertEqual(drawn([3, 3, 3]), "▅▅▅")
+        self.assertEqual(drawn([1, 2, 3, 4, 5, 6, 7, 8], ascii_only=True), "_.-:=+*#")
+        self.assertEqual(drawn([1, 1, 9, 1], marked=(2,)), "▅▅◆▅")
+        self.assertEqual(drawn([1, 1, 9, 1], ascii_only=True, marked=(2,)), "==!=")
+        self.assertEqual(dash.sparkline([]), [])
+        self.assertEqual(dash.sparkline([1, 5, 9], marked=(1,)), [("▁", "spark"), ("◆", "anomaly"), ("█", "spark")])
+        self.assertEqual(dash.sparkline([1, 5, 9, 9], failed=(1, 2)),
+                         [("▁", "spark"), ("▅█", "failed"), ("█", "spark")])
+
+    def test_health_rows_say_the_state_in_words(self):
+        text = screen_text(sample_summary(), 80, 40)
+        self.assertIn("  CRITICAL circuit_breaker       open: external_sync (open 30m)\n", text)
+        self.assertIn("  OK       disk                  85.6 GB free of 270.6 GB (31.6%) on /srv\n", text)
+
+    def test_an_empty_summary_says_what_to_do(self):
+        text = dash.plain_text(dash.empty_summary())
+        self.assertIn("  no check has run yet: metasystem_monitor.py check (from cron, every 5 minutes)\n", text)
+        self.assertIn("  no alerts in the past 24 hours\n", text)
+
+
+class DashboardStateTest(unittest.TestCase):
+    """The loop's state, driven by the keys curses defines, with an injected clock and collector."""
+
+    def dashboard(self, collect):
+        self.clock = FakeClock()
+        return dash.Dashboard(collect, 10, False, clock=self.clock.monotonic)
+
+    def test_refreshes_only_when_due_or_asked(self):
+        calls = []
+        board = self.dashboard(lambda: calls.append(1) or sample_summary())
+        board.refresh_if_due()
+        board.refresh_if_due()
+        self.clock.advance(9.9)
+        board.refresh_if_due()
+        self.assertEqual(len(calls), 1)
+        self.clock.advance(0.1)
+        board.refresh_if_due()
+        self.assertEqual(len(calls), 2)
+        self.assertTrue(board.handle(ord("r"), 10, curses))
+        board.refresh_if_due()
+        self.assertEqual(len(calls), 3)
+
+    def test_a_failed_refresh_keeps_the_last_screen_and_says_why(self):
+        answers = [sample_summary(), mm.StorageError("store x is locked\nby another process", "x")]
+
+        def collect():
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        board = self.dashboard(collect)
+        board.refresh_if_due()
+        self.clock.advance(10)
+        board.refresh_if_due()
+        lines = [dash.plain(line) for line in board.lines(80, 24)]
+        self.assertEqual(lines[1], "status CRITICAL   window 24 h   store x is locked by another process")
+        self.assertIn("SYNC OPERATIONS", lines)
+
+    def test_keys(self):
+        board = self.dashboard(sample_summary)
+        board.refresh_if_due()
+        self.assertTrue(board.handle(curses.KEY_NPAGE, 5, curses))
+        board.lines(80, 24)
+        self.assertEqual(board.scroll, 5)
+        self.assertTrue(board.handle(curses.KEY_UP, 5, curses))
+        self.assertEqual(board.scroll, 4)
+        self.assertTrue(board.handle(curses.KEY_END, 5, curses))
+        board.lines(80, 24)
+        self.assertEqual(board.scroll, 9)  # 30 lines of content, 21 rows for them
+        self.assertTrue(board.handle(curses.KEY_HOME, 5, curses))
+        self.assertEqual(board.scroll, 0)
+        self.assertTrue(board.handle(ord("?"), 5, curses))
+        self.assertEqual(dash.plain(board.lines(80, 24)[2]), "KEYS")
+        self.assertTrue(board.handle(ord("x"), 5, curses))  # any key leaves the help
+        self.assertFalse(board.show_help)
+        for key in (ord("q"), 27):
+            self.assertFalse(board.handle(key, 5, curses))
+
+
+class SummaryCommandTest(StoreTestCase):
+    """--summary and --once as a shell pipeline sees them: real processes."""
+
+    def run_dashboard(self, *args, env=None):
+        env = dict(self.child_env(), METASYSTEM_NOW=str(NOW), **(env or {}))
+        return subprocess.run([sys.executable, DASHBOARD, "--db", self.db, *args], capture_output=True, env=env,
+                              cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
+
+    def populate(self):
+        clock = FakeClock(NOW - 3600)
+        with mm.MetricsCollector(self.db, now=clock.time) as metrics:
+            metrics.record_sync_metric("icloud", True, 2.0, timestamp=NOW - 600)
+            metrics.record_sync_metric("icloud", False, 4.0, timestamp=NOW - 300)
+            metrics.record_agent_metric("cataloger", 1.5, True, timestamp=NOW - 200)
+            metrics.record_circuit_breaker_metric("icloud_sync", "open", 3, timestamp=NOW - 120)
+            mm.record_check_results(metrics, [mm.CheckResult("disk", "WARNING", "9% free")], NOW - 60)
+
+    def test_summary_of_an_empty_store(self):
+        result = self.run_dashboard("--summary")
+        expected = {"schema_version": 1, "generated_at": mm.iso_time(NOW), "window_hours": 24.0, "status": "unknown",
+                    "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {}}
+        self.assertCleanExit(result, 0, json.dumps(expected, sort_keys=True, indent=2) + "\n")
+        self.assertFalse(os.path.exists(self.db))
+
+    def test_summary_of_a_populated_store_through_json_tool(self):
+        self.populate()
+        env = dict(self.child_env(), METASYSTEM_NOW=str(NOW))
+        producer = subprocess.Popen([sys.executable, DASHBOARD, "--db", self.db, "--summary"], stdout=subprocess.PIPE,
+                                    env=env)
+        self.addCleanup(reap, producer)
+        tool = subprocess.run([sys.executable, "-m", "json.tool", "--sort-keys"], stdin=producer.stdout,
+                              capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+        producer.stdout.close()
+        self.assertEqual((producer.wait(SUBPROCESS_TIMEOUT_S), tool.returncode, tool.stderr), (0, 0, b""))
+        summary = json.loads(tool.stdout)
+        self.assertEqual(summary["status"], "warning")
+        self.assertEqual(summary["sync"], {"icloud": {
+            "success_rate": 50.0, "attempts": 2, "avg_duration": 3.0, "last_success": mm.iso_time(NOW - 600),
+            "recent": {"durations": [2.0, 4.0], "failed": [1], "anomalous": []}}})
+        self.assertEqual(summary["agents"]["cataloger"]["latest_duration"], 1.5)
+        self.assertEqual(summary["circuit_breakers"]["icloud_sync"]["state"], "open")
+        self.assertEqual(summary["health"], {"disk": {"state": "WARNING", "summary": "9% free",
+                                                      "checked_at": mm.iso_time(NOW - 60)}})
+        self.assertEqual(summary, mm.read_summary(self.db, now=lambda: NOW))
+
+    def test_once_redirected_is_the_plain_screen(self):
+        self.populate()
+        expected = dash.plain_text(mm.read_summary(self.db, now=lambda: NOW))
+        for args in (("--once",), ()):  # a plain run with stdout redirected prints once too
+            with self.subTest(args=args):
+                result = self.run_dashboard(*args, env={"LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"})
+                self.assertCleanExit(result, 0, expected)
+                self.assertNotIn(b"\x1b", result.stdout)
+                self.assertIn(b"  WARNING  icloud          50.0%    2 runs avg  3.00s \xe2\x96\x81\xe2\x96\x88",
+                              result.stdout)
+
+    def test_an_unreadable_store_is_a_critical_summary_not_an_error(self):
+        with open(self.db, "wb") as handle:
+            handle.write(b"not a database at all" * 100)
+        result = self.run_dashboard("--summary")
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        summary = json.loads(result.stdout)
+        self.assertEqual((summary["status"], summary["health"]["database"]["summary"]),
+                         ("critical", f"store {self.db} is not a SQLite database"))
+        with open(self.db, "rb") as handle:
+            self.assertEqual(handle.read(), b"not a database at all" * 100)
+
+    def test_bad_options_are_one_line_errors(self):
+        for args, code, fragment in (
+                (("--refresh", "0"), 2, "argument --refresh: must be 1 to 3600 seconds, got '0'"),
+                (("--refresh", "3601"), 2, "argument --refresh: must be 1 to 3600 seconds"),
+                (("--hours", "nan"), 2, "argument --hours: must be a positive number of hours, got 'nan'"),
+                (("--config", os.path.join(self.tmp, "none.ini"), "--summary"), 1, "none.ini does not exist"),
+        ):
+            with self.subTest(args=args):
+                result = self.run_dashboard(*args)
+                self.assertEqual((result.returncode, result.stdout), (code, b""))
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(fragment, result.stderr.decode())
+                self.assertTrue(result.stderr.startswith(b"monitoring_dashboard.py: error: "), result.stderr)
+
+
+class PseudoTerminal:
+    """The dashboard on the slave side of a pty, its screen read from the master side."""
+
+    def __init__(self, test, args, env_extra, size=(120, 40)):
+        self.master, slave = pty.openpty()
+        self.resize(size, slave)
+        env = {key: value for key, value in os.environ.items() if key not in ("LINES", "COLUMNS", "NO_COLOR")}
+        env.update(TERM="xterm-256color", LC_ALL="C.UTF-8", PYTHONPATH=REPO, **env_extra)
+        self.process = subprocess.Popen([sys.executable, DASHBOARD, *args], stdin=slave, stdout=slave, stderr=slave,
+                                        env=env, start_new_session=True)
+        os.close(slave)
+        test.addCleanup(os.close, self.master)
+        test.addCleanup(reap, self.process)
+        self.output = b""
+
+    def resize(self, size, fd=None):
+        columns, rows = size
+        fcntl.ioctl(self.master if fd is None else fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def resize_and_signal(self, size):
+        self.resize(size)
+        self.process.send_signal(signal.SIGWINCH)
+
+    def read_until(self, marker, timeout=PTY_TIMEOUT_S):
+        """Read until ``marker`` shows in what is written from now on; the bytes read since."""
+        start, deadline = len(self.output), time.monotonic() + timeout
+        while marker not in self.output[start:]:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"{marker!r} not drawn within {timeout} s; got {self.output[start:][-500:]!r}")
+            self.output += os.read(self.master, 65536)
+        return self.output[start:]
+
+    def finish(self, keys=b"", sig=None):
+        """Press ``keys`` (or send ``sig``), then the exit code, once the child has written everything."""
+        if keys:
+            os.write(self.master, keys)
+        if sig:
+            self.process.send_signal(sig)
+        code = self.process.wait(PTY_TIMEOUT_S)
+        while True:
+            ready, _, _ = select.select([self.master], [], [], 0)
+            if not ready:
+                break
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: the slave side is closed
+                break
+            if not chunk:
+                break
+            self.output += chunk
+        return code
+
+
+ENTER_ALTERNATE = b"\x1b[?1049h"
+LEAVE_ALTERNATE = b"\x1b[?1049l"
+
+
+class RealScreenTest(StoreTestCase):
+    """The real dashboard, curses and all, in a pseudo-terminal."""
+
+    def setUp(self):
+        super().setUp()
+        with mm.MetricsCollector(self.db) as metrics:
+            for i in range(30):
+                metrics.record_sync_metric("icloud", i % 10 != 3, 2.0 + (i % 4) / 10)
+                metrics.record_agent_metric("cataloger", 1.0 + (i % 3) / 10, True)
+            metrics.record_circuit_breaker_metric("external_sync", "open", 4)
+            mm.record_check_results(metrics, [mm.CheckResult("disk", "OK", "plenty free")], time.time())
+
+    def start(self, *args, **env):
+        return PseudoTerminal(self, ["--db", self.db, "--refresh", "3600", *args], env)
+
+    def assertTerminalRestored(self, output):
+        self.assertIn(ENTER_ALTERNATE, output)
+        self.assertGreater(output.rfind(LEAVE_ALTERNATE), output.rfind(ENTER_ALTERNATE))
+
+    def test_draws_survives_resizes_and_quits_on_q(self):
+        term = self.start()
+        first = term.read_until(b"PgDn scroll")  # the footer: drawn last
+        for text in (b"SYNC OPERATIONS", b"CIRCUIT BREAKERS", b"external_sync", b"icloud", b"cataloger",
+                     b"plenty free", "▁".encode()):
+            self.assertIn(text, first)
+        term.resize_and_signal((30, 8))
+        term.read_until(b"SYSTEM HEALTH")
+        term.resize_and_signal((10, 3))
+        term.read_until(b"too small")
+        term.resize_and_signal((120, 40))
+        term.read_until(b"SYNC OPERATIONS")
+        self.assertEqual(term.finish(b"q"), 0)
+        self.assertTerminalRestored(term.output)
+        self.assertRegex(term.output, COLOR_SGR)  # so the NO_COLOR test below can fail
+
+    def test_no_color_writes_no_color_sequences_and_escape_quits(self):
+        term = self.start(NO_COLOR="1")
+        term.read_until(b"SYSTEM HEALTH")
+        self.assertEqual(term.finish(b"\x1b"), 0)
+        self.assertTerminalRestored(term.output)
+        self.assertNotRegex(term.output, COLOR_SGR)
+
+    def test_help_then_ascii_marks_then_sigterm_restores_the_terminal(self):
+        term = self.start("--ascii", "--no-color")
+        drawn = term.read_until(b"SYSTEM HEALTH")
+        self.assertNotIn("▁".encode(), drawn)
+        self.assertNotRegex(term.output, COLOR_SGR)
+        os.write(term.master, b"h")
+        term.read_until(b"KEYS")
+        self.assertEqual(term.finish(sig=signal.SIGTERM), 128 + signal.SIGTERM)
+        self.assertTerminalRestored(term.output)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,133 @@
+"""read_summary(): the one summary that the dashboard and --summary show, read from a real store."""
+
+import os
+
+import metasystem_monitor as mm
+from tests.support import AlertTestCase, FakeClock, file_bytes, sqlite_rows
+
+HOUR_S = 3600.0
+
+
+class ReadSummaryTest(AlertTestCase):
+
+    def summary(self, now=None, hours=24.0):
+        now = self.clock.now if now is None else now
+        return mm.read_summary(self.db, hours, now=lambda: now)
+
+    def test_a_missing_store_is_an_empty_summary_and_nothing_is_created(self):
+        self.assertEqual(self.summary(), {
+            "schema_version": 1, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
+            "status": "unknown", "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {},
+        })
+        self.assertEqual(os.listdir(self.tmp), ["log.sock"])
+
+    def test_a_store_that_cannot_be_read_is_a_critical_database_and_is_left_alone(self):
+        with open(self.db, "wb") as handle:
+            handle.write(b"SQLite format 3\x00" + b"\xff" * 200)
+        before = file_bytes(self.db)
+        summary = self.summary()
+        self.assertEqual((summary["status"], summary["health"], summary["sync"]), (
+            "critical", {"database": {"state": "CRITICAL", "summary": f"store {self.db} is not a SQLite database",
+                                      "checked_at": mm.iso_time(self.clock.now)}}, {}))
+        self.assertEqual(file_bytes(self.db), before)
+
+    def test_reading_writes_nothing(self):
+        metrics = self.collector(self.clock)
+        metrics.record_sync_metric("icloud", True, 2.0)
+        metrics.close()
+        before = (file_bytes(self.db), os.stat(self.db).st_mtime_ns)
+        self.assertEqual(self.summary()["sync"]["icloud"]["attempts"], 1)
+        self.assertEqual((file_bytes(self.db), os.stat(self.db).st_mtime_ns), before)
+
+    def test_alerts_newest_first_with_what_each_channel_did(self):
+        system = self.system("[channel:dead]\ntype = webhook\nurl = http://127.0.0.1:9/hook\n")
+        for send in (lambda: system.send_warning_alert("disk filling", "80% used", channels=["log"]),
+                     lambda: system.send_critical_alert("backup failed", "exit 2", channels=["log", "dead"]),
+                     lambda: system.fire("sync", "sync failing", "3 failures", "warning")):
+            send()  # the dead channel's retries move the clock on
+            self.clock.advance(60)
+        times = [ts for (ts,) in sqlite_rows(self.db, "SELECT ts FROM alerts ORDER BY id")]
+        alerts = self.summary()["alerts"]
+        self.assertEqual(alerts, [
+            {"time": mm.iso_time(times[2]), "kind": "firing", "severity": "warning",
+             "title": "sync failing", "channels": {"dead": "failed", "log": "sent"}},
+            {"time": mm.iso_time(times[1]), "kind": "alert", "severity": "critical",
+             "title": "backup failed", "channels": {"dead": "failed", "log": "sent"}},
+            {"time": mm.iso_time(times[0]), "kind": "alert", "severity": "warning",
+             "title": "disk filling", "channels": {"log": "sent"}},
+        ])
+        since_last = (self.clock.now - times[2] + 1) / HOUR_S
+        self.assertEqual(self.summary(hours=since_last)["alerts"], alerts[:1])
+
+    def test_at_most_twenty_alerts(self):
+        system = self.system()
+        for i in range(25):
+            system.send_info_alert(f"note {i}", "", channels=["log"])
+            self.syslog.pending()  # a full /dev/log queue would hold the next one up
+            self.clock.advance(1)
+        titles = [alert["title"] for alert in self.summary()["alerts"]]
+        self.assertEqual(titles, [f"note {i}" for i in range(24, 4, -1)])
+
+    def test_health_is_the_last_verdict_of_each_check_still_run(self):
+        metrics = self.collector(self.clock)
+        start = self.clock.now
+        mm.record_check_results(metrics, [mm.CheckResult("disk", "OK", "plenty"),
+                                          mm.CheckResult("old", "CRITICAL", "gone from the configuration")], start)
+        self.assertEqual(sqlite_rows(self.db, "SELECT name, state FROM check_results ORDER BY name"),
+                         [("disk", "OK"), ("old", "CRITICAL")])
+        self.assertEqual(self.summary(start + 60)["status"], "critical")
+        later = start + 2 * HOUR_S
+        self.clock.advance(2 * HOUR_S)
+        mm.record_check_results(metrics, [mm.CheckResult("disk", "WARNING", "9% free", 9.0, "%")], later)
+        summary = self.summary(later + 60)
+        self.assertEqual(summary["health"], {"disk": {"state": "WARNING", "summary": "9% free",
+                                                      "checked_at": mm.iso_time(later)}})
+        self.assertEqual(summary["status"], "warning")
+        # The checks stopped running: what they said then no longer stands.
+        stale = self.summary(later + 3 * HOUR_S)
+        self.assertEqual(stale["health"]["disk"], {"state": "UNKNOWN", "summary": "not checked for 3h "
+                                                   "(then WARNING: 9% free)", "checked_at": mm.iso_time(later)})
+        self.assertEqual(stale["status"], "unknown")
+        # The same results are metrics too, written in the same transaction.
+        self.assertEqual(metrics.get_metric_stats("check_value", 24)["latest"], 9.0)
+
+    def test_recent_runs_mark_failures_and_anomalies(self):
+        metrics = self.collector(self.clock)
+        start = self.clock.now - 40 * 60
+        durations = [2.0 + (i % 5) / 100 for i in range(40)]
+        durations[35] = 30.0
+        for i, duration in enumerate(durations):
+            metrics.record_sync_metric("icloud", i != 38, duration, timestamp=start + i * 60)
+        recent = self.summary()["sync"]["icloud"]["recent"]
+        self.assertEqual(recent, {"durations": durations[-24:], "failed": [22], "anomalous": [19]})
+
+    def test_too_few_runs_mark_no_anomaly(self):
+        metrics = self.collector(self.clock)
+        for i, duration in enumerate([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 50.0]):
+            metrics.record_agent_metric("cataloger", duration, True, timestamp=self.clock.now - 100 + i)
+        self.assertEqual(self.summary()["agents"]["cataloger"]["recent"]["anomalous"], [])
+        metrics.record_agent_metric("cataloger", 1.0, True, timestamp=self.clock.now - 1)
+        self.assertEqual(self.summary()["agents"]["cataloger"]["recent"]["anomalous"], [6])
+
+    def test_a_circuit_breaker_shows_its_live_state_and_failures(self):
+        metrics = self.collector(self.clock)
+        breaker = mm.CircuitBreaker("nas", failure_threshold=3, collector=metrics, now=self.clock.time)
+
+        def failing():
+            raise ConnectionError("down")
+
+        for _ in range(2):
+            with self.assertRaises(ConnectionError):
+                breaker.call(failing)
+        self.assertEqual(self.summary()["circuit_breakers"]["nas"]["state"], "closed")
+        self.assertEqual(self.summary()["circuit_breakers"]["nas"]["failures"], 2)
+        with self.assertRaises(ConnectionError):
+            breaker.call(failing)
+        entry = self.summary()["circuit_breakers"]["nas"]
+        self.assertEqual((entry["state"], entry["failures"], entry["since"], entry["recent"]),
+                         ("open", 3, mm.iso_time(self.clock.now), {"failures": [3.0]}))
+
+    def test_the_window_must_be_positive(self):
+        for hours in (0, -1, float("nan")):
+            with self.assertRaises(mm.ValidationError):
+                mm.read_summary(self.db, hours, now=FakeClock().time)
