@@ -75,7 +75,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -366,6 +366,16 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                ts REAL NOT NULL,
                state TEXT NOT NULL,
                summary TEXT NOT NULL) WITHOUT ROWID""",
+    ),
+    (
+        # Deliveries per channel and outcome since the store began: the history is pruned, these
+        # are not, so an exported counter never goes down.
+        """CREATE TABLE delivery_counts (
+               channel TEXT NOT NULL,
+               outcome TEXT NOT NULL,
+               n INTEGER NOT NULL,
+               PRIMARY KEY (channel, outcome)) WITHOUT ROWID""",
+        "INSERT INTO delivery_counts SELECT channel, outcome, count(*) FROM alert_deliveries GROUP BY channel, outcome",
     ),
 )
 
@@ -2671,7 +2681,7 @@ def list_breakers(store: Store, now: float) -> List[Dict[str, Any]]:
 ## Alerting ###################################################################
 
 ALERT_SEVERITIES = ("info", "warning", "critical")  # lowest first
-CHANNEL_TYPES = ("discord", "email", "log", "ntfy", "slack", "telegram", "webhook")
+CHANNEL_TYPES = ("alertmanager", "discord", "email", "log", "ntfy", "pagerduty", "slack", "telegram", "webhook")
 DEFAULT_DEDUP_WINDOW_S = 3600.0  # the original design's window
 DEFAULT_ALERT_TIMEOUT_S = 10.0
 DEFAULT_CHANNEL_BUDGET_S = 20.0
@@ -2697,6 +2707,10 @@ DISCORD_EMBED_TOTAL_CHARS = 6000
 TELEGRAM_TEXT_CHARS = 4096
 NTFY_BODY_BYTES = 4096
 NTFY_TITLE_CHARS = 250
+PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
+PAGERDUTY_SUMMARY_CHARS = 1024
+PAGERDUTY_DEDUP_KEY_CHARS = 255
+ALERTMANAGER_VALID_FOR_S = 25 * 3600.0  # a firing alert Alertmanager keeps without hearing again (reminders renew it)
 LOG_LINE_CHARS = 1000  # classic syslog receivers cut lines near 1 KB
 SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")
 SYSLOG_LEVELS = {"critical": 2, "warning": 4, "info": 6}
@@ -2730,10 +2744,13 @@ CHANNEL_KEYS = {
     "ntfy": (("tls_verify",), ("url", "token"), ("url",)),
     "telegram": (("tls_verify", "chat_id", "api_url"), ("token",), ("token", "chat_id")),
     "log": (("address", "facility"), (), ()),
+    "alertmanager": (("tls_verify", "valid_for"), ("url",), ("url",)),
+    "pagerduty": (("tls_verify", "url"), ("routing_key",), ("routing_key",)),
 }
 EMAIL_METHODS = ("smtp", "mail", "sendmail")
 EMAIL_SECURITY = {"starttls": 587, "ssl": 465, "none": 25}
 CONFIG_SECTIONS = ("storage", "alerting", "serve")
+SERVE_KEYS = ("listen", "token_file")
 CONFIG_SECTION_PREFIXES = ("channel:", "check:")
 STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous")
 
@@ -3114,6 +3131,15 @@ def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
             storage_settings(config)
         except ConfigError as err:
             problems.append(("storage", "", str(err).replace("[storage] ", "")))
+    if config.has_section("serve"):
+        for key in config["serve"]:
+            if key not in SERVE_KEYS:
+                problems.append(("serve", key, "unknown key"))
+        if "listen" in config["serve"]:
+            try:
+                parse_listen(config["serve"]["listen"])
+            except ValidationError as err:
+                problems.append(("serve", "listen", str(err)))
 
 
 def _duration_setting(items: Dict[str, str], section: str, key: str, default: float,
@@ -3267,6 +3293,8 @@ def _check_channel_values(kind: str, section: str, settings: Dict[str, str], ite
         facility = settings.get("facility", "user")
         if facility not in SYSLOG_FACILITIES:
             problems.append((section, "facility", f"{_shown(facility)} is not one of {', '.join(SYSLOG_FACILITIES)}"))
+    if kind == "alertmanager" and settings.get("valid_for"):
+        _duration_setting(settings, section, "valid_for", ALERTMANAGER_VALID_FOR_S, problems, positive=True)
     if kind == "telegram" and "chat_id" in settings and not settings["chat_id"].lstrip("-@").replace("_", "").isalnum():
         problems.append((section, "chat_id", f"{_shown(settings['chat_id'])} is not a chat id or @channel"))
 
@@ -3335,6 +3363,12 @@ class HttpReply(NamedTuple):
 
 def http_post(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, context: Any) -> HttpReply:
     """POST ``body``; every status is returned, none raised; redirects are not followed."""
+    return http_request("POST", url, body, headers, timeout_s, context)
+
+
+def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str, str], timeout_s: float,
+                 context: Any) -> HttpReply:
+    """One request; every status is returned, none raised; redirects are not followed."""
     import urllib.request
     from urllib.error import HTTPError
 
@@ -3342,7 +3376,7 @@ def http_post(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, 
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None  # a webhook that moved is a failure to see, not to follow with a GET
 
-    request = urllib.request.Request(url, data=body, method="POST", headers={"User-Agent": USER_AGENT, **headers})
+    request = urllib.request.Request(url, data=body, method=method, headers={"User-Agent": USER_AGENT, **headers})
     handlers = [NoRedirect] + ([urllib.request.HTTPSHandler(context=context)] if context is not None else [])
     opener = urllib.request.build_opener(*handlers)
     try:
@@ -3370,7 +3404,7 @@ def tls_context(verify: bool) -> Any:
     return context
 
 
-def _json_bytes(document: Dict[str, Any]) -> bytes:
+def _json_bytes(document: Any) -> bytes:
     import json
 
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -3635,6 +3669,57 @@ class TelegramChannel(_HttpChannel):
             raise _reply_error(reply, now, retry_after)
 
 
+class AlertmanagerChannel(_HttpChannel):
+    """Alertmanager's API v2: the alert with labels a fleet can route, group and silence on; ``endsAt`` is
+    the resolve time, or for a firing alert how long Alertmanager keeps it without hearing again."""
+
+    def url(self) -> str:
+        return self.spec.secrets["url"].rstrip("/") + "/api/v2/alerts"
+
+    def payload(self, alert: Alert) -> bytes:
+        labels = {"alertname": alert.dedup or alert.title, "severity": alert.severity.value,
+                  "instance": self.hostname, "job": "metasystem"}
+        annotations = {"summary": alert.title, "description": self.body_text(alert)}
+        valid_for = parse_duration_s(self.spec.settings.get("valid_for") or f"{ALERTMANAGER_VALID_FOR_S:g}s")
+        ends = alert.created_at if alert.kind == "resolved" else alert.created_at + valid_for
+        return _json_bytes([{"labels": labels, "annotations": annotations,
+                             "startsAt": iso_time(alert.started_at or alert.created_at), "endsAt": iso_time(ends),
+                             "generatorURL": ""}])
+
+
+class PagerDutyChannel(_HttpChannel):
+    """PagerDuty Events API v2: trigger, and resolve under the same ``dedup_key`` (the alert's key)."""
+
+    def url(self) -> str:
+        return self.spec.settings.get("url") or PAGERDUTY_URL
+
+    def describe(self) -> str:
+        return f"pagerduty POST {mask_url(self.url())}"
+
+    def payload(self, alert: Alert) -> bytes:
+        event = {"routing_key": self.spec.secrets["routing_key"], "dedup_key": pagerduty_dedup_key(alert.key),
+                 "event_action": "resolve" if alert.kind == "resolved" else "trigger"}
+        if alert.kind != "resolved":
+            summary = " - ".join(part for part in (alert.title, _one_line(alert.note or alert.message)) if part)
+            event["payload"] = {"summary": truncate(summary, PAGERDUTY_SUMMARY_CHARS), "source": self.hostname,
+                                "severity": alert.severity.value, "timestamp": iso_time(alert.created_at),
+                                "custom_details": dict(alert.details, message=alert.message)}
+        return _json_bytes(event)
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if reply.status != 202:
+            raise _reply_error(reply, now)
+
+
+def pagerduty_dedup_key(key: str) -> str:
+    """The alert key as PagerDuty's dedup_key: as it is when it fits in 255 characters, else its SHA-256."""
+    import hashlib
+
+    if len(key) <= PAGERDUTY_DEDUP_KEY_CHARS:
+        return key
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 class EmailChannel(_Channel):
     """Email by SMTP (STARTTLS or implicit TLS, verified), by ``mail``, or by ``sendmail -t -oi``."""
 
@@ -3790,7 +3875,8 @@ class LogChannel(_Channel):
 
 
 _CHANNEL_CLASSES = {"slack": SlackChannel, "discord": DiscordChannel, "webhook": WebhookChannel,
-                    "ntfy": NtfyChannel, "telegram": TelegramChannel, "email": EmailChannel, "log": LogChannel}
+                    "ntfy": NtfyChannel, "telegram": TelegramChannel, "email": EmailChannel, "log": LogChannel,
+                    "alertmanager": AlertmanagerChannel, "pagerduty": PagerDutyChannel}
 
 
 def delivery_failure(error: BaseException) -> Tuple[str, str, Optional[int]]:
@@ -4132,6 +4218,11 @@ class AlertingSystem:
             (alert_id, channel, self._now(), delivery.outcome, delivery.attempts, delivery.http_status,
              delivery.error_class, delivery.error, delivery.latency_ms, kind),
         )
+        counted = conn.execute("UPDATE delivery_counts SET n = n + 1 WHERE channel = ? AND outcome = ?",
+                               (channel, delivery.outcome))
+        if counted.rowcount == 0:
+            conn.execute("INSERT INTO delivery_counts (channel, outcome, n) VALUES (?, ?, 1)",
+                         (channel, delivery.outcome))
 
     def _attempts(self, channel: _Channel, alert: Alert) -> Delivery:
         """Send with classified retries: transient failures again after jittered backoff (Retry-After as
@@ -5506,6 +5597,544 @@ def job_report(run: JobRun, argv: List[str]) -> str:
     return "\n".join(lines) + ("\n" + text.rstrip("\n") if text.strip() else "") + "\n"
 
 
+## Export #####################################################################
+
+PROMETHEUS_PREFIX = "metasystem_"
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+EXPORT_FORMATS = ("prometheus", "openmetrics")
+# Series the named families below already export; every other series goes out as its latest value.
+_EXPORTED_SERIES = (
+    ("target", r"sync_.+_(success|failure|files|conflicts)"), ("agent", r"agent_.+_(success|failure|items)"),
+    ("breaker", r"circuit_breaker_.+_(state|failures)"), ("check", r"check_(state|value|duration)"),
+    ("job", r"job_(duration|exit_code)"),
+)
+# Endings that Prometheus's linter keeps for counters, histograms and summaries.
+_RESERVED_ENDINGS = ("_total", "_count", "_sum", "_bucket", "_created", "_info")
+_SAMPLE_ENDINGS = {"counter": "_total", "info": "_info"}
+
+
+class MetricFamily(NamedTuple):
+    """One exported metric: its name, type and help, and its samples as (suffix, labels, value)."""
+
+    name: str  # a counter's name is without _total and an info's without _info, as OpenMetrics writes them
+    kind: str  # counter, gauge, summary or info (a gauge of 1 in the 0.0.4 format)
+    help: str
+    samples: List[Tuple[str, Dict[str, str], float]]
+
+
+def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
+    """Everything the store knows, as Prometheus metrics: per-entity series carry labels
+    (target, agent, breaker, check, job, channel), times are ``_timestamp_seconds`` gauges."""
+    now = collector._now()
+    entities = collector.entities("target", "agent", "breaker")
+    families = _run_families(collector, "sync", "attempts", "target", entities["target"], now)
+    families += _total_families(collector, "sync", "target", entities["target"], ("files", "conflicts"), now)
+    families += _run_families(collector, "agent", "executions", "agent", entities["agent"], now)
+    families += _total_families(collector, "agent", "agent", entities["agent"], ("items",), now)
+    families += _breaker_families(collector, entities["breaker"], now)
+    families += _check_families(collector.store)
+    families += _job_families(collector.store)
+    families.append(_delivery_family(collector.store))
+    families += _other_families(collector, {family.name for family in families})
+    build = MetricFamily(f"{PROMETHEUS_PREFIX}build", "info", "the version of metasystem-monitor exporting",
+                         [("_info", {"version": __version__}, 1.0)])
+    return [build] + [family for family in families if family.samples]
+
+
+def _all_time(collector: MetricsCollector, name: str, now: float) -> Tuple[int, float]:
+    """(count, sum) of every sample of ``name`` the store has kept, raw or rolled up."""
+    stats = collector.get_metric_stats(name, hours=max(now, 1.0) / 3600.0)
+    return stats["count"], (stats["avg"] * stats["count"] if stats["count"] else 0.0)
+
+
+def _run_families(collector: MetricsCollector, what: str, noun: str, label: str, names: List[str],
+                  now: float) -> List[MetricFamily]:
+    """Runs of sync targets or agents: a counter by result, a duration summary, the last success time."""
+    runs = MetricFamily(f"{PROMETHEUS_PREFIX}{what}_{noun}", "counter",
+                        f"{what} {noun} recorded, by {label} and result", [])
+    duration = MetricFamily(f"{PROMETHEUS_PREFIX}{what}_duration_seconds", "summary",
+                            f"duration of {what} runs, by {label} and result", [])
+    last = MetricFamily(f"{PROMETHEUS_PREFIX}{what}_last_success_timestamp_seconds", "gauge",
+                        f"when the last successful {what} run was recorded", [])
+    for name in names:
+        for result in ("success", "failure"):
+            count, total = _all_time(collector, f"{what}_{name}_{result}", now)
+            labels = {label: name, "result": result}
+            runs.samples.append(("_total", labels, count))
+            duration.samples.extend([("_sum", labels, total), ("_count", labels, count)])
+        latest = collector.last_sample_time(f"{what}_{name}_success")
+        if latest is not None:
+            last.samples.append(("", {label: name}, latest))
+    return [runs, duration, last]
+
+
+def _total_families(collector: MetricsCollector, what: str, label: str, names: List[str], parts: Tuple[str, ...],
+                    now: float) -> List[MetricFamily]:
+    """Counters of what runs reported: files synced, conflicts, items processed."""
+    families = []
+    for part in parts:
+        family = MetricFamily(f"{PROMETHEUS_PREFIX}{what}_{part}", "counter", f"{part} reported by {what} runs", [])
+        for name in names:
+            family.samples.append(("_total", {label: name}, _all_time(collector, f"{what}_{name}_{part}", now)[1]))
+        families.append(family)
+    return families
+
+
+def _breaker_families(collector: MetricsCollector, names: List[str], now: float) -> List[MetricFamily]:
+    state = MetricFamily(f"{PROMETHEUS_PREFIX}circuit_breaker_state", "gauge",
+                         "1 for the state each circuit breaker is in, 0 for the others", [])
+    failures = MetricFamily(f"{PROMETHEUS_PREFIX}circuit_breaker_failures", "gauge",
+                            "failures each circuit breaker counts now", [])
+    for name, entry in _breaker_summaries(collector, names, now, now).items():
+        for known in BREAKER_STATES:
+            state.samples.append(("", {"breaker": name, "state": known}, 1.0 if entry["state"] == known else 0.0))
+        if entry["failures"] is not None:
+            failures.samples.append(("", {"breaker": name}, entry["failures"]))
+    return [state, failures]
+
+
+def _check_families(store: Store) -> List[MetricFamily]:
+    state = MetricFamily(f"{PROMETHEUS_PREFIX}check_state", "gauge",
+                         "the last state of each check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN", [])
+    checked = MetricFamily(f"{PROMETHEUS_PREFIX}check_last_run_timestamp_seconds", "gauge",
+                           "when each check last ran", [])
+    for name, ts, verdict in store.query("SELECT name, ts, state FROM check_results ORDER BY name"):
+        state.samples.append(("", {"check": name}, float(CHECK_STATES.index(verdict))))
+        checked.samples.append(("", {"check": name}, ts))
+    value = MetricFamily(f"{PROMETHEUS_PREFIX}check_value", "gauge", "what each check measured last", [])
+    for _, labels, latest in _latest_values(store, "check_value"):
+        if "check" in labels:
+            value.samples.append(("", {"check": labels["check"]}, latest))
+    return [state, value, checked]
+
+
+def _job_families(store: Store) -> List[MetricFamily]:
+    success = MetricFamily(f"{PROMETHEUS_PREFIX}job_last_success_timestamp_seconds", "gauge",
+                           "when each job last finished successfully", [])
+    duration = MetricFamily(f"{PROMETHEUS_PREFIX}job_last_duration_seconds", "gauge",
+                            "how long the last finished run of each job took", [])
+    code = MetricFamily(f"{PROMETHEUS_PREFIX}job_last_exit_code", "gauge",
+                        "the exit code of the last finished run of each job", [])
+    for (job,) in store.query("SELECT DISTINCT job FROM job_runs ORDER BY job"):
+        last = store.query_one("SELECT started, ended, exit_code FROM job_runs WHERE job = ? AND ended IS NOT NULL "
+                               "AND outcome != 'skipped' ORDER BY started DESC LIMIT 1", (job,))
+        good = store.query_one("SELECT max(ended) FROM job_runs WHERE job = ? AND outcome = 'success'", (job,))
+        if good and good[0] is not None:
+            success.samples.append(("", {"job": job}, good[0]))
+        if last:
+            duration.samples.append(("", {"job": job}, last[1] - last[0]))
+            if last[2] is not None:
+                code.samples.append(("", {"job": job}, float(last[2])))
+    return [success, duration, code]
+
+
+def _delivery_family(store: Store) -> MetricFamily:
+    family = MetricFamily(f"{PROMETHEUS_PREFIX}alert_deliveries", "counter",
+                          "alert deliveries by channel and outcome since the store began", [])
+    for channel, outcome, count in store.query("SELECT channel, outcome, n FROM delivery_counts "
+                                               "ORDER BY channel, outcome"):
+        family.samples.append(("_total", {"channel": channel, "outcome": outcome}, float(count)))
+    return family
+
+
+def _latest_values(store: Store, name: Optional[str] = None) -> List[Tuple[str, Dict[str, str], float]]:
+    """(name, labels, latest value) of every series of ``name``, or of every series when None."""
+    import json
+
+    rows = store.query(
+        "SELECT series.name, series.labels, (SELECT value FROM samples WHERE series_id = series.id "
+        "ORDER BY ts DESC, seq DESC LIMIT 1) FROM series WHERE ? IS NULL OR series.name = ? "
+        "ORDER BY series.name, series.labels", (name, name))
+    return [(series_name, json.loads(labels), value) for series_name, labels, value in rows if value is not None]
+
+
+def _other_families(collector: MetricsCollector, taken: set) -> List[MetricFamily]:
+    """The latest value of every series no family above exports, as a gauge under a valid name."""
+    import re
+
+    exported = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
+    by_name: Dict[str, List[Tuple[Dict[str, str], float]]] = {}
+    for name, labels, value in _latest_values(collector.store):
+        if any(label in labels and pattern.fullmatch(name) for label, pattern in exported):
+            continue
+        by_name.setdefault(name, []).append((labels, value))
+    families = []
+    for name, series in sorted(by_name.items()):
+        exported_name = prometheus_name(name, taken)
+        taken.add(exported_name)
+        families.append(MetricFamily(exported_name, "gauge", f"the latest value recorded as {name}",
+                                     [("", prometheus_labels(labels), value) for labels, value in series]))
+    return families
+
+
+def prometheus_name(name: str, taken: Iterable[str] = ()) -> str:
+    """``name`` as a valid metric name under the prefix: other characters become ``_``, an ending the
+    linter keeps for counters and summaries gets ``_value``, and a name already taken a numbered suffix."""
+    import re
+
+    valid = PROMETHEUS_PREFIX + re.sub(r"[^a-zA-Z0-9_]", "_", name)
+    if valid.endswith(_RESERVED_ENDINGS):
+        valid += "_value"
+    taken = set(taken)
+    candidate, number = valid, 2
+    while candidate in taken:
+        candidate, number = f"{valid}_{number}", number + 1
+    return candidate
+
+
+def prometheus_labels(labels: Dict[str, str]) -> Dict[str, str]:
+    """Labels with valid names (``[a-zA-Z_][a-zA-Z0-9_]*``, no leading ``__``), empty values dropped."""
+    import re
+
+    out: Dict[str, str] = {}
+    for key, value in sorted(labels.items()):
+        valid = re.sub(r"[^a-zA-Z0-9_]", "_", key).lstrip("_") or "label"
+        if valid[0].isdigit():
+            valid = "_" + valid
+        while valid in out:
+            valid += "_"
+        if value != "":
+            out[valid] = str(value)
+    return out
+
+
+def exposition(families: List[MetricFamily], fmt: str = "prometheus") -> str:
+    """The text format 0.0.4 (``prometheus``) or OpenMetrics 1.0 (``openmetrics``, ending in ``# EOF``)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValidationError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {_shown(fmt)}")
+    openmetrics = fmt == "openmetrics"
+    lines = []
+    for family in families:
+        help_text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
+        if openmetrics:
+            help_text = help_text.replace('"', '\\"')
+            lines += [f"# TYPE {family.name} {family.kind}", f"# HELP {family.name} {help_text}"]
+        else:
+            # In the 0.0.4 format the metadata names the samples, _total or _info included.
+            named = family.name + _SAMPLE_ENDINGS.get(family.kind, "")
+            kind = "gauge" if family.kind == "info" else family.kind
+            lines += [f"# HELP {named} {help_text}", f"# TYPE {named} {kind}"]
+        for suffix, labels, value in family.samples:
+            lines.append(f"{family.name}{suffix}{_label_text(labels)} {_sample_value(value)}")
+    if openmetrics:
+        lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+def _label_text(labels: Dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items()) + "}"
+
+
+def _label_value(value: Any) -> str:
+    """A label value with backslash, double quote and newline escaped, as both formats want."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 2 ** 53:
+        return str(int(value))
+    return repr(float(value))
+
+
+def export_text(collector: MetricsCollector, fmt: str = "prometheus") -> str:
+    """The store's state in the chosen exposition format."""
+    return exposition(metric_families(collector), fmt)
+
+
+def write_textfile(path: str, text: str) -> None:
+    """Write ``text`` for node_exporter's textfile collector: a temporary file beside ``path`` whose name
+    does not end in ``.prom``, then an atomic rename; a failed write leaves the old file and no temporary."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)  # node_exporter often runs as another user
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+DEFAULT_SERVE_PORT = 9473  # clear of node_exporter's 9100 and the Pushgateway's 9091
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_SERVE_PORT}"
+SERVE_REQUEST_TIMEOUT_S = 10.0  # a client that sends nothing holds only its own thread, and only this long
+SERVE_PAGE_REFRESH_S = 30
+DEFAULT_PUSH_JOB = "metasystem"
+PUSH_METHODS = ("put", "post")
+
+
+def parse_listen(text: str) -> Tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port)."""
+    host, _, port = str(text).strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValidationError(f"listen must be HOST:PORT, got {_shown(text)}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
+                now=time.time) -> Any:
+    """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary`` and ``/``, the
+    status page. Off loopback it needs a bearer token; ``/healthz`` never does."""
+    import socket
+    from http.server import ThreadingHTTPServer
+
+    host, port = parse_listen(listen)
+    if not is_loopback(host) and not token:
+        raise ConfigError(f"refusing to serve on {listen} (not loopback) without a token: set [serve] token_file")
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
+
+    return Server((host, port), _handler_class(db_path, hours, token, now))
+
+
+def _handler_class(db_path: str, hours: float, token: Optional[str], now) -> Any:
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = SERVE_REQUEST_TIMEOUT_S
+        server_version = f"metasystem-monitor/{__version__}"
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self) -> None:
+            self._answer(body_wanted=True)
+
+        def do_HEAD(self) -> None:
+            self._answer(body_wanted=False)
+
+        def _answer(self, body_wanted: bool) -> None:
+            from urllib.parse import urlsplit
+
+            path = urlsplit(self.path).path
+            if path != "/healthz" and token and not _bearer_matches(self.headers.get("Authorization"), token):
+                status, content_type, body = 401, "text/plain; charset=utf-8", b"a bearer token is needed\n"
+            else:
+                status, content_type, body = serve_path(path, self.headers.get("Accept", ""), db_path, hours, now)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Bearer realm="metasystem"')
+            self.end_headers()
+            if body_wanted:
+                with contextlib.suppress(ConnectionError):  # a client that left: nothing to tell it
+                    self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("serve: %s %s", self.address_string(), format % args)
+
+    return Handler
+
+
+def _bearer_matches(header: Optional[str], token: str) -> bool:
+    import hmac
+
+    given = (header or "").encode("utf-8", "replace")
+    return hmac.compare_digest(given, f"Bearer {token}".encode("utf-8"))
+
+
+def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple[int, str, bytes]:
+    """(status, content type, body) of one GET: what the server answers, without the server."""
+    import json
+
+    if path == "/healthz":
+        return 200, "text/plain; charset=utf-8", b"ok\n"
+    try:
+        if path == "/metrics":
+            openmetrics = "application/openmetrics-text" in accept
+            with MetricsCollector(db_path, readonly=True, now=now) as collector:
+                text = export_text(collector, "openmetrics" if openmetrics else "prometheus")
+            return 200, OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE, text.encode("utf-8")
+        if path == "/api/summary":
+            summary = read_summary(db_path, hours, now=now)
+            body = json.dumps(summary, sort_keys=True, indent=2, allow_nan=False) + "\n"
+            return 200, "application/json", body.encode("utf-8")
+        if path == "/":
+            return 200, "text/html; charset=utf-8", status_page(read_summary(db_path, hours, now=now)).encode("utf-8")
+    except StorageError as err:
+        return 503, "text/plain; charset=utf-8", (" ".join(str(err).split()) + "\n").encode("utf-8")
+    return 404, "text/plain; charset=utf-8", b"not found\n"
+
+
+_PAGE_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:1em;max-width:60em}table{border-collapse:collapse;width:100%}"
+    "td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid #ddd}.OK{color:#176f2c}"
+    ".WARNING{color:#8a6100}.CRITICAL{color:#b00020;font-weight:bold}.UNKNOWN{color:#6a1b9a}"
+    "svg{vertical-align:middle}h2{font-size:1.1em;margin-top:1.5em}"
+)
+
+
+def status_page(summary: Dict[str, Any]) -> str:
+    """The summary as one HTML page: no script, inline SVG sparklines, readable on a phone, refreshing
+    itself. Every text from the store is escaped and its control characters shown inert."""
+    status = str(summary["status"]).upper()
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'<meta http-equiv="refresh" content="{SERVE_PAGE_REFRESH_S}">',
+        f"<title>metasystem: {_html(status)}</title><style>{_PAGE_STYLE}</style></head><body>",
+        f'<h1>metasystem monitor: <span class="{_html(status)}">{_html(status)}</span></h1>',
+        f"<p>updated {_html(summary['generated_at'])}, window {summary['window_hours']:g} h</p>",
+    ]
+    parts += _page_table("Sync operations", ("state", "target", "success", "runs", "average", "recent"), [
+        (_rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
+         _page_seconds(entry["avg_duration"]), sparkline_svg(entry["recent"]))
+        for name, entry in summary["sync"].items()])
+    parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
+        ({"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}.get(entry["state"], "UNKNOWN"), name,
+         entry["state"], entry["failures"], entry["since"]) for name, entry in summary["circuit_breakers"].items()])
+    parts += _page_table("Agents", ("state", "agent", "success", "runs", "average", "latest", "recent"), [
+        (_rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
+         _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
+        for name, entry in summary["agents"].items()])
+    parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
+        ("OK" if alert["kind"] == "resolved" else {"critical": "CRITICAL", "warning": "WARNING"}.get(
+            alert["severity"], "OK"), alert["time"], alert["title"],
+         ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
+        for alert in summary["alerts"]])
+    parts += _page_table("System health", ("state", "check", "summary"), [
+        (entry["state"], name, entry["summary"]) for name, entry in summary["health"].items()])
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+class _Markup(str):
+    """Text already made HTML (an SVG), not to be escaped again."""
+
+
+def _page_table(title: str, columns: Tuple[str, ...], rows: List[tuple]) -> List[str]:
+    """A section: its heading, and a table whose first column is a state word, colored by its class."""
+    out = [f"<h2>{_html(title)}</h2>"]
+    if not rows:
+        return out + ["<p>none</p>"]
+    out.append("<table><tr>" + "".join(f"<th>{_html(column)}</th>" for column in columns) + "</tr>")
+    for state, *cells in rows:
+        shown = "".join(f"<td>{cell if isinstance(cell, _Markup) else _html(cell)}</td>" for cell in cells)
+        out.append(f'<tr><td class="{_html(state)}">{_html(state)}</td>{shown}</tr>')
+    return out + ["</table>"]
+
+
+def _html(value: Any) -> str:
+    import html
+
+    return html.escape(inert_text("-" if value is None else str(value)), quote=True)
+
+
+def _rate_state(rate: Optional[float]) -> str:
+    if rate is None:
+        return "UNKNOWN"
+    return "OK" if rate >= 90.0 else "WARNING" if rate >= 50.0 else "CRITICAL"
+
+
+def _page_percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _page_seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def sparkline_svg(recent: Dict[str, List[Any]], width: int = 120, height: int = 24) -> str:
+    """The recent durations as an inline SVG line; anomalous runs as red dots, failed ones as hollow."""
+    values = recent.get("durations") or []
+    if not values:
+        return _Markup("")
+    low, high = min(values), max(values)
+    step = width / max(len(values) - 1, 1)
+
+    def point(index: int) -> Tuple[float, float]:
+        scaled = (values[index] - low) / (high - low) if high > low else 0.5
+        return round(index * step, 1), round(height - 2 - scaled * (height - 4), 1)
+
+    points = " ".join(f"{x},{y}" for x, y in map(point, range(len(values))))
+    marks = "".join(f'<circle cx="{point(i)[0]}" cy="{point(i)[1]}" r="2.5" fill="#b00020"/>'
+                    for i in recent.get("anomalous", ()) if i < len(values))
+    marks += "".join(f'<circle cx="{point(i)[0]}" cy="{point(i)[1]}" r="2" fill="none" stroke="#b00020"/>'
+                     for i in recent.get("failed", ()) if i < len(values))
+    return _Markup(f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+                   f'aria-label="recent durations"><polyline points="{points}" fill="none" stroke="#1565c0" '
+                   f'stroke-width="1.5"/>{marks}</svg>')
+
+
+def push_url(gateway: str, job: str, instance: str) -> str:
+    """The Pushgateway URL of the group (job, instance); a value holding ``/`` or empty goes as ``@base64``."""
+    return gateway.rstrip("/") + "/metrics" + _grouping_segment("job", job) + _grouping_segment("instance", instance)
+
+
+def _grouping_segment(label: str, value: str) -> str:
+    import base64
+    from urllib.parse import quote
+
+    if value == "" or "/" in value:
+        encoded = base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii") or "="
+        return f"/{label}@base64/{encoded}"
+    return f"/{label}/{quote(value, safe='')}"
+
+
+def _basic_auth(url: str) -> Tuple[str, Dict[str, str]]:
+    """``url`` without its ``user:password@``, and the Authorization header that carries them instead."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode("utf-8")
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), {
+        "Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
+
+
+def push(gateway: str, text: Optional[str], *, job: str = DEFAULT_PUSH_JOB, instance: str, method: str = "put",
+         timeout_s: float = DEFAULT_ALERT_TIMEOUT_S) -> int:
+    """PUT or POST ``text`` to the group (job, instance) of a Pushgateway, or DELETE the group when
+    ``text`` is None; the HTTP status, or MonitorError with one line (the URL masked)."""
+    url, headers = _basic_auth(push_url(gateway, job, instance))
+    verb = "DELETE" if text is None else method.upper()
+    body = None if text is None else text.encode("utf-8")
+    if text is not None:
+        headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
+    try:
+        reply = http_request(verb, url, body, headers, timeout_s, tls_context(True) if url.startswith("https:")
+                             else None)
+    except (OSError, ValueError) as err:
+        raise MonitorError(f"push to {mask_url(url)} failed: {_error_text(err)}") from None
+    if reply.status not in (200, 202):
+        detail = _one_line(reply.body[:200].decode("utf-8", "replace"))
+        raise MonitorError(f"push to {mask_url(url)} failed: HTTP {reply.status}" + (f": {detail}" if detail else ""))
+    return reply.status
+
+
 ## Summary ####################################################################
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -5513,6 +6142,21 @@ SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
 SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
 SUMMARY_ALERTS = 20
 CHECK_RESULT_STALE_S = 3600.0  # a verdict older than this no longer stands (has cron stopped?)
+_INERT_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, formats, unassigned, line breaks
+
+
+def inert_text(text: Any, ascii_only: bool = False) -> str:
+    """``text`` with every control or format character shown as an escape (``\\x1b``), so a name holding
+    terminal or HTML control codes is drawn inert; non-ASCII escaped too when ``ascii_only``."""
+    import unicodedata
+
+    out = []
+    for char in str(text):
+        if unicodedata.category(char) in _INERT_CATEGORIES or (ascii_only and ord(char) > 126):
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
@@ -5978,6 +6622,80 @@ def cmd_metrics(args) -> int:
         return EXIT_OK
     for metric in metrics:
         print(f"{metric['name']}\t{metric['count']}\t{metric['last_time']}")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    """The store as Prometheus text (0.0.4) or OpenMetrics, on stdout or written atomically to --output."""
+    with _open_collector(args, readonly=True) as collector:
+        text = export_text(collector, args.format)
+    if not args.output:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        write_textfile(args.output, text)
+    except OSError as err:
+        raise MonitorError(f"cannot write {args.output}: {err.strerror or err}; the old file is unchanged") from None
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    """Serve the store over HTTP until SIGTERM or Ctrl-C, then exit 0."""
+    import signal
+
+    config = load_config(args.config_path, required=args.config_named)
+    section = dict(config["serve"]) if config.has_section("serve") else {}
+    listen = args.listen or section.get("listen") or DEFAULT_LISTEN
+    token = _serve_token(section.get("token_file"))
+    try:
+        server = make_server(listen, args.db_path, hours=args.hours, token=token, now=cli_clock())
+    except OSError as err:
+        raise MonitorError(f"cannot listen on {listen}: {err.strerror or err}") from None
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"{PROG}: serving http://{shown}:{port}/ (/metrics, /healthz, /api/summary)", file=sys.stderr, flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+    return EXIT_OK
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived: leave serve_forever() and close the socket."""
+
+
+def _serve_token(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except OSError as err:
+        raise ConfigError(f"[serve] token_file {path} cannot be read: {err.strerror or err}") from None
+    if not token:
+        raise ConfigError(f"[serve] token_file {path} is empty")
+    return token
+
+
+def cmd_push(args) -> int:
+    """Push the exposition to a Pushgateway (or delete the group); silent on success, exit 1 on failure."""
+    import socket
+
+    text = None
+    if not args.delete:
+        with _open_collector(args, readonly=True) as collector:
+            text = export_text(collector, "prometheus")
+    push(args.gateway, text, job=args.job, instance=args.instance or socket.gethostname(), method=args.method)
     return EXIT_OK
 
 
@@ -6469,6 +7187,29 @@ def _add_hours(sub) -> None:
     sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
 
 
+def _args_export(sub) -> None:
+    sub.add_argument("--format", choices=EXPORT_FORMATS, default="prometheus",
+                     help="prometheus (text format 0.0.4, the default) or openmetrics (1.0)")
+    sub.add_argument("--output", metavar="FILE",
+                     help="write FILE atomically instead of stdout (for node_exporter's textfile collector)")
+
+
+def _args_serve(sub) -> None:
+    sub.add_argument("--listen", metavar="HOST:PORT",
+                     help=f"where to listen (default: [serve] listen, else {DEFAULT_LISTEN}); off loopback only "
+                          "with [serve] token_file")
+    _add_hours(sub)
+
+
+def _args_push(sub) -> None:
+    sub.add_argument("--gateway", required=True, metavar="URL", help="the Pushgateway, e.g. http://pushgateway:9091")
+    sub.add_argument("--job", default=DEFAULT_PUSH_JOB, help=f"the job label of the group (default {DEFAULT_PUSH_JOB})")
+    sub.add_argument("--instance", help="the instance label of the group (default: this host's name)")
+    sub.add_argument("--method", choices=PUSH_METHODS, default="put",
+                     help="put replaces the whole group (the default), post only the metrics sent")
+    sub.add_argument("--delete", action="store_true", help="delete the group instead")
+
+
 def _add_json(sub) -> None:
     sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -6522,6 +7263,15 @@ _COMMANDS = (
     ("alerts", cmd_alerts, "alerts sent in the window, with each channel's outcome",
      f"  {PROG} alerts --hours 168\n  {PROG} alerts --json | jq '.alerts[0].channels'\n"
      f"  {PROG} alerts --firing", _args_alerts),
+    ("export", cmd_export, "the store's state as Prometheus metrics, for a scrape, a textfile or a push",
+     f"  {PROG} export --output /var/lib/node_exporter/textfile/metasystem.prom\n"
+     f"  {PROG} export --format openmetrics", _args_export),
+    ("serve", cmd_serve, "serve /metrics, /healthz, /api/summary and a status page over HTTP",
+     f"  {PROG} serve                                  # http://127.0.0.1:{DEFAULT_SERVE_PORT}/\n"
+     f"  {PROG} serve --listen 127.0.0.1:9999 --hours 6", _args_serve),
+    ("push", cmd_push, "push the metrics to a Prometheus Pushgateway, grouped by job and instance",
+     f"  {PROG} push --gateway http://pushgateway.example:9091\n"
+     f"  {PROG} push --gateway http://pushgateway.example:9091 --delete", _args_push),
     ("config", cmd_config, "print the configuration in effect, secrets masked",
      f"  {PROG} config\n  {PROG} config --check --config /etc/metasystem/alerting-config.ini", _args_config),
 )

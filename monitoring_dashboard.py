@@ -57,18 +57,6 @@ SECTION_PRIORITY = {"sync": 1, "circuit_breakers": 2, "agents": 4, "alerts": 3, 
 
 ## Text ########################################################################
 
-def inert(text: Any, ascii_only: bool = False) -> str:
-    """``text`` with every control or format character shown as an escape, so a name holding ANSI
-    codes cannot steer the terminal; non-ASCII escaped too when the terminal cannot show it."""
-    out = []
-    for char in str(text):
-        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") or (ascii_only and ord(char) > 126):
-            out.append(char.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(char)
-    return "".join(out)
-
-
 def cell_width(char: str) -> int:
     """Columns a character takes: 2 for wide East Asian ones, 0 for combining marks, else 1."""
     if unicodedata.combining(char):
@@ -201,7 +189,7 @@ def _with_sparkline(line: Line, values: List[float], marked: List[int], width: i
 def _runs_line(name: str, entry: Dict[str, Any], columns: List[str], width: int, ascii_only: bool) -> Line:
     recent = entry.get("recent") or {}
     line: Line = [("  ", "plain"), _state_cell(state_of_rate(entry.get("success_rate"))),
-                  (" " + pad(inert(name, ascii_only), 14) + " " + " ".join(columns), "plain")]
+                  (" " + pad(mm.inert_text(name, ascii_only), 14) + " " + " ".join(columns), "plain")]
     return _with_sparkline(line, recent.get("durations", []), list(recent.get("anomalous", ())), width, ascii_only,
                            tuple(recent.get("failed", ())))
 
@@ -223,7 +211,7 @@ def breaker_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List
         state = entry.get("state") or "unknown"
         failures = entry.get("failures")
         line: Line = [("  ", "plain"), _state_cell(BREAKER_WORDS.get(state, "UNKNOWN")),
-                      (" " + pad(inert(name, ascii_only), 18) + f" {pad(state, 9)} failures "
+                      (" " + pad(mm.inert_text(name, ascii_only), 18) + f" {pad(state, 9)} failures "
                        f"{'-' if failures is None else failures:>3} since {short_time(entry.get('since'))[5:]}",
                        "plain")]
         lines.append(_with_sparkline(line, (entry.get("recent") or {}).get("failures", []), [], width, ascii_only))
@@ -248,11 +236,11 @@ def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
         kind = alert.get("kind")
         word = "RESOLVED" if kind == "resolved" else str(alert.get("severity", "")).upper()
         style = "ok" if kind == "resolved" else SEVERITY_STATES.get(alert.get("severity"), "UNKNOWN").lower()
-        channels = ", ".join(f"{inert(name, ascii_only)} {inert(outcome, ascii_only)}"
+        channels = ", ".join(f"{mm.inert_text(name, ascii_only)} {mm.inert_text(outcome, ascii_only)}"
                              for name, outcome in sorted(alert.get("channels", {}).items()))
+        title = mm.inert_text(alert.get("title", ""), ascii_only)
         lines.append([("  " + short_time(alert.get("time"))[5:] + " ", "plain"), (pad(word, 8), style),
-                      (" " + inert(alert.get("title", ""), ascii_only) + (f"  [{channels}]" if channels else ""),
-                       "plain")])
+                      (f" {title}" + (f"  [{channels}]" if channels else ""), "plain")])
     hours = summary.get("window_hours", mm.DEFAULT_WINDOW_HOURS)
     return lines or [[(f"  no alerts in the past {hours:g} hours", "dim")]]
 
@@ -260,9 +248,9 @@ def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
 def health_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
     lines = []
     for name, entry in sorted(summary["health"].items()):
+        text = mm.inert_text(entry.get("summary", ""), ascii_only)
         lines.append([("  ", "plain"), _state_cell(entry.get("state", "UNKNOWN")),
-                      (" " + pad(inert(name, ascii_only), 21) + " " + inert(entry.get("summary", ""), ascii_only),
-                       "plain")])
+                      (" " + pad(mm.inert_text(name, ascii_only), 21) + " " + text, "plain")])
     return lines or [[("  no check has run yet: metasystem_monitor.py check (from cron, every 5 minutes)", "dim")]]
 
 
@@ -285,7 +273,7 @@ def header_lines(summary: Dict[str, Any], width: int, error: Optional[str] = Non
     second: Line = [("status ", "plain"), (status, status.lower()),
                     (f"   window {summary.get('window_hours', mm.DEFAULT_WINDOW_HOURS):g} h", "plain")]
     if error:
-        second.append(("   " + inert(error), "critical"))
+        second.append(("   " + mm.inert_text(error), "critical"))
     return [first, second]
 
 

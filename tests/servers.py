@@ -88,7 +88,7 @@ class HTTPServer(_Serving):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 with owner._lock:
-                    owner.requests.append(Request("POST", self.path, self.headers, body))
+                    owner.requests.append(Request(self.command, self.path, self.headers, body))
                     reply = owner.replies.pop(0) if owner.replies else owner.default
                 if reply.hang:
                     owner._stopping.wait(SOCKET_TIMEOUT_S)
@@ -107,7 +107,7 @@ class HTTPServer(_Serving):
                 if owner.after_reply is not None:
                     owner.after_reply()
 
-            do_GET = do_POST
+            do_GET = do_PUT = do_DELETE = do_POST
 
             def log_message(self, *args):
                 pass

@@ -242,11 +242,11 @@ class BrokenStoresTest(StoreTestCase):
 
     def test_a_store_from_a_newer_version(self):
         conn = sqlite3.connect(self.db)
-        conn.execute("PRAGMA user_version = 7")
+        conn.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION + 1}")
         conn.close()
         before = file_bytes(self.db)
         self.assertOneLineError(self.run_cli("--db", self.db, "record", "x", "1"), 1,
-                                "was written by a newer version (schema 7;")
+                                f"was written by a newer version (schema {mm.SCHEMA_VERSION + 1};")
         self.assertEqual(file_bytes(self.db), before)
 
     def test_a_read_only_folder(self):

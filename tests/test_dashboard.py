@@ -145,7 +145,7 @@ class RendererTest(unittest.TestCase):
         text = screen_text(sample_summary(), 120, 40)
         self.assertNotIn("\x1b", text)
         self.assertIn("external sync \\x1b[31mfailing\\x1b[0m", text)
-        self.assertEqual(dash.inert("a\tb\r\nc\u202ed\x00"), "a\\tb\\r\\nc\\u202ed\\x00")
+        self.assertEqual(mm.inert_text("a\tb\r\nc\u202ed\x00"), "a\\tb\\r\\nc\\u202ed\\x00")
 
     def test_ascii_mode_draws_only_ascii(self):
         summary = sample_summary()

@@ -146,7 +146,8 @@ class StoreVersionsTest(StoreTestCase):
         self.assertEqual(tables, {"series", "samples", "rollups", "meta", "retry_attempts", "retry_calls",
                                   "retry_budget", "breakers", "breaker_failures", "breaker_transitions",
                                   "alerts", "alert_deliveries", "alert_marks", "alert_states",
-                                  "alert_channel_states", "alert_held", "silences", "job_runs", "check_results"})
+                                  "alert_channel_states", "alert_held", "silences", "job_runs", "check_results",
+                                  "delivery_counts"})
 
     def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(self):
         conn = sqlite3.connect(self.db)

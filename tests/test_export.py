@@ -1,0 +1,392 @@
+"""Prometheus hand-off: the exposition formats, the textfile, serve and push, against real parts."""
+
+import html.parser
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import metasystem_monitor as mm
+
+from . import promparse
+from .servers import HTTPServer, Reply
+from .support import SUBPROCESS_TIMEOUT_S, AlertTestCase, FakeClock, StoreTestCase, file_bytes, reap
+
+NOW = 1_800_000_000.0
+HTTP_TIMEOUT_S = 10
+
+
+def sample_of(samples, name, **labels):
+    return samples[(name, frozenset(labels.items()))]
+
+
+class ParserTest(StoreTestCase):
+    """The test parser itself refuses what Prometheus refuses, so the tests below can fail."""
+
+    GOOD = "# HELP a_total things\n# TYPE a_total counter\na_total{x=\"1\"} 2\n"
+
+    def test_it_accepts_a_good_exposition(self):
+        samples, types = promparse.parse(self.GOOD)
+        self.assertEqual((samples, types), ({("a_total", frozenset({("x", "1")})): 2.0}, {"a_total": "counter"}))
+
+    def test_it_refuses_what_prometheus_refuses(self):
+        for bad in (
+            self.GOOD[:-1],  # no final newline
+            "a_total 1\n# HELP a_total x\n# TYPE a_total counter\n",  # metadata after samples
+            self.GOOD + "# HELP b x\n# TYPE b gauge\nb 1\na_total{x=\"2\"} 1\n",  # a family split apart
+            self.GOOD + "a_total{x=\"1\"} 3\n",  # the same name and labels twice
+            "# HELP a x\n# TYPE a gauge\na{x=\"\\t\"} 1\n",  # a bad escape
+            "# HELP a x\n# TYPE a gauge\na 1 1700000000000\n",  # a timestamp
+            "# HELP a x\n# TYPE a counter\na 1\n",  # a counter without _total
+            "# HELP a_total x\n# TYPE a_total gauge\na_total 1\n",  # _total on a gauge
+            "# HELP a_seconds x\n# TYPE a_seconds gauge\na_seconds{__x=\"y\"} 1\n",  # a reserved label
+        ):
+            with self.subTest(bad=bad), self.assertRaises(promparse.FormatError):
+                promparse.parse(bad)
+        with self.assertRaises(promparse.FormatError):
+            promparse.parse("# TYPE a gauge\n# HELP a x\na 1\n", openmetrics=True)  # no # EOF
+
+
+class ExpositionTest(AlertTestCase):
+    """What the store holds, as metrics: names, labels, types and values checked against what was recorded."""
+
+    def populate(self):
+        clock = FakeClock(NOW - 7200)
+        with mm.MetricsCollector(self.db, now=clock.time) as metrics:
+            metrics.record_sync_metric("icloud", True, 2.0, files_synced=10, timestamp=NOW - 3600)
+            metrics.record_sync_metric("icloud", True, 3.0, files_synced=5, conflicts=1, timestamp=NOW - 1800)
+            metrics.record_sync_metric("icloud", False, 4.5, timestamp=NOW - 600)
+            metrics.record_agent_metric("cataloger", 1.25, True, items_processed=45, timestamp=NOW - 300)
+            metrics.record_circuit_breaker_metric("nas", "open", 3, timestamp=NOW - 100)
+            metrics.record("disk.free%", 12.5, {"mount": "/", "__odd": "x"}, timestamp=NOW - 50)
+            metrics.record("disk_free_", 99.0, timestamp=NOW - 50)  # the same name once mapped
+            metrics.record("requests_total", 7.0, timestamp=NOW - 50)  # a gauge may not end in _total
+            metrics.record("sync_attempts", 1.0, timestamp=NOW - 50)  # the name of one of our families
+            mm.record_check_results(metrics, [mm.CheckResult("disk", "WARNING", "9% free", 9.0, "%")], NOW - 40)
+        with self.system() as alerts:
+            alerts.send_info_alert("hello", "", channels=["log"])
+        runs = mm.JobRunner(mm.MetricsCollector(self.db), now=lambda: NOW - 30)
+        with runs.collector:
+            runs.run("backup", [sys.executable, "-c", "raise SystemExit(3)"])
+
+    def export(self, fmt="prometheus"):
+        with mm.MetricsCollector(self.db, readonly=True, now=lambda: NOW) as collector:
+            return mm.export_text(collector, fmt)
+
+    def test_every_family_with_its_values(self):
+        self.populate()
+        text = self.export()
+        samples, types = promparse.parse(text)
+        self.assertEqual(sample_of(samples, "metasystem_sync_attempts_total", target="icloud", result="success"), 2)
+        self.assertEqual(sample_of(samples, "metasystem_sync_attempts_total", target="icloud", result="failure"), 1)
+        self.assertEqual(sample_of(samples, "metasystem_sync_duration_seconds_sum", target="icloud", result="success"),
+                         5.0)
+        self.assertEqual(sample_of(samples, "metasystem_sync_duration_seconds_count", target="icloud",
+                                   result="failure"), 1)
+        self.assertEqual(sample_of(samples, "metasystem_sync_last_success_timestamp_seconds", target="icloud"),
+                         NOW - 1800)
+        self.assertEqual(sample_of(samples, "metasystem_sync_files_total", target="icloud"), 15)
+        self.assertEqual(sample_of(samples, "metasystem_sync_conflicts_total", target="icloud"), 1)
+        self.assertEqual(sample_of(samples, "metasystem_agent_executions_total", agent="cataloger", result="success"),
+                         1)
+        self.assertEqual(sample_of(samples, "metasystem_agent_items_total", agent="cataloger"), 45)
+        self.assertEqual([sample_of(samples, "metasystem_circuit_breaker_state", breaker="nas", state=state)
+                          for state in ("closed", "open", "half_open")], [0, 1, 0])
+        self.assertEqual(sample_of(samples, "metasystem_circuit_breaker_failures", breaker="nas"), 3)
+        self.assertEqual(sample_of(samples, "metasystem_check_state", check="disk"), 1)
+        self.assertEqual(sample_of(samples, "metasystem_check_value", check="disk"), 9.0)
+        self.assertEqual(sample_of(samples, "metasystem_check_last_run_timestamp_seconds", check="disk"), NOW - 40)
+        self.assertEqual(sample_of(samples, "metasystem_job_last_exit_code", job="backup"), 3)
+        self.assertNotIn(("metasystem_job_last_success_timestamp_seconds", frozenset({("job", "backup")})), samples)
+        self.assertEqual(sample_of(samples, "metasystem_alert_deliveries_total", channel="log", outcome="sent"), 1)
+        self.assertEqual(sample_of(samples, "metasystem_build_info", version=mm.__version__), 1)
+        # Every other series: its latest value, under a valid name that collides with nothing.
+        self.assertEqual(sample_of(samples, "metasystem_disk_free_", mount="/", odd="x"), 12.5)
+        self.assertEqual(sample_of(samples, "metasystem_disk_free__2"), 99.0)
+        self.assertEqual(sample_of(samples, "metasystem_requests_total_value"), 7.0)
+        self.assertEqual(sample_of(samples, "metasystem_sync_attempts_2"), 1.0)
+        self.assertEqual(types["metasystem_sync_attempts_total"], "counter")
+        self.assertEqual(types["metasystem_sync_duration_seconds"], "summary")
+        self.assertEqual(types["metasystem_disk_free_"], "gauge")
+        self.assertIn("# HELP metasystem_disk_free_ the latest value recorded as disk.free%\n", text)
+        # The same in OpenMetrics.
+        om_samples, om_types = promparse.parse(self.export("openmetrics"), openmetrics=True)
+        self.assertEqual(om_samples, samples)
+        self.assertEqual(om_types["metasystem_sync_attempts"], "counter")
+        self.assertEqual(om_types["metasystem_build"], "info")
+
+    def test_an_empty_store_exports_only_the_build_info(self):
+        self.assertEqual(self.export(), "# HELP metasystem_build_info the version of metasystem-monitor exporting\n"
+                                        "# TYPE metasystem_build_info gauge\n"
+                                        f'metasystem_build_info{{version="{mm.__version__}"}} 1\n')
+        self.assertFalse(os.path.exists(self.db))
+
+    def test_golden_label_escapes(self):
+        family = mm.MetricFamily("metasystem_file_access_time_seconds", "gauge", "a help\\ with\nnewline \"quoted\"",
+                                 [("", {"path": "C:\\DIR\\FILE.TXT", "error": 'Cannot find file:\n"FILE.TXT"'},
+                                   1.458255915e9)])
+        self.assertEqual(mm.exposition([family]), (
+            '# HELP metasystem_file_access_time_seconds a help\\\\ with\\nnewline "quoted"\n'
+            "# TYPE metasystem_file_access_time_seconds gauge\n"
+            'metasystem_file_access_time_seconds{path="C:\\\\DIR\\\\FILE.TXT",'
+            'error="Cannot find file:\\n\\"FILE.TXT\\""} 1458255915\n'))
+        self.assertEqual(mm.exposition([family], "openmetrics"), (
+            "# TYPE metasystem_file_access_time_seconds gauge\n"
+            '# HELP metasystem_file_access_time_seconds a help\\\\ with\\nnewline \\"quoted\\"\n'
+            'metasystem_file_access_time_seconds{path="C:\\\\DIR\\\\FILE.TXT",'
+            'error="Cannot find file:\\n\\"FILE.TXT\\""} 1458255915\n# EOF\n'))
+        samples, _ = promparse.parse(mm.exposition([family]))
+        self.assertEqual(list(samples), [("metasystem_file_access_time_seconds", frozenset(
+            {("path", "C:\\DIR\\FILE.TXT"), ("error", 'Cannot find file:\n"FILE.TXT"')}))])
+
+    def test_values_and_names(self):
+        family = mm.MetricFamily("metasystem_v", "gauge", "v", [("", {"i": str(i)}, value) for i, value in
+                                                                enumerate((float("nan"), float("inf"), -float("inf"),
+                                                                           0.1, 3.0, -2.0, 2.0 ** 60))])
+        self.assertEqual(mm.exposition([family]).splitlines()[2:], [
+            'metasystem_v{i="0"} NaN', 'metasystem_v{i="1"} +Inf', 'metasystem_v{i="2"} -Inf',
+            'metasystem_v{i="3"} 0.1', 'metasystem_v{i="4"} 3', 'metasystem_v{i="5"} -2',
+            'metasystem_v{i="6"} 1.152921504606847e+18'])
+        self.assertEqual(mm.prometheus_name("load.1m"), "metasystem_load_1m")
+        self.assertEqual(mm.prometheus_name("a b", {"metasystem_a_b", "metasystem_a_b_2"}), "metasystem_a_b_3")
+        self.assertEqual(mm.prometheus_name("queue_count"), "metasystem_queue_count_value")
+        self.assertEqual(mm.prometheus_labels({"9lives": "1", "__x": "2", "ok": ""}), {"_9lives": "1", "x": "2"})
+
+
+class TextfileTest(StoreTestCase):
+
+    def test_export_output_is_the_same_text_written_atomically(self):
+        with mm.MetricsCollector(self.db) as metrics:
+            metrics.record_sync_metric("icloud", True, 2.0)
+        target = os.path.join(self.tmp, "textfile", "metasystem.prom")
+        os.mkdir(os.path.dirname(target))
+        printed = self.run_cli("export")
+        written = self.run_cli("export", "--output", target)
+        self.assertCleanExit(written, 0, "")
+        with open(target, encoding="utf-8") as handle:
+            self.assertEqual(handle.read(), printed.stdout.decode())
+        self.assertEqual(os.listdir(os.path.dirname(target)), ["metasystem.prom"])
+        promparse.parse(printed.stdout.decode())
+
+    def test_a_failed_write_leaves_the_old_file_and_no_temporary(self):
+        folder = os.path.join(self.tmp, "textfile")
+        os.mkdir(folder)
+        target = os.path.join(folder, "metasystem.prom")
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write("# the old one\n")
+        with self.assertRaises(UnicodeEncodeError):
+            mm.write_textfile(target, "\ud800 cannot be encoded\n")
+        self.assertEqual((os.listdir(folder), file_bytes(target)), (["metasystem.prom"], b"# the old one\n"))
+        self.assertMainError(1, "cannot write", "export", "--output", os.path.join(self.tmp, "missing", "x.prom"))
+
+    def test_a_reader_never_sees_a_partial_file(self):
+        target = os.path.join(self.tmp, "metasystem.prom")
+        texts = [mm.exposition([mm.MetricFamily(f"metasystem_m{i}", "gauge", "x" * 2000,
+                                                [("", {"n": str(n)}, float(n)) for n in range(200 * (i + 1))])])
+                 for i in range(2)]
+        mm.write_textfile(target, texts[0])
+        failures = []
+
+        def write():
+            try:
+                for i in range(500):
+                    mm.write_textfile(target, texts[i % 2])
+            except Exception as err:  # reported below, in the test's own thread
+                failures.append(err)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        seen = set()
+        for _ in range(2000):
+            with open(target, encoding="utf-8") as handle:
+                text = handle.read()
+            self.assertIn(text, texts)
+            seen.add(texts.index(text))
+        writer.join(SUBPROCESS_TIMEOUT_S)
+        self.assertEqual(failures, [])
+        self.assertEqual(os.listdir(self.tmp), ["metasystem.prom"])
+        for text in texts:
+            promparse.parse(text)
+
+
+class PageParser(html.parser.HTMLParser):
+    """The tags, texts and attributes of the status page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.texts, self.meta = [], [], {}
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        attrs = dict(attrs)
+        if tag == "meta":
+            self.meta[attrs.get("name") or attrs.get("http-equiv") or "charset"] = attrs.get("content")
+
+    def handle_data(self, data):
+        if data.strip():
+            self.texts.append(data.strip())
+
+
+class ServeTest(AlertTestCase):
+    """The HTTP server on 127.0.0.1, in this process, asked by a real client."""
+
+    def setUp(self):
+        super().setUp()
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            for i in range(30):
+                metrics.record_sync_metric("icloud", i != 7, 2.0 + (i % 3) / 10, timestamp=NOW - 3600 + i * 60)
+            metrics.record_agent_metric("<script>alert(1)</script>", 1.0, True, timestamp=NOW - 60)
+            mm.record_check_results(metrics, [mm.CheckResult("disk", "OK", "plenty & more\x1b[31m")], NOW - 30)
+
+    def start(self, listen="127.0.0.1:0", token=None):
+        server = mm.make_server(listen, self.db, token=token, now=lambda: NOW)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, HTTP_TIMEOUT_S)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server.server_address[1]
+
+    def get(self, port, path, headers=None, method="GET"):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
+        try:
+            connection.request(method, path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.getheader("Content-Type"), response.read()
+        finally:
+            connection.close()
+
+    def test_metrics_in_both_formats_by_the_accept_header(self):
+        port = self.start()
+        status, content_type, body = self.get(port, "/metrics")
+        self.assertEqual((status, content_type), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        samples, _ = promparse.parse(body.decode("utf-8"))
+        self.assertEqual(sample_of(samples, "metasystem_sync_attempts_total", target="icloud", result="failure"), 1)
+        self.assertEqual(body.decode(), self.export_now())
+        status, content_type, body = self.get(
+            port, "/metrics", {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"})
+        self.assertEqual((status, content_type), (200, "application/openmetrics-text; version=1.0.0; charset=utf-8"))
+        self.assertTrue(body.endswith(b"# EOF\n"))
+        promparse.parse(body.decode("utf-8"), openmetrics=True)
+
+    def export_now(self):
+        with mm.MetricsCollector(self.db, readonly=True, now=lambda: NOW) as collector:
+            return mm.export_text(collector)
+
+    def test_healthz_summary_404_and_head(self):
+        port = self.start()
+        self.assertEqual(self.get(port, "/healthz"), (200, "text/plain; charset=utf-8", b"ok\n"))
+        status, content_type, body = self.get(port, "/api/summary")
+        self.assertEqual((status, content_type), (200, "application/json"))
+        self.assertEqual(json.loads(body), mm.read_summary(self.db, now=lambda: NOW))
+        self.assertEqual(self.get(port, "/nope"), (404, "text/plain; charset=utf-8", b"not found\n"))
+        self.assertEqual(self.get(port, "/metrics/extra")[0], 404)
+        self.assertEqual(self.get(port, "/metrics", method="HEAD")[::2], (200, b""))
+
+    def test_the_status_page_is_plain_html_with_inert_text(self):
+        port = self.start()
+        status, content_type, body = self.get(port, "/")
+        self.assertEqual((status, content_type), (200, "text/html; charset=utf-8"))
+        page = PageParser()
+        page.feed(body.decode("utf-8"))
+        self.assertNotIn("script", page.tags)
+        self.assertEqual(page.tags.count("svg"), 2)  # the sync target and the agent
+        self.assertEqual((page.meta["viewport"], page.meta["refresh"]),
+                         ("width=device-width, initial-scale=1", str(mm.SERVE_PAGE_REFRESH_S)))
+        self.assertIn("<script>alert(1)</script>", page.texts)  # shown, not run
+        self.assertIn("plenty & more\\x1b[31m", page.texts)  # the escape sequence inert
+        self.assertNotIn(b"\x1b", body)
+        for heading in ("Sync operations", "Circuit breakers", "Agents", "Recent alerts", "System health"):
+            self.assertIn(heading, page.texts)
+
+    def test_a_client_that_sends_nothing_does_not_block_the_others(self):
+        port = self.start()
+        idle = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
+        self.addCleanup(idle.close)
+        half = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
+        self.addCleanup(half.close)
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        for _ in range(3):
+            self.assertEqual(self.get(port, "/healthz")[0], 200)
+            self.assertEqual(self.get(port, "/metrics")[0], 200)
+
+    def test_off_loopback_only_with_a_token_compared_whole(self):
+        with self.assertRaisesRegex(mm.ConfigError, "refusing to serve on 0.0.0.0:0 .*token_file"):
+            mm.make_server("0.0.0.0:0", self.db)
+        port = self.start("127.0.0.1:0", token="s3cret-token")
+        self.assertEqual(self.get(port, "/metrics")[0], 401)
+        self.assertEqual(self.get(port, "/metrics", {"Authorization": "Bearer s3cret-toke"})[0], 401)
+        self.assertEqual(self.get(port, "/metrics", {"Authorization": "Bearer s3cret-token"})[0], 200)
+        self.assertEqual(self.get(port, "/healthz")[0], 200)
+
+    def test_the_command_serves_until_sigterm(self):
+        process = subprocess.Popen([sys.executable, "-m", "metasystem_monitor", "--db", self.db, "serve", "--listen",
+                                    "127.0.0.1:0"], stderr=subprocess.PIPE, env=self.child_env(), cwd=self.tmp)
+        self.addCleanup(reap, process)
+        line = process.stderr.readline().decode()
+        self.assertRegex(line, r"^metasystem_monitor.py: serving http://127.0.0.1:\d+/ ")
+        port = int(line.split(":")[3].split("/")[0])
+        self.assertEqual(self.get(port, "/healthz")[0], 200)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(SUBPROCESS_TIMEOUT_S), 0)
+        self.assertEqual(process.stderr.read(), b"")
+
+    def test_the_serve_section_is_checked(self):
+        self.write_config("[serve]\nlisten = nowhere\nport = 9473\n", log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [f"{self.config_path}: [serve] port: unknown key",
+                                            f"{self.config_path}: [serve] listen: listen must be HOST:PORT, "
+                                            "got 'nowhere'"])
+
+    def test_a_listen_address_in_use_is_one_line(self):
+        port = self.start()
+        self.assertMainError(1, f"cannot listen on 127.0.0.1:{port}", "serve", "--listen", f"127.0.0.1:{port}")
+        self.assertMainError(2, "listen must be HOST:PORT", "serve", "--listen", "nowhere")
+
+
+class PushTest(StoreTestCase):
+    """push against a fake Pushgateway that records what it receives."""
+
+    def setUp(self):
+        super().setUp()
+        with mm.MetricsCollector(self.db) as metrics:
+            metrics.record_sync_metric("icloud", True, 2.0)
+
+    def test_put_post_and_delete_by_job_and_instance(self):
+        with HTTPServer(default=Reply(200, "")) as gateway:
+            for args in ((), ("--method", "post"), ("--delete",)):
+                code, out, err = self.run_main("--db", self.db, "push", "--gateway", gateway.url("/"), "--instance",
+                                               "nas", *args)
+                self.assertEqual((code, out, err), (0, "", ""))
+        put, post, delete = gateway.requests
+        self.assertEqual([(r.method, r.path) for r in gateway.requests],
+                         [(method, "/metrics/job/metasystem/instance/nas") for method in ("PUT", "POST", "DELETE")])
+        self.assertEqual(put.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        with mm.MetricsCollector(self.db, readonly=True) as collector:
+            self.assertEqual(put.body.decode(), mm.export_text(collector))
+        self.assertEqual((post.body, delete.body), (put.body, b""))
+
+    def test_grouping_values_with_a_slash_or_empty_go_as_base64(self):
+        self.assertEqual(mm.push_url("http://gw:9091/", "backup/nightly", ""),
+                         "http://gw:9091/metrics/job@base64/YmFja3VwL25pZ2h0bHk=/instance@base64/=")
+        self.assertEqual(mm.push_url("http://gw:9091", "a b", "host-1"),
+                         "http://gw:9091/metrics/job/a%20b/instance/host-1")
+
+    def test_a_failed_push_is_one_line_masked_and_changes_nothing(self):
+        before = file_bytes(self.db)
+        with HTTPServer(default=Reply(400, "pushed metrics are invalid or inconsistent")) as gateway:
+            url = gateway.url("/").replace("http://", "http://user:hunter2@")
+            self.assertMainError(1, "HTTP 400: pushed metrics are invalid", "--db", self.db, "push", "--gateway", url)
+            code, out, err = self.run_main("--db", self.db, "push", "--gateway", url)
+        self.assertEqual(gateway.requests[0].headers["Authorization"], "Basic dXNlcjpodW50ZXIy")
+        self.assertNotIn("hunter2", err)
+        self.assertEqual(file_bytes(self.db), before)
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            closed = unused.getsockname()[1]
+        self.assertMainError(1, "push to http://127.0.0.1", "push", "--gateway", f"http://127.0.0.1:{closed}")
