@@ -176,8 +176,8 @@ def _with_sparkline(line: Line, values: List[float], marked: List[int], width: i
     odd = len(marked)
     note = f" {odd} anomalous" if odd else ""
     room = width - width_of(plain(line) + " ") - 2 - len(note)
-    if room < 4 or not values:
-        return line
+    if room < 4 or not values:  # no room for a sparkline; the count of anomalies still shows
+        return line + [(note, "anomaly")] if note else line
     start = max(0, len(values) - room)
     shown = values[start:]
     marked_shown = tuple(i - start for i in marked if i >= start)
@@ -398,6 +398,14 @@ class Terminal:
         return styles
 
     def size(self) -> Tuple[int, int]:
+        """The window's size, brought up to the terminal's first: a SIGWINCH that came while curses
+        was busy can be missed, and the next refresh must still see the new size."""
+        try:
+            columns, lines = os.get_terminal_size(sys.__stdout__.fileno())
+        except (OSError, AttributeError, ValueError):
+            columns, lines = 0, 0
+        if lines and columns and self.curses.is_term_resized(lines, columns):
+            self.curses.resizeterm(lines, columns)
         height, width = self.window.getmaxyx()
         return width, height
 

@@ -394,7 +394,8 @@ class RealScreenTest(StoreTestCase):
             mm.record_check_results(metrics, [mm.CheckResult("disk", "OK", "plenty free")], time.time())
 
     def start(self, *args, **env):
-        return PseudoTerminal(self, ["--db", self.db, "--refresh", "3600", *args], env)
+        # Refreshing every second: a resize must show within one refresh even if its signal were lost.
+        return PseudoTerminal(self, ["--db", self.db, "--refresh", "1", *args], env)
 
     def assertTerminalRestored(self, output):
         self.assertIn(ENTER_ALTERNATE, output)
