@@ -1,12 +1,13 @@
 # make test      the unittest suite on the default python3
 # make test-all  the same suite on every Python 3.9-3.13 that pyenv (or PATH) provides
 # make bench     speed and size figures, each beside a baseline measured in the same run
+# make demo      a week of demo data in a temporary store, shown in the dashboard (q quits)
 PYTHON ?= python3
 PYFLAGS ?=
 VERSIONS := 3.9 3.10 3.11 3.12 3.13
 TEST := -m unittest discover -s tests -t .
 
-.PHONY: test test-all bench
+.PHONY: test test-all bench demo
 
 test:
 	$(PYTHON) $(PYFLAGS) $(TEST)
@@ -27,3 +28,8 @@ test-all:
 
 bench:
 	$(PYTHON) tests/bench.py
+
+demo:
+	@dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	$(PYTHON) metasystem_monitor.py demo --db "$$dir/demo.db" > /dev/null && \
+	$(PYTHON) monitoring_dashboard.py --db "$$dir/demo.db"

@@ -6699,6 +6699,124 @@ def cmd_push(args) -> int:
     return EXIT_OK
 
 
+# -- demo ----------------------------------------------------------------------
+
+DEMO_SYNC_TARGETS = {"icloud": (1800.0, 0.92, 2.3, 0.4), "external": (3600.0, 0.75, 1.9, 0.3)}  # every, rate, s
+DEMO_AGENTS = {"cataloger": (1.23, 0.1), "maintainer": (0.95, 0.08), "synthesizer": (2.45, 0.2)}
+DEMO_BREAKERS = ("icloud_sync", "external_sync", "database_write", "knowledge_graph")
+DEMO_ALERTS = (  # hours ago, severity, title, channel outcomes
+    (150.0, "warning", "external sync failing", {"email": "sent", "slack": "sent"}),
+    (149.0, "info", "RESOLVED external sync failing", {"email": "sent", "slack": "sent"}),
+    (52.0, "critical", "external_sync circuit breaker open", {"email": "sent", "slack": "failed", "log": "sent"}),
+    (3.0, "warning", "synthesizer run took 9.8 s", {"slack": "sent"}),
+)
+
+
+def write_demo(db_path: str, days: float, seed: int, now: float) -> Dict[str, int]:
+    """A week (or ``days``) of the original document's world in a new store: the icloud and external
+    sync targets at about 92% and 75% success, three agents, breakers that tripped and recovered, a few
+    alerts, anomalies, a nightly backup job, and the verdicts of the default checks."""
+    import random
+
+    rng = random.Random(seed)
+    start = now - days * 86400.0
+    with MetricsCollector(db_path, now=lambda: now, maintain=False) as collector:
+        if collector.store.query_one("SELECT count(*) FROM samples")[0]:
+            raise MonitorError(f"store {db_path} already holds samples; the demo writes only into a new one")
+        samples: List[tuple] = []
+        for target, (every, rate, mean, spread) in DEMO_SYNC_TARGETS.items():
+            offset = rng.random()
+            for i, ts in enumerate(_demo_times(start, now, every)):
+                ok = _demo_succeeds(i, offset, rate)
+                duration = max(0.1, rng.gauss(mean, spread) * (1.0 if ok else 1.6))
+                outcome = "success" if ok else "failure"
+                samples += [(f"sync_{target}_{outcome}", duration, {"target": target}, ts),
+                            (f"sync_{target}_files", float(rng.randint(0, 40) if ok else 0), {"target": target}, ts)]
+        samples.append(("sync_icloud_success", 14.2, {"target": "icloud"}, now - 5400.0))  # one slow sync
+        for agent, (mean, spread) in DEMO_AGENTS.items():
+            offset = rng.random()
+            for i, ts in enumerate(_demo_times(start + 600.0, now, 3600.0)):
+                outcome = "success" if _demo_succeeds(i, offset, 0.98) else "failure"
+                samples.append((f"agent_{agent}_{outcome}", max(0.05, rng.gauss(mean, spread)), {"agent": agent}, ts))
+        samples.append(("agent_synthesizer_success", 9.8, {"agent": "synthesizer"}, now - 3 * 3600.0))
+        samples += [("disk_free_bytes", 80e9 - (ts - start) * 5e3 + rng.gauss(0, 2e8), {"mount": "/"}, ts)
+                    for ts in _demo_times(start, now, 600.0)]
+        collector.record_many(samples)
+        _demo_breakers(collector, start, now, rng)
+        collector.roll_up()
+        _demo_jobs(collector, start, now, rng)
+        results = run_checks(default_checks(collector), CheckContext(collector, now))
+        record_check_results(collector, results, now)
+        samples_written = collector.store.query_one("SELECT count(*) FROM samples")[0]
+    _demo_alerts(db_path, now)
+    return {"samples": samples_written, "alerts": len(DEMO_ALERTS)}
+
+
+def _demo_succeeds(i: int, offset: float, rate: float) -> bool:
+    """Run ``i`` succeeds at ``rate``, failures spread evenly (a golden-ratio sequence), so any day of
+    the demo shows about the same success rate."""
+    return (offset + i * 0.6180339887498949) % 1.0 < rate
+
+
+def _demo_times(start: float, end: float, every: float) -> List[float]:
+    return [start + i * every for i in range(math.ceil((end - start) / every))]
+
+
+def _demo_breakers(collector: MetricsCollector, start: float, now: float, rng: Any) -> None:
+    for name in DEMO_BREAKERS:
+        collector.record_circuit_breaker_metric(name, "closed", 0, timestamp=start)
+    for opened in (now - 150 * 3600.0, now - 52 * 3600.0):  # external_sync tripped twice, and recovered
+        collector.record_circuit_breaker_metric("external_sync", "open", 5, previous_state="closed",
+                                                reason="5 failures within 10m", timestamp=opened)
+        collector.record_circuit_breaker_metric("external_sync", "half_open", 5, previous_state="open",
+                                                reason="open time over", timestamp=opened + 300.0)
+        collector.record_circuit_breaker_metric("external_sync", "closed", 0, previous_state="half_open",
+                                                reason="probe succeeded", timestamp=opened + 300.0 + rng.random())
+
+
+def _demo_jobs(collector: MetricsCollector, start: float, now: float, rng: Any) -> None:
+    with collector.store.write() as conn:
+        for day, began in enumerate(_demo_times(start + 3 * 3600.0, now, 86400.0)):
+            took = max(60.0, rng.gauss(1500.0, 120.0))
+            code = 23 if day == 2 else 0
+            conn.execute("INSERT INTO job_runs (run_id, job, started, ended, exit_code, outcome, attempts, output, "
+                         "cut_bytes) VALUES (?, 'backup', ?, ?, ?, ?, 1, ?, 0)",
+                         (f"demo{day}", began, began + took, code, "failure" if code else "success",
+                          b"rsync: some files vanished\n" if code else b""))
+    collector.record_many([Sample("job_duration", run[1] - run[0], {"job": "backup"}, run[1])
+                           for run in collector.store.query("SELECT started, ended FROM job_runs")])
+
+
+def _demo_alerts(db_path: str, now: float) -> None:
+    """The alert history of the week, as the channels would have left it (nothing is sent)."""
+    with AlertingSystem(os.devnull, db_path=db_path, now=lambda: now) as system:
+        with system.store.write() as conn:
+            for hours_ago, severity, title, outcomes in DEMO_ALERTS:
+                kind = "resolved" if title.startswith("RESOLVED ") else "firing"
+                alert = system.create_alert(title.replace("RESOLVED ", ""), "demo", _severity(severity))
+                alert_id = conn.execute(
+                    "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) "
+                    "VALUES (?, ?, ?, ?, ?, ?, '{}')",
+                    (now - hours_ago * 3600.0, kind, alert.key, severity, alert.title, alert.message)).lastrowid
+                for channel, outcome in outcomes.items():
+                    system._write_delivery(conn, alert_id, channel, Delivery(outcome, 1), kind)
+
+
+def cmd_demo(args) -> int:
+    """Write the demo store and say where it is (--db, else a new temporary folder)."""
+    import tempfile
+
+    db_path = args.db_path if (args.db or os.environ.get("METASYSTEM_DB")) else os.path.join(
+        tempfile.mkdtemp(prefix="metasystem-demo-"), DB_FILENAME)
+    if not 0 < args.days <= 366:
+        raise ValidationError(f"--days must be more than 0 and at most 366, got {args.days:g}")
+    written = write_demo(db_path, args.days, args.seed, cli_clock()())
+    print(f"demo store {db_path}: {written['samples']:,} samples over {args.days:g} days, "
+          f"{written['alerts']} alerts")
+    print(f"  python3 monitoring_dashboard.py --db {db_path}")
+    return EXIT_OK
+
+
 def _alerting(args, readonly: bool = False) -> AlertingSystem:
     """The alerting system of the command line: its configuration checked, its store not yet opened."""
     config = load_config(args.config_path, required=args.config_named)
@@ -7054,9 +7172,46 @@ def parser_class():
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str):
-            self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {with_suggestion(message, _option_strings(self))} "
+                                  "(see --help)\n")
 
     return Parser
+
+
+def _option_strings(parser) -> List[str]:
+    """Every option of ``parser`` and of the subcommands it has built."""
+    import argparse
+
+    found = list(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += sub._option_string_actions
+    return found
+
+
+def with_suggestion(message: str, options: Iterable[str]) -> str:
+    """argparse's message, with the closest command, choice or option when one is near enough:
+    ``unknown command 'recrod'; did you mean 'record'?``."""
+    import difflib
+    import re
+
+    choice = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if choice:
+        what, given, listed = choice.groups()
+        choices = re.findall(r"'([^']*)'", listed) or [part.strip() for part in listed.split(",")]
+        close = difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        if what == "COMMAND":
+            return f"unknown command {given!r}{hint}"
+        return message + hint
+    unknown = re.match(r"unrecognized arguments: (.*)$", message)
+    if unknown:
+        given = next((word for word in unknown.group(1).split() if word.startswith("-")), None)
+        close = difflib.get_close_matches(given.split("=")[0], list(options), n=1, cutoff=0.6) if given else []
+        if close:
+            return f"{message}; did you mean {close[0]}?"
+    return message
 
 
 def _args_record(sub) -> None:
@@ -7210,6 +7365,11 @@ def _args_push(sub) -> None:
     sub.add_argument("--delete", action="store_true", help="delete the group instead")
 
 
+def _args_demo(sub) -> None:
+    sub.add_argument("--days", type=float, default=7.0, help="how many days of data (default 7)")
+    sub.add_argument("--seed", type=int, default=17, help="the random seed: the same seed, the same data")
+
+
 def _add_json(sub) -> None:
     sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -7272,6 +7432,9 @@ _COMMANDS = (
     ("push", cmd_push, "push the metrics to a Prometheus Pushgateway, grouped by job and instance",
      f"  {PROG} push --gateway http://pushgateway.example:9091\n"
      f"  {PROG} push --gateway http://pushgateway.example:9091 --delete", _args_push),
+    ("demo", cmd_demo, "write a week of realistic demo data into a new store, to try the dashboard on",
+     f"  {PROG} demo --db /tmp/demo.db && python3 monitoring_dashboard.py --db /tmp/demo.db\n"
+     f"  {PROG} demo --days 30 --seed 4", _args_demo),
     ("config", cmd_config, "print the configuration in effect, secrets masked",
      f"  {PROG} config\n  {PROG} config --check --config /etc/metasystem/alerting-config.ini", _args_config),
 )
