@@ -115,7 +115,7 @@ class RecordCommandTest(StoreTestCase):
             (("record-agent", "cat", "--success", "--duration", "x"), "--duration 'x' is not a number"),
             (("stats", "x", "--hours", "0"), "'0' must be a positive number of hours"),
             (("stats", "x", "--hours", "nan"), "'nan' must be a positive number of hours"),
-            (("frobnicate",), "invalid choice: 'frobnicate'"),
+            (("frobnicate",), "unknown command 'frobnicate'"),
             ((), "the following arguments are required: COMMAND"),
         ]
         (first, message), *rest = cases  # one in a process of its own, the rest through main() here
