@@ -110,6 +110,7 @@ MEAN_AD_SCALE = 1.253314  # where MAD is 0: modified z = (x - median) / (1.25331
 _CANDIDATE_MARGIN = 1.0 - 1e-9
 BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
+ERROR_LINE_CHARS = 1000  # an error naming a megabyte-long argument still fits a terminal and a cron mail
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -135,8 +136,14 @@ def resolve_db_path(option: Optional[str] = None, environ: Optional[Dict[str, st
     environ = os.environ if environ is None else environ
     chosen = option or environ.get("METASYSTEM_DB")
     if chosen:
-        return os.path.abspath(os.path.expanduser(chosen))
+        return os.path.abspath(os.path.expanduser(_path_text(chosen, "store path")))
     return os.path.join(default_home(environ), DB_FILENAME)
+
+
+def _path_text(path: str, what: str) -> str:
+    if "\x00" in path:
+        raise ValidationError(f"{what} {_shown(path)} holds a NUL character")
+    return path
 
 
 def resolve_config_path(option: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> str:
@@ -144,7 +151,7 @@ def resolve_config_path(option: Optional[str] = None, environ: Optional[Dict[str
     environ = os.environ if environ is None else environ
     chosen = option or environ.get("METASYSTEM_CONFIG")
     if chosen:
-        return os.path.abspath(os.path.expanduser(chosen))
+        return os.path.abspath(os.path.expanduser(_path_text(chosen, "configuration path")))
     return os.path.join(default_home(environ), CONFIG_FILENAME)
 
 
@@ -596,6 +603,8 @@ class Store:
             yield
         except sqlite3.Error as err:
             raise self.storage_error(err) from err
+        except UnicodeEncodeError as err:  # a lone surrogate: invalid UTF-8 on the command line
+            raise ValidationError(f"{_shown(err.object)} is not valid text ({err.reason})") from None
 
     def write(self) -> "_WriteTransaction":
         """A write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any error."""
@@ -2752,7 +2761,7 @@ EMAIL_SECURITY = {"starttls": 587, "ssl": 465, "none": 25}
 CONFIG_SECTIONS = ("storage", "alerting", "serve")
 SERVE_KEYS = ("listen", "token_file")
 CONFIG_SECTION_PREFIXES = ("channel:", "check:")
-STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous")
+STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous", "busy_timeout")
 
 
 class AlertSeverity(Enum):
@@ -3928,7 +3937,8 @@ class AlertingSystem:
     def __init__(self, config_path: Optional[str] = None, *, db_path: Optional[str] = None,
                  environ: Optional[Dict[str, str]] = None, now=time.time, clock=time.monotonic, sleep=None,
                  rng=None, store: Optional[Store] = None, settings: Optional[AlertingSettings] = None,
-                 synchronous: str = "normal", readonly: bool = False):
+                 synchronous: str = "normal", readonly: bool = False,
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
         import random
         import socket
 
@@ -3952,6 +3962,7 @@ class AlertingSystem:
         self._store = store
         self._db_path = resolve_db_path(db_path, environ)
         self._synchronous = synchronous
+        self._busy_timeout_s = busy_timeout_s
         self._readonly = readonly  # for reading the history: a missing store reads as an empty one
         self._now, self._clock = now, clock
         self._sleep = time.sleep if sleep is None else sleep
@@ -3963,7 +3974,8 @@ class AlertingSystem:
     def store(self) -> Store:
         """The store, opened on first use: a dry run or a configuration check never creates one."""
         if self._store is None:
-            self._store = Store(self._db_path, synchronous=self._synchronous, readonly=self._readonly)
+            self._store = Store(self._db_path, synchronous=self._synchronous, readonly=self._readonly,
+                                busy_timeout_s=self._busy_timeout_s)
         return self._store
 
     def close(self) -> None:
@@ -5268,7 +5280,8 @@ def plugin_output(results: List[CheckResult]) -> List[str]:
     """``METASYSTEM STATE - summary | perfdata``, then one line per check."""
     state = worst_state(r.state for r in results)
     bad = [r for r in results if r.state != "OK"]
-    summary = "; ".join(f"{r.name} {r.state}: {r.summary}" for r in bad) if bad else f"{len(results)} checks OK"
+    summary = "; ".join(f"{r.name} {r.state}: {r.summary}" for r in bad) if bad else (
+        f"{len(results)} checks OK" if len(results) != 1 else "1 check OK")
     perfdata = " ".join(item for r in results for item in r.perfdata)
     lines = [f"METASYSTEM {state} - {_plugin_text(summary)}" + (f" | {perfdata}" if perfdata else "")]
     lines += [f"{r.state} {r.name}: {_plugin_text(r.summary)}" for r in results]
@@ -6150,8 +6163,11 @@ def inert_text(text: Any, ascii_only: bool = False) -> str:
     terminal or HTML control codes is drawn inert; non-ASCII escaped too when ``ascii_only``."""
     import unicodedata
 
+    text = str(text)
+    if text.isprintable() and (not ascii_only or text.isascii()):
+        return text  # the usual case, at C speed
     out = []
-    for char in str(text):
+    for char in text:
         if unicodedata.category(char) in _INERT_CATEGORIES or (ascii_only and ord(char) > 126):
             out.append(char.encode("unicode_escape").decode("ascii"))
         else:
@@ -6384,8 +6400,18 @@ def storage_settings(config) -> Dict[str, Any]:
     synchronous = section.get("synchronous", "normal").strip().lower()
     if synchronous not in SYNCHRONOUS_MODES:
         raise ConfigError(f"[storage] synchronous must be normal or full, got {_shown(synchronous)}")
+    busy_timeout_s = DEFAULT_BUSY_TIMEOUT_S
+    if "busy_timeout" in section:
+        try:
+            busy_timeout_s = parse_duration_s(section["busy_timeout"])
+        except ValidationError:
+            busy_timeout_s = -1.0
+        if not 0 < busy_timeout_s <= 3600:
+            raise ConfigError(f"[storage] busy_timeout must be a duration such as 5s, at most 1h, "
+                              f"got {section['busy_timeout']!r}")
     return {
         "synchronous": synchronous,
+        "busy_timeout_s": busy_timeout_s,
         "retention_days": _days_setting(section, "retention_days", DEFAULT_RETENTION_DAYS),
         "hourly_days": _days_setting(section, "rollup_hourly_days", DEFAULT_HOURLY_DAYS),
         "daily_days": _days_setting(section, "rollup_daily_days", DEFAULT_DAILY_DAYS),
@@ -6821,9 +6847,10 @@ def _alerting(args, readonly: bool = False) -> AlertingSystem:
     """The alerting system of the command line: its configuration checked, its store not yet opened."""
     config = load_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
-    synchronous = storage_settings(config)["synchronous"] if not settings.problems else "normal"
-    return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings, synchronous=synchronous,
-                          now=cli_clock(), readonly=readonly)
+    storage = storage_settings(config) if not settings.problems else {}
+    return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings,
+                          synchronous=storage.get("synchronous", "normal"), now=cli_clock(), readonly=readonly,
+                          busy_timeout_s=storage.get("busy_timeout_s", DEFAULT_BUSY_TIMEOUT_S))
 
 
 def cli_clock():
@@ -7172,8 +7199,8 @@ def parser_class():
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str):
-            self.exit(EXIT_USAGE, f"{self.prog}: error: {with_suggestion(message, _option_strings(self))} "
-                                  "(see --help)\n")
+            text = error_line(with_suggestion(message, _option_strings(self)))
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see --help)\n")
 
     return Parser
 
@@ -7200,7 +7227,7 @@ def with_suggestion(message: str, options: Iterable[str]) -> str:
     if choice:
         what, given, listed = choice.groups()
         choices = re.findall(r"'([^']*)'", listed) or [part.strip() for part in listed.split(",")]
-        close = difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(given, choices, n=1, cutoff=0.6) if len(given) <= 100 else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
         if what == "COMMAND":
             return f"unknown command {given!r}{hint}"
@@ -7208,7 +7235,8 @@ def with_suggestion(message: str, options: Iterable[str]) -> str:
     unknown = re.match(r"unrecognized arguments: (.*)$", message)
     if unknown:
         given = next((word for word in unknown.group(1).split() if word.startswith("-")), None)
-        close = difflib.get_close_matches(given.split("=")[0], list(options), n=1, cutoff=0.6) if given else []
+        close = (difflib.get_close_matches(given.split("=")[0], list(options), n=1, cutoff=0.6)
+                 if given and len(given) <= 100 else [])
         if close:
             return f"{message}; did you mean {close[0]}?"
     return message
@@ -7524,11 +7552,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
     if job_argv is not None:
         args.command = job_argv
-    args.db_path = resolve_db_path(args.db)
-    args.config_path = resolve_config_path(args.config)
     args.config_named = bool(args.config or os.environ.get("METASYSTEM_CONFIG"))
     with _stderr_logging(args.verbose, args.quiet):
         try:
+            args.db_path = resolve_db_path(args.db)
+            args.config_path = resolve_config_path(args.config)
             return args.func(args)
         except ValidationError as err:
             return _report(err, EXIT_USAGE, args.verbose)
@@ -7544,11 +7572,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _report(f"unexpected {type(err).__name__}: {err}", EXIT_RUNTIME, args.verbose)
 
 
+def error_line(text: str) -> str:
+    """An error as one line of at most ERROR_LINE_CHARS, with nothing in it a terminal would obey."""
+    return inert_text(truncate(" ".join(text.split()), ERROR_LINE_CHARS))
+
+
 def _report(error: Any, code: int, verbose: int) -> int:
     """One error line on stderr (the traceback first with -v); return ``code``."""
     if verbose:
         log.error("traceback follows", exc_info=True)
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = error_line(str(error)) or type(error).__name__
     print(f"{PROG}: error: {text}", file=sys.stderr)
     return code
 

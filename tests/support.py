@@ -91,7 +91,7 @@ class StoreTestCase(unittest.TestCase):
         env.update(extra)
         return env
 
-    def run_cli(self, *args, stdin=b"", env=None, timeout=SUBPROCESS_TIMEOUT_S, prefix=()):
+    def run_cli(self, *args, stdin=b"", env=None, timeout=SUBPROCESS_TIMEOUT_S, prefix=(), module="metasystem_monitor"):
         """Run the command line in a subprocess; return the CompletedProcess.
 
         As ``python3 -m metasystem_monitor``: the same main() as the script, from cached bytecode, so
@@ -99,7 +99,7 @@ class StoreTestCase(unittest.TestCase):
         the script itself.
         """
         return subprocess.run(
-            [*prefix, sys.executable, "-m", "metasystem_monitor", *args],
+            [*prefix, sys.executable, "-m", module, *args],
             input=stdin,
             capture_output=True,
             env=self.child_env() if env is None else env,
@@ -120,13 +120,14 @@ class StoreTestCase(unittest.TestCase):
             sys.stdin = saved_stdin
         return code, out.getvalue(), err.getvalue()
 
-    def run_cli_in_readonly_folder(self, folder, *args):
-        """Run the CLI while ``folder`` cannot be written, even by root."""
+    def run_cli_in_readonly_folder(self, folder, *args, module="metasystem_monitor"):
+        """Run the CLI (or the dashboard, ``module="monitoring_dashboard"``) while ``folder`` cannot be
+        written, even by root."""
         if os.geteuid() != 0:
             mode = os.stat(folder).st_mode
             os.chmod(folder, 0o555)
             try:
-                return self.run_cli(*args)
+                return self.run_cli(*args, module=module)
             finally:
                 os.chmod(folder, mode)
         unshare = shutil.which("unshare")
@@ -135,7 +136,7 @@ class StoreTestCase(unittest.TestCase):
         probe = subprocess.run([unshare, "-m", "true"], capture_output=True, timeout=30)
         if probe.returncode != 0:
             self.skipTest("running as root where unshare -m is not permitted")
-        return self.run_cli(*args, prefix=(unshare, "-m", "sh", "-c", _READONLY_MOUNT, "sh", folder))
+        return self.run_cli(*args, prefix=(unshare, "-m", "sh", "-c", _READONLY_MOUNT, "sh", folder), module=module)
 
     def write_script(self, name, body):
         """An executable Python script in the test's folder (os, signal, sys and time imported); its path."""
