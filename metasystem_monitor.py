@@ -6531,6 +6531,7 @@ def cmd_record_agent(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    validate_name(args.name, "metric name")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
         stats = collector.get_metric_stats(args.name, args.hours, percentiles=args.percentiles)
     if args.json:
@@ -6543,6 +6544,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_success_rate(args) -> int:
+    validate_name(args.name, "metric name")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
         successes, attempts = collector.success_counts(args.name, args.hours)
     rate = None if attempts == 0 else 100.0 * successes / attempts
@@ -6556,6 +6558,7 @@ def cmd_success_rate(args) -> int:
 
 
 def cmd_anomalies(args) -> int:
+    validate_name(args.name, "metric name")  # no such name can be stored, nor echoed raw
     threshold = None if args.threshold is None else _parse_number(args.threshold, "--threshold")
     with _open_collector(args, readonly=True) as collector:
         report = collector.detect_anomalies(args.name, args.hours, method=args.method, threshold=threshold,
@@ -6614,6 +6617,7 @@ def cmd_breaker_reset(args) -> int:
 
 
 def cmd_retry_stats(args) -> int:
+    validate_name(args.operation, "operation")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
         retry = AdaptiveRetry(collector=collector)
         report = {

@@ -93,13 +93,28 @@ class HostileArgumentsTest(StoreTestCase):
         # What reaches a real argv (no NUL: the kernel refuses it) through a real process.
         for args, code in ((("record", "\x1b[31mred", "1"), 2), (("record", "x", "nan"), 2),
                            (("record", "x" * 300, "1"), 2), (("record", "x", "1e309"), 2),
-                           (("anomalies", "x", "--threshold", "-1"), 2), (("check", "--only", "\u202e"), 3)):
+                           (("anomalies", "x", "--threshold", "-1"), 2), (("check", "--only", "\u202e"), 3),
+                           (("stats", "\x1b[2Jx"), 2), (("retry-stats", "\x1b]0;pwned\x07"), 2)):
             with self.subTest(args=args):
                 result = self.run_cli("--db", self.db, *args)
                 self.assertEqual(result.returncode, code, result.stderr)
                 self.assertEqual(len(result.stderr.splitlines()) + (code == 3), 1, result.stderr)
                 self.assertNotIn(b"Traceback", result.stderr)
                 self.assertNotIn(b"\x1b", result.stderr)  # shown escaped, never sent to the terminal
+
+
+class InertAlertTextTest(StoreTestCase):
+    """An alert whose title and message hold escape sequences reaches no terminal raw."""
+
+    def test_the_log_line_and_the_history_show_them_inert(self):
+        title, message = "evil \x1b[2J\x1b]0;pwned\x07title", "line one\nline \x1b[31mtwo"
+        sent = self.run_cli("--db", self.db, "alert", "--warning", title, message)
+        listed = self.run_cli("--db", self.db, "alerts")
+        self.assertEqual((sent.returncode, listed.returncode), (0, 0), sent.stderr)
+        for output in (sent.stdout, sent.stderr, listed.stdout, listed.stderr):
+            self.assertNotIn(b"\x1b", output)
+            self.assertNotIn(b"\x07", output)
+        self.assertIn(b"evil", listed.stdout)
 
 
 class MalformedConfigurationTest(StoreTestCase):

@@ -255,7 +255,8 @@ class SecretsNeverShow(AlertTestCase):
 
     SECRETS = ("T0SLACKSECRET", "B0SLACKSECRET", "slack-token-0123456789", "9876543210987", "discord-token-ABCDEF",
                "sig-value-31415926", "hmac-shared-key-27182818", "smtp-password-1618", "424242:telegram-bot-token",
-               "ntfy-topic-0987654321", "ntfy-token-112358")
+               "ntfy-topic-0987654321", "ntfy-token-112358", "am-password-7777", "pd-routing-key-5555",
+               "push-password-4444")
 
     def test_secrets_are_masked_everywhere(self):
         with HTTPServer(default=Reply(403, "invalid_token for", echo_path=True)) as server, SMTPServer(auth=True, accept_login=False,
@@ -270,7 +271,9 @@ class SecretsNeverShow(AlertTestCase):
                 f"smtp_port = {smtp.port}\nusername = mm\npassword = smtp-password-1618\ntls_verify = false\n\n"
                 f"[channel:tg]\ntype = telegram\ntoken = 424242:telegram-bot-token\nchat_id = 1\napi_url = {base}\n\n"
                 f"[channel:phone]\ntype = ntfy\nurl = {base}/ntfy-topic-0987654321\ntoken = ntfy-token-112358\n\n"
-                f"[channel:gone]\ntype = webhook\nurl = http://127.0.0.1:1/hook?token=sig-value-31415926\n")
+                f"[channel:gone]\ntype = webhook\nurl = http://127.0.0.1:1/hook?token=sig-value-31415926\n\n"
+                f"[channel:am]\ntype = alertmanager\nurl = {base.replace('//', '//am:am-password-7777@')}\n\n"
+                f"[channel:pd]\ntype = pagerduty\nurl = {base}/v2/enqueue\nrouting_key = pd-routing-key-5555\n")
             env = self.cli_env()
             results = [
                 self.run_cli("-v", "alert", "--critical", "Disk", "full", env=env),
@@ -280,11 +283,20 @@ class SecretsNeverShow(AlertTestCase):
                 self.run_cli("alerts", env=env),
                 self.run_cli("config", env=env),
                 self.run_cli("config", "--check", env=env),
+                self.run_cli("push", "--gateway", base.replace("//", "//job:push-password-4444@"), env=env),
             ]
+            server.default = Reply(200, "ok")  # and every channel once more, succeeding where 200 "ok" is success
+            results.append(self.run_cli("-v", "alert-test", env=env))
             self.assertGreater(len(server.requests), 5)
+            results += [self.run_cli("export", env=env), self.run_cli("export", "--format", "openmetrics", env=env),
+                        self.run_cli("--summary", env=env, module="monitoring_dashboard"),
+                        self.run_cli("--once", env=env, module="monitoring_dashboard")]
+            page = mm.status_page(mm.read_summary(self.db)).encode()
         self.assertEqual(results[0].returncode, 4, results[0].stderr)
         self.assertIn(f"hook: webhook POST {base}/***?***".encode(), results[1].stdout)
-        seen = b"".join(r.stdout + r.stderr for r in results) + file_bytes(self.db)
+        self.assertIn(b"sent", results[8].stdout)  # the second alert-test: delivered somewhere
+        self.assertIn(b"failed: HTTP 403: invalid_token for /metrics/job/metasystem/instance/", results[7].stderr)
+        seen = b"".join(r.stdout + r.stderr for r in results) + file_bytes(self.db) + page
         seen += b"".join(self.syslog.pending())
         for name in (self.db + "-wal",):
             if os.path.exists(name):

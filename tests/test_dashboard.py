@@ -434,6 +434,12 @@ class RealScreenTest(StoreTestCase):
         self.assertEqual(term.finish(sig=signal.SIGTERM), 128 + signal.SIGTERM)
         self.assertTerminalRestored(term.output)
 
+    def test_sigint_restores_the_terminal(self):
+        term = self.start()
+        term.read_until(b"PgDn scroll")
+        self.assertEqual(term.finish(sig=signal.SIGINT), 128 + signal.SIGINT)
+        self.assertTerminalRestored(term.output)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -323,17 +323,20 @@ class ServeTest(AlertTestCase):
         self.assertEqual(self.get(port, "/metrics", {"Authorization": "Bearer s3cret-token"})[0], 200)
         self.assertEqual(self.get(port, "/healthz")[0], 200)
 
-    def test_the_command_serves_until_sigterm(self):
-        process = subprocess.Popen([sys.executable, "-m", "metasystem_monitor", "--db", self.db, "serve", "--listen",
-                                    "127.0.0.1:0"], stderr=subprocess.PIPE, env=self.child_env(), cwd=self.tmp)
-        self.addCleanup(reap, process)
-        line = process.stderr.readline().decode()
-        self.assertRegex(line, r"^metasystem_monitor.py: serving http://127.0.0.1:\d+/ ")
-        port = int(line.split(":")[3].split("/")[0])
-        self.assertEqual(self.get(port, "/healthz")[0], 200)
-        process.send_signal(signal.SIGTERM)
-        self.assertEqual(process.wait(SUBPROCESS_TIMEOUT_S), 0)
-        self.assertEqual(process.stderr.read(), b"")
+    def test_the_command_serves_until_sigterm_or_sigint(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum.name):
+                process = subprocess.Popen([sys.executable, "-m", "metasystem_monitor", "--db", self.db, "serve",
+                                            "--listen", "127.0.0.1:0"], stderr=subprocess.PIPE, env=self.child_env(),
+                                           cwd=self.tmp)
+                self.addCleanup(reap, process)
+                line = process.stderr.readline().decode()
+                self.assertRegex(line, r"^metasystem_monitor.py: serving http://127.0.0.1:\d+/ ")
+                port = int(line.split(":")[3].split("/")[0])
+                self.assertEqual(self.get(port, "/healthz")[0], 200)
+                process.send_signal(signum)
+                self.assertEqual(process.wait(SUBPROCESS_TIMEOUT_S), 0)
+                self.assertEqual(process.stderr.read(), b"")
 
     def test_the_serve_section_is_checked(self):
         self.write_config("[serve]\nlisten = nowhere\nport = 9473\n", log_channel=False)

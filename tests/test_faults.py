@@ -262,8 +262,11 @@ class KillNineTest(FaultTestCase):
 
     def setUp(self):
         super().setUp()
+        # Its children's diagnostics (the log channel's lines among them) go to a file, not into the test's output.
+        errors = open(os.path.join(self.tmp, "launcher.err"), "wb")
+        self.addCleanup(errors.close)
         self.launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, cwd=self.tmp, env=self.child_env())
+                                         stdout=subprocess.PIPE, stderr=errors, cwd=self.tmp, env=self.child_env())
         self.addCleanup(self.stop_launcher)
 
     def stop_launcher(self):
