@@ -338,6 +338,20 @@ class ServeTest(AlertTestCase):
                 self.assertEqual(process.wait(SUBPROCESS_TIMEOUT_S), 0)
                 self.assertEqual(process.stderr.read(), b"")
 
+    def test_off_loopback_the_command_wants_a_readable_token_file(self):
+        self.assertMainError(1, "refusing to serve on 0.0.0.0:0 (not loopback) without a token", "--db", self.db,
+                             "serve", "--listen", "0.0.0.0:0")
+        token_file = os.path.join(self.tmp, "token")
+        self.write_config(f"[serve]\ntoken_file = {token_file}\n", log_channel=False)
+        self.assertMainError(1, f"[serve] token_file {token_file} cannot be read", "--config", self.config_path,
+                             "serve", "--listen", "0.0.0.0:0")
+        with open(token_file, "w", encoding="utf-8") as handle:
+            handle.write("\n")
+        self.assertMainError(1, f"[serve] token_file {token_file} is empty", "--config", self.config_path, "serve")
+        with open(token_file, "w", encoding="utf-8") as handle:
+            handle.write("  s3cret-token\n")
+        self.assertEqual(mm._serve_token(token_file), "s3cret-token")
+
     def test_the_serve_section_is_checked(self):
         self.write_config("[serve]\nlisten = nowhere\nport = 9473\n", log_channel=False)
         code, out, err = self.run_main("config", "--check", "--config", self.config_path)
