@@ -6020,19 +6020,19 @@ def status_page(summary: Dict[str, Any]) -> str:
         f"<p>updated {_html(summary['generated_at'])}, window {summary['window_hours']:g} h</p>",
     ]
     parts += _page_table("Sync operations", ("state", "target", "success", "runs", "average", "recent"), [
-        (_rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
+        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
          _page_seconds(entry["avg_duration"]), sparkline_svg(entry["recent"]))
         for name, entry in summary["sync"].items()])
     parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
-        ({"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}.get(entry["state"], "UNKNOWN"), name,
+        (BREAKER_STATE_WORDS.get(entry["state"], "UNKNOWN"), name,
          entry["state"], entry["failures"], entry["since"]) for name, entry in summary["circuit_breakers"].items()])
     parts += _page_table("Agents", ("state", "agent", "success", "runs", "average", "latest", "recent"), [
-        (_rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
+        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
          _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
         for name, entry in summary["agents"].items()])
     parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
-        ("OK" if alert["kind"] == "resolved" else {"critical": "CRITICAL", "warning": "WARNING"}.get(
-            alert["severity"], "OK"), alert["time"], alert["title"],
+        ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
+         alert["time"], alert["title"],
          ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
         for alert in summary["alerts"]])
     parts += _page_table("System health", ("state", "check", "summary"), [
@@ -6061,12 +6061,6 @@ def _html(value: Any) -> str:
     import html
 
     return html.escape(inert_text("-" if value is None else str(value)), quote=True)
-
-
-def _rate_state(rate: Optional[float]) -> str:
-    if rate is None:
-        return "UNKNOWN"
-    return "OK" if rate >= 90.0 else "WARNING" if rate >= 50.0 else "CRITICAL"
 
 
 def _page_percent(value: Optional[float]) -> str:
@@ -6155,6 +6149,10 @@ SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
 SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
 SUMMARY_ALERTS = 20
 CHECK_RESULT_STALE_S = 3600.0  # a verdict older than this no longer stands (has cron stopped?)
+RATE_OK_PERCENT = 90.0  # a sync target or agent succeeding this often is OK; from the next WARNING, below CRITICAL
+RATE_WARNING_PERCENT = 50.0
+BREAKER_STATE_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
+SEVERITY_STATE_WORDS = {"critical": "CRITICAL", "warning": "WARNING", "info": "OK"}
 _INERT_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, formats, unassigned, line breaks
 
 
@@ -6226,6 +6224,13 @@ def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str
     return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
             "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [],
             "health": health}
+
+
+def rate_state(rate: Optional[float]) -> str:
+    """The state word of a success rate, as the dashboard and the status page color a row."""
+    if rate is None:
+        return "UNKNOWN"
+    return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
 
 
 def summary_status(health: Dict[str, Dict[str, Any]]) -> str:

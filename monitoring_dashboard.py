@@ -36,8 +36,6 @@ FULL_SIZE = (80, 24)  # below this, the lower-priority sections are dropped
 MIN_SIZE = (20, 5)  # below this, one line says the terminal is too small
 HEADER_LINES = 2
 FOOTER_LINES = 1
-SYNC_OK_PERCENT = 90.0  # a target's success rate at or above this is OK, at or above the next WARNING
-SYNC_WARNING_PERCENT = 50.0
 ESCAPE_KEY = 27
 WIDE = 110  # from this width on, rows show more columns
 
@@ -154,17 +152,6 @@ def short_time(text: Optional[str]) -> str:
 
 ## Sections ####################################################################
 
-def state_of_rate(rate: Optional[float]) -> str:
-    if rate is None:
-        return "UNKNOWN"
-    if rate >= SYNC_OK_PERCENT:
-        return "OK"
-    return "WARNING" if rate >= SYNC_WARNING_PERCENT else "CRITICAL"
-
-
-BREAKER_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
-
-
 def _state_cell(state: str) -> Segment:
     return (pad(state, 8), state.lower())
 
@@ -188,7 +175,7 @@ def _with_sparkline(line: Line, values: List[float], marked: List[int], width: i
 
 def _runs_line(name: str, entry: Dict[str, Any], columns: List[str], width: int, ascii_only: bool) -> Line:
     recent = entry.get("recent") or {}
-    line: Line = [("  ", "plain"), _state_cell(state_of_rate(entry.get("success_rate"))),
+    line: Line = [("  ", "plain"), _state_cell(mm.rate_state(entry.get("success_rate"))),
                   (" " + pad(mm.inert_text(name, ascii_only), 14) + " " + " ".join(columns), "plain")]
     return _with_sparkline(line, recent.get("durations", []), list(recent.get("anomalous", ())), width, ascii_only,
                            tuple(recent.get("failed", ())))
@@ -210,7 +197,7 @@ def breaker_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List
     for name, entry in sorted(summary["circuit_breakers"].items()):
         state = entry.get("state") or "unknown"
         failures = entry.get("failures")
-        line: Line = [("  ", "plain"), _state_cell(BREAKER_WORDS.get(state, "UNKNOWN")),
+        line: Line = [("  ", "plain"), _state_cell(mm.BREAKER_STATE_WORDS.get(state, "UNKNOWN")),
                       (" " + pad(mm.inert_text(name, ascii_only), 18) + f" {pad(state, 9)} failures "
                        f"{'-' if failures is None else failures:>3} since {short_time(entry.get('since'))[5:]}",
                        "plain")]
@@ -227,15 +214,12 @@ def agent_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
     return lines or [[("  no agent run recorded in the window", "dim")]]
 
 
-SEVERITY_STATES = {"critical": "CRITICAL", "warning": "WARNING", "info": "OK"}
-
-
 def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
     lines = []
     for alert in summary["alerts"]:
         kind = alert.get("kind")
         word = "RESOLVED" if kind == "resolved" else str(alert.get("severity", "")).upper()
-        style = "ok" if kind == "resolved" else SEVERITY_STATES.get(alert.get("severity"), "UNKNOWN").lower()
+        style = "ok" if kind == "resolved" else mm.SEVERITY_STATE_WORDS.get(alert.get("severity"), "UNKNOWN").lower()
         channels = ", ".join(f"{mm.inert_text(name, ascii_only)} {mm.inert_text(outcome, ascii_only)}"
                              for name, outcome in sorted(alert.get("channels", {}).items()))
         title = mm.inert_text(alert.get("title", ""), ascii_only)

@@ -18,7 +18,8 @@ import unittest
 
 import metasystem_monitor as mm
 import monitoring_dashboard as dash
-from tests.support import REPO, SUBPROCESS_TIMEOUT_S, FakeClock, StoreTestCase, reap
+
+from .support import REPO, SUBPROCESS_TIMEOUT_S, FakeClock, StoreTestCase, reap
 
 DASHBOARD = os.path.join(REPO, "monitoring_dashboard.py")
 GOLDEN = os.path.join(REPO, "tests", "data")

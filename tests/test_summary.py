@@ -3,7 +3,8 @@
 import os
 
 import metasystem_monitor as mm
-from tests.support import AlertTestCase, FakeClock, file_bytes, sqlite_rows
+
+from .support import AlertTestCase, FakeClock, file_bytes, sqlite_rows
 
 HOUR_S = 3600.0
 
