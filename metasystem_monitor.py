@@ -810,6 +810,14 @@ def non_negative(value: Any, what: str) -> float:
     return number
 
 
+def window_hours(hours: Any) -> float:
+    """A query window in hours: finite and more than 0."""
+    hours = finite_number(hours, "hours")
+    if hours <= 0:
+        raise ValidationError(f"hours must be positive, got {_shown(hours)}")
+    return hours
+
+
 def valid_timestamp(value: Any, what: str = "timestamp") -> float:
     """``value`` as epoch seconds if it falls in years 1970 to 9999, else raise ValidationError."""
     ts = non_negative(value, what)
@@ -1271,9 +1279,7 @@ class MetricsCollector:
     # -- querying -------------------------------------------------------------
 
     def _window(self, hours: float) -> Tuple[float, float]:
-        hours = finite_number(hours, "hours")
-        if hours <= 0:
-            raise ValidationError(f"hours must be positive, got {_shown(hours)}")
+        hours = window_hours(hours)
         until = self._now()
         return until - hours * 3600.0, until
 
@@ -6180,7 +6186,7 @@ def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HO
     A missing store reads as an empty one. A store that cannot be read gives an
     empty summary too, whose ``database`` health is CRITICAL and says why.
     """
-    hours = _window_hours(hours)
+    hours = window_hours(hours)
     try:
         with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
             return system_summary(collector, hours)
@@ -6191,7 +6197,7 @@ def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HO
 def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
     """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
     recent alerts and the checks' last verdicts, over the last ``hours``."""
-    hours = _window_hours(hours)
+    hours = window_hours(hours)
     since, until = collector._window(hours)
     entities = collector.entities("target", "breaker", "agent")
     health = recorded_health(collector.store, until)
@@ -6210,13 +6216,6 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
         "alerts": recent_alerts(collector.store, since),
         "health": health,
     }
-
-
-def _window_hours(hours: Any) -> float:
-    hours = finite_number(hours, "hours")
-    if hours <= 0:
-        raise ValidationError(f"hours must be positive, got {_shown(hours)}")
-    return hours
 
 
 def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:

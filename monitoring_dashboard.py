@@ -19,7 +19,6 @@ line on stderr); 2 a usage error.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -535,12 +534,9 @@ def _window_hours(text: str) -> float:
     import argparse
 
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of hours, got {text!r}")
-    return value
+        return mm.window_hours(float(text))
+    except (ValueError, mm.MonitorError):
+        raise argparse.ArgumentTypeError(f"must be a positive number of hours, got {text!r}") from None
 
 
 def use_color(args, environ: Dict[str, str]) -> bool:
