@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import sqlite3
+import stat
 import sys
 import time
 from datetime import datetime, timezone
@@ -441,12 +442,79 @@ def _checked_schema_version(conn: sqlite3.Connection, path: str) -> int:
     return version
 
 
+def refuse_foreign_symlinks(path: str, what: str, error: type = StorageError) -> None:
+    """Refuse ``path`` if a symlink on it belongs to neither this user nor its folder's owner.
+
+    The kernel's ``fs.protected_symlinks`` rule, applied by the program to every path it writes (the
+    store, a lock, an output file) and on every system: root must not follow a link that another user
+    planted in /tmp to a file of root's choosing.
+    """
+    me = os.geteuid()
+    probe = ""
+    for part in os.path.abspath(path).split(os.sep)[1:]:
+        folder, probe = probe or os.sep, os.path.join(probe or os.sep, part)
+        try:
+            info = os.lstat(probe)
+        except OSError:
+            return  # the rest does not exist yet
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (me, os.stat(folder).st_uid):
+            raise error(f"{what} {path} goes through a symlink owned by another user ({probe}); refused")
+
+
+def _stat_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def output_target(path: str, option: str, *, ours: Tuple[str, ...], force: bool) -> str:
+    """The regular file that writing ``path`` may replace, links resolved; ValidationError when it may not.
+
+    Refused: anything but a regular file (a device such as /dev/null, a FIFO, a directory, a symlink
+    to one of them or to nowhere), a symlink another user owns, and an existing file whose first line
+    does not start with one of ``ours`` (a file this program did not write) unless ``force``.
+    """
+    refuse_foreign_symlinks(path, option, ValidationError)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValidationError(f"{option} {path} is a symlink to nowhere; nothing was written")
+    real = os.path.realpath(path)
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(real) or "."):
+            raise MonitorError(f"cannot write {path}: folder {os.path.dirname(real)} does not exist") from None
+        return real
+    except OSError as err:
+        raise ValidationError(f"{option} {path} cannot be examined: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise ValidationError(f"{option} {path} is {_stat_kind(mode)}, not a regular file; nothing was written")
+    if not force and not _first_line_starts(real, ours):
+        raise ValidationError(f"{option} {path} exists and was not written by this program; "
+                              "give --force to replace it")
+    return real
+
+
+def _first_line_starts(path: str, prefixes: Tuple[str, ...]) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(200)
+    except OSError:
+        return False
+    return head.startswith(tuple(prefix.encode("utf-8") for prefix in prefixes))
+
+
 def _prepare_store_file(path: str) -> None:
     """Create the store's folder (0700) and file (0600) if they are missing.
 
     Only folders created here are given 0700: an existing one such as /tmp is
     left as it is.  Modes are set explicitly, so the umask cannot widen them.
+    A symlink another user owns is refused; a symlink to nowhere gets its
+    target created, 0600 like any store.
     """
+    refuse_foreign_symlinks(path, "store")
+    path = os.path.realpath(path)
     folder = os.path.dirname(path) or "."
     missing = []
     probe = folder
@@ -5867,6 +5935,9 @@ def export_text(collector: MetricsCollector, fmt: str = "prometheus") -> str:
     return exposition(metric_families(collector), fmt)
 
 
+EXPORT_HEADERS = ("# HELP metasystem_", "# TYPE metasystem_")  # how every export begins, in both formats
+
+
 def write_textfile(path: str, text: str) -> None:
     """Write ``text`` for node_exporter's textfile collector: a temporary file beside ``path`` whose name
     does not end in ``.prom``, then an atomic rename; a failed write leaves the old file and no temporary."""
@@ -6661,13 +6732,14 @@ def cmd_metrics(args) -> int:
 
 def cmd_export(args) -> int:
     """The store as Prometheus text (0.0.4) or OpenMetrics, on stdout or written atomically to --output."""
+    target = args.output and output_target(args.output, "--output", ours=EXPORT_HEADERS, force=args.force)
     with _open_collector(args, readonly=True) as collector:
         text = export_text(collector, args.format)
-    if not args.output:
+    if not target:
         sys.stdout.write(text)
         return EXIT_OK
     try:
-        write_textfile(args.output, text)
+        write_textfile(target, text)
     except OSError as err:
         raise MonitorError(f"cannot write {args.output}: {err.strerror or err}; the old file is unchanged") from None
     return EXIT_OK
@@ -7382,7 +7454,10 @@ def _args_export(sub) -> None:
     sub.add_argument("--format", choices=EXPORT_FORMATS, default="prometheus",
                      help="prometheus (text format 0.0.4, the default) or openmetrics (1.0)")
     sub.add_argument("--output", metavar="FILE",
-                     help="write FILE atomically instead of stdout (for node_exporter's textfile collector)")
+                     help="write FILE atomically instead of stdout (for node_exporter's textfile collector); "
+                          "only a regular file, and one that export wrote unless --force")
+    sub.add_argument("--force", action="store_true",
+                     help="let --output replace a regular file that export did not write")
 
 
 def _args_serve(sub) -> None:

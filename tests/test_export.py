@@ -183,6 +183,41 @@ class TextfileTest(StoreTestCase):
         self.assertEqual((os.listdir(folder), file_bytes(target)), (["metasystem.prom"], b"# the old one\n"))
         self.assertMainError(1, "cannot write", "export", "--output", os.path.join(self.tmp, "missing", "x.prom"))
 
+    def test_output_refuses_what_is_not_a_regular_file_of_its_own(self):
+        os.mkfifo(os.path.join(self.tmp, "fifo"))
+        os.mkdir(os.path.join(self.tmp, "folder"))
+        os.symlink(os.devnull, os.path.join(self.tmp, "to-device"))
+        os.symlink(os.path.join(self.tmp, "fifo"), os.path.join(self.tmp, "to-fifo"))
+        os.symlink(os.path.join(self.tmp, "nowhere"), os.path.join(self.tmp, "dangling"))
+        with open(os.path.join(self.tmp, "notes.txt"), "wb") as handle:
+            handle.write(b"precious\n")
+        before = {name: os.lstat(os.path.join(self.tmp, name)) for name in os.listdir(self.tmp)}
+        for name, fragment in (("fifo", "is a FIFO, not a regular file"),
+                               ("folder", "is a directory, not a regular file"),
+                               ("to-device", "is a character device, not a regular file"),
+                               ("to-fifo", "is a FIFO, not a regular file"),
+                               ("dangling", "is a symlink to nowhere"),
+                               ("notes.txt", "was not written by this program; give --force to replace it")):
+            with self.subTest(target=name):
+                self.assertMainError(2, fragment, "export", "--output", os.path.join(self.tmp, name))
+        self.assertEqual(file_bytes(os.path.join(self.tmp, "notes.txt")), b"precious\n")
+        self.assertEqual({name: os.lstat(os.path.join(self.tmp, name)) for name in os.listdir(self.tmp)}, before)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "nowhere")))
+
+    def test_output_replaces_its_own_file_and_with_force_a_foreign_one(self):
+        target = os.path.join(self.tmp, "metasystem.prom")
+        with open(target, "wb") as handle:
+            handle.write(b"precious\n")
+        self.assertEqual(self.run_main("export", "--output", target, "--force")[0], 0)
+        self.assertTrue(file_bytes(target).startswith(b"# HELP metasystem_build_info "))
+        for fmt in ("openmetrics", "prometheus"):  # each format replaces what either wrote
+            self.assertEqual(self.run_main("export", "--format", fmt, "--output", target), (0, "", ""))
+        self.assertTrue(file_bytes(target).startswith(b"# HELP metasystem_build_info "))
+        link = os.path.join(self.tmp, "link.prom")
+        os.symlink(target, link)  # a link to a file of its own: the file is replaced, the link kept
+        self.assertEqual(self.run_main("export", "--output", link), (0, "", ""))
+        self.assertTrue(os.path.islink(link))
+
     def test_a_reader_never_sees_a_partial_file(self):
         target = os.path.join(self.tmp, "metasystem.prom")
         texts = [mm.exposition([mm.MetricFamily(f"metasystem_m{i}", "gauge", "x" * 2000,
