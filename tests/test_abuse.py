@@ -13,6 +13,7 @@ import sys
 
 import metasystem_monitor as mm
 
+from . import sandbox
 from .support import StoreTestCase, sqlite_rows
 
 SEED = 20261128
@@ -20,9 +21,14 @@ RUNS_PER_COMMAND = 110
 HOSTILE = (
     "", " ", "-", "-1", "-1e308", "1e309", "nan", "NaN", "inf", "-inf", "0", "00", "9" * 400, "0x10", "1_000",
     "\x00", "a\x00b", "\x1b[31mred\x1b[0m", "\x1b]0;title\x07", "\r\n", "line\nbreak", "\t", "\u202e", "\ud800",
-    "é", "名前", "🚀", "'; DROP TABLE series; --", "../../../etc/passwd", "/dev/null", "%s%s%n", "{0}", "${HOME}",
+    "é", "名前", "🚀", "'; DROP TABLE series; --", "../../../etc/passwd", "%s%s%n", "{0}", "${HOME}",
     "a=b", "=", "key=", "=value", "x" * 1_000_000, "--", "-h", "--help", "--version", "--json", "--db", "--config",
+    "@fifo", "@folder", "@link-to-device", "@link-to-nowhere", "@foreign-db", "@foreign-file",
 )
+# Targets that no writing command may harm, made inside each test's folder: "@fifo" in HOSTILE stands for
+# the path of a FIFO there, and so on. Nothing absolute outside the sandbox is ever named: a command that
+# wrote through "/dev/null" would replace the machine's device.
+TARGETS = ("@fifo", "@folder", "@link-to-device", "@link-to-nowhere", "@foreign-db", "@foreign-file")
 # The exit codes each command may end with; every other command: 0, 1 or 2. `run` ends with its command's
 # code: none of the words above names a program, so a command it is given cannot be found (127) or run (126).
 CODES = {"alert": {0, 1, 2, 3, 4}, "alert-test": {0, 1, 2, 3, 4}, "check": {0, 1, 2, 3},
@@ -31,14 +37,46 @@ CODES = {"alert": {0, 1, 2, 3, 4}, "alert-test": {0, 1, 2, 3, 4}, "check": {0, 1
 ENDINGS = {"serve": ["--listen", "nowhere"]}
 
 
-def hostile_argv(rng, command, options):
+def hostile_argv(rng, command, options, targets):
     """A command with a shuffle of its own options and hostile values, some options repeated."""
     words = [command]
     for _ in range(rng.randint(0, 6)):
         if options and rng.random() < 0.5:
             words.append(rng.choice(options))
-        words.append(rng.choice(HOSTILE))
+        value = rng.choice(HOSTILE)
+        words.append(targets.get(value, value))
     return words + ENDINGS.get(command, [])
+
+
+def make_targets(folder):
+    """The hostile targets of TARGETS inside ``folder``; {placeholder: path}."""
+    import sqlite3
+
+    paths = {name: os.path.join(folder, name[1:]) for name in TARGETS}
+    os.mkfifo(paths["@fifo"])
+    os.mkdir(paths["@folder"])
+    os.symlink(os.devnull, paths["@link-to-device"])
+    os.symlink(os.path.join(folder, "nowhere", "at-all"), paths["@link-to-nowhere"])
+    conn = sqlite3.connect(paths["@foreign-db"])
+    conn.executescript("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('ann'); PRAGMA user_version = 1;")
+    conn.close()
+    with open(paths["@foreign-file"], "w", encoding="utf-8") as handle:
+        handle.write("precious\n")
+    return paths
+
+
+def target_state(paths):
+    """What each target is, for comparing before and after."""
+    state = {}
+    for name, path in paths.items():
+        info = os.lstat(path)
+        if name.startswith("@foreign"):
+            with open(path, "rb") as handle:
+                content = handle.read()
+        else:
+            content = sorted(os.listdir(path)) if os.path.isdir(path) else os.path.realpath(path)
+        state[name] = (oct(info.st_mode), content)
+    return state
 
 
 def options_of(command):
@@ -57,8 +95,18 @@ class HostileArgumentsTest(StoreTestCase):
     def setUp(self):
         super().setUp()
         cwd = os.getcwd()
-        os.chdir(self.tmp)  # an --output or a path among the arguments lands here
+        os.chdir(self.tmp)  # an --output or a path among the arguments lands here, deep in the sandbox
         self.addCleanup(os.chdir, cwd)
+        self.targets = make_targets(self.tmp)
+        self.untouched = target_state(self.targets)
+
+    def test_no_hostile_path_can_leave_the_sandbox(self):
+        box = sandbox.current()
+        for value in HOSTILE:
+            if "/" in value or value.startswith("."):
+                self.assertTrue(box.inside(value), value)
+        self.assertLess(max(value.count("..") for value in HOSTILE), sandbox.DEPTH)
+        self.assertTrue(all(box.inside(os.path.dirname(path)) for path in self.targets.values()))
 
     def main(self, argv):
         out, err = io.StringIO(), io.StringIO()
@@ -78,7 +126,7 @@ class HostileArgumentsTest(StoreTestCase):
         for command in commands:
             options = options_of(command)
             for _ in range(RUNS_PER_COMMAND):
-                argv = hostile_argv(rng, command, options)
+                argv = hostile_argv(rng, command, options, self.targets)
                 code, out, err = self.main(argv)
                 runs += 1
                 shown = repr(argv)[:300]
@@ -88,6 +136,7 @@ class HostileArgumentsTest(StoreTestCase):
                 if code == 2 and not out:
                     self.assertEqual(len(err.splitlines()), 1, f"{shown}: {err[:500]}")
         self.assertGreaterEqual(runs, 2000)
+        self.assertEqual(target_state(self.targets), self.untouched)
         self.assertEqual(sqlite_rows(self.db, "PRAGMA quick_check"), [("ok",)])
         self.assertIn(("series",), sqlite_rows(self.db, "SELECT name FROM sqlite_master"))  # nothing dropped
 
