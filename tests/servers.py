@@ -75,7 +75,10 @@ class HTTPServer(_Serving):
         self.replies = list(replies)
         self.default = default or Reply(200, b"ok")
         self.requests = []
-        self.after_reply = None  # called once the answer is written: a test may kill the client there
+        # Called just before the answer is written and once it is written: a test may stop the client
+        # first (SIGSTOP) and kill it after, so the answer is on the wire and never read.
+        self.before_reply = None
+        self.after_reply = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         owner = self
@@ -95,6 +98,8 @@ class HTTPServer(_Serving):
                     self.close_connection = True
                     return
                 body = reply.body + (f" {self.path}".encode() if reply.echo_path else b"")
+                if owner.before_reply is not None:
+                    owner.before_reply()
                 self.send_response(reply.status)
                 for key, value in reply.headers.items():
                     self.send_header(key, value)
