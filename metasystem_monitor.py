@@ -387,6 +387,11 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
     ),
 )
 
+APPLICATION_ID = 0x4D4D4F4E  # "MMON" in the file's header: this SQLite file is a metasystem store
+# The first migration's series and meta tables, word for word as SQLite keeps them: how a store made
+# before the header carried APPLICATION_ID is told from another program's database.
+_FIRST_TABLES = (_MIGRATIONS[0][0], _MIGRATIONS[0][3])
+
 _SQLITE_MESSAGES = (
     ("database is locked", "is locked by another process (gave up after {timeout:g} s)"),
     ("database is busy", "is locked by another process (gave up after {timeout:g} s)"),
@@ -422,21 +427,30 @@ def _why_unopenable(path: str) -> str:
 
 
 def _checked_schema_version(conn: sqlite3.Connection, path: str) -> int:
-    """The file's schema version; a file that is not ours to change raises StorageError."""
+    """The file's schema version; a file that is not ours to change raises StorageError.
+
+    Ours: an empty file, a file whose header carries APPLICATION_ID, or a store from before the marker
+    (application_id 0) whose first tables are exactly the ones migration 1 wrote. Anything else is
+    another program's, whatever its user_version says.
+    """
     # One statement, so one snapshot: read apart, a migration another process commits in between
     # would show its tables without its version, and the store would look like another program's.
-    version, objects = conn.execute(
-        "SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master)").fetchone()
+    version, objects, app_id, first_tables = conn.execute(
+        "SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master), "
+        "(SELECT application_id FROM pragma_application_id), "
+        "(SELECT count(*) FROM sqlite_master WHERE type = 'table' AND sql IN (?, ?))", _FIRST_TABLES).fetchone()
+    empty = version == 0 and objects == 0 and app_id in (0, APPLICATION_ID)
+    marked = app_id == APPLICATION_ID or (app_id == 0 and version > 0 and first_tables == len(_FIRST_TABLES))
+    if not (empty or marked):
+        raise StorageError(
+            f"store {path} is a SQLite database of another program (it does not carry the "
+            f"metasystem marker); it was left unchanged",
+            path,
+        )
     if version > SCHEMA_VERSION:
         raise StorageError(
             f"store {path} was written by a newer version (schema {version}; "
             f"this program knows up to {SCHEMA_VERSION}); it was left unchanged",
-            path,
-        )
-    if version == 0 and objects:
-        raise StorageError(
-            f"store {path} is a SQLite database of another program (tables, but no "
-            f"metasystem schema); it was left unchanged",
             path,
         )
     return version
@@ -503,6 +517,11 @@ def _first_line_starts(path: str, prefixes: Tuple[str, ...]) -> bool:
     except OSError:
         return False
     return head.startswith(tuple(prefix.encode("utf-8") for prefix in prefixes))
+
+
+def _mark_as_ours(conn: sqlite3.Connection) -> None:
+    if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
 
 
 def _prepare_store_file(path: str) -> None:
@@ -584,6 +603,8 @@ class Store:
             if version == 0:
                 # Must precede the first table, or SQLite ignores it.
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            if version == SCHEMA_VERSION:
+                _mark_as_ours(conn)  # a store from before the marker (a migration marks the others)
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 log.warning("store %s: WAL journal not available on this filesystem", self.path)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
@@ -643,6 +664,7 @@ class Store:
         try:
             # Re-read inside the lock: another process may have migrated already.
             version = self._checked_version(conn)
+            _mark_as_ours(conn)  # in the same transaction as the tables: never one without the other
             for statements in _MIGRATIONS[version:]:
                 for statement in statements:
                     conn.execute(statement)

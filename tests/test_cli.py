@@ -242,6 +242,7 @@ class BrokenStoresTest(StoreTestCase):
 
     def test_a_store_from_a_newer_version(self):
         conn = sqlite3.connect(self.db)
+        conn.execute(f"PRAGMA application_id = {mm.APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION + 1}")
         conn.close()
         before = file_bytes(self.db)

@@ -1,5 +1,6 @@
 """The SQLite store: files and modes, pragmas, versions, many writers, crashes."""
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -124,7 +125,8 @@ class StoreVersionsTest(StoreTestCase):
         conn.close()
 
     def test_a_newer_schema_is_refused_and_left_byte_for_byte(self):
-        self.write_database("CREATE TABLE future (x)", "PRAGMA user_version = 99")
+        self.write_database(f"PRAGMA application_id = {mm.APPLICATION_ID}", "CREATE TABLE future (x)",
+                            "PRAGMA user_version = 99")
         self.assertRefusedUnchanged(f"store {self.db} was written by a newer version (schema 99; this program "
                                     f"knows up to {mm.SCHEMA_VERSION}); it was left unchanged")
 
@@ -133,11 +135,49 @@ class StoreVersionsTest(StoreTestCase):
             handle.write(b"these are my notes, not a database\n" * 100)
         self.assertRefusedUnchanged(f"store {self.db} is not a SQLite database")
 
-    def test_another_programs_database_is_refused_unchanged(self):
-        self.write_database("CREATE TABLE contacts (name TEXT)", "INSERT INTO contacts VALUES ('Ada')")
-        self.assertRefusedUnchanged(f"store {self.db} is a SQLite database of another program (tables, but no "
-                                    f"metasystem schema); it was left unchanged")
-        self.assertEqual(sqlite_rows(self.db, "PRAGMA journal_mode"), [("delete",)])
+    def test_another_programs_database_is_refused_unchanged_whatever_its_version(self):
+        refused = (f"store {self.db} is a SQLite database of another program (it does not carry the "
+                   f"metasystem marker); it was left unchanged")
+        for version in (0, 1, mm.SCHEMA_VERSION, mm.SCHEMA_VERSION + 1):
+            with self.subTest(user_version=version):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.db)
+                self.write_database("CREATE TABLE users (name TEXT)", "INSERT INTO users VALUES ('Ada')",
+                                    f"PRAGMA user_version = {version}")
+                self.assertRefusedUnchanged(refused)
+                self.assertEqual(sqlite_rows(self.db, "PRAGMA journal_mode"), [("delete",)])
+        os.unlink(self.db)
+        self.write_database("PRAGMA application_id = 1", "PRAGMA user_version = 1")  # no tables, not ours
+        self.assertRefusedUnchanged(refused)
+
+    def test_no_command_changes_another_programs_database_or_advises_an_upgrade(self):
+        self.write_database("CREATE TABLE users (name TEXT)", "INSERT INTO users VALUES ('Ada')",
+                            "PRAGMA user_version = 1")
+        before = file_bytes(self.db)
+        for args, code in ((("record", "x", "1"), 1), (("stats", "x"), 1), (("export",), 1), (("metrics",), 1),
+                           (("record-sync", "t", "--success", "--duration", "1"), 1), (("alerts",), 1), (("check", "--no-alert"), 2)):
+            with self.subTest(args=args):
+                status, out, err = self.run_main("--db", self.db, *args)
+                self.assertEqual(status, code, out + err)
+                self.assertIn("is a SQLite database of another program", out + err)
+                self.assertNotIn("upgrade", out + err)
+        self.assertEqual(file_bytes(self.db), before)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["home", "metrics.db"] if os.path.isdir(
+            os.path.join(self.tmp, "home")) else ["metrics.db"])
+
+    def test_a_store_from_before_the_marker_is_recognised_and_marked(self):
+        conn = sqlite3.connect(self.db)
+        for statements in mm._MIGRATIONS:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION}")
+        conn.commit()
+        conn.close()
+        with mm.Store(self.db, readonly=True) as store:
+            self.assertEqual(store.query("SELECT count(*) FROM samples"), [(0,)])
+        self.assertEqual(sqlite_rows(self.db, "PRAGMA application_id"), [(0,)])  # a reader changes nothing
+        mm.Store(self.db).close()
+        self.assertEqual(sqlite_rows(self.db, "PRAGMA application_id"), [(mm.APPLICATION_ID,)])
 
     def test_an_empty_file_is_migrated_to_the_current_schema(self):
         open(self.db, "wb").close()
@@ -209,6 +249,7 @@ class MigrationRaceTest(StoreTestCase):
         migrating = sqlite3.connect(self.db, isolation_level=None)
         self.addCleanup(migrating.close)
         migrating.execute("BEGIN IMMEDIATE")
+        migrating.execute(f"PRAGMA application_id = {mm.APPLICATION_ID}")  # as _migrate does
         migrating.execute("CREATE TABLE series (id INTEGER PRIMARY KEY)")
         migrating.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION}")
         checking = sqlite3.connect(self.db, isolation_level=None)
