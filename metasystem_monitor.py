@@ -2971,6 +2971,18 @@ def _one_line(text: str) -> str:
     return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).strip()
 
 
+def visible_text(text: str) -> str:
+    """``text`` with what is not valid Unicode (bytes that were not UTF-8, carried as lone surrogates by
+    ``surrogateescape``) replaced by U+FFFD, so it can be stored, sent and shown."""
+    if text.isascii():
+        return text  # the usual case, at C speed
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # one U+FFFD for each byte that was not UTF-8
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogatepass")  # a lone surrogate that came as text
+    return data.decode("utf-8", "replace")
+
+
 def truncate(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, ending in a visible marker when cut."""
     if len(text) <= limit:
@@ -3358,14 +3370,33 @@ def _secret(items: Dict[str, str], key: str, section: str, environ: Dict[str, st
         return (text or None), "file", (None if text else f"{key} is empty")
     if chosen.endswith("_env"):
         value = environ.get(text, "").strip()
+        if value != visible_text(value):
+            return None, f"${text}", f"${text} is not UTF-8 text"
         return (value or None), f"${text}", (None if value else f"${text} is not set")
     path = os.path.expanduser(text)
     try:
-        with open(path, encoding="utf-8") as handle:
-            value = handle.read().strip()
+        value = read_secret_file(path)
     except OSError as err:
         return None, f"file {path}", f"{path} cannot be read ({err.strerror or err})"
+    except ValueError as err:
+        return None, f"file {path}", str(err)
     return (value or None), f"file {path}", (None if value else f"{path} is empty")
+
+
+def read_secret_file(path: str) -> str:
+    """The secret a file holds, stripped; OSError if it cannot be read, ValueError if it is not UTF-8 text.
+
+    A file other users can read draws one warning, as a configuration file holding secrets does.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+        shared = bool(os.fstat(handle.fileno()).st_mode & 0o044)
+    if shared:
+        log.warning("%s holds a secret and other users can read it: chmod 600 %s", path, path)
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
 
 
 def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
@@ -5699,7 +5730,7 @@ def job_report(run: JobRun, argv: List[str]) -> str:
     attempts = f", {run.attempts} attempts" if run.attempts > 1 else ""
     code = "no exit code" if run.exit_code is None else f"exit {run.exit_code}"
     lines = [f"run {run.job}: {run.outcome} ({code}) after {run.duration_s:.1f} s{attempts}",
-             f"command: {shlex.join(argv)}"]
+             f"command: {visible_text(shlex.join(argv))}"]
     if run.cut_bytes:
         lines.append(f"[... {run.cut_bytes} earlier bytes of output cut; the last {len(run.output)} follow ...]")
     text = run.output.decode("utf-8", "replace")
@@ -6806,10 +6837,11 @@ def _serve_token(path: Optional[str]) -> Optional[str]:
         return None
     path = os.path.expanduser(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            token = handle.read().strip()
+        token = read_secret_file(path)
     except OSError as err:
         raise ConfigError(f"[serve] token_file {path} cannot be read: {err.strerror or err}") from None
+    except ValueError as err:
+        raise ConfigError(f"[serve] token_file {err}") from None
     if not token:
         raise ConfigError(f"[serve] token_file {path} is empty")
     return token
@@ -7655,8 +7687,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+    _visible_text_arguments(args)
     if job_argv is not None:
-        args.command = job_argv
+        args.command = job_argv  # kept as given: a file name's bytes must reach the job unchanged
     args.config_named = bool(args.config or os.environ.get("METASYSTEM_CONFIG"))
     with _stderr_logging(args.verbose, args.quiet):
         try:
@@ -7675,6 +7708,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_OK
         except Exception as err:  # a bug of ours: still one line for cron, details with -v
             return _report(f"unexpected {type(err).__name__}: {err}", EXIT_RUNTIME, args.verbose)
+
+
+_PATH_ARGUMENTS = ("db", "config", "output")  # file names: their bytes stay as the system gave them
+
+
+def _visible_text_arguments(args: Any) -> None:
+    """Every argument that is text, not a file name, made valid Unicode with visible_text()."""
+    for dest, value in vars(args).items():
+        if dest in _PATH_ARGUMENTS:
+            continue
+        if isinstance(value, str):
+            setattr(args, dest, visible_text(value))
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            setattr(args, dest, [visible_text(item) for item in value])
 
 
 def error_line(text: str) -> str:
