@@ -880,6 +880,37 @@ def validate_name(name: Any, what: str = "metric name") -> str:
     return name
 
 
+def json_text(document: Any, *, indent: Optional[int] = 2, compact: bool = False) -> str:
+    """``document`` as strict JSON (RFC 8259: no Infinity, no NaN), keys sorted.
+
+    A float past the range of a double (an average of values near 1e308 that rollups summed to
+    infinity) becomes null, and a top-level ``notes`` list says which, so every reader can parse it.
+
+    >>> json_text({"avg": float("inf"), "n": 2}, indent=None)
+    '{"avg": null, "n": 2, "notes": ["avg: out of the range of a double"]}'
+    """
+    import json
+
+    notes: List[str] = []
+    clean = _finite_only(document, "", notes)
+    if notes and isinstance(clean, dict):
+        clean["notes"] = list(clean.get("notes") or []) + [f"{path}: out of the range of a double" for path in notes]
+    separators = (",", ":") if compact else None
+    return json.dumps(clean, sort_keys=True, indent=indent, allow_nan=False, separators=separators,
+                      ensure_ascii=not compact)
+
+
+def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        notes.append(path or "value")
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_only(item, f"{path}.{key}" if path else str(key), notes) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_only(item, f"{path}[{index}]", notes) for index, item in enumerate(value)]
+    return value
+
+
 def finite_number(value: Any, what: str = "value") -> float:
     """``value`` as a float if it is a finite number, else raise ValidationError."""
     if isinstance(value, (str, bytes)) or value is None:
@@ -1075,10 +1106,25 @@ def _tier_marks(conn: sqlite3.Connection) -> Tuple[Optional[float], Optional[flo
     return _meta_times(conn, "rolled_until", "daily_until")
 
 
-_RAW_PASS = "SELECT count(*), total(value), min(value), max(value), min(ts), max(ts) FROM samples WHERE "
-_ROLLED_PASS = "SELECT total(n), total(total), min(lo), max(hi), min(first_ts), max(last_ts) FROM rollups WHERE "
-_RAW_SQUARES = "SELECT total((value - ?) * (value - ?)) FROM samples WHERE "
-_ROLLED_SQUARES = "SELECT total(m2 + n * (total / n - ?) * (total / n - ?)) FROM rollups WHERE "
+# Sums are taken of values times a power of two (1 unless a plain sum overflowed): exact, and finite
+# for any finite values.
+_RAW_PASS = "SELECT count(*), total(value * ?), min(value), max(value), min(ts), max(ts) FROM samples WHERE "
+_ROLLED_PASS = "SELECT total(n), total(total * ?), min(lo), max(hi), min(first_ts), max(last_ts) FROM rollups WHERE "
+_RAW_SQUARES = "SELECT total((value * ? - ?) * (value * ? - ?)) FROM samples WHERE "
+_ROLLED_SQUARES = "SELECT total(m2 * ? + n * (total * ? / n - ?) * (total * ? / n - ?)) FROM rollups WHERE "
+
+
+def _scale_exponent(*values: float) -> int:
+    """The power of two that brings every finite value in ``values`` within [-1, 1]."""
+    return max((math.frexp(value)[1] for value in values if math.isfinite(value)), default=0)
+
+
+def _unscaled(value: float, exponent: int) -> float:
+    """``value * 2**exponent``; infinity where that is past the largest double."""
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 class MetricsCollector:
@@ -1398,13 +1444,14 @@ class MetricsCollector:
         return [_Range(0, start, hours[0], False), _Range(int(ROLLUP_SPAN_S), *hours, False),
                 _Range(0, hours[1], end, end_inclusive)]
 
-    def _first_pass(self, name: str, ranges: List[_Range]) -> Tuple[int, float, Optional[float], Optional[float],
-                                                                    Optional[float], Optional[float], List[str]]:
-        """Count, sum, min, max, first and last time over every range, and the tiers that held data."""
+    def _first_pass(self, name: str, ranges: List[_Range], scale: float = 1.0) -> Tuple[
+            int, float, Optional[float], Optional[float], Optional[float], Optional[float], List[str]]:
+        """Count, sum (of values times ``scale``), min, max, first and last time over every range, and the
+        tiers that held data."""
         count, total, lows, highs, firsts, lasts, tiers = 0, 0.0, [], [], [], [], []
         for part in ranges:
             n, part_total, low, high, first, last = self.store.query_one(
-                (_ROLLED_PASS if part.span else _RAW_PASS) + part.where(), (name, part.start, part.end)
+                (_ROLLED_PASS if part.span else _RAW_PASS) + part.where(), (scale, name, part.start, part.end)
             )
             if n:
                 count += int(n)
@@ -1419,15 +1466,37 @@ class MetricsCollector:
             return 0, 0.0, None, None, None, None, tiers
         return count, total, min(lows), max(highs), min(firsts), max(lasts), tiers
 
-    def _squared_deviations(self, name: str, ranges: List[_Range], mean: float) -> float:
-        """Sum of (x - mean)**2 over every range: the second of two passes."""
+    def _squared_deviations(self, name: str, ranges: List[_Range], mean: float, scale: float = 1.0) -> float:
+        """Sum of ((x - mean) * scale)**2 over every range: the second of two passes."""
+        center = mean * scale
         return math.fsum(
-            self.store.query_one(
-                (_ROLLED_SQUARES if part.span else _RAW_SQUARES) + part.where(),
-                (mean, mean, name, part.start, part.end),
-            )[0]
+            self.store.query_one(*(
+                (_ROLLED_SQUARES + part.where(), (scale * scale, scale, center, scale, center, name, part.start,
+                                                  part.end))
+                if part.span else
+                (_RAW_SQUARES + part.where(), (scale, center, scale, center, name, part.start, part.end))
+            ))[0]
             for part in ranges
         )
+
+    def _mean(self, name: str, ranges: List[_Range], count: int, total: float, low: float, high: float) -> float:
+        """The mean from the first pass; near the float limit, where the plain sum overflowed, from a scaled
+        one (infinite only where rollups already hold an infinite sum)."""
+        if math.isfinite(total):
+            return total / count
+        exponent = _scale_exponent(low, high)
+        return _unscaled(self._first_pass(name, ranges, math.ldexp(1.0, -exponent))[1] / count, exponent)
+
+    def _stddev(self, name: str, ranges: List[_Range], count: int, mean: float, low: float, high: float) -> float:
+        """The sample standard deviation around ``mean``, scaled as _mean() is where squares overflow."""
+        if not math.isfinite(mean):
+            return math.inf
+        squares = self._squared_deviations(name, ranges, mean)
+        if math.isfinite(squares):
+            return math.sqrt(squares / (count - 1))
+        exponent = _scale_exponent(low, high, mean)
+        squares = self._squared_deviations(name, ranges, mean, math.ldexp(1.0, -exponent))
+        return _unscaled(math.sqrt(squares / (count - 1)), exponent)
 
     def _value_at(self, name: str, ts: float) -> Optional[float]:
         """The value of ``name`` at ``ts`` (the last recorded, if several), raw or rolled up."""
@@ -1452,7 +1521,7 @@ class MetricsCollector:
         count, total, low, high, first, last, tiers = self._first_pass(name, ranges)
         stats: Dict[str, Any] = {
             "count": count,
-            "avg": total / count if count else None,
+            "avg": self._mean(name, ranges, count, total, low, high) if count else None,
             "min": low,
             "max": high,
             "stddev": None,
@@ -1462,7 +1531,7 @@ class MetricsCollector:
             "tiers": tiers,
         }
         if count > 1:
-            stats["stddev"] = math.sqrt(self._squared_deviations(name, ranges, stats["avg"]) / (count - 1))
+            stats["stddev"] = self._stddev(name, ranges, count, stats["avg"], low, high)
         if percentiles:
             values = sorted(row[0] for row in self.store.query(f"SELECT value FROM samples WHERE {_IN_WINDOW}",
                                                                (name, since, until)))
@@ -1518,11 +1587,11 @@ class MetricsCollector:
     def _zscore_baseline(self, name: str, since: float, until: float) -> Optional["Baseline"]:
         """Mean and standard deviation of the window, from the rollups where they can serve."""
         ranges = self._ranges(since, until)
-        count, total = self._first_pass(name, ranges)[:2]
+        count, total, low, high = self._first_pass(name, ranges)[:4]
         if not count:
             return None
-        mean = total / count
-        stddev = math.sqrt(self._squared_deviations(name, ranges, mean) / (count - 1)) if count > 1 else 0.0
+        mean = self._mean(name, ranges, count, total, low, high)
+        stddev = self._stddev(name, ranges, count, mean, low, high) if count > 1 else 0.0
         return Baseline("zscore", count, mean, stddev, "stddev" if stddev else "flat", stddev)
 
     def _robust_baseline(self, name: str, since: float, until: float) -> Optional["Baseline"]:
@@ -1618,8 +1687,9 @@ class MetricsCollector:
         """(successes, attempts, average duration) of the PREFIX_success / PREFIX_failure durations."""
         stats = [self.get_metric_stats(f"{prefix}_{outcome}", hours) for outcome in ("success", "failure")]
         attempts = stats[0]["count"] + stats[1]["count"]
-        total = sum(part["avg"] * part["count"] for part in stats if part["count"])
-        return stats[0]["count"], attempts, total / attempts if attempts else None
+        # Each mean weighted by its share: no sum of durations that could overflow.
+        average = math.fsum(part["avg"] * (part["count"] / attempts) for part in stats if part["count"])
+        return stats[0]["count"], attempts, average if attempts else None
 
     def _sync_summary(self, target: str, hours: float) -> Dict[str, Any]:
         successes, attempts, avg_duration = self._runs(f"sync_{target}", hours)
@@ -1670,8 +1740,8 @@ class MetricsCollector:
                 return added
             with self.store.write() as conn:
                 start = _rolled_until(conn)  # again, under the lock
-                if start is None:
-                    start = min(self._first_bucket(conn, "samples", "ts", ROLLUP_SPAN_S, target), target)
+                # From the hour of the next sample present: a year without data costs one seek, not 365 chunks.
+                start = min(self._first_bucket(conn, "samples", "ts", ROLLUP_SPAN_S, target, since=start), target)
                 if start >= target:
                     _set_meta(conn, "rolled_until", start)
                     return added
@@ -1685,13 +1755,18 @@ class MetricsCollector:
                 _set_meta(conn, "rolled_until", end)
 
     @staticmethod
-    def _first_bucket(conn: sqlite3.Connection, table: str, column: str, span: float, default: float) -> float:
-        """Start of the ``span`` bucket of the oldest row of ``table`` over all series, or ``default``."""
+    def _first_bucket(conn: sqlite3.Connection, table: str, column: str, span: float, default: float,
+                      since: Optional[float] = None) -> float:
+        """Start of the ``span`` bucket of the oldest row of ``table`` (at or after ``since``) over all series,
+        or ``default``; one index seek per series."""
         tier = " AND span = 3600" if table == "rollups" else ""
         row = conn.execute(
-            f"SELECT min((SELECT min({column}) FROM {table} WHERE series_id = series.id{tier})) FROM series"
+            f"SELECT min((SELECT min({column}) FROM {table} WHERE series_id = series.id{tier} AND {column} >= ?)) "
+            "FROM series", (-math.inf if since is None else since,)
         ).fetchone()
-        return default if row[0] is None else bucket_start(row[0], span)
+        if row[0] is None:
+            return default
+        return max(bucket_start(row[0], span), -math.inf if since is None else since)
 
     def cleanup(self, retention_days: Optional[float] = None) -> Dict[str, int]:
         """The daily upkeep: roll up closed hours, delete expired raw samples, fold old hours into days.
@@ -1794,14 +1869,13 @@ class MetricsCollector:
         start = self.store.tier_marks()[1]
         if start is not None and start >= fold_until:
             return 0, 0
-        if start is None:
-            with self.store._translating_errors():
-                first = self._first_bucket(self.store.connection, "rollups", "bucket", DAY_S, fold_until)
-                start = min(first, fold_until)
         # About CLEANUP_BATCH_ROWS hourly rows per transaction, whatever the number of series.
         step = DAY_S * max(1, CLEANUP_BATCH_ROWS // (24 * max(1, len(series))))
         folded = days = 0
         while True:
+            with self.store._translating_errors():  # skip days that hold no hourly rollup
+                start = min(self._first_bucket(self.store.connection, "rollups", "bucket", DAY_S, fold_until,
+                                               since=start), fold_until)
             end = min(fold_until, start + step)
             with self.store.write() as conn:
                 for series_id in series:
@@ -3541,9 +3615,7 @@ def tls_context(verify: bool) -> Any:
 
 
 def _json_bytes(document: Any) -> bytes:
-    import json
-
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return json_text(document, indent=None, compact=True).encode("utf-8")
 
 
 def _reply_json(reply: HttpReply) -> Dict[str, Any]:
@@ -4834,10 +4906,14 @@ def format_span(seconds: float) -> str:
     >>> format_span(3900)
     '1h 5m'
     """
+    if not math.isfinite(seconds):
+        return "-"
     seconds = max(0, int(round(seconds)))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
+    if days >= 100_000:  # past 270 years: a magnitude, not a count of days
+        return f"{float(days):.3g}d"
     if days:
         return f"{days}d {hours}h" if hours else f"{days}d"
     if hours:
@@ -6108,8 +6184,6 @@ def _bearer_matches(header: Optional[str], token: str) -> bool:
 
 def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple[int, str, bytes]:
     """(status, content type, body) of one GET: what the server answers, without the server."""
-    import json
-
     if path == "/healthz":
         return 200, "text/plain; charset=utf-8", b"ok\n"
     try:
@@ -6120,7 +6194,7 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple
             return 200, OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE, text.encode("utf-8")
         if path == "/api/summary":
             summary = read_summary(db_path, hours, now=now)
-            body = json.dumps(summary, sort_keys=True, indent=2, allow_nan=False) + "\n"
+            body = json_text(summary) + "\n"
             return 200, "application/json", body.encode("utf-8")
         if path == "/":
             return 200, "text/html; charset=utf-8", status_page(read_summary(db_path, hours, now=now)).encode("utf-8")
@@ -6553,9 +6627,7 @@ def _open_collector(args, *, readonly: bool) -> MetricsCollector:
 
 
 def _print_json(document: Dict[str, Any]) -> None:
-    import json
-
-    print(json.dumps(document, sort_keys=True, indent=2, allow_nan=False))
+    print(json_text(document))
 
 
 def _format_value(value: Any) -> str:
@@ -6564,7 +6636,7 @@ def _format_value(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(map(str, value))
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.6g}" if math.isfinite(value) else "out of range"
     return str(value)
 
 

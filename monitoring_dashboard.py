@@ -570,9 +570,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
             return mm.read_summary(db_path, args.hours, now=now)
 
         if args.summary:
-            import json
-
-            sys.stdout.write(json.dumps(collect(), sort_keys=True, indent=2, allow_nan=False) + "\n")
+            sys.stdout.write(mm.json_text(collect()) + "\n")
             return 0
         if args.once or not sys.stdout.isatty():
             ascii_only = args.ascii or (sys.stdout.encoding or "").replace("-", "").upper() != "UTF8"
