@@ -5017,6 +5017,7 @@ DEFAULT_ANOMALY_CRITICAL = "7"
 BREAKER_CRITICAL_OPEN_S = 3600.0
 METRIC_STATISTICS = ("latest", "avg", "min", "max", "count", "stddev")
 CHECK_OUTPUT_LINE_CHARS = 300
+CHECK_OUTPUT_KEEP_BYTES = 65536  # of a command check's output: its first line is the verdict
 SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
               "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
 
@@ -5431,16 +5432,27 @@ def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     import shlex
     import signal
     import subprocess
+    import threading
 
     argv = shlex.split(spec.settings["command"])
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True)
+    # The verdict is on the first line: keep the head, read and drop the rest (a plugin gone mad, or
+    # `yes`, must not fill the memory), and end the whole group at the timeout.
+    head = _Head(CHECK_OUTPUT_KEEP_BYTES)
+    reader = threading.Thread(target=_drain, args=(process.stdout, head), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + spec.timeout_s
     try:
-        output, _ = process.communicate(timeout=spec.timeout_s)
+        process.wait(timeout=spec.timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        reader.join(spec.timeout_s)
         return CheckResult(spec.name, "UNKNOWN", f"{os.path.basename(argv[0])} did not finish in {spec.timeout_s:g} s")
+    reader.join(max(0.0, deadline - time.monotonic()))  # a child of the plugin may still hold the pipe
+    output = bytes(head.data)
     first = output.decode("utf-8", "replace").splitlines()[0] if output.strip() else ""
     text, _, perf = first.partition("|")
     state = CHECK_STATES[process.returncode] if 0 <= process.returncode <= 3 else "UNKNOWN"
@@ -5594,6 +5606,20 @@ class JobRun(NamedTuple):
     @property
     def duration_s(self) -> float:
         return (self.ended or self.started) - self.started
+
+
+class _Head:
+    """Keeps the first ``limit`` bytes of a stream and counts what it dropped."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> None:
+        room = max(0, self.limit - len(self.data))
+        self.data += chunk[:room]
+        self.dropped += len(chunk) - min(room, len(chunk))
 
 
 class _Tail:

@@ -3,12 +3,14 @@
 import json
 import os
 import re
+import subprocess
+import sys
 import unittest
 
 import metasystem_monitor as mm
 
 from .servers import HTTPServer
-from .support import AlertTestCase, sqlite_rows
+from .support import AlertTestCase, StoreTestCase, sqlite_rows
 
 T0 = 1_800_000_000.0
 
@@ -262,3 +264,35 @@ class ChecksFireAndResolve(AlertTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class CommandOutputBoundTest(StoreTestCase):
+    """A plugin that floods its output: the check keeps a bounded head and ends the plugin at its timeout."""
+
+    MEASURE = ("import resource, subprocess, sys\n"
+               "result = subprocess.run(sys.argv[1:], capture_output=True, timeout=120)\n"
+               "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
+               "sys.stdout.write(f'{result.returncode} {peak}\\n' + result.stdout.decode())\n")
+
+    def test_a_flood_of_output_keeps_the_verdict_and_bounded_memory(self):
+        flood = self.write_script("flood.py", "out = sys.stdout.buffer\nout.write(b'OK - fine|a=1\\n')\n"
+                                              "for _ in range(300): out.write(b'x' * (1 << 20))\n")
+        endless = self.write_script("endless.py", "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+                                                  "while True: sys.stdout.buffer.write(b'y\\n' * 65536)")
+        pid_file = os.path.join(self.tmp, "endless.pid")
+        config = os.path.join(self.tmp, "checks.ini")
+        with open(config, "w", encoding="utf-8") as handle:
+            handle.write(f"[check:flood]\ntype = command\ncommand = {flood}\n"
+                         f"[check:endless]\ntype = command\ncommand = {endless} {pid_file}\ntimeout = 1s\n")
+        os.chmod(config, 0o600)
+        measured = subprocess.run([sys.executable, "-c", self.MEASURE, sys.executable, "-m", "metasystem_monitor",
+                                   "--db", self.db, "--config", config, "check", "--no-alert"],
+                                  capture_output=True, env=self.child_env(), cwd=self.tmp, timeout=120)
+        first, *lines = measured.stdout.decode().splitlines()
+        code, peak = map(int, first.split())
+        self.assertEqual(code, 3, measured.stdout)  # UNKNOWN: the endless one did not finish
+        self.assertEqual(lines[1:], ["OK flood: OK - fine", "UNKNOWN endless: endless.py did not finish in 1 s"])
+        self.assertLess(peak, 150 * 1024 * 1024)  # 300 MB went through; an unbounded buffer holds it all
+        with open(pid_file, encoding="utf-8") as handle:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(int(handle.read()), 0)  # ended, and reaped

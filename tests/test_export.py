@@ -382,6 +382,7 @@ class ServeTest(AlertTestCase):
                              "serve", "--listen", "0.0.0.0:0")
         with open(token_file, "w", encoding="utf-8") as handle:
             handle.write("\n")
+        os.chmod(token_file, 0o600)  # others may not read it: a shared one draws a warning line too
         self.assertMainError(1, f"[serve] token_file {token_file} is empty", "--config", self.config_path, "serve")
         with open(token_file, "w", encoding="utf-8") as handle:
             handle.write("  s3cret-token\n")
