@@ -4167,6 +4167,7 @@ class AlertingSystem:
         self._sleep = time.sleep if sleep is None else sleep
         self._rng = random.Random() if rng is None else rng
         self._owner = os.urandom(8).hex()
+        self.store_warning_given = False  # a store that cannot be written is said once per run
         self._batch: Optional[_Batch] = None
 
     @property
@@ -4533,19 +4534,39 @@ class AlertingSystem:
 
     def _observe_and_notify(self, alert: Alert, failing: bool, resolve_after: Optional[int] = None) -> DeliveryReport:
         now = self._now()
-        self._release_held(now)
-        with self.store.write() as conn:
-            state = self._observe(conn, alert, failing, now, resolve_after)
-            if failing:
-                call = self._plan_firing(conn, state, alert, now) if state["state"] == "firing" else None
-            else:
-                call = self._plan_resolved(conn, state, alert, now)
+        try:
+            self._release_held(now)
+            with self.store.write() as conn:
+                state = self._observe(conn, alert, failing, now, resolve_after)
+                if failing:
+                    call = self._plan_firing(conn, state, alert, now) if state["state"] == "firing" else None
+                else:
+                    call = self._plan_resolved(conn, state, alert, now)
+        except StorageError as err:
+            return self._notify_without_store(alert, failing, err)
         if call is None:
             return DeliveryReport({})
         if self._batch is not None:
             self._batch.calls.append(call)
             return DeliveryReport(dict(call.outcomes))
         return self._deliver_calls([call])
+
+    def _notify_without_store(self, alert: Alert, failing: bool, err: StorageError) -> DeliveryReport:
+        """The store cannot be written (a full disk, a lock held too long): a failure is still sent, straight
+        to its channels, without dedup or reminders; a RESOLVED waits, as who got the FIRING is unknown."""
+        if not self.store_warning_given:
+            log.warning("%s: %s", err, f"{alert.key} sent without its history" if failing else
+                        f"the RESOLVED of {alert.key} waits until the store can be written")
+            self.store_warning_given = True
+        if not failing:
+            return DeliveryReport({}, [], err)
+        channels, missing = self.selected(alert)
+        outcomes = {name: Delivery("not_configured") for name in missing}
+        for channel in channels:
+            outcomes[channel.name] = self._logged(channel, self._attempts(channel, alert))
+        external = [name for name in outcomes if name not in self.settings.channels
+                    or self.settings.channels[name].kind != "log"]
+        return DeliveryReport(outcomes, external, err)
 
     def _observe(self, conn: sqlite3.Connection, alert: Alert, failing: bool, now: float,
                  resolve_after: Optional[int] = None) -> Dict[str, Any]:
@@ -5549,6 +5570,8 @@ def _finished_run_problems(run: tuple, limits: Dict[str, float]) -> List[Tuple[s
     problems = []
     if outcome in ("failure", "timeout", "breaker_open"):
         problems.append(("CRITICAL", f"the last run failed ({outcome}, exit {exit_code})"))
+    if outcome == "unrecorded":  # its process ended before its result could be written: how it went is unknown
+        return [("WARNING", "the last run ended without its result recorded (the store could not be written)")]
     if "max_duration" in limits and took > limits["max_duration"]:
         problems.append(("WARNING", f"took {format_span(took)}, longer than {format_duration(limits['max_duration'])}"))
     if "min_duration" in limits and took < limits["min_duration"]:
@@ -5598,10 +5621,11 @@ class JobRun(NamedTuple):
     started: float
     ended: Optional[float]
     exit_code: Optional[int]
-    outcome: str  # success, failure, timeout, skipped, breaker_open
+    outcome: str  # success, failure, timeout, skipped, breaker_open; unrecorded: its end could not be written
     attempts: int
     output: bytes  # the last JOB_OUTPUT_TAIL_BYTES of stdout and stderr together
     cut_bytes: int  # how many earlier bytes of output were dropped
+    store_error: Optional[StorageError] = None  # why the run could not be recorded, if it could not
 
     @property
     def duration_s(self) -> float:
@@ -5664,11 +5688,9 @@ class JobRunner:
         with contextlib.ExitStack() as stack:
             if lock and not stack.enter_context(_job_lock(self.collector.db_path, name)):
                 return self._skipped(name)
-            run_id = os.urandom(8).hex()
+            run_id = f"{os.getpid()}-{os.urandom(6).hex()}"  # who runs it: a later run can tell it died
             started = self._now()
-            with self.store.write() as conn:
-                conn.execute("INSERT INTO job_runs (run_id, job, started, attempts, outcome, output, cut_bytes) "
-                             "VALUES (?, ?, ?, 0, 'running', x'', 0)", (run_id, name, started))
+            store_error = self._start(run_id, name, started)
             attempts, code, tail = 0, None, _Tail(JOB_OUTPUT_TAIL_BYTES)
             outcome = "failure"
             while True:
@@ -5692,8 +5714,29 @@ class JobRunner:
                 self._sleep(delay)
             if outcome != "breaker_open":
                 outcome = "success" if code == 0 else "timeout" if code == EXIT_TIMEOUT else "failure"
-            return self._finish(JobRun(run_id, name, started, self._now(), code, outcome, attempts,
-                                       bytes(tail.data), tail.dropped))
+            run = JobRun(run_id, name, started, self._now(), code, outcome, attempts, bytes(tail.data), tail.dropped)
+            return run._replace(run_id="", store_error=store_error) if store_error else self._finish(run)
+
+    def _start(self, run_id: str, name: str, started: float) -> Optional[StorageError]:
+        """The row of a run in progress, and the rows of runs of ``name`` whose process died before it
+        could record its end; the error if the store cannot be written (the job runs all the same)."""
+        try:
+            with self.store.write() as conn:
+                self._close_orphans(conn, name)
+                conn.execute("INSERT INTO job_runs (run_id, job, started, attempts, outcome, output, cut_bytes) "
+                             "VALUES (?, ?, ?, 0, 'running', x'', 0)", (run_id, name, started))
+        except StorageError as err:
+            return err
+        return None
+
+    @staticmethod
+    def _close_orphans(conn: sqlite3.Connection, name: str) -> None:
+        """Runs left 'running' by a process that is gone: ended at their start, outcome unrecorded."""
+        for (run_id,) in conn.execute("SELECT run_id FROM job_runs WHERE job = ? AND ended IS NULL", (name,)):
+            owner = run_id.partition("-")[0]
+            if owner.isdigit() and not _process_alive(int(owner)):
+                conn.execute("UPDATE job_runs SET ended = started, outcome = 'unrecorded' WHERE run_id = ?",
+                             (run_id,))
 
     def _through_breaker(self, breaker: "CircuitBreaker", argv: List[str], timeout_s: Optional[float],
                          kill_after_s: float, tail: _Tail) -> int:
@@ -5720,16 +5763,30 @@ class JobRunner:
         return run
 
     def _finish(self, run: JobRun) -> JobRun:
-        with self.store.write() as conn:
-            conn.execute("UPDATE job_runs SET ended = ?, exit_code = ?, outcome = ?, attempts = ?, output = ?, "
-                         "cut_bytes = ? WHERE run_id = ?",
-                         (run.ended, run.exit_code, run.outcome, run.attempts, run.output, run.cut_bytes, run.run_id))
+        """The run's end in its row and two metrics; a store that fails now costs the record, not the run."""
         labels = {"job": run.job}
         samples = [Sample("job_duration", run.duration_s, labels, run.ended)]
         if run.exit_code is not None:
             samples.append(Sample("job_exit_code", float(run.exit_code), labels, run.ended))
-        self.collector.record_many(samples)
+        try:
+            with self.store.write() as conn:
+                conn.execute("UPDATE job_runs SET ended = ?, exit_code = ?, outcome = ?, attempts = ?, output = ?, "
+                             "cut_bytes = ? WHERE run_id = ?", (run.ended, run.exit_code, run.outcome, run.attempts,
+                                                                run.output, run.cut_bytes, run.run_id))
+            self.collector.record_many(samples)
+        except StorageError as err:
+            return run._replace(store_error=err)
         return run
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class _JobFailed(Exception):
@@ -7343,33 +7400,41 @@ def cmd_run(args) -> int:
     try:
         collector = _open_collector(args, readonly=False)
     except StorageError as err:  # the job matters more than its record: run it anyway
-        log.error("%s: running %s without recording it", err, args.name)
-        tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), time.time()
-        code = run_command(argv, timeout_s, kill_after_s, tail)
-        if code != 0:
-            outcome = "timeout" if code == EXIT_TIMEOUT else "failure"
-            sys.stdout.write(job_report(JobRun("", args.name, started, time.time(), code, outcome, 1,
-                                               bytes(tail.data), tail.dropped), argv))
-        return code
-    with contextlib.closing(collector):
-        breaker = CircuitBreaker(args.breaker, collector=collector, now=cli_clock()) if args.breaker else None
-        run = JobRunner(collector, now=cli_clock()).run(args.name, argv, timeout_s=timeout_s, retries=args.retries,
-                                                         lock=args.lock, kill_after_s=kill_after_s, breaker=breaker)
+        run = _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err)
+    else:
+        with contextlib.closing(collector):
+            breaker = CircuitBreaker(args.breaker, collector=collector, now=cli_clock()) if args.breaker else None
+            run = JobRunner(collector, now=cli_clock()).run(args.name, argv, timeout_s=timeout_s,
+                                                             retries=args.retries, lock=args.lock,
+                                                             kill_after_s=kill_after_s, breaker=breaker)
     if run.outcome == "skipped":
         log.warning("run %s: skipped: another run of it still holds its lock", run.job)
         return EXIT_OK
     if run.outcome != "success":
         sys.stdout.write(job_report(run, argv))
         sys.stdout.flush()
+    if run.store_error is not None:
+        log.warning("%s: this run of %s was not recorded%s", run.store_error, run.job,
+                    " (the next run marks its row unrecorded)" if run.run_id else "")
     _alert_job(args, run, argv)
     if run.outcome == "breaker_open":
         return EXIT_TEMPFAIL
     return run.exit_code
 
 
+def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill_after_s: float,
+                    err: StorageError) -> JobRun:
+    """The job run once, without a store (no lock, retries or breaker: each needs it)."""
+    tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), time.time()
+    code = run_command(argv, timeout_s, kill_after_s, tail)
+    outcome = "success" if code == 0 else "timeout" if code == EXIT_TIMEOUT else "failure"
+    return JobRun("", name, started, time.time(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
+
+
 def _alert_job(args, run: JobRun, argv: List[str]) -> None:
     try:
         with contextlib.closing(_alerting(args)) as system:
+            system.store_warning_given = run.store_error is not None  # one line about the store is enough
             if run.outcome == "success":
                 # A job's next success ends its failure: one passing run, not resolve_after.
                 system.resolve(f"job {run.job}", f"exit 0 in {format_span(run.duration_s)}", after=1)

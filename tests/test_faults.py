@@ -20,8 +20,11 @@ import metasystem_monitor as mm
 from .servers import HTTPServer, SyslogSocket
 from .support import SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes, reap, sqlite_rows
 
-# Runs argv[2:] with writes limited to argv[1] bytes per file: a disk that is full for this process.
+# Runs argv[2:] with writes limited to argv[1] bytes per file: a disk that is full for this process. It
+# writes no bytecode: CPython's .pyc writer takes a short write for a whole one and renames a truncated
+# file into __pycache__, which every later import then fails to read.
 LIMITED = ("import os, resource, signal, sys; limit = int(sys.argv[1]); "
+           "os.environ['PYTHONDONTWRITEBYTECODE'] = '1'; "
            "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); os.execv(sys.argv[2], sys.argv[2:])")
 SAMPLES = "SELECT name, labels, ts, seq, value FROM samples JOIN series ON id = series_id ORDER BY 1, 2, 3, 4"
@@ -154,6 +157,62 @@ class BrokenFilesTest(FaultTestCase):
         with mm.MetricsCollector(self.db) as metrics:
             for i in range(2000):
                 metrics.record(f"m{i % 7}", float(i), timestamp=time.time() - i)
+
+
+class RunWithoutStoreTest(FaultTestCase):
+    """run when the store cannot be written: the job's code, its report, its alert; one line about the store."""
+
+    def setUp(self):
+        super().setUp()
+        self.hook = HTTPServer()
+        self.hook.__enter__()
+        self.addCleanup(self.hook.__exit__)
+        with open(self.config, "a", encoding="utf-8") as handle:
+            handle.write(f"[channel:hook]\ntype = webhook\nurl = {self.hook.url('/hook')}\n"
+                         "[storage]\nbusy_timeout = 0.5s\n")
+
+    def assertReportedAndAlerted(self, code, out, err, fragment):
+        self.assertEqual(code, 3, err)
+        self.assertEqual(out.decode().splitlines()[:2], [out.decode().splitlines()[0], "command: " + self.job])
+        self.assertTrue(out.startswith(b"run nightly: failure (exit 3) after "), out)
+        self.assertIn(b"\nbackup: no space left\n", out)  # the tail of its output
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(fragment, lines[0])
+        self.assertIn("this run of nightly was not recorded", lines[0])
+        self.assertEqual([request.json()["title"] for request in self.hook.requests], ["job nightly failed"])
+
+    def test_a_full_disk_keeps_the_jobs_code_report_and_alert(self):
+        self.job = self.write_script("job.py", "print('backup: no space left'); sys.exit(3)")
+        result = self.cli("run", "nightly", "--", self.job, prefix=(sys.executable, "-c", LIMITED, "1024"))
+        self.assertReportedAndAlerted(result.returncode, result.stdout, result.stderr, "cannot be written: ")
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM job_runs"), [(0,)])
+
+    def test_a_lock_held_past_the_busy_timeout_at_the_end_leaves_a_row_the_next_run_repairs(self):
+        started, proceed = os.path.join(self.tmp, "started"), os.path.join(self.tmp, "proceed")
+        os.mkfifo(started)
+        os.mkfifo(proceed)
+        self.job = self.write_script("job.py", f"open({started!r}, 'w').close(); open({proceed!r}).read(); "
+                                               "print('backup: no space left'); sys.exit(3)")
+        process = subprocess.Popen([sys.executable, "-m", "metasystem_monitor", "run", "nightly", "--", self.job],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp,
+                                   env=self.child_env(METASYSTEM_CONFIG=self.config, METASYSTEM_DB=self.db))
+        self.addCleanup(reap, process)
+        with open(started, encoding="utf-8") as handle:  # the run has its row; the job waits
+            handle.read()
+        holder = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")  # held until the run has given up on it
+        with open(proceed, "w", encoding="utf-8"):
+            pass
+        out, err = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        holder.execute("ROLLBACK")
+        self.assertReportedAndAlerted(process.returncode, out, err, "is locked by another process")
+        self.assertEqual(sqlite_rows(self.db, "SELECT outcome, ended FROM job_runs"), [("running", None)])
+        again = self.cli("run", "nightly", "--", sys.executable, "-c", "pass")
+        self.assertEqual((again.returncode, again.stderr), (0, b""))
+        self.assertEqual(sqlite_rows(self.db, "SELECT outcome, ended = started FROM job_runs ORDER BY started"),
+                         [("unrecorded", 1), ("success", 0)])
 
 
 class LockTest(FaultTestCase):
