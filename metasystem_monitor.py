@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import math
 import os
@@ -97,6 +98,8 @@ ROLLUP_CHUNK_S = 86400.0
 LABEL_CACHE_SIZE = 10_000
 MAX_NAME_CHARS = 200
 MAX_TIMESTAMP_S = 253402300800.0  # 10000-01-01: what ISO 8601 and datetime can show
+CLOCK_SKEW_S = 60.0  # a time this far in the future is from a clock set wrong or that jumped back
+MAX_DURATION_S = 1000 * 365.25 * 86400.0  # the longest duration read from input: ends well before MAX_TIMESTAMP_S
 MAX_LABELS = 16
 MAX_LABEL_KEY_CHARS = 100
 MAX_LABEL_VALUE_CHARS = 1000
@@ -622,6 +625,7 @@ class Store:
         return conn
 
     def _connect_readonly(self) -> sqlite3.Connection:
+        refuse_foreign_symlinks(self.path, "store")
         if not os.path.exists(self.path):
             conn = sqlite3.connect(":memory:", isolation_level=None)
             self._migrate(conn)
@@ -1008,6 +1012,10 @@ def _is_label_key(key: str) -> bool:
 _INSERT_NEW = "INSERT OR IGNORE INTO samples (series_id, ts, seq, value) VALUES (?, ?, 0, ?)"
 _INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
     VALUES (?, ?, (SELECT coalesce(max(seq) + 1, 0) FROM samples WHERE series_id = ? AND ts = ?), ?)"""
+# "Latest" everywhere (stats, the summary, the export): the newest sample taken by now, give or take the
+# clock skew between processes; one stamped further ahead (a clock set wrong, year 9999) waits for its time
+# instead of hiding every real one.
+LATEST_SQL = f"AND ts <= ? + {CLOCK_SKEW_S!r} ORDER BY ts DESC, seq DESC LIMIT 1"
 _IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
 _OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
 # Chan's pairwise update: every right-hand side sees the row as it was.
@@ -1627,12 +1635,17 @@ class MetricsCollector:
         return [{"name": name, "count": count, "last_time": iso_time(last)} for name, count, last in rows]
 
     def _latest(self, name: str) -> Optional[Tuple[float, float]]:
-        """(timestamp, value) of the newest sample of ``name``, or None."""
+        """(timestamp, value) of the newest sample of ``name`` taken by now (LATEST_SQL), or None."""
         return self.store.query_one(
-            "SELECT ts, value FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) "
-            "ORDER BY ts DESC, seq DESC LIMIT 1",
-            (name,),
+            f"SELECT ts, value FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) {LATEST_SQL}",
+            (name, self._now()),
         )
+
+    def future_sample_time(self, name: str) -> Optional[float]:
+        """The first sample of ``name`` stamped past now and the clock skew (a clock set wrong), or None."""
+        row = self.store.query_one(f"SELECT min(ts) FROM samples WHERE {_OF_NAME} AND ts > ?",
+                                   (name, self._now() + CLOCK_SKEW_S))
+        return None if row is None else row[0]
 
     def last_sample_time(self, name: str) -> Optional[float]:
         """When the newest sample of ``name`` was taken, or None."""
@@ -2870,7 +2883,6 @@ DELIVERY_BACKOFF_CAP_S = 8.0
 DELIVERY_MIN_ATTEMPT_S = 0.5  # below this much budget left, another attempt is not started
 DELIVERY_CLAIM_GRACE_S = 10.0  # a claim outlives the channel budget by this much
 DELIVERY_CLAIM_POLL_S = 0.1
-CLOCK_SKEW_S = 60.0  # a mark this far in the future is from a clock that jumped back: ignore it
 MAX_REPLY_BYTES = 64 * 1024
 USER_AGENT = f"metasystem-monitor/{__version__} (Python urllib)"
 TRUNCATION_MARKER = "… [truncated]"
@@ -3100,6 +3112,7 @@ class Masker:
     def __init__(self, secrets: Iterable[str] = ()):
         self._urls: List[str] = []
         self._fragments: set = set()
+        self._pattern: Any = None  # compiled on first use, again after add()
         for secret in secrets:
             self.add(secret)
 
@@ -3108,17 +3121,32 @@ class Masker:
             return
         if "://" in secret:
             self._urls.append(secret)
-            self._fragments.update(_url_fragments(secret))
-        self._fragments.add(secret)
+            for fragment in _url_fragments(secret):
+                self._fragments.update(_encodings(fragment))
+        self._fragments.update(_encodings(secret))
+        self._pattern = None
 
     def scrub(self, text: Any) -> str:
+        """``text`` with each secret, in any of its encodings and in any letter case, as ``***``."""
+        import re
+
         text = str(text)
         for url in sorted(self._urls, key=len, reverse=True):
             text = text.replace(url, mask_url(url))
-        for fragment in sorted(self._fragments, key=len, reverse=True):
-            if len(fragment) >= self.MIN_SECRET_CHARS:
-                text = text.replace(fragment, "***")
-        return text
+        if self._pattern is None:
+            fragments = sorted((f for f in self._fragments if len(f) >= self.MIN_SECRET_CHARS), key=len, reverse=True)
+            self._pattern = re.compile("|".join(map(re.escape, fragments)), re.IGNORECASE) if fragments else False
+        return self._pattern.sub("***", text) if self._pattern else text
+
+
+def _encodings(secret: str) -> set:
+    """``secret`` as it may appear in text: raw, percent-encoded (``+`` for spaces too) and base64, as an
+    Authorization header carries it; Masker matches each in any letter case."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    return {secret, quote(secret, safe=""), quote(secret), quote_plus(secret, safe=""),
+            base64.b64encode(secret.encode("utf-8", "surrogatepass")).decode("ascii")}
 
 
 def _url_fragments(url: str) -> List[str]:
@@ -3133,8 +3161,11 @@ def _url_fragments(url: str) -> List[str]:
         fragments += [unquote(segment) for segment in fragments]
         fragments += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
         fragments += [parts.query, parts.username or "", parts.password or ""]
+        if parts.username is not None:  # what basic auth sends, and what a receiver may echo
+            fragments.append(f"{unquote(parts.username)}:{unquote(parts.password or '')}")
+            fragments += [unquote(parts.username), unquote(parts.password or "")]
     except ValueError:
-        return []
+        return [url.partition("://")[2]]  # not even a URL: all of it after the scheme
     return [fragment for fragment in fragments if fragment]
 
 
@@ -3586,7 +3617,9 @@ def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None  # a webhook that moved is a failure to see, not to follow with a GET
 
-    request = urllib.request.Request(url, data=body, method=method, headers={"User-Agent": USER_AGENT, **headers})
+    url, credentials = _basic_auth(url)  # user:password@ in a URL goes as basic auth, never to DNS
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"User-Agent": USER_AGENT, **credentials, **headers})
     handlers = [NoRedirect] + ([urllib.request.HTTPSHandler(context=context)] if context is not None else [])
     opener = urllib.request.build_opener(*handlers)
     try:
@@ -4198,12 +4231,21 @@ class AlertingSystem:
             raise ValidationError("an alert needs a title")
         severity = _severity(severity)
         chosen = None if channels is None else tuple(_channel_selector(channel) for channel in channels)
-        return Alert(title, str(message or ""), severity, chosen, dict(details or {}), self._now(),
-                     os.urandom(8).hex())
+        return self._masked(Alert(title, str(message or ""), severity, chosen, dict(details or {}), self._now(),
+                                  os.urandom(8).hex()))
+
+    def _masked(self, alert: Alert) -> Alert:
+        """The alert with every configured secret masked in its text, details and key: nothing that
+        follows (payloads, the history, dedup marks, log lines) can carry one."""
+        scrub = self.masker.scrub
+        return alert._replace(title=scrub(alert.title), message=scrub(alert.message),
+                              details={scrub(key): scrub(value) if isinstance(value, str) else value
+                                       for key, value in alert.details.items()},
+                              dedup=None if alert.dedup is None else scrub(alert.dedup))
 
     def send_alert(self, alert: Alert) -> DeliveryReport:
         """Deliver to each selected channel; ``{name: delivered}``, never raising for a channel's failure."""
-        return self._deliver(alert, kind="alert")
+        return self._deliver(self._masked(alert), kind="alert")
 
     def send_critical_alert(self, title: str, message: str = "", channels: Optional[Iterable[Any]] = None,
                             details: Optional[Dict[str, Any]] = None) -> DeliveryReport:
@@ -4490,14 +4532,14 @@ class AlertingSystem:
         channel; later ones only when the severity rises or the reminder
         interval of the severity has passed since the last delivery.
         """
-        key = _lifecycle_key(key)
+        key = self.masker.scrub(_lifecycle_key(key))
         alert = self.create_alert(title, message, _severity(severity), None, details)._replace(dedup=key)
         return self._observe_and_notify(alert, failing=True)
 
     def resolve(self, key: str, message: Optional[str] = None, *, after: Optional[int] = None) -> DeliveryReport:
         """One run in which ``key`` passes: after ``resolve_after`` such runs (or ``after``), one RESOLVED
         goes to each channel that received the FIRING (and only to those)."""
-        key = _lifecycle_key(key)
+        key = self.masker.scrub(_lifecycle_key(key))
         alert = self.create_alert(key, message or "", AlertSeverity.INFO, None, None)._replace(dedup=key)
         return self._observe_and_notify(alert, failing=False, resolve_after=after)
 
@@ -4723,6 +4765,8 @@ class AlertingSystem:
         if duration_s <= 0:
             raise ValidationError("a silence needs a duration of more than 0")
         now = self._now()
+        if now + duration_s >= MAX_TIMESTAMP_S:
+            raise ValidationError(f"a silence of {duration_s:g} s would end past the year 9999")
         with self.store.write() as conn:
             return conn.execute("INSERT INTO silences (match, starts, ends, comment) VALUES (?, ?, ?, ?)",
                                 (match, now, now + duration_s, _one_line(comment))).lastrowid
@@ -5389,13 +5433,13 @@ def check_sync_recency(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     target = spec.settings["target"]
     last = ctx.collector.last_sample_time(f"sync_{target}_success")
     if last is None:
+        ahead = ctx.collector.future_sample_time(f"sync_{target}_success")
+        if ahead is not None:
+            return CheckResult(spec.name, "UNKNOWN", f"{target}: the last success is in the future ({iso_time(ahead)})")
         failures = ctx.collector.last_sample_time(f"sync_{target}_failure")
         what = "no success recorded" + (", only failures" if failures is not None else ", no run recorded")
         return CheckResult(spec.name, "CRITICAL", f"{target}: {what}")
-    age = ctx.now - last
-    if age < -CLOCK_SKEW_S:
-        return CheckResult(spec.name, "UNKNOWN", f"{target}: the last success is in the future ({iso_time(last)})")
-    age = max(age, 0.0)
+    age = max(ctx.now - last, 0.0)
     state = judge(age, SECONDS, spec.warning, spec.critical)
     perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0, units=SECONDS),)
     return CheckResult(spec.name, state, f"{target}: last success {format_span(age)} ago ({iso_time(last)})", age,
@@ -5801,8 +5845,11 @@ def _job_lock(db_path: str, name: str) -> Iterator[bool]:
     import fcntl
 
     folder = os.path.join(os.path.dirname(db_path) or ".", "locks")
+    path = os.path.join(folder, f"{name.replace(os.sep, '_')}.lock")
+    refuse_foreign_symlinks(path, "lock")
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    handle = open(os.path.join(folder, f"{name.replace(os.sep, '_')}.lock"), "a+b")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    handle = os.fdopen(fd, "a+b")
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -5932,7 +5979,7 @@ def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
     families += _run_families(collector, "agent", "executions", "agent", entities["agent"], now)
     families += _total_families(collector, "agent", "agent", entities["agent"], ("items",), now)
     families += _breaker_families(collector, entities["breaker"], now)
-    families += _check_families(collector.store)
+    families += _check_families(collector.store, now)
     families += _job_families(collector.store)
     families.append(_delivery_family(collector.store))
     families += _other_families(collector, {family.name for family in families})
@@ -5993,7 +6040,7 @@ def _breaker_families(collector: MetricsCollector, names: List[str], now: float)
     return [state, failures]
 
 
-def _check_families(store: Store) -> List[MetricFamily]:
+def _check_families(store: Store, now: float) -> List[MetricFamily]:
     state = MetricFamily(f"{PROMETHEUS_PREFIX}check_state", "gauge",
                          "the last state of each check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN", [])
     checked = MetricFamily(f"{PROMETHEUS_PREFIX}check_last_run_timestamp_seconds", "gauge",
@@ -6002,7 +6049,7 @@ def _check_families(store: Store) -> List[MetricFamily]:
         state.samples.append(("", {"check": name}, float(CHECK_STATES.index(verdict))))
         checked.samples.append(("", {"check": name}, ts))
     value = MetricFamily(f"{PROMETHEUS_PREFIX}check_value", "gauge", "what each check measured last", [])
-    for _, labels, latest in _latest_values(store, "check_value"):
+    for _, labels, latest in _latest_values(store, now, "check_value"):
         if "check" in labels:
             value.samples.append(("", {"check": labels["check"]}, latest))
     return [state, value, checked]
@@ -6037,14 +6084,13 @@ def _delivery_family(store: Store) -> MetricFamily:
     return family
 
 
-def _latest_values(store: Store, name: Optional[str] = None) -> List[Tuple[str, Dict[str, str], float]]:
-    """(name, labels, latest value) of every series of ``name``, or of every series when None."""
+def _latest_values(store: Store, now: float, name: Optional[str] = None) -> List[Tuple[str, Dict[str, str], float]]:
+    """(name, labels, latest value by LATEST_SQL) of every series of ``name``, or of every series when None."""
     import json
 
     rows = store.query(
-        "SELECT series.name, series.labels, (SELECT value FROM samples WHERE series_id = series.id "
-        "ORDER BY ts DESC, seq DESC LIMIT 1) FROM series WHERE ? IS NULL OR series.name = ? "
-        "ORDER BY series.name, series.labels", (name, name))
+        f"SELECT series.name, series.labels, (SELECT value FROM samples WHERE series_id = series.id {LATEST_SQL}) "
+        "FROM series WHERE ? IS NULL OR series.name = ? ORDER BY series.name, series.labels", (now, name, name))
     return [(series_name, json.loads(labels), value) for series_name, labels, value in rows if value is not None]
 
 
@@ -6054,7 +6100,7 @@ def _other_families(collector: MetricsCollector, taken: set) -> List[MetricFamil
 
     exported = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
     by_name: Dict[str, List[Tuple[Dict[str, str], float]]] = {}
-    for name, labels, value in _latest_values(collector.store):
+    for name, labels, value in _latest_values(collector.store, collector._now()):
         if any(label in labels and pattern.fullmatch(name) for label, pattern in exported):
             continue
         by_name.setdefault(name, []).append((labels, value))
@@ -6172,7 +6218,9 @@ def write_textfile(path: str, text: str) -> None:
 
 DEFAULT_SERVE_PORT = 9473  # clear of node_exporter's 9100 and the Pushgateway's 9091
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_SERVE_PORT}"
-SERVE_REQUEST_TIMEOUT_S = 10.0  # a client that sends nothing holds only its own thread, and only this long
+SERVE_REQUEST_TIMEOUT_S = 10.0  # for a client's whole request head: a slow one holds its thread this long at most
+SERVE_MAX_CONNECTIONS = 256  # at once; more are answered 503 at once, without a thread
+SERVE_BACKLOG = 128  # connections the kernel queues before accept: twenty scrapers at once are never reset
 SERVE_PAGE_REFRESH_S = 30
 DEFAULT_PUSH_JOB = "metasystem"
 PUSH_METHODS = ("put", "post")
@@ -6199,34 +6247,88 @@ def is_loopback(host: str) -> bool:
 
 
 def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
-                now=time.time) -> Any:
+                now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS) -> Any:
     """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary`` and ``/``, the
-    status page. Off loopback it needs a bearer token; ``/healthz`` never does."""
+    status page. Off loopback it needs a bearer token; ``/healthz`` never does.
+
+    A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
+    it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.
+    """
     import socket
+    import threading
     from http.server import ThreadingHTTPServer
 
     host, port = parse_listen(listen)
     if not is_loopback(host) and not token:
         raise ConfigError(f"refusing to serve on {listen} (not loopback) without a token: set [serve] token_file")
+    slots = threading.BoundedSemaphore(max_connections)
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         allow_reuse_address = True
+        request_queue_size = SERVE_BACKLOG
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                _refuse_busy(request)
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
 
-    return Server((host, port), _handler_class(db_path, hours, token, now))
+    return Server((host, port), _handler_class(db_path, hours, token, now, clock))
 
 
-def _handler_class(db_path: str, hours: float, token: Optional[str], now) -> Any:
+def _refuse_busy(request: Any) -> None:
+    """A 503 written without waiting: a client that does not read it loses it, not the server's time."""
+    with contextlib.suppress(OSError):
+        request.setblocking(False)
+        request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Retry-After: 1\r\nContent-Length: 14\r\n\r\ntoo many busy\n")
+
+
+class _HeadDeadlineReader(io.RawIOBase):
+    """A socket's reads for a request head, each given only what is left of one deadline: a client that
+    sends a byte every few seconds cannot keep a connection past it (a plain socket timeout restarts on
+    every byte)."""
+
+    def __init__(self, sock: Any, deadline: float, clock):
+        self.sock, self.deadline, self.clock = sock, deadline, clock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        import socket
+
+        left = self.deadline - self.clock()
+        if left <= 0:
+            raise socket.timeout("the request head took longer than its deadline")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock) -> Any:
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         timeout = SERVE_REQUEST_TIMEOUT_S
         server_version = f"metasystem-monitor/{__version__}"
         protocol_version = "HTTP/1.0"
+
+        def setup(self) -> None:
+            super().setup()
+            deadline = clock() + SERVE_REQUEST_TIMEOUT_S
+            self.rfile = io.BufferedReader(_HeadDeadlineReader(self.connection, deadline, clock))
 
         def do_GET(self) -> None:
             self._answer(body_wanted=True)
@@ -6237,6 +6339,7 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now) -> Any
         def _answer(self, body_wanted: bool) -> None:
             from urllib.parse import urlsplit
 
+            self.connection.settimeout(SERVE_REQUEST_TIMEOUT_S)  # the head is in: writing has its own time
             path = urlsplit(self.path).path
             if path != "/healthz" and token and not _bearer_matches(self.headers.get("Authorization"), token):
                 status, content_type, body = 401, "text/plain; charset=utf-8", b"a bearer token is needed\n"
@@ -6259,10 +6362,37 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now) -> Any
 
 
 def _bearer_matches(header: Optional[str], token: str) -> bool:
+    """``Authorization: Bearer TOKEN``, the scheme in any letter case (RFC 7235), compared in constant time."""
     import hmac
 
-    given = (header or "").encode("utf-8", "replace")
-    return hmac.compare_digest(given, f"Bearer {token}".encode("utf-8"))
+    scheme, _, given = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                              token.encode("utf-8"))
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an Accept header prefers OpenMetrics to the 0.0.4 text: its q is above 0 and not below the
+    text format's (``text/plain`` or ``*/*``), as Prometheus itself negotiates.
+
+    >>> wants_openmetrics("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4")
+    True
+    >>> wants_openmetrics("application/openmetrics-text;q=0")
+    False
+    """
+    weights = {}
+    for item in accept.split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        weights[kind.lower()] = max(q, weights.get(kind.lower(), 0.0)) if math.isfinite(q) else 0.0
+    openmetrics = weights.get("application/openmetrics-text", 0.0)
+    return openmetrics > 0 and openmetrics >= max(weights.get("text/plain", 0.0), weights.get("*/*", 0.0))
 
 
 def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple[int, str, bytes]:
@@ -6271,7 +6401,7 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple
         return 200, "text/plain; charset=utf-8", b"ok\n"
     try:
         if path == "/metrics":
-            openmetrics = "application/openmetrics-text" in accept
+            openmetrics = wants_openmetrics(accept)
             with MetricsCollector(db_path, readonly=True, now=now) as collector:
                 text = export_text(collector, "openmetrics" if openmetrics else "prometheus")
             return 200, OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE, text.encode("utf-8")
@@ -6395,16 +6525,35 @@ def _grouping_segment(label: str, value: str) -> str:
     return f"/{label}/{quote(value, safe='')}"
 
 
+def _checked_url(url: str) -> Any:
+    """urlsplit() of an http(s) URL with a host and a valid port; a ValueError that never quotes the URL
+    (it may hold a password) otherwise."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ValueError("the URL's host or port cannot be read (a '#', '/' or '@' in a password is written "
+                         "%23, %2F or %40)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http or https URL with a host")
+    if parts.port == 0:
+        raise ValueError("the URL's port is 0")
+    return parts
+
+
 def _basic_auth(url: str) -> Tuple[str, Dict[str, str]]:
     """``url`` without its ``user:password@``, and the Authorization header that carries them instead."""
     import base64
-    from urllib.parse import unquote, urlsplit, urlunsplit
+    from urllib.parse import unquote, urlunsplit
 
-    parts = urlsplit(url)
+    parts = _checked_url(url)
     if parts.username is None:
         return url, {}
     credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode("utf-8")
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc)), {
         "Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
 
@@ -6413,7 +6562,10 @@ def push(gateway: str, text: Optional[str], *, job: str = DEFAULT_PUSH_JOB, inst
          timeout_s: float = DEFAULT_ALERT_TIMEOUT_S) -> int:
     """PUT or POST ``text`` to the group (job, instance) of a Pushgateway, or DELETE the group when
     ``text`` is None; the HTTP status, or MonitorError with one line (the URL masked)."""
-    url, headers = _basic_auth(push_url(gateway, job, instance))
+    try:
+        url, headers = _basic_auth(push_url(gateway, job, instance))
+    except ValueError as err:
+        raise ValidationError(f"--gateway: {err}") from None
     verb = "DELETE" if text is None else method.upper()
     body = None if text is None else text.encode("utf-8")
     if text is not None:
@@ -6422,10 +6574,11 @@ def push(gateway: str, text: Optional[str], *, job: str = DEFAULT_PUSH_JOB, inst
         reply = http_request(verb, url, body, headers, timeout_s, tls_context(True) if url.startswith("https:")
                              else None)
     except (OSError, ValueError) as err:
-        raise MonitorError(f"push to {mask_url(url)} failed: {_error_text(err)}") from None
+        raise MonitorError(Masker(_url_fragments(gateway)).scrub(f"push to {mask_url(url)} failed: {_error_text(err)}")) from None
     if reply.status not in (200, 202):
         detail = _one_line(reply.body[:200].decode("utf-8", "replace"))
-        raise MonitorError(f"push to {mask_url(url)} failed: HTTP {reply.status}" + (f": {detail}" if detail else ""))
+        raise MonitorError(Masker(_url_fragments(gateway)).scrub(f"push to {mask_url(url)} failed: HTTP {reply.status}"
+                                                   + (f": {detail}" if detail else "")))
     return reply.status
 
 
@@ -6638,6 +6791,8 @@ def parse_duration_s(text: str) -> float:
         raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d") from None
     if not math.isfinite(seconds) or seconds < 0:
         raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d")
+    if seconds > MAX_DURATION_S:  # it would end past what a timestamp can show (year 9999)
+        raise ValidationError(f"{_shown(text)} is longer than {MAX_DURATION_S / (365.25 * DAY_S):.0f} years")
     return seconds
 
 
@@ -6970,6 +7125,7 @@ def cmd_serve(args) -> int:
     print(f"{PROG}: serving http://{shown}:{port}/ (/metrics, /healthz, /api/summary)", file=sys.stderr, flush=True)
 
     def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second one must not cut it short
         raise _Stopped()
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -6983,8 +7139,12 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-class _Stopped(Exception):
-    """SIGTERM arrived: leave serve_forever() and close the socket."""
+class _Stopped(BaseException):
+    """SIGTERM arrived: leave serve_forever() and close the socket.
+
+    A BaseException, as KeyboardInterrupt is: raised while a request is being dispatched, an Exception
+    is caught by socketserver's handle_error() and the server goes on serving (1 SIGTERM in 30 was lost).
+    """
 
 
 def _serve_token(path: Optional[str]) -> Optional[str]:

@@ -20,9 +20,10 @@ SOCKET_TIMEOUT_S = 10.0
 class Reply:
     """One scripted HTTP answer; ``hang`` holds the connection without answering until the server stops."""
 
-    def __init__(self, status=200, body=b"", headers=None, hang=False, echo_path=False):
+    def __init__(self, status=200, body=b"", headers=None, hang=False, echo_path=False, echo=None):
         self.status = status
         self.echo_path = echo_path  # add the request's path to the body, as some services' errors do
+        self.echo = echo  # echo(request) -> str, added to the body: what a receiver repeats back
         self.body = body.encode("utf-8") if isinstance(body, str) else body
         self.headers = dict(headers or {})
         self.hang = hang
@@ -98,6 +99,8 @@ class HTTPServer(_Serving):
                     self.close_connection = True
                     return
                 body = reply.body + (f" {self.path}".encode() if reply.echo_path else b"")
+                if reply.echo is not None:
+                    body += f" {reply.echo(owner.requests[-1])}".encode()
                 if owner.before_reply is not None:
                     owner.before_reply()
                 self.send_response(reply.status)

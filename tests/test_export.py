@@ -4,6 +4,8 @@ import html.parser
 import http.client
 import json
 import os
+import select
+import socket
 import signal
 import socket
 import subprocess
@@ -277,8 +279,8 @@ class ServeTest(AlertTestCase):
             metrics.record_agent_metric("<script>alert(1)</script>", 1.0, True, timestamp=NOW - 60)
             mm.record_check_results(metrics, [mm.CheckResult("disk", "OK", "plenty & more\x1b[31m")], NOW - 30)
 
-    def start(self, listen="127.0.0.1:0", token=None):
-        server = mm.make_server(listen, self.db, token=token, now=lambda: NOW)
+    def start(self, listen="127.0.0.1:0", token=None, **kwargs):
+        server = mm.make_server(listen, self.db, token=token, now=lambda: NOW, **kwargs)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         self.addCleanup(thread.join, HTTP_TIMEOUT_S)
@@ -294,6 +296,79 @@ class ServeTest(AlertTestCase):
             return response.status, response.getheader("Content-Type"), response.read()
         finally:
             connection.close()
+
+    def slow_client(self, port, head=b"GET /metrics HTTP/1.0\r\n"):
+        """A connection that has sent part of a request head and sends no more."""
+        client = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
+        self.addCleanup(client.close)
+        client.sendall(head)
+        return client
+
+    def test_a_client_that_trickles_its_head_is_cut_off_at_the_deadline(self):
+        ticks = iter(range(0, 10_000, 4))  # each read of the head takes 4 s by this clock
+        port = self.start(clock=lambda: float(next(ticks)))
+        client = self.slow_client(port)
+        sent = 0
+        with self.assertRaises(OSError):  # the server closes: EPIPE or a reset, before the head is done
+            for _ in range(50_000):  # one byte at a time of a header that never ends, as fast as it goes
+                client.send(b"y" if sent else b"X-Slow: ")
+                sent += 1
+                readable, _, _ = select.select([client], [], [], 0)
+                if readable and client.recv(1024) == b"":
+                    raise ConnectionResetError("closed by the server")
+        self.assertLess(sent, 50_000)
+
+    def test_at_most_max_connections_are_served_at_once_and_the_rest_get_503(self):
+        port = self.start(max_connections=3)
+        held = [self.slow_client(port) for _ in range(3)]
+        self.assertEqual(len(held), 3)
+        # The server takes connections in order: once a fourth is answered 503, the three hold their slots.
+        refused = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
+        self.addCleanup(refused.close)
+        answer = b""
+        while True:
+            chunk = refused.recv(1024)
+            if not chunk:
+                break
+            answer += chunk
+        self.assertEqual(answer, b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                 b"Retry-After: 1\r\nContent-Length: 14\r\n\r\ntoo many busy\n")
+        held[0].sendall(b"\r\n")  # one finishes its request: its slot is free again
+        self.assertTrue(held[0].makefile("rb").readline().startswith(b"HTTP/1.0 200"))
+        held[0].close()
+        for _ in range(20):  # the slot comes back once the server has closed its side
+            status = self.get_or_none(port, "/healthz")
+            if status == 200:
+                break
+        self.assertEqual(status, 200)
+
+    def get_or_none(self, port, path):
+        try:
+            return self.get(port, path)[0]
+        except (OSError, http.client.HTTPException):
+            return None
+
+    def test_healthz_answers_while_two_hundred_slow_clients_are_connected(self):
+        port = self.start()
+        slow = [self.slow_client(port) for _ in range(200)]
+        self.assertEqual(self.get(port, "/healthz"), (200, "text/plain; charset=utf-8", b"ok\n"))
+        self.assertEqual(len(slow), 200)
+        self.assertGreaterEqual(mm.SERVE_BACKLOG, 64)
+
+    def test_accept_q_values_and_the_bearer_scheme_in_any_case(self):
+        for accept, openmetrics in (("application/openmetrics-text;q=0", False),
+                                    ("application/openmetrics-text; q=0.0, text/plain", False),
+                                    ("text/plain;q=0.9, application/openmetrics-text;q=0.5", False),
+                                    ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,"
+                                     "*/*;q=0.1", True),
+                                    ("APPLICATION/OPENMETRICS-TEXT", True), ("*/*", False), ("", False)):
+            with self.subTest(accept=accept):
+                self.assertEqual(mm.wants_openmetrics(accept), openmetrics)
+        port = self.start(token="s3cret")
+        for header, status in (("Bearer s3cret", 200), ("bearer s3cret", 200), ("BEARER  s3cret ", 200),
+                               ("Bearer wrong", 401), ("Basic s3cret", 401), ("s3cret", 401)):
+            with self.subTest(authorization=header):
+                self.assertEqual(self.get(port, "/metrics", {"Authorization": header})[0], status)
 
     def test_metrics_in_both_formats_by_the_accept_header(self):
         port = self.start()

@@ -6,6 +6,7 @@ strictly.
 """
 
 import json
+import os
 import statistics
 import time
 
@@ -105,3 +106,24 @@ class TimestampEdgeTest(StoreTestCase):
             stats = metrics.get_metric_stats("boot", hours=(time.time() + 1) / HOUR)
         self.assertEqual((stats["count"], stats["avg"], stats["first_time"]),
                          (1, 5.0, "1970-01-01T00:00:00.000+00:00"))
+
+
+class YearNineThousandTest(StoreTestCase):
+
+    def test_a_sample_stamped_in_year_9999_is_not_the_latest_anywhere(self):
+        now = time.time()
+        with mm.MetricsCollector(self.db, now=lambda: now) as metrics:
+            metrics.record("temp", 5.0, timestamp=253402300799.0)  # 9999-12-31T23:59:59
+            metrics.record("temp", 21.0, timestamp=now - 60)
+            self.assertEqual(metrics.get_metric_stats("temp")["latest"], 21.0)
+            self.assertEqual(metrics.last_sample_time("temp"), now - 60)
+            exported = mm.export_text(metrics)
+        self.assertIn("\nmetasystem_temp 21\n", exported)
+
+    def test_a_silence_past_year_9999_is_refused_at_input_and_list_keeps_working(self):
+        self.assertMainError(2, "'99999999d' is longer than 1000 years", "--db", self.db, "silence", "add",
+                             "--match", "x", "--for", "99999999d")
+        self.assertEqual(self.run_main("--db", self.db, "silence", "list")[0], 0)
+        with mm.AlertingSystem(os.path.join(self.tmp, "none.ini"), db_path=self.db) as alerts:
+            with self.assertRaisesRegex(mm.ValidationError, "would end past the year 9999"):
+                alerts.add_silence("x", 9e11)

@@ -354,3 +354,57 @@ class KilledWriterTest(StoreTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(os.geteuid() == 0, "a symlink owned by another user needs root to make (lchown)")
+class ForeignSymlinkTest(StoreTestCase):
+    """fs.protected_symlinks, done by the program: root never follows a link another user planted."""
+
+    NOBODY = 65534
+
+    def planted(self, name, target):
+        """A symlink ``name`` -> ``target`` in a world-writable sticky folder, owned by another user."""
+        shared = os.path.join(self.tmp, "shared")
+        os.makedirs(shared, exist_ok=True)
+        os.chmod(shared, 0o1777)
+        link = os.path.join(shared, name)
+        os.symlink(target, link)
+        os.lchown(link, self.NOBODY, self.NOBODY)
+        return link
+
+    def test_store_lock_and_output_refuse_a_link_another_user_owns(self):
+        victim = os.path.join(self.tmp, "victim")
+        with open(victim, "wb") as handle:
+            handle.write(b"root's own file\n")
+        link = self.planted("metrics.db", victim)
+        for args in (("record", "x", "1"), ("stats", "x")):
+            with self.subTest(args=args):
+                self.assertMainError(1, f"store {link} goes through a symlink owned by another user", "--db", link,
+                                     *args)
+        output = self.planted("metasystem.prom", victim)
+        self.assertMainError(2, f"--output {output} goes through a symlink owned by another user", "--db", self.db,
+                             "export", "--output", output, "--force")
+        lock_folder = self.planted("locks", os.path.join(self.tmp, "elsewhere"))
+        os.mkdir(os.path.join(self.tmp, "elsewhere"))
+        status, out, err = self.run_main("--db", os.path.join(os.path.dirname(lock_folder), "m.db"), "run", "j",
+                                         "--lock", "--", "true")
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertIn("lock ", err)
+        self.assertIn("goes through a symlink owned by another user", err)
+        self.assertEqual(os.listdir(os.path.join(self.tmp, "elsewhere")), [])
+        with open(victim, "rb") as handle:
+            self.assertEqual(handle.read(), b"root's own file\n")
+
+    def test_a_link_of_ones_own_is_followed_and_a_dangling_one_gets_a_0600_store(self):
+        target = os.path.join(self.tmp, "real", "metrics.db")
+        os.mkdir(os.path.dirname(target))
+        link = os.path.join(self.tmp, "link.db")
+        os.symlink(target, link)
+        old = os.umask(0o022)
+        try:
+            self.assertEqual(self.run_main("--db", link, "record", "x", "1"), (0, "", ""))
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o600)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(sqlite_rows(target, "SELECT count(*) FROM samples"), [(1,)])
