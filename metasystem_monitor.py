@@ -522,6 +522,16 @@ def _first_line_starts(path: str, prefixes: Tuple[str, ...]) -> bool:
     return head.startswith(tuple(prefix.encode("utf-8") for prefix in prefixes))
 
 
+def _refuse_special_file(path: str) -> None:
+    """A store is a regular file: a device, FIFO, socket or folder (or a link to one) is refused by name."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing (it will be created), or a problem SQLite names itself
+    if not stat.S_ISREG(mode):
+        raise StorageError(f"store {path} is {_stat_kind(mode)}, not a regular file; it was left unchanged", path)
+
+
 def _mark_as_ours(conn: sqlite3.Connection) -> None:
     if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
@@ -536,6 +546,7 @@ def _prepare_store_file(path: str) -> None:
     target created, 0600 like any store.
     """
     refuse_foreign_symlinks(path, "store")
+    _refuse_special_file(path)
     path = os.path.realpath(path)
     folder = os.path.dirname(path) or "."
     missing = []
@@ -626,6 +637,7 @@ class Store:
 
     def _connect_readonly(self) -> sqlite3.Connection:
         refuse_foreign_symlinks(self.path, "store")
+        _refuse_special_file(self.path)
         if not os.path.exists(self.path):
             conn = sqlite3.connect(":memory:", isolation_level=None)
             self._migrate(conn)
@@ -5238,9 +5250,13 @@ def check_specs(config, collector: MetricsCollector) -> List[CheckSpec]:
     if problems:
         section, key, text = problems[0]
         raise ConfigError(f"[{section}] {key + ': ' if key else ''}{text}")
-    specs = [_check_spec(section[len("check:"):], dict(config[section]))
-             for section in config.sections() if section.startswith("check:")]
-    return specs or default_checks(collector)
+    return configured_checks(config) or default_checks(collector)
+
+
+def configured_checks(config) -> List[CheckSpec]:
+    """The ``[check:NAME]`` sections as specs (check_problems() first: this one assumes they are sound)."""
+    return [_check_spec(section[len("check:"):], dict(config[section]))
+            for section in config.sections() if section.startswith("check:")]
 
 
 def check_problems(config) -> List[Tuple[str, str, str]]:
@@ -5345,7 +5361,7 @@ _CHECKS_WITHOUT_STORE = ("disk", "file_age", "command")
 class CheckContext(NamedTuple):
     """What every check may read: the store, the time of this run, and --deep."""
 
-    collector: MetricsCollector
+    collector: Optional[MetricsCollector]  # None when the store cannot be opened: only store-free checks run
     now: float
     deep: bool = False
 
@@ -5669,7 +5685,7 @@ class JobRun(NamedTuple):
     attempts: int
     output: bytes  # the last JOB_OUTPUT_TAIL_BYTES of stdout and stderr together
     cut_bytes: int  # how many earlier bytes of output were dropped
-    store_error: Optional[StorageError] = None  # why the run could not be recorded, if it could not
+    store_error: Optional[MonitorError] = None  # why the run could not be recorded (store or configuration)
 
     @property
     def duration_s(self) -> float:
@@ -7491,7 +7507,7 @@ def cmd_check(args) -> int:
     except ConfigError as err:
         return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
     except StorageError as err:
-        return _check_failed("CRITICAL", f"database: {err}", args.json)
+        return _report_checks(args, _checks_without_store(args, config, err))
     with contextlib.closing(collector):
         try:
             specs = check_specs(config, collector)
@@ -7505,6 +7521,24 @@ def cmd_check(args) -> int:
         now = cli_clock()()
         results = run_checks(specs, CheckContext(collector, now, args.deep))
         _record_checks(collector, results, now)
+    return _report_checks(args, results)
+
+
+def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
+    """The store cannot be opened: that is CRITICAL, and the checks that need no store still give their
+    verdicts (a broken store must not hide a full disk); the others are UNKNOWN, with the reason."""
+    results = [CheckResult("database", "CRITICAL", str(err))]
+    if check_problems(config):
+        return results
+    specs = [spec for spec in configured_checks(config) if not args.only or spec.name in args.only]
+    free = [spec for spec in specs if spec.kind in _CHECKS_WITHOUT_STORE]
+    results += run_checks(free, CheckContext(None, cli_clock()(), args.deep))
+    results += [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free]
+    return results
+
+
+def _report_checks(args, results: List[CheckResult]) -> int:
+    """The verdicts in the plugin format (or JSON), their alerts, and the worst state as the exit code."""
     if not args.no_alert:
         _alert_checks(args, results)
     state = worst_state(result.state for result in results)
@@ -7559,7 +7593,7 @@ def cmd_run(args) -> int:
     kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
     try:
         collector = _open_collector(args, readonly=False)
-    except StorageError as err:  # the job matters more than its record: run it anyway
+    except (StorageError, ConfigError) as err:  # the job matters more than its record: run it anyway
         run = _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err)
     else:
         with contextlib.closing(collector):
@@ -7583,7 +7617,7 @@ def cmd_run(args) -> int:
 
 
 def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill_after_s: float,
-                    err: StorageError) -> JobRun:
+                    err: MonitorError) -> JobRun:
     """The job run once, without a store (no lock, retries or breaker: each needs it)."""
     tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), time.time()
     code = run_command(argv, timeout_s, kill_after_s, tail)

@@ -212,8 +212,9 @@ class CheckCommand(AlertTestCase):
         with open(self.db, "wb") as handle:
             handle.write(b"garbage" * 100)
         result = self.check()
+        broken = f"store {self.db} is not a SQLite database"
         self.assertEqual((result.returncode, result.stdout.decode()),
-                         (2, f"METASYSTEM CRITICAL - database: store {self.db} is not a SQLite database\n"))
+                         (2, f"METASYSTEM CRITICAL - database CRITICAL: {broken}\nCRITICAL database: {broken}\n"))
         with open(self.db, "rb") as handle:
             self.assertEqual(handle.read(), b"garbage" * 100)
 

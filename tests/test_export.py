@@ -7,7 +7,6 @@ import os
 import select
 import socket
 import signal
-import socket
 import subprocess
 import sys
 import threading

@@ -147,7 +147,7 @@ class BrokenFilesTest(FaultTestCase):
                 checked = self.cli("check", "--no-alert")
                 self.assertEqual(checked.returncode, 2, checked.stdout)
                 self.assertIn(message, checked.stdout.decode().splitlines()[0])
-                self.assertTrue(checked.stdout.startswith(b"METASYSTEM CRITICAL - database: "), checked.stdout)
+                self.assertTrue(checked.stdout.startswith(b"METASYSTEM CRITICAL - database CRITICAL: "), checked.stdout)
                 self.assertEqual(file_bytes(self.db), before)
 
     def setUp_store_again(self):
