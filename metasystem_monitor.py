@@ -407,13 +407,19 @@ _SQLITE_MESSAGES = (
 )
 
 
-def _storage_error(err: sqlite3.Error, path: str, timeout_s: float) -> StorageError:
-    """Turn a sqlite3 error into one line that names the store and the cause."""
+def _storage_error(err: sqlite3.Error, path: str, timeout_s: float, waited_s: Optional[float] = None) -> StorageError:
+    """Turn a sqlite3 error into one line that names the store and the cause.
+
+    ``waited_s``, where known, tells a lock given up at the busy timeout from a BUSY that SQLite
+    returns at once (it skips its busy handler where waiting could deadlock).
+    """
     text = str(err)
     lowered = text.lower()
     for needle, sentence in _SQLITE_MESSAGES:
         if needle in lowered:
             detail = sentence.format(timeout=timeout_s)
+            if "locked" in detail and waited_s is not None and waited_s < 0.9 * timeout_s:
+                detail = detail.replace(f"gave up after {timeout_s:g} s", f"busy at once, after {waited_s:.3f} s")
             if needle == "unable to open database file":
                 detail += _why_unopenable(path)
             return StorageError(f"store {path} {detail}", path)
@@ -604,8 +610,13 @@ class Store:
         self.path = path
         self.readonly = readonly
         self.busy_timeout_s = busy_timeout_s
-        with self._translating_errors():
+        started = time.monotonic()
+        try:
             self._conn = self._connect_readonly() if readonly else self._connect(synchronous)
+        except sqlite3.Error as err:
+            raise self.storage_error(err, time.monotonic() - started) from err
+        except UnicodeEncodeError as err:  # a lone surrogate: invalid UTF-8 on the command line
+            raise ValidationError(f"{_shown(err.object)} is not valid text ({err.reason})") from None
 
     # -- opening ------------------------------------------------------------
 
@@ -699,9 +710,9 @@ class Store:
             raise StorageError(f"store {self.path} is closed", self.path)
         return self._conn
 
-    def storage_error(self, err: sqlite3.Error) -> StorageError:
+    def storage_error(self, err: sqlite3.Error, waited_s: Optional[float] = None) -> StorageError:
         """One line naming this store and what went wrong with it."""
-        return _storage_error(err, self.path, self.busy_timeout_s)
+        return _storage_error(err, self.path, self.busy_timeout_s, waited_s)
 
     @contextlib.contextmanager
     def _translating_errors(self) -> Iterator[None]:
@@ -773,10 +784,11 @@ class _WriteTransaction:
         self.conn = store.connection
 
     def __enter__(self) -> sqlite3.Connection:
+        started = time.monotonic()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as err:
-            raise self.store.storage_error(err) from err
+            raise self.store.storage_error(err, time.monotonic() - started) from err
         return self.conn
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:

@@ -455,6 +455,64 @@ def bench_year(tmp):
           f"a sample, all kept)")
 
 
+def healthz_ms(port):
+    """Milliseconds from connect to the whole answer of one GET /healthz."""
+    import http.client
+
+    start = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        assert response.read() == b"ok\n"
+    finally:
+        connection.close()
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench_serve_slow_clients(tmp):
+    """/healthz while 200 clients hold half-sent request heads, against the same server idle."""
+    import socket
+
+    server = mm.make_server("127.0.0.1:0", os.path.join(tmp, "serve.db"))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        idle = statistics.median(healthz_ms(port) for _ in range(50))
+        slow = []
+        for _ in range(200):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /metrics HTTP/1.0\r\nX-Slow: ")
+            slow.append(client)
+        loaded = sorted(healthz_ms(port) for _ in range(50))
+        p95 = loaded[int(0.95 * len(loaded)) - 1]
+        report("9. serve: /healthz p95 with 200 slow clients held", p95, idle, "ms", p95 / idle, "< 100 ms",
+               p95 < 100)
+        burst, resets = [], 0
+
+        def scrape():
+            nonlocal resets
+            try:
+                burst.append(healthz_ms(port))
+            except OSError:
+                resets += 1
+
+        scrapers = [threading.Thread(target=scrape) for _ in range(20)]
+        for scraper in scrapers:
+            scraper.start()
+        for scraper in scrapers:
+            scraper.join(30)
+        print(f"   20 scrapers at once beside them: {len(burst)} answered, {resets} reset or refused, "
+              f"slowest {max(burst or [0]):.1f} ms (listen backlog {mm.SERVE_BACKLOG})")
+        for client in slow:
+            client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 def main():
     print(f"make bench on {platform.platform()}, Python {platform.python_version()}, "
           f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
@@ -473,6 +531,7 @@ def main():
         bench_dashboard_idle(tmp)
         bench_bytes(path, original_path)
         bench_year(tmp)
+        bench_serve_slow_clients(tmp)
         print(f"{sum(rows_out)} of {len(rows_out)} targets met in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

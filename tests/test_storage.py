@@ -408,3 +408,15 @@ class ForeignSymlinkTest(StoreTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o600)
         self.assertTrue(os.path.islink(link))
         self.assertEqual(sqlite_rows(target, "SELECT count(*) FROM samples"), [(1,)])
+
+
+class LockMessageTest(unittest.TestCase):
+
+    def test_a_busy_returned_at_once_is_told_from_a_wait_to_the_timeout(self):
+        locked = sqlite3.OperationalError("database is locked")
+        self.assertEqual(str(mm._storage_error(locked, "/s.db", 5.0, 0.012)),
+                         "store /s.db is locked by another process (busy at once, after 0.012 s)")
+        self.assertEqual(str(mm._storage_error(locked, "/s.db", 5.0, 5.01)),
+                         "store /s.db is locked by another process (gave up after 5 s)")
+        self.assertEqual(str(mm._storage_error(locked, "/s.db", 5.0)),
+                         "store /s.db is locked by another process (gave up after 5 s)")
