@@ -278,7 +278,7 @@ class CommandOutputBoundTest(StoreTestCase):
     def test_a_flood_of_output_keeps_the_verdict_and_bounded_memory(self):
         flood = self.write_script("flood.py", "out = sys.stdout.buffer\nout.write(b'OK - fine|a=1\\n')\n"
                                               "for _ in range(300): out.write(b'x' * (1 << 20))\n")
-        endless = self.write_script("endless.py", "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        endless = self.write_script("endless.py", "with open(sys.argv[1], 'w') as out:\n    out.write(str(os.getpid()))\n"
                                                   "while True: sys.stdout.buffer.write(b'y\\n' * 65536)")
         pid_file = os.path.join(self.tmp, "endless.pid")
         config = os.path.join(self.tmp, "checks.ini")

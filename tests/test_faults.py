@@ -192,7 +192,7 @@ class RunWithoutStoreTest(FaultTestCase):
         started, proceed = os.path.join(self.tmp, "started"), os.path.join(self.tmp, "proceed")
         os.mkfifo(started)
         os.mkfifo(proceed)
-        self.job = self.write_script("job.py", f"open({started!r}, 'w').close(); open({proceed!r}).read(); "
+        self.job = self.write_script("job.py", f"open({started!r}, 'w').close()\nwith open({proceed!r}) as wait:\n    wait.read()\n"
                                                "print('backup: no space left'); sys.exit(3)")
         process = subprocess.Popen([sys.executable, "-m", "metasystem_monitor", "run", "nightly", "--", self.job],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp,

@@ -36,7 +36,7 @@ class ArgumentBytesTest(AlertTestCase):
         self.assertEqual(sqlite_rows(self.db, "SELECT title FROM alerts"), [(SHOWN,)])
 
     def test_a_job_gets_its_file_name_byte_for_byte_and_its_failure_is_reported(self):
-        script = self.write_script("job.py", "open(sys.argv[2], 'wb').write(os.fsencode(sys.argv[1])); sys.exit(3)")
+        script = self.write_script("job.py", "with open(sys.argv[2], 'wb') as out:\n    out.write(os.fsencode(sys.argv[1]))\nsys.exit(3)")
         got = os.path.join(self.tmp, "got")
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
