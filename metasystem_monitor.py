@@ -38,39 +38,49 @@ from enum import Enum
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
-__all__ = [
+__all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "AdaptiveRetry",
     "Alert",
     "AlertChannel",
     "AlertSeverity",
     "AlertingSystem",
-    "Delivery",
-    "DeliveryReport",
-    "mask_url",
     "AnomalyReport",
+    "BREAKER_STATE_WORDS",
     "CallOutcome",
     "CircuitBreaker",
     "CircuitOpenError",
-    "RetryAfterTooLong",
-    "RetryConfig",
-    "classify_error",
-    "find_anomalies",
+    "ConfigError",
+    "DEFAULT_WINDOW_HOURS",
+    "Delivery",
+    "DeliveryReport",
     "MetricsCollector",
     "MonitorError",
+    "RetryAfterTooLong",
+    "RetryConfig",
+    "SEVERITY_STATE_WORDS",
     "Sample",
     "StorageError",
     "Store",
-    "system_summary",
     "ValidationError",
-    "ConfigError",
+    "classify_error",
+    "cli_clock",
+    "find_anomalies",
+    "format_span",
+    "inert_text",
     "iso_time",
+    "json_text",
+    "load_config",
     "main",
+    "mask_url",
+    "parser_class",
     "percentile",
+    "rate_state",
     "read_summary",
     "resolve_config_path",
     "resolve_db_path",
+    "system_summary",
+    "window_hours",
 ]
-__all__.sort()
 
 log = logging.getLogger("metasystem")
 
@@ -2164,7 +2174,6 @@ _PERMANENT_ERRNOS = frozenset(
     getattr(errno, name) for name in ("EACCES", "EPERM", "ENOENT", "ENOSPC", "EROFS", "EDQUOT", "EISDIR", "ENOTDIR")
     if hasattr(errno, name)
 )
-ERROR_CATEGORIES = ("transient", "permanent", "unknown")
 JITTER_MODES = ("proportional", "full", "decorrelated", "none")
 PROPORTIONAL_JITTER = 0.2  # the original design's +/-20%
 DEFAULT_RETRY_AFTER_MAX_S = 300.0
@@ -7978,7 +7987,7 @@ _GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
 def build_parser(command: Optional[str] = None):
     """The argparse parser: every subcommand, or only ``command``.
 
-    Building all eleven costs milliseconds that every cron run would pay;
+    Building all of them costs milliseconds that every cron run would pay;
     main() asks for the one on its command line, and for all of them when
     help is wanted or the command is unknown.
     """

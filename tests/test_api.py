@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,13 +14,30 @@ import metasystem_monitor as mm
 from .support import REPO, StoreTestCase
 
 
+def names_in_source(path, pattern):
+    with open(os.path.join(REPO, path), encoding="utf-8") as handle:
+        return re.findall(pattern, handle.read())
+
+
 class PublicNamesTest(unittest.TestCase):
-    def test_all_is_sorted_public_and_defined(self):
-        self.assertEqual(mm.__all__, sorted(mm.__all__))
+    def test_all_is_written_sorted_public_and_defined(self):
+        import ast
+
+        with open(os.path.join(REPO, "metasystem_monitor.py"), encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        [written] = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                     and any(getattr(target, "id", "") == "__all__" for target in node.targets)]
+        self.assertEqual(written, sorted(written))  # as written in the source, not sorted at import
+        self.assertEqual(mm.__all__, written)
         for name in mm.__all__:
             with self.subTest(name=name):
                 self.assertFalse(name.startswith("_"))
                 self.assertTrue(hasattr(mm, name))
+
+    def test_every_name_the_dashboard_uses_is_exported(self):
+        used = set(names_in_source("monitoring_dashboard.py", r"\bmm\.([A-Za-z_][A-Za-z0-9_]*)"))
+        self.assertTrue(used)
+        self.assertEqual(sorted(used - set(mm.__all__)), [])
 
     def test_original_names_are_exported(self):
         for name in ("MetricsCollector", "MonitorError", "ValidationError", "StorageError", "main"):
@@ -150,3 +168,11 @@ class OriginalDocumentExamplesTest(StoreTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def load_tests(loader, tests, pattern):
+    """The module's doctests run with the suite: an example in a docstring that goes stale fails."""
+    import doctest
+
+    tests.addTests(doctest.DocTestSuite(mm))
+    return tests
