@@ -6898,7 +6898,7 @@ def storage_settings(config) -> Dict[str, Any]:
 def _open_collector(args, *, readonly: bool) -> MetricsCollector:
     config = load_config(args.config_path, required=args.config_named)
     settings = storage_settings(config)
-    return MetricsCollector(args.db_path, readonly=readonly, **settings)
+    return MetricsCollector(args.db_path, readonly=readonly, now=args.now, **settings)
 
 
 def _print_json(document: Dict[str, Any]) -> None:
@@ -7072,7 +7072,7 @@ def cmd_cleanup(args) -> int:
 
 def cmd_breakers(args) -> int:
     with _open_collector(args, readonly=True) as collector:
-        breakers = list_breakers(collector.store, time.time())
+        breakers = list_breakers(collector.store, args.now())
     if args.json:
         _print_json({"breakers": breakers})
         return EXIT_OK
@@ -7085,8 +7085,8 @@ def cmd_breakers(args) -> int:
 
 def cmd_breaker_reset(args) -> int:
     with _open_collector(args, readonly=False) as collector:
-        before = breaker_status(collector.store, args.name, time.time())
-        CircuitBreaker(args.name, collector=collector).reset()
+        before = breaker_status(collector.store, args.name, args.now())
+        CircuitBreaker(args.name, collector=collector, now=args.now).reset()
     print(f"{args.name}: {before['state']} -> closed")
     return EXIT_OK
 
@@ -7154,7 +7154,7 @@ def cmd_serve(args) -> int:
     listen = args.listen or section.get("listen") or DEFAULT_LISTEN
     token = _serve_token(section.get("token_file"))
     try:
-        server = make_server(listen, args.db_path, hours=args.hours, token=token, now=cli_clock())
+        server = make_server(listen, args.db_path, hours=args.hours, token=token, now=args.now)
     except OSError as err:
         raise MonitorError(f"cannot listen on {listen}: {err.strerror or err}") from None
     host, port = server.server_address[:2]
@@ -7322,7 +7322,7 @@ def cmd_demo(args) -> int:
         tempfile.mkdtemp(prefix="metasystem-demo-"), DB_FILENAME)
     if not 0 < args.days <= 366:
         raise ValidationError(f"--days must be more than 0 and at most 366, got {args.days:g}")
-    written = write_demo(db_path, args.days, args.seed, cli_clock()())
+    written = write_demo(db_path, args.days, args.seed, args.now())
     print(f"demo store {db_path}: {written['samples']:,} samples over {args.days:g} days, "
           f"{written['alerts']} alerts")
     print(f"  python3 monitoring_dashboard.py --db {db_path}")
@@ -7335,7 +7335,7 @@ def _alerting(args, readonly: bool = False) -> AlertingSystem:
     settings = alerting_settings(config, args.config_path)
     storage = storage_settings(config) if not settings.problems else {}
     return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings,
-                          synchronous=storage.get("synchronous", "normal"), now=cli_clock(), readonly=readonly,
+                          synchronous=storage.get("synchronous", "normal"), now=args.now, readonly=readonly,
                           busy_timeout_s=storage.get("busy_timeout_s", DEFAULT_BUSY_TIMEOUT_S))
 
 
@@ -7539,7 +7539,7 @@ def cmd_check(args) -> int:
             return _check_failed("UNKNOWN", f"no check named {', '.join(unknown)} "
                                             f"(there are: {', '.join(spec.name for spec in specs)})", args.json)
         specs = [spec for spec in specs if not args.only or spec.name in args.only]
-        now = cli_clock()()
+        now = args.now()
         results = run_checks(specs, CheckContext(collector, now, args.deep))
         _record_checks(collector, results, now)
     return _report_checks(args, results)
@@ -7553,7 +7553,7 @@ def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
         return results
     specs = [spec for spec in configured_checks(config) if not args.only or spec.name in args.only]
     free = [spec for spec in specs if spec.kind in _CHECKS_WITHOUT_STORE]
-    results += run_checks(free, CheckContext(None, cli_clock()(), args.deep))
+    results += run_checks(free, CheckContext(None, args.now(), args.deep))
     results += [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free]
     return results
 
@@ -7615,11 +7615,11 @@ def cmd_run(args) -> int:
     try:
         collector = _open_collector(args, readonly=False)
     except (StorageError, ConfigError) as err:  # the job matters more than its record: run it anyway
-        run = _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err)
+        run = _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err, args.now)
     else:
         with contextlib.closing(collector):
-            breaker = CircuitBreaker(args.breaker, collector=collector, now=cli_clock()) if args.breaker else None
-            run = JobRunner(collector, now=cli_clock()).run(args.name, argv, timeout_s=timeout_s,
+            breaker = CircuitBreaker(args.breaker, collector=collector, now=args.now) if args.breaker else None
+            run = JobRunner(collector, now=args.now).run(args.name, argv, timeout_s=timeout_s,
                                                              retries=args.retries, lock=args.lock,
                                                              kill_after_s=kill_after_s, breaker=breaker)
     if run.outcome == "skipped":
@@ -7638,12 +7638,12 @@ def cmd_run(args) -> int:
 
 
 def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill_after_s: float,
-                    err: MonitorError) -> JobRun:
+                    err: MonitorError, now=time.time) -> JobRun:
     """The job run once, without a store (no lock, retries or breaker: each needs it)."""
-    tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), time.time()
+    tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), now()
     code = run_command(argv, timeout_s, kill_after_s, tail)
     outcome = "success" if code == 0 else "timeout" if code == EXIT_TIMEOUT else "failure"
-    return JobRun("", name, started, time.time(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
+    return JobRun("", name, started, now(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
 
 
 def _alert_job(args, run: JobRun, argv: List[str]) -> None:
@@ -8071,6 +8071,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.config_named = bool(args.config or os.environ.get("METASYSTEM_CONFIG"))
     with _stderr_logging(args.verbose, args.quiet):
         try:
+            args.now = cli_clock()  # the one clock of this run: every command reads its time from it
             args.db_path = resolve_db_path(args.db)
             args.config_path = resolve_config_path(args.config)
             return args.func(args)
