@@ -297,3 +297,41 @@ class CommandOutputBoundTest(StoreTestCase):
         with open(pid_file, encoding="utf-8") as handle:
             with self.assertRaises(ProcessLookupError):
                 os.kill(int(handle.read()), 0)  # ended, and reaped
+
+
+class MutantsThatSurvivedTest(AlertTestCase):
+    """Each test here fails when one of the hand-made mutants that once survived the whole suite is applied."""
+
+    def test_the_disk_check_judges_percent_free_as_well_as_bytes(self):
+        stats = os.statvfs(self.tmp)
+        percent = 100.0 * stats.f_bavail / stats.f_blocks
+        # Bytes cannot trigger (1 B free is always there); only the percent rule can.
+        self.write_config(f"[check:space]\ntype = disk\npath = {self.tmp}\nwarning = 1B:,{int(percent) + 2}%:\n"
+                          f"critical = 1B:,0.0001%:\n")
+        result = self.run_cli("check", "--no-alert", env=self.cli_env())
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertTrue(result.stdout.startswith(b"METASYSTEM WARNING - space WARNING: "), result.stdout)
+
+    def test_the_default_disk_thresholds_hold_the_original_ten_percent_rule(self):
+        for bytes_free, percent, state in ((11e9, 9.9, "WARNING"), (11e9, 10.1, "OK"), (11e9, 4.9, "CRITICAL"),
+                                           (4e9, 50.0, "CRITICAL")):
+            with self.subTest(bytes_free=bytes_free, percent=percent):
+                verdicts = [mm.judge(bytes_free, mm.BYTES, mm.parse_thresholds(mm.DEFAULT_DISK_WARNING),
+                                     mm.parse_thresholds(mm.DEFAULT_DISK_CRITICAL)),
+                            mm.judge(percent, mm.PERCENT, mm.parse_thresholds(mm.DEFAULT_DISK_WARNING),
+                                     mm.parse_thresholds(mm.DEFAULT_DISK_CRITICAL))]
+                self.assertEqual(mm.worst_state(verdicts), state)
+
+    def test_an_empty_quiet_hours_range_and_smtp_port_0_are_configuration_problems(self):
+        self.write_config("[channel:quiet]\ntype = webhook\nurl = http://127.0.0.1:9/x\nquiet_hours = 22:00-22:00\n"
+                          "[channel:mail]\ntype = email\nto = a@example.com\nsmtp_host = 127.0.0.1\nsmtp_port = 0\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn(f"{self.config_path}: [channel:quiet] quiet_hours: '22:00-22:00' is an empty time range",
+                      out + err)
+        self.assertIn(f"{self.config_path}: [channel:mail] smtp_port: '0' is not a port number", out + err)
+
+    def test_a_point_exactly_at_the_z_threshold_is_not_an_anomaly(self):
+        baseline = mm.Baseline("zscore", 10, 0.0, 1.0, "stddev", 1.0)
+        flagged = mm.flag_points([(1.0, 2.0), (2.0, 2.0000001), (3.0, -2.0), (4.0, -2.0000001)], baseline, 2.0)
+        self.assertEqual([point["timestamp"] for point in flagged], [2.0, 4.0])
