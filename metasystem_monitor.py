@@ -5713,20 +5713,6 @@ class JobRun(NamedTuple):
         return (self.ended or self.started) - self.started
 
 
-class _Head:
-    """Keeps the first ``limit`` bytes of a stream and counts what it dropped."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.data = bytearray()
-        self.dropped = 0
-
-    def feed(self, chunk: bytes) -> None:
-        room = max(0, self.limit - len(self.data))
-        self.data += chunk[:room]
-        self.dropped += len(chunk) - min(room, len(chunk))
-
-
 class _Tail:
     """Keeps the last ``limit`` bytes of a stream and counts what it dropped."""
 
@@ -5741,6 +5727,15 @@ class _Tail:
         if excess > 0:
             del self.data[:excess]
             self.dropped += excess
+
+
+class _Head(_Tail):
+    """Keeps the first ``limit`` bytes of a stream and counts what it dropped."""
+
+    def feed(self, chunk: bytes) -> None:
+        room = max(0, self.limit - len(self.data))
+        self.data += chunk[:room]
+        self.dropped += len(chunk) - min(room, len(chunk))
 
 
 class JobRunner:

@@ -199,6 +199,16 @@ def sqlite_rows(path, sql, params=()):
         conn.close()
 
 
+def strict_json(text):
+    """json.loads that refuses Infinity, -Infinity and NaN, as every other JSON reader does."""
+    import json
+
+    def reject(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
 def file_bytes(path):
     with open(path, "rb") as handle:
         return handle.read()

@@ -5,25 +5,16 @@ exact and finite; what still cannot be represented is null in JSON, with a note,
 strictly.
 """
 
-import json
 import os
 import statistics
 import time
 
 import metasystem_monitor as mm
 
-from .support import FakeClock, StoreTestCase
+from .support import FakeClock, StoreTestCase, strict_json
 
 HOUR = 3600.0
 T0 = 1_800_000_000.0 + 17
-
-
-def strict(text):
-    """json.loads that refuses Infinity, -Infinity and NaN, as every other JSON reader does."""
-    def reject(constant):
-        raise ValueError(f"not JSON: {constant}")
-
-    return json.loads(text, parse_constant=reject)
 
 
 class FloatLimitTest(StoreTestCase):
@@ -57,19 +48,19 @@ class FloatLimitTest(StoreTestCase):
             self.assertCleanExit(self.run_cli(*args, env=env))
         stats = self.run_cli("stats", "big", "--json", env=env)
         self.assertEqual(stats.returncode, 0, stats.stderr)
-        self.assertEqual((strict(stats.stdout)["avg"], strict(stats.stdout)["stddev"]), (1e308, 0.0))
+        self.assertEqual((strict_json(stats.stdout)["avg"], strict_json(stats.stdout)["stddev"]), (1e308, 0.0))
         plain = self.run_cli("stats", "big", env=env)
         self.assertIn(b"  avg         1e+308\n", plain.stdout)
         summary = self.run_cli("--summary", env=env, module="monitoring_dashboard")
         self.assertEqual(summary.returncode, 0, summary.stderr)
-        self.assertEqual(strict(summary.stdout)["sync"]["x"]["avg_duration"], 1e308)
+        self.assertEqual(strict_json(summary.stdout)["sync"]["x"]["avg_duration"], 1e308)
         once = self.run_cli("--once", env=env, module="monitoring_dashboard")
         self.assertEqual(once.returncode, 0, once.stderr)
         self.assertIn("avg 1.16e+303d".encode(), once.stdout)
         self.assertTrue(all(len(line) <= 80 for line in once.stdout.decode().splitlines()))
         status, kind, body = mm.serve_path("/api/summary", "", self.db, 24.0, time.time)
         self.assertEqual((status, kind), (200, "application/json"))
-        self.assertEqual(strict(body)["sync"]["x"]["avg_duration"], 1e308)
+        self.assertEqual(strict_json(body)["sync"]["x"]["avg_duration"], 1e308)
 
     def test_an_infinite_sum_in_the_rollups_is_null_with_a_note(self):
         with self.collector(self.clock) as metrics:
@@ -80,7 +71,7 @@ class FloatLimitTest(StoreTestCase):
             stats = metrics.get_metric_stats("big", hours=3)
         self.assertEqual(stats["tiers"], ["hourly"])
         self.assertEqual((stats["count"], stats["max"], stats["avg"]), (2, 1e308, float("inf")))
-        document = strict(mm.json_text({"name": "big", **stats}))
+        document = strict_json(mm.json_text({"name": "big", **stats}))
         self.assertEqual((document["avg"], document["notes"]), (None, ["avg: out of the range of a double",
                                                                        "stddev: out of the range of a double"]))
         self.assertEqual(mm._format_value(stats["avg"]), "out of range")

@@ -14,7 +14,6 @@ test's folder. Invariants, after every run:
 
 import contextlib
 import io
-import json
 import os
 import random
 import sys
@@ -23,7 +22,7 @@ import time
 import metasystem_monitor as mm
 
 from .servers import HTTPServer, Reply, SyslogSocket
-from .support import StoreTestCase
+from .support import StoreTestCase, strict_json
 from .test_abuse import CODES, ENDINGS, HOSTILE, TARGETS, make_targets, options_of, target_state
 
 SEED = 20261205
@@ -51,13 +50,6 @@ def write_config(case, extra=""):
                      "broken'); raise SystemExit(2)\"\n")
     os.chmod(path, 0o600)
     return path
-
-
-def strict_json(text):
-    def reject(constant):
-        raise ValueError(f"not strict JSON: {constant}")
-
-    return json.loads(text, parse_constant=reject)
 
 
 class EveryCommandPropertyTest(StoreTestCase):
