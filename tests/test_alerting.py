@@ -326,3 +326,38 @@ class Classifier(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class MutationPassTest(AlertTestCase):
+    """Tests written for the mutants a mutation pass over the alerting and checks sections left alive."""
+
+    def test_a_claim_that_expires_this_very_instant_is_taken_without_waiting(self):
+        with HTTPServer() as hook:
+            alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            alert = alerts.create_alert("Disk", "full", mm.AlertSeverity.CRITICAL, channels=["webhook"])
+            claimed_by_another_process(alerts, alert, until=self.clock.now)
+            results = alerts.send_alert(alert)
+        self.assertEqual((results.outcomes["webhook"].outcome, self.clock.slept), ("sent", []))
+
+    def test_a_silenced_delivery_is_in_the_history(self):
+        with HTTPServer() as hook:
+            alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\n")
+            alerts.add_silence("Disk", 3600)
+            results = alerts.send_critical_alert("Disk full", channels=["webhook"])
+        self.assertEqual((results.outcomes["webhook"].outcome, hook.requests), ("silenced", []))
+        self.assertEqual(sqlite_rows(self.db, "SELECT channel, outcome, error FROM alert_deliveries"),
+                         [("webhook", "silenced", "silence #1")])
+
+    def test_removing_a_silence_that_does_not_exist_says_so(self):
+        alerts = self.system("")
+        self.assertFalse(alerts.remove_silence(99))
+        self.assertTrue(alerts.remove_silence(alerts.add_silence("x", 60)))
+        os.environ["METASYSTEM_CONFIG"], os.environ["METASYSTEM_DB"] = self.config_path, self.db
+        self.addCleanup(os.environ.pop, "METASYSTEM_CONFIG", None)
+        self.assertMainError(1, "99", "silence", "remove", "99")
+
+    def test_a_repeat_interval_must_be_more_than_zero_seconds(self):
+        self.write_config("[alerting]\nrepeat_interval_warning = 0s\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("[alerting] repeat_interval_warning: ", out + err)
