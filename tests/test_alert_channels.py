@@ -183,6 +183,15 @@ class EmailBySmtp(AlertTestCase):
         self.assertEqual(mail.message()["Subject"], "[CRITICAL] Disk  Bcc: x@example.com")
         self.assertEqual(mail.message()["From"], "mm@example.com")
 
+    def test_the_date_header_is_the_machines_local_time_with_its_offset(self):
+        with SMTPServer() as smtp:
+            self.write_config(self.section(smtp, "security = none\n"))
+            result = self.run_cli("alert", "--warning", "Disk", env=self.cli_env(TZ="Asia/Tokyo",
+                                                                                METASYSTEM_NOW="1800000000"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        [mail] = smtp.mails
+        self.assertEqual(mail.message()["Date"], "Fri, 15 Jan 2027 17:00:00 +0900")  # 08:00 UTC, as Tokyo reads it
+
     def test_starttls_refuses_a_self_signed_server_by_default(self):
         with SMTPServer(starttls=True) as smtp:
             alerts = self.system(self.section(smtp))

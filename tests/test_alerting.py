@@ -356,8 +356,15 @@ class MutationPassTest(AlertTestCase):
         self.addCleanup(os.environ.pop, "METASYSTEM_CONFIG", None)
         self.assertMainError(1, "99", "silence", "remove", "99")
 
-    def test_a_repeat_interval_must_be_more_than_zero_seconds(self):
-        self.write_config("[alerting]\nrepeat_interval_warning = 0s\n")
-        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
-        self.assertEqual(code, 1, out + err)
-        self.assertIn("[alerting] repeat_interval_warning: ", out + err)
+    def test_a_repeat_interval_and_the_channel_budget_must_be_more_than_zero_seconds(self):
+        for key in ("repeat_interval_warning", "channel_budget", "timeout"):
+            with self.subTest(key=key):
+                self.write_config(f"[alerting]\n{key} = 0s\n")
+                code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+                self.assertEqual(code, 1, out + err)
+                self.assertIn(f"[alerting] {key}: ", out + err)
+
+    def test_a_silence_of_no_time_is_refused(self):
+        alerts = self.system("")
+        with self.assertRaisesRegex(mm.ValidationError, "a silence needs a duration of more than 0"):
+            alerts.add_silence("x", 0)

@@ -335,3 +335,11 @@ class MutantsThatSurvivedTest(AlertTestCase):
         baseline = mm.Baseline("zscore", 10, 0.0, 1.0, "stddev", 1.0)
         flagged = mm.flag_points([(1.0, 2.0), (2.0, 2.0000001), (3.0, -2.0), (4.0, -2.0000001)], baseline, 2.0)
         self.assertEqual([point["timestamp"] for point in flagged], [2.0, 4.0])
+
+    def test_a_command_check_without_its_command_is_one_problem_not_a_crash(self):
+        self.write_config("[check:x]\ntype = command\n[check:y]\ntype = command\ncommand = 'unclosed\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual(code, 1, out + err)
+        self.assertNotIn("unexpected", out + err)
+        self.assertIn(f"{self.config_path}: [check:x] command: required for a command check", out + err)
+        self.assertIn(f"{self.config_path}: [check:y] command: cannot be split into words", out + err)
