@@ -5899,19 +5899,19 @@ def run_command(argv: List[str], timeout_s: Optional[float], kill_after_s: float
     SIGTERM and SIGINT sent to us go to the whole group. On timeout the group
     gets SIGTERM, then SIGKILL ``kill_after_s`` later; the result is 124.
     """
-    import signal
     import subprocess
     import threading
 
-    try:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    except OSError as err:
-        tail.feed(f"cannot run {argv[0]}: {err.strerror or err}\n".encode("utf-8"))
-        return 127 if isinstance(err, FileNotFoundError) else 126
-    reader = threading.Thread(target=_drain, args=(process.stdout, tail), daemon=True)
-    reader.start()
-    forwarded = _forward_signals(process.pid)
-    try:
+    with _Forwarding() as forwarding:  # before the job starts: no signal may fall between the two
+        try:
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        except OSError as err:
+            tail.feed(f"cannot run {argv[0]}: {err.strerror or err}\n".encode("utf-8"))
+            return 127 if isinstance(err, FileNotFoundError) else 126
+        forwarding.started(process.pid)
+        reader = threading.Thread(target=_drain, args=(process.stdout, tail), daemon=True)
+        reader.start()
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -5919,32 +5919,60 @@ def run_command(argv: List[str], timeout_s: Optional[float], kill_after_s: float
             tail.feed(f"[metasystem: timed out after {timeout_s:g} s; the process group was stopped]\n"
                       .encode("utf-8"))
             code = EXIT_TIMEOUT
-    finally:
-        for signum, previous in forwarded:
-            signal.signal(signum, previous)
     reader.join(kill_after_s + 1.0)
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 
 def _drain(stream, tail: _Tail) -> None:
+    """Read a child's output in a thread that never takes SIGTERM or SIGINT: the kernel then hands them to
+    the main thread, whose handler forwards them (one taken here would leave the main thread blocked in
+    waitpid until the child ended by itself)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     with stream:
         for chunk in iter(lambda: stream.read1(65536), b""):
             tail.feed(chunk)
 
 
-def _forward_signals(pgid: int) -> List[Tuple[int, Any]]:
-    """SIGTERM and SIGINT to us go to the child's process group; the previous handlers are returned."""
-    import signal
-    import threading
+class _Forwarding:
+    """``with _Forwarding() as forwarding``: SIGTERM and SIGINT to us go on to a child's process group.
 
-    if threading.current_thread() is not threading.main_thread():
-        return []
+    Installed before the child starts, so none falls in between; one that comes before
+    ``started(pgid)`` is sent on then. The previous handlers come back at the end of the block.
+    """
 
-    def forward(signum: int, frame: Any) -> None:
+    def __init__(self) -> None:
+        self.pgid: Optional[int] = None
+        self.early: List[int] = []
+        self.previous: List[Tuple[int, Any]] = []
+
+    def __enter__(self) -> "_Forwarding":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            self.previous = [(signum, signal.signal(signum, self._forward)) for signum in (signal.SIGTERM,
+                                                                                           signal.SIGINT)]
+        return self
+
+    def started(self, pgid: int) -> None:
+        self.pgid = pgid
+        for signum in self.early:
+            self._forward(signum, None)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        if self.pgid is None:
+            self.early.append(signum)
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signum)
+            os.killpg(self.pgid, signum)
 
-    return [(signum, signal.signal(signum, forward)) for signum in (signal.SIGTERM, signal.SIGINT)]
+    def __exit__(self, *exc_info: Any) -> None:
+        import signal
+
+        for signum, previous in self.previous:
+            signal.signal(signum, previous)
 
 
 def _kill_group(process: Any, kill_after_s: float) -> None:
