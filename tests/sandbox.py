@@ -3,10 +3,11 @@
 The suite runs as root in CI. A test that let ``../../../etc/passwd`` or ``/dev/null`` reach a writing
 command once replaced the machine's account file. So, before any test is loaded:
 
-- one folder is made in the system's temporary folder, and everything lives DEPTH levels below it, so
-  that a relative path climbing DEPTH - 1 levels up still lands inside it;
-- HOME, TMPDIR (and ``tempfile.tempdir``) and the working directory are moved there, for this process
-  and every child it starts;
+- one folder is made in the system's temporary folder; HOME and TMPDIR (and ``tempfile.tempdir``) move
+  just below it, for this process and every child it starts (shallow: a Unix socket's path must stay
+  under 104 bytes, even below macOS's long TMPDIR);
+- the working directory moves DEPTH levels below it, so that a relative path climbing DEPTH - 1 levels
+  up still lands inside; a test that changes directory goes to ``deep_folder(its own folder)``;
 - SIGINT is given back its default for the children, when the runner was started with it ignored;
 - what lies outside is fingerprinted first (the account files, the real ``~/.metasystem``, the checkout,
   new entries in the system's temporary folder), and ``tests/test_zz_sandbox_guard.py``, discovered last,
@@ -34,10 +35,9 @@ class Sandbox:
 
     def __init__(self, root, system_tmp, real_home):
         self.root = root
-        self.deep = os.path.join(root, *[f"d{level}" for level in range(1, DEPTH)])
-        self.tmp = os.path.join(self.deep, "tmp")
-        self.home = os.path.join(self.deep, "home")
-        self.work = os.path.join(self.deep, "work")
+        self.tmp = os.path.join(root, "t")
+        self.home = os.path.join(root, "h")
+        self.work = deep_folder(root, create=False)
         self.system_tmp = system_tmp
         self.real_home = real_home
         self.before = None
@@ -61,6 +61,14 @@ class Sandbox:
         """Whether ``path`` (made absolute against the working directory, links resolved) lies inside."""
         real = os.path.realpath(path)
         return real == os.path.realpath(self.root) or real.startswith(os.path.realpath(self.root) + os.sep)
+
+
+def deep_folder(base, create=True):
+    """A folder DEPTH levels below ``base``: from there a path climbing DEPTH - 1 levels stays in ``base``."""
+    folder = os.path.join(base, *["d"] * DEPTH)
+    if create:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
 
 
 _current = []  # the one Sandbox of this process, once entered

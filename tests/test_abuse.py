@@ -95,7 +95,7 @@ class HostileArgumentsTest(StoreTestCase):
     def setUp(self):
         super().setUp()
         cwd = os.getcwd()
-        os.chdir(self.tmp)  # an --output or a path among the arguments lands here, deep in the sandbox
+        os.chdir(sandbox.deep_folder(self.tmp))  # a relative --output lands here, deep in the test's folder
         self.addCleanup(os.chdir, cwd)
         self.targets = make_targets(self.tmp)
         self.untouched = target_state(self.targets)

@@ -21,6 +21,7 @@ import time
 
 import metasystem_monitor as mm
 
+from . import sandbox
 from .servers import HTTPServer, Reply, SyslogSocket
 from .support import StoreTestCase, strict_json
 from .test_abuse import CODES, ENDINGS, HOSTILE, TARGETS, make_targets, options_of, target_state
@@ -57,7 +58,8 @@ class EveryCommandPropertyTest(StoreTestCase):
     def setUp(self):
         super().setUp()
         cwd = os.getcwd()
-        os.chdir(self.tmp)
+        self.cwd = sandbox.deep_folder(self.tmp)  # a relative path in argv lands here, and cannot climb out
+        os.chdir(self.cwd)
         self.addCleanup(os.chdir, cwd)
         self.syslog = SyslogSocket(os.path.join(self.tmp, "log.sock"))
         self.addCleanup(self.syslog.__exit__)
@@ -76,6 +78,10 @@ class EveryCommandPropertyTest(StoreTestCase):
         self.syslog.pending()  # drained: a full socket queue never holds up the next alert
         return code, out.getvalue(), err.getvalue()
 
+    def entries(self):
+        """What the test's folder and the working directory hold, by name."""
+        return set(os.listdir(self.tmp)) | set(os.listdir(self.cwd))
+
     def allowed_entries(self, argv):
         """What a run may leave in the test's folder: the store's files, locks, HOME, and what argv names."""
         named = {os.path.basename(word.rstrip("/")) for word in argv if word}
@@ -83,7 +89,7 @@ class EveryCommandPropertyTest(StoreTestCase):
         named |= {os.path.relpath(os.path.realpath(word), self.tmp).split(os.sep)[0]
                   for word in argv if word and "\x00" not in word and os.path.islink(word)}
         store = os.path.basename(self.db)
-        return named | {store, f"{store}-wal", f"{store}-shm", f"{store}-journal", "locks", "home",
+        return named | {store, f"{store}-wal", f"{store}-shm", f"{store}-journal", "locks", "home", "d",
                         os.path.basename(self.config), "log.sock"} | {name[1:] for name in TARGETS}
 
     def test_every_subcommand_keeps_its_promises_on_generated_input(self):
@@ -109,7 +115,7 @@ class EveryCommandPropertyTest(StoreTestCase):
                 argv = ["--db", db, "--config", self.config, *words]
                 stdin = rng.choice(STDINS)
                 inputs.update(words)
-                before, listed = target_state(self.targets), set(os.listdir(self.tmp))
+                before, listed = target_state(self.targets), self.entries()
                 code, out, err = self.main(argv, stdin)
                 runs += 1
                 self.assertRun(command, argv, code, out, err, before, listed)
@@ -131,7 +137,7 @@ class EveryCommandPropertyTest(StoreTestCase):
         if command == "run" and "--" in argv and code != mm.EXIT_USAGE and not helped:
             self.assertEqual(code, 3, f"{shown}: {err[:300]}")  # the job's own code, store or no store
             self.assertIn("job failed on purpose", out, shown)
-        added = set(os.listdir(self.tmp)) - listed
+        added = self.entries() - listed
         self.assertTrue(added <= self.allowed_entries(argv), f"{shown} left {sorted(added - self.allowed_entries(argv))}")
         after = target_state(self.targets)
         for name, state in before.items():

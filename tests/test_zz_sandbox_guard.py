@@ -25,6 +25,8 @@ class SandboxGuardTest(unittest.TestCase):
         # A relative path that climbs DEPTH - 1 levels from the working directory stays inside.
         self.assertTrue(box.inside(os.path.join(os.getcwd(), *[".."] * (sandbox.DEPTH - 1), "etc", "passwd")))
         self.assertFalse(box.inside("/etc/passwd"))
+        # TMPDIR stays shallow: a test's Unix socket must fit in 104 bytes even below macOS's long TMPDIR.
+        self.assertLessEqual(len(box.tmp) - len(box.system_tmp), 30)
 
 
 class GuardCanFailTest(unittest.TestCase):
