@@ -3606,14 +3606,45 @@ def _recipients(text: str) -> List[str]:
 
 
 def _is_http_url(text: str) -> bool:
+    """An http(s) URL with a host and a valid port, on one line (what a channel's ``url`` must be)."""
+    try:
+        _checked_url(text)
+    except ValueError:
+        return False
+    return _one_line(text) == text
+
+
+def _checked_url(url: str) -> Any:
+    """urlsplit() of an http(s) URL with a host and a valid port; a ValueError that never quotes the URL
+    (it may hold a password) otherwise."""
     from urllib.parse import urlsplit
 
     try:
-        parts = urlsplit(text)
-        parts.port  # raises ValueError for a port that is not a number
+        parts = urlsplit(url)
+        parts.port  # raises for a port that is not a number from 0 to 65535
     except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and _one_line(text) == text
+        raise ValueError("the URL's host or port cannot be read (a '#', '/' or '@' in a password is written "
+                         "%23, %2F or %40)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http or https URL with a host")
+    if parts.port == 0:
+        raise ValueError("the URL's port is 0")
+    return parts
+
+
+def _basic_auth(url: str) -> Tuple[str, Dict[str, str]]:
+    """``url`` without its ``user:password@``, and the Authorization header that carries them instead."""
+    import base64
+    from urllib.parse import unquote, urlunsplit
+
+    parts = _checked_url(url)
+    if parts.username is None:
+        return url, {}
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode("utf-8")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), {
+        "Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
 
 
 def warn_if_shared(settings: "AlertingSettings") -> None:
@@ -6583,39 +6614,6 @@ def _grouping_segment(label: str, value: str) -> str:
         encoded = base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii") or "="
         return f"/{label}@base64/{encoded}"
     return f"/{label}/{quote(value, safe='')}"
-
-
-def _checked_url(url: str) -> Any:
-    """urlsplit() of an http(s) URL with a host and a valid port; a ValueError that never quotes the URL
-    (it may hold a password) otherwise."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        parts.port  # raises for a port that is not a number from 0 to 65535
-    except ValueError:
-        raise ValueError("the URL's host or port cannot be read (a '#', '/' or '@' in a password is written "
-                         "%23, %2F or %40)") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http or https URL with a host")
-    if parts.port == 0:
-        raise ValueError("the URL's port is 0")
-    return parts
-
-
-def _basic_auth(url: str) -> Tuple[str, Dict[str, str]]:
-    """``url`` without its ``user:password@``, and the Authorization header that carries them instead."""
-    import base64
-    from urllib.parse import unquote, urlunsplit
-
-    parts = _checked_url(url)
-    if parts.username is None:
-        return url, {}
-    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode("utf-8")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc)), {
-        "Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
 
 
 def push(gateway: str, text: Optional[str], *, job: str = DEFAULT_PUSH_JOB, instance: str, method: str = "put",
