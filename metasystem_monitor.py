@@ -2906,7 +2906,6 @@ def list_breakers(store: Store, now: float) -> List[Dict[str, Any]]:
 ## Alerting ###################################################################
 
 ALERT_SEVERITIES = ("info", "warning", "critical")  # lowest first
-CHANNEL_TYPES = ("alertmanager", "discord", "email", "log", "ntfy", "pagerduty", "slack", "telegram", "webhook")
 DEFAULT_DEDUP_WINDOW_S = 3600.0  # the original design's window
 DEFAULT_ALERT_TIMEOUT_S = 10.0
 DEFAULT_CHANNEL_BUDGET_S = 20.0
@@ -2958,19 +2957,6 @@ ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_c
                  "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
 CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
                        "quiet_hours", "quiet_hours_bypass", "fallback")
-# Per type: (plain keys, secret keys, required keys).  A secret key also works as KEY_env and KEY_file.
-CHANNEL_KEYS = {
-    "email": (("method", "to", "from", "smtp_host", "smtp_port", "security", "username", "allow_insecure_auth",
-               "tls_verify", "command"), ("password",), ("to",)),
-    "slack": (("tls_verify",), ("url",), ("url",)),
-    "discord": (("tls_verify", "username"), ("url",), ("url",)),
-    "webhook": (("tls_verify",), ("url", "secret"), ("url",)),
-    "ntfy": (("tls_verify",), ("url", "token"), ("url",)),
-    "telegram": (("tls_verify", "chat_id", "api_url"), ("token",), ("token", "chat_id")),
-    "log": (("address", "facility"), (), ()),
-    "alertmanager": (("tls_verify", "valid_for"), ("url",), ("url",)),
-    "pagerduty": (("tls_verify", "url"), ("routing_key",), ("routing_key",)),
-}
 EMAIL_METHODS = ("smtp", "mail", "sendmail")
 EMAIL_SECURITY = {"starttls": 587, "ssl": 465, "none": 25}
 CONFIG_SECTIONS = ("storage", "alerting", "serve")
@@ -3418,20 +3404,21 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     """One channel from its section's items; every problem found is appended, none raised."""
     start = len(problems)
     kind = items.get("type", "").strip().lower()
-    if kind not in CHANNEL_KEYS:
+    channel = CHANNEL_TYPES.get(kind)
+    if channel is None:
         shown = f"unknown channel type {_shown(kind)}" if kind else "missing"
-        problems.append((section, "type", f"{shown}; one of {', '.join(CHANNEL_TYPES)}"))
+        problems.append((section, "type", f"{shown}; one of {', '.join(sorted(CHANNEL_TYPES))}"))
         return ChannelSpec(name, kind, section, {}, {}, {}, "info", timeout_s, budget_s, False)
-    plain, secret_keys, required = CHANNEL_KEYS[kind]
-    allowed = set(CHANNEL_COMMON_KEYS) | set(plain)
-    allowed |= {f"{key}{suffix}" for key in secret_keys for suffix in SECRET_SUFFIXES}
+    allowed = set(CHANNEL_COMMON_KEYS) | set(channel.keys)
+    allowed |= {f"{key}{suffix}" for key in channel.secrets for suffix in SECRET_SUFFIXES}
     for key in items:
         if key not in allowed:
             problems.append((section, key, f"unknown key for a {kind} channel"))
-    settings = {key: items[key].strip() for key in plain if key in items}
-    secrets, sources, why_missing = _channel_secrets(items, secret_keys, section, environ, problems, inline, seed_key)
+    settings = {key: items[key].strip() for key in channel.keys if key in items}
+    secrets, sources, why_missing = _channel_secrets(items, channel.secrets, section, environ, problems, inline,
+                                                     seed_key)
     missing = None
-    for key in required:
+    for key in channel.required:
         if settings.get(key) or key in secrets:
             continue
         if not any(f"{key}{suffix}" in items for suffix in SECRET_SUFFIXES):
@@ -3445,7 +3432,7 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     enabled = _bool_setting(items, section, "enabled", True, problems)
     channel_timeout = _duration_setting(items, section, "timeout", timeout_s, problems, positive=True)
     channel_budget = _duration_setting(items, section, "channel_budget", budget_s, problems, positive=True)
-    _check_channel_values(kind, section, settings, items, problems)
+    problems += channel.problems(section, settings, items)
     if seed_key:  # name the key as the user wrote it
         written = {"url": seed_key, "to": seed_key}
         problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]
@@ -3548,57 +3535,6 @@ def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
         problems.append((section, key, f"{_shown(text)} is not true or false"))
         return default
     return value
-
-
-def _check_channel_values(kind: str, section: str, settings: Dict[str, str], items: Dict[str, str],
-                          problems: List[Tuple[str, str, str]]) -> None:
-    """The checks a value can fail whatever the machine: URLs, addresses, ports, choices."""
-    for key in ("url", "api_url"):
-        text = items.get(key, "").strip()
-        if text and not _is_http_url(text):  # the value itself is not shown: it may be a secret
-            scheme = text.partition(":")[0] if ":" in text else ""
-            shown = f" (it starts with {scheme!r})" if scheme.isalpha() and scheme not in ("http", "https") else ""
-            problems.append((section, key, f"not an http or https URL{shown}"))
-    for key in ("tls_verify", "allow_insecure_auth"):
-        _bool_setting(settings, section, key, True, problems)
-    if kind == "email":
-        _check_email_values(section, settings, items, problems)
-    if kind == "log":
-        facility = settings.get("facility", "user")
-        if facility not in SYSLOG_FACILITIES:
-            problems.append((section, "facility", f"{_shown(facility)} is not one of {', '.join(SYSLOG_FACILITIES)}"))
-    if kind == "alertmanager" and settings.get("valid_for"):
-        _duration_setting(settings, section, "valid_for", ALERTMANAGER_VALID_FOR_S, problems, positive=True)
-    if kind == "telegram" and "chat_id" in settings and not settings["chat_id"].lstrip("-@").replace("_", "").isalnum():
-        problems.append((section, "chat_id", f"{_shown(settings['chat_id'])} is not a chat id or @channel"))
-
-
-def _check_email_values(section: str, settings: Dict[str, str], items: Dict[str, str],
-                        problems: List[Tuple[str, str, str]]) -> None:
-    for address in _recipients(settings.get("to", "")):
-        if address[0] in "-|" or any(ch.isspace() or ord(ch) < 32 or ch in "<>;\"'`$\\" for ch in address):
-            problems.append((section, "to", f"{_shown(address)} is not a mail address"))
-    sender = settings.get("from", "")
-    if sender and (sender[0] in "-|" or any(ch.isspace() or ord(ch) < 32 for ch in sender)):
-        problems.append((section, "from", f"{_shown(sender)} is not a mail address"))
-    method = settings.get("method", "smtp" if "smtp_host" in settings else "mail")
-    if method not in EMAIL_METHODS:
-        problems.append((section, "method", f"{_shown(method)} is not one of {', '.join(EMAIL_METHODS)}"))
-    security = settings.get("security", "starttls")
-    if security not in EMAIL_SECURITY:
-        problems.append((section, "security", f"{_shown(security)} is not one of {', '.join(EMAIL_SECURITY)}"))
-    if method == "smtp" and not settings.get("smtp_host"):
-        problems.append((section, "smtp_host", "required when method = smtp"))
-    port = settings.get("smtp_port")
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-        problems.append((section, "smtp_port", f"{_shown(port)} is not a port number"))
-    if settings.get("username") and method == "smtp" and not any(
-            key in items for key in ("password", "password_env", "password_file")):
-        problems.append((section, "password", "required when username is set"))
-    insecure = settings.get("allow_insecure_auth", "false").lower() in ("true", "yes", "on", "1")
-    if security == "none" and settings.get("username") and not insecure:
-        problems.append((section, "username", "login over a connection without TLS sends the password in clear; "
-                                              "set allow_insecure_auth = true to allow it"))
 
 
 def _recipients(text: str) -> List[str]:
@@ -3735,8 +3671,32 @@ def _reply_error(reply: HttpReply, now: float, retry_after: Any = None) -> Deliv
                          retry_after=wait, error_class=error_class)
 
 
+CHANNEL_TYPES: Dict[str, type] = {}  # kind -> channel class: the only list of channel types
+
+
+def register_channel(cls: type) -> type:
+    """Make a channel class a ``type =`` of ``[channel:NAME]``: its keys, checks and sending come from it."""
+    CHANNEL_TYPES[cls.kind] = cls
+    return cls
+
+
 class _Channel:
-    """One configured channel: renders an alert for its service and delivers it."""
+    """One configured channel: renders an alert for its service and delivers it.
+
+    A subclass declares what its ``[channel:NAME]`` section takes besides CHANNEL_COMMON_KEYS: its plain
+    ``keys``, its ``secrets`` (each also as KEY_env and KEY_file, never shown), the ``required`` ones among
+    both, and the ``problems()`` its values can have whatever the machine.
+    """
+
+    kind = ""
+    keys: Tuple[str, ...] = ()
+    secrets: Tuple[str, ...] = ()
+    required: Tuple[str, ...] = ()
+
+    @classmethod
+    def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        """(section, key, text) for each value that is wrong: ``settings`` are the plain keys given."""
+        return []
 
     def __init__(self, spec: ChannelSpec, hostname: str):
         self.spec = spec
@@ -3766,7 +3726,22 @@ class _Channel:
 class _HttpChannel(_Channel):
     """A channel that POSTs JSON to a URL and reads the status."""
 
+    keys = ("tls_verify",)
+    secrets = ("url",)
+    required = ("url",)
     content_type = "application/json"
+
+    @classmethod
+    def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems: List[Tuple[str, str, str]] = []
+        for key in ("url", "api_url"):
+            text = items.get(key, "").strip()
+            if text and not _is_http_url(text):  # the value itself is not shown: it may be a secret
+                scheme = text.partition(":")[0] if ":" in text else ""
+                shown = f" (it starts with {scheme!r})" if scheme.isalpha() and scheme not in ("http", "https") else ""
+                problems.append((section, key, f"not an http or https URL{shown}"))
+        _bool_setting(settings, section, "tls_verify", True, problems)
+        return problems
 
     def url(self) -> str:
         return self.spec.secrets["url"]
@@ -3796,8 +3771,11 @@ class _HttpChannel(_Channel):
             raise _reply_error(reply, now)
 
 
+@register_channel
 class SlackChannel(_HttpChannel):
     """Slack incoming webhook: ``text`` always, one attachment colored by severity; success is 200 ``ok``."""
+
+    kind = "slack"
 
     def payload(self, alert: Alert) -> bytes:
         body = _slack_escape(self.body_text(alert))
@@ -3831,8 +3809,12 @@ def _slack_cut(text: str) -> str:
     return cut
 
 
+@register_channel
 class DiscordChannel(_HttpChannel):
     """Discord webhook with ``?wait=true``, one embed, mentions disabled, within Discord's limits."""
+
+    kind = "discord"
+    keys = ("tls_verify", "username")
 
     def url(self) -> str:
         from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -3860,8 +3842,12 @@ class DiscordChannel(_HttpChannel):
             raise _reply_error(reply, now, _reply_json(reply).get("retry_after") if reply.status == 429 else None)
 
 
+@register_channel
 class WebhookChannel(_HttpChannel):
     """A JSON body an Alertmanager webhook receiver can read, optionally signed (Standard Webhooks)."""
+
+    kind = "webhook"
+    secrets = ("url", "secret")
 
     def payload(self, alert: Alert) -> bytes:
         labels = {"alertname": alert.title, "severity": alert.severity.value, "instance": self.hostname,
@@ -3921,9 +3907,12 @@ def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes)
     return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
 
 
+@register_channel
 class NtfyChannel(_HttpChannel):
     """ntfy: the body is the message, Title, Priority and Tags are headers."""
 
+    kind = "ntfy"
+    secrets = ("url", "token")
     content_type = "text/plain; charset=utf-8"
 
     def payload(self, alert: Alert) -> bytes:
@@ -3954,8 +3943,22 @@ def _header_text(text: str) -> str:
     return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
 
 
+@register_channel
 class TelegramChannel(_HttpChannel):
     """Telegram Bot API sendMessage; the token sits in the path, so only the masked URL is ever shown."""
+
+    kind = "telegram"
+    keys = ("tls_verify", "chat_id", "api_url")
+    secrets = ("token",)
+    required = ("token", "chat_id")
+
+    @classmethod
+    def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems = super().problems(section, settings, items)
+        chat = settings.get("chat_id")
+        if chat is not None and not chat.lstrip("-@").replace("_", "").isalnum():
+            problems.append((section, "chat_id", f"{_shown(chat)} is not a chat id or @channel"))
+        return problems
 
     def url(self) -> str:
         base = self.spec.settings.get("api_url", "https://api.telegram.org").rstrip("/")
@@ -3974,9 +3977,20 @@ class TelegramChannel(_HttpChannel):
             raise _reply_error(reply, now, retry_after)
 
 
+@register_channel
 class AlertmanagerChannel(_HttpChannel):
     """Alertmanager's API v2: the alert with labels a fleet can route, group and silence on; ``endsAt`` is
     the resolve time, or for a firing alert how long Alertmanager keeps it without hearing again."""
+
+    kind = "alertmanager"
+    keys = ("tls_verify", "valid_for")
+
+    @classmethod
+    def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems = super().problems(section, settings, items)
+        if settings.get("valid_for"):
+            _duration_setting(settings, section, "valid_for", ALERTMANAGER_VALID_FOR_S, problems, positive=True)
+        return problems
 
     def url(self) -> str:
         return self.spec.secrets["url"].rstrip("/") + "/api/v2/alerts"
@@ -3992,8 +4006,14 @@ class AlertmanagerChannel(_HttpChannel):
                              "generatorURL": ""}])
 
 
+@register_channel
 class PagerDutyChannel(_HttpChannel):
     """PagerDuty Events API v2: trigger, and resolve under the same ``dedup_key`` (the alert's key)."""
+
+    kind = "pagerduty"
+    keys = ("tls_verify", "url")
+    secrets = ("routing_key",)
+    required = ("routing_key",)
 
     def url(self) -> str:
         return self.spec.settings.get("url") or PAGERDUTY_URL
@@ -4025,8 +4045,52 @@ def pagerduty_dedup_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+@register_channel
 class EmailChannel(_Channel):
     """Email by SMTP (STARTTLS or implicit TLS, verified), by ``mail``, or by ``sendmail -t -oi``."""
+
+    kind = "email"
+    keys = ("method", "to", "from", "smtp_host", "smtp_port", "security", "username", "allow_insecure_auth",
+            "tls_verify", "command")
+    secrets = ("password",)
+    required = ("to",)
+
+    @classmethod
+    def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems: List[Tuple[str, str, str]] = []
+        for key in ("tls_verify", "allow_insecure_auth"):
+            _bool_setting(settings, section, key, True, problems)
+        for address in _recipients(settings.get("to", "")):
+            if address[0] in "-|" or any(ch.isspace() or ord(ch) < 32 or ch in "<>;\"'`$\\" for ch in address):
+                problems.append((section, "to", f"{_shown(address)} is not a mail address"))
+        sender = settings.get("from", "")
+        if sender and (sender[0] in "-|" or any(ch.isspace() or ord(ch) < 32 for ch in sender)):
+            problems.append((section, "from", f"{_shown(sender)} is not a mail address"))
+        return problems + cls._delivery_problems(section, settings, items)
+
+    @classmethod
+    def _delivery_problems(cls, section: str, settings: Dict[str, str],
+                           items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems = []
+        method = settings.get("method", "smtp" if "smtp_host" in settings else "mail")
+        if method not in EMAIL_METHODS:
+            problems.append((section, "method", f"{_shown(method)} is not one of {', '.join(EMAIL_METHODS)}"))
+        security = settings.get("security", "starttls")
+        if security not in EMAIL_SECURITY:
+            problems.append((section, "security", f"{_shown(security)} is not one of {', '.join(EMAIL_SECURITY)}"))
+        if method == "smtp" and not settings.get("smtp_host"):
+            problems.append((section, "smtp_host", "required when method = smtp"))
+        port = settings.get("smtp_port")
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            problems.append((section, "smtp_port", f"{_shown(port)} is not a port number"))
+        if settings.get("username") and method == "smtp" and not any(
+                key in items for key in ("password", "password_env", "password_file")):
+            problems.append((section, "password", "required when username is set"))
+        insecure = settings.get("allow_insecure_auth", "false").lower() in ("true", "yes", "on", "1")
+        if security == "none" and settings.get("username") and not insecure:
+            problems.append((section, "username", "login over a connection without TLS sends the password in "
+                                                  "clear; set allow_insecure_auth = true to allow it"))
+        return problems
 
     def method(self) -> str:
         return self.spec.settings.get("method", "smtp" if "smtp_host" in self.spec.settings else "mail")
@@ -4135,8 +4199,19 @@ class EmailChannel(_Channel):
                                 + (f": {said}" if said else ""), error_class="command")
 
 
+@register_channel
 class LogChannel(_Channel):
     """syslog through its local socket (LOG_CRIT, LOG_WARNING, LOG_INFO), else the logging module."""
+
+    kind = "log"
+    keys = ("address", "facility")
+
+    @classmethod
+    def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        facility = settings.get("facility", "user")
+        if facility not in SYSLOG_FACILITIES:
+            return [(section, "facility", f"{_shown(facility)} is not one of {', '.join(SYSLOG_FACILITIES)}")]
+        return []
 
     def address(self) -> Optional[str]:
         configured = self.spec.settings.get("address")
@@ -4177,11 +4252,6 @@ class LogChannel(_Channel):
             sock.settimeout(timeout_s)
             sock.connect(address)
             sock.send(datagram)
-
-
-_CHANNEL_CLASSES = {"slack": SlackChannel, "discord": DiscordChannel, "webhook": WebhookChannel,
-                    "ntfy": NtfyChannel, "telegram": TelegramChannel, "email": EmailChannel, "log": LogChannel,
-                    "alertmanager": AlertmanagerChannel, "pagerduty": PagerDutyChannel}
 
 
 def delivery_failure(error: BaseException) -> Tuple[str, str, Optional[int]]:
@@ -4253,7 +4323,7 @@ class AlertingSystem:
         self.settings = settings
         self.masker = settings.masker()
         self.hostname = socket.gethostname()
-        self.channels = {name: _CHANNEL_CLASSES[spec.kind](spec, self.hostname)
+        self.channels = {name: CHANNEL_TYPES[spec.kind](spec, self.hostname)
                          for name, spec in settings.channels.items() if spec.enabled and not spec.missing}
         self._store = store
         self._db_path = resolve_db_path(db_path, environ)
@@ -5120,20 +5190,9 @@ def effective_configuration(settings: AlertingSettings) -> List[str]:
 
 CHECK_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # the Monitoring Plugins exit codes 0 to 3
 STATE_RANK = {"OK": 0, "WARNING": 1, "UNKNOWN": 2, "CRITICAL": 3}  # which state is worse
-CHECK_TYPES = ("anomaly", "circuit_breaker", "command", "database", "disk", "file_age", "job", "metric",
-               "sync_recency")
-CHECK_KEYS = {  # the keys each type takes besides CHECK_COMMON_KEYS; the first, if any, is required
-    "disk": ("path",), "database": (), "circuit_breaker": (), "sync_recency": ("target",),
-    "file_age": ("path",), "metric": ("metric", "hours", "statistic"), "anomaly": ("metric", "hours"),
-    "job": ("job", "expected_every", "max_duration", "min_duration"), "command": ("command",),
-}
-# The units a threshold of each type may carry; a number without a unit is in the check's own unit.
+# The units a threshold may carry; a number without a unit is in the check's own unit.
 PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
 ANY_UNIT = ("", "B", "%", "s")
-CHECK_UNITS = {"disk": ("B", "%", ""), "sync_recency": SECONDS, "file_age": SECONDS, "metric": ANY_UNIT,
-               "anomaly": PLAIN, "database": (), "circuit_breaker": (), "job": (), "command": ()}
-CHECK_REQUIRED_KEYS = {"sync_recency": "target", "file_age": "path", "metric": "metric", "anomaly": "metric",
-                       "job": "job", "command": "command"}
 CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout")
 DEFAULT_CHECK_TIMEOUT_S = 10.0
 CHECK_TIMEOUT_GRACE_S = 1.0  # past a check's timeout, before its thread is given up
@@ -5319,65 +5378,86 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
             continue
         items = dict(config[section])
         kind = items.get("type", "").strip()
-        if kind not in CHECK_KEYS:
-            problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(CHECK_TYPES)}"))
+        check = CHECK_TYPES.get(kind)
+        if check is None:
+            problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(sorted(CHECK_TYPES))}"))
             continue
         for key in items:
-            if key not in CHECK_COMMON_KEYS and key not in CHECK_KEYS[kind]:
+            if key not in CHECK_COMMON_KEYS and key not in check.keys:
                 problems.append((section, key, f"unknown key for a {kind} check"))
         for key in ("warning", "critical"):
             problems += _threshold_problems(section, kind, key, items.get(key))
-        required = CHECK_REQUIRED_KEYS.get(kind)
-        if required and not items.get(required, "").strip():
-            problems.append((section, required, f"required for a {kind} check"))
-        problems += _check_value_problems(section, kind, items)
+        for key in check.required:
+            if not items.get(key, "").strip():
+                problems.append((section, key, f"required for a {kind} check"))
+        problems += _check_value_problems(section, check, items)
     return problems
 
 
 def _threshold_problems(section: str, kind: str, key: str, text: Optional[str]) -> List[Tuple[str, str, str]]:
     if text is None:
         return []
-    if not CHECK_UNITS[kind]:
+    units = CHECK_TYPES[kind].units
+    if not units:
         return [(section, key, f"a {kind} check takes no thresholds")]
     try:
         thresholds = parse_thresholds(text)
     except ValidationError as err:
         return [(section, key, str(err))]
-    wrong = [t.text for t in thresholds if t.unit not in CHECK_UNITS[kind]]
+    wrong = [t.text for t in thresholds if t.unit not in units]
     if wrong:
-        units = {"B": "bytes", "%": "percent", "s": "durations", "": "plain numbers"}
-        allowed = ", ".join(units[unit] for unit in CHECK_UNITS[kind])
+        words = {"B": "bytes", "%": "percent", "s": "durations", "": "plain numbers"}
+        allowed = ", ".join(words[unit] for unit in units)
         return [(section, key, f"{_shown(', '.join(wrong))}: a {kind} check compares {allowed}")]
     return []
 
 
-def _check_value_problems(section: str, kind: str, items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+    """What is wrong with the values of the timeout and of the keys this type takes."""
     problems = []
-    if "timeout" in items:
-        try:
-            if parse_duration_s(items["timeout"]) <= 0:
-                problems.append((section, "timeout", "must be more than 0"))
-        except ValidationError as err:
-            problems.append((section, "timeout", str(err)))
-    for key in ("expected_every", "max_duration", "min_duration"):
-        if key in items:
-            try:
-                parse_duration_s(items[key])
-            except ValidationError as err:
-                problems.append((section, key, str(err)))
-    if "hours" in items and not _is_positive_number(items["hours"]):
-        problems.append((section, "hours", f"{_shown(items['hours'])} is not a positive number of hours"))
-    if kind == "metric" and items.get("statistic", "latest") not in METRIC_STATISTICS:
-        problems.append((section, "statistic", f"{_shown(items['statistic'])} is not one of "
-                                               f"{', '.join(METRIC_STATISTICS)}"))
-    if kind == "command" and items.get("command"):
-        import shlex
-
-        try:
-            shlex.split(items["command"])
-        except ValueError as err:
-            problems.append((section, "command", f"cannot be split into words: {err}"))
+    for key in ("timeout",) + check.keys:
+        rule = _CHECK_VALUE_RULES.get(key)
+        why = rule(items[key]) if rule is not None and key in items else None
+        if why:
+            problems.append((section, key, why))
     return problems
+
+
+def _duration_problem(text: str) -> Optional[str]:
+    try:
+        parse_duration_s(text)
+    except ValidationError as err:
+        return str(err)
+    return None
+
+
+def _timeout_problem(text: str) -> Optional[str]:
+    why = _duration_problem(text)
+    return why if why or parse_duration_s(text) > 0 else "must be more than 0"
+
+
+def _hours_problem(text: str) -> Optional[str]:
+    return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
+
+
+def _statistic_problem(text: str) -> Optional[str]:
+    return None if text in METRIC_STATISTICS else f"{_shown(text)} is not one of {', '.join(METRIC_STATISTICS)}"
+
+
+def _command_problem(text: str) -> Optional[str]:
+    import shlex
+
+    try:
+        shlex.split(text)
+    except ValueError as err:
+        return f"cannot be split into words: {err}"
+    return None
+
+
+# What a value of a check key must be; a check type that takes the key gets the rule.
+_CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_problem,
+                      "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
+                      "statistic": _statistic_problem, "command": _command_problem}
 
 
 def _is_positive_number(text: str) -> bool:
@@ -5389,13 +5469,11 @@ def _is_positive_number(text: str) -> bool:
 
 def _check_spec(name: str, items: Dict[str, str]) -> CheckSpec:
     kind = items["type"].strip()
+    check = CHECK_TYPES[kind]
     timeout = parse_duration_s(items["timeout"]) if "timeout" in items else DEFAULT_CHECK_TIMEOUT_S
-    defaults = {"disk": (DEFAULT_DISK_WARNING, DEFAULT_DISK_CRITICAL),
-                "sync_recency": (DEFAULT_SYNC_WARNING, DEFAULT_SYNC_CRITICAL),
-                "anomaly": (DEFAULT_ANOMALY_WARNING, DEFAULT_ANOMALY_CRITICAL)}.get(kind, ("", ""))
     return CheckSpec(name, kind, {key: value.strip() for key, value in items.items()},
-                     parse_thresholds(items.get("warning", defaults[0])),
-                     parse_thresholds(items.get("critical", defaults[1])), timeout)
+                     parse_thresholds(items.get("warning", check.warning)),
+                     parse_thresholds(items.get("critical", check.critical)), timeout)
 
 
 def default_checks(collector: MetricsCollector) -> List[CheckSpec]:
@@ -5405,9 +5483,6 @@ def default_checks(collector: MetricsCollector) -> List[CheckSpec]:
     for target in collector.sync_targets():
         specs.append(_check_spec(f"sync_recency_{target}", {"type": "sync_recency", "target": target}))
     return specs
-
-
-_CHECKS_WITHOUT_STORE = ("disk", "file_age", "command")
 
 
 class CheckContext(NamedTuple):
@@ -5448,7 +5523,7 @@ def _start_check(index: int, spec: CheckSpec, ctx: "CheckContext", results: Dict
 def _checked(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """One check; those that read the store get a read-only connection of their own, as a SQLite
     connection belongs to the thread that made it."""
-    if spec.kind in _CHECKS_WITHOUT_STORE:
+    if not CHECK_TYPES[spec.kind].needs_store:
         return _run_one(spec, ctx)
     try:
         with MetricsCollector(ctx.collector.db_path, readonly=True, now=lambda: ctx.now) as own:
@@ -5460,7 +5535,7 @@ def _checked(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 def _run_one(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """One check, whatever goes wrong inside it: an exception is UNKNOWN with a one-line reason."""
     try:
-        return _CHECK_FUNCTIONS[spec.kind](spec, ctx)
+        return CHECK_TYPES[spec.kind].function(spec, ctx)
     except Exception as err:  # a check must report, never take the others down
         text = " ".join(str(err).split()) or type(err).__name__
         return CheckResult(spec.name, "UNKNOWN", f"{type(err).__name__}: {text}"[:CHECK_OUTPUT_LINE_CHARS])
@@ -5709,10 +5784,33 @@ def check_anomaly(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        "", _texts(spec.warning), _texts(spec.critical), perf)
 
 
-_CHECK_FUNCTIONS = {"disk": check_disk, "database": check_database, "sync_recency": check_sync_recency,
-                    "circuit_breaker": check_circuit_breakers, "file_age": check_file_age, "metric": check_metric,
-                    "command": check_command, "job": check_job,
-                    "anomaly": check_anomaly}
+class CheckType(NamedTuple):
+    """One ``type =`` of ``[check:NAME]``: the function that runs it and what its section takes."""
+
+    function: Any  # (CheckSpec, CheckContext) -> CheckResult
+    keys: Tuple[str, ...] = ()  # besides CHECK_COMMON_KEYS
+    required: Tuple[str, ...] = ()
+    units: Tuple[str, ...] = ()  # the units its thresholds may carry; none: it takes no thresholds
+    warning: str = ""  # the thresholds when its section gives none
+    critical: str = ""
+    needs_store: bool = True  # False: it runs even when the store cannot be opened
+
+
+# The only list of check types.
+CHECK_TYPES = {
+    "anomaly": CheckType(check_anomaly, ("metric", "hours"), ("metric",), PLAIN, DEFAULT_ANOMALY_WARNING,
+                         DEFAULT_ANOMALY_CRITICAL),
+    "circuit_breaker": CheckType(check_circuit_breakers),
+    "command": CheckType(check_command, ("command",), ("command",), needs_store=False),
+    "database": CheckType(check_database),
+    "disk": CheckType(check_disk, ("path",), (), ("B", "%", ""), DEFAULT_DISK_WARNING, DEFAULT_DISK_CRITICAL,
+                      needs_store=False),
+    "file_age": CheckType(check_file_age, ("path",), ("path",), SECONDS, needs_store=False),
+    "job": CheckType(check_job, ("job", "expected_every", "max_duration", "min_duration"), ("job",)),
+    "metric": CheckType(check_metric, ("metric", "hours", "statistic"), ("metric",), ANY_UNIT),
+    "sync_recency": CheckType(check_sync_recency, ("target",), ("target",), SECONDS, DEFAULT_SYNC_WARNING,
+                              DEFAULT_SYNC_CRITICAL),
+}
 
 
 # -- jobs: the run wrapper ------------------------------------------------------
@@ -7573,7 +7671,7 @@ def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
     if check_problems(config):
         return results
     specs = [spec for spec in configured_checks(config) if not args.only or spec.name in args.only]
-    free = [spec for spec in specs if spec.kind in _CHECKS_WITHOUT_STORE]
+    free = [spec for spec in specs if not CHECK_TYPES[spec.kind].needs_store]
     results += run_checks(free, CheckContext(None, args.now(), args.deep))
     results += [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free]
     return results
