@@ -35,7 +35,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
 __all__ = [  # sorted; also every name monitoring_dashboard.py uses
@@ -170,7 +170,6 @@ def resolve_config_path(option: Optional[str] = None, environ: Optional[Dict[str
 
 
 ## Errors #####################################################################
-
 
 class MonitorError(Exception):
     """Base class for every error this module raises on purpose."""
@@ -817,7 +816,6 @@ class _WriteTransaction:
 
 ## Metrics ####################################################################
 
-
 class Sample(NamedTuple):
     """One measurement, as ``record_many`` takes it."""
 
@@ -1239,11 +1237,25 @@ class MetricsCollector:
         prepared = self._prepare(samples)
         if not prepared[0]:
             return 0
-        with self.store.write() as conn:
+        with self.store.write() as conn:  # writing() without its generator: this is the hot path
             created = self._write_prepared(conn, *prepared)
         self._remember(created)
         self._maintain_if_due()
         return len(prepared[0])
+
+    def writing(self, samples: Iterable[Any] = ()) -> ContextManager[sqlite3.Connection]:
+        """One write transaction: ``samples`` (validated before it starts) and whatever the caller writes
+        on the connection it yields are committed together, or none of it."""
+        return self._writing(self._prepare(samples))
+
+    @contextlib.contextmanager
+    def _writing(self, prepared: Tuple[List[tuple], List[int], float, Optional[float]]
+                 ) -> Iterator[sqlite3.Connection]:
+        with self.store.write() as conn:
+            created = self._write_prepared(conn, *prepared) if prepared[0] else {}
+            yield conn
+        self._remember(created)
+        self._maintain_if_due()
 
     def _write_prepared(self, conn: sqlite3.Connection, rows: List[tuple], new_keys: List[int], oldest: float,
                         now: Optional[float]) -> Dict[Tuple[str, str], int]:
@@ -1411,6 +1423,12 @@ class MetricsCollector:
         self._remember(created)
         self._maintain_if_due()
 
+    def record_breaker_change(self, conn: sqlite3.Connection, breaker_name: str, previous_state: Optional[str],
+                              state: str, failure_count: int, reason: str, timestamp: float) -> None:
+        """As record_circuit_breaker_metric(), inside the caller's write transaction on ``conn`` (a
+        CircuitBreaker's own, so its state and the samples saying so commit together)."""
+        self._breaker_change(conn, breaker_name, previous_state, state, failure_count, reason, timestamp)
+
     def _breaker_change(self, conn: sqlite3.Connection, breaker_name: str, previous_state: Optional[str], state: str,
                         failure_count: int, reason: str, timestamp: Optional[float]) -> Dict[Tuple[str, str], int]:
         """Write a breaker's state samples, and its transition when it has a previous state."""
@@ -1456,7 +1474,12 @@ class MetricsCollector:
 
     # -- querying -------------------------------------------------------------
 
-    def _window(self, hours: float) -> Tuple[float, float]:
+    def now(self) -> float:
+        """The wall-clock time this collector stamps samples with (its ``now`` function)."""
+        return self._now()
+
+    def window(self, hours: float) -> Tuple[float, float]:
+        """(since, until) of the last ``hours`` by this collector's clock."""
         hours = window_hours(hours)
         until = self._now()
         return until - hours * 3600.0, until
@@ -1558,7 +1581,7 @@ class MetricsCollector:
         ``p50`` and ``p95`` are added when ``percentiles`` is true, at the cost
         of reading every raw value in the window.
         """
-        since, until = self._window(hours)
+        since, until = self.window(hours)
         ranges = self._ranges(since, until)
         count, total, low, high, first, last, tiers = self._first_pass(name, ranges)
         stats: Dict[str, Any] = {
@@ -1582,7 +1605,7 @@ class MetricsCollector:
 
     def count_samples(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> int:
         """How many samples of ``name`` fall in the last ``hours``."""
-        since, until = self._window(hours)
+        since, until = self.window(hours)
         return self._first_pass(name, self._ranges(since, until))[0]
 
     def detect_anomalies(
@@ -1607,7 +1630,7 @@ class MetricsCollector:
         if method == "zscore" and threshold is None:
             threshold = std_dev_threshold
         method, threshold, min_samples = check_method(method, threshold, min_samples)
-        since, until = self._window(hours)
+        since, until = self.window(hours)
         if method == "zscore":
             baseline = self._zscore_baseline(metric_name, since, until)
         else:
@@ -1668,7 +1691,7 @@ class MetricsCollector:
         )
         return [{"name": name, "count": count, "last_time": iso_time(last)} for name, count, last in rows]
 
-    def _latest(self, name: str) -> Optional[Tuple[float, float]]:
+    def latest(self, name: str) -> Optional[Tuple[float, float]]:
         """(timestamp, value) of the newest sample of ``name`` taken by now (LATEST_SQL), or None."""
         return self.store.query_one(
             f"SELECT ts, value FROM samples WHERE series_id IN (SELECT id FROM series WHERE name = ?) {LATEST_SQL}",
@@ -1683,7 +1706,7 @@ class MetricsCollector:
 
     def last_sample_time(self, name: str) -> Optional[float]:
         """When the newest sample of ``name`` was taken, or None."""
-        latest = self._latest(name)
+        latest = self.latest(name)
         return latest[0] if latest else None
 
     def sync_targets(self) -> List[str]:
@@ -1692,9 +1715,9 @@ class MetricsCollector:
 
     def baseline(self, name: str, hours: float = DEFAULT_WINDOW_HOURS) -> Optional["Baseline"]:
         """The robust baseline (median, MAD) of ``name`` over the window, or None without samples."""
-        return self._robust_baseline(name, *self._window(hours))
+        return self._robust_baseline(name, *self.window(hours))
 
-    def _unchanged_since(self, name: str, value: float) -> Optional[float]:
+    def unchanged_since(self, name: str, value: float) -> Optional[float]:
         """When ``name`` last took ``value``: the first sample after the last one that differed.
 
         Ordered by (time, seq), so two changes at the same instant are told apart.
@@ -1729,46 +1752,6 @@ class MetricsCollector:
                 if label in pairs:
                     names.add(pairs[label])
         return {label: sorted(names) for label, names in found.items()}
-
-    def _runs(self, prefix: str, hours: float) -> Tuple[int, int, Optional[float]]:
-        """(successes, attempts, average duration) of the PREFIX_success / PREFIX_failure durations."""
-        stats = [self.get_metric_stats(f"{prefix}_{outcome}", hours) for outcome in ("success", "failure")]
-        attempts = stats[0]["count"] + stats[1]["count"]
-        # Each mean weighted by its share: no sum of durations that could overflow.
-        average = math.fsum(part["avg"] * (part["count"] / attempts) for part in stats if part["count"])
-        return stats[0]["count"], attempts, average if attempts else None
-
-    def _sync_summary(self, target: str, hours: float) -> Dict[str, Any]:
-        successes, attempts, avg_duration = self._runs(f"sync_{target}", hours)
-        last_success = self._latest(f"sync_{target}_success")
-        return {
-            "success_rate": None if attempts == 0 else 100.0 * successes / attempts,
-            "attempts": attempts,
-            "avg_duration": avg_duration,
-            "last_success": iso_time(last_success[0]) if last_success else None,
-        }
-
-    def _breaker_summary(self, breaker: str) -> Dict[str, Any]:
-        prefix = f"circuit_breaker_{breaker}_"
-        latest = self._latest(prefix + "state")
-        failures = self._latest(prefix + "failures")
-        if latest is None:
-            return {"state": None, "failures": None, "since": None}
-        code = latest[1]
-        state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
-        since = self._unchanged_since(prefix + "state", code)
-        return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
-
-    def _agent_summary(self, agent: str, hours: float) -> Dict[str, Any]:
-        successes, executions, avg_duration = self._runs(f"agent_{agent}", hours)
-        runs = [self._latest(f"agent_{agent}_{outcome}") for outcome in ("success", "failure")]
-        latest = max((run for run in runs if run is not None), default=None, key=lambda run: run[0])
-        return {
-            "executions": executions,
-            "success_rate": None if executions == 0 else 100.0 * successes / executions,
-            "avg_duration": avg_duration,
-            "latest_duration": None if latest is None else latest[1],
-        }
 
     # -- rollups and retention -------------------------------------------------
 
@@ -2818,7 +2801,7 @@ class CircuitBreaker:
                      (values["state"], now, values["open_until"], values["opens"], values["lease_owner"],
                       values["lease_until"], self.failure_threshold, self.window, self.name))
         failures = conn.execute("SELECT count(*) FROM breaker_failures WHERE name = ?", (self.name,)).fetchone()[0]
-        self.collector._breaker_change(conn, self.name, row["state"], state, failures, reason, now)
+        self.collector.record_breaker_change(conn, self.name, row["state"], state, failures, reason, now)
         log.info("circuit breaker %s: %s -> %s (%s)", self.name, row["state"], state, reason)
         row.update(values)
 
@@ -5690,13 +5673,9 @@ def record_check_results(collector: MetricsCollector, results: List[CheckResult]
         samples.append(Sample("check_duration", result.duration_s, labels, now))
         if result.value is not None and math.isfinite(result.value):
             samples.append(Sample("check_value", float(result.value), labels, now))
-    prepared = collector._prepare(samples)
-    with collector.store.write() as conn:
-        created = collector._write_prepared(conn, *prepared) if prepared[0] else {}
+    with collector.writing(samples) as conn:  # a writing command: the daily cleanup may follow
         conn.executemany("INSERT OR REPLACE INTO check_results (name, ts, state, summary) VALUES (?, ?, ?, ?)",
                          [(result.name, now, result.state, result.summary) for result in results])
-    collector._remember(created)
-    collector._maintain_if_due()  # a writing command: the daily cleanup may be due
 
 
 def plugin_output(results: List[CheckResult]) -> List[str]:
@@ -6161,7 +6140,7 @@ class MetricFamily(NamedTuple):
 def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
     """Everything the store knows, as Prometheus metrics: per-entity series carry labels
     (target, agent, breaker, check, job, channel), times are ``_timestamp_seconds`` gauges."""
-    now = collector._now()
+    now = collector.now()
     entities = collector.entities("target", "agent", "breaker")
     families = _run_families(collector, "sync", "attempts", "target", entities["target"], now)
     families += _total_families(collector, "sync", "target", entities["target"], ("files", "conflicts"), now)
@@ -6289,7 +6268,7 @@ def _other_families(collector: MetricsCollector, taken: set) -> List[MetricFamil
 
     exported = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
     by_name: Dict[str, List[Tuple[Dict[str, str], float]]] = {}
-    for name, labels, value in _latest_values(collector.store, collector._now()):
+    for name, labels, value in _latest_values(collector.store, collector.now()):
         if any(label in labels and pattern.fullmatch(name) for label, pattern in exported):
             continue
         by_name.setdefault(name, []).append((labels, value))
@@ -6788,7 +6767,7 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
     """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
     recent alerts and the checks' last verdicts, over the last ``hours``."""
     hours = window_hours(hours)
-    since, until = collector._window(hours)
+    since, until = collector.window(hours)
     entities = collector.entities("target", "breaker", "agent")
     health = recorded_health(collector.store, until)
     return {
@@ -6796,15 +6775,59 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
         "generated_at": iso_time(until),
         "window_hours": hours,
         "status": summary_status(health),
-        "sync": {target: dict(collector._sync_summary(target, hours),
+        "sync": {target: dict(_sync_summary(collector, target, hours),
                               recent=recent_runs(collector, f"sync_{target}", since))
                  for target in entities["target"]},
         "circuit_breakers": _breaker_summaries(collector, entities["breaker"], since, until),
-        "agents": {agent: dict(collector._agent_summary(agent, hours),
+        "agents": {agent: dict(_agent_summary(collector, agent, hours),
                                recent=recent_runs(collector, f"agent_{agent}", since))
                    for agent in entities["agent"]},
         "alerts": recent_alerts(collector.store, since),
         "health": health,
+    }
+
+
+def _runs(collector: MetricsCollector, prefix: str, hours: float) -> Tuple[int, int, Optional[float]]:
+    """(successes, attempts, average duration) of the PREFIX_success / PREFIX_failure durations."""
+    stats = [collector.get_metric_stats(f"{prefix}_{outcome}", hours) for outcome in ("success", "failure")]
+    attempts = stats[0]["count"] + stats[1]["count"]
+    # Each mean weighted by its share: no sum of durations that could overflow.
+    average = math.fsum(part["avg"] * (part["count"] / attempts) for part in stats if part["count"])
+    return stats[0]["count"], attempts, average if attempts else None
+
+
+def _sync_summary(collector: MetricsCollector, target: str, hours: float) -> Dict[str, Any]:
+    successes, attempts, avg_duration = _runs(collector, f"sync_{target}", hours)
+    last_success = collector.latest(f"sync_{target}_success")
+    return {
+        "success_rate": None if attempts == 0 else 100.0 * successes / attempts,
+        "attempts": attempts,
+        "avg_duration": avg_duration,
+        "last_success": iso_time(last_success[0]) if last_success else None,
+    }
+
+
+def _breaker_summary(collector: MetricsCollector, breaker: str) -> Dict[str, Any]:
+    prefix = f"circuit_breaker_{breaker}_"
+    latest = collector.latest(prefix + "state")
+    failures = collector.latest(prefix + "failures")
+    if latest is None:
+        return {"state": None, "failures": None, "since": None}
+    code = latest[1]
+    state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
+    since = collector.unchanged_since(prefix + "state", code)
+    return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
+
+
+def _agent_summary(collector: MetricsCollector, agent: str, hours: float) -> Dict[str, Any]:
+    successes, executions, avg_duration = _runs(collector, f"agent_{agent}", hours)
+    runs = [collector.latest(f"agent_{agent}_{outcome}") for outcome in ("success", "failure")]
+    latest = max((run for run in runs if run is not None), default=None, key=lambda run: run[0])
+    return {
+        "executions": executions,
+        "success_rate": None if executions == 0 else 100.0 * successes / executions,
+        "avg_duration": avg_duration,
+        "latest_duration": None if latest is None else latest[1],
     }
 
 
@@ -6855,7 +6878,7 @@ def recent_runs(collector: MetricsCollector, prefix: str, since: float) -> Dict[
 def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: float,
                        until: float) -> Dict[str, Dict[str, Any]]:
     """Breakers recorded as metrics, and those CircuitBreaker keeps (its table is the fresher)."""
-    found = {name: collector._breaker_summary(name) for name in recorded}
+    found = {name: _breaker_summary(collector, name) for name in recorded}
     for entry in list_breakers(collector.store, until):
         found[entry["name"]] = {key: entry[key] for key in ("state", "failures", "since")}
     for name, entry in found.items():

@@ -31,6 +31,19 @@ class RecordTest(StoreTestCase):
             ("load1", "{}", 1_799_999_000.5, 0, 0.25),
         ])
 
+    def test_writing_commits_the_samples_and_the_callers_rows_together_or_neither(self):
+        with self.metrics.writing([("x", 1.0, {"check": "a"})]) as conn:
+            conn.execute("INSERT INTO check_results (name, ts, state, summary) VALUES ('a', 1, 'OK', 'fine')")
+        with self.assertRaises(mm.StorageError):
+            with self.metrics.writing([("x", 2.0, {"check": "b"})]) as conn:
+                conn.execute("INSERT INTO check_results (name, ts, state, summary) VALUES ('b', 1, 'OK', 'x')")
+                conn.execute("INSERT INTO check_results (name, ts, state, summary) VALUES (NULL, 1, 'OK', 'x')")
+        with self.assertRaises(mm.ValidationError):  # refused before the transaction starts
+            self.metrics.writing([("y", 3.0), ("", 4.0)])
+        self.assertEqual(self.rows(), [("x", '{"check":"a"}', self.clock.now, 0, 1.0)])
+        self.assertEqual(self.metrics.store.query("SELECT name, state FROM check_results"), [("a", "OK")])
+        self.assertEqual(self.metrics.store.query("SELECT name FROM series ORDER BY name"), [("x",)])
+
     def test_two_samples_at_one_instant_are_both_kept(self):
         self.metrics.record("x", 1.0)
         self.metrics.record("x", 2.0)
