@@ -136,39 +136,6 @@ EXIT_INTERRUPTED = 130
 _NO_LABELS = "{}"
 
 
-def default_home(environ: Optional[Dict[str, str]] = None) -> str:
-    """The folder that holds the default store and configuration."""
-    environ = os.environ if environ is None else environ
-    home = environ.get("METASYSTEM_HOME")
-    if home:
-        return os.path.abspath(os.path.expanduser(home))
-    return os.path.join(os.path.expanduser("~"), DEFAULT_HOME_DIRNAME)
-
-
-def resolve_db_path(option: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> str:
-    """The store's path: --db, then METASYSTEM_DB, then METASYSTEM_HOME, then ~/.metasystem."""
-    environ = os.environ if environ is None else environ
-    chosen = option or environ.get("METASYSTEM_DB")
-    if chosen:
-        return os.path.abspath(os.path.expanduser(_path_text(chosen, "store path")))
-    return os.path.join(default_home(environ), DB_FILENAME)
-
-
-def _path_text(path: str, what: str) -> str:
-    if "\x00" in path:
-        raise ValidationError(f"{what} {_shown(path)} holds a NUL character")
-    return path
-
-
-def resolve_config_path(option: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> str:
-    """The INI file's path: --config, then METASYSTEM_CONFIG, then beside the default store."""
-    environ = os.environ if environ is None else environ
-    chosen = option or environ.get("METASYSTEM_CONFIG")
-    if chosen:
-        return os.path.abspath(os.path.expanduser(_path_text(chosen, "configuration path")))
-    return os.path.join(default_home(environ), CONFIG_FILENAME)
-
-
 ## Errors #####################################################################
 
 class MonitorError(Exception):
@@ -195,6 +162,358 @@ def _shown(value: Any, limit: int = 60) -> str:
     """repr() of a value, cut short so that an error stays one readable line."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+## Configuration and units ####################################################
+
+SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
+
+CONFIG_SECTIONS = ("storage", "alerting", "serve")
+SERVE_KEYS = ("listen", "token_file")
+CONFIG_SECTION_PREFIXES = ("channel:", "check:")
+STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous", "busy_timeout")
+
+SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+              "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+_DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def default_home(environ: Optional[Dict[str, str]] = None) -> str:
+    """The folder that holds the default store and configuration."""
+    environ = os.environ if environ is None else environ
+    home = environ.get("METASYSTEM_HOME")
+    if home:
+        return os.path.abspath(os.path.expanduser(home))
+    return os.path.join(os.path.expanduser("~"), DEFAULT_HOME_DIRNAME)
+
+
+def _path_text(path: str, what: str) -> str:
+    if "\x00" in path:
+        raise ValidationError(f"{what} {_shown(path)} holds a NUL character")
+    return path
+
+
+def resolve_db_path(option: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> str:
+    """The store's path: --db, then METASYSTEM_DB, then METASYSTEM_HOME, then ~/.metasystem."""
+    environ = os.environ if environ is None else environ
+    chosen = option or environ.get("METASYSTEM_DB")
+    if chosen:
+        return os.path.abspath(os.path.expanduser(_path_text(chosen, "store path")))
+    return os.path.join(default_home(environ), DB_FILENAME)
+
+
+def resolve_config_path(option: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> str:
+    """The INI file's path: --config, then METASYSTEM_CONFIG, then beside the default store."""
+    environ = os.environ if environ is None else environ
+    chosen = option or environ.get("METASYSTEM_CONFIG")
+    if chosen:
+        return os.path.abspath(os.path.expanduser(_path_text(chosen, "configuration path")))
+    return os.path.join(default_home(environ), CONFIG_FILENAME)
+
+
+def iso_time(ts: Optional[float]) -> Optional[str]:
+    """Epoch seconds as ISO 8601 in UTC with its offset.
+
+    >>> iso_time(0)
+    '1970-01-01T00:00:00.000+00:00'
+    """
+    if ts is None:
+        return None
+    if not 0 <= ts < MAX_TIMESTAMP_S:  # the slow, general way (which raises past year 9999)
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    # Twice as fast as datetime, which matters when thousands of points are shown;
+    # rounds to the microsecond as datetime.fromtimestamp does, then truncates.
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros // 1000:03d}+00:00"
+
+
+def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        notes.append(path or "value")
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_only(item, f"{path}.{key}" if path else str(key), notes) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_only(item, f"{path}[{index}]", notes) for index, item in enumerate(value)]
+    return value
+
+
+def finite_number(value: Any, what: str = "value") -> float:
+    """``value`` as a float if it is a finite number, else raise ValidationError."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise ValidationError(f"{what} must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValidationError(f"{what} must be a finite number, got {_shown(value)}") from None
+    if not math.isfinite(number):
+        raise ValidationError(f"{what} must be a finite number, got {number!r}")
+    return number
+
+
+def non_negative(value: Any, what: str) -> float:
+    number = finite_number(value, what)
+    if number < 0:
+        raise ValidationError(f"{what} must not be negative, got {_shown(value)}")
+    return number
+
+
+def _one_line(text: str) -> str:
+    """Control characters (CR and LF among them) as spaces: safe in a header or a log line."""
+    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).strip()
+
+
+def visible_text(text: str) -> str:
+    """``text`` with what is not valid Unicode (bytes that were not UTF-8, carried as lone surrogates by
+    ``surrogateescape``) replaced by U+FFFD, so it can be stored, sent and shown."""
+    if text.isascii():
+        return text  # the usual case, at C speed
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # one U+FFFD for each byte that was not UTF-8
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogatepass")  # a lone surrogate that came as text
+    return data.decode("utf-8", "replace")
+
+
+def parse_listen(text: str) -> Tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port)."""
+    host, _, port = str(text).strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValidationError(f"listen must be HOST:PORT, got {_shown(text)}")
+    return host, int(port)
+
+
+def parse_duration_s(text: str) -> float:
+    """``90s``, ``5m``, ``2h`` or ``7d`` (a bare number is seconds) as seconds.
+
+    >>> parse_duration_s("2h")
+    7200.0
+    """
+    cleaned = text.strip().lower()
+    unit = _DURATION_UNITS_S.get(cleaned[-1:], None)
+    number = cleaned[:-1] if unit else cleaned
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d")
+    if seconds > MAX_DURATION_S:  # it would end past what a timestamp can show (year 9999)
+        raise ValidationError(f"{_shown(text)} is longer than {MAX_DURATION_S / (365.25 * DAY_S):.0f} years")
+    return seconds
+
+
+def _days_setting(section: Any, key: str, default: float) -> float:
+    """A ``[storage]`` horizon in days: a number of days, or a duration such as ``12h``."""
+    text = section.get(key)
+    if text is None:
+        return default
+    try:
+        return float(text) if text.strip().replace(".", "", 1).isdigit() else parse_duration_s(text) / DAY_S
+    except ValidationError:
+        raise ConfigError(f"[storage] {key} must be a number of days or a duration such as 12h, got {text!r}") from None
+
+
+def storage_settings(config) -> Dict[str, Any]:
+    """The ``[storage]`` keys this module reads, checked."""
+    section = config["storage"] if config.has_section("storage") else {}
+    synchronous = section.get("synchronous", "normal").strip().lower()
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise ConfigError(f"[storage] synchronous must be normal or full, got {_shown(synchronous)}")
+    busy_timeout_s = DEFAULT_BUSY_TIMEOUT_S
+    if "busy_timeout" in section:
+        try:
+            busy_timeout_s = parse_duration_s(section["busy_timeout"])
+        except ValidationError:
+            busy_timeout_s = -1.0
+        if not 0 < busy_timeout_s <= 3600:
+            raise ConfigError(f"[storage] busy_timeout must be a duration such as 5s, at most 1h, "
+                              f"got {section['busy_timeout']!r}")
+    return {
+        "synchronous": synchronous,
+        "busy_timeout_s": busy_timeout_s,
+        "retention_days": _days_setting(section, "retention_days", DEFAULT_RETENTION_DAYS),
+        "hourly_days": _days_setting(section, "rollup_hourly_days", DEFAULT_HOURLY_DAYS),
+        "daily_days": _days_setting(section, "rollup_daily_days", DEFAULT_DAILY_DAYS),
+    }
+
+
+def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
+    if not hasattr(config, "sections"):
+        return
+    for section in config.sections():
+        if section not in CONFIG_SECTIONS and not section.startswith(CONFIG_SECTION_PREFIXES):
+            problems.append((section, "", "unknown section"))
+    if config.has_section("storage"):
+        for key in config["storage"]:
+            if key not in STORAGE_KEYS:
+                problems.append(("storage", key, "unknown key"))
+        try:
+            storage_settings(config)
+        except ConfigError as err:
+            problems.append(("storage", "", str(err).replace("[storage] ", "")))
+    if config.has_section("serve"):
+        for key in config["serve"]:
+            if key not in SERVE_KEYS:
+                problems.append(("serve", key, "unknown key"))
+        if "listen" in config["serve"]:
+            try:
+                parse_listen(config["serve"]["listen"])
+            except ValidationError as err:
+                problems.append(("serve", "listen", str(err)))
+
+
+def _duration_setting(items: Dict[str, str], section: str, key: str, default: float,
+                      problems: List[Tuple[str, str, str]], positive: bool = False) -> float:
+    if key not in items:
+        return default
+    try:
+        seconds = parse_duration_s(items[key])
+    except ValidationError as err:
+        problems.append((section, key, str(err)))
+        return default
+    if positive and seconds <= 0:
+        problems.append((section, key, "must be more than 0"))
+        return default
+    return seconds
+
+
+def read_secret_file(path: str) -> str:
+    """The secret a file holds, stripped; OSError if it cannot be read, ValueError if it is not UTF-8 text.
+
+    A file other users can read draws one warning, as a configuration file holding secrets does.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+        shared = bool(os.fstat(handle.fileno()).st_mode & 0o044)
+    if shared:
+        log.warning("%s holds a secret and other users can read it: chmod 600 %s", path, path)
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+
+
+def _secret(items: Dict[str, str], key: str, section: str, environ: Dict[str, str],
+            problems: List[Tuple[str, str, str]]) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(value, where it came from, why it is missing) for KEY, KEY_env or KEY_file."""
+    given = [key + suffix for suffix in SECRET_SUFFIXES if key + suffix in items]
+    if len(given) > 1:
+        problems.append((section, key, f"give only one of {', '.join(given)}"))
+    if not given:
+        return None, None, None
+    chosen = given[0]
+    text = items[chosen].strip()
+    if chosen == key:
+        return (text or None), "file", (None if text else f"{key} is empty")
+    if chosen.endswith("_env"):
+        value = environ.get(text, "").strip()
+        if value != visible_text(value):
+            return None, f"${text}", f"${text} is not UTF-8 text"
+        return (value or None), f"${text}", (None if value else f"${text} is not set")
+    path = os.path.expanduser(text)
+    try:
+        value = read_secret_file(path)
+    except OSError as err:
+        return None, f"file {path}", f"{path} cannot be read ({err.strerror or err})"
+    except ValueError as err:
+        return None, f"file {path}", str(err)
+    return (value or None), f"file {path}", (None if value else f"{path} is empty")
+
+
+def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
+                  problems: List[Tuple[str, str, str]]) -> bool:
+    text = items.get(key)
+    if text is None:
+        return default
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        problems.append((section, key, f"{_shown(text)} is not true or false"))
+        return default
+    return value
+
+
+def format_span(seconds: float) -> str:
+    """A duration for people: ``45s``, ``12m``, ``1h 5m``, ``2d 3h``.
+
+    >>> format_span(3900)
+    '1h 5m'
+    """
+    if not math.isfinite(seconds):
+        return "-"
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days >= 100_000:  # past 270 years: a magnitude, not a count of days
+        return f"{float(days):.3g}d"
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    return f"{minutes}m" if minutes else f"{secs}s"
+
+
+def format_bytes(count: float) -> str:
+    """``52.3 GB``: powers of 1000, as disks are sold and df -H shows."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if abs(count) >= SIZE_UNITS[unit.lower()]:
+            return f"{count / SIZE_UNITS[unit.lower()]:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+class _EmptyConfig:
+    """What load_config() returns for a missing file: no sections."""
+
+    @staticmethod
+    def has_section(name: str) -> bool:
+        return False
+
+    @staticmethod
+    def sections() -> List[str]:
+        return []
+
+
+_EMPTY_CONFIG = _EmptyConfig()
+
+
+def load_config(path: str, required: bool = False):
+    """Read the INI file; a missing file is an empty configuration unless ``required``."""
+    if not required and not os.path.exists(path):
+        return _EMPTY_CONFIG  # the usual cron run: no configparser to import
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"configuration file {path} cannot be read: {err}") from None
+    except configparser.Error as err:
+        first_line = str(err).splitlines()[0]
+        raise ConfigError(f"configuration file {path}: {first_line}") from None
+    return parser
+
+
+def format_duration(seconds: float) -> str:
+    """The largest whole unit: ``3600`` as ``1h``, ``90`` as ``90s``; what parse_duration_s reads back.
+
+    >>> format_duration(3600), format_duration(90), format_duration(0.5)
+    ('1h', '90s', '0.5s')
+    """
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 ## Storage ####################################################################
@@ -400,9 +719,6 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
 )
 
 APPLICATION_ID = 0x4D4D4F4E  # "MMON" in the file's header: this SQLite file is a metasystem store
-# The first migration's series and meta tables, word for word as SQLite keeps them: how a store made
-# before the header carried APPLICATION_ID is told from another program's database.
-_FIRST_TABLES = (_MIGRATIONS[0][0], _MIGRATIONS[0][3])
 
 _SQLITE_MESSAGES = (
     ("database is locked", "is locked by another process (gave up after {timeout:g} s)"),
@@ -414,6 +730,19 @@ _SQLITE_MESSAGES = (
     ("disk i/o error", "cannot be written: disk I/O error"),
     ("unable to open database file", "cannot be opened"),
 )
+
+# The first migration's series and meta tables, word for word as SQLite keeps them: how a store made
+# before the header carried APPLICATION_ID is told from another program's database.
+_FIRST_TABLES = (_MIGRATIONS[0][0], _MIGRATIONS[0][3])
+
+
+def _why_unopenable(path: str) -> str:
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f": folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f": folder {folder} is not writable"
+    return ""
 
 
 def _storage_error(err: sqlite3.Error, path: str, timeout_s: float, waited_s: Optional[float] = None) -> StorageError:
@@ -433,15 +762,6 @@ def _storage_error(err: sqlite3.Error, path: str, timeout_s: float, waited_s: Op
                 detail += _why_unopenable(path)
             return StorageError(f"store {path} {detail}", path)
     return StorageError(f"store {path}: {text}", path)
-
-
-def _why_unopenable(path: str) -> str:
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        return f": folder {folder} does not exist"
-    if not os.access(folder, os.W_OK):
-        return f": folder {folder} is not writable"
-    return ""
 
 
 def _checked_schema_version(conn: sqlite3.Connection, path: str) -> int:
@@ -501,6 +821,15 @@ def _stat_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _first_line_starts(path: str, prefixes: Tuple[str, ...]) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(200)
+    except OSError:
+        return False
+    return head.startswith(tuple(prefix.encode("utf-8") for prefix in prefixes))
+
+
 def output_target(path: str, option: str, *, ours: Tuple[str, ...], force: bool) -> str:
     """The regular file that writing ``path`` may replace, links resolved; ValidationError when it may not.
 
@@ -526,15 +855,6 @@ def output_target(path: str, option: str, *, ours: Tuple[str, ...], force: bool)
         raise ValidationError(f"{option} {path} exists and was not written by this program; "
                               "give --force to replace it")
     return real
-
-
-def _first_line_starts(path: str, prefixes: Tuple[str, ...]) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(200)
-    except OSError:
-        return False
-    return head.startswith(tuple(prefix.encode("utf-8") for prefix in prefixes))
 
 
 def _refuse_special_file(path: str) -> None:
@@ -590,6 +910,44 @@ def _prepare_store_file(path: str) -> None:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+class _WriteTransaction:
+    """``with store.write() as conn``; a class, not a generator, as every record() pays for it."""
+
+    __slots__ = ("store", "conn")
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.conn = store.connection
+
+    def __enter__(self) -> sqlite3.Connection:
+        started = time.monotonic()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as err:
+            raise self.store.storage_error(err, time.monotonic() - started) from err
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            elif self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error as err:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise self.store.storage_error(err) from err
+        if isinstance(exc, sqlite3.Error):
+            raise self.store.storage_error(exc) from exc
+
+
+def _meta_times(conn: sqlite3.Connection, *keys: str) -> Tuple[Optional[float], ...]:
+    """The meta values of ``keys``, as floats, None where unset; one query."""
+    marks = dict(conn.execute(f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
+                              keys).fetchall())
+    return tuple(None if marks.get(key) is None else float(marks[key]) for key in keys)
 
 
 class Store:
@@ -783,38 +1141,276 @@ class Store:
         self.close()
 
 
-class _WriteTransaction:
-    """``with store.write() as conn``; a class, not a generator, as every record() pays for it."""
+## Anomalies ##################################################################
 
-    __slots__ = ("store", "conn")
+class Baseline(NamedTuple):
+    """What normal looks like: a centre and the divisor that turns a distance from it into a score.
 
-    def __init__(self, store: Store):
-        self.store = store
-        self.conn = store.connection
+    ``basis`` says how the divisor was found: ``stddev`` (z-score), ``mad``,
+    ``mean_absolute_deviation`` (MAD was 0) or ``flat`` (every value equal:
+    any other value is anomalous, and has no score).
+    """
 
-    def __enter__(self) -> sqlite3.Connection:
-        started = time.monotonic()
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as err:
-            raise self.store.storage_error(err, time.monotonic() - started) from err
-        return self.conn
+    method: str
+    n: int
+    center: float
+    divisor: float
+    basis: str
+    spread: float
 
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        try:
-            if exc_type is None:
-                self.conn.execute("COMMIT")
-            elif self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-        except sqlite3.Error as err:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise self.store.storage_error(err) from err
-        if isinstance(exc, sqlite3.Error):
-            raise self.store.storage_error(exc) from exc
+    def describe(self) -> Dict[str, Any]:
+        """The baseline as the CLI's JSON shows it."""
+        if self.method == "zscore":
+            return {"n": self.n, "mean": self.center, "stddev": self.spread}
+        described = {"n": self.n, "median": self.center, "mad": self.spread if self.basis == "mad" else 0.0}
+        if self.basis == "mean_absolute_deviation":
+            described["mean_absolute_deviation"] = self.spread
+        return described
+
+
+def zscore_baseline(values: List[float]) -> Baseline:
+    """Mean and sample standard deviation, by two passes.
+
+    >>> zscore_baseline([1.0, 2.0, 3.0]).divisor
+    1.0
+    """
+    n = len(values)
+    mean = math.fsum(values) / n
+    stddev = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Baseline("zscore", n, mean, stddev, "stddev" if stddev else "flat", stddev)
+
+
+def _middle(sorted_values: List[float]) -> float:
+    n = len(sorted_values)
+    return (sorted_values[(n - 1) // 2] + sorted_values[n // 2]) / 2
+
+
+def _kth_of_two_runs(a, len_a: int, b, len_b: int, k: int) -> float:
+    """The k-th smallest (from 0) of two ascending runs given as index functions."""
+    low, high = max(0, k + 1 - len_b), min(k + 1, len_a)
+    while True:
+        taken_a = (low + high) // 2  # how many of the k + 1 smallest come from a
+        taken_b = k + 1 - taken_a
+        if taken_a < len_a and taken_b > 0 and b(taken_b - 1) > a(taken_a):
+            low = taken_a + 1
+        elif taken_a > 0 and taken_b < len_b and a(taken_a - 1) > b(taken_b):
+            high = taken_a - 1
+        else:
+            last = [a(taken_a - 1)] if taken_a else []
+            return max(last + ([b(taken_b - 1)] if taken_b else []))
+
+
+def median_absolute_deviation(sorted_values: List[float], median: float) -> float:
+    """MAD of sorted values without sorting the deviations again.
+
+    Below the median the deviations rise as the values fall, above it they
+    rise with the values: two sorted runs, so their middle is a k-th-element
+    search, O(log n).
+
+    >>> median_absolute_deviation([1.0, 2.0, 4.0, 7.0], 3.0)
+    1.5
+    """
+    import bisect
+
+    n = len(sorted_values)
+    split = bisect.bisect_left(sorted_values, median)
+
+    def below(i: int) -> float:
+        return median - sorted_values[split - 1 - i]
+
+    def above(j: int) -> float:
+        return sorted_values[split + j] - median
+
+    runs = (below, split, above, n - split)
+    return (_kth_of_two_runs(*runs, (n - 1) // 2) + _kth_of_two_runs(*runs, n // 2)) / 2
+
+
+def robust_baseline(sorted_values: List[float]) -> Baseline:
+    """Median and MAD of sorted values; the mean absolute deviation where MAD is 0.
+
+    >>> robust_baseline([1.0, 2.0, 3.0, 4.0, 100.0]).spread
+    1.0
+    """
+    n = len(sorted_values)
+    median = _middle(sorted_values)
+    mad = median_absolute_deviation(sorted_values, median)
+    if mad > 0:
+        return Baseline("robust", n, median, mad / MAD_TO_Z, "mad", mad)
+    mean_ad = math.fsum(abs(v - median) for v in sorted_values) / n
+    if mean_ad > 0:
+        return Baseline("robust", n, median, MEAN_AD_SCALE * mean_ad, "mean_absolute_deviation", mean_ad)
+    return Baseline("robust", n, median, 0.0, "flat", 0.0)
+
+
+def anomaly_score(value: float, baseline: Baseline) -> Optional[float]:
+    """Distance from the baseline's centre in its units; None on a flat baseline."""
+    return None if baseline.basis == "flat" else (value - baseline.center) / baseline.divisor
+
+
+def is_anomalous(value: float, baseline: Baseline, threshold: float) -> bool:
+    """Beyond the threshold; on a flat baseline, any value that differs."""
+    score = anomaly_score(value, baseline)
+    return value != baseline.center if score is None else abs(score) > threshold
+
+
+def _reason_template(baseline: Baseline) -> str:
+    """The reason with two blanks, the score and the side: built once per baseline."""
+    if baseline.basis == "flat":
+        return f"flat baseline: every other value is {baseline.center:g}"
+    if baseline.method == "zscore":
+        return "{:.2f} standard deviations {} the mean " + f"{baseline.center:g}"
+    via = " (from the mean absolute deviation; MAD is 0)" if baseline.basis == "mean_absolute_deviation" else ""
+    return "modified z-score {:.2f} {} the median " + f"{baseline.center:g}{via}"
+
+
+def anomaly_reason(value: float, baseline: Baseline) -> str:
+    """Why a value was flagged, in words."""
+    side = "above" if value > baseline.center else "below"
+    return _reason_template(baseline).format(abs(anomaly_score(value, baseline) or 0.0), side)
+
+
+class AnomalyReport(list):
+    """The flagged points (a list of dicts, as the original design returns), plus how they were found.
+
+    ``insufficient_data`` is true when the window held fewer than the minimum
+    number of samples: no verdict, which is not the same as "no anomalies".
+    """
+
+    def __init__(self, points: Iterable[Dict[str, Any]] = (), *, method: str, threshold: float,
+                 baseline: Optional[Baseline], n: int, min_samples: int):
+        super().__init__(points)
+        self.method = method
+        self.threshold = threshold
+        self.baseline = baseline
+        self.n = n
+        self.min_samples = min_samples
+        self.insufficient_data = baseline is None
+
+    def as_json(self) -> Dict[str, Any]:
+        """Method, threshold, baseline and the flagged points, as the CLI prints them."""
+        return {
+            "method": self.method,
+            "threshold": self.threshold,
+            "insufficient_data": self.insufficient_data,
+            "min_samples": self.min_samples,
+            "baseline": self.baseline.describe() if self.baseline else {"n": self.n},
+            "anomalies": [{key: point[key] for key in ("time", "timestamp", "value", "score", "reason")}
+                          for point in self],
+        }
+
+
+def check_method(method: str, threshold: Optional[float], min_samples: int) -> Tuple[str, float, int]:
+    """Validate the detector's settings; the threshold defaults by method."""
+    if method not in ANOMALY_METHODS:
+        raise ValidationError(f"anomaly method must be one of {', '.join(ANOMALY_METHODS)}, got {_shown(method)}")
+    if threshold is None:
+        threshold = DEFAULT_ROBUST_THRESHOLD if method == "robust" else DEFAULT_Z_THRESHOLD
+    threshold = finite_number(threshold, "threshold")
+    if threshold <= 0:
+        raise ValidationError(f"threshold must be positive, got {_shown(threshold)}")
+    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 2:
+        raise ValidationError(f"min_samples must be a whole number of at least 2, got {_shown(min_samples)}")
+    return method, threshold, min_samples
+
+
+def flag_points(points: Iterable[Tuple[float, float]], baseline: Baseline, threshold: float) -> List[Dict[str, Any]]:
+    """The (timestamp, value) points that the baseline calls anomalous, as result dicts."""
+    template = _reason_template(baseline)
+    flat = baseline.basis == "flat"
+    flagged = []
+    for ts, value in points:
+        score = None if flat else (value - baseline.center) / baseline.divisor
+        if value != baseline.center if flat else abs(score) > threshold:
+            flagged.append({
+                "value": value, "z_score": score, "score": score, "timestamp": ts, "time": iso_time(ts),
+                "method": baseline.method,
+                "reason": template.format(abs(score or 0.0), "above" if value > baseline.center else "below"),
+            })
+    return flagged
+
+
+def find_anomalies(
+    points: List[Tuple[float, float]],
+    method: str = "robust",
+    threshold: Optional[float] = None,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+) -> AnomalyReport:
+    """Flag the outliers among (timestamp, value) points, judged against all of them."""
+    method, threshold, min_samples = check_method(method, threshold, min_samples)
+    values = [value for _, value in points]
+    if len(values) < min_samples:
+        return AnomalyReport(method=method, threshold=threshold, baseline=None, n=len(values), min_samples=min_samples)
+    baseline = robust_baseline(sorted(values)) if method == "robust" else zscore_baseline(values)
+    return AnomalyReport(flag_points(points, baseline, threshold), method=method, threshold=threshold,
+                         baseline=baseline, n=len(values), min_samples=min_samples)
 
 
 ## Metrics ####################################################################
+
+_INSERT_NEW = "INSERT OR IGNORE INTO samples (series_id, ts, seq, value) VALUES (?, ?, 0, ?)"
+_INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
+    VALUES (?, ?, (SELECT coalesce(max(seq) + 1, 0) FROM samples WHERE series_id = ? AND ts = ?), ?)"""
+# "Latest" everywhere (stats, the summary, the export): the newest sample taken by now, give or take the
+# clock skew between processes; one stamped further ahead (a clock set wrong, year 9999) waits for its time
+# instead of hiding every real one.
+LATEST_SQL = f"AND ts <= ? + {CLOCK_SKEW_S!r} ORDER BY ts DESC, seq DESC LIMIT 1"
+_IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
+_OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
+# Chan's pairwise update: every right-hand side sees the row as it was.
+_MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (series_id, span, bucket) DO UPDATE SET
+        n = n + excluded.n,
+        total = total + excluded.total,
+        m2 = m2 + excluded.m2 + (excluded.total / excluded.n - total / n) * (excluded.total / excluded.n - total / n)
+             * (1.0 * n * excluded.n / (n + excluded.n)),
+        lo = min(lo, excluded.lo),
+        hi = max(hi, excluded.hi),
+        first_ts = min(first_ts, excluded.first_ts),
+        last_value = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_value ELSE last_value END,
+        last_ts = max(last_ts, excluded.last_ts)"""
+# Hours are matched by comparisons (ts >= h AND ts < h + span), the same way
+# window queries split raw samples from rolled-up hours, so none is counted twice.
+_ROLL_UP_HOURS = """WITH RECURSIVE hours(h) AS (
+        SELECT :start UNION ALL SELECT h + :span FROM hours WHERE h + :span < :end)
+    INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
+    SELECT :series, :span, h, count(*), total(value), 0.0, min(value), max(value), min(ts), max(ts), 0.0
+    FROM hours JOIN samples ON samples.series_id = :series AND samples.ts >= h AND samples.ts < h + :span
+    GROUP BY h"""
+_FINISH_ROLLUPS = """UPDATE rollups SET
+        m2 = (SELECT total((value - rollups.total / rollups.n) * (value - rollups.total / rollups.n)) FROM samples
+              WHERE series_id = rollups.series_id AND ts >= rollups.bucket AND ts < rollups.bucket + rollups.span),
+        last_value = (SELECT value FROM samples WHERE series_id = rollups.series_id AND ts = rollups.last_ts
+                      ORDER BY seq DESC LIMIT 1)
+    WHERE series_id = :series AND span = :span AND bucket >= :start AND bucket < :end"""
+
+
+# Whole days of hourly rollups into one daily row each: counts and sums add up,
+# and the spread combines exactly (each hour's m2 plus n * (its mean - the day's mean)**2).
+_FOLD_DAYS = """WITH RECURSIVE days(d) AS (
+        SELECT :start UNION ALL SELECT d + 86400.0 FROM days WHERE d + 86400.0 < :end)
+    INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
+    SELECT :series, 86400, d, sum(n), total(total), 0.0, min(lo), max(hi), min(first_ts), max(last_ts), 0.0
+    FROM days JOIN rollups ON rollups.series_id = :series AND rollups.span = 3600
+        AND rollups.bucket >= d AND rollups.bucket < d + 86400.0
+    GROUP BY d"""
+_FINISH_DAYS = """UPDATE rollups SET
+        m2 = (SELECT total(h.m2 + h.n * (h.total / h.n - rollups.total / rollups.n)
+                                         * (h.total / h.n - rollups.total / rollups.n))
+              FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
+              AND h.bucket >= rollups.bucket AND h.bucket < rollups.bucket + 86400.0),
+        last_value = (SELECT h.last_value FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
+                      AND h.bucket >= rollups.bucket AND h.bucket < rollups.bucket + 86400.0
+                      ORDER BY h.last_ts DESC LIMIT 1)
+    WHERE series_id = :series AND span = 86400 AND bucket >= :start AND bucket < :end"""
+
+# Sums are taken of values times a power of two (1 unless a plain sum overflowed): exact, and finite
+# for any finite values.
+_RAW_PASS = "SELECT count(*), total(value * ?), min(value), max(value), min(ts), max(ts) FROM samples WHERE "
+_ROLLED_PASS = "SELECT total(n), total(total * ?), min(lo), max(hi), min(first_ts), max(last_ts) FROM rollups WHERE "
+_RAW_SQUARES = "SELECT total((value * ? - ?) * (value * ? - ?)) FROM samples WHERE "
+_ROLLED_SQUARES = "SELECT total(m2 * ? + n * (total * ? / n - ?) * (total * ? / n - ?)) FROM rollups WHERE "
+
 
 class Sample(NamedTuple):
     """One measurement, as ``record_many`` takes it."""
@@ -823,25 +1419,6 @@ class Sample(NamedTuple):
     value: float
     labels: Optional[Dict[str, str]] = None
     timestamp: Optional[float] = None
-
-
-def iso_time(ts: Optional[float]) -> Optional[str]:
-    """Epoch seconds as ISO 8601 in UTC with its offset.
-
-    >>> iso_time(0)
-    '1970-01-01T00:00:00.000+00:00'
-    """
-    if ts is None:
-        return None
-    if not 0 <= ts < MAX_TIMESTAMP_S:  # the slow, general way (which raises past year 9999)
-        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
-    # Twice as fast as datetime, which matters when thousands of points are shown;
-    # rounds to the microsecond as datetime.fromtimestamp does, then truncates.
-    fraction, whole = math.modf(ts)
-    micros = round(fraction * 1e6)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros // 1000:03d}+00:00"
 
 
 def percentile(sorted_values: List[float], fraction: float) -> Optional[float]:
@@ -936,37 +1513,6 @@ def json_text(document: Any, *, indent: Optional[int] = 2, compact: bool = False
                       ensure_ascii=not compact)
 
 
-def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        notes.append(path or "value")
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_only(item, f"{path}.{key}" if path else str(key), notes) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_only(item, f"{path}[{index}]", notes) for index, item in enumerate(value)]
-    return value
-
-
-def finite_number(value: Any, what: str = "value") -> float:
-    """``value`` as a float if it is a finite number, else raise ValidationError."""
-    if isinstance(value, (str, bytes)) or value is None:
-        raise ValidationError(f"{what} must be a number, got {_shown(value)}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValidationError(f"{what} must be a finite number, got {_shown(value)}") from None
-    if not math.isfinite(number):
-        raise ValidationError(f"{what} must be a finite number, got {number!r}")
-    return number
-
-
-def non_negative(value: Any, what: str) -> float:
-    number = finite_number(value, what)
-    if number < 0:
-        raise ValidationError(f"{what} must not be negative, got {_shown(value)}")
-    return number
-
-
 def window_hours(hours: Any) -> float:
     """A query window in hours: finite and more than 0."""
     hours = finite_number(hours, "hours")
@@ -1008,6 +1554,15 @@ def _breaker_code(state: Any) -> int:
     return code
 
 
+def _is_label_key(key: str) -> bool:
+    return (
+        0 < len(key) <= MAX_LABEL_KEY_CHARS
+        and key.isascii()
+        and (key[0].isalpha() or key[0] == "_")
+        and key.replace("_", "a").isalnum()
+    )
+
+
 def canonical_labels(labels: Optional[Dict[str, str]]) -> str:
     """Labels as the sorted, compact JSON text the store keys series on."""
     if labels is None:
@@ -1032,71 +1587,9 @@ def canonical_labels(labels: Optional[Dict[str, str]]) -> str:
     return json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _is_label_key(key: str) -> bool:
-    return (
-        0 < len(key) <= MAX_LABEL_KEY_CHARS
-        and key.isascii()
-        and (key[0].isalpha() or key[0] == "_")
-        and key.replace("_", "a").isalnum()
-    )
-
-
-_INSERT_NEW = "INSERT OR IGNORE INTO samples (series_id, ts, seq, value) VALUES (?, ?, 0, ?)"
-_INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
-    VALUES (?, ?, (SELECT coalesce(max(seq) + 1, 0) FROM samples WHERE series_id = ? AND ts = ?), ?)"""
-# "Latest" everywhere (stats, the summary, the export): the newest sample taken by now, give or take the
-# clock skew between processes; one stamped further ahead (a clock set wrong, year 9999) waits for its time
-# instead of hiding every real one.
-LATEST_SQL = f"AND ts <= ? + {CLOCK_SKEW_S!r} ORDER BY ts DESC, seq DESC LIMIT 1"
-_IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
-_OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
-# Chan's pairwise update: every right-hand side sees the row as it was.
-_MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (series_id, span, bucket) DO UPDATE SET
-        n = n + excluded.n,
-        total = total + excluded.total,
-        m2 = m2 + excluded.m2 + (excluded.total / excluded.n - total / n) * (excluded.total / excluded.n - total / n)
-             * (1.0 * n * excluded.n / (n + excluded.n)),
-        lo = min(lo, excluded.lo),
-        hi = max(hi, excluded.hi),
-        first_ts = min(first_ts, excluded.first_ts),
-        last_value = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_value ELSE last_value END,
-        last_ts = max(last_ts, excluded.last_ts)"""
-# Hours are matched by comparisons (ts >= h AND ts < h + span), the same way
-# window queries split raw samples from rolled-up hours, so none is counted twice.
-_ROLL_UP_HOURS = """WITH RECURSIVE hours(h) AS (
-        SELECT :start UNION ALL SELECT h + :span FROM hours WHERE h + :span < :end)
-    INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
-    SELECT :series, :span, h, count(*), total(value), 0.0, min(value), max(value), min(ts), max(ts), 0.0
-    FROM hours JOIN samples ON samples.series_id = :series AND samples.ts >= h AND samples.ts < h + :span
-    GROUP BY h"""
-_FINISH_ROLLUPS = """UPDATE rollups SET
-        m2 = (SELECT total((value - rollups.total / rollups.n) * (value - rollups.total / rollups.n)) FROM samples
-              WHERE series_id = rollups.series_id AND ts >= rollups.bucket AND ts < rollups.bucket + rollups.span),
-        last_value = (SELECT value FROM samples WHERE series_id = rollups.series_id AND ts = rollups.last_ts
-                      ORDER BY seq DESC LIMIT 1)
-    WHERE series_id = :series AND span = :span AND bucket >= :start AND bucket < :end"""
-
-
-# Whole days of hourly rollups into one daily row each: counts and sums add up,
-# and the spread combines exactly (each hour's m2 plus n * (its mean - the day's mean)**2).
-_FOLD_DAYS = """WITH RECURSIVE days(d) AS (
-        SELECT :start UNION ALL SELECT d + 86400.0 FROM days WHERE d + 86400.0 < :end)
-    INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
-    SELECT :series, 86400, d, sum(n), total(total), 0.0, min(lo), max(hi), min(first_ts), max(last_ts), 0.0
-    FROM days JOIN rollups ON rollups.series_id = :series AND rollups.span = 3600
-        AND rollups.bucket >= d AND rollups.bucket < d + 86400.0
-    GROUP BY d"""
-_FINISH_DAYS = """UPDATE rollups SET
-        m2 = (SELECT total(h.m2 + h.n * (h.total / h.n - rollups.total / rollups.n)
-                                         * (h.total / h.n - rollups.total / rollups.n))
-              FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
-              AND h.bucket >= rollups.bucket AND h.bucket < rollups.bucket + 86400.0),
-        last_value = (SELECT h.last_value FROM rollups AS h WHERE h.series_id = rollups.series_id AND h.span = 3600
-                      AND h.bucket >= rollups.bucket AND h.bucket < rollups.bucket + 86400.0
-                      ORDER BY h.last_ts DESC LIMIT 1)
-    WHERE series_id = :series AND span = 86400 AND bucket >= :start AND bucket < :end"""
+def _tier_marks(conn: sqlite3.Connection) -> Tuple[Optional[float], Optional[float]]:
+    """(rolled_until, daily_until): hours before the first are rolled up, before the second folded into days."""
+    return _meta_times(conn, "rolled_until", "daily_until")
 
 
 def _rolled_until(conn: sqlite3.Connection) -> Optional[float]:
@@ -1132,26 +1625,6 @@ def _whole_buckets(start: float, end: float, span: float, limit: float) -> Optio
         first += span
     stop = min(bucket_start(end, span), limit)
     return (first, stop) if first < stop else None
-
-
-def _meta_times(conn: sqlite3.Connection, *keys: str) -> Tuple[Optional[float], ...]:
-    """The meta values of ``keys``, as floats, None where unset; one query."""
-    marks = dict(conn.execute(f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
-                              keys).fetchall())
-    return tuple(None if marks.get(key) is None else float(marks[key]) for key in keys)
-
-
-def _tier_marks(conn: sqlite3.Connection) -> Tuple[Optional[float], Optional[float]]:
-    """(rolled_until, daily_until): hours before the first are rolled up, before the second folded into days."""
-    return _meta_times(conn, "rolled_until", "daily_until")
-
-
-# Sums are taken of values times a power of two (1 unless a plain sum overflowed): exact, and finite
-# for any finite values.
-_RAW_PASS = "SELECT count(*), total(value * ?), min(value), max(value), min(ts), max(ts) FROM samples WHERE "
-_ROLLED_PASS = "SELECT total(n), total(total * ?), min(lo), max(hi), min(first_ts), max(last_ts) FROM rollups WHERE "
-_RAW_SQUARES = "SELECT total((value * ? - ?) * (value * ? - ?)) FROM samples WHERE "
-_ROLLED_SQUARES = "SELECT total(m2 * ? + n * (total * ? / n - ?) * (total * ? / n - ?)) FROM rollups WHERE "
 
 
 def _scale_exponent(*values: float) -> int:
@@ -1940,211 +2413,7 @@ class MetricsCollector:
             self.roll_up()
 
 
-## Anomalies ##################################################################
-
-class Baseline(NamedTuple):
-    """What normal looks like: a centre and the divisor that turns a distance from it into a score.
-
-    ``basis`` says how the divisor was found: ``stddev`` (z-score), ``mad``,
-    ``mean_absolute_deviation`` (MAD was 0) or ``flat`` (every value equal:
-    any other value is anomalous, and has no score).
-    """
-
-    method: str
-    n: int
-    center: float
-    divisor: float
-    basis: str
-    spread: float
-
-    def describe(self) -> Dict[str, Any]:
-        """The baseline as the CLI's JSON shows it."""
-        if self.method == "zscore":
-            return {"n": self.n, "mean": self.center, "stddev": self.spread}
-        described = {"n": self.n, "median": self.center, "mad": self.spread if self.basis == "mad" else 0.0}
-        if self.basis == "mean_absolute_deviation":
-            described["mean_absolute_deviation"] = self.spread
-        return described
-
-
-def zscore_baseline(values: List[float]) -> Baseline:
-    """Mean and sample standard deviation, by two passes.
-
-    >>> zscore_baseline([1.0, 2.0, 3.0]).divisor
-    1.0
-    """
-    n = len(values)
-    mean = math.fsum(values) / n
-    stddev = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return Baseline("zscore", n, mean, stddev, "stddev" if stddev else "flat", stddev)
-
-
-def robust_baseline(sorted_values: List[float]) -> Baseline:
-    """Median and MAD of sorted values; the mean absolute deviation where MAD is 0.
-
-    >>> robust_baseline([1.0, 2.0, 3.0, 4.0, 100.0]).spread
-    1.0
-    """
-    n = len(sorted_values)
-    median = _middle(sorted_values)
-    mad = median_absolute_deviation(sorted_values, median)
-    if mad > 0:
-        return Baseline("robust", n, median, mad / MAD_TO_Z, "mad", mad)
-    mean_ad = math.fsum(abs(v - median) for v in sorted_values) / n
-    if mean_ad > 0:
-        return Baseline("robust", n, median, MEAN_AD_SCALE * mean_ad, "mean_absolute_deviation", mean_ad)
-    return Baseline("robust", n, median, 0.0, "flat", 0.0)
-
-
-def _middle(sorted_values: List[float]) -> float:
-    n = len(sorted_values)
-    return (sorted_values[(n - 1) // 2] + sorted_values[n // 2]) / 2
-
-
-def median_absolute_deviation(sorted_values: List[float], median: float) -> float:
-    """MAD of sorted values without sorting the deviations again.
-
-    Below the median the deviations rise as the values fall, above it they
-    rise with the values: two sorted runs, so their middle is a k-th-element
-    search, O(log n).
-
-    >>> median_absolute_deviation([1.0, 2.0, 4.0, 7.0], 3.0)
-    1.5
-    """
-    import bisect
-
-    n = len(sorted_values)
-    split = bisect.bisect_left(sorted_values, median)
-
-    def below(i: int) -> float:
-        return median - sorted_values[split - 1 - i]
-
-    def above(j: int) -> float:
-        return sorted_values[split + j] - median
-
-    runs = (below, split, above, n - split)
-    return (_kth_of_two_runs(*runs, (n - 1) // 2) + _kth_of_two_runs(*runs, n // 2)) / 2
-
-
-def _kth_of_two_runs(a, len_a: int, b, len_b: int, k: int) -> float:
-    """The k-th smallest (from 0) of two ascending runs given as index functions."""
-    low, high = max(0, k + 1 - len_b), min(k + 1, len_a)
-    while True:
-        taken_a = (low + high) // 2  # how many of the k + 1 smallest come from a
-        taken_b = k + 1 - taken_a
-        if taken_a < len_a and taken_b > 0 and b(taken_b - 1) > a(taken_a):
-            low = taken_a + 1
-        elif taken_a > 0 and taken_b < len_b and a(taken_a - 1) > b(taken_b):
-            high = taken_a - 1
-        else:
-            last = [a(taken_a - 1)] if taken_a else []
-            return max(last + ([b(taken_b - 1)] if taken_b else []))
-
-
-def anomaly_score(value: float, baseline: Baseline) -> Optional[float]:
-    """Distance from the baseline's centre in its units; None on a flat baseline."""
-    return None if baseline.basis == "flat" else (value - baseline.center) / baseline.divisor
-
-
-def is_anomalous(value: float, baseline: Baseline, threshold: float) -> bool:
-    """Beyond the threshold; on a flat baseline, any value that differs."""
-    score = anomaly_score(value, baseline)
-    return value != baseline.center if score is None else abs(score) > threshold
-
-
-def anomaly_reason(value: float, baseline: Baseline) -> str:
-    """Why a value was flagged, in words."""
-    side = "above" if value > baseline.center else "below"
-    return _reason_template(baseline).format(abs(anomaly_score(value, baseline) or 0.0), side)
-
-
-def _reason_template(baseline: Baseline) -> str:
-    """The reason with two blanks, the score and the side: built once per baseline."""
-    if baseline.basis == "flat":
-        return f"flat baseline: every other value is {baseline.center:g}"
-    if baseline.method == "zscore":
-        return "{:.2f} standard deviations {} the mean " + f"{baseline.center:g}"
-    via = " (from the mean absolute deviation; MAD is 0)" if baseline.basis == "mean_absolute_deviation" else ""
-    return "modified z-score {:.2f} {} the median " + f"{baseline.center:g}{via}"
-
-
-class AnomalyReport(list):
-    """The flagged points (a list of dicts, as the original design returns), plus how they were found.
-
-    ``insufficient_data`` is true when the window held fewer than the minimum
-    number of samples: no verdict, which is not the same as "no anomalies".
-    """
-
-    def __init__(self, points: Iterable[Dict[str, Any]] = (), *, method: str, threshold: float,
-                 baseline: Optional[Baseline], n: int, min_samples: int):
-        super().__init__(points)
-        self.method = method
-        self.threshold = threshold
-        self.baseline = baseline
-        self.n = n
-        self.min_samples = min_samples
-        self.insufficient_data = baseline is None
-
-    def as_json(self) -> Dict[str, Any]:
-        """Method, threshold, baseline and the flagged points, as the CLI prints them."""
-        return {
-            "method": self.method,
-            "threshold": self.threshold,
-            "insufficient_data": self.insufficient_data,
-            "min_samples": self.min_samples,
-            "baseline": self.baseline.describe() if self.baseline else {"n": self.n},
-            "anomalies": [{key: point[key] for key in ("time", "timestamp", "value", "score", "reason")}
-                          for point in self],
-        }
-
-
-def check_method(method: str, threshold: Optional[float], min_samples: int) -> Tuple[str, float, int]:
-    """Validate the detector's settings; the threshold defaults by method."""
-    if method not in ANOMALY_METHODS:
-        raise ValidationError(f"anomaly method must be one of {', '.join(ANOMALY_METHODS)}, got {_shown(method)}")
-    if threshold is None:
-        threshold = DEFAULT_ROBUST_THRESHOLD if method == "robust" else DEFAULT_Z_THRESHOLD
-    threshold = finite_number(threshold, "threshold")
-    if threshold <= 0:
-        raise ValidationError(f"threshold must be positive, got {_shown(threshold)}")
-    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 2:
-        raise ValidationError(f"min_samples must be a whole number of at least 2, got {_shown(min_samples)}")
-    return method, threshold, min_samples
-
-
-def flag_points(points: Iterable[Tuple[float, float]], baseline: Baseline, threshold: float) -> List[Dict[str, Any]]:
-    """The (timestamp, value) points that the baseline calls anomalous, as result dicts."""
-    template = _reason_template(baseline)
-    flat = baseline.basis == "flat"
-    flagged = []
-    for ts, value in points:
-        score = None if flat else (value - baseline.center) / baseline.divisor
-        if value != baseline.center if flat else abs(score) > threshold:
-            flagged.append({
-                "value": value, "z_score": score, "score": score, "timestamp": ts, "time": iso_time(ts),
-                "method": baseline.method,
-                "reason": template.format(abs(score or 0.0), "above" if value > baseline.center else "below"),
-            })
-    return flagged
-
-
-def find_anomalies(
-    points: List[Tuple[float, float]],
-    method: str = "robust",
-    threshold: Optional[float] = None,
-    min_samples: int = DEFAULT_MIN_SAMPLES,
-) -> AnomalyReport:
-    """Flag the outliers among (timestamp, value) points, judged against all of them."""
-    method, threshold, min_samples = check_method(method, threshold, min_samples)
-    values = [value for _, value in points]
-    if len(values) < min_samples:
-        return AnomalyReport(method=method, threshold=threshold, baseline=None, n=len(values), min_samples=min_samples)
-    baseline = robust_baseline(sorted(values)) if method == "robust" else zscore_baseline(values)
-    return AnomalyReport(flag_points(points, baseline, threshold), method=method, threshold=threshold,
-                         baseline=baseline, n=len(values), min_samples=min_samples)
-
-
-## Retry and breakers ##########################################################
+## Retry and breakers #########################################################
 
 TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429})  # and every 5xx
 PERMANENT_HTTP_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 413, 422})
@@ -2191,6 +2460,33 @@ class RetryAfterTooLong(MonitorError):
         self.limit = limit_s
 
 
+def _classify_os_error(error: BaseException) -> str:
+    import socket
+
+    if isinstance(error, socket.gaierror):
+        if error.errno == socket.EAI_AGAIN:
+            return "transient"
+        return "permanent" if error.errno == socket.EAI_NONAME else "unknown"
+    if isinstance(error, (ConnectionError, TimeoutError, BlockingIOError, InterruptedError, socket.timeout)):
+        return "transient"
+    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return "permanent"
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+        return "transient"
+    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
+        return "permanent"
+    if isinstance(error, (ValueError, TypeError, KeyError)):
+        return "permanent"
+    return "unknown"
+
+
+def classify_http_status(status: int) -> str:
+    """``transient`` for 408, 425, 429 and 5xx; ``permanent`` for 400, 401, 403, 404, 405, 410, 413, 422."""
+    if status in TRANSIENT_HTTP_STATUSES or 500 <= status <= 599:
+        return "transient"
+    return "permanent" if status in PERMANENT_HTTP_STATUSES else "unknown"
+
+
 def classify_error(error: BaseException) -> str:
     """``transient``, ``permanent`` or ``unknown``: can trying again in a few seconds help?
 
@@ -2218,26 +2514,6 @@ def classify_error(error: BaseException) -> str:
         text = str(error).lower()
         return "transient" if "locked" in text or "busy" in text else "permanent"
     return _classify_os_error(error)
-
-
-def _classify_os_error(error: BaseException) -> str:
-    import socket
-
-    if isinstance(error, socket.gaierror):
-        if error.errno == socket.EAI_AGAIN:
-            return "transient"
-        return "permanent" if error.errno == socket.EAI_NONAME else "unknown"
-    if isinstance(error, (ConnectionError, TimeoutError, BlockingIOError, InterruptedError, socket.timeout)):
-        return "transient"
-    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return "permanent"
-    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
-        return "transient"
-    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
-        return "permanent"
-    if isinstance(error, (ValueError, TypeError, KeyError)):
-        return "permanent"
-    return "unknown"
 
 
 def parse_retry_after(value: Any, now: float) -> Optional[float]:
@@ -2310,6 +2586,13 @@ def jittered_delay(nominal: float, mode: str, rng: Any, *, cap: float, initial: 
     return nominal
 
 
+def _positive(value: Any, what: str) -> float:
+    number = finite_number(value, what)
+    if number <= 0:
+        raise ValidationError(f"{what} must be positive, got {_shown(value)}")
+    return number
+
+
 class RetryConfig:
     """How to retry: attempts, backoff and jitter, and the limits on waiting.
 
@@ -2357,13 +2640,6 @@ class RetryConfig:
         return "RetryConfig(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
 
 
-def _positive(value: Any, what: str) -> float:
-    number = finite_number(value, what)
-    if number <= 0:
-        raise ValidationError(f"{what} must be positive, got {_shown(value)}")
-    return number
-
-
 class CallOutcome(NamedTuple):
     """What one retried call did: returned per call, attached to the exception on failure."""
 
@@ -2374,6 +2650,95 @@ class CallOutcome(NamedTuple):
     delays: Tuple[float, ...]
     category: str
     stop_reason: str
+
+
+class _RetryCall:
+    """The state of one retried call: attempts so far, delays, and their records."""
+
+    def __init__(self, retry: AdaptiveRetry, operation: str, config: RetryConfig):
+        self.retry, self.operation, self.config = retry, operation, config
+        self.call_id = os.urandom(8).hex()
+        self.started_at = retry._clock()
+        self.started_wall = retry._now()
+        self.attempt_started = self.started_at
+        self.attempts = 0
+        self.delays: List[float] = []
+        self.first_error = ""
+
+    def failed(self, error: Exception, category: str) -> Tuple[float, str]:
+        """Record a failed attempt; return (the delay before the next, or a reason to stop)."""
+        self.attempts += 1
+        self.first_error = self.first_error or type(error).__name__
+        self._record_attempt(type(error).__name__, category)
+        config = self.config
+        if category == "permanent":
+            return 0.0, "permanent"
+        if self.attempts >= config.max_attempts:
+            return 0.0, "exhausted"
+        previous = self.delays[-1] if self.delays else config.initial_backoff
+        delay = jittered_delay(
+            nominal_delay(self.attempts, config.initial_backoff, config.backoff_multiplier, config.max_backoff),
+            config.jitter, self.retry._rng, cap=config.max_backoff, initial=config.initial_backoff, previous=previous,
+        )
+        elapsed = self.retry._clock() - self.started_at
+        asked = retry_after_of(error, self.retry._now())
+        if asked is not None:
+            limit = config.retry_after_max if config.deadline is None else min(config.retry_after_max,
+                                                                               config.deadline - elapsed)
+            if asked > limit:
+                self.finish(False, "retry_after", error, category)
+                raise RetryAfterTooLong(self.operation, asked, limit) from error
+            delay = max(delay, asked)
+        if config.deadline is not None and elapsed + delay > config.deadline:
+            return 0.0, "deadline"
+        if config.budget and not self.retry._spend_budget(self.operation):
+            return 0.0, "budget"
+        return delay, ""
+
+    def slept(self, delay: float) -> None:
+        self.delays.append(delay)
+        self.attempt_started = self.retry._clock()
+
+    def finish(self, succeeded: bool, stop_reason: str, error: Optional[BaseException] = None,
+               category: str = "") -> CallOutcome:
+        """Store the call's outcome; attach it to the error, if any, and return it."""
+        if succeeded:
+            self.attempts += 1
+            self._record_attempt("", "")
+        outcome = CallOutcome(self.operation, self.attempts, succeeded, math.fsum(self.delays), tuple(self.delays),
+                              category, stop_reason)
+        self._store(lambda conn: self._write_call(conn, outcome, error))
+        if error is not None:
+            error.retry_info = outcome
+        return outcome
+
+    def _record_attempt(self, error: str, category: str) -> None:
+        duration = self.retry._clock() - self.attempt_started
+        slept = self.delays[-1] if self.delays and len(self.delays) == self.attempts - 1 else 0.0
+        self._store(lambda conn: conn.execute(
+            "INSERT INTO retry_attempts (operation, ts, call_id, attempt, duration_s, error, category, slept_s) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.operation, self.retry._now(), self.call_id, self.attempts, duration, error, category, slept),
+        ))
+
+    def _write_call(self, conn: sqlite3.Connection, outcome: CallOutcome, error: Optional[BaseException]) -> None:
+        conn.execute(
+            "INSERT INTO retry_calls (operation, started, call_id, ended, attempts, succeeded, first_error, error, "
+            "category, total_sleep, stop_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.operation, self.started_wall, self.call_id, self.retry._now(), outcome.attempts,
+             int(outcome.succeeded), self.first_error, "" if error is None else type(error).__name__,
+             outcome.category, outcome.total_sleep, outcome.stop_reason),
+        )
+        if outcome.succeeded:
+            self.retry._deposit_budget(conn, self.operation)
+
+    def _store(self, write) -> None:
+        """Write a record; a store that fails is logged, never allowed to break the call being retried."""
+        try:
+            with self.retry.store.write() as conn:
+                write(conn)
+        except MonitorError as err:
+            log.warning("%s: could not record a retry outcome: %s", self.operation, err)
 
 
 class AdaptiveRetry:
@@ -2600,93 +2965,16 @@ class AdaptiveRetry:
         )
 
 
-class _RetryCall:
-    """The state of one retried call: attempts so far, delays, and their records."""
-
-    def __init__(self, retry: AdaptiveRetry, operation: str, config: RetryConfig):
-        self.retry, self.operation, self.config = retry, operation, config
-        self.call_id = os.urandom(8).hex()
-        self.started_at = retry._clock()
-        self.started_wall = retry._now()
-        self.attempt_started = self.started_at
-        self.attempts = 0
-        self.delays: List[float] = []
-        self.first_error = ""
-
-    def failed(self, error: Exception, category: str) -> Tuple[float, str]:
-        """Record a failed attempt; return (the delay before the next, or a reason to stop)."""
-        self.attempts += 1
-        self.first_error = self.first_error or type(error).__name__
-        self._record_attempt(type(error).__name__, category)
-        config = self.config
-        if category == "permanent":
-            return 0.0, "permanent"
-        if self.attempts >= config.max_attempts:
-            return 0.0, "exhausted"
-        previous = self.delays[-1] if self.delays else config.initial_backoff
-        delay = jittered_delay(
-            nominal_delay(self.attempts, config.initial_backoff, config.backoff_multiplier, config.max_backoff),
-            config.jitter, self.retry._rng, cap=config.max_backoff, initial=config.initial_backoff, previous=previous,
-        )
-        elapsed = self.retry._clock() - self.started_at
-        asked = retry_after_of(error, self.retry._now())
-        if asked is not None:
-            limit = config.retry_after_max if config.deadline is None else min(config.retry_after_max,
-                                                                               config.deadline - elapsed)
-            if asked > limit:
-                self.finish(False, "retry_after", error, category)
-                raise RetryAfterTooLong(self.operation, asked, limit) from error
-            delay = max(delay, asked)
-        if config.deadline is not None and elapsed + delay > config.deadline:
-            return 0.0, "deadline"
-        if config.budget and not self.retry._spend_budget(self.operation):
-            return 0.0, "budget"
-        return delay, ""
-
-    def slept(self, delay: float) -> None:
-        self.delays.append(delay)
-        self.attempt_started = self.retry._clock()
-
-    def finish(self, succeeded: bool, stop_reason: str, error: Optional[BaseException] = None,
-               category: str = "") -> CallOutcome:
-        """Store the call's outcome; attach it to the error, if any, and return it."""
-        if succeeded:
-            self.attempts += 1
-            self._record_attempt("", "")
-        outcome = CallOutcome(self.operation, self.attempts, succeeded, math.fsum(self.delays), tuple(self.delays),
-                              category, stop_reason)
-        self._store(lambda conn: self._write_call(conn, outcome, error))
-        if error is not None:
-            error.retry_info = outcome
-        return outcome
-
-    def _record_attempt(self, error: str, category: str) -> None:
-        duration = self.retry._clock() - self.attempt_started
-        slept = self.delays[-1] if self.delays and len(self.delays) == self.attempts - 1 else 0.0
-        self._store(lambda conn: conn.execute(
-            "INSERT INTO retry_attempts (operation, ts, call_id, attempt, duration_s, error, category, slept_s) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.operation, self.retry._now(), self.call_id, self.attempts, duration, error, category, slept),
-        ))
-
-    def _write_call(self, conn: sqlite3.Connection, outcome: CallOutcome, error: Optional[BaseException]) -> None:
-        conn.execute(
-            "INSERT INTO retry_calls (operation, started, call_id, ended, attempts, succeeded, first_error, error, "
-            "category, total_sleep, stop_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.operation, self.started_wall, self.call_id, self.retry._now(), outcome.attempts,
-             int(outcome.succeeded), self.first_error, "" if error is None else type(error).__name__,
-             outcome.category, outcome.total_sleep, outcome.stop_reason),
-        )
-        if outcome.succeeded:
-            self.retry._deposit_budget(conn, self.operation)
-
-    def _store(self, write) -> None:
-        """Write a record; a store that fails is logged, never allowed to break the call being retried."""
-        try:
-            with self.retry.store.write() as conn:
-                write(conn)
-        except MonitorError as err:
-            log.warning("%s: could not record a retry outcome: %s", self.operation, err)
+def breaker_status(store: Store, name: str, now: float) -> Dict[str, Any]:
+    """One stored breaker: state, failures within its window, since when, and until when if open."""
+    row = store.query_one("SELECT state, since, open_until, window_s FROM breakers WHERE name = ?", (name,))
+    if row is None:
+        raise MonitorError(f"no circuit breaker named {name!r} in {store.path}")
+    state, since, open_until, window_s = row
+    failures = store.query_one("SELECT count(*) FROM breaker_failures WHERE name = ? AND ts >= ?",
+                               (name, now - window_s))[0]
+    return {"name": name, "state": state, "failures": failures, "window_s": window_s, "since": iso_time(since),
+            "open_until": iso_time(open_until) if state == "open" else None}
 
 
 class CircuitBreaker:
@@ -2869,18 +3157,6 @@ class CircuitBreaker:
                 conn.execute("DELETE FROM breaker_failures WHERE name = ?", (self.name,))
 
 
-def breaker_status(store: Store, name: str, now: float) -> Dict[str, Any]:
-    """One stored breaker: state, failures within its window, since when, and until when if open."""
-    row = store.query_one("SELECT state, since, open_until, window_s FROM breakers WHERE name = ?", (name,))
-    if row is None:
-        raise MonitorError(f"no circuit breaker named {name!r} in {store.path}")
-    state, since, open_until, window_s = row
-    failures = store.query_one("SELECT count(*) FROM breaker_failures WHERE name = ? AND ts >= ?",
-                               (name, now - window_s))[0]
-    return {"name": name, "state": state, "failures": failures, "window_s": window_s, "since": iso_time(since),
-            "open_until": iso_time(open_until) if state == "open" else None}
-
-
 def list_breakers(store: Store, now: float) -> List[Dict[str, Any]]:
     """Every breaker the store knows, by name."""
     return [breaker_status(store, name, now) for (name,) in store.query("SELECT name FROM breakers ORDER BY name")]
@@ -2935,18 +3211,16 @@ RECENT_RUNS_KEPT = 32  # per key, for "N within M" (M may not exceed it)
 # The original design's [alerting] keys: each makes the channel of that name and type.
 SEED_CHANNEL_KEYS = {"email_to": "email", "slack_webhook_url": "slack", "discord_webhook_url": "discord",
                      "webhook_url": "webhook"}
-SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
+
 ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_critical", "repeat_interval_warning",
                  "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
 CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
                        "quiet_hours", "quiet_hours_bypass", "fallback")
 EMAIL_METHODS = ("smtp", "mail", "sendmail")
 EMAIL_SECURITY = {"starttls": 587, "ssl": 465, "none": 25}
-CONFIG_SECTIONS = ("storage", "alerting", "serve")
-SERVE_KEYS = ("listen", "token_file")
-CONFIG_SECTION_PREFIXES = ("channel:", "check:")
-STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous", "busy_timeout")
 
+
+# -- the model ----------------------------------------------------------------
 
 class AlertSeverity(Enum):
     """How bad it is; the original design's three levels."""
@@ -3047,28 +3321,38 @@ class DeliveryReport(dict):
         return EXIT_ALERT_PARTIAL if len(failed) < len(judged) else EXIT_ALERT_NONE
 
 
-def classify_http_status(status: int) -> str:
-    """``transient`` for 408, 425, 429 and 5xx; ``permanent`` for 400, 401, 403, 404, 405, 410, 413, 422."""
-    if status in TRANSIENT_HTTP_STATUSES or 500 <= status <= 599:
-        return "transient"
-    return "permanent" if status in PERMANENT_HTTP_STATUSES else "unknown"
+class ChannelSpec(NamedTuple):
+    """One channel as configured: its plain settings, its secrets, and where each secret came from."""
+
+    name: str
+    kind: str
+    section: str
+    settings: Dict[str, str]
+    secrets: Dict[str, str]
+    sources: Dict[str, str]
+    min_severity: str
+    timeout_s: float
+    budget_s: float
+    enabled: bool = True
+    missing: Optional[str] = None  # why the channel cannot be used now (a secret not set), or None
+    send_resolved: bool = True
+    quiet_hours: Optional[Tuple[int, int]] = None  # (start, end) in minutes after local midnight
+    quiet_bypass: Optional[str] = None  # this severity and above go out in quiet hours
+    fallback: Optional[str] = None  # the channel tried when this one fails
+
+    def is_quiet(self, local_minute: int, severity: str) -> bool:
+        """True when a notification of ``severity`` is held back at this local time."""
+        if self.quiet_hours is None:
+            return False
+        if self.quiet_bypass and ALERT_SEVERITIES.index(severity) >= ALERT_SEVERITIES.index(self.quiet_bypass):
+            return False
+        start, end = self.quiet_hours
+        return start <= local_minute < end if start < end else local_minute >= start or local_minute < end
 
 
-def _one_line(text: str) -> str:
-    """Control characters (CR and LF among them) as spaces: safe in a header or a log line."""
-    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).strip()
+# -- channels -----------------------------------------------------------------
 
-
-def visible_text(text: str) -> str:
-    """``text`` with what is not valid Unicode (bytes that were not UTF-8, carried as lone surrogates by
-    ``surrogateescape``) replaced by U+FFFD, so it can be stored, sent and shown."""
-    if text.isascii():
-        return text  # the usual case, at C speed
-    try:
-        data = text.encode("utf-8", "surrogateescape")  # one U+FFFD for each byte that was not UTF-8
-    except UnicodeEncodeError:
-        data = text.encode("utf-8", "surrogatepass")  # a lone surrogate that came as text
-    return data.decode("utf-8", "replace")
+CHANNEL_TYPES: Dict[str, type] = {}  # kind -> channel class: the only list of channel types
 
 
 def truncate(text: str, limit: int) -> str:
@@ -3106,6 +3390,36 @@ def mask_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{path}" + ("?***" if parts.query else "")
 
 
+def _encodings(secret: str) -> set:
+    """``secret`` as it may appear in text: raw, percent-encoded (``+`` for spaces too) and base64, as an
+    Authorization header carries it; Masker matches each in any letter case."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    return {secret, quote(secret, safe=""), quote(secret), quote_plus(secret, safe=""),
+            base64.b64encode(secret.encode("utf-8", "surrogatepass")).decode("ascii")}
+
+
+def _url_fragments(url: str) -> List[str]:
+    """The parts of a URL that may be a secret: path segments, query values, user and password."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        # Words such as 'services' or 'webhooks' are not secrets; ids and tokens have digits or length.
+        fragments = [segment for segment in parts.path.split("/")
+                     if len(segment) >= 12 or any(ch.isdigit() for ch in segment)]
+        fragments += [unquote(segment) for segment in fragments]
+        fragments += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
+        fragments += [parts.query, parts.username or "", parts.password or ""]
+        if parts.username is not None:  # what basic auth sends, and what a receiver may echo
+            fragments.append(f"{unquote(parts.username)}:{unquote(parts.password or '')}")
+            fragments += [unquote(parts.username), unquote(parts.password or "")]
+    except ValueError:
+        return [url.partition("://")[2]]  # not even a URL: all of it after the scheme
+    return [fragment for fragment in fragments if fragment]
+
+
 class Masker:
     """Replaces every known secret, and the parts of secret URLs, with ``***`` in any text."""
 
@@ -3141,396 +3455,8 @@ class Masker:
         return self._pattern.sub("***", text) if self._pattern else text
 
 
-def _encodings(secret: str) -> set:
-    """``secret`` as it may appear in text: raw, percent-encoded (``+`` for spaces too) and base64, as an
-    Authorization header carries it; Masker matches each in any letter case."""
-    import base64
-    from urllib.parse import quote, quote_plus
-
-    return {secret, quote(secret, safe=""), quote(secret), quote_plus(secret, safe=""),
-            base64.b64encode(secret.encode("utf-8", "surrogatepass")).decode("ascii")}
-
-
-def _url_fragments(url: str) -> List[str]:
-    """The parts of a URL that may be a secret: path segments, query values, user and password."""
-    from urllib.parse import parse_qsl, unquote, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        # Words such as 'services' or 'webhooks' are not secrets; ids and tokens have digits or length.
-        fragments = [segment for segment in parts.path.split("/")
-                     if len(segment) >= 12 or any(ch.isdigit() for ch in segment)]
-        fragments += [unquote(segment) for segment in fragments]
-        fragments += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
-        fragments += [parts.query, parts.username or "", parts.password or ""]
-        if parts.username is not None:  # what basic auth sends, and what a receiver may echo
-            fragments.append(f"{unquote(parts.username)}:{unquote(parts.password or '')}")
-            fragments += [unquote(parts.username), unquote(parts.password or "")]
-    except ValueError:
-        return [url.partition("://")[2]]  # not even a URL: all of it after the scheme
-    return [fragment for fragment in fragments if fragment]
-
-
-# -- configuration ------------------------------------------------------------
-
-class ChannelSpec(NamedTuple):
-    """One channel as configured: its plain settings, its secrets, and where each secret came from."""
-
-    name: str
-    kind: str
-    section: str
-    settings: Dict[str, str]
-    secrets: Dict[str, str]
-    sources: Dict[str, str]
-    min_severity: str
-    timeout_s: float
-    budget_s: float
-    enabled: bool = True
-    missing: Optional[str] = None  # why the channel cannot be used now (a secret not set), or None
-    send_resolved: bool = True
-    quiet_hours: Optional[Tuple[int, int]] = None  # (start, end) in minutes after local midnight
-    quiet_bypass: Optional[str] = None  # this severity and above go out in quiet hours
-    fallback: Optional[str] = None  # the channel tried when this one fails
-
-    def is_quiet(self, local_minute: int, severity: str) -> bool:
-        """True when a notification of ``severity`` is held back at this local time."""
-        if self.quiet_hours is None:
-            return False
-        if self.quiet_bypass and ALERT_SEVERITIES.index(severity) >= ALERT_SEVERITIES.index(self.quiet_bypass):
-            return False
-        start, end = self.quiet_hours
-        return start <= local_minute < end if start < end else local_minute >= start or local_minute < end
-
-
-class Lifecycle(NamedTuple):
-    """How fire() and resolve() behave over runs: reminders, hysteresis, digests."""
-
-    repeat_s: Dict[str, Optional[float]]  # per severity; None: never remind
-    fire_after: int = DEFAULT_FIRE_AFTER
-    fire_within: Optional[int] = None  # "fire_after = 3 within 5": 3 failing runs among the last 5
-    resolve_after: int = DEFAULT_RESOLVE_AFTER
-    max_messages_per_run: int = DEFAULT_MAX_MESSAGES_PER_RUN
-
-    def triggered(self, recent: str, fail_streak: int) -> bool:
-        """Do these runs (``F`` failing, ``P`` passing, oldest first) make the alert fire?"""
-        if self.fire_within:
-            return recent[-self.fire_within:].count("F") >= self.fire_after
-        return fail_streak >= self.fire_after
-
-
-class AlertingSettings(NamedTuple):
-    """Everything alerting reads from the INI file, checked; problems are (section, key, text)."""
-
-    path: str
-    channels: Dict[str, ChannelSpec]
-    dedup_window_s: float
-    timeout_s: float
-    budget_s: float
-    problems: List[Tuple[str, str, str]]
-    inline_secrets: List[str]  # "[section] key" of each secret written in the file itself
-    lifecycle: Lifecycle = Lifecycle(dict(DEFAULT_REPEAT_INTERVALS_S))
-
-    def masker(self) -> Masker:
-        return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
-
-    def problem_lines(self) -> List[str]:
-        return [f"{self.path}: [{section}] {key + ': ' if key else ''}{text}" for section, key, text in self.problems]
-
-
-def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
-    """Read and check the ``[alerting]`` and ``[channel:NAME]`` sections; never raises for bad values."""
-    environ = os.environ if environ is None else environ
-    problems: List[Tuple[str, str, str]] = []
-    inline: List[str] = []
-    _check_sections(config, problems)
-    alerting = dict(config["alerting"]) if config.has_section("alerting") else {}
-    timeout_s = _duration_setting(alerting, "alerting", "timeout", DEFAULT_ALERT_TIMEOUT_S, problems, positive=True)
-    budget_s = _duration_setting(alerting, "alerting", "channel_budget", DEFAULT_CHANNEL_BUDGET_S, problems,
-                                 positive=True)
-    window_s = _duration_setting(alerting, "alerting", "dedup_window", DEFAULT_DEDUP_WINDOW_S, problems)
-    seed_keys = {f"{key}{suffix}" for key in SEED_CHANNEL_KEYS for suffix in SECRET_SUFFIXES
-                 if key != "email_to" or not suffix}  # email_to is an address, not a secret
-    for key in alerting:
-        if key not in ALERTING_KEYS and key not in seed_keys:
-            problems.append(("alerting", key, "unknown key"))
-    channels: Dict[str, ChannelSpec] = {}
-    for key, name in SEED_CHANNEL_KEYS.items():
-        target = "to" if name == "email" else "url"
-        items = {target + suffix: alerting[key + suffix] for suffix in SECRET_SUFFIXES if key + suffix in alerting
-                 and key + suffix in seed_keys}
-        if items:
-            channels[name] = _channel_spec(name, "alerting", {"type": name, **items}, environ, problems, inline,
-                                           timeout_s, budget_s, seed_key=key)
-    for section in config.sections():
-        if not section.startswith("channel:"):
-            continue
-        name = section[len("channel:"):].strip()
-        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-            problems.append((section, "", "a channel name takes letters, digits, '-', '_' and '.'"))
-            continue
-        if name in channels:
-            problems.append((section, "", f"channel {name!r} is also made by a key in [alerting]"))
-            continue
-        channels[name] = _channel_spec(name, section, dict(config[section]), environ, problems, inline,
-                                       timeout_s, budget_s)
-    if "log" not in channels:
-        channels["log"] = ChannelSpec("log", "log", "", {}, {}, {}, "info", timeout_s, budget_s)
-    for name, spec in channels.items():
-        if spec.fallback and (spec.fallback not in channels or spec.fallback == name):
-            what = "itself" if spec.fallback == name else f"{spec.fallback!r}, which is not a channel"
-            problems.append((spec.section, "fallback", f"names {what}"))
-    lifecycle = _lifecycle_settings(alerting, problems)
-    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle)
-
-
-def _lifecycle_settings(items: Dict[str, str], problems: List[Tuple[str, str, str]]) -> Lifecycle:
-    repeat: Dict[str, Optional[float]] = {}
-    for severity in ALERT_SEVERITIES:
-        key = f"repeat_interval_{severity}"
-        text = items.get(key, "").strip().lower()
-        if text in ("never", "0"):
-            repeat[severity] = None
-        elif text:
-            repeat[severity] = _duration_setting(items, "alerting", key, 3600.0, problems, positive=True)
-        else:
-            repeat[severity] = DEFAULT_REPEAT_INTERVALS_S[severity]
-    fire_after, within = DEFAULT_FIRE_AFTER, None
-    text = items.get("fire_after", "").strip().lower()
-    if text:
-        count, _, window = (part.strip() for part in text.partition("within"))
-        if not count.isdigit() or int(count) < 1 or (window and not (window.isdigit()
-                                                                      and int(count) <= int(window) <= RECENT_RUNS_KEPT)):
-            problems.append(("alerting", "fire_after", f"{_shown(text)} is not N or 'N within M' "
-                                                        f"(1 <= N <= M <= {RECENT_RUNS_KEPT})"))
-        else:
-            fire_after, within = int(count), int(window) if window else None
-    resolve_after = _count_setting(items, "resolve_after", DEFAULT_RESOLVE_AFTER, problems)
-    max_per_run = _count_setting(items, "max_messages_per_run", DEFAULT_MAX_MESSAGES_PER_RUN, problems)
-    return Lifecycle(repeat, fire_after, within, resolve_after, max_per_run)
-
-
-def _count_setting(items: Dict[str, str], key: str, default: int, problems: List[Tuple[str, str, str]]) -> int:
-    text = items.get(key, "").strip()
-    if not text:
-        return default
-    if not text.isdigit() or int(text) < 1:
-        problems.append(("alerting", key, f"{_shown(text)} is not a whole number of at least 1"))
-        return default
-    return int(text)
-
-
-def parse_quiet_hours(text: str) -> Tuple[int, int]:
-    """``22:00-07:30`` as (start, end) minutes after midnight; the range may cross midnight.
-
-    >>> parse_quiet_hours("22:00-07:30")
-    (1320, 450)
-    """
-    try:
-        start, end = (_minute_of_day(part) for part in text.split("-"))
-    except ValueError:
-        raise ValidationError(f"{_shown(text)} is not a time range such as 22:00-07:30") from None
-    if start == end:
-        raise ValidationError(f"{_shown(text)} is an empty time range")
-    return start, end
-
-
-def _minute_of_day(text: str) -> int:
-    hours, _, minutes = text.strip().partition(":")
-    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2 and int(hours) < 24 and int(minutes) < 60):
-        raise ValueError(text)
-    return int(hours) * 60 + int(minutes)
-
-
-def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
-    if not hasattr(config, "sections"):
-        return
-    for section in config.sections():
-        if section not in CONFIG_SECTIONS and not section.startswith(CONFIG_SECTION_PREFIXES):
-            problems.append((section, "", "unknown section"))
-    if config.has_section("storage"):
-        for key in config["storage"]:
-            if key not in STORAGE_KEYS:
-                problems.append(("storage", key, "unknown key"))
-        try:
-            storage_settings(config)
-        except ConfigError as err:
-            problems.append(("storage", "", str(err).replace("[storage] ", "")))
-    if config.has_section("serve"):
-        for key in config["serve"]:
-            if key not in SERVE_KEYS:
-                problems.append(("serve", key, "unknown key"))
-        if "listen" in config["serve"]:
-            try:
-                parse_listen(config["serve"]["listen"])
-            except ValidationError as err:
-                problems.append(("serve", "listen", str(err)))
-
-
-def _duration_setting(items: Dict[str, str], section: str, key: str, default: float,
-                      problems: List[Tuple[str, str, str]], positive: bool = False) -> float:
-    if key not in items:
-        return default
-    try:
-        seconds = parse_duration_s(items[key])
-    except ValidationError as err:
-        problems.append((section, key, str(err)))
-        return default
-    if positive and seconds <= 0:
-        problems.append((section, key, "must be more than 0"))
-        return default
-    return seconds
-
-
-def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[str, str],
-                  problems: List[Tuple[str, str, str]], inline: List[str], timeout_s: float, budget_s: float,
-                  seed_key: Optional[str] = None) -> ChannelSpec:
-    """One channel from its section's items; every problem found is appended, none raised."""
-    start = len(problems)
-    kind = items.get("type", "").strip().lower()
-    channel = CHANNEL_TYPES.get(kind)
-    if channel is None:
-        shown = f"unknown channel type {_shown(kind)}" if kind else "missing"
-        problems.append((section, "type", f"{shown}; one of {', '.join(sorted(CHANNEL_TYPES))}"))
-        return ChannelSpec(name, kind, section, {}, {}, {}, "info", timeout_s, budget_s, False)
-    allowed = set(CHANNEL_COMMON_KEYS) | set(channel.keys)
-    allowed |= {f"{key}{suffix}" for key in channel.secrets for suffix in SECRET_SUFFIXES}
-    for key in items:
-        if key not in allowed:
-            problems.append((section, key, f"unknown key for a {kind} channel"))
-    settings = {key: items[key].strip() for key in channel.keys if key in items}
-    secrets, sources, why_missing = _channel_secrets(items, channel.secrets, section, environ, problems, inline,
-                                                     seed_key)
-    missing = None
-    for key in channel.required:
-        if settings.get(key) or key in secrets:
-            continue
-        if not any(f"{key}{suffix}" in items for suffix in SECRET_SUFFIXES):
-            problems.append((section, key, f"required for a {kind} channel"))
-        elif missing is None:
-            missing = why_missing.get(key, f"{key} is empty")
-    min_severity = items.get("min_severity", "info").strip().lower()
-    if min_severity not in ALERT_SEVERITIES:
-        problems.append((section, "min_severity", f"{_shown(min_severity)} is not one of {', '.join(ALERT_SEVERITIES)}"))
-        min_severity = "info"
-    enabled = _bool_setting(items, section, "enabled", True, problems)
-    channel_timeout = _duration_setting(items, section, "timeout", timeout_s, problems, positive=True)
-    channel_budget = _duration_setting(items, section, "channel_budget", budget_s, problems, positive=True)
-    problems += channel.problems(section, settings, items)
-    if seed_key:  # name the key as the user wrote it
-        written = {"url": seed_key, "to": seed_key}
-        problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]
-        missing = missing and missing.replace("url", seed_key, 1).replace("to is", f"{seed_key} is", 1)
-    send_resolved = _bool_setting(items, section, "send_resolved", True, problems)
-    quiet, bypass = _quiet_settings(items, section, problems)
-    fallback = items.get("fallback", "").strip() or None
-    usable = len(problems) == start
-    return ChannelSpec(name, kind, section, settings, secrets, sources, min_severity, channel_timeout,
-                       channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback)
-
-
-def _channel_secrets(items: Dict[str, str], keys: Tuple[str, ...], section: str, environ: Dict[str, str],
-                     problems: List[Tuple[str, str, str]], inline: List[str], seed_key: Optional[str]
-                     ) -> Tuple[Dict[str, str], Dict[str, str], Dict[str, str]]:
-    """(values, where each came from, why each missing one is missing) of a channel's secret keys."""
-    secrets: Dict[str, str] = {}
-    sources: Dict[str, str] = {}
-    why_missing: Dict[str, str] = {}
-    for key in keys:
-        value, source, why = _secret(items, key, section, environ, problems)
-        if source == "file":
-            inline.append(f"[{section}] {seed_key or key}")
-        if value:
-            secrets[key], sources[key] = value, source
-        elif why:
-            why_missing[key] = why
-    return secrets, sources, why_missing
-
-
-def _quiet_settings(items: Dict[str, str], section: str,
-                    problems: List[Tuple[str, str, str]]) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
-    quiet = None
-    if items.get("quiet_hours", "").strip():
-        try:
-            quiet = parse_quiet_hours(items["quiet_hours"])
-        except ValidationError as err:
-            problems.append((section, "quiet_hours", str(err)))
-    bypass = items.get("quiet_hours_bypass", "").strip().lower() or None
-    if bypass == "none":
-        bypass = None
-    if bypass is not None and bypass not in ALERT_SEVERITIES:
-        problems.append((section, "quiet_hours_bypass", f"{_shown(bypass)} is not none or one of "
-                                                        f"{', '.join(ALERT_SEVERITIES)}"))
-        bypass = None
-    return quiet, bypass
-
-
-def _secret(items: Dict[str, str], key: str, section: str, environ: Dict[str, str],
-            problems: List[Tuple[str, str, str]]) -> Tuple[Optional[str], Optional[str], Optional[str]]:
-    """(value, where it came from, why it is missing) for KEY, KEY_env or KEY_file."""
-    given = [key + suffix for suffix in SECRET_SUFFIXES if key + suffix in items]
-    if len(given) > 1:
-        problems.append((section, key, f"give only one of {', '.join(given)}"))
-    if not given:
-        return None, None, None
-    chosen = given[0]
-    text = items[chosen].strip()
-    if chosen == key:
-        return (text or None), "file", (None if text else f"{key} is empty")
-    if chosen.endswith("_env"):
-        value = environ.get(text, "").strip()
-        if value != visible_text(value):
-            return None, f"${text}", f"${text} is not UTF-8 text"
-        return (value or None), f"${text}", (None if value else f"${text} is not set")
-    path = os.path.expanduser(text)
-    try:
-        value = read_secret_file(path)
-    except OSError as err:
-        return None, f"file {path}", f"{path} cannot be read ({err.strerror or err})"
-    except ValueError as err:
-        return None, f"file {path}", str(err)
-    return (value or None), f"file {path}", (None if value else f"{path} is empty")
-
-
-def read_secret_file(path: str) -> str:
-    """The secret a file holds, stripped; OSError if it cannot be read, ValueError if it is not UTF-8 text.
-
-    A file other users can read draws one warning, as a configuration file holding secrets does.
-    """
-    with open(path, "rb") as handle:
-        data = handle.read()
-        shared = bool(os.fstat(handle.fileno()).st_mode & 0o044)
-    if shared:
-        log.warning("%s holds a secret and other users can read it: chmod 600 %s", path, path)
-    try:
-        return data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-
-
-def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
-                  problems: List[Tuple[str, str, str]]) -> bool:
-    text = items.get(key)
-    if text is None:
-        return default
-    value = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
-    if value is None:
-        problems.append((section, key, f"{_shown(text)} is not true or false"))
-        return default
-    return value
-
-
 def _recipients(text: str) -> List[str]:
     return [address.strip() for address in text.split(",") if address.strip()]
-
-
-def _is_http_url(text: str) -> bool:
-    """An http(s) URL with a host and a valid port, on one line (what a channel's ``url`` must be)."""
-    try:
-        _checked_url(text)
-    except ValueError:
-        return False
-    return _one_line(text) == text
 
 
 def _checked_url(url: str) -> Any:
@@ -3551,6 +3477,15 @@ def _checked_url(url: str) -> Any:
     return parts
 
 
+def _is_http_url(text: str) -> bool:
+    """An http(s) URL with a host and a valid port, on one line (what a channel's ``url`` must be)."""
+    try:
+        _checked_url(text)
+    except ValueError:
+        return False
+    return _one_line(text) == text
+
+
 def _basic_auth(url: str) -> Tuple[str, Dict[str, str]]:
     """``url`` without its ``user:password@``, and the Authorization header that carries them instead."""
     import base64
@@ -3566,28 +3501,10 @@ def _basic_auth(url: str) -> Tuple[str, Dict[str, str]]:
         "Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
 
 
-def warn_if_shared(settings: "AlertingSettings") -> None:
-    """One warning when secrets are written in a configuration file that other users can read."""
-    try:
-        shared = bool(os.stat(settings.path).st_mode & 0o044)
-    except OSError:
-        return
-    if shared and settings.inline_secrets:
-        log.warning("%s holds secrets (%s) and other users can read it: chmod 600 %s", settings.path,
-                    ", ".join(settings.inline_secrets), settings.path)
-
-
-# -- channels -----------------------------------------------------------------
-
 class HttpReply(NamedTuple):
     status: int
     headers: Any
     body: bytes
-
-
-def http_post(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, context: Any) -> HttpReply:
-    """POST ``body``; every status is returned, none raised; redirects are not followed."""
-    return http_request("POST", url, body, headers, timeout_s, context)
 
 
 def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str, str], timeout_s: float,
@@ -3612,6 +3529,11 @@ def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str
         with contextlib.closing(err):
             reply = err.read(MAX_REPLY_BYTES) if err.fp is not None else b""
         return HttpReply(err.code, err.headers, reply)
+
+
+def http_post(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, context: Any) -> HttpReply:
+    """POST ``body``; every status is returned, none raised; redirects are not followed."""
+    return http_request("POST", url, body, headers, timeout_s, context)
 
 
 def _verifies(spec: ChannelSpec) -> bool:
@@ -3652,9 +3574,6 @@ def _reply_error(reply: HttpReply, now: float, retry_after: Any = None) -> Deliv
     error_class = "rate_limited" if reply.status == 429 else "http"
     return DeliveryError(f"HTTP {reply.status}" + (f": {text}" if text else ""), status=reply.status,
                          retry_after=wait, error_class=error_class)
-
-
-CHANNEL_TYPES: Dict[str, type] = {}  # kind -> channel class: the only list of channel types
 
 
 def register_channel(cls: type) -> type:
@@ -3754,6 +3673,22 @@ class _HttpChannel(_Channel):
             raise _reply_error(reply, now)
 
 
+def _slack_escape(text: str) -> str:
+    """Slack's three control characters as entities, so alert text never becomes a link or mention."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_cut(text: str) -> str:
+    cut = truncate(text, SLACK_TEXT_CHARS)
+    if cut != text:  # never leave half an entity before the marker
+        head = cut[:-len(TRUNCATION_MARKER)]
+        amp = head.rfind("&", max(0, len(head) - 5))
+        if amp >= 0 and ";" not in head[amp:]:
+            head = head[:amp]
+        cut = head + TRUNCATION_MARKER
+    return cut
+
+
 @register_channel
 class SlackChannel(_HttpChannel):
     """Slack incoming webhook: ``text`` always, one attachment colored by severity; success is 200 ``ok``."""
@@ -3776,20 +3711,19 @@ class SlackChannel(_HttpChannel):
             raise _reply_error(reply, now)
 
 
-def _slack_escape(text: str) -> str:
-    """Slack's three control characters as entities, so alert text never becomes a link or mention."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _slack_cut(text: str) -> str:
-    cut = truncate(text, SLACK_TEXT_CHARS)
-    if cut != text:  # never leave half an entity before the marker
-        head = cut[:-len(TRUNCATION_MARKER)]
-        amp = head.rfind("&", max(0, len(head) - 5))
-        if amp >= 0 and ";" not in head[amp:]:
-            head = head[:amp]
-        cut = head + TRUNCATION_MARKER
-    return cut
+def _discord_fields(details: Dict[str, Any], room: int) -> List[Dict[str, Any]]:
+    """One inline field per detail, as many as fit in ``room`` characters (the last one cut)."""
+    fields = []
+    for key, value in sorted(details.items())[:DISCORD_FIELDS]:
+        name = truncate(str(key), DISCORD_FIELD_NAME_CHARS) or "-"
+        text = truncate(_one_line(str(value)), DISCORD_FIELD_VALUE_CHARS) or "-"
+        if len(name) + len(text) > room:
+            if room - len(name) <= len(TRUNCATION_MARKER):
+                break
+            text = truncate(text, room - len(name))
+        fields.append({"name": name, "value": text, "inline": True})
+        room -= len(name) + len(text)
+    return fields
 
 
 @register_channel
@@ -3825,6 +3759,24 @@ class DiscordChannel(_HttpChannel):
             raise _reply_error(reply, now, _reply_json(reply).get("retry_after") if reply.status == 429 else None)
 
 
+def _fingerprint(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> Dict[str, str]:
+    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body``; a ``whsec_`` secret is base64."""
+    import base64
+    import hashlib
+    import hmac
+
+    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode("utf-8")
+    signed = f"{message_id}.{timestamp}.".encode("utf-8") + body
+    digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+    return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
+
+
 @register_channel
 class WebhookChannel(_HttpChannel):
     """A JSON body an Alertmanager webhook receiver can read, optionally signed (Standard Webhooks)."""
@@ -3857,37 +3809,14 @@ class WebhookChannel(_HttpChannel):
         return headers
 
 
-def _discord_fields(details: Dict[str, Any], room: int) -> List[Dict[str, Any]]:
-    """One inline field per detail, as many as fit in ``room`` characters (the last one cut)."""
-    fields = []
-    for key, value in sorted(details.items())[:DISCORD_FIELDS]:
-        name = truncate(str(key), DISCORD_FIELD_NAME_CHARS) or "-"
-        text = truncate(_one_line(str(value)), DISCORD_FIELD_VALUE_CHARS) or "-"
-        if len(name) + len(text) > room:
-            if room - len(name) <= len(TRUNCATION_MARKER):
-                break
-            text = truncate(text, room - len(name))
-        fields.append({"name": name, "value": text, "inline": True})
-        room -= len(name) + len(text)
-    return fields
-
-
-def _fingerprint(key: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-
-
-def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> Dict[str, str]:
-    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body``; a ``whsec_`` secret is base64."""
+def _header_text(text: str) -> str:
+    """A header value: ASCII as it is, anything else as an RFC 2047 encoded word."""
     import base64
-    import hashlib
-    import hmac
 
-    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode("utf-8")
-    signed = f"{message_id}.{timestamp}.".encode("utf-8") + body
-    digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
-    return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
+    text = _one_line(text)
+    if text.isascii():
+        return text
+    return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
 
 
 @register_channel
@@ -3914,16 +3843,6 @@ class NtfyChannel(_HttpChannel):
         headers = self.headers(alert, b"", 0.0)
         shown = "".join(f"{key}: {value}\n" for key, value in headers.items() if key != "Authorization")
         return shown + "\n" + self.payload(alert).decode("utf-8")
-
-
-def _header_text(text: str) -> str:
-    """A header value: ASCII as it is, anything else as an RFC 2047 encoded word."""
-    import base64
-
-    text = _one_line(text)
-    if text.isascii():
-        return text
-    return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
 
 
 @register_channel
@@ -3989,6 +3908,15 @@ class AlertmanagerChannel(_HttpChannel):
                              "generatorURL": ""}])
 
 
+def pagerduty_dedup_key(key: str) -> str:
+    """The alert key as PagerDuty's dedup_key: as it is when it fits in 255 characters, else its SHA-256."""
+    import hashlib
+
+    if len(key) <= PAGERDUTY_DEDUP_KEY_CHARS:
+        return key
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 @register_channel
 class PagerDutyChannel(_HttpChannel):
     """PagerDuty Events API v2: trigger, and resolve under the same ``dedup_key`` (the alert's key)."""
@@ -4017,15 +3945,6 @@ class PagerDutyChannel(_HttpChannel):
     def check(self, reply: HttpReply, now: float) -> None:
         if reply.status != 202:
             raise _reply_error(reply, now)
-
-
-def pagerduty_dedup_key(key: str) -> str:
-    """The alert key as PagerDuty's dedup_key: as it is when it fits in 255 characters, else its SHA-256."""
-    import hashlib
-
-    if len(key) <= PAGERDUTY_DEDUP_KEY_CHARS:
-        return key
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 @register_channel
@@ -4271,7 +4190,302 @@ def _error_text(error: BaseException) -> str:
     return _one_line(f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
 
 
+# -- settings -----------------------------------------------------------------
+
+class Lifecycle(NamedTuple):
+    """How fire() and resolve() behave over runs: reminders, hysteresis, digests."""
+
+    repeat_s: Dict[str, Optional[float]]  # per severity; None: never remind
+    fire_after: int = DEFAULT_FIRE_AFTER
+    fire_within: Optional[int] = None  # "fire_after = 3 within 5": 3 failing runs among the last 5
+    resolve_after: int = DEFAULT_RESOLVE_AFTER
+    max_messages_per_run: int = DEFAULT_MAX_MESSAGES_PER_RUN
+
+    def triggered(self, recent: str, fail_streak: int) -> bool:
+        """Do these runs (``F`` failing, ``P`` passing, oldest first) make the alert fire?"""
+        if self.fire_within:
+            return recent[-self.fire_within:].count("F") >= self.fire_after
+        return fail_streak >= self.fire_after
+
+
+class AlertingSettings(NamedTuple):
+    """Everything alerting reads from the INI file, checked; problems are (section, key, text)."""
+
+    path: str
+    channels: Dict[str, ChannelSpec]
+    dedup_window_s: float
+    timeout_s: float
+    budget_s: float
+    problems: List[Tuple[str, str, str]]
+    inline_secrets: List[str]  # "[section] key" of each secret written in the file itself
+    lifecycle: Lifecycle = Lifecycle(dict(DEFAULT_REPEAT_INTERVALS_S))
+
+    def masker(self) -> Masker:
+        return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
+
+    def problem_lines(self) -> List[str]:
+        return [f"{self.path}: [{section}] {key + ': ' if key else ''}{text}" for section, key, text in self.problems]
+
+
+def _count_setting(items: Dict[str, str], key: str, default: int, problems: List[Tuple[str, str, str]]) -> int:
+    text = items.get(key, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        problems.append(("alerting", key, f"{_shown(text)} is not a whole number of at least 1"))
+        return default
+    return int(text)
+
+
+def _lifecycle_settings(items: Dict[str, str], problems: List[Tuple[str, str, str]]) -> Lifecycle:
+    repeat: Dict[str, Optional[float]] = {}
+    for severity in ALERT_SEVERITIES:
+        key = f"repeat_interval_{severity}"
+        text = items.get(key, "").strip().lower()
+        if text in ("never", "0"):
+            repeat[severity] = None
+        elif text:
+            repeat[severity] = _duration_setting(items, "alerting", key, 3600.0, problems, positive=True)
+        else:
+            repeat[severity] = DEFAULT_REPEAT_INTERVALS_S[severity]
+    fire_after, within = DEFAULT_FIRE_AFTER, None
+    text = items.get("fire_after", "").strip().lower()
+    if text:
+        count, _, window = (part.strip() for part in text.partition("within"))
+        if not count.isdigit() or int(count) < 1 or (window and not (window.isdigit()
+                                                                      and int(count) <= int(window) <= RECENT_RUNS_KEPT)):
+            problems.append(("alerting", "fire_after", f"{_shown(text)} is not N or 'N within M' "
+                                                        f"(1 <= N <= M <= {RECENT_RUNS_KEPT})"))
+        else:
+            fire_after, within = int(count), int(window) if window else None
+    resolve_after = _count_setting(items, "resolve_after", DEFAULT_RESOLVE_AFTER, problems)
+    max_per_run = _count_setting(items, "max_messages_per_run", DEFAULT_MAX_MESSAGES_PER_RUN, problems)
+    return Lifecycle(repeat, fire_after, within, resolve_after, max_per_run)
+
+
+def _channel_secrets(items: Dict[str, str], keys: Tuple[str, ...], section: str, environ: Dict[str, str],
+                     problems: List[Tuple[str, str, str]], inline: List[str], seed_key: Optional[str]
+                     ) -> Tuple[Dict[str, str], Dict[str, str], Dict[str, str]]:
+    """(values, where each came from, why each missing one is missing) of a channel's secret keys."""
+    secrets: Dict[str, str] = {}
+    sources: Dict[str, str] = {}
+    why_missing: Dict[str, str] = {}
+    for key in keys:
+        value, source, why = _secret(items, key, section, environ, problems)
+        if source == "file":
+            inline.append(f"[{section}] {seed_key or key}")
+        if value:
+            secrets[key], sources[key] = value, source
+        elif why:
+            why_missing[key] = why
+    return secrets, sources, why_missing
+
+
+def _minute_of_day(text: str) -> int:
+    hours, _, minutes = text.strip().partition(":")
+    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2 and int(hours) < 24 and int(minutes) < 60):
+        raise ValueError(text)
+    return int(hours) * 60 + int(minutes)
+
+
+def parse_quiet_hours(text: str) -> Tuple[int, int]:
+    """``22:00-07:30`` as (start, end) minutes after midnight; the range may cross midnight.
+
+    >>> parse_quiet_hours("22:00-07:30")
+    (1320, 450)
+    """
+    try:
+        start, end = (_minute_of_day(part) for part in text.split("-"))
+    except ValueError:
+        raise ValidationError(f"{_shown(text)} is not a time range such as 22:00-07:30") from None
+    if start == end:
+        raise ValidationError(f"{_shown(text)} is an empty time range")
+    return start, end
+
+
+def _quiet_settings(items: Dict[str, str], section: str,
+                    problems: List[Tuple[str, str, str]]) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+    quiet = None
+    if items.get("quiet_hours", "").strip():
+        try:
+            quiet = parse_quiet_hours(items["quiet_hours"])
+        except ValidationError as err:
+            problems.append((section, "quiet_hours", str(err)))
+    bypass = items.get("quiet_hours_bypass", "").strip().lower() or None
+    if bypass == "none":
+        bypass = None
+    if bypass is not None and bypass not in ALERT_SEVERITIES:
+        problems.append((section, "quiet_hours_bypass", f"{_shown(bypass)} is not none or one of "
+                                                        f"{', '.join(ALERT_SEVERITIES)}"))
+        bypass = None
+    return quiet, bypass
+
+
+def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[str, str],
+                  problems: List[Tuple[str, str, str]], inline: List[str], timeout_s: float, budget_s: float,
+                  seed_key: Optional[str] = None) -> ChannelSpec:
+    """One channel from its section's items; every problem found is appended, none raised."""
+    start = len(problems)
+    kind = items.get("type", "").strip().lower()
+    channel = CHANNEL_TYPES.get(kind)
+    if channel is None:
+        shown = f"unknown channel type {_shown(kind)}" if kind else "missing"
+        problems.append((section, "type", f"{shown}; one of {', '.join(sorted(CHANNEL_TYPES))}"))
+        return ChannelSpec(name, kind, section, {}, {}, {}, "info", timeout_s, budget_s, False)
+    allowed = set(CHANNEL_COMMON_KEYS) | set(channel.keys)
+    allowed |= {f"{key}{suffix}" for key in channel.secrets for suffix in SECRET_SUFFIXES}
+    for key in items:
+        if key not in allowed:
+            problems.append((section, key, f"unknown key for a {kind} channel"))
+    settings = {key: items[key].strip() for key in channel.keys if key in items}
+    secrets, sources, why_missing = _channel_secrets(items, channel.secrets, section, environ, problems, inline,
+                                                     seed_key)
+    missing = None
+    for key in channel.required:
+        if settings.get(key) or key in secrets:
+            continue
+        if not any(f"{key}{suffix}" in items for suffix in SECRET_SUFFIXES):
+            problems.append((section, key, f"required for a {kind} channel"))
+        elif missing is None:
+            missing = why_missing.get(key, f"{key} is empty")
+    min_severity = items.get("min_severity", "info").strip().lower()
+    if min_severity not in ALERT_SEVERITIES:
+        problems.append((section, "min_severity", f"{_shown(min_severity)} is not one of {', '.join(ALERT_SEVERITIES)}"))
+        min_severity = "info"
+    enabled = _bool_setting(items, section, "enabled", True, problems)
+    channel_timeout = _duration_setting(items, section, "timeout", timeout_s, problems, positive=True)
+    channel_budget = _duration_setting(items, section, "channel_budget", budget_s, problems, positive=True)
+    problems += channel.problems(section, settings, items)
+    if seed_key:  # name the key as the user wrote it
+        written = {"url": seed_key, "to": seed_key}
+        problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]
+        missing = missing and missing.replace("url", seed_key, 1).replace("to is", f"{seed_key} is", 1)
+    send_resolved = _bool_setting(items, section, "send_resolved", True, problems)
+    quiet, bypass = _quiet_settings(items, section, problems)
+    fallback = items.get("fallback", "").strip() or None
+    usable = len(problems) == start
+    return ChannelSpec(name, kind, section, settings, secrets, sources, min_severity, channel_timeout,
+                       channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback)
+
+
+def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
+    """Read and check the ``[alerting]`` and ``[channel:NAME]`` sections; never raises for bad values."""
+    environ = os.environ if environ is None else environ
+    problems: List[Tuple[str, str, str]] = []
+    inline: List[str] = []
+    _check_sections(config, problems)
+    alerting = dict(config["alerting"]) if config.has_section("alerting") else {}
+    timeout_s = _duration_setting(alerting, "alerting", "timeout", DEFAULT_ALERT_TIMEOUT_S, problems, positive=True)
+    budget_s = _duration_setting(alerting, "alerting", "channel_budget", DEFAULT_CHANNEL_BUDGET_S, problems,
+                                 positive=True)
+    window_s = _duration_setting(alerting, "alerting", "dedup_window", DEFAULT_DEDUP_WINDOW_S, problems)
+    seed_keys = {f"{key}{suffix}" for key in SEED_CHANNEL_KEYS for suffix in SECRET_SUFFIXES
+                 if key != "email_to" or not suffix}  # email_to is an address, not a secret
+    for key in alerting:
+        if key not in ALERTING_KEYS and key not in seed_keys:
+            problems.append(("alerting", key, "unknown key"))
+    channels: Dict[str, ChannelSpec] = {}
+    for key, name in SEED_CHANNEL_KEYS.items():
+        target = "to" if name == "email" else "url"
+        items = {target + suffix: alerting[key + suffix] for suffix in SECRET_SUFFIXES if key + suffix in alerting
+                 and key + suffix in seed_keys}
+        if items:
+            channels[name] = _channel_spec(name, "alerting", {"type": name, **items}, environ, problems, inline,
+                                           timeout_s, budget_s, seed_key=key)
+    for section in config.sections():
+        if not section.startswith("channel:"):
+            continue
+        name = section[len("channel:"):].strip()
+        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+            problems.append((section, "", "a channel name takes letters, digits, '-', '_' and '.'"))
+            continue
+        if name in channels:
+            problems.append((section, "", f"channel {name!r} is also made by a key in [alerting]"))
+            continue
+        channels[name] = _channel_spec(name, section, dict(config[section]), environ, problems, inline,
+                                       timeout_s, budget_s)
+    if "log" not in channels:
+        channels["log"] = ChannelSpec("log", "log", "", {}, {}, {}, "info", timeout_s, budget_s)
+    for name, spec in channels.items():
+        if spec.fallback and (spec.fallback not in channels or spec.fallback == name):
+            what = "itself" if spec.fallback == name else f"{spec.fallback!r}, which is not a channel"
+            problems.append((spec.section, "fallback", f"names {what}"))
+    lifecycle = _lifecycle_settings(alerting, problems)
+    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle)
+
+
+def warn_if_shared(settings: "AlertingSettings") -> None:
+    """One warning when secrets are written in a configuration file that other users can read."""
+    try:
+        shared = bool(os.stat(settings.path).st_mode & 0o044)
+    except OSError:
+        return
+    if shared and settings.inline_secrets:
+        log.warning("%s holds secrets (%s) and other users can read it: chmod 600 %s", settings.path,
+                    ", ".join(settings.inline_secrets), settings.path)
+
+
 # -- the alerting system ------------------------------------------------------
+
+class _Plan(NamedTuple):
+    """One notification to send: the channel and the alert as that channel gets it."""
+
+    channel: _Channel
+    alert: Alert
+
+
+class _Call:
+    """What one fire() or resolve() decided: plans to send, and outcomes already known."""
+
+    def __init__(self, alert: Alert, kind: str):
+        self.alert = alert
+        self.kind = kind
+        self.plans: List[_Plan] = []
+        self.outcomes: Dict[str, Delivery] = {}
+
+
+class _Batch:
+    """The calls of one AlertingSystem.batch(); ``report`` is set when it ends."""
+
+    def __init__(self) -> None:
+        self.calls: List[_Call] = []
+        self.report: Optional[DeliveryReport] = None
+
+
+def _lifecycle_key(key: Any) -> str:
+    text = _one_line(str(key))
+    if not text or len(text) > MAX_NAME_CHARS:
+        raise ValidationError(f"an alert key must be 1 to {MAX_NAME_CHARS} characters, got {_shown(key)}")
+    return text
+
+
+def _local_minute(ts: float) -> int:
+    """Minutes after local midnight: what quiet hours are written in."""
+    local = time.localtime(ts)
+    return local.tm_hour * 60 + local.tm_min
+
+
+def _local_hhmm(ts: float) -> str:
+    return time.strftime("%H:%M", time.localtime(ts))
+
+
+def _severity(value: Any) -> AlertSeverity:
+    if isinstance(value, AlertSeverity):
+        return value
+    try:
+        return AlertSeverity(str(value).lower())
+    except ValueError:
+        raise ValidationError(f"severity must be one of {', '.join(ALERT_SEVERITIES)}, got {_shown(value)}") from None
+
+
+def _channel_selector(value: Any) -> str:
+    if isinstance(value, AlertChannel):
+        return value.value
+    text = str(value).strip()
+    if not text:
+        raise ValidationError("a channel name cannot be empty")
+    return text
+
 
 class AlertingSystem:
     """Alerts to every configured channel, deduplicated across processes through the store.
@@ -5040,87 +5254,6 @@ class AlertingSystem:
         return blocks
 
 
-class _Plan(NamedTuple):
-    """One notification to send: the channel and the alert as that channel gets it."""
-
-    channel: _Channel
-    alert: Alert
-
-
-class _Call:
-    """What one fire() or resolve() decided: plans to send, and outcomes already known."""
-
-    def __init__(self, alert: Alert, kind: str):
-        self.alert = alert
-        self.kind = kind
-        self.plans: List[_Plan] = []
-        self.outcomes: Dict[str, Delivery] = {}
-
-
-class _Batch:
-    """The calls of one AlertingSystem.batch(); ``report`` is set when it ends."""
-
-    def __init__(self) -> None:
-        self.calls: List[_Call] = []
-        self.report: Optional[DeliveryReport] = None
-
-
-def _lifecycle_key(key: Any) -> str:
-    text = _one_line(str(key))
-    if not text or len(text) > MAX_NAME_CHARS:
-        raise ValidationError(f"an alert key must be 1 to {MAX_NAME_CHARS} characters, got {_shown(key)}")
-    return text
-
-
-def _local_minute(ts: float) -> int:
-    """Minutes after local midnight: what quiet hours are written in."""
-    local = time.localtime(ts)
-    return local.tm_hour * 60 + local.tm_min
-
-
-def _local_hhmm(ts: float) -> str:
-    return time.strftime("%H:%M", time.localtime(ts))
-
-
-def format_span(seconds: float) -> str:
-    """A duration for people: ``45s``, ``12m``, ``1h 5m``, ``2d 3h``.
-
-    >>> format_span(3900)
-    '1h 5m'
-    """
-    if not math.isfinite(seconds):
-        return "-"
-    seconds = max(0, int(round(seconds)))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days >= 100_000:  # past 270 years: a magnitude, not a count of days
-        return f"{float(days):.3g}d"
-    if days:
-        return f"{days}d {hours}h" if hours else f"{days}d"
-    if hours:
-        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
-    return f"{minutes}m" if minutes else f"{secs}s"
-
-
-def _severity(value: Any) -> AlertSeverity:
-    if isinstance(value, AlertSeverity):
-        return value
-    try:
-        return AlertSeverity(str(value).lower())
-    except ValueError:
-        raise ValidationError(f"severity must be one of {', '.join(ALERT_SEVERITIES)}, got {_shown(value)}") from None
-
-
-def _channel_selector(value: Any) -> str:
-    if isinstance(value, AlertChannel):
-        return value.value
-    text = str(value).strip()
-    if not text:
-        raise ValidationError("a channel name cannot be empty")
-    return text
-
-
 def _lifecycle_lines(lifecycle: Lifecycle) -> List[str]:
     lines = [f"repeat_interval_{severity} = {format_duration(seconds) if seconds else 'never'}"
              for severity, seconds in sorted(lifecycle.repeat_s.items(), key=lambda item: -ALERT_SEVERITIES.index(
@@ -5189,8 +5322,8 @@ BREAKER_CRITICAL_OPEN_S = 3600.0
 METRIC_STATISTICS = ("latest", "avg", "min", "max", "count", "stddev")
 CHECK_OUTPUT_LINE_CHARS = 300
 CHECK_OUTPUT_KEEP_BYTES = 65536  # of a command check's output: its first line is the verdict
-SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
-              "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+_NOT_A_RANGE = "is not a range such as 10, 10:, ~:10, 10:20 or @10:20"
 
 
 class Threshold(NamedTuple):
@@ -5205,31 +5338,6 @@ class Threshold(NamedTuple):
     def alerts(self, value: float) -> bool:
         within = self.low <= value <= self.high
         return within if self.inside else not within
-
-
-_NOT_A_RANGE = "is not a range such as 10, 10:, ~:10, 10:20 or @10:20"
-
-
-def parse_threshold(text: str) -> Threshold:
-    """``10``, ``10:``, ``~:10``, ``10:20`` or ``@10:20``; each number may carry a unit: ``5GB``, ``90%``, ``24h``.
-
-    >>> parse_threshold("10GB:").alerts(5e9), parse_threshold("~:24h").alerts(90000)
-    (True, True)
-    """
-    spec = text.strip()
-    inside = spec.startswith("@")
-    body = spec[1:] if inside else spec
-    low_text, sep, high_text = body.partition(":")
-    if not low_text.strip() and not high_text.strip():
-        raise ValidationError(f"{_shown(text)} {_NOT_A_RANGE}")
-    if not sep:
-        low_text, high_text = "0", body
-    units = set()
-    low = -math.inf if low_text == "~" else _threshold_number(low_text or "0", units, text)
-    high = math.inf if not high_text and sep else _threshold_number(high_text, units, text)
-    if len(units - {""}) > 1 or low > high:
-        raise ValidationError(f"{_shown(text)} {_NOT_A_RANGE}")
-    return Threshold(low, high, inside, max(units, key=len) if units else "", spec)
 
 
 def _threshold_number(text: str, units: set, whole: str) -> float:
@@ -5253,6 +5361,28 @@ def _threshold_number(text: str, units: set, whole: str) -> float:
         raise ValidationError(f"{_shown(whole)}: unknown unit {unit!r} (B, KB, MB, GB, TB, KiB..TiB, %, s, m, h, d)")
     units.add("")
     return value
+
+
+def parse_threshold(text: str) -> Threshold:
+    """``10``, ``10:``, ``~:10``, ``10:20`` or ``@10:20``; each number may carry a unit: ``5GB``, ``90%``, ``24h``.
+
+    >>> parse_threshold("10GB:").alerts(5e9), parse_threshold("~:24h").alerts(90000)
+    (True, True)
+    """
+    spec = text.strip()
+    inside = spec.startswith("@")
+    body = spec[1:] if inside else spec
+    low_text, sep, high_text = body.partition(":")
+    if not low_text.strip() and not high_text.strip():
+        raise ValidationError(f"{_shown(text)} {_NOT_A_RANGE}")
+    if not sep:
+        low_text, high_text = "0", body
+    units = set()
+    low = -math.inf if low_text == "~" else _threshold_number(low_text or "0", units, text)
+    high = math.inf if not high_text and sep else _threshold_number(high_text, units, text)
+    if len(units - {""}) > 1 or low > high:
+        raise ValidationError(f"{_shown(text)} {_NOT_A_RANGE}")
+    return Threshold(low, high, inside, max(units, key=len) if units else "", spec)
 
 
 def parse_thresholds(text: Optional[str]) -> List[Threshold]:
@@ -5292,6 +5422,18 @@ def worst_state(states: Iterable[str]) -> str:
     return max(states, key=STATE_RANK.__getitem__, default="OK")
 
 
+def _perf_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+
+
+def _range_text(threshold: Threshold) -> str:
+    """A range in base units (bytes, seconds), as perfdata wants it."""
+    low = "~" if threshold.low == -math.inf else _perf_number(threshold.low)
+    high = "" if threshold.high == math.inf else _perf_number(threshold.high)
+    text = high if low == "0" and high else f"{low}:{high}"
+    return ("@" if threshold.inside else "") + text
+
+
 def perfdata_item(label: str, value: float, unit: str = "", warning: Iterable[Threshold] = (),
                   critical: Iterable[Threshold] = (), minimum: Optional[float] = None,
                   maximum: Optional[float] = None, units: Optional[Tuple[str, ...]] = None) -> str:
@@ -5307,26 +5449,6 @@ def perfdata_item(label: str, value: float, unit: str = "", warning: Iterable[Th
     return ";".join(fields).rstrip(";")
 
 
-def _range_text(threshold: Threshold) -> str:
-    """A range in base units (bytes, seconds), as perfdata wants it."""
-    low = "~" if threshold.low == -math.inf else _perf_number(threshold.low)
-    high = "" if threshold.high == math.inf else _perf_number(threshold.high)
-    text = high if low == "0" and high else f"{low}:{high}"
-    return ("@" if threshold.inside else "") + text
-
-
-def _perf_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
-
-
-def format_bytes(count: float) -> str:
-    """``52.3 GB``: powers of 1000, as disks are sold and df -H shows."""
-    for unit in ("TB", "GB", "MB", "KB"):
-        if abs(count) >= SIZE_UNITS[unit.lower()]:
-            return f"{count / SIZE_UNITS[unit.lower()]:.1f} {unit}"
-    return f"{count:.0f} B"
-
-
 class CheckSpec(NamedTuple):
     """One ``[check:NAME]`` section, or a default check."""
 
@@ -5338,190 +5460,8 @@ class CheckSpec(NamedTuple):
     timeout_s: float
 
 
-def check_specs(config, collector: MetricsCollector) -> List[CheckSpec]:
-    """The configured checks, or the defaults when there are none; bad values raise ConfigError."""
-    problems = check_problems(config)
-    if problems:
-        section, key, text = problems[0]
-        raise ConfigError(f"[{section}] {key + ': ' if key else ''}{text}")
-    return configured_checks(config) or default_checks(collector)
-
-
-def configured_checks(config) -> List[CheckSpec]:
-    """The ``[check:NAME]`` sections as specs (check_problems() first: this one assumes they are sound)."""
-    return [_check_spec(section[len("check:"):], dict(config[section]))
-            for section in config.sections() if section.startswith("check:")]
-
-
-def check_problems(config) -> List[Tuple[str, str, str]]:
-    """Every problem of the ``[check:NAME]`` sections, as (section, key, text)."""
-    problems = []
-    for section in config.sections() if hasattr(config, "sections") else ():
-        if not section.startswith("check:"):
-            continue
-        items = dict(config[section])
-        kind = items.get("type", "").strip()
-        check = CHECK_TYPES.get(kind)
-        if check is None:
-            problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(sorted(CHECK_TYPES))}"))
-            continue
-        for key in items:
-            if key not in CHECK_COMMON_KEYS and key not in check.keys:
-                problems.append((section, key, f"unknown key for a {kind} check"))
-        for key in ("warning", "critical"):
-            problems += _threshold_problems(section, kind, key, items.get(key))
-        for key in check.required:
-            if not items.get(key, "").strip():
-                problems.append((section, key, f"required for a {kind} check"))
-        problems += _check_value_problems(section, check, items)
-    return problems
-
-
-def _threshold_problems(section: str, kind: str, key: str, text: Optional[str]) -> List[Tuple[str, str, str]]:
-    if text is None:
-        return []
-    units = CHECK_TYPES[kind].units
-    if not units:
-        return [(section, key, f"a {kind} check takes no thresholds")]
-    try:
-        thresholds = parse_thresholds(text)
-    except ValidationError as err:
-        return [(section, key, str(err))]
-    wrong = [t.text for t in thresholds if t.unit not in units]
-    if wrong:
-        words = {"B": "bytes", "%": "percent", "s": "durations", "": "plain numbers"}
-        allowed = ", ".join(words[unit] for unit in units)
-        return [(section, key, f"{_shown(', '.join(wrong))}: a {kind} check compares {allowed}")]
-    return []
-
-
-def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str]) -> List[Tuple[str, str, str]]:
-    """What is wrong with the values of the timeout and of the keys this type takes."""
-    problems = []
-    for key in ("timeout",) + check.keys:
-        rule = _CHECK_VALUE_RULES.get(key)
-        why = rule(items[key]) if rule is not None and key in items else None
-        if why:
-            problems.append((section, key, why))
-    return problems
-
-
-def _duration_problem(text: str) -> Optional[str]:
-    try:
-        parse_duration_s(text)
-    except ValidationError as err:
-        return str(err)
-    return None
-
-
-def _timeout_problem(text: str) -> Optional[str]:
-    why = _duration_problem(text)
-    return why if why or parse_duration_s(text) > 0 else "must be more than 0"
-
-
-def _hours_problem(text: str) -> Optional[str]:
-    return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
-
-
-def _statistic_problem(text: str) -> Optional[str]:
-    return None if text in METRIC_STATISTICS else f"{_shown(text)} is not one of {', '.join(METRIC_STATISTICS)}"
-
-
-def _command_problem(text: str) -> Optional[str]:
-    import shlex
-
-    try:
-        shlex.split(text)
-    except ValueError as err:
-        return f"cannot be split into words: {err}"
-    return None
-
-
-# What a value of a check key must be; a check type that takes the key gets the rule.
-_CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_problem,
-                      "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
-                      "statistic": _statistic_problem, "command": _command_problem}
-
-
-def _is_positive_number(text: str) -> bool:
-    try:
-        return 0 < float(text) < math.inf
-    except ValueError:
-        return False
-
-
-def _check_spec(name: str, items: Dict[str, str]) -> CheckSpec:
-    kind = items["type"].strip()
-    check = CHECK_TYPES[kind]
-    timeout = parse_duration_s(items["timeout"]) if "timeout" in items else DEFAULT_CHECK_TIMEOUT_S
-    return CheckSpec(name, kind, {key: value.strip() for key, value in items.items()},
-                     parse_thresholds(items.get("warning", check.warning)),
-                     parse_thresholds(items.get("critical", check.critical)), timeout)
-
-
-def default_checks(collector: MetricsCollector) -> List[CheckSpec]:
-    """With no [check:...] at all: disk, database, circuit_breaker, and sync_recency per target ever seen."""
-    specs = [_check_spec("disk", {"type": "disk"}), _check_spec("database", {"type": "database"}),
-             _check_spec("circuit_breaker", {"type": "circuit_breaker"})]
-    for target in collector.sync_targets():
-        specs.append(_check_spec(f"sync_recency_{target}", {"type": "sync_recency", "target": target}))
-    return specs
-
-
-class CheckContext(NamedTuple):
-    """What every check may read: the store, the time of this run, and --deep."""
-
-    collector: Optional[MetricsCollector]  # None when the store cannot be opened: only store-free checks run
-    now: float
-    deep: bool = False
-
-
-def run_checks(specs: List[CheckSpec], ctx: CheckContext, clock=time.monotonic) -> List[CheckResult]:
-    """Every check at once, each in its own thread: one that hangs is UNKNOWN, the rest report."""
-    results: Dict[int, CheckResult] = {}
-    started = clock()
-    threads = [_start_check(index, spec, ctx, results, clock) for index, spec in enumerate(specs)]
-    for index, (spec, thread) in enumerate(zip(specs, threads)):
-        # Each is waited for until its timeout from the start, and a moment more: a command check
-        # stops its process itself at the timeout, and then says so.
-        thread.join(max(0.0, started + spec.timeout_s + CHECK_TIMEOUT_GRACE_S - clock()))
-        if index not in results:
-            results[index] = CheckResult(spec.name, "UNKNOWN", f"no answer within {spec.timeout_s:g} s",
-                                         duration_s=spec.timeout_s)
-    return [results[index] for index in range(len(specs))]
-
-
-def _start_check(index: int, spec: CheckSpec, ctx: "CheckContext", results: Dict[int, CheckResult], clock) -> Any:
-    import threading
-
-    def work() -> None:
-        began = clock()
-        results[index] = _checked(spec, ctx)._replace(duration_s=clock() - began)
-
-    thread = threading.Thread(target=work, name=f"check {spec.name}", daemon=True)
-    thread.start()
-    return thread
-
-
-def _checked(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
-    """One check; those that read the store get a read-only connection of their own, as a SQLite
-    connection belongs to the thread that made it."""
-    if not CHECK_TYPES[spec.kind].needs_store:
-        return _run_one(spec, ctx)
-    try:
-        with MetricsCollector(ctx.collector.db_path, readonly=True, now=lambda: ctx.now) as own:
-            return _run_one(spec, ctx._replace(collector=own))
-    except StorageError as err:
-        return CheckResult(spec.name, "CRITICAL" if spec.kind == "database" else "UNKNOWN", str(err))
-
-
-def _run_one(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
-    """One check, whatever goes wrong inside it: an exception is UNKNOWN with a one-line reason."""
-    try:
-        return CHECK_TYPES[spec.kind].function(spec, ctx)
-    except Exception as err:  # a check must report, never take the others down
-        text = " ".join(str(err).split()) or type(err).__name__
-        return CheckResult(spec.name, "UNKNOWN", f"{type(err).__name__}: {text}"[:CHECK_OUTPUT_LINE_CHARS])
+def _texts(thresholds: List[Threshold]) -> str:
+    return ",".join(t.text for t in thresholds)
 
 
 def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -5572,6 +5512,10 @@ def check_sync_recency(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        "s", _texts(spec.warning), _texts(spec.critical), perf)
 
 
+def _epoch(text: Optional[str]) -> Optional[float]:
+    return datetime.fromisoformat(text).timestamp() if text else None
+
+
 def check_circuit_breakers(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Any breaker open is WARNING; one open for longer than an hour is CRITICAL."""
     now = ctx.now
@@ -5584,10 +5528,6 @@ def check_circuit_breakers(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     state = "CRITICAL" if longest > BREAKER_CRITICAL_OPEN_S else "WARNING"
     names = ", ".join(f"{name} (open {format_span(now - (since or now))})" for name, since in sorted(opened.items()))
     return CheckResult(spec.name, state, f"open: {names}", len(opened), perfdata=perf)
-
-
-def _epoch(text: Optional[str]) -> Optional[float]:
-    return datetime.fromisoformat(text).timestamp() if text else None
 
 
 def check_file_age(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -5616,6 +5556,50 @@ def check_metric(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     perf = (perfdata_item(f"{spec.name}", value, "", spec.warning, spec.critical, units=ANY_UNIT),)
     return CheckResult(spec.name, state, f"{name} {statistic} {value:.6g} over {hours:g} h", value, "",
                        _texts(spec.warning), _texts(spec.critical), perf)
+
+
+def _perfdata_items(text: str) -> List[str]:
+    """The items of a plugin's perfdata; a quoted label may hold spaces (``'disk usage'=5%``)."""
+    import re
+
+    return re.findall(r"(?:'[^']*'|[^'\s])+", text)
+
+
+class _Tail:
+    """Keeps the last ``limit`` bytes of a stream and counts what it dropped."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.data += chunk
+        excess = len(self.data) - self.limit
+        if excess > 0:
+            del self.data[:excess]
+            self.dropped += excess
+
+
+class _Head(_Tail):
+    """Keeps the first ``limit`` bytes of a stream and counts what it dropped."""
+
+    def feed(self, chunk: bytes) -> None:
+        room = max(0, self.limit - len(self.data))
+        self.data += chunk[:room]
+        self.dropped += len(chunk) - min(room, len(chunk))
+
+
+def _drain(stream, tail: _Tail) -> None:
+    """Read a child's output in a thread that never takes SIGTERM or SIGINT: the kernel then hands them to
+    the main thread, whose handler forwards them (one taken here would leave the main thread blocked in
+    waitpid until the child ended by itself)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    with stream:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            tail.feed(chunk)
 
 
 def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -5652,47 +5636,19 @@ def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        perfdata=tuple(_perfdata_items(perf)))
 
 
-def _perfdata_items(text: str) -> List[str]:
-    """The items of a plugin's perfdata; a quoted label may hold spaces (``'disk usage'=5%``)."""
-    import re
-
-    return re.findall(r"(?:'[^']*'|[^'\s])+", text)
-
-
-def _texts(thresholds: List[Threshold]) -> str:
-    return ",".join(t.text for t in thresholds)
-
-
-def record_check_results(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
-    """Each verdict in words (for the summary) and as metrics: check_state (0-3), check_value and
-    check_duration, labelled check=NAME; one transaction."""
-    samples = []
-    for result in results:
-        labels = {"check": result.name}
-        samples.append(Sample("check_state", float(CHECK_STATES.index(result.state)), labels, now))
-        samples.append(Sample("check_duration", result.duration_s, labels, now))
-        if result.value is not None and math.isfinite(result.value):
-            samples.append(Sample("check_value", float(result.value), labels, now))
-    with collector.writing(samples) as conn:  # a writing command: the daily cleanup may follow
-        conn.executemany("INSERT OR REPLACE INTO check_results (name, ts, state, summary) VALUES (?, ?, ?, ?)",
-                         [(result.name, now, result.state, result.summary) for result in results])
-
-
-def plugin_output(results: List[CheckResult]) -> List[str]:
-    """``METASYSTEM STATE - summary | perfdata``, then one line per check."""
-    state = worst_state(r.state for r in results)
-    bad = [r for r in results if r.state != "OK"]
-    summary = "; ".join(f"{r.name} {r.state}: {r.summary}" for r in bad) if bad else (
-        f"{len(results)} checks OK" if len(results) != 1 else "1 check OK")
-    perfdata = " ".join(item for r in results for item in r.perfdata)
-    lines = [f"METASYSTEM {state} - {_plugin_text(summary)}" + (f" | {perfdata}" if perfdata else "")]
-    lines += [f"{r.state} {r.name}: {_plugin_text(r.summary)}" for r in results]
-    return lines
-
-
-def _plugin_text(text: str) -> str:
-    """One line without '|', which would start the perfdata in any line of a plugin's output."""
-    return _one_line(text).replace("|", "/")
+def _finished_run_problems(run: tuple, limits: Dict[str, float]) -> List[Tuple[str, str]]:
+    started, ended, exit_code, outcome = run
+    took = ended - started
+    problems = []
+    if outcome in ("failure", "timeout", "breaker_open"):
+        problems.append(("CRITICAL", f"the last run failed ({outcome}, exit {exit_code})"))
+    if outcome == "unrecorded":  # its process ended before its result could be written: how it went is unknown
+        return [("WARNING", "the last run ended without its result recorded (the store could not be written)")]
+    if "max_duration" in limits and took > limits["max_duration"]:
+        problems.append(("WARNING", f"took {format_span(took)}, longer than {format_duration(limits['max_duration'])}"))
+    if "min_duration" in limits and took < limits["min_duration"]:
+        problems.append(("WARNING", f"took {format_span(took)}, less than {format_duration(limits['min_duration'])}"))
+    return problems
 
 
 def check_job(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -5728,21 +5684,6 @@ def check_job(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     perf = (perfdata_item(f"{spec.name}_age", round(now - started), "s", minimum=0),)
     return CheckResult(spec.name, state, summary if not problems else f"job {job}: {summary}", now - started, "s",
                        perfdata=perf)
-
-
-def _finished_run_problems(run: tuple, limits: Dict[str, float]) -> List[Tuple[str, str]]:
-    started, ended, exit_code, outcome = run
-    took = ended - started
-    problems = []
-    if outcome in ("failure", "timeout", "breaker_open"):
-        problems.append(("CRITICAL", f"the last run failed ({outcome}, exit {exit_code})"))
-    if outcome == "unrecorded":  # its process ended before its result could be written: how it went is unknown
-        return [("WARNING", "the last run ended without its result recorded (the store could not be written)")]
-    if "max_duration" in limits and took > limits["max_duration"]:
-        problems.append(("WARNING", f"took {format_span(took)}, longer than {format_duration(limits['max_duration'])}"))
-    if "min_duration" in limits and took < limits["min_duration"]:
-        problems.append(("WARNING", f"took {format_span(took)}, less than {format_duration(limits['min_duration'])}"))
-    return problems
 
 
 def check_anomaly(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -5792,7 +5733,225 @@ CHECK_TYPES = {
 }
 
 
-# -- jobs: the run wrapper ------------------------------------------------------
+def _check_spec(name: str, items: Dict[str, str]) -> CheckSpec:
+    kind = items["type"].strip()
+    check = CHECK_TYPES[kind]
+    timeout = parse_duration_s(items["timeout"]) if "timeout" in items else DEFAULT_CHECK_TIMEOUT_S
+    return CheckSpec(name, kind, {key: value.strip() for key, value in items.items()},
+                     parse_thresholds(items.get("warning", check.warning)),
+                     parse_thresholds(items.get("critical", check.critical)), timeout)
+
+
+def configured_checks(config) -> List[CheckSpec]:
+    """The ``[check:NAME]`` sections as specs (check_problems() first: this one assumes they are sound)."""
+    return [_check_spec(section[len("check:"):], dict(config[section]))
+            for section in config.sections() if section.startswith("check:")]
+
+
+def _threshold_problems(section: str, kind: str, key: str, text: Optional[str]) -> List[Tuple[str, str, str]]:
+    if text is None:
+        return []
+    units = CHECK_TYPES[kind].units
+    if not units:
+        return [(section, key, f"a {kind} check takes no thresholds")]
+    try:
+        thresholds = parse_thresholds(text)
+    except ValidationError as err:
+        return [(section, key, str(err))]
+    wrong = [t.text for t in thresholds if t.unit not in units]
+    if wrong:
+        words = {"B": "bytes", "%": "percent", "s": "durations", "": "plain numbers"}
+        allowed = ", ".join(words[unit] for unit in units)
+        return [(section, key, f"{_shown(', '.join(wrong))}: a {kind} check compares {allowed}")]
+    return []
+
+
+def _duration_problem(text: str) -> Optional[str]:
+    try:
+        parse_duration_s(text)
+    except ValidationError as err:
+        return str(err)
+    return None
+
+
+def _timeout_problem(text: str) -> Optional[str]:
+    why = _duration_problem(text)
+    return why if why or parse_duration_s(text) > 0 else "must be more than 0"
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return 0 < float(text) < math.inf
+    except ValueError:
+        return False
+
+
+def _hours_problem(text: str) -> Optional[str]:
+    return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
+
+
+def _statistic_problem(text: str) -> Optional[str]:
+    return None if text in METRIC_STATISTICS else f"{_shown(text)} is not one of {', '.join(METRIC_STATISTICS)}"
+
+
+def _command_problem(text: str) -> Optional[str]:
+    import shlex
+
+    try:
+        shlex.split(text)
+    except ValueError as err:
+        return f"cannot be split into words: {err}"
+    return None
+
+
+# What a value of a check key must be; a check type that takes the key gets the rule.
+_CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_problem,
+                      "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
+                      "statistic": _statistic_problem, "command": _command_problem}
+
+
+def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+    """What is wrong with the values of the timeout and of the keys this type takes."""
+    problems = []
+    for key in ("timeout",) + check.keys:
+        rule = _CHECK_VALUE_RULES.get(key)
+        why = rule(items[key]) if rule is not None and key in items else None
+        if why:
+            problems.append((section, key, why))
+    return problems
+
+
+def check_problems(config) -> List[Tuple[str, str, str]]:
+    """Every problem of the ``[check:NAME]`` sections, as (section, key, text)."""
+    problems = []
+    for section in config.sections() if hasattr(config, "sections") else ():
+        if not section.startswith("check:"):
+            continue
+        items = dict(config[section])
+        kind = items.get("type", "").strip()
+        check = CHECK_TYPES.get(kind)
+        if check is None:
+            problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(sorted(CHECK_TYPES))}"))
+            continue
+        for key in items:
+            if key not in CHECK_COMMON_KEYS and key not in check.keys:
+                problems.append((section, key, f"unknown key for a {kind} check"))
+        for key in ("warning", "critical"):
+            problems += _threshold_problems(section, kind, key, items.get(key))
+        for key in check.required:
+            if not items.get(key, "").strip():
+                problems.append((section, key, f"required for a {kind} check"))
+        problems += _check_value_problems(section, check, items)
+    return problems
+
+
+def default_checks(collector: MetricsCollector) -> List[CheckSpec]:
+    """With no [check:...] at all: disk, database, circuit_breaker, and sync_recency per target ever seen."""
+    specs = [_check_spec("disk", {"type": "disk"}), _check_spec("database", {"type": "database"}),
+             _check_spec("circuit_breaker", {"type": "circuit_breaker"})]
+    for target in collector.sync_targets():
+        specs.append(_check_spec(f"sync_recency_{target}", {"type": "sync_recency", "target": target}))
+    return specs
+
+
+def check_specs(config, collector: MetricsCollector) -> List[CheckSpec]:
+    """The configured checks, or the defaults when there are none; bad values raise ConfigError."""
+    problems = check_problems(config)
+    if problems:
+        section, key, text = problems[0]
+        raise ConfigError(f"[{section}] {key + ': ' if key else ''}{text}")
+    return configured_checks(config) or default_checks(collector)
+
+
+class CheckContext(NamedTuple):
+    """What every check may read: the store, the time of this run, and --deep."""
+
+    collector: Optional[MetricsCollector]  # None when the store cannot be opened: only store-free checks run
+    now: float
+    deep: bool = False
+
+
+def _run_one(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """One check, whatever goes wrong inside it: an exception is UNKNOWN with a one-line reason."""
+    try:
+        return CHECK_TYPES[spec.kind].function(spec, ctx)
+    except Exception as err:  # a check must report, never take the others down
+        text = " ".join(str(err).split()) or type(err).__name__
+        return CheckResult(spec.name, "UNKNOWN", f"{type(err).__name__}: {text}"[:CHECK_OUTPUT_LINE_CHARS])
+
+
+def _checked(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """One check; those that read the store get a read-only connection of their own, as a SQLite
+    connection belongs to the thread that made it."""
+    if not CHECK_TYPES[spec.kind].needs_store:
+        return _run_one(spec, ctx)
+    try:
+        with MetricsCollector(ctx.collector.db_path, readonly=True, now=lambda: ctx.now) as own:
+            return _run_one(spec, ctx._replace(collector=own))
+    except StorageError as err:
+        return CheckResult(spec.name, "CRITICAL" if spec.kind == "database" else "UNKNOWN", str(err))
+
+
+def _start_check(index: int, spec: CheckSpec, ctx: "CheckContext", results: Dict[int, CheckResult], clock) -> Any:
+    import threading
+
+    def work() -> None:
+        began = clock()
+        results[index] = _checked(spec, ctx)._replace(duration_s=clock() - began)
+
+    thread = threading.Thread(target=work, name=f"check {spec.name}", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_checks(specs: List[CheckSpec], ctx: CheckContext, clock=time.monotonic) -> List[CheckResult]:
+    """Every check at once, each in its own thread: one that hangs is UNKNOWN, the rest report."""
+    results: Dict[int, CheckResult] = {}
+    started = clock()
+    threads = [_start_check(index, spec, ctx, results, clock) for index, spec in enumerate(specs)]
+    for index, (spec, thread) in enumerate(zip(specs, threads)):
+        # Each is waited for until its timeout from the start, and a moment more: a command check
+        # stops its process itself at the timeout, and then says so.
+        thread.join(max(0.0, started + spec.timeout_s + CHECK_TIMEOUT_GRACE_S - clock()))
+        if index not in results:
+            results[index] = CheckResult(spec.name, "UNKNOWN", f"no answer within {spec.timeout_s:g} s",
+                                         duration_s=spec.timeout_s)
+    return [results[index] for index in range(len(specs))]
+
+
+def record_check_results(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
+    """Each verdict in words (for the summary) and as metrics: check_state (0-3), check_value and
+    check_duration, labelled check=NAME; one transaction."""
+    samples = []
+    for result in results:
+        labels = {"check": result.name}
+        samples.append(Sample("check_state", float(CHECK_STATES.index(result.state)), labels, now))
+        samples.append(Sample("check_duration", result.duration_s, labels, now))
+        if result.value is not None and math.isfinite(result.value):
+            samples.append(Sample("check_value", float(result.value), labels, now))
+    with collector.writing(samples) as conn:  # a writing command: the daily cleanup may follow
+        conn.executemany("INSERT OR REPLACE INTO check_results (name, ts, state, summary) VALUES (?, ?, ?, ?)",
+                         [(result.name, now, result.state, result.summary) for result in results])
+
+
+def _plugin_text(text: str) -> str:
+    """One line without '|', which would start the perfdata in any line of a plugin's output."""
+    return _one_line(text).replace("|", "/")
+
+
+def plugin_output(results: List[CheckResult]) -> List[str]:
+    """``METASYSTEM STATE - summary | perfdata``, then one line per check."""
+    state = worst_state(r.state for r in results)
+    bad = [r for r in results if r.state != "OK"]
+    summary = "; ".join(f"{r.name} {r.state}: {r.summary}" for r in bad) if bad else (
+        f"{len(results)} checks OK" if len(results) != 1 else "1 check OK")
+    perfdata = " ".join(item for r in results for item in r.perfdata)
+    lines = [f"METASYSTEM {state} - {_plugin_text(summary)}" + (f" | {perfdata}" if perfdata else "")]
+    lines += [f"{r.state} {r.name}: {_plugin_text(r.summary)}" for r in results]
+    return lines
+
+
+## Jobs #######################################################################
 
 JOB_OUTPUT_TAIL_BYTES = 10_000
 DEFAULT_KILL_AFTER_S = 5.0  # after --timeout: SIGTERM, then SIGKILL this much later, as timeout(1) -k
@@ -5821,29 +5980,126 @@ class JobRun(NamedTuple):
         return (self.ended or self.started) - self.started
 
 
-class _Tail:
-    """Keeps the last ``limit`` bytes of a stream and counts what it dropped."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.data = bytearray()
-        self.dropped = 0
-
-    def feed(self, chunk: bytes) -> None:
-        self.data += chunk
-        excess = len(self.data) - self.limit
-        if excess > 0:
-            del self.data[:excess]
-            self.dropped += excess
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
-class _Head(_Tail):
-    """Keeps the first ``limit`` bytes of a stream and counts what it dropped."""
+class _JobFailed(Exception):
+    def __init__(self, code: int):
+        super().__init__(f"exit {code}")
+        self.code = code
 
-    def feed(self, chunk: bytes) -> None:
-        room = max(0, self.limit - len(self.data))
-        self.data += chunk[:room]
-        self.dropped += len(chunk) - min(room, len(chunk))
+
+@contextlib.contextmanager
+def _job_lock(db_path: str, name: str) -> Iterator[bool]:
+    """An exclusive flock on ``locks/NAME.lock`` beside the store; yields False when another run holds it."""
+    import fcntl
+
+    folder = os.path.join(os.path.dirname(db_path) or ".", "locks")
+    path = os.path.join(folder, f"{name.replace(os.sep, '_')}.lock")
+    refuse_foreign_symlinks(path, "lock")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    handle = os.fdopen(fd, "a+b")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        handle.close()  # closing releases the lock, also when the process is killed
+
+
+class _Forwarding:
+    """``with _Forwarding() as forwarding``: SIGTERM and SIGINT to us go on to a child's process group.
+
+    Installed before the child starts, so none falls in between; one that comes before
+    ``started(pgid)`` is sent on then. The previous handlers come back at the end of the block.
+    """
+
+    def __init__(self) -> None:
+        self.pgid: Optional[int] = None
+        self.early: List[int] = []
+        self.previous: List[Tuple[int, Any]] = []
+
+    def __enter__(self) -> "_Forwarding":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            self.previous = [(signum, signal.signal(signum, self._forward)) for signum in (signal.SIGTERM,
+                                                                                           signal.SIGINT)]
+        return self
+
+    def started(self, pgid: int) -> None:
+        self.pgid = pgid
+        for signum in self.early:
+            self._forward(signum, None)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        if self.pgid is None:
+            self.early.append(signum)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signum)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        import signal
+
+        for signum, previous in self.previous:
+            signal.signal(signum, previous)
+
+
+def _kill_group(process: Any, kill_after_s: float) -> None:
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=kill_after_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_command(argv: List[str], timeout_s: Optional[float], kill_after_s: float, tail: _Tail) -> int:
+    """Run ``argv`` (no shell) in its own process group, stdin passed through, output into ``tail``.
+
+    SIGTERM and SIGINT sent to us go to the whole group. On timeout the group
+    gets SIGTERM, then SIGKILL ``kill_after_s`` later; the result is 124.
+    """
+    import subprocess
+    import threading
+
+    with _Forwarding() as forwarding:  # before the job starts: no signal may fall between the two
+        try:
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        except OSError as err:
+            tail.feed(f"cannot run {argv[0]}: {err.strerror or err}\n".encode("utf-8"))
+            return 127 if isinstance(err, FileNotFoundError) else 126
+        forwarding.started(process.pid)
+        reader = threading.Thread(target=_drain, args=(process.stdout, tail), daemon=True)
+        reader.start()
+        try:
+            code = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(process, kill_after_s)
+            tail.feed(f"[metasystem: timed out after {timeout_s:g} s; the process group was stopped]\n"
+                      .encode("utf-8"))
+            code = EXIT_TIMEOUT
+    reader.join(kill_after_s + 1.0)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 
 class JobRunner:
@@ -5963,140 +6219,6 @@ class JobRunner:
         return run
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-class _JobFailed(Exception):
-    def __init__(self, code: int):
-        super().__init__(f"exit {code}")
-        self.code = code
-
-
-@contextlib.contextmanager
-def _job_lock(db_path: str, name: str) -> Iterator[bool]:
-    """An exclusive flock on ``locks/NAME.lock`` beside the store; yields False when another run holds it."""
-    import fcntl
-
-    folder = os.path.join(os.path.dirname(db_path) or ".", "locks")
-    path = os.path.join(folder, f"{name.replace(os.sep, '_')}.lock")
-    refuse_foreign_symlinks(path, "lock")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-    handle = os.fdopen(fd, "a+b")
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        handle.close()  # closing releases the lock, also when the process is killed
-
-
-def run_command(argv: List[str], timeout_s: Optional[float], kill_after_s: float, tail: _Tail) -> int:
-    """Run ``argv`` (no shell) in its own process group, stdin passed through, output into ``tail``.
-
-    SIGTERM and SIGINT sent to us go to the whole group. On timeout the group
-    gets SIGTERM, then SIGKILL ``kill_after_s`` later; the result is 124.
-    """
-    import subprocess
-    import threading
-
-    with _Forwarding() as forwarding:  # before the job starts: no signal may fall between the two
-        try:
-            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        except OSError as err:
-            tail.feed(f"cannot run {argv[0]}: {err.strerror or err}\n".encode("utf-8"))
-            return 127 if isinstance(err, FileNotFoundError) else 126
-        forwarding.started(process.pid)
-        reader = threading.Thread(target=_drain, args=(process.stdout, tail), daemon=True)
-        reader.start()
-        try:
-            code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(process, kill_after_s)
-            tail.feed(f"[metasystem: timed out after {timeout_s:g} s; the process group was stopped]\n"
-                      .encode("utf-8"))
-            code = EXIT_TIMEOUT
-    reader.join(kill_after_s + 1.0)
-    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
-
-
-def _drain(stream, tail: _Tail) -> None:
-    """Read a child's output in a thread that never takes SIGTERM or SIGINT: the kernel then hands them to
-    the main thread, whose handler forwards them (one taken here would leave the main thread blocked in
-    waitpid until the child ended by itself)."""
-    import signal
-
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    with stream:
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            tail.feed(chunk)
-
-
-class _Forwarding:
-    """``with _Forwarding() as forwarding``: SIGTERM and SIGINT to us go on to a child's process group.
-
-    Installed before the child starts, so none falls in between; one that comes before
-    ``started(pgid)`` is sent on then. The previous handlers come back at the end of the block.
-    """
-
-    def __init__(self) -> None:
-        self.pgid: Optional[int] = None
-        self.early: List[int] = []
-        self.previous: List[Tuple[int, Any]] = []
-
-    def __enter__(self) -> "_Forwarding":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
-            self.previous = [(signum, signal.signal(signum, self._forward)) for signum in (signal.SIGTERM,
-                                                                                           signal.SIGINT)]
-        return self
-
-    def started(self, pgid: int) -> None:
-        self.pgid = pgid
-        for signum in self.early:
-            self._forward(signum, None)
-
-    def _forward(self, signum: int, frame: Any) -> None:
-        if self.pgid is None:
-            self.early.append(signum)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signum)
-
-    def __exit__(self, *exc_info: Any) -> None:
-        import signal
-
-        for signum, previous in self.previous:
-            signal.signal(signum, previous)
-
-
-def _kill_group(process: Any, kill_after_s: float) -> None:
-    import signal
-    import subprocess
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=kill_after_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def job_report(run: JobRun, argv: List[str]) -> str:
     """What ``run`` prints when the command failed: cron mails it."""
     import shlex
@@ -6111,7 +6233,210 @@ def job_report(run: JobRun, argv: List[str]) -> str:
     return "\n".join(lines) + ("\n" + text.rstrip("\n") if text.strip() else "") + "\n"
 
 
-## Export #####################################################################
+## Summary ####################################################################
+
+SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
+SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
+SUMMARY_ALERTS = 20
+CHECK_RESULT_STALE_S = 3600.0  # a verdict older than this no longer stands (has cron stopped?)
+RATE_OK_PERCENT = 90.0  # a sync target or agent succeeding this often is OK; from the next WARNING, below CRITICAL
+RATE_WARNING_PERCENT = 50.0
+BREAKER_STATE_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
+SEVERITY_STATE_WORDS = {"critical": "CRITICAL", "warning": "WARNING", "info": "OK"}
+_INERT_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, formats, unassigned, line breaks
+
+
+def inert_text(text: Any, ascii_only: bool = False) -> str:
+    """``text`` with every control or format character shown as an escape (``\\x1b``), so a name holding
+    terminal or HTML control codes is drawn inert; non-ASCII escaped too when ``ascii_only``."""
+    import unicodedata
+
+    text = str(text)
+    if text.isprintable() and (not ascii_only or text.isascii()):
+        return text  # the usual case, at C speed
+    out = []
+    for char in text:
+        if unicodedata.category(char) in _INERT_CATEGORIES or (ascii_only and ord(char) > 126):
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _runs(collector: MetricsCollector, prefix: str, hours: float) -> Tuple[int, int, Optional[float]]:
+    """(successes, attempts, average duration) of the PREFIX_success / PREFIX_failure durations."""
+    stats = [collector.get_metric_stats(f"{prefix}_{outcome}", hours) for outcome in ("success", "failure")]
+    attempts = stats[0]["count"] + stats[1]["count"]
+    # Each mean weighted by its share: no sum of durations that could overflow.
+    average = math.fsum(part["avg"] * (part["count"] / attempts) for part in stats if part["count"])
+    return stats[0]["count"], attempts, average if attempts else None
+
+
+def _sync_summary(collector: MetricsCollector, target: str, hours: float) -> Dict[str, Any]:
+    successes, attempts, avg_duration = _runs(collector, f"sync_{target}", hours)
+    last_success = collector.latest(f"sync_{target}_success")
+    return {
+        "success_rate": None if attempts == 0 else 100.0 * successes / attempts,
+        "attempts": attempts,
+        "avg_duration": avg_duration,
+        "last_success": iso_time(last_success[0]) if last_success else None,
+    }
+
+
+def _agent_summary(collector: MetricsCollector, agent: str, hours: float) -> Dict[str, Any]:
+    successes, executions, avg_duration = _runs(collector, f"agent_{agent}", hours)
+    runs = [collector.latest(f"agent_{agent}_{outcome}") for outcome in ("success", "failure")]
+    latest = max((run for run in runs if run is not None), default=None, key=lambda run: run[0])
+    return {
+        "executions": executions,
+        "success_rate": None if executions == 0 else 100.0 * successes / executions,
+        "avg_duration": avg_duration,
+        "latest_duration": None if latest is None else latest[1],
+    }
+
+
+def summary_status(health: Dict[str, Dict[str, Any]]) -> str:
+    """The worst state among the checks, in lower case; ``unknown`` when no check has run."""
+    if not health:
+        return "unknown"
+    return worst_state(entry["state"] for entry in health.values()).lower()
+
+
+def _newest(collector: MetricsCollector, name: str, since: float, limit: int) -> List[Tuple[float, int, float]]:
+    """Up to ``limit`` newest samples of ``name`` since ``since``, as (time, seq, value), newest first."""
+    return collector.store.query(
+        f"SELECT ts, seq, value FROM samples WHERE {_OF_NAME} AND ts >= ? ORDER BY ts DESC, seq DESC LIMIT ?",
+        (name, since, limit))
+
+
+def recent_runs(collector: MetricsCollector, prefix: str, since: float) -> Dict[str, List[Any]]:
+    """The durations of the last runs of PREFIX_success and PREFIX_failure, oldest first, with the
+    positions of the failed ones and of those the robust detector finds anomalous against the runs
+    before them."""
+    runs = sorted((ts, seq, value, outcome == "failure") for outcome in ("success", "failure")
+                  for ts, seq, value in _newest(collector, f"{prefix}_{outcome}", since, SUMMARY_BASELINE_POINTS))
+    known = runs[-SUMMARY_BASELINE_POINTS:]
+    recent = known[-SUMMARY_RECENT_POINTS:]
+    anomalous: List[int] = []
+    if len(known) >= DEFAULT_MIN_SAMPLES:
+        baseline = robust_baseline(sorted(run[2] for run in known))
+        anomalous = [i for i, run in enumerate(recent) if is_anomalous(run[2], baseline, DEFAULT_ROBUST_THRESHOLD)]
+    return {"durations": [run[2] for run in recent], "failed": [i for i, run in enumerate(recent) if run[3]],
+            "anomalous": anomalous}
+
+
+def _breaker_summary(collector: MetricsCollector, breaker: str) -> Dict[str, Any]:
+    prefix = f"circuit_breaker_{breaker}_"
+    latest = collector.latest(prefix + "state")
+    failures = collector.latest(prefix + "failures")
+    if latest is None:
+        return {"state": None, "failures": None, "since": None}
+    code = latest[1]
+    state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
+    since = collector.unchanged_since(prefix + "state", code)
+    return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
+
+
+def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: float,
+                       until: float) -> Dict[str, Dict[str, Any]]:
+    """Breakers recorded as metrics, and those CircuitBreaker keeps (its table is the fresher)."""
+    found = {name: _breaker_summary(collector, name) for name in recorded}
+    for entry in list_breakers(collector.store, until):
+        found[entry["name"]] = {key: entry[key] for key in ("state", "failures", "since")}
+    for name, entry in found.items():
+        samples = _newest(collector, f"circuit_breaker_{name}_failures", since, SUMMARY_RECENT_POINTS)
+        entry["recent"] = {"failures": [sample[2] for sample in reversed(samples)]}
+    return dict(sorted(found.items()))
+
+
+def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> List[Dict[str, Any]]:
+    """The newest alerts since ``since``, newest first, each with what every channel did with it."""
+    newest = "SELECT id FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?"
+    channels: Dict[int, Dict[str, str]] = {}
+    for alert_id, channel, outcome in store.query(
+            f"SELECT alert_id, channel, outcome FROM alert_deliveries WHERE alert_id IN ({newest})", (since, limit)):
+        channels.setdefault(alert_id, {})[channel] = outcome
+    return [{"time": iso_time(ts), "kind": kind, "severity": severity, "title": title,
+             "channels": dict(sorted(channels.get(alert_id, {}).items()))}
+            for alert_id, ts, kind, severity, title in store.query(
+                "SELECT id, ts, kind, severity, title FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?",
+                (since, limit))]
+
+
+def recorded_health(store: Store, now: float) -> Dict[str, Dict[str, Any]]:
+    """The last verdict of each check that ``check`` still runs.
+
+    A check missing from the last hour of runs is one the configuration no
+    longer has, and is left out. A verdict older than an hour is UNKNOWN: the
+    checks have stopped running, and what they said then no longer stands.
+    """
+    rows = store.query("SELECT name, ts, state, summary FROM check_results ORDER BY name")
+    newest = max((row[1] for row in rows), default=now)
+    health = {}
+    for name, ts, state, text in rows:
+        if ts < newest - CHECK_RESULT_STALE_S:
+            continue
+        if now - ts > CHECK_RESULT_STALE_S:
+            state, text = "UNKNOWN", f"not checked for {format_span(now - ts)} (then {state}: {text})"
+        health[name] = {"state": state, "summary": text, "checked_at": iso_time(ts)}
+    return health
+
+
+def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
+    """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
+    recent alerts and the checks' last verdicts, over the last ``hours``."""
+    hours = window_hours(hours)
+    since, until = collector.window(hours)
+    entities = collector.entities("target", "breaker", "agent")
+    health = recorded_health(collector.store, until)
+    return {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "generated_at": iso_time(until),
+        "window_hours": hours,
+        "status": summary_status(health),
+        "sync": {target: dict(_sync_summary(collector, target, hours),
+                              recent=recent_runs(collector, f"sync_{target}", since))
+                 for target in entities["target"]},
+        "circuit_breakers": _breaker_summaries(collector, entities["breaker"], since, until),
+        "agents": {agent: dict(_agent_summary(collector, agent, hours),
+                               recent=recent_runs(collector, f"agent_{agent}", since))
+                   for agent in entities["agent"]},
+        "alerts": recent_alerts(collector.store, since),
+        "health": health,
+    }
+
+
+def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:
+    health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
+    return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
+            "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [],
+            "health": health}
+
+
+def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
+                 now=time.time) -> Dict[str, Any]:
+    """The summary of the store at ``db_path``, read without writing anything.
+
+    A missing store reads as an empty one. A store that cannot be read gives an
+    empty summary too, whose ``database`` health is CRITICAL and says why.
+    """
+    hours = window_hours(hours)
+    try:
+        with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
+            return system_summary(collector, hours)
+    except StorageError as err:
+        return _unreadable_summary(err, hours, now())
+
+
+def rate_state(rate: Optional[float]) -> str:
+    """The state word of a success rate, as the dashboard and the status page color a row."""
+    if rate is None:
+        return "UNKNOWN"
+    return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
+
+
+## Export and serve ###########################################################
 
 PROMETHEUS_PREFIX = "metasystem_"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -6127,6 +6452,24 @@ _EXPORTED_SERIES = (
 _RESERVED_ENDINGS = ("_total", "_count", "_sum", "_bucket", "_created", "_info")
 _SAMPLE_ENDINGS = {"counter": "_total", "info": "_info"}
 
+EXPORT_HEADERS = ("# HELP metasystem_", "# TYPE metasystem_")  # how every export begins, in both formats
+
+DEFAULT_SERVE_PORT = 9473  # clear of node_exporter's 9100 and the Pushgateway's 9091
+
+SERVE_REQUEST_TIMEOUT_S = 10.0  # for a client's whole request head: a slow one holds its thread this long at most
+SERVE_MAX_CONNECTIONS = 256  # at once; more are answered 503 at once, without a thread
+SERVE_BACKLOG = 128  # connections the kernel queues before accept: twenty scrapers at once are never reset
+SERVE_PAGE_REFRESH_S = 30
+DEFAULT_PUSH_JOB = "metasystem"
+PUSH_METHODS = ("put", "post")
+
+_PAGE_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:1em;max-width:60em}table{border-collapse:collapse;width:100%}"
+    "td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid #ddd}.OK{color:#176f2c}"
+    ".WARNING{color:#8a6100}.CRITICAL{color:#b00020;font-weight:bold}.UNKNOWN{color:#6a1b9a}"
+    "svg{vertical-align:middle}h2{font-size:1.1em;margin-top:1.5em}"
+)
+
 
 class MetricFamily(NamedTuple):
     """One exported metric: its name, type and help, and its samples as (suffix, labels, value)."""
@@ -6135,25 +6478,6 @@ class MetricFamily(NamedTuple):
     kind: str  # counter, gauge, summary or info (a gauge of 1 in the 0.0.4 format)
     help: str
     samples: List[Tuple[str, Dict[str, str], float]]
-
-
-def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
-    """Everything the store knows, as Prometheus metrics: per-entity series carry labels
-    (target, agent, breaker, check, job, channel), times are ``_timestamp_seconds`` gauges."""
-    now = collector.now()
-    entities = collector.entities("target", "agent", "breaker")
-    families = _run_families(collector, "sync", "attempts", "target", entities["target"], now)
-    families += _total_families(collector, "sync", "target", entities["target"], ("files", "conflicts"), now)
-    families += _run_families(collector, "agent", "executions", "agent", entities["agent"], now)
-    families += _total_families(collector, "agent", "agent", entities["agent"], ("items",), now)
-    families += _breaker_families(collector, entities["breaker"], now)
-    families += _check_families(collector.store, now)
-    families += _job_families(collector.store)
-    families.append(_delivery_family(collector.store))
-    families += _other_families(collector, {family.name for family in families})
-    build = MetricFamily(f"{PROMETHEUS_PREFIX}build", "info", "the version of metasystem-monitor exporting",
-                         [("_info", {"version": __version__}, 1.0)])
-    return [build] + [family for family in families if family.samples]
 
 
 def _all_time(collector: MetricsCollector, name: str, now: float) -> Tuple[int, float]:
@@ -6208,6 +6532,16 @@ def _breaker_families(collector: MetricsCollector, names: List[str], now: float)
     return [state, failures]
 
 
+def _latest_values(store: Store, now: float, name: Optional[str] = None) -> List[Tuple[str, Dict[str, str], float]]:
+    """(name, labels, latest value by LATEST_SQL) of every series of ``name``, or of every series when None."""
+    import json
+
+    rows = store.query(
+        f"SELECT series.name, series.labels, (SELECT value FROM samples WHERE series_id = series.id {LATEST_SQL}) "
+        "FROM series WHERE ? IS NULL OR series.name = ? ORDER BY series.name, series.labels", (now, name, name))
+    return [(series_name, json.loads(labels), value) for series_name, labels, value in rows if value is not None]
+
+
 def _check_families(store: Store, now: float) -> List[MetricFamily]:
     state = MetricFamily(f"{PROMETHEUS_PREFIX}check_state", "gauge",
                          "the last state of each check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN", [])
@@ -6252,35 +6586,6 @@ def _delivery_family(store: Store) -> MetricFamily:
     return family
 
 
-def _latest_values(store: Store, now: float, name: Optional[str] = None) -> List[Tuple[str, Dict[str, str], float]]:
-    """(name, labels, latest value by LATEST_SQL) of every series of ``name``, or of every series when None."""
-    import json
-
-    rows = store.query(
-        f"SELECT series.name, series.labels, (SELECT value FROM samples WHERE series_id = series.id {LATEST_SQL}) "
-        "FROM series WHERE ? IS NULL OR series.name = ? ORDER BY series.name, series.labels", (now, name, name))
-    return [(series_name, json.loads(labels), value) for series_name, labels, value in rows if value is not None]
-
-
-def _other_families(collector: MetricsCollector, taken: set) -> List[MetricFamily]:
-    """The latest value of every series no family above exports, as a gauge under a valid name."""
-    import re
-
-    exported = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
-    by_name: Dict[str, List[Tuple[Dict[str, str], float]]] = {}
-    for name, labels, value in _latest_values(collector.store, collector.now()):
-        if any(label in labels and pattern.fullmatch(name) for label, pattern in exported):
-            continue
-        by_name.setdefault(name, []).append((labels, value))
-    families = []
-    for name, series in sorted(by_name.items()):
-        exported_name = prometheus_name(name, taken)
-        taken.add(exported_name)
-        families.append(MetricFamily(exported_name, "gauge", f"the latest value recorded as {name}",
-                                     [("", prometheus_labels(labels), value) for labels, value in series]))
-    return families
-
-
 def prometheus_name(name: str, taken: Iterable[str] = ()) -> str:
     """``name`` as a valid metric name under the prefix: other characters become ``_``, an ending the
     linter keeps for counters and summaries gets ``_value``, and a name already taken a numbered suffix."""
@@ -6312,6 +6617,65 @@ def prometheus_labels(labels: Dict[str, str]) -> Dict[str, str]:
     return out
 
 
+def _other_families(collector: MetricsCollector, taken: set) -> List[MetricFamily]:
+    """The latest value of every series no family above exports, as a gauge under a valid name."""
+    import re
+
+    exported = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
+    by_name: Dict[str, List[Tuple[Dict[str, str], float]]] = {}
+    for name, labels, value in _latest_values(collector.store, collector.now()):
+        if any(label in labels and pattern.fullmatch(name) for label, pattern in exported):
+            continue
+        by_name.setdefault(name, []).append((labels, value))
+    families = []
+    for name, series in sorted(by_name.items()):
+        exported_name = prometheus_name(name, taken)
+        taken.add(exported_name)
+        families.append(MetricFamily(exported_name, "gauge", f"the latest value recorded as {name}",
+                                     [("", prometheus_labels(labels), value) for labels, value in series]))
+    return families
+
+
+def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
+    """Everything the store knows, as Prometheus metrics: per-entity series carry labels
+    (target, agent, breaker, check, job, channel), times are ``_timestamp_seconds`` gauges."""
+    now = collector.now()
+    entities = collector.entities("target", "agent", "breaker")
+    families = _run_families(collector, "sync", "attempts", "target", entities["target"], now)
+    families += _total_families(collector, "sync", "target", entities["target"], ("files", "conflicts"), now)
+    families += _run_families(collector, "agent", "executions", "agent", entities["agent"], now)
+    families += _total_families(collector, "agent", "agent", entities["agent"], ("items",), now)
+    families += _breaker_families(collector, entities["breaker"], now)
+    families += _check_families(collector.store, now)
+    families += _job_families(collector.store)
+    families.append(_delivery_family(collector.store))
+    families += _other_families(collector, {family.name for family in families})
+    build = MetricFamily(f"{PROMETHEUS_PREFIX}build", "info", "the version of metasystem-monitor exporting",
+                         [("_info", {"version": __version__}, 1.0)])
+    return [build] + [family for family in families if family.samples]
+
+
+def _label_value(value: Any) -> str:
+    """A label value with backslash, double quote and newline escaped, as both formats want."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _label_text(labels: Dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items()) + "}"
+
+
+def _sample_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 2 ** 53:
+        return str(int(value))
+    return repr(float(value))
+
+
 def exposition(families: List[MetricFamily], fmt: str = "prometheus") -> str:
     """The text format 0.0.4 (``prometheus``) or OpenMetrics 1.0 (``openmetrics``, ending in ``# EOF``)."""
     if fmt not in EXPORT_FORMATS:
@@ -6335,33 +6699,9 @@ def exposition(families: List[MetricFamily], fmt: str = "prometheus") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _label_text(labels: Dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items()) + "}"
-
-
-def _label_value(value: Any) -> str:
-    """A label value with backslash, double quote and newline escaped, as both formats want."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _sample_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2 ** 53:
-        return str(int(value))
-    return repr(float(value))
-
-
 def export_text(collector: MetricsCollector, fmt: str = "prometheus") -> str:
     """The store's state in the chosen exposition format."""
     return exposition(metric_families(collector), fmt)
-
-
-EXPORT_HEADERS = ("# HELP metasystem_", "# TYPE metasystem_")  # how every export begins, in both formats
 
 
 def write_textfile(path: str, text: str) -> None:
@@ -6384,23 +6724,7 @@ def write_textfile(path: str, text: str) -> None:
         raise
 
 
-DEFAULT_SERVE_PORT = 9473  # clear of node_exporter's 9100 and the Pushgateway's 9091
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_SERVE_PORT}"
-SERVE_REQUEST_TIMEOUT_S = 10.0  # for a client's whole request head: a slow one holds its thread this long at most
-SERVE_MAX_CONNECTIONS = 256  # at once; more are answered 503 at once, without a thread
-SERVE_BACKLOG = 128  # connections the kernel queues before accept: twenty scrapers at once are never reset
-SERVE_PAGE_REFRESH_S = 30
-DEFAULT_PUSH_JOB = "metasystem"
-PUSH_METHODS = ("put", "post")
-
-
-def parse_listen(text: str) -> Tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port)."""
-    host, _, port = str(text).strip().rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValidationError(f"listen must be HOST:PORT, got {_shown(text)}")
-    return host, int(port)
 
 
 def is_loopback(host: str) -> bool:
@@ -6412,48 +6736,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
-                now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS) -> Any:
-    """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary`` and ``/``, the
-    status page. Off loopback it needs a bearer token; ``/healthz`` never does.
-
-    A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
-    it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.
-    """
-    import socket
-    import threading
-    from http.server import ThreadingHTTPServer
-
-    host, port = parse_listen(listen)
-    if not is_loopback(host) and not token:
-        raise ConfigError(f"refusing to serve on {listen} (not loopback) without a token: set [serve] token_file")
-    slots = threading.BoundedSemaphore(max_connections)
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        request_queue_size = SERVE_BACKLOG
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        def process_request(self, request: Any, client_address: Any) -> None:
-            if not slots.acquire(blocking=False):
-                _refuse_busy(request)
-                self.shutdown_request(request)
-                return
-            super().process_request(request, client_address)
-
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                slots.release()
-
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
-
-    return Server((host, port), _handler_class(db_path, hours, token, now, clock))
 
 
 def _refuse_busy(request: Any) -> None:
@@ -6483,6 +6765,147 @@ class _HeadDeadlineReader(io.RawIOBase):
             raise socket.timeout("the request head took longer than its deadline")
         self.sock.settimeout(left)
         return self.sock.recv_into(buffer)
+
+
+def _bearer_matches(header: Optional[str], token: str) -> bool:
+    """``Authorization: Bearer TOKEN``, the scheme in any letter case (RFC 7235), compared in constant time."""
+    import hmac
+
+    scheme, _, given = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                              token.encode("utf-8"))
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an Accept header prefers OpenMetrics to the 0.0.4 text: its q is above 0 and not below the
+    text format's (``text/plain`` or ``*/*``), as Prometheus itself negotiates.
+
+    >>> wants_openmetrics("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4")
+    True
+    >>> wants_openmetrics("application/openmetrics-text;q=0")
+    False
+    """
+    weights = {}
+    for item in accept.split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        weights[kind.lower()] = max(q, weights.get(kind.lower(), 0.0)) if math.isfinite(q) else 0.0
+    openmetrics = weights.get("application/openmetrics-text", 0.0)
+    return openmetrics > 0 and openmetrics >= max(weights.get("text/plain", 0.0), weights.get("*/*", 0.0))
+
+
+class _Markup(str):
+    """Text already made HTML (an SVG), not to be escaped again."""
+
+
+def _html(value: Any) -> str:
+    import html
+
+    return html.escape(inert_text("-" if value is None else str(value)), quote=True)
+
+
+def _page_table(title: str, columns: Tuple[str, ...], rows: List[tuple]) -> List[str]:
+    """A section: its heading, and a table whose first column is a state word, colored by its class."""
+    out = [f"<h2>{_html(title)}</h2>"]
+    if not rows:
+        return out + ["<p>none</p>"]
+    out.append("<table><tr>" + "".join(f"<th>{_html(column)}</th>" for column in columns) + "</tr>")
+    for state, *cells in rows:
+        shown = "".join(f"<td>{cell if isinstance(cell, _Markup) else _html(cell)}</td>" for cell in cells)
+        out.append(f'<tr><td class="{_html(state)}">{_html(state)}</td>{shown}</tr>')
+    return out + ["</table>"]
+
+
+def _page_percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _page_seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def sparkline_svg(recent: Dict[str, List[Any]], width: int = 120, height: int = 24) -> str:
+    """The recent durations as an inline SVG line; anomalous runs as red dots, failed ones as hollow."""
+    values = recent.get("durations") or []
+    if not values:
+        return _Markup("")
+    low, high = min(values), max(values)
+    step = width / max(len(values) - 1, 1)
+
+    def point(index: int) -> Tuple[float, float]:
+        scaled = (values[index] - low) / (high - low) if high > low else 0.5
+        return round(index * step, 1), round(height - 2 - scaled * (height - 4), 1)
+
+    points = " ".join(f"{x},{y}" for x, y in map(point, range(len(values))))
+    marks = "".join(f'<circle cx="{point(i)[0]}" cy="{point(i)[1]}" r="2.5" fill="#b00020"/>'
+                    for i in recent.get("anomalous", ()) if i < len(values))
+    marks += "".join(f'<circle cx="{point(i)[0]}" cy="{point(i)[1]}" r="2" fill="none" stroke="#b00020"/>'
+                     for i in recent.get("failed", ()) if i < len(values))
+    return _Markup(f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+                   f'aria-label="recent durations"><polyline points="{points}" fill="none" stroke="#1565c0" '
+                   f'stroke-width="1.5"/>{marks}</svg>')
+
+
+def status_page(summary: Dict[str, Any]) -> str:
+    """The summary as one HTML page: no script, inline SVG sparklines, readable on a phone, refreshing
+    itself. Every text from the store is escaped and its control characters shown inert."""
+    status = str(summary["status"]).upper()
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'<meta http-equiv="refresh" content="{SERVE_PAGE_REFRESH_S}">',
+        f"<title>metasystem: {_html(status)}</title><style>{_PAGE_STYLE}</style></head><body>",
+        f'<h1>metasystem monitor: <span class="{_html(status)}">{_html(status)}</span></h1>',
+        f"<p>updated {_html(summary['generated_at'])}, window {summary['window_hours']:g} h</p>",
+    ]
+    parts += _page_table("Sync operations", ("state", "target", "success", "runs", "average", "recent"), [
+        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
+         _page_seconds(entry["avg_duration"]), sparkline_svg(entry["recent"]))
+        for name, entry in summary["sync"].items()])
+    parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
+        (BREAKER_STATE_WORDS.get(entry["state"], "UNKNOWN"), name,
+         entry["state"], entry["failures"], entry["since"]) for name, entry in summary["circuit_breakers"].items()])
+    parts += _page_table("Agents", ("state", "agent", "success", "runs", "average", "latest", "recent"), [
+        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
+         _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
+        for name, entry in summary["agents"].items()])
+    parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
+        ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
+         alert["time"], alert["title"],
+         ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
+        for alert in summary["alerts"]])
+    parts += _page_table("System health", ("state", "check", "summary"), [
+        (entry["state"], name, entry["summary"]) for name, entry in summary["health"].items()])
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple[int, str, bytes]:
+    """(status, content type, body) of one GET: what the server answers, without the server."""
+    if path == "/healthz":
+        return 200, "text/plain; charset=utf-8", b"ok\n"
+    try:
+        if path == "/metrics":
+            openmetrics = wants_openmetrics(accept)
+            with MetricsCollector(db_path, readonly=True, now=now) as collector:
+                text = export_text(collector, "openmetrics" if openmetrics else "prometheus")
+            return 200, OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE, text.encode("utf-8")
+        if path == "/api/summary":
+            summary = read_summary(db_path, hours, now=now)
+            body = json_text(summary) + "\n"
+            return 200, "application/json", body.encode("utf-8")
+        if path == "/":
+            return 200, "text/html; charset=utf-8", status_page(read_summary(db_path, hours, now=now)).encode("utf-8")
+    except StorageError as err:
+        return 503, "text/plain; charset=utf-8", (" ".join(str(err).split()) + "\n").encode("utf-8")
+    return 404, "text/plain; charset=utf-8", b"not found\n"
 
 
 def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock) -> Any:
@@ -6529,158 +6952,46 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock)
     return Handler
 
 
-def _bearer_matches(header: Optional[str], token: str) -> bool:
-    """``Authorization: Bearer TOKEN``, the scheme in any letter case (RFC 7235), compared in constant time."""
-    import hmac
+def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
+                now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS) -> Any:
+    """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary`` and ``/``, the
+    status page. Off loopback it needs a bearer token; ``/healthz`` never does.
 
-    scheme, _, given = (header or "").strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
-                                                              token.encode("utf-8"))
-
-
-def wants_openmetrics(accept: str) -> bool:
-    """Whether an Accept header prefers OpenMetrics to the 0.0.4 text: its q is above 0 and not below the
-    text format's (``text/plain`` or ``*/*``), as Prometheus itself negotiates.
-
-    >>> wants_openmetrics("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4")
-    True
-    >>> wants_openmetrics("application/openmetrics-text;q=0")
-    False
+    A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
+    it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.
     """
-    weights = {}
-    for item in accept.split(","):
-        kind, *params = (part.strip() for part in item.split(";"))
-        q = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        weights[kind.lower()] = max(q, weights.get(kind.lower(), 0.0)) if math.isfinite(q) else 0.0
-    openmetrics = weights.get("application/openmetrics-text", 0.0)
-    return openmetrics > 0 and openmetrics >= max(weights.get("text/plain", 0.0), weights.get("*/*", 0.0))
+    import socket
+    import threading
+    from http.server import ThreadingHTTPServer
 
+    host, port = parse_listen(listen)
+    if not is_loopback(host) and not token:
+        raise ConfigError(f"refusing to serve on {listen} (not loopback) without a token: set [serve] token_file")
+    slots = threading.BoundedSemaphore(max_connections)
 
-def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple[int, str, bytes]:
-    """(status, content type, body) of one GET: what the server answers, without the server."""
-    if path == "/healthz":
-        return 200, "text/plain; charset=utf-8", b"ok\n"
-    try:
-        if path == "/metrics":
-            openmetrics = wants_openmetrics(accept)
-            with MetricsCollector(db_path, readonly=True, now=now) as collector:
-                text = export_text(collector, "openmetrics" if openmetrics else "prometheus")
-            return 200, OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE, text.encode("utf-8")
-        if path == "/api/summary":
-            summary = read_summary(db_path, hours, now=now)
-            body = json_text(summary) + "\n"
-            return 200, "application/json", body.encode("utf-8")
-        if path == "/":
-            return 200, "text/html; charset=utf-8", status_page(read_summary(db_path, hours, now=now)).encode("utf-8")
-    except StorageError as err:
-        return 503, "text/plain; charset=utf-8", (" ".join(str(err).split()) + "\n").encode("utf-8")
-    return 404, "text/plain; charset=utf-8", b"not found\n"
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = SERVE_BACKLOG
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                _refuse_busy(request)
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
 
-_PAGE_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:1em;max-width:60em}table{border-collapse:collapse;width:100%}"
-    "td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid #ddd}.OK{color:#176f2c}"
-    ".WARNING{color:#8a6100}.CRITICAL{color:#b00020;font-weight:bold}.UNKNOWN{color:#6a1b9a}"
-    "svg{vertical-align:middle}h2{font-size:1.1em;margin-top:1.5em}"
-)
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
 
-def status_page(summary: Dict[str, Any]) -> str:
-    """The summary as one HTML page: no script, inline SVG sparklines, readable on a phone, refreshing
-    itself. Every text from the store is escaped and its control characters shown inert."""
-    status = str(summary["status"]).upper()
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<meta http-equiv="refresh" content="{SERVE_PAGE_REFRESH_S}">',
-        f"<title>metasystem: {_html(status)}</title><style>{_PAGE_STYLE}</style></head><body>",
-        f'<h1>metasystem monitor: <span class="{_html(status)}">{_html(status)}</span></h1>',
-        f"<p>updated {_html(summary['generated_at'])}, window {summary['window_hours']:g} h</p>",
-    ]
-    parts += _page_table("Sync operations", ("state", "target", "success", "runs", "average", "recent"), [
-        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
-         _page_seconds(entry["avg_duration"]), sparkline_svg(entry["recent"]))
-        for name, entry in summary["sync"].items()])
-    parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
-        (BREAKER_STATE_WORDS.get(entry["state"], "UNKNOWN"), name,
-         entry["state"], entry["failures"], entry["since"]) for name, entry in summary["circuit_breakers"].items()])
-    parts += _page_table("Agents", ("state", "agent", "success", "runs", "average", "latest", "recent"), [
-        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
-         _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
-        for name, entry in summary["agents"].items()])
-    parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
-        ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
-         alert["time"], alert["title"],
-         ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
-        for alert in summary["alerts"]])
-    parts += _page_table("System health", ("state", "check", "summary"), [
-        (entry["state"], name, entry["summary"]) for name, entry in summary["health"].items()])
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-class _Markup(str):
-    """Text already made HTML (an SVG), not to be escaped again."""
-
-
-def _page_table(title: str, columns: Tuple[str, ...], rows: List[tuple]) -> List[str]:
-    """A section: its heading, and a table whose first column is a state word, colored by its class."""
-    out = [f"<h2>{_html(title)}</h2>"]
-    if not rows:
-        return out + ["<p>none</p>"]
-    out.append("<table><tr>" + "".join(f"<th>{_html(column)}</th>" for column in columns) + "</tr>")
-    for state, *cells in rows:
-        shown = "".join(f"<td>{cell if isinstance(cell, _Markup) else _html(cell)}</td>" for cell in cells)
-        out.append(f'<tr><td class="{_html(state)}">{_html(state)}</td>{shown}</tr>')
-    return out + ["</table>"]
-
-
-def _html(value: Any) -> str:
-    import html
-
-    return html.escape(inert_text("-" if value is None else str(value)), quote=True)
-
-
-def _page_percent(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1f}%"
-
-
-def _page_seconds(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f} s"
-
-
-def sparkline_svg(recent: Dict[str, List[Any]], width: int = 120, height: int = 24) -> str:
-    """The recent durations as an inline SVG line; anomalous runs as red dots, failed ones as hollow."""
-    values = recent.get("durations") or []
-    if not values:
-        return _Markup("")
-    low, high = min(values), max(values)
-    step = width / max(len(values) - 1, 1)
-
-    def point(index: int) -> Tuple[float, float]:
-        scaled = (values[index] - low) / (high - low) if high > low else 0.5
-        return round(index * step, 1), round(height - 2 - scaled * (height - 4), 1)
-
-    points = " ".join(f"{x},{y}" for x, y in map(point, range(len(values))))
-    marks = "".join(f'<circle cx="{point(i)[0]}" cy="{point(i)[1]}" r="2.5" fill="#b00020"/>'
-                    for i in recent.get("anomalous", ()) if i < len(values))
-    marks += "".join(f'<circle cx="{point(i)[0]}" cy="{point(i)[1]}" r="2" fill="none" stroke="#b00020"/>'
-                     for i in recent.get("failed", ()) if i < len(values))
-    return _Markup(f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-                   f'aria-label="recent durations"><polyline points="{points}" fill="none" stroke="#1565c0" '
-                   f'stroke-width="1.5"/>{marks}</svg>')
-
-
-def push_url(gateway: str, job: str, instance: str) -> str:
-    """The Pushgateway URL of the group (job, instance); a value holding ``/`` or empty goes as ``@base64``."""
-    return gateway.rstrip("/") + "/metrics" + _grouping_segment("job", job) + _grouping_segment("instance", instance)
+    return Server((host, port), _handler_class(db_path, hours, token, now, clock))
 
 
 def _grouping_segment(label: str, value: str) -> str:
@@ -6691,6 +7002,11 @@ def _grouping_segment(label: str, value: str) -> str:
         encoded = base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii") or "="
         return f"/{label}@base64/{encoded}"
     return f"/{label}/{quote(value, safe='')}"
+
+
+def push_url(gateway: str, job: str, instance: str) -> str:
+    """The Pushgateway URL of the group (job, instance); a value holding ``/`` or empty goes as ``@base64``."""
+    return gateway.rstrip("/") + "/metrics" + _grouping_segment("job", job) + _grouping_segment("instance", instance)
 
 
 def push(gateway: str, text: Optional[str], *, job: str = DEFAULT_PUSH_JOB, instance: str, method: str = "put",
@@ -6717,209 +7033,6 @@ def push(gateway: str, text: Optional[str], *, job: str = DEFAULT_PUSH_JOB, inst
     return reply.status
 
 
-## Summary ####################################################################
-
-SUMMARY_SCHEMA_VERSION = 1
-SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
-SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
-SUMMARY_ALERTS = 20
-CHECK_RESULT_STALE_S = 3600.0  # a verdict older than this no longer stands (has cron stopped?)
-RATE_OK_PERCENT = 90.0  # a sync target or agent succeeding this often is OK; from the next WARNING, below CRITICAL
-RATE_WARNING_PERCENT = 50.0
-BREAKER_STATE_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
-SEVERITY_STATE_WORDS = {"critical": "CRITICAL", "warning": "WARNING", "info": "OK"}
-_INERT_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, formats, unassigned, line breaks
-
-
-def inert_text(text: Any, ascii_only: bool = False) -> str:
-    """``text`` with every control or format character shown as an escape (``\\x1b``), so a name holding
-    terminal or HTML control codes is drawn inert; non-ASCII escaped too when ``ascii_only``."""
-    import unicodedata
-
-    text = str(text)
-    if text.isprintable() and (not ascii_only or text.isascii()):
-        return text  # the usual case, at C speed
-    out = []
-    for char in text:
-        if unicodedata.category(char) in _INERT_CATEGORIES or (ascii_only and ord(char) > 126):
-            out.append(char.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(char)
-    return "".join(out)
-
-
-def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
-                 now=time.time) -> Dict[str, Any]:
-    """The summary of the store at ``db_path``, read without writing anything.
-
-    A missing store reads as an empty one. A store that cannot be read gives an
-    empty summary too, whose ``database`` health is CRITICAL and says why.
-    """
-    hours = window_hours(hours)
-    try:
-        with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
-            return system_summary(collector, hours)
-    except StorageError as err:
-        return _unreadable_summary(err, hours, now())
-
-
-def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
-    """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
-    recent alerts and the checks' last verdicts, over the last ``hours``."""
-    hours = window_hours(hours)
-    since, until = collector.window(hours)
-    entities = collector.entities("target", "breaker", "agent")
-    health = recorded_health(collector.store, until)
-    return {
-        "schema_version": SUMMARY_SCHEMA_VERSION,
-        "generated_at": iso_time(until),
-        "window_hours": hours,
-        "status": summary_status(health),
-        "sync": {target: dict(_sync_summary(collector, target, hours),
-                              recent=recent_runs(collector, f"sync_{target}", since))
-                 for target in entities["target"]},
-        "circuit_breakers": _breaker_summaries(collector, entities["breaker"], since, until),
-        "agents": {agent: dict(_agent_summary(collector, agent, hours),
-                               recent=recent_runs(collector, f"agent_{agent}", since))
-                   for agent in entities["agent"]},
-        "alerts": recent_alerts(collector.store, since),
-        "health": health,
-    }
-
-
-def _runs(collector: MetricsCollector, prefix: str, hours: float) -> Tuple[int, int, Optional[float]]:
-    """(successes, attempts, average duration) of the PREFIX_success / PREFIX_failure durations."""
-    stats = [collector.get_metric_stats(f"{prefix}_{outcome}", hours) for outcome in ("success", "failure")]
-    attempts = stats[0]["count"] + stats[1]["count"]
-    # Each mean weighted by its share: no sum of durations that could overflow.
-    average = math.fsum(part["avg"] * (part["count"] / attempts) for part in stats if part["count"])
-    return stats[0]["count"], attempts, average if attempts else None
-
-
-def _sync_summary(collector: MetricsCollector, target: str, hours: float) -> Dict[str, Any]:
-    successes, attempts, avg_duration = _runs(collector, f"sync_{target}", hours)
-    last_success = collector.latest(f"sync_{target}_success")
-    return {
-        "success_rate": None if attempts == 0 else 100.0 * successes / attempts,
-        "attempts": attempts,
-        "avg_duration": avg_duration,
-        "last_success": iso_time(last_success[0]) if last_success else None,
-    }
-
-
-def _breaker_summary(collector: MetricsCollector, breaker: str) -> Dict[str, Any]:
-    prefix = f"circuit_breaker_{breaker}_"
-    latest = collector.latest(prefix + "state")
-    failures = collector.latest(prefix + "failures")
-    if latest is None:
-        return {"state": None, "failures": None, "since": None}
-    code = latest[1]
-    state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
-    since = collector.unchanged_since(prefix + "state", code)
-    return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
-
-
-def _agent_summary(collector: MetricsCollector, agent: str, hours: float) -> Dict[str, Any]:
-    successes, executions, avg_duration = _runs(collector, f"agent_{agent}", hours)
-    runs = [collector.latest(f"agent_{agent}_{outcome}") for outcome in ("success", "failure")]
-    latest = max((run for run in runs if run is not None), default=None, key=lambda run: run[0])
-    return {
-        "executions": executions,
-        "success_rate": None if executions == 0 else 100.0 * successes / executions,
-        "avg_duration": avg_duration,
-        "latest_duration": None if latest is None else latest[1],
-    }
-
-
-def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:
-    health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
-    return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
-            "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [],
-            "health": health}
-
-
-def rate_state(rate: Optional[float]) -> str:
-    """The state word of a success rate, as the dashboard and the status page color a row."""
-    if rate is None:
-        return "UNKNOWN"
-    return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
-
-
-def summary_status(health: Dict[str, Dict[str, Any]]) -> str:
-    """The worst state among the checks, in lower case; ``unknown`` when no check has run."""
-    if not health:
-        return "unknown"
-    return worst_state(entry["state"] for entry in health.values()).lower()
-
-
-def _newest(collector: MetricsCollector, name: str, since: float, limit: int) -> List[Tuple[float, int, float]]:
-    """Up to ``limit`` newest samples of ``name`` since ``since``, as (time, seq, value), newest first."""
-    return collector.store.query(
-        f"SELECT ts, seq, value FROM samples WHERE {_OF_NAME} AND ts >= ? ORDER BY ts DESC, seq DESC LIMIT ?",
-        (name, since, limit))
-
-
-def recent_runs(collector: MetricsCollector, prefix: str, since: float) -> Dict[str, List[Any]]:
-    """The durations of the last runs of PREFIX_success and PREFIX_failure, oldest first, with the
-    positions of the failed ones and of those the robust detector finds anomalous against the runs
-    before them."""
-    runs = sorted((ts, seq, value, outcome == "failure") for outcome in ("success", "failure")
-                  for ts, seq, value in _newest(collector, f"{prefix}_{outcome}", since, SUMMARY_BASELINE_POINTS))
-    known = runs[-SUMMARY_BASELINE_POINTS:]
-    recent = known[-SUMMARY_RECENT_POINTS:]
-    anomalous: List[int] = []
-    if len(known) >= DEFAULT_MIN_SAMPLES:
-        baseline = robust_baseline(sorted(run[2] for run in known))
-        anomalous = [i for i, run in enumerate(recent) if is_anomalous(run[2], baseline, DEFAULT_ROBUST_THRESHOLD)]
-    return {"durations": [run[2] for run in recent], "failed": [i for i, run in enumerate(recent) if run[3]],
-            "anomalous": anomalous}
-
-
-def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: float,
-                       until: float) -> Dict[str, Dict[str, Any]]:
-    """Breakers recorded as metrics, and those CircuitBreaker keeps (its table is the fresher)."""
-    found = {name: _breaker_summary(collector, name) for name in recorded}
-    for entry in list_breakers(collector.store, until):
-        found[entry["name"]] = {key: entry[key] for key in ("state", "failures", "since")}
-    for name, entry in found.items():
-        samples = _newest(collector, f"circuit_breaker_{name}_failures", since, SUMMARY_RECENT_POINTS)
-        entry["recent"] = {"failures": [sample[2] for sample in reversed(samples)]}
-    return dict(sorted(found.items()))
-
-
-def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> List[Dict[str, Any]]:
-    """The newest alerts since ``since``, newest first, each with what every channel did with it."""
-    newest = "SELECT id FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?"
-    channels: Dict[int, Dict[str, str]] = {}
-    for alert_id, channel, outcome in store.query(
-            f"SELECT alert_id, channel, outcome FROM alert_deliveries WHERE alert_id IN ({newest})", (since, limit)):
-        channels.setdefault(alert_id, {})[channel] = outcome
-    return [{"time": iso_time(ts), "kind": kind, "severity": severity, "title": title,
-             "channels": dict(sorted(channels.get(alert_id, {}).items()))}
-            for alert_id, ts, kind, severity, title in store.query(
-                "SELECT id, ts, kind, severity, title FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?",
-                (since, limit))]
-
-
-def recorded_health(store: Store, now: float) -> Dict[str, Dict[str, Any]]:
-    """The last verdict of each check that ``check`` still runs.
-
-    A check missing from the last hour of runs is one the configuration no
-    longer has, and is left out. A verdict older than an hour is UNKNOWN: the
-    checks have stopped running, and what they said then no longer stands.
-    """
-    rows = store.query("SELECT name, ts, state, summary FROM check_results ORDER BY name")
-    newest = max((row[1] for row in rows), default=now)
-    health = {}
-    for name, ts, state, text in rows:
-        if ts < newest - CHECK_RESULT_STALE_S:
-            continue
-        if now - ts > CHECK_RESULT_STALE_S:
-            state, text = "UNKNOWN", f"not checked for {format_span(now - ts)} (then {state}: {text})"
-        health[name] = {"state": state, "summary": text, "checked_at": iso_time(ts)}
-    return health
-
-
 ## CLI ########################################################################
 
 _EXIT_CODES_HELP = """exit codes:
@@ -6930,111 +7043,9 @@ _EXIT_CODES_HELP = """exit codes:
   4  alert, alert-test: no channel delivered
   check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; run: the command's own code (124 on timeout)"""
 
+_GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
 
-def load_config(path: str, required: bool = False):
-    """Read the INI file; a missing file is an empty configuration unless ``required``."""
-    if not required and not os.path.exists(path):
-        return _EMPTY_CONFIG  # the usual cron run: no configparser to import
-    import configparser
-
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            parser.read_file(handle)
-    except FileNotFoundError:
-        if required:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"configuration file {path} cannot be read: {err}") from None
-    except configparser.Error as err:
-        first_line = str(err).splitlines()[0]
-        raise ConfigError(f"configuration file {path}: {first_line}") from None
-    return parser
-
-
-_DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration_s(text: str) -> float:
-    """``90s``, ``5m``, ``2h`` or ``7d`` (a bare number is seconds) as seconds.
-
-    >>> parse_duration_s("2h")
-    7200.0
-    """
-    cleaned = text.strip().lower()
-    unit = _DURATION_UNITS_S.get(cleaned[-1:], None)
-    number = cleaned[:-1] if unit else cleaned
-    try:
-        seconds = float(number) * (unit or 1.0)
-    except ValueError:
-        raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d")
-    if seconds > MAX_DURATION_S:  # it would end past what a timestamp can show (year 9999)
-        raise ValidationError(f"{_shown(text)} is longer than {MAX_DURATION_S / (365.25 * DAY_S):.0f} years")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """The largest whole unit: ``3600`` as ``1h``, ``90`` as ``90s``; what parse_duration_s reads back.
-
-    >>> format_duration(3600), format_duration(90), format_duration(0.5)
-    ('1h', '90s', '0.5s')
-    """
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
-
-
-def _days_setting(section: Any, key: str, default: float) -> float:
-    """A ``[storage]`` horizon in days: a number of days, or a duration such as ``12h``."""
-    text = section.get(key)
-    if text is None:
-        return default
-    try:
-        return float(text) if text.strip().replace(".", "", 1).isdigit() else parse_duration_s(text) / DAY_S
-    except ValidationError:
-        raise ConfigError(f"[storage] {key} must be a number of days or a duration such as 12h, got {text!r}") from None
-
-
-class _EmptyConfig:
-    """What load_config() returns for a missing file: no sections."""
-
-    @staticmethod
-    def has_section(name: str) -> bool:
-        return False
-
-    @staticmethod
-    def sections() -> List[str]:
-        return []
-
-
-_EMPTY_CONFIG = _EmptyConfig()
-
-
-def storage_settings(config) -> Dict[str, Any]:
-    """The ``[storage]`` keys this module reads, checked."""
-    section = config["storage"] if config.has_section("storage") else {}
-    synchronous = section.get("synchronous", "normal").strip().lower()
-    if synchronous not in SYNCHRONOUS_MODES:
-        raise ConfigError(f"[storage] synchronous must be normal or full, got {_shown(synchronous)}")
-    busy_timeout_s = DEFAULT_BUSY_TIMEOUT_S
-    if "busy_timeout" in section:
-        try:
-            busy_timeout_s = parse_duration_s(section["busy_timeout"])
-        except ValidationError:
-            busy_timeout_s = -1.0
-        if not 0 < busy_timeout_s <= 3600:
-            raise ConfigError(f"[storage] busy_timeout must be a duration such as 5s, at most 1h, "
-                              f"got {section['busy_timeout']!r}")
-    return {
-        "synchronous": synchronous,
-        "busy_timeout_s": busy_timeout_s,
-        "retention_days": _days_setting(section, "retention_days", DEFAULT_RETENTION_DAYS),
-        "hourly_days": _days_setting(section, "rollup_hourly_days", DEFAULT_HOURLY_DAYS),
-        "daily_days": _days_setting(section, "rollup_daily_days", DEFAULT_DAILY_DAYS),
-    }
+_PATH_ARGUMENTS = ("db", "config", "output")  # file names: their bytes stay as the system gave them
 
 
 def _open_collector(args, *, readonly: bool) -> MetricsCollector:
@@ -7287,6 +7298,29 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+class _Stopped(BaseException):
+    """SIGTERM arrived: leave serve_forever() and close the socket.
+
+    A BaseException, as KeyboardInterrupt is: raised while a request is being dispatched, an Exception
+    is caught by socketserver's handle_error() and the server goes on serving (1 SIGTERM in 30 was lost).
+    """
+
+
+def _serve_token(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    try:
+        token = read_secret_file(path)
+    except OSError as err:
+        raise ConfigError(f"[serve] token_file {path} cannot be read: {err.strerror or err}") from None
+    except ValueError as err:
+        raise ConfigError(f"[serve] token_file {err}") from None
+    if not token:
+        raise ConfigError(f"[serve] token_file {path} is empty")
+    return token
+
+
 def cmd_serve(args) -> int:
     """Serve the store over HTTP until SIGTERM or Ctrl-C, then exit 0."""
     import signal
@@ -7318,29 +7352,6 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-class _Stopped(BaseException):
-    """SIGTERM arrived: leave serve_forever() and close the socket.
-
-    A BaseException, as KeyboardInterrupt is: raised while a request is being dispatched, an Exception
-    is caught by socketserver's handle_error() and the server goes on serving (1 SIGTERM in 30 was lost).
-    """
-
-
-def _serve_token(path: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    path = os.path.expanduser(path)
-    try:
-        token = read_secret_file(path)
-    except OSError as err:
-        raise ConfigError(f"[serve] token_file {path} cannot be read: {err.strerror or err}") from None
-    except ValueError as err:
-        raise ConfigError(f"[serve] token_file {err}") from None
-    if not token:
-        raise ConfigError(f"[serve] token_file {path} is empty")
-    return token
-
-
 def cmd_push(args) -> int:
     """Push the exposition to a Pushgateway (or delete the group); silent on success, exit 1 on failure."""
     import socket
@@ -7351,109 +7362,6 @@ def cmd_push(args) -> int:
             text = export_text(collector, "prometheus")
     push(args.gateway, text, job=args.job, instance=args.instance or socket.gethostname(), method=args.method)
     return EXIT_OK
-
-
-# -- demo ----------------------------------------------------------------------
-
-DEMO_SYNC_TARGETS = {"icloud": (1800.0, 0.92, 2.3, 0.4), "external": (3600.0, 0.75, 1.9, 0.3)}  # every, rate, s
-DEMO_AGENTS = {"cataloger": (1.23, 0.1), "maintainer": (0.95, 0.08), "synthesizer": (2.45, 0.2)}
-DEMO_BREAKERS = ("icloud_sync", "external_sync", "database_write", "knowledge_graph")
-DEMO_ALERTS = (  # hours ago, severity, title, channel outcomes
-    (150.0, "warning", "external sync failing", {"email": "sent", "slack": "sent"}),
-    (149.0, "info", "RESOLVED external sync failing", {"email": "sent", "slack": "sent"}),
-    (52.0, "critical", "external_sync circuit breaker open", {"email": "sent", "slack": "failed", "log": "sent"}),
-    (3.0, "warning", "synthesizer run took 9.8 s", {"slack": "sent"}),
-)
-
-
-def write_demo(db_path: str, days: float, seed: int, now: float) -> Dict[str, int]:
-    """A week (or ``days``) of the original document's world in a new store: the icloud and external
-    sync targets at about 92% and 75% success, three agents, breakers that tripped and recovered, a few
-    alerts, anomalies, a nightly backup job, and the verdicts of the default checks."""
-    import random
-
-    rng = random.Random(seed)
-    start = now - days * 86400.0
-    with MetricsCollector(db_path, now=lambda: now, maintain=False) as collector:
-        if collector.store.query_one("SELECT count(*) FROM samples")[0]:
-            raise MonitorError(f"store {db_path} already holds samples; the demo writes only into a new one")
-        samples: List[tuple] = []
-        for target, (every, rate, mean, spread) in DEMO_SYNC_TARGETS.items():
-            offset = rng.random()
-            for i, ts in enumerate(_demo_times(start, now, every)):
-                ok = _demo_succeeds(i, offset, rate)
-                duration = max(0.1, rng.gauss(mean, spread) * (1.0 if ok else 1.6))
-                outcome = "success" if ok else "failure"
-                samples += [(f"sync_{target}_{outcome}", duration, {"target": target}, ts),
-                            (f"sync_{target}_files", float(rng.randint(0, 40) if ok else 0), {"target": target}, ts)]
-        samples.append(("sync_icloud_success", 14.2, {"target": "icloud"}, now - 5400.0))  # one slow sync
-        for agent, (mean, spread) in DEMO_AGENTS.items():
-            offset = rng.random()
-            for i, ts in enumerate(_demo_times(start + 600.0, now, 3600.0)):
-                outcome = "success" if _demo_succeeds(i, offset, 0.98) else "failure"
-                samples.append((f"agent_{agent}_{outcome}", max(0.05, rng.gauss(mean, spread)), {"agent": agent}, ts))
-        samples.append(("agent_synthesizer_success", 9.8, {"agent": "synthesizer"}, now - 3 * 3600.0))
-        samples += [("disk_free_bytes", 80e9 - (ts - start) * 5e3 + rng.gauss(0, 2e8), {"mount": "/"}, ts)
-                    for ts in _demo_times(start, now, 600.0)]
-        collector.record_many(samples)
-        _demo_breakers(collector, start, now, rng)
-        collector.roll_up()
-        _demo_jobs(collector, start, now, rng)
-        results = run_checks(default_checks(collector), CheckContext(collector, now))
-        record_check_results(collector, results, now)
-        samples_written = collector.store.query_one("SELECT count(*) FROM samples")[0]
-    _demo_alerts(db_path, now)
-    return {"samples": samples_written, "alerts": len(DEMO_ALERTS)}
-
-
-def _demo_succeeds(i: int, offset: float, rate: float) -> bool:
-    """Run ``i`` succeeds at ``rate``, failures spread evenly (a golden-ratio sequence), so any day of
-    the demo shows about the same success rate."""
-    return (offset + i * 0.6180339887498949) % 1.0 < rate
-
-
-def _demo_times(start: float, end: float, every: float) -> List[float]:
-    return [start + i * every for i in range(math.ceil((end - start) / every))]
-
-
-def _demo_breakers(collector: MetricsCollector, start: float, now: float, rng: Any) -> None:
-    for name in DEMO_BREAKERS:
-        collector.record_circuit_breaker_metric(name, "closed", 0, timestamp=start)
-    for opened in (now - 150 * 3600.0, now - 52 * 3600.0):  # external_sync tripped twice, and recovered
-        collector.record_circuit_breaker_metric("external_sync", "open", 5, previous_state="closed",
-                                                reason="5 failures within 10m", timestamp=opened)
-        collector.record_circuit_breaker_metric("external_sync", "half_open", 5, previous_state="open",
-                                                reason="open time over", timestamp=opened + 300.0)
-        collector.record_circuit_breaker_metric("external_sync", "closed", 0, previous_state="half_open",
-                                                reason="probe succeeded", timestamp=opened + 300.0 + rng.random())
-
-
-def _demo_jobs(collector: MetricsCollector, start: float, now: float, rng: Any) -> None:
-    with collector.store.write() as conn:
-        for day, began in enumerate(_demo_times(start + 3 * 3600.0, now, 86400.0)):
-            took = max(60.0, rng.gauss(1500.0, 120.0))
-            code = 23 if day == 2 else 0
-            conn.execute("INSERT INTO job_runs (run_id, job, started, ended, exit_code, outcome, attempts, output, "
-                         "cut_bytes) VALUES (?, 'backup', ?, ?, ?, ?, 1, ?, 0)",
-                         (f"demo{day}", began, began + took, code, "failure" if code else "success",
-                          b"rsync: some files vanished\n" if code else b""))
-    collector.record_many([Sample("job_duration", run[1] - run[0], {"job": "backup"}, run[1])
-                           for run in collector.store.query("SELECT started, ended FROM job_runs")])
-
-
-def _demo_alerts(db_path: str, now: float) -> None:
-    """The alert history of the week, as the channels would have left it (nothing is sent)."""
-    with AlertingSystem(os.devnull, db_path=db_path, now=lambda: now) as system:
-        with system.store.write() as conn:
-            for hours_ago, severity, title, outcomes in DEMO_ALERTS:
-                kind = "resolved" if title.startswith("RESOLVED ") else "firing"
-                alert = system.create_alert(title.replace("RESOLVED ", ""), "demo", _severity(severity))
-                alert_id = conn.execute(
-                    "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) "
-                    "VALUES (?, ?, ?, ?, ?, ?, '{}')",
-                    (now - hours_ago * 3600.0, kind, alert.key, severity, alert.title, alert.message)).lastrowid
-                for channel, outcome in outcomes.items():
-                    system._write_delivery(conn, alert_id, channel, Delivery(outcome, 1), kind)
 
 
 def cmd_demo(args) -> int:
@@ -7523,35 +7431,6 @@ def _delivery_exit(report: DeliveryReport, lifecycle: bool = False) -> int:
     return code
 
 
-def cmd_alert(args) -> int:
-    if args.batch:
-        return _alert_batch(args)
-    if args.severity == "resolve":  # alert --resolve KEY [MESSAGE], or alert --resolve --key KEY [MESSAGE]
-        key, message = (args.key, args.title) if args.key else (args.title, args.message)
-        if not key:
-            raise ValidationError("--resolve needs the KEY that --key fired")
-        with contextlib.closing(_alerting(args)) as system:
-            return _delivery_exit(system.resolve(key, message), lifecycle=True)
-    if args.title is None:
-        raise ValidationError("alert needs a TITLE (or --batch)")
-    if args.severity is None:
-        raise ValidationError("one of --info, --warning, --critical or --resolve is required")
-    with contextlib.closing(_alerting(args)) as system:
-        if args.key and (args.channel or args.dry_run):
-            raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
-        if args.key:
-            report = system.fire(args.key, args.title, args.message or "", args.severity,
-                                 _parse_details(args.detail))
-            return _delivery_exit(report, lifecycle=True)
-        alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
-                                    _parse_details(args.detail))
-        if args.dry_run:
-            for block in system.render(alert):
-                print(block)
-            return EXIT_OK
-        return _delivery_exit(system.send_alert(alert))
-
-
 def _alert_batch(args) -> int:
     """One run's states from stdin, one JSON object a line: fired and resolved together, digested."""
     import json
@@ -7581,6 +7460,35 @@ def _alert_batch(args) -> int:
                 system.fire(entry["key"], entry.get("title") or entry["key"], entry.get("message", ""),
                             entry.get("severity", "warning"), entry.get("details"))
     return _delivery_exit(batch.report, lifecycle=True)
+
+
+def cmd_alert(args) -> int:
+    if args.batch:
+        return _alert_batch(args)
+    if args.severity == "resolve":  # alert --resolve KEY [MESSAGE], or alert --resolve --key KEY [MESSAGE]
+        key, message = (args.key, args.title) if args.key else (args.title, args.message)
+        if not key:
+            raise ValidationError("--resolve needs the KEY that --key fired")
+        with contextlib.closing(_alerting(args)) as system:
+            return _delivery_exit(system.resolve(key, message), lifecycle=True)
+    if args.title is None:
+        raise ValidationError("alert needs a TITLE (or --batch)")
+    if args.severity is None:
+        raise ValidationError("one of --info, --warning, --critical or --resolve is required")
+    with contextlib.closing(_alerting(args)) as system:
+        if args.key and (args.channel or args.dry_run):
+            raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
+        if args.key:
+            report = system.fire(args.key, args.title, args.message or "", args.severity,
+                                 _parse_details(args.detail))
+            return _delivery_exit(report, lifecycle=True)
+        alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
+                                    _parse_details(args.detail))
+        if args.dry_run:
+            for block in system.render(alert):
+                print(block)
+            return EXIT_OK
+        return _delivery_exit(system.send_alert(alert))
 
 
 def cmd_silence(args) -> int:
@@ -7615,6 +7523,17 @@ def cmd_alert_test(args) -> int:
         return _delivery_exit(report)
 
 
+def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
+    if as_json:
+        _print_json({"firing": firing})
+        return EXIT_OK
+    for entry in firing:
+        channels = " ".join(f"{name}={channel['last_delivered'] or channel['held'] and 'held' or 'pending'}"
+                            for name, channel in entry["channels"].items())
+        print(f"{entry['key']}  {entry['severity']:<8}  since {entry['since']}  {entry['title']}  {channels}".rstrip())
+    return EXIT_OK
+
+
 def cmd_alerts(args) -> int:
     with contextlib.closing(_alerting(args, readonly=True)) as system:
         history = system.firing() if args.firing else system.get_alert_history(args.hours)
@@ -7627,17 +7546,6 @@ def cmd_alerts(args) -> int:
         outcomes = " ".join(f"{name}={channel['outcome']}" for name, channel in entry["channels"].items())
         kind = f" ({entry['kind']})" if entry["kind"] != "alert" else ""
         print(f"{entry['time']}  {entry['severity']:<8}  {entry['title']}{kind}  {outcomes}".rstrip())
-    return EXIT_OK
-
-
-def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
-    if as_json:
-        _print_json({"firing": firing})
-        return EXIT_OK
-    for entry in firing:
-        channels = " ".join(f"{name}={channel['last_delivered'] or channel['held'] and 'held' or 'pending'}"
-                            for name, channel in entry["channels"].items())
-        print(f"{entry['key']}  {entry['severity']:<8}  since {entry['since']}  {entry['title']}  {channels}".rstrip())
     return EXIT_OK
 
 
@@ -7662,31 +7570,6 @@ def cmd_config(args) -> int:
     return EXIT_OK
 
 
-def cmd_check(args) -> int:
-    """Exit with the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage or configuration error too)."""
-    try:
-        config = load_config(args.config_path, required=args.config_named)
-        collector = _open_collector(args, readonly=False)
-    except ConfigError as err:
-        return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
-    except StorageError as err:
-        return _report_checks(args, _checks_without_store(args, config, err))
-    with contextlib.closing(collector):
-        try:
-            specs = check_specs(config, collector)
-        except ConfigError as err:
-            return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
-        unknown = sorted(set(args.only or ()) - {spec.name for spec in specs})
-        if unknown:
-            return _check_failed("UNKNOWN", f"no check named {', '.join(unknown)} "
-                                            f"(there are: {', '.join(spec.name for spec in specs)})", args.json)
-        specs = [spec for spec in specs if not args.only or spec.name in args.only]
-        now = args.now()
-        results = run_checks(specs, CheckContext(collector, now, args.deep))
-        _record_checks(collector, results, now)
-    return _report_checks(args, results)
-
-
 def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
     """The store cannot be opened: that is CRITICAL, and the checks that need no store still give their
     verdicts (a broken store must not hide a full disk); the others are UNKNOWN, with the reason."""
@@ -7698,6 +7581,20 @@ def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
     results += run_checks(free, CheckContext(None, args.now(), args.deep))
     results += [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free]
     return results
+
+
+def _alert_checks(args, results: List[CheckResult]) -> None:
+    """Fire each check that is not OK (key: its name) and resolve each that is, as one run."""
+    try:
+        with contextlib.closing(_alerting(args)) as system, system.batch():
+            for result in results:
+                if result.state == "OK":
+                    system.resolve(result.name, result.summary)
+                else:
+                    severity = "critical" if result.state == "CRITICAL" else "warning"
+                    system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}", severity)
+    except MonitorError as err:  # a broken alert configuration must not hide the checks' verdict
+        log.error("alerts not sent: %s", err)
 
 
 def _report_checks(args, results: List[CheckResult]) -> int:
@@ -7729,17 +7626,50 @@ def _record_checks(collector: MetricsCollector, results: List[CheckResult], now:
         log.error("%s: the check results were not recorded", err)
 
 
-def _alert_checks(args, results: List[CheckResult]) -> None:
-    """Fire each check that is not OK (key: its name) and resolve each that is, as one run."""
+def cmd_check(args) -> int:
+    """Exit with the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage or configuration error too)."""
     try:
-        with contextlib.closing(_alerting(args)) as system, system.batch():
-            for result in results:
-                if result.state == "OK":
-                    system.resolve(result.name, result.summary)
-                else:
-                    severity = "critical" if result.state == "CRITICAL" else "warning"
-                    system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}", severity)
-    except MonitorError as err:  # a broken alert configuration must not hide the checks' verdict
+        config = load_config(args.config_path, required=args.config_named)
+        collector = _open_collector(args, readonly=False)
+    except ConfigError as err:
+        return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
+    except StorageError as err:
+        return _report_checks(args, _checks_without_store(args, config, err))
+    with contextlib.closing(collector):
+        try:
+            specs = check_specs(config, collector)
+        except ConfigError as err:
+            return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
+        unknown = sorted(set(args.only or ()) - {spec.name for spec in specs})
+        if unknown:
+            return _check_failed("UNKNOWN", f"no check named {', '.join(unknown)} "
+                                            f"(there are: {', '.join(spec.name for spec in specs)})", args.json)
+        specs = [spec for spec in specs if not args.only or spec.name in args.only]
+        now = args.now()
+        results = run_checks(specs, CheckContext(collector, now, args.deep))
+        _record_checks(collector, results, now)
+    return _report_checks(args, results)
+
+
+def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill_after_s: float,
+                    err: MonitorError, now=time.time) -> JobRun:
+    """The job run once, without a store (no lock, retries or breaker: each needs it)."""
+    tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), now()
+    code = run_command(argv, timeout_s, kill_after_s, tail)
+    outcome = "success" if code == 0 else "timeout" if code == EXIT_TIMEOUT else "failure"
+    return JobRun("", name, started, now(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
+
+
+def _alert_job(args, run: JobRun, argv: List[str]) -> None:
+    try:
+        with contextlib.closing(_alerting(args)) as system:
+            system.store_warning_given = run.store_error is not None  # one line about the store is enough
+            if run.outcome == "success":
+                # A job's next success ends its failure: one passing run, not resolve_after.
+                system.resolve(f"job {run.job}", f"exit 0 in {format_span(run.duration_s)}", after=1)
+            else:
+                system.fire(f"job {run.job}", f"job {run.job} failed", job_report(run, argv)[:2000], "critical")
+    except MonitorError as err:  # the job ran; a broken alert configuration is reported, not fatal
         log.error("alerts not sent: %s", err)
 
 
@@ -7777,28 +7707,6 @@ def cmd_run(args) -> int:
     if run.outcome == "breaker_open":
         return EXIT_TEMPFAIL
     return run.exit_code
-
-
-def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill_after_s: float,
-                    err: MonitorError, now=time.time) -> JobRun:
-    """The job run once, without a store (no lock, retries or breaker: each needs it)."""
-    tail, started = _Tail(JOB_OUTPUT_TAIL_BYTES), now()
-    code = run_command(argv, timeout_s, kill_after_s, tail)
-    outcome = "success" if code == 0 else "timeout" if code == EXIT_TIMEOUT else "failure"
-    return JobRun("", name, started, now(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
-
-
-def _alert_job(args, run: JobRun, argv: List[str]) -> None:
-    try:
-        with contextlib.closing(_alerting(args)) as system:
-            system.store_warning_given = run.store_error is not None  # one line about the store is enough
-            if run.outcome == "success":
-                # A job's next success ends its failure: one passing run, not resolve_after.
-                system.resolve(f"job {run.job}", f"exit 0 in {format_span(run.duration_s)}", after=1)
-            else:
-                system.fire(f"job {run.job}", f"job {run.job} failed", job_report(run, argv)[:2000], "critical")
-    except MonitorError as err:  # the job ran; a broken alert configuration is reported, not fatal
-        log.error("alerts not sent: %s", err)
 
 
 def _hours(text: str) -> float:
@@ -7847,18 +7755,6 @@ def _add_outcome(sub) -> None:
     sub.add_argument("--duration", required=True, metavar="SECONDS", help="how long the run took")
 
 
-def parser_class():
-    """argparse's parser, but a usage error is one line on stderr, not usage plus error."""
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            text = error_line(with_suggestion(message, _option_strings(self)))
-            self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see --help)\n")
-
-    return Parser
-
-
 def _option_strings(parser) -> List[str]:
     """Every option of ``parser`` and of the subcommands it has built."""
     import argparse
@@ -7896,6 +7792,23 @@ def with_suggestion(message: str, options: Iterable[str]) -> str:
     return message
 
 
+def error_line(text: str) -> str:
+    """An error as one line of at most ERROR_LINE_CHARS, with nothing in it a terminal would obey."""
+    return inert_text(truncate(" ".join(text.split()), ERROR_LINE_CHARS))
+
+
+def parser_class():
+    """argparse's parser, but a usage error is one line on stderr, not usage plus error."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            text = error_line(with_suggestion(message, _option_strings(self)))
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see --help)\n")
+
+    return Parser
+
+
 def _args_record(sub) -> None:
     sub.add_argument("name", metavar="NAME", help="metric name, or '-' to read 'name value [epoch]' lines from stdin")
     sub.add_argument("value", metavar="VALUE", nargs="?",
@@ -7915,6 +7828,14 @@ def _args_record_agent(sub) -> None:
     sub.add_argument("name", metavar="NAME")
     _add_outcome(sub)
     sub.add_argument("--items", default="0", metavar="N", help="items processed (default 0)")
+
+
+def _add_hours(sub) -> None:
+    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
+
+
+def _add_json(sub) -> None:
+    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
 def _args_stats(sub) -> None:
@@ -7953,6 +7874,11 @@ def _args_retry_stats(sub) -> None:
     _add_json(sub)
 
 
+def _add_channels(sub) -> None:
+    sub.add_argument("--channel", action="append", metavar="NAME",
+                     help="only this channel, by name or type (repeatable; default: every channel)")
+
+
 def _args_alert(sub) -> None:
     severity = sub.add_mutually_exclusive_group()
     for level in ALERT_SEVERITIES:
@@ -7980,11 +7906,6 @@ def _args_silence(sub) -> None:
     sub.add_argument("--for", dest="duration", metavar="DURATION", help="how long: 90m, 2h, 7d")
     sub.add_argument("--comment", metavar="TEXT", help="why (shown by list)")
     _add_json(sub)
-
-
-def _add_channels(sub) -> None:
-    sub.add_argument("--channel", action="append", metavar="NAME",
-                     help="only this channel, by name or type (repeatable; default: every channel)")
 
 
 def _args_alerts(sub) -> None:
@@ -8020,10 +7941,6 @@ def _args_run(sub) -> None:
     sub.set_defaults(command=[])  # what follows '--': main() takes it off before argparse sees it
 
 
-def _add_hours(sub) -> None:
-    sub.add_argument("--hours", type=_hours, default=DEFAULT_WINDOW_HOURS, metavar="H", help="window (default 24)")
-
-
 def _args_export(sub) -> None:
     sub.add_argument("--format", choices=EXPORT_FORMATS, default="prometheus",
                      help="prometheus (text format 0.0.4, the default) or openmetrics (1.0)")
@@ -8053,10 +7970,6 @@ def _args_push(sub) -> None:
 def _args_demo(sub) -> None:
     sub.add_argument("--days", type=float, default=7.0, help="how many days of data (default 7)")
     sub.add_argument("--seed", type=int, default=17, help="the random seed: the same seed, the same data")
-
-
-def _add_json(sub) -> None:
-    sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
 # name, function, what it does, examples, its arguments: in the order --help lists them.
@@ -8123,7 +8036,6 @@ _COMMANDS = (
     ("config", cmd_config, "print the configuration in effect, secrets masked",
      f"  {PROG} config\n  {PROG} config --check --config /etc/metasystem/alerting-config.ini", _args_config),
 )
-_GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
 
 
 def build_parser(command: Optional[str] = None):
@@ -8194,6 +8106,26 @@ def _stderr_logging(verbosity: int, quiet: bool) -> Iterator[None]:
         log.setLevel(previous)
 
 
+def _visible_text_arguments(args: Any) -> None:
+    """Every argument that is text, not a file name, made valid Unicode with visible_text()."""
+    for dest, value in vars(args).items():
+        if dest in _PATH_ARGUMENTS:
+            continue
+        if isinstance(value, str):
+            setattr(args, dest, visible_text(value))
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            setattr(args, dest, [visible_text(item) for item in value])
+
+
+def _report(error: Any, code: int, verbose: int) -> int:
+    """One error line on stderr (the traceback first with -v); return ``code``."""
+    if verbose:
+        log.error("traceback follows", exc_info=True)
+    text = error_line(str(error)) or type(error).__name__
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code instead of exiting."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -8231,32 +8163,108 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _report(f"unexpected {type(err).__name__}: {err}", EXIT_RUNTIME, args.verbose)
 
 
-_PATH_ARGUMENTS = ("db", "config", "output")  # file names: their bytes stay as the system gave them
+## Demo #######################################################################
+
+DEMO_SYNC_TARGETS = {"icloud": (1800.0, 0.92, 2.3, 0.4), "external": (3600.0, 0.75, 1.9, 0.3)}  # every, rate, s
+DEMO_AGENTS = {"cataloger": (1.23, 0.1), "maintainer": (0.95, 0.08), "synthesizer": (2.45, 0.2)}
+DEMO_BREAKERS = ("icloud_sync", "external_sync", "database_write", "knowledge_graph")
+DEMO_ALERTS = (  # hours ago, severity, title, channel outcomes
+    (150.0, "warning", "external sync failing", {"email": "sent", "slack": "sent"}),
+    (149.0, "info", "RESOLVED external sync failing", {"email": "sent", "slack": "sent"}),
+    (52.0, "critical", "external_sync circuit breaker open", {"email": "sent", "slack": "failed", "log": "sent"}),
+    (3.0, "warning", "synthesizer run took 9.8 s", {"slack": "sent"}),
+)
 
 
-def _visible_text_arguments(args: Any) -> None:
-    """Every argument that is text, not a file name, made valid Unicode with visible_text()."""
-    for dest, value in vars(args).items():
-        if dest in _PATH_ARGUMENTS:
-            continue
-        if isinstance(value, str):
-            setattr(args, dest, visible_text(value))
-        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
-            setattr(args, dest, [visible_text(item) for item in value])
+def _demo_succeeds(i: int, offset: float, rate: float) -> bool:
+    """Run ``i`` succeeds at ``rate``, failures spread evenly (a golden-ratio sequence), so any day of
+    the demo shows about the same success rate."""
+    return (offset + i * 0.6180339887498949) % 1.0 < rate
 
 
-def error_line(text: str) -> str:
-    """An error as one line of at most ERROR_LINE_CHARS, with nothing in it a terminal would obey."""
-    return inert_text(truncate(" ".join(text.split()), ERROR_LINE_CHARS))
+def _demo_times(start: float, end: float, every: float) -> List[float]:
+    return [start + i * every for i in range(math.ceil((end - start) / every))]
 
 
-def _report(error: Any, code: int, verbose: int) -> int:
-    """One error line on stderr (the traceback first with -v); return ``code``."""
-    if verbose:
-        log.error("traceback follows", exc_info=True)
-    text = error_line(str(error)) or type(error).__name__
-    print(f"{PROG}: error: {text}", file=sys.stderr)
-    return code
+def _demo_breakers(collector: MetricsCollector, start: float, now: float, rng: Any) -> None:
+    for name in DEMO_BREAKERS:
+        collector.record_circuit_breaker_metric(name, "closed", 0, timestamp=start)
+    for opened in (now - 150 * 3600.0, now - 52 * 3600.0):  # external_sync tripped twice, and recovered
+        collector.record_circuit_breaker_metric("external_sync", "open", 5, previous_state="closed",
+                                                reason="5 failures within 10m", timestamp=opened)
+        collector.record_circuit_breaker_metric("external_sync", "half_open", 5, previous_state="open",
+                                                reason="open time over", timestamp=opened + 300.0)
+        collector.record_circuit_breaker_metric("external_sync", "closed", 0, previous_state="half_open",
+                                                reason="probe succeeded", timestamp=opened + 300.0 + rng.random())
+
+
+def _demo_jobs(collector: MetricsCollector, start: float, now: float, rng: Any) -> None:
+    with collector.store.write() as conn:
+        for day, began in enumerate(_demo_times(start + 3 * 3600.0, now, 86400.0)):
+            took = max(60.0, rng.gauss(1500.0, 120.0))
+            code = 23 if day == 2 else 0
+            conn.execute("INSERT INTO job_runs (run_id, job, started, ended, exit_code, outcome, attempts, output, "
+                         "cut_bytes) VALUES (?, 'backup', ?, ?, ?, ?, 1, ?, 0)",
+                         (f"demo{day}", began, began + took, code, "failure" if code else "success",
+                          b"rsync: some files vanished\n" if code else b""))
+    collector.record_many([Sample("job_duration", run[1] - run[0], {"job": "backup"}, run[1])
+                           for run in collector.store.query("SELECT started, ended FROM job_runs")])
+
+
+def _demo_alerts(db_path: str, now: float) -> None:
+    """The alert history of the week, as the channels would have left it (nothing is sent)."""
+    with AlertingSystem(os.devnull, db_path=db_path, now=lambda: now) as system:
+        with system.store.write() as conn:
+            for hours_ago, severity, title, outcomes in DEMO_ALERTS:
+                kind = "resolved" if title.startswith("RESOLVED ") else "firing"
+                alert = system.create_alert(title.replace("RESOLVED ", ""), "demo", _severity(severity))
+                alert_id = conn.execute(
+                    "INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) "
+                    "VALUES (?, ?, ?, ?, ?, ?, '{}')",
+                    (now - hours_ago * 3600.0, kind, alert.key, severity, alert.title, alert.message)).lastrowid
+                for channel, outcome in outcomes.items():
+                    system._write_delivery(conn, alert_id, channel, Delivery(outcome, 1), kind)
+
+
+def write_demo(db_path: str, days: float, seed: int, now: float) -> Dict[str, int]:
+    """A week (or ``days``) of the original document's world in a new store: the icloud and external
+    sync targets at about 92% and 75% success, three agents, breakers that tripped and recovered, a few
+    alerts, anomalies, a nightly backup job, and the verdicts of the default checks."""
+    import random
+
+    rng = random.Random(seed)
+    start = now - days * 86400.0
+    with MetricsCollector(db_path, now=lambda: now, maintain=False) as collector:
+        if collector.store.query_one("SELECT count(*) FROM samples")[0]:
+            raise MonitorError(f"store {db_path} already holds samples; the demo writes only into a new one")
+        samples: List[tuple] = []
+        for target, (every, rate, mean, spread) in DEMO_SYNC_TARGETS.items():
+            offset = rng.random()
+            for i, ts in enumerate(_demo_times(start, now, every)):
+                ok = _demo_succeeds(i, offset, rate)
+                duration = max(0.1, rng.gauss(mean, spread) * (1.0 if ok else 1.6))
+                outcome = "success" if ok else "failure"
+                samples += [(f"sync_{target}_{outcome}", duration, {"target": target}, ts),
+                            (f"sync_{target}_files", float(rng.randint(0, 40) if ok else 0), {"target": target}, ts)]
+        samples.append(("sync_icloud_success", 14.2, {"target": "icloud"}, now - 5400.0))  # one slow sync
+        for agent, (mean, spread) in DEMO_AGENTS.items():
+            offset = rng.random()
+            for i, ts in enumerate(_demo_times(start + 600.0, now, 3600.0)):
+                outcome = "success" if _demo_succeeds(i, offset, 0.98) else "failure"
+                samples.append((f"agent_{agent}_{outcome}", max(0.05, rng.gauss(mean, spread)), {"agent": agent}, ts))
+        samples.append(("agent_synthesizer_success", 9.8, {"agent": "synthesizer"}, now - 3 * 3600.0))
+        samples += [("disk_free_bytes", 80e9 - (ts - start) * 5e3 + rng.gauss(0, 2e8), {"mount": "/"}, ts)
+                    for ts in _demo_times(start, now, 600.0)]
+        collector.record_many(samples)
+        _demo_breakers(collector, start, now, rng)
+        collector.roll_up()
+        _demo_jobs(collector, start, now, rng)
+        results = run_checks(default_checks(collector), CheckContext(collector, now))
+        record_check_results(collector, results, now)
+        samples_written = collector.store.query_one("SELECT count(*) FROM samples")[0]
+    _demo_alerts(db_path, now)
+    return {"samples": samples_written, "alerts": len(DEMO_ALERTS)}
+
 
 if __name__ == "__main__":
     sys.exit(main())
