@@ -439,14 +439,19 @@ def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
     return value
 
 
-def format_span(seconds: float) -> str:
-    """A duration for people: ``45s``, ``12m``, ``1h 5m``, ``2d 3h``.
+def format_span(seconds: float, exact: bool = False) -> str:
+    """A duration for people, rounded: ``45s``, ``12m``, ``1h 5m``, ``2d 3h``. ``exact``: in the largest
+    unit that divides it, as parse_duration_s reads it back (a configured value shown again).
 
-    >>> format_span(3900)
-    '1h 5m'
+    >>> format_span(3900), format_span(3900, exact=True), format_span(90, exact=True), format_span(0.5, exact=True)
+    ('1h 5m', '65m', '90s', '0.5s')
     """
     if not math.isfinite(seconds):
         return "-"
+    if exact:
+        size, unit = next(((size, unit) for unit, size in reversed(_DURATION_UNITS_S.items())
+                           if size > 1 and seconds >= size and seconds % size == 0), (1, "s"))
+        return f"{seconds / size:g}{unit}"
     seconds = max(0, int(round(seconds)))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
@@ -502,18 +507,6 @@ def load_config(path: str, required: bool = False):
         first_line = str(err).splitlines()[0]
         raise ConfigError(f"configuration file {path}: {first_line}") from None
     return parser
-
-
-def format_duration(seconds: float) -> str:
-    """The largest whole unit: ``3600`` as ``1h``, ``90`` as ``90s``; what parse_duration_s reads back.
-
-    >>> format_duration(3600), format_duration(90), format_duration(0.5)
-    ('1h', '90s', '0.5s')
-    """
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
 
 
 ## Storage ####################################################################
@@ -3162,6 +3155,28 @@ def list_breakers(store: Store, now: float) -> List[Dict[str, Any]]:
     return [breaker_status(store, name, now) for (name,) in store.query("SELECT name FROM breakers ORDER BY name")]
 
 
+def _recorded_breaker(collector: MetricsCollector, breaker: str) -> Dict[str, Any]:
+    """State, failures and since of a breaker known only from its recorded samples."""
+    prefix = f"circuit_breaker_{breaker}_"
+    latest = collector.latest(prefix + "state")
+    failures = collector.latest(prefix + "failures")
+    if latest is None:
+        return {"state": None, "failures": None, "since": None}
+    code = latest[1]
+    state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
+    since = collector.unchanged_since(prefix + "state", code)
+    return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
+
+
+def breaker_states(collector: MetricsCollector, recorded: List[str], until: float) -> Dict[str, Dict[str, Any]]:
+    """State, failures and since of every breaker, by name: those in ``recorded`` (the ``breaker`` label
+    of the samples) and those CircuitBreaker keeps, whose table is the fresher."""
+    found = {name: _recorded_breaker(collector, name) for name in recorded}
+    for entry in list_breakers(collector.store, until):
+        found[entry["name"]] = {key: entry[key] for key in ("state", "failures", "since")}
+    return dict(sorted(found.items()))
+
+
 ## Alerting ###################################################################
 
 ALERT_SEVERITIES = ("info", "warning", "critical")  # lowest first
@@ -5255,7 +5270,7 @@ class AlertingSystem:
 
 
 def _lifecycle_lines(lifecycle: Lifecycle) -> List[str]:
-    lines = [f"repeat_interval_{severity} = {format_duration(seconds) if seconds else 'never'}"
+    lines = [f"repeat_interval_{severity} = {format_span(seconds, exact=True) if seconds else 'never'}"
              for severity, seconds in sorted(lifecycle.repeat_s.items(), key=lambda item: -ALERT_SEVERITIES.index(
                  item[0]))]
     within = f" within {lifecycle.fire_within}" if lifecycle.fire_within else ""
@@ -5282,8 +5297,9 @@ def effective_configuration(settings: AlertingSettings) -> List[str]:
     """The configuration as alerting reads it, every secret masked: what ``config`` prints."""
     masker = settings.masker()
     lines = [f"# {settings.path}" + ("" if os.path.exists(settings.path) else " (does not exist: defaults)"),
-             "[alerting]", f"dedup_window = {format_duration(settings.dedup_window_s)}",
-             f"timeout = {format_duration(settings.timeout_s)}", f"channel_budget = {format_duration(settings.budget_s)}"]
+             "[alerting]", f"dedup_window = {format_span(settings.dedup_window_s, exact=True)}",
+             f"timeout = {format_span(settings.timeout_s, exact=True)}",
+             f"channel_budget = {format_span(settings.budget_s, exact=True)}"]
     lines += _lifecycle_lines(settings.lifecycle)
     for name, spec in sorted(settings.channels.items()):
         made_by = "" if spec.section.startswith("channel:") or not spec.section else f"  # from [{spec.section}]"
@@ -5519,7 +5535,7 @@ def _epoch(text: Optional[str]) -> Optional[float]:
 def check_circuit_breakers(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Any breaker open is WARNING; one open for longer than an hour is CRITICAL."""
     now = ctx.now
-    breakers = _breaker_summaries(ctx.collector, ctx.collector.entities("breaker")["breaker"], now, now)
+    breakers = breaker_states(ctx.collector, ctx.collector.entities("breaker")["breaker"], now)
     opened = {name: _epoch(entry["since"]) for name, entry in breakers.items() if entry["state"] == "open"}
     perf = (perfdata_item(f"{spec.name}_open", len(opened), minimum=0),)
     if not opened:
@@ -5645,9 +5661,11 @@ def _finished_run_problems(run: tuple, limits: Dict[str, float]) -> List[Tuple[s
     if outcome == "unrecorded":  # its process ended before its result could be written: how it went is unknown
         return [("WARNING", "the last run ended without its result recorded (the store could not be written)")]
     if "max_duration" in limits and took > limits["max_duration"]:
-        problems.append(("WARNING", f"took {format_span(took)}, longer than {format_duration(limits['max_duration'])}"))
+        problems.append(("WARNING", f"took {format_span(took)}, longer than "
+                                    f"{format_span(limits['max_duration'], exact=True)}"))
     if "min_duration" in limits and took < limits["min_duration"]:
-        problems.append(("WARNING", f"took {format_span(took)}, less than {format_duration(limits['min_duration'])}"))
+        problems.append(("WARNING", f"took {format_span(took)}, less than "
+                                    f"{format_span(limits['min_duration'], exact=True)}"))
     return problems
 
 
@@ -5664,7 +5682,7 @@ def check_job(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     expected = spec.settings.get("expected_every")
     if expected and now - started > parse_duration_s(expected):
         problems.append(("CRITICAL", f"late: last started {format_span(now - started)} ago, expected every "
-                                     f"{format_duration(parse_duration_s(expected))}"))
+                                     f"{format_span(parse_duration_s(expected), exact=True)}"))
     limits = {key: parse_duration_s(spec.settings[key]) for key in ("max_duration", "min_duration")
               if spec.settings.get(key)}
     done = next((run for run in runs if run[1] is not None and run[3] != "skipped"), None)  # the last that ran
@@ -5672,7 +5690,7 @@ def check_job(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     running = next((run[0] for run in runs if run[1] is None and (done is None or run[0] > done[0])), None)
     if running is not None and "max_duration" in limits and now - running > limits["max_duration"]:
         problems.append(("CRITICAL", f"running for {format_span(now - running)}, longer than "
-                                     f"{format_duration(limits['max_duration'])}"))
+                                     f"{format_span(limits['max_duration'], exact=True)}"))
     if outcome == "skipped":
         problems.append(("WARNING", "the last run was skipped: the one before was still going"))
     if done is not None:
@@ -6326,28 +6344,14 @@ def recent_runs(collector: MetricsCollector, prefix: str, since: float) -> Dict[
             "anomalous": anomalous}
 
 
-def _breaker_summary(collector: MetricsCollector, breaker: str) -> Dict[str, Any]:
-    prefix = f"circuit_breaker_{breaker}_"
-    latest = collector.latest(prefix + "state")
-    failures = collector.latest(prefix + "failures")
-    if latest is None:
-        return {"state": None, "failures": None, "since": None}
-    code = latest[1]
-    state = {number: text for text, number in BREAKER_STATES.items()}.get(int(code), "unknown")
-    since = collector.unchanged_since(prefix + "state", code)
-    return {"state": state, "failures": None if failures is None else int(failures[1]), "since": iso_time(since)}
-
-
 def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: float,
                        until: float) -> Dict[str, Dict[str, Any]]:
-    """Breakers recorded as metrics, and those CircuitBreaker keeps (its table is the fresher)."""
-    found = {name: _breaker_summary(collector, name) for name in recorded}
-    for entry in list_breakers(collector.store, until):
-        found[entry["name"]] = {key: entry[key] for key in ("state", "failures", "since")}
+    """Each breaker's state, with its recent failure counts."""
+    found = breaker_states(collector, recorded, until)
     for name, entry in found.items():
         samples = _newest(collector, f"circuit_breaker_{name}_failures", since, SUMMARY_RECENT_POINTS)
         entry["recent"] = {"failures": [sample[2] for sample in reversed(samples)]}
-    return dict(sorted(found.items()))
+    return found
 
 
 def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> List[Dict[str, Any]]:
