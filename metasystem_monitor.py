@@ -5,6 +5,22 @@ Standard library only, Python 3.9+. Copy this file onto a machine and run it;
 the store is one SQLite file (~/.metasystem/metrics.db unless --db,
 METASYSTEM_DB or METASYSTEM_HOME say otherwise).
 
+The sections, in dependency order (what a part uses stands above it):
+    Constants                limits and defaults, units in their names; exit codes
+    Errors                   MonitorError and the subclasses a caller treats differently
+    Configuration and units  paths, the INI file, durations, sizes, listen addresses, secrets
+    Storage                  Store: the one SQLite connection (WAL, busy timeout, migrations)
+    Anomalies                pure functions on numbers: baselines, scores, find_anomalies
+    Metrics                  MetricsCollector: recording, window statistics, rollups, retention
+    Retry and breakers       RetryConfig, AdaptiveRetry, CircuitBreaker, the error classifier
+    Alerting                 the model; the channel registry, a class per type; settings; AlertingSystem
+    Health checks            the range syntax, a function per check type, the check registry
+    Jobs                     the run wrapper: locks, timeouts, signals, the output's tail
+    Summary                  system_summary(), read by the dashboard, --summary and serve
+    Export and serve         Prometheus and OpenMetrics text, the textfile, serve, push
+    CLI                      build_parser(), a cmd_* per subcommand, main()
+    Demo                     the demo's made-up history
+
 From cron:
     */10 * * * *  metasystem_monitor.py record-sync icloud --success --duration 2.5
     0 * * * *     df --output=avail / | tail -1 | sed 's/^/disk_avail_kb /' | metasystem_monitor.py record -
@@ -2205,6 +2221,8 @@ class MetricsCollector:
         This is the one summary that the dashboard, ``--summary`` and
         exporters read, so they always agree (``system_summary``).
         """
+        # The one reference down the file from Metrics: the original design's method, kept, while the
+        # summary itself is built in its own section from the collector's public queries.
         return system_summary(self, hours)
 
     def entities(self, *labels: str) -> Dict[str, List[str]]:
@@ -7376,7 +7394,7 @@ def cmd_demo(args) -> int:
         tempfile.mkdtemp(prefix="metasystem-demo-"), DB_FILENAME)
     if not 0 < args.days <= 366:
         raise ValidationError(f"--days must be more than 0 and at most 366, got {args.days:g}")
-    written = write_demo(db_path, args.days, args.seed, args.now())
+    written = write_demo(db_path, args.days, args.seed, args.now())  # the demo's data stands last, on its own
     print(f"demo store {db_path}: {written['samples']:,} samples over {args.days:g} days, "
           f"{written['alerts']} alerts")
     print(f"  python3 monitoring_dashboard.py --db {db_path}")
