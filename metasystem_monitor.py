@@ -839,6 +839,23 @@ def _first_line_starts(path: str, prefixes: Tuple[str, ...]) -> bool:
     return head.startswith(tuple(prefix.encode("utf-8") for prefix in prefixes))
 
 
+def _unreachable(path: str) -> str:
+    """Why ``path`` cannot be reached though it may exist: the first part of it that is a file, not a
+    folder, or a folder that cannot be searched."""
+    parts = os.path.abspath(path).split(os.sep)
+    for end in range(2, len(parts)):
+        prefix = os.sep.join(parts[:end]) or os.sep
+        try:
+            mode = os.stat(prefix).st_mode
+        except PermissionError:
+            return f"folder {os.path.dirname(prefix)} cannot be searched (permission denied)"
+        except OSError:
+            break
+        if not stat.S_ISDIR(mode):
+            return f"{prefix} is {_stat_kind(mode) if not stat.S_ISREG(mode) else 'a file'}, not a folder"
+    return "it cannot be reached"
+
+
 def output_target(path: str, option: str, *, ours: Tuple[str, ...], force: bool) -> str:
     """The regular file that writing ``path`` may replace, links resolved; ValidationError when it may not.
 
@@ -857,7 +874,8 @@ def output_target(path: str, option: str, *, ours: Tuple[str, ...], force: bool)
             raise MonitorError(f"cannot write {path}: folder {os.path.dirname(real)} does not exist") from None
         return real
     except OSError as err:
-        raise ValidationError(f"{option} {path} cannot be examined: {err.strerror or err}") from None
+        why = _unreachable(real) if err.errno in (errno.ENOTDIR, errno.EACCES) else err.strerror or str(err)
+        raise ValidationError(f"{option} {path} cannot be written: {why}; nothing was written") from None
     if not stat.S_ISREG(mode):
         raise ValidationError(f"{option} {path} is {_stat_kind(mode)}, not a regular file; nothing was written")
     if not force and not _first_line_starts(real, ours):
@@ -867,11 +885,16 @@ def output_target(path: str, option: str, *, ours: Tuple[str, ...], force: bool)
 
 
 def _refuse_special_file(path: str) -> None:
-    """A store is a regular file: a device, FIFO, socket or folder (or a link to one) is refused by name."""
+    """A store is a regular file: a device, FIFO, socket or folder (or a link to one) is refused by name,
+    and so is a path that cannot be reached (a read would otherwise find it empty)."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        return  # missing (it will be created), or a problem SQLite names itself
+    except FileNotFoundError:
+        return  # missing: it will be created, or reads as an empty store
+    except OSError as err:
+        if err.errno in (errno.ENOTDIR, errno.EACCES):
+            raise StorageError(f"store {path} cannot be reached: {_unreachable(path)}", path) from None
+        return  # a problem SQLite names itself
     if not stat.S_ISREG(mode):
         raise StorageError(f"store {path} is {_stat_kind(mode)}, not a regular file; it was left unchanged", path)
 
@@ -2164,6 +2187,10 @@ class MetricsCollector:
         successes = self.count_samples(f"{name}_success", hours)
         failures = self.count_samples(f"{name}_failure", hours)
         return successes, successes + failures
+
+    def metric_names(self) -> List[str]:
+        """Every metric name ever recorded, from the series table (no sample is read)."""
+        return [name for (name,) in self.store.query("SELECT DISTINCT name FROM series ORDER BY name")]
 
     def list_metrics(self) -> List[Dict[str, Any]]:
         """Every metric name with its sample count and the time of its last sample."""
@@ -4134,6 +4161,11 @@ class EmailChannel(_Channel):
                                 + (f": {said}" if said else ""), error_class="command")
 
 
+def _notice_severity(alert: Alert) -> str:
+    """The level a log line carries: the alert's severity, but a resolved notice is news, not an alarm."""
+    return "info" if alert.kind == "resolved" else alert.severity.value
+
+
 @register_channel
 class LogChannel(_Channel):
     """syslog through its local socket (LOG_CRIT, LOG_WARNING, LOG_INFO), else the logging module."""
@@ -4170,12 +4202,12 @@ class LogChannel(_Channel):
         line = self.line(alert)
         if address:
             try:
-                self._syslog(address, alert.severity.value, line, timeout_s)
+                self._syslog(address, _notice_severity(alert), line, timeout_s)
                 return None
             except OSError as err:
                 log.info("syslog at %s refused the alert (%s); using the logger", address, err.strerror or err)
         level = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
-        logging.getLogger("metasystem.alert").log(level[alert.severity.value], "%s", line)
+        logging.getLogger("metasystem.alert").log(level[_notice_severity(alert)], "%s", line)
         return None
 
     def _syslog(self, address: str, severity: str, line: str, timeout_s: float) -> None:
@@ -7080,13 +7112,25 @@ def _print_json(document: Dict[str, Any]) -> None:
     print(json_text(document))
 
 
-def _format_value(value: Any) -> str:
+_STATS_IN_UNIT = ("avg", "min", "max", "stddev", "latest")  # and the percentiles: in the metric's own unit
+
+
+def _format_value(value: Any, name: str = "") -> str:
+    """A statistic for people: in full (15 significant digits), and in bytes or a duration as well when
+    the metric's ``name`` says it holds them (``_bytes``, ``_seconds``)."""
     if value is None or value == []:
         return "-"
     if isinstance(value, list):
         return ", ".join(map(str, value))
+    if isinstance(value, float) and not math.isfinite(value):
+        return "out of range"
     if isinstance(value, float):
-        return f"{value:.6g}" if math.isfinite(value) else "out of range"
+        text = f"{value:.15g}"
+        if name.endswith("_bytes"):
+            return f"{text} ({format_bytes(value)})"
+        if name.endswith("_seconds"):
+            return f"{text} ({format_span(value)})"
+        return text
     return str(value)
 
 
@@ -7180,16 +7224,36 @@ def cmd_record_agent(args) -> int:
     return EXIT_OK
 
 
+def _warn_if_never_recorded(collector: MetricsCollector, name: str, endings: Tuple[str, ...] = ("",)) -> None:
+    """One stderr line when no series is called ``name`` (+ one of ``endings``): a typo, or the name
+    another command takes. The exit code stays 0: scripts rely on it."""
+    import difflib
+
+    known = collector.metric_names()
+    if any(name + ending in known for ending in endings):
+        return
+    if endings != ("",):  # a prefix: the names it is a prefix of
+        known = sorted({known_name[:-len(ending)] for known_name in known for ending in endings
+                        if ending and known_name.endswith(ending)})
+    longer = [known_name for known_name in known if known_name.startswith(name + "_")]
+    close = ([name + "_success"] if name + "_success" in longer else longer[:1]
+             ) or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    log.warning("no samples for %r%s ('metrics' lists the names)", name, hint)
+
+
 def cmd_stats(args) -> int:
     validate_name(args.name, "metric name")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
         stats = collector.get_metric_stats(args.name, args.hours, percentiles=args.percentiles)
+        if stats["count"] == 0:
+            _warn_if_never_recorded(collector, args.name)
     if args.json:
         _print_json(dict(stats, name=args.name, hours=args.hours))
         return EXIT_OK
     print(f"{args.name} (last {args.hours:g}h)")
     for key, value in stats.items():
-        print(f"  {key:<11} {_format_value(value)}")
+        print(f"  {key:<11} {_format_value(value, args.name if key in _STATS_IN_UNIT or key[1:].isdigit() else '')}")
     return EXIT_OK
 
 
@@ -7197,6 +7261,8 @@ def cmd_success_rate(args) -> int:
     validate_name(args.name, "metric name")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
         successes, attempts = collector.success_counts(args.name, args.hours)
+        if attempts == 0:
+            _warn_if_never_recorded(collector, args.name, ("_success", "_failure"))
     rate = None if attempts == 0 else 100.0 * successes / attempts
     if args.json:
         _print_json({"name": args.name, "hours": args.hours, "success_rate": rate, "attempts": attempts})
@@ -7213,6 +7279,8 @@ def cmd_anomalies(args) -> int:
     with _open_collector(args, readonly=True) as collector:
         report = collector.detect_anomalies(args.name, args.hours, method=args.method, threshold=threshold,
                                             min_samples=args.min_samples)
+        if report.n == 0:
+            _warn_if_never_recorded(collector, args.name)
     if args.json:
         _print_json(dict(report.as_json(), name=args.name, hours=args.hours))
         return EXIT_OK
@@ -7251,6 +7319,8 @@ def cmd_breakers(args) -> int:
     if args.json:
         _print_json({"breakers": breakers})
         return EXIT_OK
+    if not breakers and sys.stdout.isatty():  # a person asking; a pipe gets the empty list it expects
+        log.warning("no circuit breakers recorded")
     for breaker in breakers:
         until = f"\tuntil {breaker['open_until']}" if breaker["open_until"] else ""
         print(f"{breaker['name']}\t{breaker['state']}\t{breaker['failures']} failures in {breaker['window_s']:g} s"
@@ -8118,14 +8188,17 @@ def _stderr_logging(verbosity: int, quiet: bool) -> Iterator[None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
     level = logging.ERROR if quiet else logging.DEBUG if verbosity else logging.WARNING
-    previous = log.level
+    alerts = logging.getLogger(f"{log.name}.alert")  # the log channel's fallback: -q keeps its warnings
+    previous = log.level, alerts.level
     log.addHandler(handler)
     log.setLevel(level)
+    alerts.setLevel(min(level, logging.WARNING))
     try:
         yield
     finally:
         log.removeHandler(handler)
-        log.setLevel(previous)
+        log.setLevel(previous[0])
+        alerts.setLevel(previous[1])
 
 
 def _visible_text_arguments(args: Any) -> None:

@@ -1,0 +1,148 @@
+"""What a new user tripped over (issue 20): numbers cut to six digits, names that silently hold nothing,
+errors that named the wrong thing, an empty answer with no word, a resolved notice shown as critical."""
+
+import os
+import subprocess
+import sys
+
+import metasystem_monitor as mm
+
+from .support import SUBPROCESS_TIMEOUT_S, AlertTestCase, StoreTestCase
+
+PROG = "metasystem_monitor.py"
+T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+
+
+class CommandLine(StoreTestCase):
+    def env(self, **extra):
+        return self.child_env(METASYSTEM_DB=self.db, METASYSTEM_NOW=f"{T0:.0f}", **extra)
+
+    def run_ok(self, *args):
+        result = self.run_cli(*args, env=self.env())
+        self.assertEqual((result.returncode, result.stderr), (0, b""), result.stderr)
+        return result.stdout.decode()
+
+    def run_warned(self, *args):
+        """(stdout, stderr) of a run that exits 0."""
+        result = self.run_cli(*args, env=self.env())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.decode(), result.stderr.decode()
+
+
+class NumbersInFull(CommandLine):
+    def test_stats_prints_15_significant_digits_and_the_unit_the_name_says(self):
+        self.run_ok("record", "backup_bytes", "52428800", "--time", f"{T0 - 60:.0f}")
+        self.run_ok("record", "backup_bytes", "52428801.5", "--time", f"{T0 - 30:.0f}")
+        self.run_ok("record", "backup_seconds", "3725.5", "--time", f"{T0 - 30:.0f}")
+        self.run_ok("record", "ratio", "0.1234567890123456789", "--time", f"{T0 - 30:.0f}")
+        self.assertEqual(self.run_ok("stats", "backup_bytes").splitlines()[:7], [
+            "backup_bytes (last 24h)",
+            "  count       2",
+            "  avg         52428800.75 (52.4 MB)",
+            "  min         52428800 (52.4 MB)",
+            "  max         52428801.5 (52.4 MB)",
+            "  stddev      1.06066017177982 (1 B)",
+            "  latest      52428801.5 (52.4 MB)",
+        ])
+        self.assertEqual(self.run_ok("stats", "backup_seconds").splitlines()[2], "  avg         3725.5 (1h 2m)")
+        self.assertEqual(self.run_ok("stats", "ratio").splitlines()[2], "  avg         0.123456789012346")
+        self.assertEqual(self.run_ok("stats", "backup_bytes", "--percentiles").splitlines()[-2:],
+                         ["  p50         52428800.75 (52.4 MB)", "  p95         52428801.425 (52.4 MB)"])
+
+
+class NamesThatHoldNothing(CommandLine):
+    def setUp(self):
+        super().setUp()
+        self.run_ok("record-sync", "icloud", "--success", "--duration", "2.5")
+        self.run_ok("record", "backup_bytes", "1")
+        self.run_ok("record", "old_metric", "1", "--time", f"{T0 - 48 * 3600:.0f}")
+
+    def test_one_line_says_so_and_names_the_closest_name_and_the_exit_code_stays_0(self):
+        hint = "('metrics' lists the names)\n"
+        cases = [
+            (("stats", "sync_icloud"), f"{PROG}: warning: no samples for 'sync_icloud'; did you mean "
+                                       f"'sync_icloud_success'? {hint}"),
+            (("stats", "bakup_bytes", "--json"), f"{PROG}: warning: no samples for 'bakup_bytes'; did you mean "
+                                                 f"'backup_bytes'? {hint}"),
+            (("success-rate", "sync_iclod"), f"{PROG}: warning: no samples for 'sync_iclod'; did you mean "
+                                             f"'sync_icloud'? {hint}"),
+            (("anomalies", "backup_byte"), f"{PROG}: warning: no samples for 'backup_byte'; did you mean "
+                                           f"'backup_bytes'? {hint}"),
+            (("stats", "zzz"), f"{PROG}: warning: no samples for 'zzz' {hint}"),
+        ]
+        for args, line in cases:
+            with self.subTest(args=args):
+                self.assertEqual(self.run_warned(*args)[1], line)
+
+    def test_a_known_name_with_nothing_in_the_window_and_quiet_runs_say_nothing(self):
+        self.assertEqual(self.run_warned("stats", "old_metric")[1], "")
+        self.assertEqual(self.run_warned("success-rate", "sync_icloud", "--hours", "0.0001")[1], "")
+        self.assertEqual(self.run_warned("-q", "stats", "sync_icloud")[1], "")
+
+
+class ErrorsNameTheRealProblem(CommandLine):
+    def test_a_file_where_a_folder_should_be_is_named_by_reads_writes_and_export(self):
+        plain = os.path.join(self.tmp, "plain")
+        with open(plain, "w", encoding="utf-8") as handle:
+            handle.write("mine\n")
+        store = os.path.join(plain, "metrics.db")
+        for args, code, line in [
+            (("--db", store, "stats", "x"), 1, f"store {store} cannot be reached: {plain} is a file, not a folder"),
+            (("--db", store, "record", "x", "1"), 1,
+             f"store {store} cannot be reached: {plain} is a file, not a folder"),
+            (("--db", os.path.join(plain, "a", "b.db"), "metrics"), 1,
+             f"store {os.path.join(plain, 'a', 'b.db')} cannot be reached: {plain} is a file, not a folder"),
+            (("export", "--output", os.path.join(plain, "x.prom")), 2,
+             f"--output {os.path.join(plain, 'x.prom')} cannot be written: {plain} is a file, not a folder; "
+             "nothing was written"),
+        ]:
+            with self.subTest(args=args):
+                result = self.run_cli(*args, env=self.env())
+                self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                                 (code, b"", f"{PROG}: error: {line}\n"))
+        with open(plain, encoding="utf-8") as handle:
+            self.assertEqual(handle.read(), "mine\n")
+
+
+class EmptyAnswersInATerminal(CommandLine):
+    def test_breakers_with_none_says_so_to_a_person_and_nothing_to_a_pipe(self):
+        self.run_ok("record", "x", "1")
+        self.assertEqual(self.run_ok("breakers"), "")
+        leader, follower = os.openpty()
+        try:
+            result = subprocess.run([sys.executable, "-m", "metasystem_monitor", "breakers"], stdout=follower,
+                                    stderr=subprocess.PIPE, env=self.env(), cwd=self.tmp,
+                                    timeout=SUBPROCESS_TIMEOUT_S)
+        finally:
+            os.close(follower)
+            os.close(leader)
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (0, f"{PROG}: warning: no circuit breakers recorded\n"))
+
+
+class ResolvedIsNews(AlertTestCase):
+    def test_syslog_gets_a_resolved_notice_at_info_priority(self):
+        alerts = self.system()
+        alerts.fire("disk", "Disk full", severity=mm.AlertSeverity.CRITICAL)
+        alerts.resolve("disk")
+        alerts.resolve("disk")
+        firing, resolved = self.syslog.pending()
+        self.assertTrue(firing.startswith(b"<10>metasystem["), firing)  # user.crit
+        self.assertTrue(resolved.startswith(b"<14>metasystem["), resolved)  # user.info
+        self.assertIn(b": [RESOLVED] Disk full", resolved)
+
+    def test_without_syslog_quiet_runs_keep_warnings_and_worse_and_a_resolved_notice_is_not_critical(self):
+        self.write_config("[channel:log]\ntype = log\naddress = none\n", log_channel=False)
+        env = self.cli_env(METASYSTEM_NOW=f"{T0:.0f}")
+        runs = [self.run_cli(*args, env=env) for args in (
+            ("-q", "alert", "--warning", "Disk low", "2 GB left", "--key", "disk"),
+            ("-q", "alert", "--critical", "Disk low", "1 GB left", "--key", "disk"),
+            ("-q", "alert", "--resolve", "disk", "fine"),
+            ("-v", "alert", "--resolve", "disk", "fine"),
+        )]
+        self.assertEqual([run.returncode for run in runs], [0, 0, 0, 0])
+        self.assertEqual(runs[0].stderr.decode(), f"{PROG}: warning: [WARNING] Disk low | 2 GB left\n")
+        self.assertEqual(runs[1].stderr.decode(), f"{PROG}: critical: [CRITICAL] Disk low | severity raised from "
+                                                  "warning to critical | 1 GB left\n")
+        self.assertEqual(runs[2].stderr, b"")
+        self.assertIn(f"{PROG}: info: [RESOLVED] Disk low | resolved after 0s", runs[3].stderr.decode())
