@@ -5668,6 +5668,19 @@ def _drain(stream, tail: _Tail) -> None:
             tail.feed(chunk)
 
 
+def program_problem(program: str) -> Optional[str]:
+    """Why ``program`` (a path, or a name looked up on PATH) cannot be run, or None."""
+    import shutil
+
+    if os.sep not in program:
+        return None if shutil.which(program) else f"program {program!r} is not on PATH"
+    if not os.path.exists(program):
+        return f"program {program} does not exist"
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        return f"program {program} is not an executable file"
+    return None
+
+
 def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Any Monitoring Plugins executable: its exit code is the state, its first line the summary."""
     import shlex
@@ -5676,8 +5689,14 @@ def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     import threading
 
     argv = shlex.split(spec.settings["command"])
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+    missing = program_problem(argv[0])
+    if missing:
+        return CheckResult(spec.name, "UNKNOWN", missing)
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    except OSError as err:  # e.g. a script whose #! interpreter is missing
+        return CheckResult(spec.name, "UNKNOWN", f"{argv[0]} cannot be run: {err.strerror or err}")
     # The verdict is on the first line: keep the head, read and drop the rest (a plugin gone mad, or
     # `yes`, must not fill the memory), and end the whole group at the timeout.
     head = _Head(CHECK_OUTPUT_KEEP_BYTES)
@@ -5910,6 +5929,22 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
             if not items.get(key, "").strip():
                 problems.append((section, key, f"required for a {kind} check"))
         problems += _check_value_problems(section, check, items)
+    return problems
+
+
+def missing_programs(config) -> List[Tuple[str, str, str]]:
+    """The command checks whose program cannot be run on this machine (``config --check`` reports them; a
+    run reports the check UNKNOWN, as a missing plugin is)."""
+    import shlex
+
+    problems = []
+    for section in config.sections() if hasattr(config, "sections") else ():
+        command = config[section].get("command", "").strip() if section.startswith("check:") else ""
+        if config[section].get("type", "").strip() != "command" or not command or _command_problem(command):
+            continue
+        why = program_problem(shlex.split(command)[0])
+        if why:
+            problems.append((section, "command", why))
     return problems
 
 
@@ -7645,7 +7680,9 @@ def cmd_config(args) -> int:
     config = load_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
     settings.problems.extend(check_problems(config))
-    if not args.check:
+    if args.check:
+        settings.problems.extend(missing_programs(config))
+    else:
         print("\n".join(effective_configuration(settings)))
     for line in settings.problem_lines():
         print(line if args.check else f"{PROG}: error: {line}", file=sys.stdout if args.check else sys.stderr)

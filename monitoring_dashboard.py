@@ -36,6 +36,10 @@ MIN_SIZE = (20, 5)  # below this, one line says the terminal is too small
 HEADER_LINES = 2
 FOOTER_LINES = 1
 ESCAPE_KEY = 27
+ESCAPE_SEQUENCE_WAIT_MS = 50  # the rest of ESC [ B arrives together; a lone Escape has nothing after it
+# What a terminal that is not in keypad mode sends for the keys that scroll, after ESC and [ or O.
+ESCAPE_SEQUENCES = {"A": "KEY_UP", "B": "KEY_DOWN", "H": "KEY_HOME", "F": "KEY_END", "1~": "KEY_HOME",
+                    "7~": "KEY_HOME", "4~": "KEY_END", "8~": "KEY_END", "5~": "KEY_PPAGE", "6~": "KEY_NPAGE"}
 WIDE = 110  # from this width on, rows show more columns
 
 SPARK_UNICODE = "▁▂▃▄▅▆▇█"
@@ -320,7 +324,8 @@ def screen(summary: Dict[str, Any], width: int, height: int, *, scroll: int = 0,
     scroll = max(0, min(scroll, len(body) - room))
     shown = body[scroll:scroll + room]
     lines = header_lines(summary, width, error) + shown + [[("", "plain")]] * (room - len(shown))
-    lines.append(footer_line(width, ascii_only, scroll, len(shown), len(body)))
+    # The last cell of the screen cannot be written: the footer ends one column short of it.
+    lines.append(footer_line(width - 1, ascii_only, scroll, len(shown), len(body)))
     return [clip_line(line, width) for line in lines], scroll
 
 
@@ -412,7 +417,21 @@ class Terminal:
     def key(self, timeout_s: float) -> int:
         """The next key, or -1 after ``timeout_s``: the loop sleeps here, costing no CPU."""
         self.window.timeout(max(1, int(timeout_s * 1000)))
-        return self.window.getch()
+        key = self.window.getch()
+        return self._rest_of_escape() if key == ESCAPE_KEY else key
+
+    def _rest_of_escape(self) -> int:
+        """Escape, or the key an escape sequence curses did not know names (ESC [ B is Down)."""
+        self.window.timeout(ESCAPE_SEQUENCE_WAIT_MS)
+        following: List[int] = []
+        while len(following) < 4:
+            key = self.window.getch()
+            if key == -1:
+                break
+            following.append(key)
+            if len(following) > 1 and (chr(key).isalpha() or chr(key) == "~"):
+                break
+        return escape_key(following, self.curses)
 
     def resized(self) -> None:
         try:
@@ -489,6 +508,16 @@ class Dashboard:
                 return 0
 
 
+def escape_key(following: List[int], curses: Any) -> int:
+    """The key that ESC followed by ``following`` names: Escape alone, an arrow or paging key for ESC [ B
+    and its like, and -1 (nothing) for any other sequence, so that no unknown key quits."""
+    if not following:
+        return ESCAPE_KEY
+    text = "".join(chr(key) for key in following if 0 <= key < 128)
+    name = ESCAPE_SEQUENCES.get(text[1:]) if text[:1] in ("[", "O") else None
+    return getattr(curses, name) if name else -1
+
+
 def empty_summary() -> Dict[str, Any]:
     return {"status": "unknown", "generated_at": "-", "window_hours": mm.DEFAULT_WINDOW_HOURS, "sync": {},
             "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {}}
@@ -504,8 +533,10 @@ def build_parser():
         epilog="examples:\n  python3 monitoring_dashboard.py --refresh 5\n"
                "  python3 monitoring_dashboard.py --summary | jq .status",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", help="the SQLite store (default: $METASYSTEM_DB, else ~/.metasystem/metrics.db)")
-    parser.add_argument("--config", help="the INI file (default: $METASYSTEM_CONFIG, else beside the store)")
+    parser.add_argument("--db", help="the SQLite store (default: $METASYSTEM_DB, else $METASYSTEM_HOME/metrics.db, "
+                                     "else ~/.metasystem/metrics.db)")
+    parser.add_argument("--config", help="the INI file (default: $METASYSTEM_CONFIG, else alerting-config.ini "
+                                         "beside the store)")
     parser.add_argument("--refresh", type=_refresh_seconds, default=DEFAULT_REFRESH_S, metavar="SECONDS",
                         help=f"seconds between refreshes, {REFRESH_RANGE_S[0]} to {REFRESH_RANGE_S[1]} "
                              f"(default {DEFAULT_REFRESH_S})")
@@ -515,6 +546,7 @@ def build_parser():
     parser.add_argument("--summary", action="store_true", help="print the summary as one JSON object and exit")
     parser.add_argument("--no-color", action="store_true", help="no color (so do NO_COLOR and TERM=dumb)")
     parser.add_argument("--ascii", action="store_true", help="ASCII sparklines and marks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {mm.__version__}")
     return parser
 
 

@@ -104,6 +104,34 @@ class ErrorsNameTheRealProblem(CommandLine):
             self.assertEqual(handle.read(), "mine\n")
 
 
+class MissingPlugins(CommandLine):
+    def test_config_check_names_a_program_that_cannot_run_and_check_reports_it_unknown(self):
+        plain = os.path.join(self.tmp, "not-executable")
+        orphan = os.path.join(self.tmp, "orphan")
+        for path, mode in ((plain, 0o644), (orphan, 0o755)):
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write("#!/nonexistent/interpreter\n")
+            os.chmod(path, mode)
+        config = os.path.join(self.tmp, "checks.ini")
+        with open(config, "w", encoding="utf-8") as handle:
+            handle.write(f"[check:gone]\ntype = command\ncommand = check_nothing_here -w 1\n\n"
+                         f"[check:plain]\ntype = command\ncommand = {plain}\n\n"
+                         f"[check:orphan]\ntype = command\ncommand = {orphan}\n")
+        checked = self.run_cli("--config", config, "config", "--check", env=self.env())
+        self.assertEqual((checked.returncode, checked.stderr), (1, b""))
+        self.assertEqual(checked.stdout.decode().splitlines(), [
+            f"{config}: [check:gone] command: program 'check_nothing_here' is not on PATH",
+            f"{config}: [check:plain] command: program {plain} is not an executable file",
+        ])
+        ran = self.run_cli("--config", config, "check", "--no-alert", env=self.env())
+        self.assertEqual((ran.returncode, ran.stderr), (3, b""))
+        self.assertEqual(ran.stdout.decode().splitlines()[1:], [
+            "UNKNOWN gone: program 'check_nothing_here' is not on PATH",
+            f"UNKNOWN plain: program {plain} is not an executable file",
+            f"UNKNOWN orphan: {orphan} cannot be run: No such file or directory",
+        ])
+
+
 class EmptyAnswersInATerminal(CommandLine):
     def test_breakers_with_none_says_so_to_a_person_and_nothing_to_a_pipe(self):
         self.run_ok("record", "x", "1")
