@@ -290,7 +290,8 @@ def footer_line(width: int, ascii_only: bool, first: int, shown: int, total: int
     marks = MARKS["ascii" if ascii_only else "unicode"]
     keys = f"q quit  r refresh  h help  {marks['up']}{marks['down']} PgUp PgDn scroll"
     where = f"lines {first + 1}-{first + shown} of {total}" if total > shown else ""
-    return [(keys + " " * max(1, width - len(keys) - len(where)) + where, "dim")]
+    keys = clip(keys, width - len(where) - 1) if where else keys  # where the reader is matters more
+    return [(keys + " " * max(1, width - width_of(keys) - len(where)) + where, "dim")]
 
 
 HELP = (

@@ -103,6 +103,24 @@ class RendererTest(unittest.TestCase):
     def test_golden_plain_text_in_ascii(self):
         self.assertGolden("dashboard_once_ascii.txt", dash.plain_text(sample_summary(), ascii_only=True))
 
+    def test_the_footer_ends_before_the_last_cell_which_curses_cannot_write(self):
+        summary = sample_summary()
+        summary["sync"].update({f"target{n:02d}": summary["sync"]["icloud"] for n in range(40)})
+        for width, height in ((80, 24), (120, 30), (32, 8)):
+            with self.subTest(size=f"{width}x{height}"):
+                lines, _ = dash.screen(summary, width, height)
+                total = len(dash.body_lines(summary, width, height, False))
+                footer = dash.plain(lines[-1])
+                self.assertEqual(len(footer), width - 1)
+                self.assertRegex(footer, rf" lines 1-{height - 3} of {total}$")
+
+    def test_escape_sequences_curses_does_not_know_name_their_keys_and_a_lone_escape_quits(self):
+        for following, key in (([], dash.ESCAPE_KEY), (b"[B", curses.KEY_DOWN), (b"OA", curses.KEY_UP),
+                               (b"[5~", curses.KEY_PPAGE), (b"[6~", curses.KEY_NPAGE), (b"[H", curses.KEY_HOME),
+                               (b"[4~", curses.KEY_END), (b"[Z", -1), (b"x", -1), (b"[1;5B", -1)):
+            with self.subTest(following=following):
+                self.assertEqual(dash.escape_key(list(following), curses), key)
+
     def test_no_size_draws_past_the_window(self):
         summary = sample_summary()
         summary["sync"]["同期ターゲット"] = dict(summary["sync"]["icloud"])  # wide characters: two columns each
@@ -309,6 +327,13 @@ class SummaryCommandTest(StoreTestCase):
         with open(self.db, "rb") as handle:
             self.assertEqual(handle.read(), b"not a database at all" * 100)
 
+    def test_version_help_and_an_executable_file(self):
+        version = self.run_dashboard("--version")
+        self.assertEqual((version.returncode, version.stdout, version.stderr),
+                         (0, f"monitoring_dashboard.py {mm.__version__}\n".encode(), b""))
+        self.assertIn("$METASYSTEM_HOME", " ".join(self.run_dashboard("--help").stdout.decode().split()))
+        self.assertEqual(os.stat(DASHBOARD).st_mode & 0o111, 0o111)  # its #! line works: ./monitoring_dashboard.py
+
     def test_bad_options_are_one_line_errors(self):
         for args, code, fragment in (
                 (("--refresh", "0"), 2, "argument --refresh: must be 1 to 3600 seconds, got '0'"),
@@ -433,6 +458,18 @@ class RealScreenTest(StoreTestCase):
         os.write(term.master, b"h")
         term.read_until(b"KEYS")
         self.assertEqual(term.finish(sig=signal.SIGTERM), 128 + signal.SIGTERM)
+        self.assertTerminalRestored(term.output)
+
+    def test_an_arrow_sent_as_esc_bracket_b_scrolls_and_does_not_quit(self):
+        with mm.MetricsCollector(self.db) as metrics:  # more rows than the screen holds
+            for n in range(30):
+                metrics.record_sync_metric(f"target{n:02d}", True, 1.0)
+        term = self.start()
+        term.read_until(b"lines 1-")
+        os.write(term.master, b"\x1b[B")  # Down from a terminal that is not in keypad mode
+        term.read_until(b"2-38")  # curses redraws only what changed: lines 1-37 of N becomes 2-38
+        self.assertIsNone(term.process.poll())
+        self.assertEqual(term.finish(b"q"), 0)
         self.assertTerminalRestored(term.output)
 
     def test_sigint_restores_the_terminal(self):
