@@ -80,12 +80,14 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "ValidationError",
     "classify_error",
     "cli_clock",
+    "epoch_of",
     "find_anomalies",
     "format_span",
     "inert_text",
     "iso_time",
     "json_text",
     "load_config",
+    "local_time",
     "main",
     "mask_url",
     "parser_class",
@@ -96,6 +98,7 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "resolve_db_path",
     "system_summary",
     "window_hours",
+    "zone_name",
 ]
 
 log = logging.getLogger("metasystem")
@@ -245,6 +248,45 @@ def iso_time(ts: Optional[float]) -> Optional[str]:
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros // 1000:03d}+00:00"
+
+
+def _moment(when: Any) -> Optional[datetime]:
+    if when is None or when == "-" or when == "":
+        return None
+    try:
+        if isinstance(when, str):
+            return datetime.fromisoformat(when)
+        return datetime.fromtimestamp(float(when), timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def epoch_of(when: Any) -> Optional[float]:
+    """Epoch seconds of an ISO 8601 text (or of a number), None when it is not a time."""
+    moment = _moment(when)
+    return None if moment is None else moment.timestamp()
+
+
+def zone_name(moment: Any = None, tz: Any = None) -> str:
+    """The name of the time zone times are shown in (``EST``, ``UTC``), as of ``moment`` (default: now)."""
+    moment = (moment or datetime.now(timezone.utc)).astimezone(tz)
+    name = moment.strftime("%Z")
+    return name if name and not name.startswith(("+", "-")) else moment.strftime("UTC%z")
+
+
+def local_time(when: Any, tz: Any = None, *, seconds: bool = False, zone: bool = False) -> str:
+    """A time for people: ``12-04 20:33`` in the local time zone (``TZ``), or in ``tz``; ``-`` when unknown.
+    ``when`` is epoch seconds or the ISO 8601 text the JSON outputs keep; ``zone`` adds its name.
+
+    >>> local_time(1_800_000_000, timezone.utc, zone=True), local_time("2027-01-15T08:00:00.000+00:00", timezone.utc)
+    ('01-15 08:00 UTC', '01-15 08:00')
+    """
+    moment = _moment(when)
+    if moment is None:
+        return "-"
+    moment = moment.astimezone(tz)
+    text = moment.strftime("%m-%d %H:%M:%S" if seconds else "%m-%d %H:%M")
+    return f"{text} {zone_name(moment)}" if zone else text
 
 
 def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
@@ -5567,26 +5609,24 @@ def check_sync_recency(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     if last is None:
         ahead = ctx.collector.future_sample_time(f"sync_{target}_success")
         if ahead is not None:
-            return CheckResult(spec.name, "UNKNOWN", f"{target}: the last success is in the future ({iso_time(ahead)})")
+            return CheckResult(spec.name, "UNKNOWN",
+                               f"{target}: the last success is in the future ({local_time(ahead, zone=True)})")
         failures = ctx.collector.last_sample_time(f"sync_{target}_failure")
         what = "no success recorded" + (", only failures" if failures is not None else ", no run recorded")
         return CheckResult(spec.name, "CRITICAL", f"{target}: {what}")
     age = max(ctx.now - last, 0.0)
     state = judge(age, SECONDS, spec.warning, spec.critical)
     perf = (perfdata_item(f"{spec.name}_age", round(age), "s", spec.warning, spec.critical, 0, units=SECONDS),)
-    return CheckResult(spec.name, state, f"{target}: last success {format_span(age)} ago ({iso_time(last)})", age,
+    return CheckResult(spec.name, state, f"{target}: last success {format_span(age)} ago "
+                                         f"({local_time(last, zone=True)})", age,
                        "s", _texts(spec.warning), _texts(spec.critical), perf)
-
-
-def _epoch(text: Optional[str]) -> Optional[float]:
-    return datetime.fromisoformat(text).timestamp() if text else None
 
 
 def check_circuit_breakers(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Any breaker open is WARNING; one open for longer than an hour is CRITICAL."""
     now = ctx.now
     breakers = breaker_states(ctx.collector, ctx.collector.entities("breaker")["breaker"], now)
-    opened = {name: _epoch(entry["since"]) for name, entry in breakers.items() if entry["state"] == "open"}
+    opened = {name: epoch_of(entry["since"]) for name, entry in breakers.items() if entry["state"] == "open"}
     perf = (perfdata_item(f"{spec.name}_open", len(opened), minimum=0),)
     if not opened:
         return CheckResult(spec.name, "OK", "no circuit breaker is open", 0, perfdata=perf)
@@ -6952,7 +6992,8 @@ def status_page(summary: Dict[str, Any]) -> str:
         f'<meta http-equiv="refresh" content="{SERVE_PAGE_REFRESH_S}">',
         f"<title>metasystem: {_html(status)}</title><style>{_PAGE_STYLE}</style></head><body>",
         f'<h1>metasystem monitor: <span class="{_html(status)}">{_html(status)}</span></h1>',
-        f"<p>updated {_html(summary['generated_at'])}, window {summary['window_hours']:g} h</p>",
+        f"<p>updated {_html(local_time(summary['generated_at'], seconds=True, zone=True))}, "
+        f"window {summary['window_hours']:g} h</p>",
     ]
     parts += _page_table("Sync operations", ("state", "target", "success", "runs", "average", "recent"), [
         (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
@@ -6960,14 +7001,15 @@ def status_page(summary: Dict[str, Any]) -> str:
         for name, entry in summary["sync"].items()])
     parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
         (BREAKER_STATE_WORDS.get(entry["state"], "UNKNOWN"), name,
-         entry["state"], entry["failures"], entry["since"]) for name, entry in summary["circuit_breakers"].items()])
+         entry["state"], entry["failures"], local_time(entry["since"]))
+        for name, entry in summary["circuit_breakers"].items()])
     parts += _page_table("Agents", ("state", "agent", "success", "runs", "average", "latest", "recent"), [
         (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
          _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
         for name, entry in summary["agents"].items()])
     parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
         ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
-         alert["time"], alert["title"],
+         local_time(alert["time"]), alert["title"],
          ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
         for alert in summary["alerts"]])
     parts += _page_table("System health", ("state", "check", "summary"), [
@@ -7286,8 +7328,9 @@ def cmd_stats(args) -> int:
     if args.json:
         _print_json(dict(stats, name=args.name, hours=args.hours))
         return EXIT_OK
-    print(f"{args.name} (last {args.hours:g}h)")
+    print(f"{args.name} (last {args.hours:g}h, times {zone_name()})")
     for key, value in stats.items():
+        value = local_time(value, seconds=True) if key.endswith("_time") and value else value
         print(f"  {key:<11} {_format_value(value, args.name if key in _STATS_IN_UNIT or key[1:].isdigit() else '')}")
     return EXIT_OK
 
@@ -7319,7 +7362,7 @@ def cmd_anomalies(args) -> int:
     if args.json:
         _print_json(dict(report.as_json(), name=args.name, hours=args.hours))
         return EXIT_OK
-    heading = f"{args.name} (last {args.hours:g}h)"
+    heading = f"{args.name} (last {args.hours:g}h, times {zone_name()})"
     if report.insufficient_data:
         print(f"{heading}: insufficient data: {report.n} samples, at least {report.min_samples} needed")
         return EXIT_OK
@@ -7328,7 +7371,7 @@ def cmd_anomalies(args) -> int:
     print(f"{heading}: {len(report)} {noun} among {report.n} samples ({report.method}, threshold {report.threshold:g}; "
           f"{described})")
     for point in report:
-        print(f"  {point['time']}  {point['value']:g}  {point['reason']}")
+        print(f"  {local_time(point['time'], seconds=True)}  {point['value']:.15g}  {point['reason']}")
     return EXIT_OK
 
 
@@ -7357,9 +7400,9 @@ def cmd_breakers(args) -> int:
     if not breakers and sys.stdout.isatty():  # a person asking; a pipe gets the empty list it expects
         log.warning("no circuit breakers recorded")
     for breaker in breakers:
-        until = f"\tuntil {breaker['open_until']}" if breaker["open_until"] else ""
+        until = f"\tuntil {local_time(breaker['open_until'], zone=True)}" if breaker["open_until"] else ""
         print(f"{breaker['name']}\t{breaker['state']}\t{breaker['failures']} failures in {breaker['window_s']:g} s"
-              f"\tsince {breaker['since']}{until}")
+              f"\tsince {local_time(breaker['since'], zone=True)}{until}")
     return EXIT_OK
 
 
@@ -7406,7 +7449,7 @@ def cmd_metrics(args) -> int:
         _print_json({"metrics": metrics})
         return EXIT_OK
     for metric in metrics:
-        print(f"{metric['name']}\t{metric['count']}\t{metric['last_time']}")
+        print(f"{metric['name']}\t{metric['count']}\t{local_time(metric['last_time'], zone=True)}")
     return EXIT_OK
 
 
@@ -7638,7 +7681,7 @@ def cmd_silence(args) -> int:
     for entry in [] if args.json else silences:
         comment = f"  # {entry['comment']}" if entry["comment"] else ""
         state = "active" if entry["active"] else "scheduled"
-        print(f"{entry['id']}  {entry['match']}  until {entry['ends']}  {state}{comment}")
+        print(f"{entry['id']}  {entry['match']}  until {local_time(entry['ends'], zone=True)}  {state}{comment}")
     return EXIT_OK
 
 
@@ -7655,9 +7698,11 @@ def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
         _print_json({"firing": firing})
         return EXIT_OK
     for entry in firing:
-        channels = " ".join(f"{name}={channel['last_delivered'] or channel['held'] and 'held' or 'pending'}"
+        channels = " ".join(f"{name}={local_time(channel['last_delivered']) if channel['last_delivered'] else ''}"
+                            f"{'' if channel['last_delivered'] else 'held' if channel['held'] else 'pending'}"
                             for name, channel in entry["channels"].items())
-        print(f"{entry['key']}  {entry['severity']:<8}  since {entry['since']}  {entry['title']}  {channels}".rstrip())
+        print(f"{entry['key']}  {entry['severity']:<8}  since {local_time(entry['since'], zone=True)}  "
+              f"{entry['title']}  {channels}".rstrip())
     return EXIT_OK
 
 
@@ -7672,7 +7717,8 @@ def cmd_alerts(args) -> int:
     for entry in history:
         outcomes = " ".join(f"{name}={channel['outcome']}" for name, channel in entry["channels"].items())
         kind = f" ({entry['kind']})" if entry["kind"] != "alert" else ""
-        print(f"{entry['time']}  {entry['severity']:<8}  {entry['title']}{kind}  {outcomes}".rstrip())
+        print(f"{local_time(entry['time'], zone=True)}  {entry['severity']:<8}  {entry['title']}{kind}  "
+              f"{outcomes}".rstrip())
     return EXIT_OK
 
 

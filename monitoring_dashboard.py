@@ -148,9 +148,10 @@ def percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}%"
 
 
-def short_time(text: Optional[str]) -> str:
-    """An ISO 8601 time as 'YYYY-MM-DD HH:MM' (the summary's own offset)."""
-    return "-" if not text else text[:16].replace("T", " ")
+def ago(when: Optional[str], now: Optional[str]) -> str:
+    """How long before ``now`` (the summary's time) ``when`` was, for people: ``2h 5m ago``."""
+    then, at = mm.epoch_of(when), mm.epoch_of(now)
+    return "-" if then is None or at is None else f"{mm.format_span(at - then)} ago"
 
 
 ## Sections ####################################################################
@@ -190,7 +191,7 @@ def sync_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Li
         columns = [f"{percent(entry.get('success_rate')):>6}", f"{entry.get('attempts', 0):>4} runs",
                    f"avg {seconds(entry.get('avg_duration')):>6}"]
         if width >= WIDE:
-            columns.append(f"last ok {short_time(entry.get('last_success'))}")
+            columns.append(f"last ok {ago(entry.get('last_success'), summary.get('generated_at'))}")
         lines.append(_runs_line(target, entry, columns, width, ascii_only))
     return lines or [[("  no sync recorded in the window", "dim")]]
 
@@ -202,7 +203,7 @@ def breaker_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List
         failures = entry.get("failures")
         line: Line = [("  ", "plain"), _state_cell(mm.BREAKER_STATE_WORDS.get(state, "UNKNOWN")),
                       (" " + pad(mm.inert_text(name, ascii_only), 18) + f" {pad(state, 9)} failures "
-                       f"{'-' if failures is None else failures:>3} since {short_time(entry.get('since'))[5:]}",
+                       f"{'-' if failures is None else failures:>3} since {mm.local_time(entry.get('since'))}",
                        "plain")]
         lines.append(_with_sparkline(line, (entry.get("recent") or {}).get("failures", []), [], width, ascii_only))
     return lines or [[("  no circuit breaker recorded", "dim")]]
@@ -226,7 +227,7 @@ def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
         channels = ", ".join(f"{mm.inert_text(name, ascii_only)} {mm.inert_text(outcome, ascii_only)}"
                              for name, outcome in sorted(alert.get("channels", {}).items()))
         title = mm.inert_text(alert.get("title", ""), ascii_only)
-        lines.append([("  " + short_time(alert.get("time"))[5:] + " ", "plain"), (pad(word, 8), style),
+        lines.append([("  " + mm.local_time(alert.get("time")) + " ", "plain"), (pad(word, 8), style),
                       (f" {title}" + (f"  [{channels}]" if channels else ""), "plain")])
     hours = summary.get("window_hours", mm.DEFAULT_WINDOW_HOURS)
     return lines or [[(f"  no alerts in the past {hours:g} hours", "dim")]]
@@ -254,7 +255,7 @@ SECTIONS: Tuple[Tuple[str, str, Callable[[Dict[str, Any], int, bool], List[Line]
 
 def header_lines(summary: Dict[str, Any], width: int, error: Optional[str] = None) -> List[Line]:
     status = str(summary.get("status", "unknown")).upper()
-    updated = f"updated {str(summary.get('generated_at', '-')).replace('T', ' ')}"
+    updated = f"updated {mm.local_time(summary.get('generated_at'), seconds=True, zone=True)}"
     title = "METASYSTEM MONITOR"
     first: Line = [(title, "title"), (" " * max(1, width - len(title) - len(updated)) + updated, "plain")]
     second: Line = [("status ", "plain"), (status, status.lower()),

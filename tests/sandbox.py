@@ -22,6 +22,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 
 DEPTH = 12  # a hostile relative path may climb at most DEPTH - 1 levels and stay inside
 HOST_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/hosts", "/etc/hostname")
@@ -89,7 +90,9 @@ def _enter():
     box.before = box.fingerprint()
     for folder in (box.tmp, box.home, box.work):
         os.makedirs(folder, mode=0o700)
-    os.environ.update(HOME=box.home, TMPDIR=box.tmp, **{_MARK: root})
+    # Times are shown in the local zone: the suite's is UTC, and a test that means another says so (TZ).
+    os.environ.update(HOME=box.home, TMPDIR=box.tmp, TZ="UTC", **{_MARK: root})
+    time.tzset()
     for key in ("METASYSTEM_DB", "METASYSTEM_HOME", "METASYSTEM_CONFIG", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
         os.environ.pop(key, None)
     tempfile.tempdir = box.tmp

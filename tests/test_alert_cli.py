@@ -156,7 +156,7 @@ class AlertsCommand(AlertTestCase):
         text = self.run_cli("alerts", env=self.cli_env())
         as_json = self.run_cli("alerts", "--json", "--hours", "1", env=self.cli_env())
         self.assertEqual(text.returncode, 0)
-        self.assertRegex(text.stdout.decode(), r"^\S+  warning   Slow sync  log=sent webhook=failed\n$")
+        self.assertRegex(text.stdout.decode(), r"^\d\d-\d\d \d\d:\d\d UTC  warning   Slow sync  log=sent webhook=failed\n$")
         document = json.loads(as_json.stdout)
         self.assertEqual(document["hours"], 1.0)
         [entry] = document["alerts"]

@@ -189,8 +189,8 @@ class AnomaliesCommandTest(StoreTestCase):
         start = self.record_now(ONE_SPIKE)
         result = self.run_cli("--db", self.db, "anomalies", "lat")
         self.assertCleanExit(result, stdout=(
-            "lat (last 24h): 1 anomaly among 31 samples (robust, threshold 3.5; median 10, mad 1)\n"
-            f"  {mm.iso_time(start + 30 * 60)}  60  modified z-score 33.73 above the median 10\n"
+            "lat (last 24h, times UTC): 1 anomaly among 31 samples (robust, threshold 3.5; median 10, mad 1)\n"
+            f"  {mm.local_time(start + 30 * 60, seconds=True)}  60  modified z-score 33.73 above the median 10\n"
         ))
 
     def test_json_output(self):
@@ -215,7 +215,7 @@ class AnomaliesCommandTest(StoreTestCase):
     def test_insufficient_data(self):
         self.record_now([10, 10, 10, 10, 60])
         self.assertCleanExit(self.run_cli("--db", self.db, "anomalies", "lat"),
-                             stdout="lat (last 24h): insufficient data: 5 samples, at least 8 needed\n")
+                             stdout="lat (last 24h, times UTC): insufficient data: 5 samples, at least 8 needed\n")
         document = json.loads(self.run_cli("--db", self.db, "anomalies", "lat", "--json").stdout)
         self.assertEqual((document["insufficient_data"], document["anomalies"], document["baseline"]),
                          (True, [], {"n": 5}))

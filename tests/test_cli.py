@@ -135,7 +135,7 @@ class TheScriptItselfTest(StoreTestCase):
         self.assertCleanExit(recorded)
         read = subprocess.run([sys.executable, SCRIPT, "metrics"], capture_output=True, env=self.child_env(),
                               cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
-        self.assertCleanExit(read, 0, f"backup_bytes\t1\t{mm.iso_time(1_800_000_000)}\n")
+        self.assertCleanExit(read, 0, "backup_bytes\t1\t01-15 08:00 UTC\n")
 
 
 class ReadCommandsTest(StoreTestCase):
@@ -153,15 +153,15 @@ class ReadCommandsTest(StoreTestCase):
     def test_stats_text(self):
         result = self.run_cli("--db", self.db, "stats", "sync_icloud_success")
         self.assertCleanExit(result, stdout=(
-            "sync_icloud_success (last 24h)\n"
+            "sync_icloud_success (last 24h, times UTC)\n"
             "  count       2\n"
             "  avg         2.5\n"
             "  min         2\n"
             "  max         3\n"
             "  stddev      0.707106781186548\n"
             "  latest      3\n"
-            f"  first_time  {mm.iso_time(self.base + 300)}\n"
-            f"  last_time   {mm.iso_time(self.base + 2000)}\n"
+            f"  first_time  {mm.local_time(self.base + 300, seconds=True)}\n"
+            f"  last_time   {mm.local_time(self.base + 2000, seconds=True)}\n"
             "  tiers       hourly\n"
         ))
 
@@ -198,11 +198,11 @@ class ReadCommandsTest(StoreTestCase):
                                         b'  "success_rate": null\n}\n')
 
     def test_metrics_lists_every_name(self):
-        last = mm.iso_time(self.base + 2000)
+        last = mm.local_time(self.base + 2000, zone=True)
         self.assertCleanExit(self.run_cli("--db", self.db, "metrics"), stdout=(
-            f"old\t1\t{mm.iso_time(self.now - 30 * 3600)}\n"
+            f"old\t1\t{mm.local_time(self.now - 30 * 3600, zone=True)}\n"
             f"sync_icloud_conflicts\t3\t{last}\n"
-            f"sync_icloud_failure\t1\t{mm.iso_time(self.base + 1000)}\n"
+            f"sync_icloud_failure\t1\t{mm.local_time(self.base + 1000, zone=True)}\n"
             f"sync_icloud_files\t3\t{last}\n"
             f"sync_icloud_success\t2\t{last}\n"
         ))
@@ -397,8 +397,9 @@ class RetryAndBreakerCommandsTest(StoreTestCase):
                     breaker.call(self._timeout)
             status = breaker.status()
         result = self.run_cli("--db", self.db, "breakers")
-        self.assertCleanExit(result, stdout=f"icloud_sync\topen\t3 failures in 1800 s\tsince {status['since']}"
-                                            f"\tuntil {status['open_until']}\n")
+        self.assertCleanExit(result, stdout=f"icloud_sync\topen\t3 failures in 1800 s\t"
+                                            f"since {mm.local_time(status['since'], zone=True)}\t"
+                                            f"until {mm.local_time(status['open_until'], zone=True)}\n")
         document = json.loads(self.run_cli("--db", self.db, "breakers", "--json").stdout)
         self.assertEqual(document, {"breakers": [status]})
         self.assertCleanExit(self.run_cli("--db", self.db, "breaker", "reset", "icloud_sync"),

@@ -1,13 +1,15 @@
 """What a new user tripped over (issue 20): numbers cut to six digits, names that silently hold nothing,
 errors that named the wrong thing, an empty answer with no word, a resolved notice shown as critical."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import metasystem_monitor as mm
 
-from .support import SUBPROCESS_TIMEOUT_S, AlertTestCase, StoreTestCase
+from .support import REPO, SUBPROCESS_TIMEOUT_S, AlertTestCase, StoreTestCase
 
 PROG = "metasystem_monitor.py"
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
@@ -15,7 +17,7 @@ T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 
 class CommandLine(StoreTestCase):
     def env(self, **extra):
-        return self.child_env(METASYSTEM_DB=self.db, METASYSTEM_NOW=f"{T0:.0f}", **extra)
+        return self.child_env(**{"METASYSTEM_DB": self.db, "METASYSTEM_NOW": f"{T0:.0f}", **extra})
 
     def run_ok(self, *args):
         result = self.run_cli(*args, env=self.env())
@@ -36,7 +38,7 @@ class NumbersInFull(CommandLine):
         self.run_ok("record", "backup_seconds", "3725.5", "--time", f"{T0 - 30:.0f}")
         self.run_ok("record", "ratio", "0.1234567890123456789", "--time", f"{T0 - 30:.0f}")
         self.assertEqual(self.run_ok("stats", "backup_bytes").splitlines()[:7], [
-            "backup_bytes (last 24h)",
+            "backup_bytes (last 24h, times UTC)",
             "  count       2",
             "  avg         52428800.75 (52.4 MB)",
             "  min         52428800 (52.4 MB)",
@@ -174,3 +176,57 @@ class ResolvedIsNews(AlertTestCase):
                                                   "warning to critical | 1 GB left\n")
         self.assertEqual(runs[2].stderr, b"")
         self.assertIn(f"{PROG}: info: [RESOLVED] Disk low | resolved after 0s", runs[3].stderr.decode())
+
+
+class TimesInTheReadersZone(CommandLine):
+    """Every face shows local time with its zone, compact; JSON keeps UTC (T0 is 08:00 UTC, 03:00 EST)."""
+
+    SUMMER = T0 + 181 * 86400  # 2027-07-15 08:00 UTC, 04:00 EDT
+
+    def env(self, **extra):
+        return super().env(TZ="America/New_York", **extra)
+
+    def setUp(self):
+        super().setUp()
+        self.run_ok("record", "backup_bytes", "1", "--time", f"{T0 - 3600:.0f}")
+        synced = self.run_cli("record-sync", "icloud", "--success", "--duration", "2",
+                              env=self.env(METASYSTEM_NOW=f"{T0 - 7200:.0f}"))
+        self.assertEqual((synced.returncode, synced.stderr), (0, b""))
+
+    def test_plain_outputs_are_local_and_json_stays_utc(self):
+        stats = self.run_ok("stats", "backup_bytes").splitlines()
+        self.assertEqual((stats[0], stats[7], stats[8]), ("backup_bytes (last 24h, times EST)",
+                                                          "  first_time  01-15 02:00:00", "  last_time   01-15 02:00:00"))
+        self.assertIn("backup_bytes\t1\t01-15 02:00 EST\n", self.run_ok("metrics"))
+        document = json.loads(self.run_ok("stats", "backup_bytes", "--json"))
+        self.assertEqual(document["first_time"], "2027-01-15T07:00:00.000+00:00")
+        summer = self.run_cli("record", "late", "1", "--time", f"{self.SUMMER:.0f}",
+                              env=self.env(METASYSTEM_NOW=f"{self.SUMMER:.0f}"))
+        self.assertEqual(summer.returncode, 0, summer.stderr)
+        self.assertIn("late\t1\t07-15 04:00 EDT\n", self.run_ok("metrics"))
+
+    def test_a_check_says_when_in_local_time(self):
+        config = os.path.join(self.tmp, "checks.ini")
+        with open(config, "w", encoding="utf-8") as handle:
+            handle.write("[check:icloud]\ntype = sync_recency\ntarget = icloud\n")
+        result = self.run_cli("--config", config, "check", "--no-alert", env=self.env())
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(result.stdout.decode().splitlines()[1],
+                         "OK icloud: icloud: last success 2h ago (01-15 01:00 EST)")
+
+    def test_the_dashboard_once_shows_local_times_with_the_zone_in_its_header(self):
+        result = subprocess.run([sys.executable, os.path.join(REPO, "monitoring_dashboard.py"), "--once"],
+                                capture_output=True, env=self.env(), cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        lines = result.stdout.decode().splitlines()
+        self.assertTrue(lines[0].endswith("updated 01-15 03:00:00 EST"), lines[0])
+
+    def test_the_status_page_shows_local_times(self):
+        saved = os.environ["TZ"]
+        self.addCleanup(time.tzset)
+        self.addCleanup(os.environ.__setitem__, "TZ", saved)
+        os.environ["TZ"] = "America/New_York"
+        time.tzset()
+        summary = mm.read_summary(self.db, now=lambda: T0)
+        self.assertIn("<p>updated 01-15 03:00:00 EST, window 24 h</p>", mm.status_page(summary))
+        self.assertEqual(summary["generated_at"], "2027-01-15T08:00:00.000+00:00")
