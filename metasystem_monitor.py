@@ -7166,13 +7166,17 @@ def push(gateway: str, text: Optional[str], *, job: str = DEFAULT_PUSH_JOB, inst
 
 ## CLI ########################################################################
 
-_EXIT_CODES_HELP = """exit codes:
-  0  success (recording commands print nothing)
-  1  runtime error, one line on stderr (-v adds the traceback); a bad configuration
-  2  usage error: a bad option, argument or input value
-  3  alert, alert-test: some channels failed
-  4  alert, alert-test: no channel delivered
-  check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; run: the command's own code (124 on timeout)"""
+EXIT_CODE_TABLE = (  # what --help, help exit-codes and the man page say
+    ("0", "success (recording commands print nothing)"),
+    ("1", "runtime error, one line on stderr (-v adds the traceback); a bad configuration"),
+    ("2", "usage error: a bad option, argument or input value"),
+    ("3", "alert, alert-test: some channels failed"),
+    ("4", "alert, alert-test: no channel delivered"),
+    ("check", "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (the Monitoring Plugins codes)"),
+    ("run", "the command's own code; 124 on timeout, 75 while its breaker is open"),
+    ("130", "interrupted (SIGINT)"),
+)
+_EXIT_CODES_HELP = "exit codes:\n" + "\n".join(f"  {code:<5}  {meaning}" for code, meaning in EXIT_CODE_TABLE)
 
 _GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
 
@@ -8148,6 +8152,191 @@ def _args_demo(sub) -> None:
 
 
 # name, function, what it does, examples, its arguments: in the order --help lists them.
+def _first_paragraph(obj: Any) -> str:
+    """The first paragraph of a docstring, on one line, without reST's double backquotes."""
+    return " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")
+
+
+def _wrapped(text: str, indent: str, first: str = "") -> List[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=100, initial_indent=first or indent, subsequent_indent=indent,
+                         break_on_hyphens=False)
+
+
+def reference_exit_codes() -> List[str]:
+    return ["EXIT CODES"] + [f"  {code:<5}  {meaning}" for code, meaning in EXIT_CODE_TABLE]
+
+
+def reference_checks() -> List[str]:
+    """Every check type, from the check registry: what it does, its keys, what its thresholds compare."""
+    units = {"B": "bytes", "%": "percent", "s": "durations", "": "plain numbers"}
+    lines = ["CHECK TYPES ([check:NAME] type = ...; every one also takes " + ", ".join(CHECK_COMMON_KEYS[1:]) + ")"]
+    for kind, check in sorted(CHECK_TYPES.items()):
+        keys = [key + (" (required)" if key in check.required else "") for key in check.keys]
+        lines += _wrapped(_first_paragraph(check.function), "      ", f"  {kind}: ")
+        lines += _wrapped(f"keys: {', '.join(keys) or 'none of its own'}", "      ")
+        compares = ", ".join(units[unit] for unit in check.units) if check.units else "no thresholds"
+        defaults = f"; default warning {check.warning}, critical {check.critical}" if check.warning else ""
+        lines += _wrapped(f"compares: {compares}{defaults}" + ("" if check.needs_store else "; runs without the store"),
+                          "      ")
+    return lines
+
+
+def reference_config() -> List[str]:
+    """Every section and key of the INI file, from the tables and registries the code reads."""
+    lines = ["CONFIGURATION (alerting-config.ini beside the store, or --config, or $METASYSTEM_CONFIG)"]
+    lines += _wrapped(", ".join(STORAGE_KEYS), "              ", "  [storage]   ")
+    lines += _wrapped(", ".join(ALERTING_KEYS), "              ", "  [alerting]  ")
+    lines += _wrapped(f"{', '.join(SEED_CHANNEL_KEYS)} (each makes the channel of that name)", "              ")
+    lines += _wrapped(", ".join(SERVE_KEYS), "              ", "  [serve]     ")
+    lines += _wrapped(f"type = one of {', '.join(sorted(CHANNEL_TYPES))}; and {', '.join(CHANNEL_COMMON_KEYS[1:])}",
+                      "      ", "  [channel:NAME]  ")
+    for kind, channel in sorted(CHANNEL_TYPES.items()):
+        keys = [key + (" (required)" if key in channel.required else "") for key in channel.keys]
+        keys += [f"{key} / {key}_env / {key}_file" + (" (required)" if key in channel.required else "")
+                 for key in channel.secrets]
+        lines += _wrapped(_first_paragraph(channel), "        ", f"    {kind}: ")
+        lines += _wrapped(", ".join(keys) or "no keys of its own", "        ")
+    lines += _wrapped(f"type = one of {', '.join(sorted(CHECK_TYPES))}; and {', '.join(CHECK_COMMON_KEYS[1:])}; "
+                      "the keys of each type: help checks", "      ", "  [check:NAME]  ")
+    lines.append("  Durations: 90s, 5m, 2h, 7d. Sizes: 5GB, 10%. A secret KEY may be given as KEY_env (a variable)")
+    lines.append("  or KEY_file (a file); config --check lists every problem, config prints what is in effect.")
+    return lines
+
+
+REFERENCE_TOPICS = {"config": reference_config, "checks": reference_checks, "exit-codes": reference_exit_codes}
+
+
+def cmd_help(args) -> int:
+    if args.topic is None:
+        build_parser().print_help()
+        return EXIT_OK
+    print("\n".join(REFERENCE_TOPICS[args.topic]()))
+    return EXIT_OK
+
+
+def _args_help(sub) -> None:
+    sub.add_argument("topic", nargs="?", choices=sorted(REFERENCE_TOPICS), metavar="TOPIC",
+                     help=f"one of {', '.join(sorted(REFERENCE_TOPICS))} (none: the command list)")
+
+
+# Options whose value is a path: the shells complete file names there.
+_PATH_OPTIONS = ("--db", "--config", "--output", "--token-file")
+
+
+def completion_words(parser: Any) -> Dict[str, Dict[str, List[str]]]:
+    """For the top level ('') and each command: its ``words`` (commands, options, positional choices),
+    the ``takes_value`` options, and ``choices`` of each option that has them; read from the parser."""
+    import argparse
+
+    def words_of(one: Any) -> Dict[str, List[str]]:
+        found: Dict[str, List[str]] = {"words": [], "takes_value": []}
+        for action in one._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found["words"] += list(action.choices)
+            elif not action.option_strings:
+                found["words"] += [str(choice) for choice in action.choices or ()]
+            elif action.help != argparse.SUPPRESS or one is not parser:
+                found["words"] += action.option_strings
+                if action.nargs != 0:
+                    found["takes_value"] += action.option_strings
+                    if action.choices:
+                        for option in action.option_strings:
+                            found[option] = [str(choice) for choice in action.choices]
+        return found
+
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return {"": words_of(parser), **{name: words_of(sub) for name, sub in commands.choices.items()}}
+
+
+def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]], zsh: bool) -> str:
+    import shlex
+
+    takes_value = sorted({option for entry in table.values() for option in entry["takes_value"]})
+    values = {f"{command}:{option}": words for command, entry in table.items() for option, words in entry.items()
+              if option.startswith("-")}
+    values.update({f"*:{option}": words for option, words in names.items()})
+    cases = [f"        {key}) choices={shlex.quote(' '.join(words))};;"
+             for key, words in sorted(values.items())]
+    cases.append(f"        {'|'.join('*:' + option for option in _PATH_OPTIONS)}) "
+                 "COMPREPLY=($(compgen -f -- \"$cur\")); return;;")
+    cases.append(f"        {'|'.join('*:' + option for option in takes_value)}) return;;")
+    no_command = '""'
+    commands = [f"            {shlex.quote(name) if name else no_command}) "
+                f"choices={shlex.quote(' '.join(entry['words']))};;" for name, entry in table.items()]
+    shell = "zsh" if zsh else "bash"
+    lines = [f"# {shell} completion for {PROG}, made by '{PROG} completion {shell}'",
+             *(["autoload -U +X bashcompinit && bashcompinit"] if zsh else []),
+             "_metasystem_monitor() {",
+             '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" command="" choices="" i',
+             "    for ((i = 1; i < COMP_CWORD; i++)); do",
+             '        case "${COMP_WORDS[i]}" in',
+             f"            {'|'.join(takes_value)}) ((i++));;",
+             "            -*) ;;",
+             '            *) command="${COMP_WORDS[i]}"; break;;',
+             "        esac",
+             "    done",
+             '    case "$command:$prev" in', *cases, "        *)",
+             '            case "$command" in', *commands, "            esac;;",
+             "    esac",
+             '    COMPREPLY=($(compgen -W "$choices" -- "$cur"))',
+             "}",
+             f"complete -F _metasystem_monitor {PROG} metasystem-monitor"]
+    return "\n".join(lines) + "\n"
+
+
+def _fish_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]]) -> str:
+    import shlex
+
+    lines = [f"# fish completion for {PROG}, made by '{PROG} completion fish'"]
+    commands = [name for name in table if name]
+    for program in (PROG, "metasystem-monitor"):
+        lines.append(f"complete -c {program} -f")
+        lines += [f"complete -c {program} -n '__fish_use_subcommand' -a {shlex.quote(name)}" for name in commands]
+        for name, entry in table.items():
+            when = f"__fish_seen_subcommand_from {name}" if name else "__fish_use_subcommand"
+            for word in entry["words"]:
+                if not word.startswith("--"):
+                    if not word.startswith("-") and name:
+                        lines.append(f"complete -c {program} -n {shlex.quote(when)} -a {shlex.quote(word)}")
+                    continue
+                values = entry.get(word) or names.get(word)
+                argument = (" -r -F" if word in _PATH_OPTIONS else f" -x -a {shlex.quote(' '.join(values))}"
+                            if values else " -x" if word in entry["takes_value"] else "")
+                lines.append(f"complete -c {program} -n {shlex.quote(when)} -l {word[2:]}{argument}")
+    return "\n".join(lines) + "\n"
+
+
+def completion_script(shell: str, parser: Any, names: Dict[str, List[str]]) -> str:
+    """A completion script for ``shell``; ``names`` holds the values of options such as --only."""
+    table = completion_words(parser)
+    if shell == "fish":
+        return _fish_completion(table, names)
+    return _bash_completion(table, names, zsh=shell == "zsh")
+
+
+def _configured_names(args) -> Dict[str, List[str]]:
+    """The check and channel names of the configuration, when it can be read (completion offers them)."""
+    try:
+        config = load_config(args.config_path)
+        settings = alerting_settings(config, args.config_path)
+        checks = [spec.name for spec in configured_checks(config)] if not check_problems(config) else []
+    except (MonitorError, OSError):
+        return {}
+    return {"--only": sorted(checks) or ["disk", "database", "circuit_breaker"],
+            "--channel": sorted(settings.channels)}
+
+
+def cmd_completion(args) -> int:
+    print(completion_script(args.shell, build_parser(), _configured_names(args)), end="")
+    return EXIT_OK
+
+
+def _args_completion(sub) -> None:
+    sub.add_argument("shell", choices=("bash", "zsh", "fish"), metavar="bash|zsh|fish")
+
+
 _COMMANDS = (
     ("record", cmd_record, "store one sample, or many from stdin with '-'",
      f"  {PROG} record backup_bytes 52428800 --label host=nas\n"
@@ -8210,6 +8399,11 @@ _COMMANDS = (
      f"  {PROG} demo --days 30 --seed 4", _args_demo),
     ("config", cmd_config, "print the configuration in effect, secrets masked",
      f"  {PROG} config\n  {PROG} config --check --config /etc/metasystem/alerting-config.ini", _args_config),
+    ("help", cmd_help, "the reference: every configuration key, check type or exit code",
+     f"  {PROG} help config\n  {PROG} help checks\n  {PROG} help exit-codes", _args_help),
+    ("completion", cmd_completion, "print a completion script for bash, zsh or fish",
+     f"  {PROG} completion bash > ~/.local/share/bash-completion/completions/{PROG}\n"
+     f"  {PROG} completion fish > ~/.config/fish/completions/{PROG}.fish", _args_completion),
 )
 
 

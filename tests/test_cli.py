@@ -423,7 +423,7 @@ class HelpTest(StoreTestCase):
     def test_help_lists_exit_codes_and_each_subcommand_ends_with_examples(self):
         result = self.run_cli("--help")
         self.assertCleanExit(result, stdout=None)
-        self.assertIn("exit codes:\n  0  success", result.stdout.decode())
+        self.assertIn("exit codes:\n  0      success", result.stdout.decode())
         for command in [entry[0] for entry in mm._COMMANDS]:  # every subcommand, through main() in this process
             with self.subTest(command=command):
                 code, out, err = self.run_main(command, "--help")

@@ -51,12 +51,19 @@ class EveryCommandTakesTheOneClockTest(StoreTestCase):
             "retry-stats": self.retry_stats, "metrics": self.metrics, "alert": self.alert, "check": self.check,
             "run": self.run_job, "silence": self.silence, "alert-test": self.alert_test, "alerts": self.alerts,
             "export": self.export, "serve": self.serve, "push": self.push, "demo": self.demo,
-            "config": self.configuration,
+            "config": self.configuration, "help": self.reference, "completion": self.completion,
         }
         self.assertEqual(sorted(checks), sorted(entry[0] for entry in mm._COMMANDS))
         for name, check in checks.items():  # in this order: later ones read what earlier ones wrote
             with self.subTest(command=name):
                 check()
+
+    def reference(self):  # reads no clock: the same text at any time
+        self.assertEqual(self.cli("help", "exit-codes").splitlines()[0], "EXIT CODES")
+
+    def completion(self):  # reads no clock either
+        self.assertTrue(self.cli("completion", "bash").endswith("complete -F _metasystem_monitor "
+                                                                 "metasystem_monitor.py metasystem-monitor\n"))
 
     def record(self):
         self.cli("record", "x", "5")

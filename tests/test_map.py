@@ -20,6 +20,8 @@ REFERENCES_DOWN = {
     ("MetricsCollector", "system_summary"): "get_system_summary() is the original design's method; the summary "
                                             "is built in its own section from the collector's public queries",
     ("cmd_demo", "write_demo"): "the demo's made-up history stands last, apart from the code people read",
+    ("cmd_help", "build_parser"): "help lists the commands of the parser whose table holds help itself",
+    ("cmd_completion", "build_parser"): "completion reads the parser whose table holds completion itself",
 }
 
 
