@@ -8206,19 +8206,66 @@ def reference_config() -> List[str]:
 
 
 REFERENCE_TOPICS = {"config": reference_config, "checks": reference_checks, "exit-codes": reference_exit_codes}
+MAN_ENVIRONMENT = (
+    ("METASYSTEM_DB", "the store, when --db is not given"),
+    ("METASYSTEM_HOME", "the folder of the store and its configuration (default ~/.metasystem)"),
+    ("METASYSTEM_CONFIG", "the INI file, when --config is not given"),
+    ("METASYSTEM_NOW", "a fixed time (epoch seconds) for every command: replays and tests of cron runs"),
+    ("TZ", "the time zone times are shown in; JSON keeps UTC"),
+)
+
+
+def _roff(text: str) -> str:
+    """One line of text made safe for troff: backslashes, and a leading dot or quote."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text[:1] in (".", "'") else text
+
+
+def man_page(parser: Any) -> str:
+    """The manual page, in troff (man(7)): the commands of ``parser``, the reference and the exit codes,
+    from the same tables as --help and help TOPIC."""
+    import argparse
+
+    lines = [f'.TH METASYSTEM-MONITOR 1 "" "metasystem-monitor {__version__}" "User Commands"', ".SH NAME",
+             "metasystem-monitor \\- metrics, anomalies, retries and alerts for one machine", ".SH SYNOPSIS",
+             f".B {PROG}", "[\\fB\\-\\-db\\fR \\fIPATH\\fR] [\\fB\\-\\-config\\fR \\fIPATH\\fR] "
+             "[\\fB\\-v\\fR] [\\fB\\-q\\fR] \\fICOMMAND\\fR ...", ".SH DESCRIPTION",
+             _roff("Records metrics in a SQLite store, finds anomalies, runs health checks and cron jobs, and "
+                   "sends alerts. Every command takes --help; the global options may come before or after it."),
+             ".SH COMMANDS"]
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        lines += [".TP", f".B {_roff(name)}", _roff(sub.description), ".nf"]
+        lines += [_roff(line.strip()) for line in sub.epilog.splitlines()[1:]]  # after "examples:"
+        lines.append(".fi")
+    for title, topic in (("CONFIGURATION", reference_config), ("CHECK TYPES", reference_checks)):
+        lines += [f".SH {title}", ".nf"] + [_roff(line) for line in topic()[1:]] + [".fi"]
+    lines.append(".SH EXIT STATUS")
+    for code, meaning in EXIT_CODE_TABLE:
+        lines += [".TP", f".B {code}", _roff(meaning)]
+    lines.append(".SH ENVIRONMENT")
+    for name, meaning in MAN_ENVIRONMENT:
+        lines += [".TP", f".B {name}", _roff(meaning)]
+    lines += [".SH FILES", ".TP", ".I ~/.metasystem/metrics.db", "the store", ".TP",
+              ".I ~/.metasystem/alerting-config.ini", "channels, checks and settings", ".SH SEE ALSO",
+              ".BR monitoring-dashboard (1),", ".BR cron (8)"]
+    return "\n".join(lines) + "\n"
 
 
 def cmd_help(args) -> int:
     if args.topic is None:
         build_parser().print_help()
-        return EXIT_OK
-    print("\n".join(REFERENCE_TOPICS[args.topic]()))
+    elif args.topic == "man":
+        print(man_page(build_parser()), end="")
+    else:
+        print("\n".join(REFERENCE_TOPICS[args.topic]()))
     return EXIT_OK
 
 
 def _args_help(sub) -> None:
-    sub.add_argument("topic", nargs="?", choices=sorted(REFERENCE_TOPICS), metavar="TOPIC",
-                     help=f"one of {', '.join(sorted(REFERENCE_TOPICS))} (none: the command list)")
+    topics = sorted(REFERENCE_TOPICS) + ["man"]
+    sub.add_argument("topic", nargs="?", choices=topics, metavar="TOPIC",
+                     help=f"one of {', '.join(topics)} (man: the manual page in troff; none: the command list)")
 
 
 # Options whose value is a path: the shells complete file names there.

@@ -195,8 +195,8 @@ class TimesInTheReadersZone(CommandLine):
 
     def test_plain_outputs_are_local_and_json_stays_utc(self):
         stats = self.run_ok("stats", "backup_bytes").splitlines()
-        self.assertEqual((stats[0], stats[7], stats[8]), ("backup_bytes (last 24h, times EST)",
-                                                          "  first_time  01-15 02:00:00", "  last_time   01-15 02:00:00"))
+        self.assertEqual((stats[0], stats[7], stats[8]), (
+            "backup_bytes (last 24h, times EST)", "  first_time  01-15 02:00:00", "  last_time   01-15 02:00:00"))
         self.assertIn("backup_bytes\t1\t01-15 02:00 EST\n", self.run_ok("metrics"))
         document = json.loads(self.run_ok("stats", "backup_bytes", "--json"))
         self.assertEqual(document["first_time"], "2027-01-15T07:00:00.000+00:00")

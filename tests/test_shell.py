@@ -33,12 +33,13 @@ class Reference(StoreTestCase):
     def test_help_checks_lists_every_check_type_from_the_registry(self):
         text = self.run_ok("help", "checks")
         self.assertEqual(re.findall(r"^  (\w+): ", text, re.MULTILINE), sorted(mm.CHECK_TYPES))
-        self.assertIn("  disk: Free space of the filesystem holding path (default: the store), in bytes and percent.\n"
-                      "      keys: path\n"
-                      "      compares: bytes, percent, plain numbers; default warning 10GB:,10%:, critical 5GB:,5%:; runs\n"
-                      "      without the store\n"
-                      "  file_age: Monit's timestamp check: how long ago path was modified; a missing file is CRITICAL.\n"
-                      "      keys: path (required)\n", text)
+        self.assertIn(
+            "  disk: Free space of the filesystem holding path (default: the store), in bytes and percent.\n"
+            "      keys: path\n"
+            "      compares: bytes, percent, plain numbers; default warning 10GB:,10%:, critical 5GB:,5%:; runs\n"
+            "      without the store\n"
+            "  file_age: Monit's timestamp check: how long ago path was modified; a missing file is CRITICAL.\n"
+            "      keys: path (required)\n", text)
 
     def test_help_config_names_every_key_the_configuration_takes(self):
         text = self.run_ok("help", "config")
