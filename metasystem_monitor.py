@@ -885,7 +885,7 @@ def _unreachable(path: str) -> str:
     """Why ``path`` cannot be reached though it may exist: the first part of it that is a file, not a
     folder, or a folder that cannot be searched."""
     parts = os.path.abspath(path).split(os.sep)
-    for end in range(2, len(parts)):
+    for end in range(2, len(parts) + 1):
         prefix = os.sep.join(parts[:end]) or os.sep
         try:
             mode = os.stat(prefix).st_mode
@@ -893,7 +893,7 @@ def _unreachable(path: str) -> str:
             return f"folder {os.path.dirname(prefix)} cannot be searched (permission denied)"
         except OSError:
             break
-        if not stat.S_ISDIR(mode):
+        if end < len(parts) and not stat.S_ISDIR(mode):
             return f"{prefix} is {_stat_kind(mode) if not stat.S_ISREG(mode) else 'a file'}, not a folder"
     return "it cannot be reached"
 

@@ -3,6 +3,7 @@ errors that named the wrong thing, an empty answer with no word, a resolved noti
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +105,65 @@ class ErrorsNameTheRealProblem(CommandLine):
                                  (code, b"", f"{PROG}: error: {line}\n"))
         with open(plain, encoding="utf-8") as handle:
             self.assertEqual(handle.read(), "mine\n")
+
+    def test_a_store_in_a_folder_that_cannot_be_searched_is_named_not_read_as_empty(self):
+        locked = os.path.join(self.tmp, "locked")
+        os.mkdir(locked, 0o700)
+        store = os.path.join(locked, "metrics.db")
+        self.run_ok("--db", store, "record", "x", "1")
+        os.chmod(locked, 0o000 if os.geteuid() else 0o700)
+        self.addCleanup(os.chmod, locked, 0o700)
+        argv = [sys.executable, "-m", "metasystem_monitor", "--db", store, "stats", "x"]
+        if os.geteuid() == 0:  # root searches any folder: ask as nobody, who can reach all but the locked one
+            if not (shutil.which("setpriv") and os.path.exists("/usr/bin/python3")):
+                self.skipTest("running as root without setpriv and /usr/bin/python3: no user to be refused")
+            code = os.path.join(self.tmp, "code")
+            os.mkdir(code)
+            shutil.copy2(os.path.join(REPO, "metasystem_monitor.py"), code)
+            sandbox = os.environ["METASYSTEM_TEST_SANDBOX"]
+            above = [folder for folder in self.folders_down_to(os.path.dirname(sandbox))
+                     if not os.stat(folder).st_mode & 0o001]
+            if above:
+                self.skipTest(f"the sandbox lies below {above[0]}, which other users cannot search")
+            for folder in self.folders_down_to(self.tmp):
+                if folder == os.path.dirname(sandbox):
+                    break
+                self.addCleanup(os.chmod, folder, os.stat(folder).st_mode & 0o7777)
+                os.chmod(folder, os.stat(folder).st_mode | 0o011)  # searchable, not listable
+            os.chmod(code, 0o755)
+            os.chmod(os.path.join(code, "metasystem_monitor.py"), 0o644)
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-B",
+                    os.path.join(code, "metasystem_monitor.py"), "--db", store, "stats", "x"]
+        result = subprocess.run(argv, capture_output=True, env=self.env(), cwd="/", timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                         (1, b"", f"{PROG}: error: store {store} cannot be reached: folder {locked} cannot be "
+                                  "searched (permission denied)\n"))
+
+    @staticmethod
+    def folders_down_to(path):
+        """``path`` and every folder above it, up to the filesystem's root (excluded)."""
+        folders = []
+        while os.path.dirname(path) != path:
+            folders.append(path)
+            path = os.path.dirname(path)
+        return folders
+
+    def test_a_folder_given_as_the_store_or_the_output_is_named_a_directory(self):
+        folder = os.path.join(self.tmp, "a-folder")
+        os.mkdir(folder)
+        for args, code, line in [
+            (("--db", folder, "record", "x", "1"), 1, f"store {folder} is a directory, not a regular file; "
+                                                      "it was left unchanged"),
+            (("--db", folder, "stats", "x"), 1, f"store {folder} is a directory, not a regular file; "
+                                                "it was left unchanged"),
+            (("export", "--output", folder + "/"), 2, f"--output {folder}/ is a directory, not a regular file; "
+                                                      "nothing was written"),
+        ]:
+            with self.subTest(args=args):
+                result = self.run_cli(*args, env=self.env())
+                self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                                 (code, b"", f"{PROG}: error: {line}\n"))
+        self.assertEqual(os.listdir(folder), [])
 
 
 class MissingPlugins(CommandLine):
