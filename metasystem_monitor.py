@@ -7934,15 +7934,19 @@ def _add_outcome(sub) -> None:
     sub.add_argument("--duration", required=True, metavar="SECONDS", help="how long the run took")
 
 
-def _option_strings(parser) -> List[str]:
-    """Every option of ``parser`` and of the subcommands it has built."""
+def subcommand_parsers(parser: Any) -> Dict[str, Any]:
+    """Each subcommand's name and parser, as ``parser`` built them (argparse keeps them in its action)."""
     import argparse
 
+    return next((action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction)),
+                {})
+
+
+def _option_strings(parser) -> List[str]:
+    """Every option of ``parser`` and of the subcommands it has built."""
     found = list(parser._option_string_actions)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                found += sub._option_string_actions
+    for sub in subcommand_parsers(parser).values():
+        found += sub._option_string_actions
     return found
 
 
@@ -8224,8 +8228,6 @@ def _roff(text: str) -> str:
 def man_page(parser: Any) -> str:
     """The manual page, in troff (man(7)): the commands of ``parser``, the reference and the exit codes,
     from the same tables as --help and help TOPIC."""
-    import argparse
-
     lines = [f'.TH METASYSTEM-MONITOR 1 "" "metasystem-monitor {__version__}" "User Commands"', ".SH NAME",
              "metasystem-monitor \\- metrics, anomalies, retries and alerts for one machine", ".SH SYNOPSIS",
              f".B {PROG}", "[\\fB\\-\\-db\\fR \\fIPATH\\fR] [\\fB\\-\\-config\\fR \\fIPATH\\fR] "
@@ -8233,8 +8235,7 @@ def man_page(parser: Any) -> str:
              _roff("Records metrics in a SQLite store, finds anomalies, runs health checks and cron jobs, and "
                    "sends alerts. Every command takes --help; the global options may come before or after it."),
              ".SH COMMANDS"]
-    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    for name, sub in commands.choices.items():
+    for name, sub in subcommand_parsers(parser).items():
         lines += [".TP", f".B {_roff(name)}", _roff(sub.description), ".nf"]
         lines += [_roff(line.strip()) for line in sub.epilog.splitlines()[1:]]  # after "examples:"
         lines.append(".fi")
@@ -8293,8 +8294,7 @@ def completion_words(parser: Any) -> Dict[str, Dict[str, List[str]]]:
                             found[option] = [str(choice) for choice in action.choices]
         return found
 
-    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    return {"": words_of(parser), **{name: words_of(sub) for name, sub in commands.choices.items()}}
+    return {"": words_of(parser), **{name: words_of(sub) for name, sub in subcommand_parsers(parser).items()}}
 
 
 def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]], zsh: bool) -> str:
