@@ -51,7 +51,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, ContextManager, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import AbstractSet, Any, ContextManager, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
 __all__ = [  # sorted; also every name monitoring_dashboard.py uses
@@ -6668,7 +6668,8 @@ def _latest_values(store: Store, now: float, name: Optional[str] = None) -> List
     rows = store.query(
         f"SELECT series.name, series.labels, (SELECT value FROM samples WHERE series_id = series.id {LATEST_SQL}) "
         "FROM series WHERE ? IS NULL OR series.name = ? ORDER BY series.name, series.labels", (now, name, name))
-    return [(series_name, json.loads(labels), value) for series_name, labels, value in rows if value is not None]
+    return [(series_name, {} if labels == _NO_LABELS else json.loads(labels), value)
+            for series_name, labels, value in rows if value is not None]
 
 
 def _check_families(store: Store, now: float) -> List[MetricFamily]:
@@ -6715,15 +6716,15 @@ def _delivery_family(store: Store) -> MetricFamily:
     return family
 
 
-def prometheus_name(name: str, taken: Iterable[str] = ()) -> str:
+def prometheus_name(name: str, taken: AbstractSet[str] = frozenset()) -> str:
     """``name`` as a valid metric name under the prefix: other characters become ``_``, an ending the
-    linter keeps for counters and summaries gets ``_value``, and a name already taken a numbered suffix."""
+    linter keeps for counters and summaries gets ``_value``, and a name already ``taken`` a numbered suffix.
+    ``taken`` is read, never copied: an export of N names stays linear."""
     import re
 
     valid = PROMETHEUS_PREFIX + re.sub(r"[^a-zA-Z0-9_]", "_", name)
     if valid.endswith(_RESERVED_ENDINGS):
         valid += "_value"
-    taken = set(taken)
     candidate, number = valid, 2
     while candidate in taken:
         candidate, number = f"{valid}_{number}", number + 1
@@ -6753,7 +6754,7 @@ def _other_families(collector: MetricsCollector, taken: set) -> List[MetricFamil
     exported = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
     by_name: Dict[str, List[Tuple[Dict[str, str], float]]] = {}
     for name, labels, value in _latest_values(collector.store, collector.now()):
-        if any(label in labels and pattern.fullmatch(name) for label, pattern in exported):
+        if labels and any(label in labels and pattern.fullmatch(name) for label, pattern in exported):
             continue
         by_name.setdefault(name, []).append((labels, value))
     families = []
