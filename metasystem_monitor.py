@@ -188,7 +188,7 @@ def _shown(value: Any, limit: int = 60) -> str:
 SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
 
 CONFIG_SECTIONS = ("storage", "alerting", "serve")
-SERVE_KEYS = ("listen", "token_file")
+SERVE_KEYS = ("listen", "token_file", "cache")
 CONFIG_SECTION_PREFIXES = ("channel:", "check:")
 STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous", "busy_timeout")
 
@@ -401,6 +401,21 @@ def storage_settings(config) -> Dict[str, Any]:
     }
 
 
+def _duration_setting(items: Dict[str, str], section: str, key: str, default: float,
+                      problems: List[Tuple[str, str, str]], positive: bool = False) -> float:
+    if key not in items:
+        return default
+    try:
+        seconds = parse_duration_s(items[key])
+    except ValidationError as err:
+        problems.append((section, key, str(err)))
+        return default
+    if positive and seconds <= 0:
+        problems.append((section, key, "must be more than 0"))
+        return default
+    return seconds
+
+
 def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
     if not hasattr(config, "sections"):
         return
@@ -424,21 +439,7 @@ def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
                 parse_listen(config["serve"]["listen"])
             except ValidationError as err:
                 problems.append(("serve", "listen", str(err)))
-
-
-def _duration_setting(items: Dict[str, str], section: str, key: str, default: float,
-                      problems: List[Tuple[str, str, str]], positive: bool = False) -> float:
-    if key not in items:
-        return default
-    try:
-        seconds = parse_duration_s(items[key])
-    except ValidationError as err:
-        problems.append((section, key, str(err)))
-        return default
-    if positive and seconds <= 0:
-        problems.append((section, key, "must be more than 0"))
-        return default
-    return seconds
+        _duration_setting(dict(config["serve"]), "serve", "cache", 0.0, problems)
 
 
 def read_secret_file(path: str) -> str:
@@ -6589,6 +6590,8 @@ SERVE_REQUEST_TIMEOUT_S = 10.0  # for a client's whole request head: a slow one 
 SERVE_MAX_CONNECTIONS = 256  # at once; more are answered 503 at once, without a thread
 SERVE_BACKLOG = 128  # connections the kernel queues before accept: twenty scrapers at once are never reset
 SERVE_PAGE_REFRESH_S = 30
+DEFAULT_SERVE_CACHE_S = 5.0  # an answer is built at most this often, however many scrape it
+GZIP_MIN_BYTES = 1024  # smaller answers go as they are
 DEFAULT_PUSH_JOB = "metasystem"
 PUSH_METHODS = ("put", "post")
 
@@ -7040,7 +7043,42 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple
     return 404, "text/plain; charset=utf-8", b"not found\n"
 
 
-def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock) -> Any:
+class _Answers:
+    """A server's answers, each built at most once per ``max_age_s`` (by ``clock``) however many clients
+    ask at once: they wait for the one building it. Only successful answers are kept."""
+
+    def __init__(self, max_age_s: float, clock):
+        import threading
+
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._kept: Dict[Tuple[str, str], Tuple[float, Tuple[int, str, bytes], Dict[str, bytes]]] = {}
+
+    def get(self, key: Tuple[str, str], build) -> Tuple[Tuple[int, str, bytes], float, Dict[str, bytes]]:
+        """(the answer, its age in seconds, its encoded forms) for ``key``, built by ``build()`` when needed."""
+        with self._lock:
+            kept = self._kept.get(key)
+            at = self.clock()
+            if kept is None or not at - kept[0] < self.max_age_s:
+                kept = (at, build(), {})
+                if kept[1][0] == 200:
+                    self._kept[key] = kept
+            return kept[1], max(0.0, at - kept[0]), kept[2]
+
+
+def _gzip_wanted(accept_encoding: str) -> bool:
+    """True when Accept-Encoding names gzip (or *) without q=0."""
+    for part in accept_encoding.lower().split(","):
+        name, _, params = part.strip().partition(";")
+        weight = params.replace(" ", "").partition("q=")[2]
+        if name.strip() in ("gzip", "*") and weight not in ("0", "0.0", "0.00", "0.000"):
+            return True
+    return False
+
+
+def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock, answers: _Answers) -> Any:
+    import gzip
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
@@ -7064,15 +7102,26 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock)
 
             self.connection.settimeout(SERVE_REQUEST_TIMEOUT_S)  # the head is in: writing has its own time
             path = urlsplit(self.path).path
+            age, encoded, headers = None, None, {}
             if path != "/healthz" and token and not _bearer_matches(self.headers.get("Authorization"), token):
                 status, content_type, body = 401, "text/plain; charset=utf-8", b"a bearer token is needed\n"
+                headers["WWW-Authenticate"] = 'Bearer realm="metasystem"'
             else:
-                status, content_type, body = serve_path(path, self.headers.get("Accept", ""), db_path, hours, now)
+                accept = self.headers.get("Accept", "")
+                key = (path, "openmetrics" if path == "/metrics" and wants_openmetrics(accept) else "")
+                (status, content_type, body), age, encoded = answers.get(
+                    key, lambda: serve_path(path, accept, db_path, hours, now))
+            if age is not None and status == 200:
+                headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
+                if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
+                    if "gzip" not in encoded:
+                        encoded["gzip"] = gzip.compress(body, mtime=0)
+                    body, headers["Content-Encoding"] = encoded["gzip"], "gzip"
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", 'Bearer realm="metasystem"')
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
             if body_wanted:
                 with contextlib.suppress(ConnectionError):  # a client that left: nothing to tell it
@@ -7085,9 +7134,11 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock)
 
 
 def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
-                now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS) -> Any:
+                now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS,
+                cache_s: float = DEFAULT_SERVE_CACHE_S) -> Any:
     """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary`` and ``/``, the
-    status page. Off loopback it needs a bearer token; ``/healthz`` never does.
+    status page. Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built at
+    most once per ``cache_s`` (its ``Age`` header says how old it is) and gzipped for a client that asks.
 
     A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
     it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.
@@ -7123,7 +7174,7 @@ def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOUR
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
 
-    return Server((host, port), _handler_class(db_path, hours, token, now, clock))
+    return Server((host, port), _handler_class(db_path, hours, token, now, clock, _Answers(cache_s, clock)))
 
 
 def _grouping_segment(label: str, value: str) -> str:
@@ -7504,8 +7555,12 @@ def cmd_serve(args) -> int:
     section = dict(config["serve"]) if config.has_section("serve") else {}
     listen = args.listen or section.get("listen") or DEFAULT_LISTEN
     token = _serve_token(section.get("token_file"))
+    problems: List[Tuple[str, str, str]] = []
+    cache_s = _duration_setting(section, "serve", "cache", DEFAULT_SERVE_CACHE_S, problems)
+    if problems:
+        raise ConfigError(f"[serve] cache: {problems[0][2]}")
     try:
-        server = make_server(listen, args.db_path, hours=args.hours, token=token, now=args.now)
+        server = make_server(listen, args.db_path, hours=args.hours, token=token, now=args.now, cache_s=cache_s)
     except OSError as err:
         raise MonitorError(f"cannot listen on {listen}: {err.strerror or err}") from None
     host, port = server.server_address[:2]

@@ -382,6 +382,75 @@ class ServeTest(AlertTestCase):
         self.assertTrue(body.endswith(b"# EOF\n"))
         promparse.parse(body.decode("utf-8"), openmetrics=True)
 
+    def get_full(self, port, path, headers=None):
+        """(status, headers as a dict, body) of one GET."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
+        try:
+            connection.request("GET", path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def test_an_answer_is_built_once_per_cache_interval_and_says_its_age(self):
+        clock = FakeClock()
+        port = self.start(clock=clock.monotonic, cache_s=5.0)
+        status, headers, first = self.get_full(port, "/metrics")
+        self.assertEqual((status, headers["Age"], headers["Vary"]), (200, "0", "Accept-Encoding"))
+        self.assertIn("Date", headers)
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 10) as metrics:
+            metrics.record("fresh_metric", 42.0)
+        clock.advance(4.5)
+        status, headers, again = self.get_full(port, "/metrics")
+        self.assertEqual((status, headers["Age"], again), (200, "4", first))  # the same answer, 4 s old
+        self.assertNotIn(b"fresh_metric", again)
+        clock.advance(0.5)
+        status, headers, rebuilt = self.get_full(port, "/metrics")
+        self.assertEqual((status, headers["Age"]), (200, "0"))
+        self.assertIn(b"\nmetasystem_fresh_metric 42\n", rebuilt)
+        self.assertEqual(rebuilt.decode(), self.export_now())
+
+    def test_twenty_scrapers_at_once_get_one_answer(self):
+        clock = FakeClock()
+        port = self.start(clock=clock.monotonic)
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(self.get_full(port, "/metrics")))
+                   for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(HTTP_TIMEOUT_S)
+        self.assertEqual(len(answers), 20)
+        self.assertEqual({(status, headers["Age"], body) for status, headers, body in answers},
+                         {(200, "0", self.export_now().encode())})
+
+    def test_gzip_when_the_client_asks_and_never_when_it_refuses(self):
+        import gzip
+
+        port = self.start()
+        plain = self.get_full(port, "/metrics")[2]
+        status, headers, packed = self.get_full(port, "/metrics", {"Accept-Encoding": "br, gzip;q=0.8"})
+        self.assertEqual((status, headers["Content-Encoding"], int(headers["Content-Length"])),
+                         (200, "gzip", len(packed)))
+        self.assertEqual(gzip.decompress(packed), plain)
+        self.assertLess(len(packed), len(plain) / 3)
+        for refusing in ("gzip;q=0", "identity", ""):
+            status, headers, body = self.get_full(port, "/metrics", {"Accept-Encoding": refusing})
+            self.assertEqual((status, headers.get("Content-Encoding"), body), (200, None, plain))
+        status, headers, body = self.get_full(port, "/healthz", {"Accept-Encoding": "gzip"})
+        self.assertEqual((status, headers.get("Content-Encoding"), body), (200, None, b"ok\n"))  # too small to pack
+
+    def test_a_failed_answer_is_not_kept(self):
+        clock = FakeClock()
+        port = self.start(clock=clock.monotonic)
+        os.rename(self.db, self.db + ".away")
+        with open(self.db, "wb") as handle:
+            handle.write(b"not a store at all, but long enough to be read as one" * 20)
+        self.assertEqual(self.get_full(port, "/metrics")[0], 503)
+        os.replace(self.db + ".away", self.db)
+        status, _, body = self.get_full(port, "/metrics")
+        self.assertEqual((status, body.decode()), (200, self.export_now()))
+
     def export_now(self):
         with mm.MetricsCollector(self.db, readonly=True, now=lambda: NOW) as collector:
             return mm.export_text(collector)
@@ -463,12 +532,23 @@ class ServeTest(AlertTestCase):
         self.assertEqual(mm._serve_token(token_file), "s3cret-token")
 
     def test_the_serve_section_is_checked(self):
-        self.write_config("[serve]\nlisten = nowhere\nport = 9473\n", log_channel=False)
+        self.write_config("[serve]\nlisten = nowhere\nport = 9473\ncache = soon\n", log_channel=False)
         code, out, err = self.run_main("config", "--check", "--config", self.config_path)
         self.assertEqual((code, err), (1, ""))
         self.assertEqual(out.splitlines(), [f"{self.config_path}: [serve] port: unknown key",
                                             f"{self.config_path}: [serve] listen: listen must be HOST:PORT, "
-                                            "got 'nowhere'"])
+                                            "got 'nowhere'",
+                                            f"{self.config_path}: [serve] cache: {self.duration_error('soon')}"])
+        self.assertMainError(1, f"[serve] cache: {self.duration_error('soon')}", "--config", self.config_path,
+                             "serve", "--listen", "127.0.0.1:0")
+
+    @staticmethod
+    def duration_error(text):
+        try:
+            mm.parse_duration_s(text)
+        except mm.ValidationError as err:
+            return str(err)
+        raise AssertionError(f"{text!r} parsed")
 
     def test_a_listen_address_in_use_is_one_line(self):
         port = self.start()
