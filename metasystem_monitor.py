@@ -5428,6 +5428,7 @@ DEFAULT_SYNC_CRITICAL = "~:48h"
 DEFAULT_ANOMALY_WARNING = "3.5"  # the robust score (modified z) of the latest sample: Iglewicz and Hoaglin's cut
 DEFAULT_ANOMALY_CRITICAL = "7"
 BREAKER_CRITICAL_OPEN_S = 3600.0
+QUICK_CHECK_INTERVAL_S = DAY_S  # quick_check reads every page of the store: once a day is enough
 METRIC_STATISTICS = ("latest", "avg", "min", "max", "count", "stddev")
 CHECK_OUTPUT_LINE_CHARS = 300
 CHECK_OUTPUT_KEEP_BYTES = 65536  # of a command check's output: its first line is the verdict
@@ -5511,6 +5512,7 @@ class CheckResult(NamedTuple):
     critical: str = ""
     perfdata: Tuple[str, ...] = ()
     duration_s: float = 0.0
+    keep: Tuple[Tuple[str, float], ...] = ()  # (key, time) the store keeps for the check's next run
 
     def as_json(self) -> Dict[str, Any]:
         return {"name": self.name, "state": self.state, "summary": self.summary, "value": self.value,
@@ -5588,19 +5590,25 @@ def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 
 
 def check_database(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
-    """The store answers ``quick_check`` (``integrity_check`` with --deep); its size and WAL size."""
+    """The store answers quick_check, at most once a day as it reads the whole store (integrity_check
+    with --deep, every time); its size and WAL size."""
     path = ctx.collector.db_path
-    pragma = "integrity_check" if ctx.deep else "quick_check"
-    verdict = [row[0] for row in ctx.collector.store.query(f"PRAGMA {pragma}")]
     size = os.path.getsize(path) if os.path.exists(path) else 0
     wal = os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
     perf = (perfdata_item(f"{spec.name}_size", size, "B", minimum=0), perfdata_item(f"{spec.name}_wal", wal, "B",
                                                                                     minimum=0))
+    sizes = f"{format_bytes(size)}, WAL {format_bytes(wal)}"
+    (checked_at,) = ctx.collector.store.meta_times("quick_check_ok_at")
+    if not ctx.deep and checked_at is not None and 0 <= ctx.now - checked_at < QUICK_CHECK_INTERVAL_S:
+        return CheckResult(spec.name, "OK", f"quick_check ok {format_span(ctx.now - checked_at)} ago, {sizes}",
+                           size, "B", perfdata=perf)
+    pragma = "integrity_check" if ctx.deep else "quick_check"
+    verdict = [row[0] for row in ctx.collector.store.query(f"PRAGMA {pragma}")]
     if verdict != ["ok"]:
         return CheckResult(spec.name, "CRITICAL", f"{pragma} failed: {' '.join(verdict[:3])}"[:CHECK_OUTPUT_LINE_CHARS],
                            size, "B", perfdata=perf)
-    return CheckResult(spec.name, "OK", f"{pragma} ok, {format_bytes(size)}, WAL {format_bytes(wal)}", size, "B",
-                       perfdata=perf)
+    return CheckResult(spec.name, "OK", f"{pragma} ok, {sizes}", size, "B", perfdata=perf,
+                       keep=(("quick_check_ok_at", ctx.now),))
 
 
 def check_sync_recency(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -6076,6 +6084,8 @@ def record_check_results(collector: MetricsCollector, results: List[CheckResult]
     with collector.writing(samples) as conn:  # a writing command: the daily cleanup may follow
         conn.executemany("INSERT OR REPLACE INTO check_results (name, ts, state, summary) VALUES (?, ?, ?, ?)",
                          [(result.name, now, result.state, result.summary) for result in results])
+        for key, value in (pair for result in results for pair in result.keep):
+            _set_meta(conn, key, value)
 
 
 def _plugin_text(text: str) -> str:

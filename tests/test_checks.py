@@ -85,6 +85,21 @@ class CheckCommand(AlertTestCase):
         self.assertEqual(out[1:], lines)
         return out[0]
 
+    def test_quick_check_reads_the_store_once_a_day_and_deep_every_time(self):
+        self.write_config("")
+        sizes = r", [0-9.]+ [KMG]?B, WAL [0-9.]+ [KMG]?B$"
+        for when, summary in ((T0, r"quick_check ok"), (T0 + 3600, r"quick_check ok 1h ago"),
+                              (T0 + 86399, r"quick_check ok 23h 59m ago"), (T0 + 86400, r"quick_check ok"),
+                              (T0 + 90000, r"quick_check ok 1h ago")):
+            with self.subTest(when=when - T0):
+                result = self.check("--only", "database", when=when)
+                self.assertEqual((result.returncode, result.stderr), (0, b""))
+                self.assertRegex(result.stdout.decode().splitlines()[1], rf"^OK database: {summary}{sizes}")
+        self.assertEqual(sqlite_rows(self.db, "SELECT value FROM meta WHERE key = 'quick_check_ok_at'"),
+                         [(repr(T0 + 86400),)])
+        deep = self.check("--only", "database", "--deep", when=T0 + 90060)
+        self.assertRegex(deep.stdout.decode().splitlines()[1], rf"^OK database: integrity_check ok{sizes}")
+
     def test_the_defaults_on_a_fresh_machine(self):
         self.write_config("")
         result = self.check()
