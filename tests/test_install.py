@@ -38,16 +38,17 @@ class MakeInstall(StoreTestCase):
         self.assertEqual(self.files_under(prefix), INSTALLED)
         launcher = os.path.join(prefix, "bin", "metasystem-monitor")
         with open(launcher, encoding="utf-8") as handle:
-            self.assertEqual(handle.readline(), f"#!{sys.executable}\n")
+            self.assertEqual(handle.readline(), f"#!{sys.executable} -IS\n")
         cached = os.path.join(prefix, "lib", "metasystem-monitor", "__pycache__",
                               f"metasystem_monitor.{sys.implementation.cache_tag}.pyc")
-        env = self.child_env(PYTHONDONTWRITEBYTECODE="1", PYTHONVERBOSE="1")
-        recorded = subprocess.run([launcher, "record", "x", "1.5"], capture_output=True, env=env, cwd=self.tmp,
-                                  timeout=SUBPROCESS_TIMEOUT_S)
+        # As its #! line runs it, with -v added (-I ignores PYTHONVERBOSE): which file each import read.
+        env = self.child_env(PYTHONDONTWRITEBYTECODE="1")
+        recorded = subprocess.run([sys.executable, "-IS", "-v", launcher, "record", "x", "1.5"], capture_output=True,
+                                  env=env, cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
         self.assertEqual(recorded.returncode, 0, recorded.stderr.decode()[-2000:])
         self.assertIn(f"code object from '{cached}'", recorded.stderr.decode())
-        read = subprocess.run([launcher, "stats", "x", "--json"], capture_output=True, env=self.child_env(),
-                              cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
+        read = subprocess.run([launcher, "stats", "x", "--json"], capture_output=True, env=env, cwd=self.tmp,
+                              timeout=SUBPROCESS_TIMEOUT_S)
         self.assertEqual((read.returncode, read.stderr, b'"latest": 1.5' in read.stdout), (0, b"", True))
         dashboard = subprocess.run([os.path.join(prefix, "bin", "monitoring-dashboard"), "--version"],
                                    capture_output=True, env=self.child_env(), cwd=self.tmp,
