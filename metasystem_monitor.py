@@ -74,6 +74,7 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "RetryAfterTooLong",
     "RetryConfig",
     "SEVERITY_STATE_WORDS",
+    "SUMMARY_SECTION_ROWS",
     "Sample",
     "StorageError",
     "Store",
@@ -6389,7 +6390,8 @@ def job_report(run: JobRun, argv: List[str]) -> str:
 
 ## Summary ####################################################################
 
-SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 2  # 2: "omitted" counts, by state, the rows a section leaves out
+SUMMARY_SECTION_ROWS = 50  # sync targets or agents shown, the worst first; the rest are only counted
 SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
 SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
 SUMMARY_ALERTS = 20
@@ -6523,13 +6525,46 @@ def recorded_health(store: Store, now: float) -> Dict[str, Dict[str, Any]]:
     return health
 
 
-def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS) -> Dict[str, Any]:
+def rate_state(rate: Optional[float]) -> str:
+    """The state word of a success rate, as the dashboard and the status page color a row."""
+    if rate is None:
+        return "UNKNOWN"
+    return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
+
+
+def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], since: float, until: float,
+                 limit: Optional[int]) -> Tuple[List[str], Dict[str, int]]:
+    """The ``limit`` names (sorted) whose runs in the window are in the worst state, and how many of the
+    rest are in each state: one grouped count over the window's raw samples ranks them all (a window
+    longer than the raw retention ranks by what raw samples remain)."""
+    import collections
+
+    if limit is None or len(names) <= limit:
+        return names, {}
+    counts = dict(collector.store.query(
+        "SELECT series.name, count(*) FROM series JOIN samples ON samples.series_id = series.id "
+        "WHERE series.name >= ? AND series.name < ? AND samples.ts >= ? AND samples.ts <= ? GROUP BY series.name",
+        (prefix + "_", prefix + "`", since, until)))  # "`" is the character after "_"
+    states = {}
+    for name in names:
+        good, bad = counts.get(f"{prefix}_{name}_success", 0), counts.get(f"{prefix}_{name}_failure", 0)
+        states[name] = rate_state(100.0 * good / (good + bad) if good + bad else None)
+    ranked = sorted(names, key=lambda name: (-STATE_RANK[states[name]], name))
+    rest = collections.Counter(states[name] for name in ranked[limit:])
+    return sorted(ranked[:limit]), {state: rest[state] for state in CHECK_STATES if rest[state]}
+
+
+def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
+                   limit: Optional[int] = None) -> Dict[str, Any]:
     """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
-    recent alerts and the checks' last verdicts, over the last ``hours``."""
+    recent alerts and the checks' last verdicts, over the last ``hours``. With ``limit``, the sync and
+    agent sections hold the ``limit`` in the worst state and ``omitted`` counts the rest by state."""
     hours = window_hours(hours)
     since, until = collector.window(hours)
     entities = collector.entities("target", "breaker", "agent")
     health = recorded_health(collector.store, until)
+    targets, omitted_targets = _worst_first(collector, "sync", entities["target"], since, until, limit)
+    agents, omitted_agents = _worst_first(collector, "agent", entities["agent"], since, until, limit)
     return {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "generated_at": iso_time(until),
@@ -6537,26 +6572,28 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
         "status": summary_status(health),
         "sync": {target: dict(_sync_summary(collector, target, hours),
                               recent=recent_runs(collector, f"sync_{target}", since))
-                 for target in entities["target"]},
+                 for target in targets},
         "circuit_breakers": _breaker_summaries(collector, entities["breaker"], since, until),
         "agents": {agent: dict(_agent_summary(collector, agent, hours),
                                recent=recent_runs(collector, f"agent_{agent}", since))
-                   for agent in entities["agent"]},
+                   for agent in agents},
         "alerts": recent_alerts(collector.store, since),
         "health": health,
+        "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
+                    if counts},
     }
-
 
 def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:
     health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
     return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
             "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [],
-            "health": health}
+            "health": health, "omitted": {}}
 
 
 def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
-                 now=time.time) -> Dict[str, Any]:
-    """The summary of the store at ``db_path``, read without writing anything.
+                 now=time.time, limit: Optional[int] = SUMMARY_SECTION_ROWS) -> Dict[str, Any]:
+    """The summary of the store at ``db_path``, read without writing anything; at most ``limit`` sync
+    targets and agents, the worst first (None: all of them).
 
     A missing store reads as an empty one. A store that cannot be read gives an
     empty summary too, whose ``database`` health is CRITICAL and says why.
@@ -6564,16 +6601,9 @@ def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HO
     hours = window_hours(hours)
     try:
         with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
-            return system_summary(collector, hours)
+            return system_summary(collector, hours, limit=limit)
     except StorageError as err:
         return _unreadable_summary(err, hours, now())
-
-
-def rate_state(rate: Optional[float]) -> str:
-    """The state word of a success rate, as the dashboard and the status page color a row."""
-    if rate is None:
-        return "UNKNOWN"
-    return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
 
 
 ## Export and serve ###########################################################
@@ -6996,6 +7026,14 @@ def sparkline_svg(recent: Dict[str, List[Any]], width: int = 120, height: int = 
                    f'stroke-width="1.5"/>{marks}</svg>')
 
 
+def _page_omitted(summary: Dict[str, Any], section: str, noun: str) -> List[str]:
+    counts = summary.get("omitted", {}).get(section) or {}
+    if not counts:
+        return []
+    states = ", ".join(f'<span class="{state}">{count:,} {state}</span>' for state, count in counts.items())
+    return [f"<p>and {sum(counts.values()):,} more {noun}: {states}</p>"]
+
+
 def status_page(summary: Dict[str, Any]) -> str:
     """The summary as one HTML page: no script, inline SVG sparklines, readable on a phone, refreshing
     itself. Every text from the store is escaped and its control characters shown inert."""
@@ -7013,6 +7051,7 @@ def status_page(summary: Dict[str, Any]) -> str:
         (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
          _page_seconds(entry["avg_duration"]), sparkline_svg(entry["recent"]))
         for name, entry in summary["sync"].items()])
+    parts += _page_omitted(summary, "sync", "sync targets")
     parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
         (BREAKER_STATE_WORDS.get(entry["state"], "UNKNOWN"), name,
          entry["state"], entry["failures"], local_time(entry["since"]))
@@ -7021,6 +7060,7 @@ def status_page(summary: Dict[str, Any]) -> str:
         (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
          _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
         for name, entry in summary["agents"].items()])
+    parts += _page_omitted(summary, "agents", "agents")
     parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
         ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
          local_time(alert["time"]), alert["title"],

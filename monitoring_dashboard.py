@@ -185,6 +185,15 @@ def _runs_line(name: str, entry: Dict[str, Any], columns: List[str], width: int,
                            tuple(recent.get("failed", ())))
 
 
+def omitted_line(summary: Dict[str, Any], section: str, noun: str) -> List[Line]:
+    """``and 24,950 more sync targets: 24,900 OK, 50 UNKNOWN`` when the summary left rows out."""
+    counts = (summary.get("omitted") or {}).get(section) or {}
+    if not counts:
+        return []
+    states = ", ".join(f"{count:,} {state}" for state, count in counts.items())
+    return [[(f"  and {sum(counts.values()):,} more {noun}: {states} (--all shows every one)", "dim")]]
+
+
 def sync_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
     lines = []
     for target, entry in sorted(summary["sync"].items()):
@@ -193,7 +202,7 @@ def sync_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Li
         if width >= WIDE:
             columns.append(f"last ok {ago(entry.get('last_success'), summary.get('generated_at'))}")
         lines.append(_runs_line(target, entry, columns, width, ascii_only))
-    return lines or [[("  no sync recorded in the window", "dim")]]
+    return lines + omitted_line(summary, "sync", "sync targets") or [[("  no sync recorded in the window", "dim")]]
 
 
 def breaker_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
@@ -215,7 +224,7 @@ def agent_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
         columns = [f"{percent(entry.get('success_rate')):>6}", f"{entry.get('executions', 0):>4} runs",
                    f"avg {seconds(entry.get('avg_duration')):>6}", f"latest {seconds(entry.get('latest_duration')):>6}"]
         lines.append(_runs_line(agent, entry, columns, width, ascii_only))
-    return lines or [[("  no agent run recorded in the window", "dim")]]
+    return lines + omitted_line(summary, "agents", "agents") or [[("  no agent run recorded in the window", "dim")]]
 
 
 def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
@@ -548,6 +557,9 @@ def build_parser():
     parser.add_argument("--summary", action="store_true", help="print the summary as one JSON object and exit")
     parser.add_argument("--no-color", action="store_true", help="no color (so do NO_COLOR and TERM=dumb)")
     parser.add_argument("--ascii", action="store_true", help="ASCII sparklines and marks")
+    parser.add_argument("--all", action="store_true",
+                        help=f"every sync target and agent (default: the {mm.SUMMARY_SECTION_ROWS} in the worst state, "
+                             "the rest counted)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {mm.__version__}")
     return parser
 
@@ -601,7 +613,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
         now = mm.cli_clock()
 
         def collect() -> Dict[str, Any]:
-            return mm.read_summary(db_path, args.hours, now=now)
+            return mm.read_summary(db_path, args.hours, now=now, limit=None if args.all else mm.SUMMARY_SECTION_ROWS)
 
         if args.summary:
             sys.stdout.write(mm.json_text(collect()) + "\n")

@@ -611,6 +611,18 @@ def bench_serve_scrapes(tmp):
             server.server_close()
 
 
+def bench_summary_many_targets(tmp):
+    """read_summary at 25,000 sync targets: the worst 50 in full, the rest counted."""
+    path = os.path.join(tmp, "targets.db")
+    now = time.time()
+    with mm.MetricsCollector(path, maintain=False, now=lambda: now) as collector:
+        collector.record_many((f"sync_t{i:05d}_{outcome}", 2.0, {"target": f"t{i:05d}"}, now - delay)
+                              for i in range(25_000) for outcome, delay in (("success", 600), ("failure", 300)))
+    mm.read_summary(path, now=lambda: now)
+    ours = per_call(lambda: mm.read_summary(path, now=lambda: now), 1)
+    report("13. --summary, 25,000 sync targets", ours * 1e3, 300.0, "ms", ours / 0.3, "< 300 ms", ours < 0.3)
+
+
 def main():
     print(f"make bench on {platform.platform()}, Python {platform.python_version()}, "
           f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
@@ -632,6 +644,7 @@ def main():
         bench_serve_slow_clients(tmp)
         bench_export_names(tmp)
         bench_serve_scrapes(tmp)
+        bench_summary_many_targets(tmp)
         print(f"{sum(rows_out)} of {len(rows_out)} targets met in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

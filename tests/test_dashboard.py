@@ -32,7 +32,7 @@ COLOR_SGR = re.compile(rb"\x1b\[(?:[0-9;]*;)?(?:3[0-9]|4[0-9]|9[0-7]|10[0-7])(?:
 def sample_summary():
     """A summary as read_summary() makes it, with every kind of row the screen draws."""
     return {
-        "schema_version": 1, "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0,
+        "schema_version": 2, "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0,
         "status": "critical",
         "sync": {
             "icloud": {"success_rate": 92.5, "attempts": 40, "avg_duration": 2.34,
@@ -120,6 +120,14 @@ class RendererTest(unittest.TestCase):
                                (b"[4~", curses.KEY_END), (b"[Z", -1), (b"x", -1), (b"[1;5B", -1)):
             with self.subTest(following=following):
                 self.assertEqual(dash.escape_key(list(following), curses), key)
+
+    def test_rows_a_summary_left_out_are_counted_by_state(self):
+        summary = dict(sample_summary(), omitted={"sync": {"OK": 24950, "UNKNOWN": 3}})
+        text = dash.plain_text(summary, ascii_only=True)
+        self.assertIn("\n  and 24,953 more sync targets: 24,950 OK, 3 UNKNOWN (--all shows every one)\n", text)
+        self.assertNotIn("more agents", text)
+        self.assertIn('<p>and 24,953 more sync targets: <span class="OK">24,950 OK</span>, '
+                      '<span class="UNKNOWN">3 UNKNOWN</span></p>', mm.status_page(dict(summary, alerts=[])))
 
     def test_no_size_draws_past_the_window(self):
         summary = sample_summary()
@@ -279,10 +287,18 @@ class SummaryCommandTest(StoreTestCase):
 
     def test_summary_of_an_empty_store(self):
         result = self.run_dashboard("--summary")
-        expected = {"schema_version": 1, "generated_at": mm.iso_time(NOW), "window_hours": 24.0, "status": "unknown",
-                    "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {}}
+        expected = {"schema_version": 2, "generated_at": mm.iso_time(NOW), "window_hours": 24.0, "status": "unknown",
+                    "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {}, "omitted": {}}
         self.assertCleanExit(result, 0, json.dumps(expected, sort_keys=True, indent=2) + "\n")
         self.assertFalse(os.path.exists(self.db))
+
+    def test_summary_shows_the_worst_fifty_targets_and_all_of_them_on_request(self):
+        with mm.MetricsCollector(self.db, now=lambda: NOW) as metrics:
+            metrics.record_many((f"sync_t{i:02d}_success", 1.0, {"target": f"t{i:02d}"}, NOW - 60) for i in range(60))
+        bounded = json.loads(self.run_dashboard("--summary").stdout)
+        every = json.loads(self.run_dashboard("--summary", "--all").stdout)
+        self.assertEqual((len(bounded["sync"]), bounded["omitted"]), (50, {"sync": {"OK": 10}}))
+        self.assertEqual((len(every["sync"]), every["omitted"]), (60, {}))
 
     def test_summary_of_a_populated_store_through_json_tool(self):
         self.populate()

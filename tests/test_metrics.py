@@ -220,7 +220,7 @@ class SummaryTest(StoreTestCase):
         metrics.record_agent_metric("cataloger", 1.5, True, timestamp=start - 50)
         metrics.record_agent_metric("cataloger", 0.5, True, timestamp=start - 10)
         self.assertEqual(metrics.get_system_summary(), {
-            "schema_version": 1,
+            "schema_version": 2,
             "generated_at": mm.iso_time(start),
             "window_hours": 24.0,
             "status": "unknown",
@@ -239,6 +239,7 @@ class SummaryTest(StoreTestCase):
                                      "recent": {"durations": [1.5, 0.5], "failed": [], "anomalous": []}}},
             "alerts": [],
             "health": {},
+            "omitted": {},
         })
 
     def test_summary_of_an_empty_store(self):

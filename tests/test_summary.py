@@ -4,7 +4,7 @@ import os
 
 import metasystem_monitor as mm
 
-from .support import AlertTestCase, FakeClock, file_bytes, sqlite_rows
+from .support import AlertTestCase, FakeClock, StoreTestCase, file_bytes, sqlite_rows
 
 HOUR_S = 3600.0
 
@@ -17,8 +17,9 @@ class ReadSummaryTest(AlertTestCase):
 
     def test_a_missing_store_is_an_empty_summary_and_nothing_is_created(self):
         self.assertEqual(self.summary(), {
-            "schema_version": 1, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
+            "schema_version": 2, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
             "status": "unknown", "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {},
+            "omitted": {},
         })
         self.assertEqual(os.listdir(self.tmp), ["log.sock"])
 
@@ -132,3 +133,27 @@ class ReadSummaryTest(AlertTestCase):
         for hours in (0, -1, float("nan")):
             with self.assertRaises(mm.ValidationError):
                 mm.read_summary(self.db, hours, now=FakeClock().time)
+
+
+class ManyTargetsTest(StoreTestCase):
+    """Many sync targets: the faces show the worst and count the rest, so a refresh stays cheap."""
+
+    def test_the_worst_are_shown_the_rest_counted_by_state_and_all_on_request(self):
+        now = 1_800_000_000.0
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: now) as metrics:
+            rows = []
+            for i in range(120):
+                target = f"t{i:03d}"
+                outcome = "failure" if i % 40 == 7 else "success"  # t007, t047, t087 fail half their runs
+                rows += [(f"sync_{target}_success", 2.0, {"target": target}, now - 600),
+                         (f"sync_{target}_{outcome}", 2.0, {"target": target}, now - 300)]
+            rows += [("sync_quiet_files", 1.0, {"target": "quiet"}, now - 60)]  # runs none: UNKNOWN
+            metrics.record_many(rows)
+        bounded = mm.read_summary(self.db, now=lambda: now, limit=5)
+        self.assertEqual(list(bounded["sync"]), ["quiet", "t000", "t007", "t047", "t087"])
+        self.assertEqual(bounded["sync"]["t047"]["success_rate"], 50.0)
+        self.assertEqual(bounded["omitted"], {"sync": {"OK": 116}})
+        every = mm.read_summary(self.db, now=lambda: now, limit=None)
+        self.assertEqual((len(every["sync"]), every["omitted"]), (121, {}))
+        self.assertEqual({name: every["sync"][name] for name in bounded["sync"]}, bounded["sync"])
+        self.assertEqual(len(mm.read_summary(self.db, now=lambda: now)["sync"]), mm.SUMMARY_SECTION_ROWS)
