@@ -5590,6 +5590,82 @@ def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     return CheckResult(spec.name, state, summary, free, "B", _texts(spec.warning), _texts(spec.critical), perf)
 
 
+def check_inodes(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Free inodes of the filesystem holding ``path`` (default: the store), in number and percent."""
+    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.collector.db_path) or ".")
+    stats = os.statvfs(path)
+    if not stats.f_files:
+        return CheckResult(spec.name, "UNKNOWN", f"the filesystem of {path} does not count inodes")
+    free, total = stats.f_favail, stats.f_files
+    percent = 100.0 * free / total
+    state = worst_state([judge(free, PLAIN, spec.warning, spec.critical),
+                         judge(percent, PERCENT, spec.warning, spec.critical)])
+    perf = (perfdata_item(f"{spec.name}_free", free, "", spec.warning, spec.critical, 0, total),
+            perfdata_item(f"{spec.name}_free_percent", round(percent, 2), "%", spec.warning, spec.critical, 0, 100))
+    return CheckResult(spec.name, state, f"{free:,} inodes free of {total:,} ({percent:.1f}%) on {path}", free, "",
+                       _texts(spec.warning), _texts(spec.critical), perf)
+
+
+def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """The load average over ``minutes`` (1, 5 or 15; default 5), per CPU unless ``per_cpu = false``."""
+    minutes = spec.settings.get("minutes", "5")
+    averages = dict(zip(("1", "5", "15"), os.getloadavg()))
+    cpus = os.cpu_count() or 1
+    per_cpu = spec.settings.get("per_cpu", "true").lower() not in ("false", "no", "off", "0")
+    value = averages[minutes] / cpus if per_cpu else averages[minutes]
+    state = judge(value, PLAIN, spec.warning, spec.critical)
+    shown = " ".join(f"{average:.2f}" for average in averages.values())
+    what = f"{minutes}-minute load per CPU {value:.2f} ({cpus} CPUs)" if per_cpu else f"{minutes}-minute load"
+    perf = tuple(perfdata_item(f"{spec.name}_load{key}", round(average, 2), "", minimum=0)
+                 for key, average in averages.items())
+    if per_cpu:
+        perf += (perfdata_item(f"{spec.name}_load{minutes}_per_cpu", round(value, 3), "", spec.warning,
+                               spec.critical, 0),)
+    return CheckResult(spec.name, state, f"load {shown}; {what}", value, "", _texts(spec.warning),
+                       _texts(spec.critical), perf)
+
+
+def _tcp_reply(connection: Any, settings: Dict[str, str], timeout_s: float) -> str:
+    """What the peer says after ``send`` (escapes such as \\r\\n honoured) until it holds ``expect``."""
+    import codecs
+
+    if settings.get("send"):
+        connection.sendall(codecs.decode(settings["send"], "unicode_escape").encode("utf-8"))
+    expect = settings.get("expect", "")
+    received = b""
+    connection.settimeout(timeout_s)
+    while expect and expect.encode("utf-8") not in received and len(received) < 4096:
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received.decode("utf-8", "replace")
+
+
+def check_tcp(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """A TCP connection to ``address`` (HOST:PORT): its time to connect in seconds, and optionally the
+    reply to ``send`` holding ``expect``; refused, unreachable or an unexpected reply is CRITICAL."""
+    import socket
+
+    host, port = parse_listen(spec.settings["address"])
+    started = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=spec.timeout_s) as connection:
+            took = time.monotonic() - started
+            reply = _tcp_reply(connection, spec.settings, spec.timeout_s)
+    except OSError as err:
+        why = "no answer in time" if isinstance(err, socket.timeout) else (err.strerror or str(err)).lower()
+        return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {why}")
+    perf = (perfdata_item(f"{spec.name}_time", round(took, 6), "s", spec.warning, spec.critical, 0, units=SECONDS),)
+    expect = spec.settings.get("expect", "")
+    if expect and expect not in reply:
+        return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: the reply does not hold {expect!r}: "
+                                                  f"{_one_line(reply)[:80]!r}", took, "s", perfdata=perf)
+    state = judge(took, SECONDS, spec.warning, spec.critical)
+    return CheckResult(spec.name, state, f"{host}:{port} answered in {took * 1000:.1f} ms", took, "s",
+                       _texts(spec.warning), _texts(spec.critical), perf)
+
+
 def check_database(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """The store answers quick_check, at most once a day as it reads the whole store (integrity_check
     with --deep, every time); its size and WAL size."""
@@ -5863,10 +5939,13 @@ CHECK_TYPES = {
     "disk": CheckType(check_disk, ("path",), (), ("B", "%", ""), DEFAULT_DISK_WARNING, DEFAULT_DISK_CRITICAL,
                       needs_store=False),
     "file_age": CheckType(check_file_age, ("path",), ("path",), SECONDS, needs_store=False),
+    "inodes": CheckType(check_inodes, ("path",), (), ("%", ""), "10%:", "5%:", needs_store=False),
     "job": CheckType(check_job, ("job", "expected_every", "max_duration", "min_duration"), ("job",)),
+    "load": CheckType(check_load, ("minutes", "per_cpu"), (), PLAIN, "~:2", "~:4", needs_store=False),
     "metric": CheckType(check_metric, ("metric", "hours", "statistic"), ("metric",), ANY_UNIT),
     "sync_recency": CheckType(check_sync_recency, ("target",), ("target",), SECONDS, DEFAULT_SYNC_WARNING,
                               DEFAULT_SYNC_CRITICAL),
+    "tcp": CheckType(check_tcp, ("address", "send", "expect"), ("address",), SECONDS, needs_store=False),
 }
 
 
@@ -5923,6 +6002,24 @@ def _is_positive_number(text: str) -> bool:
         return False
 
 
+def _minutes_problem(text: str) -> Optional[str]:
+    return None if text in ("1", "5", "15") else f"{_shown(text)} is not 1, 5 or 15"
+
+
+def _bool_problem(text: str) -> Optional[str]:
+    problems: List[Tuple[str, str, str]] = []
+    _bool_setting({"value": text}, "", "value", True, problems)
+    return problems[0][2] if problems else None
+
+
+def _address_problem(text: str) -> Optional[str]:
+    try:
+        parse_listen(text)
+    except ValidationError:
+        return f"{_shown(text)} is not HOST:PORT"
+    return None
+
+
 def _hours_problem(text: str) -> Optional[str]:
     return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
 
@@ -5943,6 +6040,7 @@ def _command_problem(text: str) -> Optional[str]:
 
 # What a value of a check key must be; a check type that takes the key gets the rule.
 _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_problem,
+                      "minutes": _minutes_problem, "per_cpu": _bool_problem, "address": _address_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
                       "statistic": _statistic_problem, "command": _command_problem}
 

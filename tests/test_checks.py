@@ -203,7 +203,7 @@ class CheckCommand(AlertTestCase):
             f"{self.config_path}: [check:y] job: required for a job check",
             f"{self.config_path}: [check:y] expected_every: 'often' is not a duration such as 90s, 5m, 2h or 7d",
             f"{self.config_path}: [check:z] type: 'nope' is not one of anomaly, circuit_breaker, command, database, "
-            "disk, file_age, job, metric, sync_recency",
+            "disk, file_age, inodes, job, load, metric, sync_recency, tcp",
             f"{self.config_path}: [check:age] critical: '5GB:': a file_age check compares durations, plain numbers",
             f"{self.config_path}: [check:db] warning: a database check takes no thresholds",
         ])
@@ -358,3 +358,81 @@ class MutantsThatSurvivedTest(AlertTestCase):
         self.assertNotIn("unexpected", out + err)
         self.assertIn(f"{self.config_path}: [check:x] command: required for a command check", out + err)
         self.assertIn(f"{self.config_path}: [check:y] command: cannot be split into words", out + err)
+
+
+class MachineChecksTest(AlertTestCase):
+    """inodes, load and tcp: built-in check types that read the machine itself, against real sources."""
+
+    def check(self, config, *args):
+        self.write_config(config, log_channel=False)
+        return self.run_cli("check", "--no-alert", *args, env=self.cli_env(METASYSTEM_NOW=repr(T0)))
+
+    def lines(self, result):
+        return result.stdout.decode().splitlines()
+
+    def test_inodes_and_load_judge_what_the_kernel_says(self):
+        folder = os.statvfs(self.tmp)
+        if not folder.f_files:
+            self.skipTest("this folder's filesystem counts no inodes")
+        fine = self.check(f"[check:ino]\ntype = inodes\npath = {self.tmp}\n\n"
+                          "[check:load]\ntype = load\nwarning = ~:100000\n")
+        self.assertEqual((fine.returncode, fine.stderr), (0, b""))
+        ino, load = self.lines(fine)[1:]
+        self.assertRegex(ino, rf"^OK ino: [0-9,]+ inodes free of {folder.f_files:,} \([0-9.]+%\) on "
+                         + re.escape(self.tmp) + "$")
+        self.assertRegex(load, rf"^OK load: load [0-9.]+ [0-9.]+ [0-9.]+; 5-minute load per CPU [0-9.]+ "
+                         rf"\({os.cpu_count()} CPUs\)$")
+        self.assertIn("'ino_free_percent'=", self.lines(fine)[0])
+        forced = self.check(f"[check:ino]\ntype = inodes\npath = {self.tmp}\ncritical = @0%:100%\n\n"
+                            "[check:load]\ntype = load\nminutes = 15\nper_cpu = false\nwarning = @0:1000000\n")
+        self.assertEqual(forced.returncode, 2)
+        self.assertTrue(self.lines(forced)[1].startswith("CRITICAL ino: "))
+        self.assertRegex(self.lines(forced)[2], r"^WARNING load: load [0-9. ]+; 15-minute load$")
+
+    def test_tcp_connects_sends_and_expects(self):
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        said = []
+
+        def serve():
+            for _ in range(2):
+                connection, _ = listener.accept()
+                with connection:
+                    connection.settimeout(5)
+                    said.append(connection.recv(64) if len(said) else b"")
+                    connection.sendall(b"SSH-2.0-test\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        ok = self.check(f"[check:ssh]\ntype = tcp\naddress = 127.0.0.1:{port}\nexpect = SSH-\n")
+        self.assertEqual(ok.returncode, 0, ok.stdout)
+        self.assertRegex(self.lines(ok)[1], rf"^OK ssh: 127\.0\.0\.1:{port} answered in [0-9.]+ ms$")
+        wrong = self.check(f"[check:ssh]\ntype = tcp\naddress = 127.0.0.1:{port}\nsend = HELLO\\r\\n\n"
+                           "expect = HTTP/\ntimeout = 2s\n")
+        self.assertEqual(self.lines(wrong)[1], f"CRITICAL ssh: 127.0.0.1:{port}: the reply does not hold 'HTTP/': "
+                                               "'SSH-2.0-test'")
+        self.assertEqual(said[1:], [b"HELLO\r\n"])
+        thread.join(10)  # it accepts no more: closing the socket now refuses the next connection
+        listener.close()
+        refused = self.check(f"[check:ssh]\ntype = tcp\naddress = 127.0.0.1:{port}\n")
+        self.assertEqual((refused.returncode, self.lines(refused)[1]),
+                         (2, f"CRITICAL ssh: 127.0.0.1:{port}: connection refused"))
+
+    def test_the_new_keys_are_checked(self):
+        self.write_config("[check:a]\ntype = load\nminutes = 10\nper_cpu = maybe\n\n[check:b]\ntype = tcp\n\n"
+                          "[check:c]\ntype = tcp\naddress = nowhere\n", log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check:a] minutes: '10' is not 1, 5 or 15",
+            f"{self.config_path}: [check:a] per_cpu: 'maybe' is not true or false",
+            f"{self.config_path}: [check:b] address: required for a tcp check",
+            f"{self.config_path}: [check:c] address: 'nowhere' is not HOST:PORT",
+        ])
