@@ -6212,6 +6212,9 @@ JOB_TRANSIENT_EXIT_CODES = (75, 124)  # EX_TEMPFAIL, and our own timeout
 EXIT_TIMEOUT = 124  # what timeout(1) exits with
 JOB_RETRY_BACKOFF_S = 1.0
 JOB_RETRY_BACKOFF_CAP_S = 60.0
+PING_BODY_BYTES = 10_000  # of the output's tail: what a self-hosted healthchecks.io keeps of a ping
+PING_ATTEMPTS = 3
+PING_PAUSE_S = 1.0  # before the second attempt; twice that before the third
 
 
 class JobRun(NamedTuple):
@@ -6470,6 +6473,58 @@ class JobRunner:
         except StorageError as err:
             return run._replace(store_error=err)
         return run
+
+
+def ping_url(base: str, signal: str, run_id: str) -> str:
+    """``base`` with ``/signal`` (start, fail, log or an exit code; nothing for success) and ``?rid=``:
+    the healthchecks.io ping protocol, which Uptime Kuma push monitors and Cronitor also take."""
+    from urllib.parse import urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(base)
+    path = parts.path.rstrip("/") + (f"/{signal}" if signal else "")
+    query = "&".join(part for part in (parts.query, urlencode({"rid": run_id})) if part)
+    return urlunsplit(parts._replace(path=path or "/", query=query))
+
+
+def send_ping(base: str, signal: str, run_id: str, body: bytes = b"", *, budget_s: float = DEFAULT_ALERT_TIMEOUT_S,
+              clock=time.monotonic, sleep=time.sleep) -> Optional[str]:
+    """POST one ping, tried again after a timeout, a failed connection, 408, 429 or 5xx while ``budget_s``
+    lasts; None when the service took it, else why not in one line (the URL masked). It never raises: a
+    ping must not change what the job did, nor hold it up past the budget."""
+    url = ping_url(base, signal, run_id)
+    deadline = clock() + budget_s
+    why = f"no answer within {budget_s:g} s"
+    for attempt in range(1, PING_ATTEMPTS + 1):
+        left = deadline - clock()
+        if left <= 0:
+            break
+        try:
+            reply = http_request("POST", url, body[-PING_BODY_BYTES:], {"Content-Type": "text/plain; charset=utf-8"},
+                                 left, tls_context(True) if url.startswith("https:") else None)
+        except (OSError, ValueError) as err:
+            why = _error_text(err)
+        else:
+            said = _one_line(reply.body.decode("utf-8", "replace"))[:80]
+            if 200 <= reply.status < 300 and "not found" in said.lower():  # healthchecks' answer to a typo
+                return f"ping to {mask_url(url)}: the service answered {said!r}: is the URL right?"
+            if 200 <= reply.status < 300:
+                return None
+            why = f"HTTP {reply.status}" + (f": {said}" if said else "")
+            if classify_http_status(reply.status) != "transient":
+                break
+        if attempt < PING_ATTEMPTS:
+            sleep(min(PING_PAUSE_S * attempt, max(0.0, deadline - clock())))
+    return f"ping to {mask_url(url)} failed: {why}"
+
+
+def ping_signal(run: JobRun) -> str:
+    """The ping that ends a run: nothing for success, the exit code, ``fail`` when there is none, and
+    ``log`` for a run skipped because another still holds its lock."""
+    if run.outcome == "skipped":
+        return "log"
+    if run.outcome == "success":
+        return ""
+    return str(run.exit_code) if run.exit_code is not None and 0 <= run.exit_code <= 255 else "fail"
 
 
 def job_report(run: JobRun, argv: List[str]) -> str:
@@ -8034,6 +8089,29 @@ def cmd_check(args) -> int:
     return _report_checks(args, results)
 
 
+class _Ping:
+    """The pings of one run: ``start`` as it is made, then its end, each tried within the alert timeout."""
+
+    def __init__(self, args):
+        import uuid
+
+        try:
+            _checked_url(args.ping)
+        except ValueError as err:
+            raise ValidationError(f"--ping: {err}") from None
+        try:
+            self.budget_s = alerting_settings(load_config(args.config_path), args.config_path).timeout_s
+        except MonitorError:
+            self.budget_s = DEFAULT_ALERT_TIMEOUT_S
+        self.url, self.run_id = args.ping, str(uuid.uuid4())
+        self.send("start")
+
+    def send(self, signal: str, body: bytes = b"") -> None:
+        problem = send_ping(self.url, signal, self.run_id, body, budget_s=self.budget_s)
+        if problem:
+            log.warning("%s", problem)
+
+
 def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill_after_s: float,
                     err: MonitorError, now=time.time) -> JobRun:
     """The job run once, without a store (no lock, retries or breaker: each needs it)."""
@@ -8067,6 +8145,7 @@ def cmd_run(args) -> int:
     if timeout_s == 0:
         raise ValidationError("--timeout must be more than 0")
     kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
+    ping = _Ping(args) if args.ping else None
     try:
         collector = _open_collector(args, readonly=False)
     except (StorageError, ConfigError) as err:  # the job matters more than its record: run it anyway
@@ -8077,6 +8156,8 @@ def cmd_run(args) -> int:
             run = JobRunner(collector, now=args.now).run(args.name, argv, timeout_s=timeout_s,
                                                              retries=args.retries, lock=args.lock,
                                                              kill_after_s=kill_after_s, breaker=breaker)
+    if ping is not None:
+        ping.send(ping_signal(run), run.output)
     if run.outcome == "skipped":
         log.warning("run %s: skipped: another run of it still holds its lock", run.job)
         return EXIT_OK
@@ -8325,6 +8406,9 @@ def _args_run(sub) -> None:
     sub.add_argument("--quiet-on-success", action="store_true",
                      help="print nothing when the command succeeds (what run always does, as chronic)")
     sub.add_argument("--breaker", metavar="BREAKER", help="fail fast (exit 75) while this circuit breaker is open")
+    sub.add_argument("--ping", metavar="URL",
+                     help="a healthchecks.io-style ping URL: URL/start before, URL on success, URL/CODE on failure, "
+                          "the output's tail as the body; heard when the machine itself goes quiet")
     sub.set_defaults(command=[])  # what follows '--': main() takes it off before argparse sees it
 
 

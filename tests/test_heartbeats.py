@@ -1,0 +1,81 @@
+"""Heard when the machine dies: run --ping speaks the healthchecks.io protocol to a real server on 127.0.0.1."""
+
+import re
+
+import metasystem_monitor as mm
+
+from .servers import HTTPServer, Reply
+from .support import AlertTestCase, FakeClock
+
+TOKEN = "8f14e45f-ceea-467f-a0e6-secret-ping-token"
+
+
+class PingTest(AlertTestCase):
+    def test_one_ping_is_tried_again_on_503_within_its_budget_and_not_after_a_404(self):
+        clock = FakeClock()
+        with HTTPServer(Reply(503, "busy"), Reply(503, "busy"), Reply(200, "OK")) as service:
+            taken = mm.send_ping(service.url(f"/{TOKEN}"), "", "rid-1", b"all good\n", budget_s=10.0,
+                                 clock=clock.monotonic, sleep=clock.sleep)
+        self.assertIsNone(taken)
+        self.assertEqual([request.path for request in service.requests], [f"/{TOKEN}?rid=rid-1"] * 3)
+        self.assertEqual(clock.slept, [1.0, 2.0])
+        with HTTPServer(Reply(404, "not found")) as service:
+            refused = mm.send_ping(service.url(f"/{TOKEN}"), "fail", "rid-2", budget_s=10.0, clock=clock.monotonic,
+                                   sleep=clock.sleep)
+        self.assertEqual(len(service.requests), 1)
+        self.assertEqual(refused, f"ping to {mm.mask_url(service.url(''))}/***?*** failed: HTTP 404: not found")
+        self.assertNotIn(TOKEN, refused)
+
+    def test_an_unknown_url_answered_ok_is_still_said(self):
+        with HTTPServer(Reply(200, "OK (not found)")) as service:
+            said = mm.send_ping(service.url(f"/{TOKEN}"), "start", "rid-3", budget_s=5.0)
+        self.assertRegex(said, r"^ping to http://127\.0\.0\.1:\d+/\*\*\*\?\*\*\*: the service answered "
+                               r"'OK \(not found\)': is the URL right\?$")
+
+    def test_the_url_keeps_its_query_and_gains_the_signal_and_the_run_id(self):
+        self.assertEqual(mm.ping_url("https://hc.example/ping/key/backup?create=1", "start", "r1"),
+                         "https://hc.example/ping/key/backup/start?create=1&rid=r1")
+        self.assertEqual(mm.ping_url("https://hc.example/abc/", "", "r1"), "https://hc.example/abc?rid=r1")
+
+
+class RunPingsTest(AlertTestCase):
+    def run_job(self, service, *command, config=""):
+        self.write_config(config)
+        return self.run_cli("run", "nightly", "--ping", service.url(f"/{TOKEN}"), "--", *command,
+                            env=self.cli_env())
+
+    def test_start_then_success_with_the_output_as_body_and_one_run_id(self):
+        with HTTPServer(default=Reply(200, "OK")) as service:
+            result = self.run_job(service, "sh", "-c", "echo backed up")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
+        start, done = service.requests
+        run_id = re.fullmatch(rf"/{TOKEN}/start\?rid=([0-9a-f-]{{36}})", start.path).group(1)
+        self.assertEqual((start.method, start.body, done.method, done.path, done.body),
+                         ("POST", b"", "POST", f"/{TOKEN}?rid={run_id}", b"backed up\n"))
+        self.assertEqual(done.headers["Content-Type"], "text/plain; charset=utf-8")
+
+    def test_a_failure_pings_its_exit_code_with_the_output(self):
+        with HTTPServer(default=Reply(200, "OK")) as service:
+            result = self.run_job(service, "sh", "-c", "echo disk gone >&2; exit 3")
+        self.assertEqual(result.returncode, 3)
+        start, done = service.requests
+        run_id = start.path.split("rid=")[1]
+        self.assertEqual((done.path, done.body), (f"/{TOKEN}/3?rid={run_id}", b"disk gone\n"))
+
+    def test_a_dead_ping_service_neither_fails_nor_holds_the_job(self):
+        with HTTPServer(default=Reply(hang=True)) as service:
+            result = self.run_job(service, "sh", "-c", "echo fine", config="[alerting]\ntimeout = 0.2s\n")
+        self.assertEqual((result.returncode, result.stdout), (0, b""))
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        for line in lines:
+            self.assertRegex(line, r"^metasystem_monitor\.py: warning: ping to http://127\.0\.0\.1:\d+/\*\*\*\?\*\*\* "
+                                   r"failed: ")
+        self.assertNotIn(TOKEN, result.stderr.decode())
+
+    def test_a_ping_url_that_is_not_http_is_a_usage_error_and_nothing_runs(self):
+        self.write_config("")
+        result = self.run_cli("run", "nightly", "--ping", "ftp://example/x", "--", "sh", "-c", "exit 9",
+                              env=self.cli_env())
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (2, "metasystem_monitor.py: error: --ping: not an http or https URL with a host\n"))
