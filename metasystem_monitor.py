@@ -5606,6 +5606,42 @@ def check_inodes(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        _texts(spec.warning), _texts(spec.critical), perf)
 
 
+def read_meminfo(path: str = "/proc/meminfo") -> Dict[str, int]:
+    """Linux's memory figures in bytes (``MemTotal``, ``MemAvailable``, ``SwapTotal``, ``SwapFree``...)."""
+    figures = {}
+    with open(path, encoding="ascii", errors="replace") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            words = rest.split()
+            if words and words[0].isdigit():
+                figures[key] = int(words[0]) * (1024 if words[1:2] == ["kB"] else 1)
+    return figures
+
+
+def check_memory(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Memory available for new programs, in percent of the total (Linux's MemAvailable), and swap used;
+    UNKNOWN where there is no /proc/meminfo."""
+    try:
+        figures = read_meminfo()
+    except OSError as err:
+        return CheckResult(spec.name, "UNKNOWN", f"memory cannot be read here: {err.strerror or err}")
+    if not figures.get("MemTotal") or "MemAvailable" not in figures:
+        return CheckResult(spec.name, "UNKNOWN", "no MemTotal and MemAvailable in /proc/meminfo (Linux before 3.14)")
+    total, available = figures["MemTotal"], figures["MemAvailable"]
+    percent = 100.0 * available / total
+    swap_total = figures.get("SwapTotal", 0)
+    swap_used = 100.0 * (swap_total - figures.get("SwapFree", 0)) / swap_total if swap_total else 0.0
+    state = judge(percent, PERCENT, spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_available_percent", round(percent, 2), "%", spec.warning, spec.critical, 0,
+                          100),
+            perfdata_item(f"{spec.name}_available", available, "B", minimum=0, maximum=total),
+            perfdata_item(f"{spec.name}_swap_used_percent", round(swap_used, 2), "%", minimum=0, maximum=100))
+    swap = f", swap {swap_used:.1f}% used" if swap_total else ", no swap"
+    return CheckResult(spec.name, state, f"{format_bytes(available)} available of {format_bytes(total)} "
+                                         f"({percent:.1f}%){swap}", percent, "%", _texts(spec.warning),
+                       _texts(spec.critical), perf)
+
+
 def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """The load average over ``minutes`` (1, 5 or 15; default 5), per CPU unless ``per_cpu = false``."""
     minutes = spec.settings.get("minutes", "5")
@@ -5942,6 +5978,7 @@ CHECK_TYPES = {
     "inodes": CheckType(check_inodes, ("path",), (), ("%", ""), "10%:", "5%:", needs_store=False),
     "job": CheckType(check_job, ("job", "expected_every", "max_duration", "min_duration"), ("job",)),
     "load": CheckType(check_load, ("minutes", "per_cpu"), (), PLAIN, "~:2", "~:4", needs_store=False),
+    "memory": CheckType(check_memory, (), (), PERCENT, "10%:", "5%:", needs_store=False),
     "metric": CheckType(check_metric, ("metric", "hours", "statistic"), ("metric",), ANY_UNIT),
     "sync_recency": CheckType(check_sync_recency, ("target",), ("target",), SECONDS, DEFAULT_SYNC_WARNING,
                               DEFAULT_SYNC_CRITICAL),

@@ -203,7 +203,7 @@ class CheckCommand(AlertTestCase):
             f"{self.config_path}: [check:y] job: required for a job check",
             f"{self.config_path}: [check:y] expected_every: 'often' is not a duration such as 90s, 5m, 2h or 7d",
             f"{self.config_path}: [check:z] type: 'nope' is not one of anomaly, circuit_breaker, command, database, "
-            "disk, file_age, inodes, job, load, metric, sync_recency, tcp",
+            "disk, file_age, inodes, job, load, memory, metric, sync_recency, tcp",
             f"{self.config_path}: [check:age] critical: '5GB:': a file_age check compares durations, plain numbers",
             f"{self.config_path}: [check:db] warning: a database check takes no thresholds",
         ])
@@ -388,6 +388,23 @@ class MachineChecksTest(AlertTestCase):
         self.assertEqual(forced.returncode, 2)
         self.assertTrue(self.lines(forced)[1].startswith("CRITICAL ino: "))
         self.assertRegex(self.lines(forced)[2], r"^WARNING load: load [0-9. ]+; 15-minute load$")
+
+    def test_memory_reads_what_linux_says_is_available(self):
+        if not os.path.exists("/proc/meminfo"):
+            self.skipTest("no /proc/meminfo on this system: the check says UNKNOWN there")
+        figures = mm.read_meminfo()
+        result = self.check("[check:mem]\ntype = memory\nwarning = 100%:\n")  # any figure under 100 % warns
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertRegex(self.lines(result)[1], r"^WARNING mem: [0-9.]+ [KMGT]?B available of "
+                         + re.escape(mm.format_bytes(figures["MemTotal"])) + r" \([0-9.]+%\), (no swap|swap [0-9.]+% used)$")
+        self.assertIn("'mem_available_percent'=", self.lines(result)[0])
+
+    def test_meminfo_lines_are_read_in_bytes(self):
+        path = os.path.join(self.tmp, "meminfo")
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write("MemTotal:       16000 kB\nMemAvailable:    4000 kB\nHugePages_Total:       0\nOdd line\n")
+        self.assertEqual(mm.read_meminfo(path), {"MemTotal": 16_384_000, "MemAvailable": 4_096_000,
+                                                  "HugePages_Total": 0})
 
     def test_tcp_connects_sends_and_expects(self):
         import socket
