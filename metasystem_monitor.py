@@ -5642,6 +5642,69 @@ def check_memory(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        _texts(spec.critical), perf)
 
 
+def running_processes() -> List[Tuple[int, str, str]]:
+    """(pid, name, command line) of every process this user can see: from /proc, else from ``ps``."""
+    if os.path.isdir("/proc/self"):
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = handle.read().split(b"\0")
+                with open(f"/proc/{entry}/comm", "rb") as handle:
+                    name = handle.read().strip()
+            except OSError:  # it ended meanwhile, or it is not ours to read
+                continue
+            command = b" ".join(part for part in argv if part).decode("utf-8", "replace")
+            found.append((int(entry), name.decode("utf-8", "replace"), command))
+        return found
+    import subprocess
+
+    listing = subprocess.run(["ps", "-axo", "pid=,comm=,args="], capture_output=True, check=True, timeout=10)
+    rows = (line.split(None, 2) for line in listing.stdout.decode("utf-8", "replace").splitlines())
+    return [(int(row[0]), os.path.basename(row[1]), row[2] if len(row) > 2 else row[1]) for row in rows if row]
+
+
+def check_process(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """How many processes are called ``name``, hold ``match`` in their command line, or have the pid in
+    ``pidfile``; by default CRITICAL when there is none (``critical = 1:``)."""
+    settings = spec.settings
+    if settings.get("pidfile"):
+        what = f"pid in {settings['pidfile']}"
+        try:
+            with open(os.path.expanduser(settings["pidfile"]), encoding="ascii") as handle:
+                pids = {int(handle.read().split()[0])}
+        except (OSError, ValueError, IndexError) as err:
+            why = getattr(err, "strerror", None) or err
+            return CheckResult(spec.name, "CRITICAL", f"{what}: cannot be read ({why})")
+    else:
+        pids = None
+        what = f"named {settings['name']!r}" if settings.get("name") else f"matching {settings.get('match', '')!r}"
+
+    def wanted(pid: int, name: str, command: str) -> bool:
+        if pids is not None:
+            return pid in pids
+        if settings.get("name"):
+            return settings["name"] in (name, os.path.basename(command.split(" ")[0]))
+        return settings.get("match", "") in command
+
+    matches = [pid for pid, name, command in running_processes() if pid != os.getpid() and wanted(pid, name, command)]
+    state = judge(len(matches), PLAIN, spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_processes", len(matches), "", spec.warning, spec.critical, 0),)
+    shown = f" (pid {', '.join(map(str, sorted(matches)[:5]))}{', ...' if len(matches) > 5 else ''})" if matches else ""
+    return CheckResult(spec.name, state, f"{len(matches)} process{'' if len(matches) == 1 else 'es'} {what}{shown}",
+                       len(matches), "", _texts(spec.warning), _texts(spec.critical), perf)
+
+
+def _one_process_key(section: str, items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+    given = [key for key in ("name", "match", "pidfile") if items.get(key, "").strip()]
+    if len(given) != 1:
+        return [(section, "name", "give exactly one of name, match or pidfile" + (
+            f" (not {', '.join(given)})" if given else ""))]
+    return []
+
+
 def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """The load average over ``minutes`` (1, 5 or 15; default 5), per CPU unless ``per_cpu = false``."""
     minutes = spec.settings.get("minutes", "5")
@@ -5963,6 +6026,7 @@ class CheckType(NamedTuple):
     warning: str = ""  # the thresholds when its section gives none
     critical: str = ""
     needs_store: bool = True  # False: it runs even when the store cannot be opened
+    problems: Any = None  # (section, items) -> [(section, key, text)]: what the keys cannot say alone
 
 
 # The only list of check types.
@@ -5979,6 +6043,8 @@ CHECK_TYPES = {
     "job": CheckType(check_job, ("job", "expected_every", "max_duration", "min_duration"), ("job",)),
     "load": CheckType(check_load, ("minutes", "per_cpu"), (), PLAIN, "~:2", "~:4", needs_store=False),
     "memory": CheckType(check_memory, (), (), PERCENT, "10%:", "5%:", needs_store=False),
+    "process": CheckType(check_process, ("name", "match", "pidfile"), (), PLAIN, "", "1:", needs_store=False,
+                         problems=_one_process_key),
     "metric": CheckType(check_metric, ("metric", "hours", "statistic"), ("metric",), ANY_UNIT),
     "sync_recency": CheckType(check_sync_recency, ("target",), ("target",), SECONDS, DEFAULT_SYNC_WARNING,
                               DEFAULT_SYNC_CRITICAL),
@@ -6114,6 +6180,8 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
             if not items.get(key, "").strip():
                 problems.append((section, key, f"required for a {kind} check"))
         problems += _check_value_problems(section, check, items)
+        if check.problems is not None:
+            problems += check.problems(section, items)
     return problems
 
 

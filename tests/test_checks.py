@@ -203,7 +203,7 @@ class CheckCommand(AlertTestCase):
             f"{self.config_path}: [check:y] job: required for a job check",
             f"{self.config_path}: [check:y] expected_every: 'often' is not a duration such as 90s, 5m, 2h or 7d",
             f"{self.config_path}: [check:z] type: 'nope' is not one of anomaly, circuit_breaker, command, database, "
-            "disk, file_age, inodes, job, load, memory, metric, sync_recency, tcp",
+            "disk, file_age, inodes, job, load, memory, metric, process, sync_recency, tcp",
             f"{self.config_path}: [check:age] critical: '5GB:': a file_age check compares durations, plain numbers",
             f"{self.config_path}: [check:db] warning: a database check takes no thresholds",
         ])
@@ -398,6 +398,45 @@ class MachineChecksTest(AlertTestCase):
         self.assertRegex(self.lines(result)[1], r"^WARNING mem: [0-9.]+ [KMGT]?B available of "
                          + re.escape(mm.format_bytes(figures["MemTotal"])) + r" \([0-9.]+%\), (no swap|swap [0-9.]+% used)$")
         self.assertIn("'mem_available_percent'=", self.lines(result)[0])
+
+    def test_process_counts_by_command_line_name_or_pidfile(self):
+        import subprocess
+        import sys
+
+        marker = f"mm-process-check-{os.getpid()}"
+        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", marker], stdin=subprocess.PIPE)
+        self.addCleanup(child.wait, 10)
+        self.addCleanup(child.stdin.close)  # it reads until stdin closes: no sleep, no kill needed
+        pidfile = os.path.join(self.tmp, "child.pid")
+        with open(pidfile, "w", encoding="ascii") as handle:
+            handle.write(f"{child.pid}\n")
+        result = self.check(f"[check:by-match]\ntype = process\nmatch = {marker}\n\n"
+                            f"[check:by-pidfile]\ntype = process\npidfile = {pidfile}\ncritical = 1:1\n\n"
+                            f"[check:by-name]\ntype = process\nname = {marker}-none\nwarning = 1:\ncritical = 0:\n")
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertEqual(self.lines(result)[1:], [
+            f"OK by-match: 1 process matching {marker!r} (pid {child.pid})",
+            f"OK by-pidfile: 1 process pid in {pidfile} (pid {child.pid})",
+            f"WARNING by-name: 0 processes named {marker + '-none'!r}",
+        ])
+        child.stdin.close()
+        child.wait(10)
+        gone = self.check(f"[check:by-pidfile]\ntype = process\npidfile = {pidfile}\n\n"
+                          f"[check:nofile]\ntype = process\npidfile = {pidfile}.missing\n")
+        self.assertEqual(self.lines(gone)[1:], [
+            f"CRITICAL by-pidfile: 0 processes pid in {pidfile}",
+            f"CRITICAL nofile: pid in {pidfile}.missing: cannot be read (No such file or directory)",
+        ])
+
+    def test_a_process_check_takes_exactly_one_way_to_find_them(self):
+        self.write_config("[check:a]\ntype = process\n\n[check:b]\ntype = process\nname = x\nmatch = y\n",
+                          log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check:a] name: give exactly one of name, match or pidfile",
+            f"{self.config_path}: [check:b] name: give exactly one of name, match or pidfile (not name, match)",
+        ])
 
     def test_meminfo_lines_are_read_in_bytes(self):
         path = os.path.join(self.tmp, "meminfo")
