@@ -5705,6 +5705,103 @@ def _one_process_key(section: str, items: Dict[str, str]) -> List[Tuple[str, str
     return []
 
 
+def _tls_settings_context(settings: Dict[str, str]) -> Any:
+    """The TLS context a check's ``tls_verify`` and ``ca_file`` ask for (the system's store by default)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=os.path.expanduser(settings["ca_file"])
+                                         if settings.get("ca_file") else None)
+    if settings.get("tls_verify", "true").lower() in ("false", "no", "off", "0"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _days_left(certificate: Optional[Dict[str, Any]], now: float) -> Optional[float]:
+    import ssl
+
+    if not certificate or "notAfter" not in certificate:
+        return None
+    return (ssl.cert_time_to_seconds(certificate["notAfter"]) - now) / DAY_S
+
+
+def _statuses(text: str) -> List[Tuple[int, int]]:
+    """``200``, ``200-299``, ``200,301`` as ranges of statuses."""
+    ranges = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        ranges.append((int(low), int(high or low)))
+    return ranges
+
+
+def check_http(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """One HTTP(S) request to ``url``: the status among ``status`` (default 200-399), the body holding
+    ``contains`` or matching ``regex``, the seconds it took; for https the certificate verified (unless
+    ``tls_verify = false``; ``ca_file`` for a private CA) and its days left as perfdata."""
+    import http.client
+    import re
+
+    settings = spec.settings
+    parts = _checked_url(settings["url"])
+    shown = mask_url(settings["url"])
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    extra = {"context": _tls_settings_context(settings)} if parts.scheme == "https" else {}
+    connection = connection_class(parts.hostname, parts.port, timeout=spec.timeout_s, **extra)
+    started = time.monotonic()
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request(settings.get("method", "GET").upper(), target, headers={"User-Agent": USER_AGENT})
+        # Read now: the connection gives its socket away once the answer says it will close.
+        days = _days_left(connection.sock.getpeercert(), ctx.now) if parts.scheme == "https" else None
+        response = connection.getresponse()
+        body = response.read(MAX_REPLY_BYTES)
+        took = time.monotonic() - started
+    except (OSError, http.client.HTTPException) as err:
+        return CheckResult(spec.name, "CRITICAL", f"{shown}: {_error_text(err)}"[:CHECK_OUTPUT_LINE_CHARS])
+    finally:
+        connection.close()
+    perf = (perfdata_item(f"{spec.name}_time", round(took, 6), "s", spec.warning, spec.critical, 0, units=SECONDS),
+            perfdata_item(f"{spec.name}_size", len(body), "B", minimum=0))
+    if days is not None:
+        perf += (perfdata_item(f"{spec.name}_cert_days_left", round(days, 1), "", minimum=0),)
+    text = body.decode("utf-8", "replace")
+    if not any(low <= response.status <= high for low, high in _statuses(settings.get("status", "200-399"))):
+        problem = f"HTTP {response.status}"
+    elif settings.get("contains") and settings["contains"] not in text:
+        problem = f"HTTP {response.status}, the body does not hold {settings['contains']!r}"
+    elif settings.get("regex") and not re.search(settings["regex"], text):
+        problem = f"HTTP {response.status}, the body does not match {settings['regex']!r}"
+    else:
+        state = judge(took, SECONDS, spec.warning, spec.critical)
+        return CheckResult(spec.name, state, f"{shown}: HTTP {response.status} in {took * 1000:.0f} ms, "
+                                             f"{len(body):,} bytes", took, "s", _texts(spec.warning),
+                           _texts(spec.critical), perf)
+    return CheckResult(spec.name, "CRITICAL", f"{shown}: {problem}", took, "s", perfdata=perf)
+
+
+def check_tls_cert(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """Days until the certificate of ``address`` (HOST:PORT; ``server_name`` for SNI) expires, its chain
+    verified against the system's store (or ``ca_file``): warning under 21 days, critical under 7."""
+    import socket
+
+    host, port = parse_listen(spec.settings["address"])
+    name = spec.settings.get("server_name") or host
+    try:
+        with socket.create_connection((host, port), timeout=spec.timeout_s) as raw:
+            with _tls_settings_context(spec.settings).wrap_socket(raw, server_hostname=name) as wrapped:
+                certificate = wrapped.getpeercert()
+    except OSError as err:
+        return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {_error_text(err)}"[:CHECK_OUTPUT_LINE_CHARS])
+    days = _days_left(certificate, ctx.now)
+    if days is None:
+        return CheckResult(spec.name, "UNKNOWN", f"{host}:{port}: no certificate to read (tls_verify = false?)")
+    state = judge(days, PLAIN, spec.warning, spec.critical)
+    perf = (perfdata_item(f"{spec.name}_days_left", round(days, 1), "", spec.warning, spec.critical),)
+    return CheckResult(spec.name, state, f"{name}: the certificate expires in {days:.0f} days "
+                                         f"({local_time(ctx.now + days * DAY_S, zone=True)})", days, "",
+                       _texts(spec.warning), _texts(spec.critical), perf)
+
+
 def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """The load average over ``minutes`` (1, 5 or 15; default 5), per CPU unless ``per_cpu = false``."""
     minutes = spec.settings.get("minutes", "5")
@@ -6039,6 +6136,8 @@ CHECK_TYPES = {
     "disk": CheckType(check_disk, ("path",), (), ("B", "%", ""), DEFAULT_DISK_WARNING, DEFAULT_DISK_CRITICAL,
                       needs_store=False),
     "file_age": CheckType(check_file_age, ("path",), ("path",), SECONDS, needs_store=False),
+    "http": CheckType(check_http, ("url", "method", "status", "contains", "regex", "tls_verify", "ca_file"), ("url",),
+                      SECONDS, needs_store=False),
     "inodes": CheckType(check_inodes, ("path",), (), ("%", ""), "10%:", "5%:", needs_store=False),
     "job": CheckType(check_job, ("job", "expected_every", "max_duration", "min_duration"), ("job",)),
     "load": CheckType(check_load, ("minutes", "per_cpu"), (), PLAIN, "~:2", "~:4", needs_store=False),
@@ -6049,6 +6148,8 @@ CHECK_TYPES = {
     "sync_recency": CheckType(check_sync_recency, ("target",), ("target",), SECONDS, DEFAULT_SYNC_WARNING,
                               DEFAULT_SYNC_CRITICAL),
     "tcp": CheckType(check_tcp, ("address", "send", "expect"), ("address",), SECONDS, needs_store=False),
+    "tls_cert": CheckType(check_tls_cert, ("address", "server_name", "tls_verify", "ca_file"), ("address",), PLAIN,
+                          "21:", "7:", needs_store=False),
 }
 
 
@@ -6123,6 +6224,34 @@ def _address_problem(text: str) -> Optional[str]:
     return None
 
 
+def _url_problem(text: str) -> Optional[str]:
+    try:
+        _checked_url(text)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _status_problem(text: str) -> Optional[str]:
+    try:
+        ranges = _statuses(text)
+    except ValueError:
+        ranges = []
+    if ranges and all(100 <= low <= high <= 599 for low, high in ranges):
+        return None
+    return f"{_shown(text)} is not a status such as 200, 200-299 or 200,301"
+
+
+def _regex_problem(text: str) -> Optional[str]:
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as err:
+        return f"not a regular expression: {err}"
+    return None
+
+
 def _hours_problem(text: str) -> Optional[str]:
     return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
 
@@ -6144,6 +6273,8 @@ def _command_problem(text: str) -> Optional[str]:
 # What a value of a check key must be; a check type that takes the key gets the rule.
 _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_problem,
                       "minutes": _minutes_problem, "per_cpu": _bool_problem, "address": _address_problem,
+                      "url": _url_problem, "status": _status_problem, "regex": _regex_problem,
+                      "tls_verify": _bool_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
                       "statistic": _statistic_problem, "command": _command_problem}
 

@@ -72,7 +72,8 @@ class _Serving:
 class HTTPServer(_Serving):
     """``with HTTPServer(Reply(429, ...), Reply(200, "ok")) as server``: answers in order, then ``default``."""
 
-    def __init__(self, *replies, default=None):
+    def __init__(self, *replies, default=None, tls=False):
+        self.tls = tls
         self.replies = list(replies)
         self.default = default or Reply(200, b"ok")
         self.requests = []
@@ -120,10 +121,15 @@ class HTTPServer(_Serving):
             def log_message(self, *args):
                 pass
 
-        self._serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls:  # the self-signed certificate for 127.0.0.1: clients verify it only with it as their CA
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(SELF_SIGNED_PEM)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._serve(server)
 
     def url(self, path="/"):
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
     def _stopping_now(self):
         self._stopping.set()

@@ -203,7 +203,7 @@ class CheckCommand(AlertTestCase):
             f"{self.config_path}: [check:y] job: required for a job check",
             f"{self.config_path}: [check:y] expected_every: 'often' is not a duration such as 90s, 5m, 2h or 7d",
             f"{self.config_path}: [check:z] type: 'nope' is not one of anomaly, circuit_breaker, command, database, "
-            "disk, file_age, inodes, job, load, memory, metric, process, sync_recency, tcp",
+            "disk, file_age, http, inodes, job, load, memory, metric, process, sync_recency, tcp, tls_cert",
             f"{self.config_path}: [check:age] critical: '5GB:': a file_age check compares durations, plain numbers",
             f"{self.config_path}: [check:db] warning: a database check takes no thresholds",
         ])
@@ -438,6 +438,60 @@ class MachineChecksTest(AlertTestCase):
             f"{self.config_path}: [check:b] name: give exactly one of name, match or pidfile (not name, match)",
         ])
 
+    def test_http_status_body_time_and_a_verified_certificate(self):
+        from .servers import SELF_SIGNED_PEM, HTTPServer, Reply
+
+        with HTTPServer(default=Reply(200, "service is up")) as plain, \
+                HTTPServer(default=Reply(200, "tls ok"), tls=True) as secure:
+            result = self.check(
+                f"[check:a]\ntype = http\nurl = {plain.url('/health')}\ncontains = is up\nwarning = ~:30s\n\n"
+                f"[check:b]\ntype = http\nurl = {plain.url('/health')}\nregex = ^down\n\n"
+                f"[check:c]\ntype = http\nurl = {plain.url('/health')}\nstatus = 500-599\n\n"
+                f"[check:d]\ntype = http\nurl = {secure.url('/')}\n\n"
+                f"[check:e]\ntype = http\nurl = {secure.url('/')}\nca_file = {SELF_SIGNED_PEM}\ncontains = tls\n\n"
+                f"[check:f]\ntype = http\nurl = {secure.url('/')}\ntls_verify = false\n")
+        lines = self.lines(result)
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(lines[1], rf"^OK a: {re.escape(plain.url('/'))}\*\*\*: HTTP 200 in \d+ ms, 13 bytes$")
+        self.assertEqual(lines[2:4], [f"CRITICAL b: {plain.url('/')}***: HTTP 200, the body does not match '^down'",
+                                      f"CRITICAL c: {plain.url('/')}***: HTTP 200"])
+        self.assertRegex(lines[4], r"^CRITICAL d: https://127\.0\.0\.1:\d+/: .*CERTIFICATE_VERIFY_FAILED")
+        self.assertRegex(lines[5], r"^OK e: https://127\.0\.0\.1:\d+/: HTTP 200 in \d+ ms, 6 bytes$")
+        self.assertRegex(lines[6], r"^OK f: ")
+        days = (ssl_seconds("Nov  4 01:16:48 2126 GMT") - T0) / 86400
+        self.assertIn(f"'e_cert_days_left'={round(days, 1):g};;;0", lines[0])
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM check_results"), [(6,)])
+
+    def test_tls_cert_days_left_against_the_thresholds(self):
+        from .servers import SELF_SIGNED_PEM, HTTPServer
+
+        with HTTPServer(tls=True) as secure:
+            address = f"127.0.0.1:{secure.port}"
+            result = self.check(f"[check:near]\ntype = tls_cert\naddress = {address}\nca_file = {SELF_SIGNED_PEM}\n"
+                                "warning = 40000:\n\n"
+                                f"[check:far]\ntype = tls_cert\naddress = {address}\nca_file = {SELF_SIGNED_PEM}\n\n"
+                                f"[check:untrusted]\ntype = tls_cert\naddress = {address}\n")
+        days = (ssl_seconds("Nov  4 01:16:48 2126 GMT") - T0) / 86400
+        lines = self.lines(result)
+        self.assertEqual(lines[1:3], [
+            f"WARNING near: 127.0.0.1: the certificate expires in {days:.0f} days (11-04 01:16 UTC)",
+            f"OK far: 127.0.0.1: the certificate expires in {days:.0f} days (11-04 01:16 UTC)",
+        ])
+        self.assertRegex(lines[3], rf"^CRITICAL untrusted: {re.escape(address)}: .*CERTIFICATE_VERIFY_FAILED")
+
+    def test_the_http_keys_are_checked(self):
+        self.write_config("[check:a]\ntype = http\nurl = ftp://x\nstatus = 99\nregex = (\ntls_verify = perhaps\n",
+                          log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check:a] url: not an http or https URL with a host",
+            f"{self.config_path}: [check:a] status: '99' is not a status such as 200, 200-299 or 200,301",
+            f"{self.config_path}: [check:a] regex: not a regular expression: missing ), unterminated subpattern "
+            "at position 0",
+            f"{self.config_path}: [check:a] tls_verify: 'perhaps' is not true or false",
+        ])
+
     def test_meminfo_lines_are_read_in_bytes(self):
         path = os.path.join(self.tmp, "meminfo")
         with open(path, "w", encoding="ascii") as handle:
@@ -492,3 +546,9 @@ class MachineChecksTest(AlertTestCase):
             f"{self.config_path}: [check:b] address: required for a tcp check",
             f"{self.config_path}: [check:c] address: 'nowhere' is not HOST:PORT",
         ])
+
+
+def ssl_seconds(text):
+    import ssl
+
+    return ssl.cert_time_to_seconds(text)
