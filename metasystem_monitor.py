@@ -14,7 +14,7 @@ The sections, in dependency order (what a part uses stands above it):
     Metrics                  MetricsCollector: recording, window statistics, rollups, retention
     Retry and breakers       RetryConfig, AdaptiveRetry, CircuitBreaker, the error classifier
     Alerting                 the model; the channel registry, a class per type; settings; AlertingSystem
-    Health checks            the range syntax, a function per check type, the check registry
+    Health checks            ranges, the machine's own figures, a function per check type, the registry
     Jobs                     the run wrapper: locks, timeouts, signals, the output's tail
     Summary                  system_summary(), read by the dashboard, --summary and serve
     Export and serve         Prometheus and OpenMetrics text, the textfile, serve, push
@@ -188,8 +188,9 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
 
-CONFIG_SECTIONS = ("storage", "alerting", "serve")
+CONFIG_SECTIONS = ("storage", "alerting", "serve", "collect")
 SERVE_KEYS = ("listen", "token_file", "cache")
+COLLECT_KEYS = ("load", "cpu", "memory", "disks", "network", "processes")  # each true or false
 CONFIG_SECTION_PREFIXES = ("channel:", "check:")
 STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous", "busy_timeout")
 
@@ -417,6 +418,19 @@ def _duration_setting(items: Dict[str, str], section: str, key: str, default: fl
     return seconds
 
 
+def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
+                  problems: List[Tuple[str, str, str]]) -> bool:
+    text = items.get(key)
+    if text is None:
+        return default
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        problems.append((section, key, f"{_shown(text)} is not true or false"))
+        return default
+    return value
+
+
 def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
     if not hasattr(config, "sections"):
         return
@@ -431,6 +445,12 @@ def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
             storage_settings(config)
         except ConfigError as err:
             problems.append(("storage", "", str(err).replace("[storage] ", "")))
+    if config.has_section("collect"):
+        for key in config["collect"]:
+            if key not in COLLECT_KEYS:
+                problems.append(("collect", key, "unknown key"))
+            else:
+                _bool_setting(dict(config["collect"]), "collect", key, True, problems)
     if config.has_section("serve"):
         for key in config["serve"]:
             if key not in SERVE_KEYS:
@@ -484,19 +504,6 @@ def _secret(items: Dict[str, str], key: str, section: str, environ: Dict[str, st
     except ValueError as err:
         return None, f"file {path}", str(err)
     return (value or None), f"file {path}", (None if value else f"{path} is empty")
-
-
-def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
-                  problems: List[Tuple[str, str, str]]) -> bool:
-    text = items.get(key)
-    if text is None:
-        return default
-    value = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
-    if value is None:
-        problems.append((section, key, f"{_shown(text)} is not true or false"))
-        return default
-    return value
 
 
 def format_span(seconds: float, exact: bool = False) -> str:
@@ -5618,6 +5625,90 @@ def read_meminfo(path: str = "/proc/meminfo") -> Dict[str, int]:
     return figures
 
 
+# Filesystems that hold no user data: collect and the disk figures skip them.
+PSEUDO_FILESYSTEMS = ("proc", "sysfs", "devtmpfs", "devpts", "tmpfs", "cgroup", "cgroup2", "mqueue", "debugfs",
+                      "tracefs", "securityfs", "pstore", "bpf", "configfs", "fusectl", "hugetlbfs", "autofs",
+                      "binfmt_misc", "rpc_pipefs", "nsfs", "overlay", "squashfs", "efivarfs", "ramfs")
+
+
+def read_cpu_ticks(path: str = "/proc/stat") -> Tuple[int, int]:
+    """(total, idle) ticks of all CPUs since boot; busy % is the share of the total's growth not idle.
+    Guest time is counted in user time already (htop), and iowait is idle."""
+    with open(path, encoding="ascii") as handle:
+        fields = [int(word) for word in handle.readline().split()[1:]]
+    fields += [0] * (8 - len(fields))
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + idle + iowait + irq + softirq + steal, idle + iowait
+
+
+def real_mounts(path: str = "/proc/mounts") -> List[str]:
+    """The mount points of filesystems that hold data (pseudo filesystems left out), each once."""
+    found: List[str] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            fields = line.split()
+            point = fields[1].replace("\\040", " ") if len(fields) > 2 else ""
+            if point and fields[2] not in PSEUDO_FILESYSTEMS and point not in found:
+                found.append(point)
+    return found
+
+
+def read_network_bytes(path: str = "/proc/net/dev") -> Dict[str, Tuple[int, int]]:
+    """(received, transmitted) bytes since boot of each network interface."""
+    found = {}
+    with open(path, encoding="ascii", errors="replace") as handle:
+        for line in handle.readlines()[2:]:
+            name, _, rest = line.partition(":")
+            fields = rest.split()
+            if len(fields) >= 9:
+                found[name.strip()] = (int(fields[0]), int(fields[8]))
+    return found
+
+
+def host_samples(chosen: Dict[str, bool], previous_cpu: Optional[Tuple[float, float]],
+                 now: float) -> Tuple[List[Sample], Optional[Tuple[int, int]]]:
+    """The machine's own figures as samples under ``host_``, and the CPU ticks to keep for the next run
+    (busy % is measured between two runs); a source the system lacks is left out, never guessed."""
+    samples: List[Sample] = []
+
+    def add(name: str, value: float, **labels: str) -> None:
+        samples.append(Sample(f"host_{name}", float(value), labels or None, now))
+
+    if chosen["load"]:
+        for minutes, average in zip((1, 5, 15), os.getloadavg()):
+            add(f"load{minutes}", average)
+    ticks = None
+    if chosen["cpu"] and os.path.exists("/proc/stat"):
+        ticks = read_cpu_ticks()
+        if previous_cpu and ticks[0] > previous_cpu[0]:
+            add("cpu_busy_percent", 100.0 * (1 - (ticks[1] - previous_cpu[1]) / (ticks[0] - previous_cpu[0])))
+    if chosen["memory"] and os.path.exists("/proc/meminfo"):
+        memory = read_meminfo()
+        if memory.get("MemTotal") and "MemAvailable" in memory:
+            add("memory_available_bytes", memory["MemAvailable"])
+            add("memory_available_percent", 100.0 * memory["MemAvailable"] / memory["MemTotal"])
+        if memory.get("SwapTotal"):
+            add("swap_used_percent", 100.0 * (memory["SwapTotal"] - memory.get("SwapFree", 0)) / memory["SwapTotal"])
+    if chosen["disks"] and os.path.exists("/proc/mounts"):
+        for mount in real_mounts():
+            try:
+                stats = os.statvfs(mount)
+            except OSError:
+                continue
+            if stats.f_blocks:
+                add("disk_free_bytes", stats.f_bavail * stats.f_frsize, mount=mount)
+                add("disk_used_percent", 100.0 * (1 - stats.f_bavail / stats.f_blocks), mount=mount)
+            if stats.f_files:
+                add("inodes_used_percent", 100.0 * (1 - stats.f_favail / stats.f_files), mount=mount)
+    if chosen["network"] and os.path.exists("/proc/net/dev"):
+        for interface, (received, transmitted) in read_network_bytes().items():
+            add("network_receive_bytes", received, interface=interface)
+            add("network_transmit_bytes", transmitted, interface=interface)
+    if chosen["processes"] and os.path.isdir("/proc/self"):
+        add("processes", sum(1 for entry in os.listdir("/proc") if entry.isdigit()))
+    return samples, ticks
+
+
 def check_memory(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Memory available for new programs, in percent of the total (Linux's MemAvailable), and swap used;
     UNKNOWN where there is no /proc/meminfo."""
@@ -7886,6 +7977,24 @@ def cmd_cleanup(args) -> int:
     return EXIT_OK
 
 
+def cmd_collect(args) -> int:
+    """The machine's figures into the store in one transaction; silent on success, as cron wants."""
+    config = load_config(args.config_path, required=args.config_named)
+    section = dict(config["collect"]) if config.has_section("collect") else {}
+    problems: List[Tuple[str, str, str]] = []
+    chosen = {key: _bool_setting(section, "collect", key, True, problems) for key in COLLECT_KEYS}
+    if problems:
+        raise ConfigError(f"[collect] {problems[0][1]}: {problems[0][2]}")
+    with _open_collector(args, readonly=False) as collector:
+        previous = collector.store.meta_times("collect_cpu_total", "collect_cpu_idle")
+        samples, ticks = host_samples(chosen, previous if None not in previous else None, args.now())
+        with collector.writing(samples) as conn:
+            if ticks is not None:
+                _set_meta(conn, "collect_cpu_total", float(ticks[0]))
+                _set_meta(conn, "collect_cpu_idle", float(ticks[1]))
+    return EXIT_OK
+
+
 def cmd_breakers(args) -> int:
     with _open_collector(args, readonly=True) as collector:
         breakers = list_breakers(collector.store, args.now())
@@ -8929,6 +9038,9 @@ _COMMANDS = (
     ("cleanup", cmd_cleanup, "roll up closed hours, delete expired raw samples, fold old hours into days",
      f"  {PROG} cleanup\n"
      f"  17 4 * * *  {PROG} -q cleanup     # daily from cron, silent unless it fails", _add_json),
+    ("collect", cmd_collect, "record the machine's load, CPU, memory, disks, network and processes (host_*)",
+     f"  {PROG} collect\n  * * * * *  {PROG} collect     # every minute from cron, silent unless it fails",
+     lambda sub: None),
     ("breakers", cmd_breakers, "every circuit breaker: state, failures, since when",
      f"  {PROG} breakers\n  {PROG} breakers --json", _add_json),
     ("breaker", cmd_breaker_reset, "close a circuit breaker by hand",

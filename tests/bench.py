@@ -623,6 +623,19 @@ def bench_summary_many_targets(tmp):
     report("13. --summary, 25,000 sync targets", ours * 1e3, 300.0, "ms", ours / 0.3, "< 300 ms", ours < 0.3)
 
 
+def bench_collect(tmp):
+    """collect's work beyond the process start: read the machine's figures and store them, one transaction."""
+    chosen = {key: True for key in mm.COLLECT_KEYS}
+    with mm.MetricsCollector(os.path.join(tmp, "collect.db")) as collector:
+        def once():
+            samples, _ = mm.host_samples(chosen, (1.0, 1.0), time.time())
+            collector.record_many(samples)
+        once()
+        ours = per_call(once, 20)
+    report("14. collect: the machine's figures read and stored", ours * 1e3, 20.0, "ms", ours / 0.02, "< 20 ms",
+           ours < 0.02)
+
+
 def main():
     print(f"make bench on {platform.platform()}, Python {platform.python_version()}, "
           f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
@@ -645,6 +658,7 @@ def main():
         bench_export_names(tmp)
         bench_serve_scrapes(tmp)
         bench_summary_many_targets(tmp)
+        bench_collect(tmp)
         print(f"{sum(rows_out)} of {len(rows_out)} targets met in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -552,3 +552,61 @@ def ssl_seconds(text):
     import ssl
 
     return ssl.cert_time_to_seconds(text)
+
+
+class CollectTest(AlertTestCase):
+    """collect: the machine's own figures into the store, from the real /proc of this machine."""
+
+    def collect(self, when, config=""):
+        self.write_config(config, log_channel=False)
+        return self.run_cli("collect", env=self.cli_env(METASYSTEM_NOW=repr(when)))
+
+    def recorded(self):
+        return sqlite_rows(self.db, "SELECT name, labels, ts, value FROM samples JOIN series ON id = series_id "
+                                    "ORDER BY name, labels, ts")
+
+    def test_two_runs_record_every_figure_and_cpu_busy_between_them(self):
+        if not os.path.exists("/proc/stat"):
+            self.skipTest("no /proc here: collect records the load alone")
+        for when in (T0, T0 + 60):
+            result = self.collect(when)
+            self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
+        rows = self.recorded()
+        names = {name for name, _, _, _ in rows}
+        self.assertTrue({"host_load1", "host_load5", "host_load15", "host_cpu_busy_percent",
+                         "host_memory_available_bytes", "host_memory_available_percent", "host_processes",
+                         "host_network_receive_bytes", "host_network_transmit_bytes"} <= names, names)
+        self.assertEqual([ts for name, _, ts, _ in rows if name == "host_cpu_busy_percent"], [T0 + 60])
+        self.assertEqual(sorted({ts for _, _, ts, _ in rows}), [T0, T0 + 60])
+        for name, _, _, value in rows:
+            if name.endswith("_percent"):
+                self.assertTrue(0 <= value <= 100, (name, value))
+        mounts = {json.loads(labels)["mount"] for name, labels, _, _ in rows if name == "host_disk_used_percent"}
+        self.assertEqual(mounts, {mount for mount in mm.real_mounts() if os.statvfs(mount).f_blocks})
+        interfaces = {json.loads(labels)["interface"] for name, labels, _, _ in rows
+                      if name == "host_network_receive_bytes"}
+        self.assertEqual(interfaces, set(mm.read_network_bytes()))
+
+    def test_the_collect_section_chooses_and_is_checked(self):
+        result = self.collect(T0, "[collect]\nnetwork = false\ndisks = no\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        names = {name for name, _, _, _ in self.recorded()}
+        self.assertFalse({name for name in names if name.startswith(("host_network", "host_disk", "host_inodes"))})
+        self.assertIn("host_load1", names)
+        bad = self.collect(T0, "[collect]\ncpu = maybe\n")
+        self.assertEqual((bad.returncode, bad.stderr.decode()),
+                         (1, "metasystem_monitor.py: error: [collect] cpu: 'maybe' is not true or false\n"))
+
+    def test_proc_sources_are_read_as_the_kernel_writes_them(self):
+        stat_path, dev_path, mounts_path = (os.path.join(self.tmp, name) for name in ("stat", "dev", "mounts"))
+        with open(stat_path, "w", encoding="ascii") as handle:
+            handle.write("cpu  100 5 50 800 20 1 2 3 7 0\ncpu0 1 2 3 4\n")
+        with open(dev_path, "w", encoding="ascii") as handle:
+            handle.write("Inter-| Receive | Transmit\n face |bytes packets|bytes packets\n"
+                         "  eth0: 1000 10 0 0 0 0 0 0 2000 20 0 0 0 0 0 0\n")
+        with open(mounts_path, "w", encoding="utf-8") as handle:
+            handle.write("/dev/sda1 / ext4 rw 0 0\nproc /proc proc rw 0 0\n/dev/sdb1 /mnt/my\\040disk ext4 rw 0 0\n"
+                         "/dev/sda1 / ext4 rw 0 0\n")
+        self.assertEqual(mm.read_cpu_ticks(stat_path), (981, 820))  # guest (7) is in user already
+        self.assertEqual(mm.read_network_bytes(dev_path), {"eth0": (1000, 2000)})
+        self.assertEqual(mm.real_mounts(mounts_path), ["/", "/mnt/my disk"])

@@ -52,11 +52,17 @@ class EveryCommandTakesTheOneClockTest(StoreTestCase):
             "run": self.run_job, "silence": self.silence, "alert-test": self.alert_test, "alerts": self.alerts,
             "export": self.export, "serve": self.serve, "push": self.push, "demo": self.demo,
             "config": self.configuration, "help": self.reference, "completion": self.completion,
+            "collect": self.collect,
         }
         self.assertEqual(sorted(checks), sorted(entry[0] for entry in mm._COMMANDS))
         for name, check in checks.items():  # in this order: later ones read what earlier ones wrote
             with self.subTest(command=name):
                 check()
+
+    def collect(self):
+        self.cli("collect")
+        self.assertEqual(self.rows("SELECT DISTINCT ts FROM samples JOIN series ON id = series_id "
+                                   "WHERE name = 'host_load1'"), [(T,)])
 
     def reference(self):  # reads no clock: the same text at any time
         self.assertEqual(self.cli("help", "exit-codes").splitlines()[0], "EXIT CODES")
