@@ -188,7 +188,8 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
 
-CONFIG_SECTIONS = ("storage", "alerting", "serve", "collect")
+CONFIG_SECTIONS = ("storage", "alerting", "serve", "collect", "check")
+CHECK_RUN_KEYS = ("ping_url", "ping_url_env", "ping_url_file")  # [check]: each run of check pings it
 SERVE_KEYS = ("listen", "token_file", "cache")
 COLLECT_KEYS = ("load", "cpu", "memory", "disks", "network", "processes")  # each true or false
 CONFIG_SECTION_PREFIXES = ("channel:", "check:")
@@ -6381,9 +6382,20 @@ def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str
     return problems
 
 
+def _check_run_problems(config) -> List[Tuple[str, str, str]]:
+    """What is wrong in ``[check]``, the section about every run of check (its ping URL)."""
+    if not (hasattr(config, "has_section") and config.has_section("check")):
+        return []
+    problems = [("check", key, "unknown key") for key in config["check"] if key not in CHECK_RUN_KEYS]
+    url = config["check"].get("ping_url", "").strip()
+    if url and not _is_http_url(url):  # the value itself is not shown: it holds the service's token
+        problems.append(("check", "ping_url", "not an http or https URL"))
+    return problems
+
+
 def check_problems(config) -> List[Tuple[str, str, str]]:
     """Every problem of the ``[check:NAME]`` sections, as (section, key, text)."""
-    problems = []
+    problems = _check_run_problems(config)
     for section in config.sections() if hasattr(config, "sections") else ():
         if not section.startswith("check:"):
             continue
@@ -8380,15 +8392,43 @@ def _alert_checks(args, results: List[CheckResult]) -> None:
         log.error("alerts not sent: %s", err)
 
 
+def _ping_check_run(args, code: int, text: str) -> None:
+    """``[check] ping_url`` hears of every run: the URL when all is OK, URL/CODE (1-3) otherwise, the
+    plugin output as the body; a service that stops hearing says cron or the machine stopped."""
+    import uuid
+
+    try:
+        config = load_config(args.config_path, required=args.config_named)
+        if not config.has_section("check"):
+            return
+        problems: List[Tuple[str, str, str]] = []
+        url, _, why = _secret(dict(config["check"]), "ping_url", "check", dict(os.environ), problems)
+        budget_s = alerting_settings(config, args.config_path).timeout_s
+    except MonitorError as err:
+        log.warning("check run not pinged: %s", err)
+        return
+    if url is None:
+        if why:
+            log.warning("check run not pinged: %s", why)
+        return
+    problem = send_ping(url, "" if code == 0 else str(code), str(uuid.uuid4()), (text + "\n").encode("utf-8"),
+                        budget_s=budget_s)
+    if problem:
+        log.warning("%s", problem)
+
+
 def _report_checks(args, results: List[CheckResult]) -> int:
-    """The verdicts in the plugin format (or JSON), their alerts, and the worst state as the exit code."""
+    """The verdicts in the plugin format (or JSON), their alerts, the run's ping, and the worst state as
+    the exit code."""
     if not args.no_alert:
         _alert_checks(args, results)
     state = worst_state(result.state for result in results)
+    text = "\n".join(plugin_output(results))
     if args.json:
         _print_json({"state": state, "checks": [result.as_json() for result in results]})
     else:
-        print("\n".join(plugin_output(results)))
+        print(text)
+    _ping_check_run(args, CHECK_STATES.index(state), text)
     return CHECK_STATES.index(state)
 
 

@@ -10,6 +10,7 @@ import os
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,7 +122,12 @@ class HTTPServer(_Serving):
             def log_message(self, *args):
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
+                    super().handle_error(request, client_address)  # a client that hung up is no news
+
+        server = Server(("127.0.0.1", 0), Handler)
         if tls:  # the self-signed certificate for 127.0.0.1: clients verify it only with it as their CA
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(SELF_SIGNED_PEM)

@@ -1,5 +1,6 @@
 """Heard when the machine dies: run --ping speaks the healthchecks.io protocol to a real server on 127.0.0.1."""
 
+import os
 import re
 
 import metasystem_monitor as mm
@@ -79,3 +80,35 @@ class RunPingsTest(AlertTestCase):
                               env=self.cli_env())
         self.assertEqual((result.returncode, result.stderr.decode()),
                          (2, "metasystem_monitor.py: error: --ping: not an http or https URL with a host\n"))
+
+
+class CheckPingTest(AlertTestCase):
+    def check(self, config, when=1_800_000_000.0):
+        self.write_config(config)
+        return self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(when), TZ="UTC"))
+
+    def test_every_check_run_pings_its_url_or_its_exit_code_with_the_output(self):
+        marker = os.path.join(self.tmp, "marker")
+        with open(marker, "w", encoding="ascii") as handle:
+            handle.write("x")
+        os.utime(marker, (1_800_000_000.0 - 60, 1_800_000_000.0 - 60))
+        with HTTPServer(default=Reply(200, "OK")) as service:
+            ok = self.check(f"[check]\nping_url = {service.url('/' + TOKEN)}\n\n"
+                            f"[check:marker]\ntype = file_age\npath = {marker}\ncritical = ~:1h\n")
+            self.write_config(f"[check]\nping_url_env = MM_PING_URL\n\n"
+                              f"[check:marker]\ntype = file_age\npath = {marker}\ncritical = ~:1h\n")
+            late = self.run_cli("check", "--no-alert", env=self.cli_env(
+                METASYSTEM_NOW=repr(1_800_000_000.0 + 7200), MM_PING_URL=service.url("/" + TOKEN)))
+        self.assertEqual((ok.returncode, ok.stderr, late.returncode, late.stderr), (0, b"", 2, b""))
+        first, second = service.requests
+        self.assertRegex(first.path, rf"^/{TOKEN}\?rid=[0-9a-f-]{{36}}$")
+        self.assertEqual(first.body, ok.stdout)
+        self.assertRegex(second.path, rf"^/{TOKEN}/2\?rid=[0-9a-f-]{{36}}$")
+        self.assertEqual(second.body, late.stdout)
+
+    def test_a_bad_ping_url_is_a_configuration_problem_without_the_url(self):
+        self.write_config(f"[check]\nping_url = ftp://{TOKEN}\nping = x\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [f"{self.config_path}: [check] ping: unknown key",
+                                            f"{self.config_path}: [check] ping_url: not an http or https URL"])
