@@ -6882,7 +6882,7 @@ def job_report(run: JobRun, argv: List[str]) -> str:
 
 ## Summary ####################################################################
 
-SUMMARY_SCHEMA_VERSION = 2  # 2: "omitted" counts, by state, the rows a section leaves out
+SUMMARY_SCHEMA_VERSION = 3  # 2: "omitted" counts the rows a section leaves out; 3: "jobs"
 SUMMARY_SECTION_ROWS = 50  # sync targets or agents shown, the worst first; the rest are only counted
 SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
 SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
@@ -6891,6 +6891,8 @@ CHECK_RESULT_STALE_S = 3600.0  # a verdict older than this no longer stands (has
 RATE_OK_PERCENT = 90.0  # a sync target or agent succeeding this often is OK; from the next WARNING, below CRITICAL
 RATE_WARNING_PERCENT = 50.0
 BREAKER_STATE_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
+JOB_STATE_WORDS = {"success": "OK", "running": "OK", "skipped": "WARNING", "failure": "CRITICAL",
+                   "timeout": "CRITICAL", "breaker_open": "WARNING", "unrecorded": "UNKNOWN"}
 SEVERITY_STATE_WORDS = {"critical": "CRITICAL", "warning": "WARNING", "info": "OK"}
 _INERT_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, formats, unassigned, line breaks
 
@@ -6984,6 +6986,20 @@ def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: 
     return found
 
 
+def recent_jobs(store: Store) -> Dict[str, Dict[str, Any]]:
+    """Every job ``run`` has run: its last run (when, how it ended, how long) and its last success."""
+    jobs = {}
+    for (job,) in store.query("SELECT DISTINCT job FROM job_runs ORDER BY job"):
+        started, ended, code, outcome = store.query_one(
+            "SELECT started, ended, exit_code, outcome FROM job_runs WHERE job = ? ORDER BY started DESC LIMIT 1",
+            (job,))
+        good = store.query_one("SELECT max(ended) FROM job_runs WHERE job = ? AND outcome = 'success'", (job,))[0]
+        jobs[job] = {"state": JOB_STATE_WORDS.get(outcome, "UNKNOWN"), "outcome": outcome,
+                     "started": iso_time(started), "exit_code": code,
+                     "duration_s": None if ended is None else ended - started, "last_success": iso_time(good)}
+    return jobs
+
+
 def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> List[Dict[str, Any]]:
     """The newest alerts since ``since``, newest first, each with what every channel did with it."""
     newest = "SELECT id FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?"
@@ -7069,6 +7085,7 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
         "agents": {agent: dict(_agent_summary(collector, agent, hours),
                                recent=recent_runs(collector, f"agent_{agent}", since))
                    for agent in agents},
+        "jobs": recent_jobs(collector.store),
         "alerts": recent_alerts(collector.store, since),
         "health": health,
         "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
@@ -7078,8 +7095,8 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
 def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:
     health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
     return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
-            "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [],
-            "health": health, "omitted": {}}
+            "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {},
+            "alerts": [], "health": health, "omitted": {}}
 
 
 def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
@@ -7553,6 +7570,12 @@ def status_page(summary: Dict[str, Any]) -> str:
          _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
         for name, entry in summary["agents"].items()])
     parts += _page_omitted(summary, "agents", "agents")
+    if summary.get("jobs"):
+        parts += _page_table("Jobs", ("state", "job", "last run", "result", "took", "last success"), [
+            (entry["state"], name, local_time(entry["started"]), entry["outcome"] + (
+                f" ({entry['exit_code']})" if entry["exit_code"] not in (None, 0) else ""),
+             _page_seconds(entry["duration_s"]), local_time(entry["last_success"]))
+            for name, entry in summary["jobs"].items()])
     parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
         ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
          local_time(alert["time"]), alert["title"],

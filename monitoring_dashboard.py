@@ -53,7 +53,7 @@ Line = List[Segment]
 
 # Sections in the order they are drawn, each with its priority: on a small screen, the highest
 # priorities (lowest numbers) are kept.
-SECTION_PRIORITY = {"sync": 1, "circuit_breakers": 2, "agents": 4, "alerts": 3, "health": 0}
+SECTION_PRIORITY = {"sync": 1, "circuit_breakers": 2, "jobs": 3, "agents": 5, "alerts": 4, "health": 0}
 
 
 ## Text ########################################################################
@@ -227,6 +227,19 @@ def agent_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
     return lines + omitted_line(summary, "agents", "agents") or [[("  no agent run recorded in the window", "dim")]]
 
 
+def job_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
+    """The jobs ``run`` wraps: nothing at all (the section is hidden) until there is one."""
+    lines = []
+    for job, entry in sorted((summary.get("jobs") or {}).items()):
+        code = entry.get("exit_code")
+        result = str(entry.get("outcome", "")) + (f" {code}" if code not in (None, 0) else "")
+        lines.append([("  ", "plain"), _state_cell(entry.get("state", "UNKNOWN")),
+                      (" " + pad(mm.inert_text(job, ascii_only), 14) + f" {pad(result, 12)} "
+                       f"took {seconds(entry.get('duration_s')):>6}  "
+                       f"last run {ago(entry.get('started'), summary.get('generated_at'))}", "plain")])
+    return lines
+
+
 def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
     lines = []
     for alert in summary["alerts"]:
@@ -255,6 +268,7 @@ SECTIONS: Tuple[Tuple[str, str, Callable[[Dict[str, Any], int, bool], List[Line]
     ("sync", "SYNC OPERATIONS", sync_lines),
     ("circuit_breakers", "CIRCUIT BREAKERS", breaker_lines),
     ("agents", "AGENTS", agent_lines),
+    ("jobs", "JOBS", job_lines),
     ("alerts", "RECENT ALERTS", alert_lines),
     ("health", "SYSTEM HEALTH", health_lines),
 )
@@ -277,8 +291,10 @@ def header_lines(summary: Dict[str, Any], width: int, error: Optional[str] = Non
 def section_blocks(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Tuple[str, List[Line]]]:
     """Each section as (key, lines): a blank line, its title, a rule, then its rows."""
     rule = MARKS["ascii" if ascii_only else "unicode"]["rule"] * width
-    return [(key, [[("", "plain")], [(title, "title")], [(rule, "dim")]] + render_rows(summary, width, ascii_only))
-            for key, title, render_rows in SECTIONS]
+    blocks = [(key, render_rows(summary, width, ascii_only)) for key, title, render_rows in SECTIONS]
+    titles = {key: title for key, title, _ in SECTIONS}
+    return [(key, [[("", "plain")], [(titles[key], "title")], [(rule, "dim")]] + rows)
+            for key, rows in blocks if rows]  # a section with no row at all (jobs before the first) is hidden
 
 
 def body_lines(summary: Dict[str, Any], width: int, height: Optional[int] = None,

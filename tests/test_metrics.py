@@ -220,7 +220,7 @@ class SummaryTest(StoreTestCase):
         metrics.record_agent_metric("cataloger", 1.5, True, timestamp=start - 50)
         metrics.record_agent_metric("cataloger", 0.5, True, timestamp=start - 10)
         self.assertEqual(metrics.get_system_summary(), {
-            "schema_version": 2,
+            "schema_version": 3,
             "generated_at": mm.iso_time(start),
             "window_hours": 24.0,
             "status": "unknown",
@@ -237,6 +237,7 @@ class SummaryTest(StoreTestCase):
             "agents": {"cataloger": {"executions": 2, "success_rate": 100.0, "avg_duration": 1.0,
                                      "latest_duration": 0.5,
                                      "recent": {"durations": [1.5, 0.5], "failed": [], "anomalous": []}}},
+            "jobs": {},
             "alerts": [],
             "health": {},
             "omitted": {},

@@ -17,9 +17,9 @@ class ReadSummaryTest(AlertTestCase):
 
     def test_a_missing_store_is_an_empty_summary_and_nothing_is_created(self):
         self.assertEqual(self.summary(), {
-            "schema_version": 2, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
-            "status": "unknown", "sync": {}, "circuit_breakers": {}, "agents": {}, "alerts": [], "health": {},
-            "omitted": {},
+            "schema_version": 3, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
+            "status": "unknown", "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {}, "alerts": [],
+            "health": {}, "omitted": {},
         })
         self.assertEqual(os.listdir(self.tmp), ["log.sock"])
 
@@ -157,3 +157,30 @@ class ManyTargetsTest(StoreTestCase):
         self.assertEqual((len(every["sync"]), every["omitted"]), (121, {}))
         self.assertEqual({name: every["sync"][name] for name in bounded["sync"]}, bounded["sync"])
         self.assertEqual(len(mm.read_summary(self.db, now=lambda: now)["sync"]), mm.SUMMARY_SECTION_ROWS)
+
+
+class JobsSectionTest(AlertTestCase):
+    """Every job run wraps shows on every face: its last run, how it ended, how long it took."""
+
+    def test_jobs_read_from_real_runs_and_drawn_on_the_screen_and_the_page(self):
+        import monitoring_dashboard as dash
+
+        env = self.cli_env(METASYSTEM_NOW="1800000000")
+        self.write_config("")
+        self.assertEqual(self.run_cli("run", "backup", "--", "sh", "-c", "exit 0", env=env).returncode, 0)
+        self.assertEqual(self.run_cli("run", "report", "--", "sh", "-c", "exit 3", env=env).returncode, 3)
+        summary = mm.read_summary(self.db, now=lambda: 1_800_000_000.0 + 7200)
+        self.assertEqual({job: {key: entry[key] for key in ("state", "outcome", "exit_code", "started",
+                                                             "last_success")}
+                          for job, entry in summary["jobs"].items()}, {
+            "backup": {"state": "OK", "outcome": "success", "exit_code": 0, "started": mm.iso_time(1_800_000_000.0),
+                       "last_success": mm.iso_time(1_800_000_000.0)},
+            "report": {"state": "CRITICAL", "outcome": "failure", "exit_code": 3,
+                       "started": mm.iso_time(1_800_000_000.0), "last_success": None},
+        })
+        text = dash.plain_text(summary, ascii_only=True)
+        self.assertIn("\nJOBS\n" + "-" * 80 + "\n"  # the clock stood still for both runs: they took 0 s
+                      "  OK       backup         success      took  0.00s  last run 2h ago\n"
+                      "  CRITICAL report         failure 3    took  0.00s  last run 2h ago\n", text)
+        self.assertIn("<h2>Jobs</h2>", mm.status_page(summary))
+        self.assertNotIn("JOBS", dash.plain_text(dict(summary, jobs={}), ascii_only=True))  # none: no section
