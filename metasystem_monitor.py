@@ -81,8 +81,10 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "ValidationError",
     "classify_error",
     "cli_clock",
+    "dashboard_metrics",
     "epoch_of",
     "find_anomalies",
+    "format_bytes",
     "format_span",
     "inert_text",
     "iso_time",
@@ -188,7 +190,8 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
 
-CONFIG_SECTIONS = ("storage", "alerting", "serve", "collect", "check")
+CONFIG_SECTIONS = ("storage", "alerting", "serve", "collect", "check", "dashboard")
+DASHBOARD_KEYS = ("metrics",)  # shell globs of the series the faces show (default: the newest ten)
 CHECK_RUN_KEYS = ("ping_url", "ping_url_env", "ping_url_file")  # [check]: each run of check pings it
 SERVE_KEYS = ("listen", "token_file", "cache")
 COLLECT_KEYS = ("load", "cpu", "memory", "disks", "network", "processes")  # each true or false
@@ -446,6 +449,8 @@ def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
             storage_settings(config)
         except ConfigError as err:
             problems.append(("storage", "", str(err).replace("[storage] ", "")))
+    if config.has_section("dashboard"):
+        problems += [("dashboard", key, "unknown key") for key in config["dashboard"] if key not in DASHBOARD_KEYS]
     if config.has_section("collect"):
         for key in config["collect"]:
             if key not in COLLECT_KEYS:
@@ -6882,8 +6887,16 @@ def job_report(run: JobRun, argv: List[str]) -> str:
 
 ## Summary ####################################################################
 
-SUMMARY_SCHEMA_VERSION = 3  # 2: "omitted" counts the rows a section leaves out; 3: "jobs"
+SUMMARY_SCHEMA_VERSION = 4  # 2: "omitted" counts the rows a section leaves out; 3: "jobs"; 4: "metrics"
 SUMMARY_SECTION_ROWS = 50  # sync targets or agents shown, the worst first; the rest are only counted
+SUMMARY_METRICS = 10  # the user's own series shown, the most recently written first
+# The series of the sync, agent, breaker, check and job families (by the label that names the entity): the
+# summary shows them in their sections, the export in named families; every other series is the user's own.
+_EXPORTED_SERIES = (
+    ("target", r"sync_.+_(success|failure|files|conflicts)"), ("agent", r"agent_.+_(success|failure|items)"),
+    ("breaker", r"circuit_breaker_.+_(state|failures)"), ("check", r"check_(state|value|duration)"),
+    ("job", r"job_(duration|exit_code)"),
+)
 SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
 SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
 SUMMARY_ALERTS = 20
@@ -7000,6 +7013,55 @@ def recent_jobs(store: Store) -> Dict[str, Dict[str, Any]]:
     return jobs
 
 
+def dashboard_metrics(config) -> Optional[List[str]]:
+    """The globs of ``[dashboard] metrics``, or None (the newest series) when it is not set."""
+    text = config["dashboard"].get("metrics", "") if config.has_section("dashboard") else ""
+    patterns = [part.strip() for part in text.split(",") if part.strip()]
+    return patterns or None
+
+
+def _series_recent(collector: MetricsCollector, series_id: int, since: float) -> Dict[str, Any]:
+    points = collector.store.query("SELECT ts, value FROM samples WHERE series_id = ? AND ts >= ? "
+                                   "ORDER BY ts DESC, seq DESC LIMIT ?", (series_id, since, SUMMARY_BASELINE_POINTS))
+    latest = collector.store.query_one("SELECT ts, value FROM samples WHERE series_id = ? "
+                                       "ORDER BY ts DESC, seq DESC LIMIT 1", (series_id,))
+    values = [value for _, value in reversed(points)]
+    recent = values[-SUMMARY_RECENT_POINTS:]
+    anomalous: List[int] = []
+    if len(values) >= DEFAULT_MIN_SAMPLES:
+        baseline = robust_baseline(sorted(values))
+        anomalous = [i for i, value in enumerate(recent) if is_anomalous(value, baseline, DEFAULT_ROBUST_THRESHOLD)]
+    return {"latest": latest[1], "time": iso_time(latest[0]), "recent": {"values": recent, "anomalous": anomalous}}
+
+
+def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
+               limit: int = SUMMARY_METRICS) -> Dict[str, Dict[str, Any]]:
+    """The user's own series (not those of the sync, agent, breaker, check and job sections): the ``limit``
+    most recently written, or every one whose name matches a shell glob of ``patterns``; each with its
+    latest value and time, and its recent values with the anomalous ones marked."""
+    import fnmatch
+    import json
+    import re
+
+    families = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
+    rows = collector.store.query(
+        "SELECT id, name, labels, (SELECT max(ts) FROM samples WHERE series_id = series.id) AS last FROM series "
+        "WHERE last IS NOT NULL ORDER BY last DESC, name, labels")
+    found: Dict[str, Dict[str, Any]] = {}
+    for series_id, name, labels_text, _ in rows:
+        # A family's series carries its entity label: a look at the canonical text spares the JSON.
+        if any(f'"{label}":' in labels_text and pattern.fullmatch(name) for label, pattern in families):
+            continue
+        if patterns is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            continue
+        labels = {} if labels_text == _NO_LABELS else json.loads(labels_text)
+        key = name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+        found[key] = dict(_series_recent(collector, series_id, since), name=name, labels=labels)
+        if patterns is None and len(found) >= limit:
+            break
+    return dict(sorted(found.items()))
+
+
 def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> List[Dict[str, Any]]:
     """The newest alerts since ``since``, newest first, each with what every channel did with it."""
     newest = "SELECT id FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?"
@@ -7063,7 +7125,7 @@ def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], sin
 
 
 def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
-                   limit: Optional[int] = None) -> Dict[str, Any]:
+                   limit: Optional[int] = None, metrics: Optional[List[str]] = None) -> Dict[str, Any]:
     """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
     recent alerts and the checks' last verdicts, over the last ``hours``. With ``limit``, the sync and
     agent sections hold the ``limit`` in the worst state and ``omitted`` counts the rest by state."""
@@ -7086,6 +7148,7 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
                                recent=recent_runs(collector, f"agent_{agent}", since))
                    for agent in agents},
         "jobs": recent_jobs(collector.store),
+        "metrics": own_series(collector, since, metrics),
         "alerts": recent_alerts(collector.store, since),
         "health": health,
         "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
@@ -7096,11 +7159,12 @@ def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str
     health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
     return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
             "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {},
-            "alerts": [], "health": health, "omitted": {}}
+            "metrics": {}, "alerts": [], "health": health, "omitted": {}}
 
 
 def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
-                 now=time.time, limit: Optional[int] = SUMMARY_SECTION_ROWS) -> Dict[str, Any]:
+                 now=time.time, limit: Optional[int] = SUMMARY_SECTION_ROWS,
+                 metrics: Optional[List[str]] = None) -> Dict[str, Any]:
     """The summary of the store at ``db_path``, read without writing anything; at most ``limit`` sync
     targets and agents, the worst first (None: all of them).
 
@@ -7110,7 +7174,7 @@ def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HO
     hours = window_hours(hours)
     try:
         with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
-            return system_summary(collector, hours, limit=limit)
+            return system_summary(collector, hours, limit=limit, metrics=metrics)
     except StorageError as err:
         return _unreadable_summary(err, hours, now())
 
@@ -7121,12 +7185,6 @@ PROMETHEUS_PREFIX = "metasystem_"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 EXPORT_FORMATS = ("prometheus", "openmetrics")
-# Series the named families below already export; every other series goes out as its latest value.
-_EXPORTED_SERIES = (
-    ("target", r"sync_.+_(success|failure|files|conflicts)"), ("agent", r"agent_.+_(success|failure|items)"),
-    ("breaker", r"circuit_breaker_.+_(state|failures)"), ("check", r"check_(state|value|duration)"),
-    ("job", r"job_(duration|exit_code)"),
-)
 # Endings that Prometheus's linter keeps for counters, histograms and summaries.
 _RESERVED_ENDINGS = ("_total", "_count", "_sum", "_bucket", "_created", "_info")
 _SAMPLE_ENDINGS = {"counter": "_total", "info": "_info"}
@@ -7576,6 +7634,12 @@ def status_page(summary: Dict[str, Any]) -> str:
                 f" ({entry['exit_code']})" if entry["exit_code"] not in (None, 0) else ""),
              _page_seconds(entry["duration_s"]), local_time(entry["last_success"]))
             for name, entry in summary["jobs"].items()])
+    if summary.get("metrics"):
+        parts += _page_table("Metrics", ("series", "latest", "at", "recent"), [
+            (key, f"{entry['latest']:.6g}", local_time(entry["time"]),
+             sparkline_svg({"durations": entry["recent"]["values"], "failed": [],
+                            "anomalous": entry["recent"]["anomalous"]}))
+            for key, entry in summary["metrics"].items()])
     parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
         ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
          local_time(alert["time"]), alert["title"],

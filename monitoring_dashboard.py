@@ -53,7 +53,8 @@ Line = List[Segment]
 
 # Sections in the order they are drawn, each with its priority: on a small screen, the highest
 # priorities (lowest numbers) are kept.
-SECTION_PRIORITY = {"sync": 1, "circuit_breakers": 2, "jobs": 3, "agents": 5, "alerts": 4, "health": 0}
+SECTION_PRIORITY = {"sync": 1, "circuit_breakers": 2, "jobs": 3, "metrics": 6, "agents": 5, "alerts": 4,
+                    "health": 0}
 
 
 ## Text ########################################################################
@@ -240,6 +241,31 @@ def job_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Lin
     return lines
 
 
+def figure(name: str, value: Optional[float]) -> str:
+    """A series' latest value, in the unit its name says where it says one."""
+    if value is None:
+        return "-"
+    if name.endswith("_bytes"):
+        return mm.format_bytes(value)
+    if name.endswith("_seconds"):
+        return mm.format_span(value)
+    if name.endswith("_percent"):
+        return f"{value:.1f}%"
+    return f"{value:.6g}"
+
+
+def metric_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
+    """The user's own series: the latest value and the recent ones; hidden until there is one."""
+    lines = []
+    for key, entry in (summary.get("metrics") or {}).items():
+        recent = entry.get("recent") or {}
+        line: Line = [("  " + pad(mm.inert_text(key, ascii_only), 40) + " "
+                       + f"{figure(entry.get('name', ''), entry.get('latest')):>10}", "plain")]
+        lines.append(_with_sparkline(line, recent.get("values", []), list(recent.get("anomalous", ())), width,
+                                     ascii_only))
+    return lines
+
+
 def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
     lines = []
     for alert in summary["alerts"]:
@@ -269,6 +295,7 @@ SECTIONS: Tuple[Tuple[str, str, Callable[[Dict[str, Any], int, bool], List[Line]
     ("circuit_breakers", "CIRCUIT BREAKERS", breaker_lines),
     ("agents", "AGENTS", agent_lines),
     ("jobs", "JOBS", job_lines),
+    ("metrics", "METRICS", metric_lines),
     ("alerts", "RECENT ALERTS", alert_lines),
     ("health", "SYSTEM HEALTH", health_lines),
 )
@@ -625,11 +652,13 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     config_path = mm.resolve_config_path(args.config, environ)
     db_path = mm.resolve_db_path(args.db, environ)
     try:
-        mm.load_config(config_path, required=bool(args.config or environ.get("METASYSTEM_CONFIG")))
+        config = mm.load_config(config_path, required=bool(args.config or environ.get("METASYSTEM_CONFIG")))
+        series = mm.dashboard_metrics(config)
         now = mm.cli_clock()
 
         def collect() -> Dict[str, Any]:
-            return mm.read_summary(db_path, args.hours, now=now, limit=None if args.all else mm.SUMMARY_SECTION_ROWS)
+            return mm.read_summary(db_path, args.hours, now=now, limit=None if args.all else mm.SUMMARY_SECTION_ROWS,
+                                   metrics=series)
 
         if args.summary:
             sys.stdout.write(mm.json_text(collect()) + "\n")

@@ -32,7 +32,7 @@ COLOR_SGR = re.compile(rb"\x1b\[(?:[0-9;]*;)?(?:3[0-9]|4[0-9]|9[0-7]|10[0-7])(?:
 def sample_summary():
     """A summary as read_summary() makes it, with every kind of row the screen draws."""
     return {
-        "schema_version": 3, "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0,
+        "schema_version": 4, "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0,
         "status": "critical",
         "sync": {
             "icloud": {"success_rate": 92.5, "attempts": 40, "avg_duration": 2.34,
@@ -287,9 +287,9 @@ class SummaryCommandTest(StoreTestCase):
 
     def test_summary_of_an_empty_store(self):
         result = self.run_dashboard("--summary")
-        expected = {"schema_version": 3, "generated_at": mm.iso_time(NOW), "window_hours": 24.0, "status": "unknown",
-                    "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {}, "alerts": [], "health": {},
-                    "omitted": {}}
+        expected = {"schema_version": 4, "generated_at": mm.iso_time(NOW), "window_hours": 24.0, "status": "unknown",
+                    "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {}, "metrics": {}, "alerts": [],
+                    "health": {}, "omitted": {}}
         self.assertCleanExit(result, 0, json.dumps(expected, sort_keys=True, indent=2) + "\n")
         self.assertFalse(os.path.exists(self.db))
 

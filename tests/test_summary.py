@@ -1,10 +1,13 @@
 """read_summary(): the one summary that the dashboard and --summary show, read from a real store."""
 
+import json
 import os
+import subprocess
+import sys
 
 import metasystem_monitor as mm
 
-from .support import AlertTestCase, FakeClock, StoreTestCase, file_bytes, sqlite_rows
+from .support import REPO, SUBPROCESS_TIMEOUT_S, AlertTestCase, FakeClock, StoreTestCase, file_bytes, sqlite_rows
 
 HOUR_S = 3600.0
 
@@ -17,9 +20,9 @@ class ReadSummaryTest(AlertTestCase):
 
     def test_a_missing_store_is_an_empty_summary_and_nothing_is_created(self):
         self.assertEqual(self.summary(), {
-            "schema_version": 3, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
-            "status": "unknown", "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {}, "alerts": [],
-            "health": {}, "omitted": {},
+            "schema_version": 4, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
+            "status": "unknown", "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {}, "metrics": {},
+            "alerts": [], "health": {}, "omitted": {},
         })
         self.assertEqual(os.listdir(self.tmp), ["log.sock"])
 
@@ -184,3 +187,54 @@ class JobsSectionTest(AlertTestCase):
                       "  CRITICAL report         failure 3    took  0.00s  last run 2h ago\n", text)
         self.assertIn("<h2>Jobs</h2>", mm.status_page(summary))
         self.assertNotIn("JOBS", dash.plain_text(dict(summary, jobs={}), ascii_only=True))  # none: no section
+
+
+class OwnSeriesTest(StoreTestCase):
+    """The user's own series on every face: the newest ten, or those [dashboard] metrics names."""
+
+    def setUp(self):
+        super().setUp()
+        self.now = 1_800_000_000.0
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: self.now) as metrics:
+            rows = [(f"series_{i:02d}", float(i), None, self.now - 1000 + i) for i in range(12)]
+            rows += [("backup_bytes", 5e7 + i, {"host": "nas"}, self.now - 600 + i * 20) for i in range(20)]
+            rows += [("backup_bytes", 9e9, {"host": "nas"}, self.now - 100)]  # one that stands out
+            rows += [("sync_icloud_success", 2.0, {"target": "icloud"}, self.now - 10)]  # the sync section's
+            metrics.record_many(rows)
+
+    def test_the_newest_ten_by_default_with_latest_values_and_anomalies(self):
+        shown = mm.read_summary(self.db, now=lambda: self.now)["metrics"]
+        self.assertEqual(list(shown), ["backup_bytes{host=nas}"] + [f"series_{i:02d}" for i in range(3, 12)])
+        backup = shown["backup_bytes{host=nas}"]
+        self.assertEqual((backup["name"], backup["labels"], backup["latest"], backup["time"]),
+                         ("backup_bytes", {"host": "nas"}, 9e9, mm.iso_time(self.now - 100)))
+        self.assertEqual(len(backup["recent"]["values"]), 21)
+        self.assertEqual(backup["recent"]["anomalous"], [20])
+
+    def test_globs_choose_and_every_face_draws_them(self):
+        import monitoring_dashboard as dash
+
+        summary = mm.read_summary(self.db, now=lambda: self.now, metrics=["backup_*", "series_0[01]"])
+        self.assertEqual(list(summary["metrics"]), ["backup_bytes{host=nas}", "series_00", "series_01"])
+        text = dash.plain_text(summary, ascii_only=True)
+        self.assertIn("\nMETRICS\n" + "-" * 80 + "\n"
+                      "  backup_bytes{host=nas}                       9.0 GB _..-:==+**#! 1 anomalous\n"
+                      "  series_00                                         0 =\n"
+                      "  series_01                                         1 =\n", text)
+        self.assertIn("<h2>Metrics</h2>", mm.status_page(summary))
+        self.assertNotIn("METRICS", dash.plain_text(dict(summary, metrics={}), ascii_only=True))
+
+    def test_the_dashboard_section_of_the_configuration(self):
+        config = os.path.join(self.tmp, "c.ini")
+        with open(config, "w", encoding="utf-8") as handle:
+            handle.write("[dashboard]\nmetrics = series_1*\n")
+        result = subprocess.run([sys.executable, os.path.join(REPO, "monitoring_dashboard.py"), "--db", self.db,
+                                 "--config", config, "--summary"], capture_output=True, cwd=self.tmp,
+                                env=self.child_env(METASYSTEM_NOW=repr(self.now)), timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(list(json.loads(result.stdout)["metrics"]), ["series_10", "series_11"])
+        with open(config, "w", encoding="utf-8") as handle:
+            handle.write("[dashboard]\nmetrix = x\n")
+        checked = self.run_cli("--config", config, "config", "--check")
+        self.assertEqual((checked.returncode, checked.stdout.decode()),
+                         (1, f"{config}: [dashboard] metrix: unknown key\n"))
