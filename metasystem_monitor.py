@@ -3655,7 +3655,7 @@ def http_post(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, 
 
 def _verifies(spec: ChannelSpec) -> bool:
     """False only when the channel says ``tls_verify = false``."""
-    return spec.settings.get("tls_verify", "true").lower() not in ("false", "no", "off", "0")
+    return _bool_setting(spec.settings, spec.section, "tls_verify", True, [])
 
 
 def tls_context(verify: bool) -> Any:
@@ -4105,7 +4105,7 @@ class EmailChannel(_Channel):
         if settings.get("username") and method == "smtp" and not any(
                 key in items for key in ("password", "password_env", "password_file")):
             problems.append((section, "password", "required when username is set"))
-        insecure = settings.get("allow_insecure_auth", "false").lower() in ("true", "yes", "on", "1")
+        insecure = _bool_setting(settings, section, "allow_insecure_auth", False, [])
         if security == "none" and settings.get("username") and not insecure:
             problems.append((section, "username", "login over a connection without TLS sends the password in "
                                                   "clear; set allow_insecure_auth = true to allow it"))
@@ -5808,7 +5808,7 @@ def _tls_settings_context(settings: Dict[str, str]) -> Any:
 
     context = ssl.create_default_context(cafile=os.path.expanduser(settings["ca_file"])
                                          if settings.get("ca_file") else None)
-    if settings.get("tls_verify", "true").lower() in ("false", "no", "off", "0"):
+    if not _bool_setting(settings, "", "tls_verify", True, []):  # its value was checked with the section
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
@@ -5904,7 +5904,7 @@ def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     minutes = spec.settings.get("minutes", "5")
     averages = dict(zip(("1", "5", "15"), os.getloadavg()))
     cpus = os.cpu_count() or 1
-    per_cpu = spec.settings.get("per_cpu", "true").lower() not in ("false", "no", "off", "0")
+    per_cpu = _bool_setting(spec.settings, spec.name, "per_cpu", True, [])
     value = averages[minutes] / cpus if per_cpu else averages[minutes]
     state = judge(value, PLAIN, spec.warning, spec.critical)
     shown = " ".join(f"{average:.2f}" for average in averages.values())
@@ -6973,6 +6973,16 @@ def _newest(collector: MetricsCollector, name: str, since: float, limit: int) ->
         (name, since, limit))
 
 
+def _anomalous_among_recent(known: List[float]) -> List[int]:
+    """Positions, among the last SUMMARY_RECENT_POINTS of ``known`` (oldest first), of the values the
+    robust detector finds anomalous against all of ``known``."""
+    if len(known) < DEFAULT_MIN_SAMPLES:
+        return []
+    baseline = robust_baseline(sorted(known))
+    return [i for i, value in enumerate(known[-SUMMARY_RECENT_POINTS:])
+            if is_anomalous(value, baseline, DEFAULT_ROBUST_THRESHOLD)]
+
+
 def recent_runs(collector: MetricsCollector, prefix: str, since: float) -> Dict[str, List[Any]]:
     """The durations of the last runs of PREFIX_success and PREFIX_failure, oldest first, with the
     positions of the failed ones and of those the robust detector finds anomalous against the runs
@@ -6981,12 +6991,8 @@ def recent_runs(collector: MetricsCollector, prefix: str, since: float) -> Dict[
                   for ts, seq, value in _newest(collector, f"{prefix}_{outcome}", since, SUMMARY_BASELINE_POINTS))
     known = runs[-SUMMARY_BASELINE_POINTS:]
     recent = known[-SUMMARY_RECENT_POINTS:]
-    anomalous: List[int] = []
-    if len(known) >= DEFAULT_MIN_SAMPLES:
-        baseline = robust_baseline(sorted(run[2] for run in known))
-        anomalous = [i for i, run in enumerate(recent) if is_anomalous(run[2], baseline, DEFAULT_ROBUST_THRESHOLD)]
     return {"durations": [run[2] for run in recent], "failed": [i for i, run in enumerate(recent) if run[3]],
-            "anomalous": anomalous}
+            "anomalous": _anomalous_among_recent([run[2] for run in known])}
 
 
 def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: float,
@@ -7023,15 +7029,11 @@ def dashboard_metrics(config) -> Optional[List[str]]:
 def _series_recent(collector: MetricsCollector, series_id: int, since: float) -> Dict[str, Any]:
     points = collector.store.query("SELECT ts, value FROM samples WHERE series_id = ? AND ts >= ? "
                                    "ORDER BY ts DESC, seq DESC LIMIT ?", (series_id, since, SUMMARY_BASELINE_POINTS))
-    latest = collector.store.query_one("SELECT ts, value FROM samples WHERE series_id = ? "
-                                       "ORDER BY ts DESC, seq DESC LIMIT 1", (series_id,))
+    latest = points[0] if points else collector.store.query_one(  # written before the window
+        "SELECT ts, value FROM samples WHERE series_id = ? ORDER BY ts DESC, seq DESC LIMIT 1", (series_id,))
     values = [value for _, value in reversed(points)]
-    recent = values[-SUMMARY_RECENT_POINTS:]
-    anomalous: List[int] = []
-    if len(values) >= DEFAULT_MIN_SAMPLES:
-        baseline = robust_baseline(sorted(values))
-        anomalous = [i for i, value in enumerate(recent) if is_anomalous(value, baseline, DEFAULT_ROBUST_THRESHOLD)]
-    return {"latest": latest[1], "time": iso_time(latest[0]), "recent": {"values": recent, "anomalous": anomalous}}
+    return {"latest": latest[1], "time": iso_time(latest[0]),
+            "recent": {"values": values[-SUMMARY_RECENT_POINTS:], "anomalous": _anomalous_among_recent(values)}}
 
 
 def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
@@ -7154,6 +7156,7 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
         "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
                     if counts},
     }
+
 
 def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:
     health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
