@@ -5959,6 +5959,44 @@ def check_tcp(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        _texts(spec.warning), _texts(spec.critical), perf)
 
 
+SYSTEMD_WARNING_STATES = ("activating", "deactivating", "reloading")  # on the way somewhere: not yet wrong
+
+
+def systemd_unit_state(unit: str, timeout_s: float) -> Dict[str, str]:
+    """The unit's LoadState, ActiveState and SubState from ``systemctl show``; OSError when systemctl is
+    missing or cannot ask systemd (no systemd here, as in most containers and on macOS)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("systemctl") is None:
+        raise OSError("systemctl is not on PATH: no systemd here")
+    shown = subprocess.run(["systemctl", "show", "--property=LoadState,ActiveState,SubState", "--", unit],
+                           capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
+    if shown.returncode != 0:
+        why = _one_line(shown.stderr.decode("utf-8", "replace")) or f"exit code {shown.returncode}"
+        raise OSError(f"systemctl show failed: {why}"[:CHECK_OUTPUT_LINE_CHARS])
+    lines = shown.stdout.decode("utf-8", "replace").splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def check_systemd_unit(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
+    """A systemd unit's ActiveState: one of ``expect`` (default active) is OK, on its way somewhere
+    (activating, reloading, deactivating) WARNING, anything else, or a unit systemd does not know,
+    CRITICAL; UNKNOWN where there is no systemd to ask."""
+    unit = spec.settings["unit"]
+    expected = [word.strip() for word in spec.settings.get("expect", "active").split(",") if word.strip()]
+    try:
+        state = systemd_unit_state(unit, spec.timeout_s)
+    except OSError as err:
+        return CheckResult(spec.name, "UNKNOWN", f"{unit}: {err}")
+    active, sub = state.get("ActiveState", "?"), state.get("SubState", "?")
+    if state.get("LoadState") == "not-found":
+        return CheckResult(spec.name, "CRITICAL", f"{unit}: no such unit")
+    verdict = "OK" if active in expected else "WARNING" if active in SYSTEMD_WARNING_STATES else "CRITICAL"
+    return CheckResult(spec.name, verdict, f"{unit} is {active} ({sub})"
+                       + ("" if verdict == "OK" else f", expected {' or '.join(expected)}"))
+
+
 def check_database(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """The store answers quick_check, at most once a day as it reads the whole store (integrity_check
     with --deep, every time); its size and WAL size."""
@@ -6244,6 +6282,7 @@ CHECK_TYPES = {
     "metric": CheckType(check_metric, ("metric", "hours", "statistic"), ("metric",), ANY_UNIT),
     "sync_recency": CheckType(check_sync_recency, ("target",), ("target",), SECONDS, DEFAULT_SYNC_WARNING,
                               DEFAULT_SYNC_CRITICAL),
+    "systemd_unit": CheckType(check_systemd_unit, ("unit", "expect"), ("unit",), needs_store=False),
     "tcp": CheckType(check_tcp, ("address", "send", "expect"), ("address",), SECONDS, needs_store=False),
     "tls_cert": CheckType(check_tls_cert, ("address", "server_name", "tls_verify", "ca_file"), ("address",), PLAIN,
                           "21:", "7:", needs_store=False),

@@ -203,7 +203,7 @@ class CheckCommand(AlertTestCase):
             f"{self.config_path}: [check:y] job: required for a job check",
             f"{self.config_path}: [check:y] expected_every: 'often' is not a duration such as 90s, 5m, 2h or 7d",
             f"{self.config_path}: [check:z] type: 'nope' is not one of anomaly, circuit_breaker, command, database, "
-            "disk, file_age, http, inodes, job, load, memory, metric, process, sync_recency, tcp, tls_cert",
+            "disk, file_age, http, inodes, job, load, memory, metric, process, sync_recency, systemd_unit, tcp, tls_cert",
             f"{self.config_path}: [check:age] critical: '5GB:': a file_age check compares durations, plain numbers",
             f"{self.config_path}: [check:db] warning: a database check takes no thresholds",
         ])
@@ -437,6 +437,61 @@ class MachineChecksTest(AlertTestCase):
             f"{self.config_path}: [check:a] name: give exactly one of name, match or pidfile",
             f"{self.config_path}: [check:b] name: give exactly one of name, match or pidfile (not name, match)",
         ])
+
+    def fake_systemctl(self, units):
+        """A ``systemctl`` on PATH answering ``show`` from ``units`` (unit: its properties' lines; None: systemd
+        cannot be asked), logging its argv: the case that needs systemd as PID 1, which a test cannot be."""
+        folder = os.path.join(self.tmp, "bin")
+        os.makedirs(os.path.join(folder, "units"), exist_ok=True)
+        for unit, text in units.items():
+            with open(os.path.join(folder, "units", unit), "w") as handle:
+                handle.write("DOWN" if text is None else text)
+        script = os.path.join(folder, "systemctl")
+        with open(script, "w") as handle:
+            handle.write('#!/bin/sh\nprintf "%s\\n" "$*" >> "$0.argv"\nunit="$(dirname "$0")/units/$4"\n'
+                         'if [ "$(cat "$unit" 2>/dev/null)" = DOWN ]; then\n'
+                         '  echo "System has not been booted with systemd as init system (PID 1). Can\'t operate." >&2\n'
+                         '  exit 1\nfi\n'
+                         'if [ -f "$unit" ]; then cat "$unit"; else\n'
+                         '  printf "LoadState=not-found\\nActiveState=inactive\\nSubState=dead\\n"; fi\n')
+        os.chmod(script, 0o755)
+        return folder
+
+    def test_systemd_unit_states_from_systemctl_show(self):
+        folder = self.fake_systemctl({
+            "web.service": "LoadState=loaded\nActiveState=active\nSubState=running\n",
+            "backup.service": "LoadState=loaded\nActiveState=failed\nSubState=failed\n",
+            "sync.service": "LoadState=loaded\nActiveState=activating\nSubState=start\n",
+            "once.service": "LoadState=loaded\nActiveState=inactive\nSubState=dead\n",
+            "box.service": None})
+        self.write_config("[check:web]\ntype = systemd_unit\nunit = web.service\n\n"
+                          "[check:backup]\ntype = systemd_unit\nunit = backup.service\n\n"
+                          "[check:sync]\ntype = systemd_unit\nunit = sync.service\n\n"
+                          "[check:once]\ntype = systemd_unit\nunit = once.service\nexpect = active, inactive\n\n"
+                          "[check:gone]\ntype = systemd_unit\nunit = -gone.service\n\n"
+                          "[check:box]\ntype = systemd_unit\nunit = box.service\n", log_channel=False)
+        path = f"{folder}{os.pathsep}{os.environ['PATH']}"
+        result = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(T0), PATH=path))
+        self.assertEqual((result.returncode, result.stderr), (2, b""))
+        self.assertEqual(self.lines(result)[1:], [
+            "OK web: web.service is active (running)",
+            "CRITICAL backup: backup.service is failed (failed), expected active",
+            "WARNING sync: sync.service is activating (start), expected active",
+            "OK once: once.service is inactive (dead)",
+            "CRITICAL gone: -gone.service: no such unit",
+            "UNKNOWN box: box.service: systemctl show failed: System has not been booted with systemd as init "
+            "system (PID 1). Can't operate.",
+        ])
+        with open(os.path.join(folder, "systemctl.argv")) as handle:
+            self.assertEqual(sorted(handle.read().splitlines()), sorted(
+                f"show --property=LoadState,ActiveState,SubState -- {unit}"
+                for unit in ("web.service", "backup.service", "sync.service", "once.service", "-gone.service",
+                             "box.service")))
+        empty = os.path.join(self.tmp, "empty-bin")
+        os.makedirs(empty)
+        nowhere = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(T0), PATH=empty))
+        self.assertEqual(self.lines(nowhere)[1], "UNKNOWN web: web.service: systemctl is not on PATH: no systemd here")
+        self.assertEqual(nowhere.returncode, 3)
 
     def test_http_status_body_time_and_a_verified_certificate(self):
         from .servers import SELF_SIGNED_PEM, HTTPServer, Reply

@@ -180,7 +180,7 @@ class RegistryIsTheOnlyListTest(AlertTestCase):
             f"{config}: [check:ping] warning: a pong check takes no thresholds",
             f"{config}: [check:ping] ball: required for a pong check",
             f"{config}: [check:odd] type: 'nope' is not one of anomaly, circuit_breaker, command, database, disk, "
-            "file_age, http, inodes, job, load, memory, metric, pong, process, sync_recency, tcp, tls_cert",
+            "file_age, http, inodes, job, load, memory, metric, pong, process, sync_recency, systemd_unit, tcp, tls_cert",
         ])
 
 
