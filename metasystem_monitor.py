@@ -5763,9 +5763,39 @@ def running_processes() -> List[Tuple[int, str, str]]:
     return [(int(row[0]), os.path.basename(row[1]), row[2] if len(row) > 2 else row[1]) for row in rows if row]
 
 
+def process_usage(pids: List[int]) -> Optional[Tuple[float, float]]:
+    """(resident bytes, CPU percent of one CPU over each one's life, as ps shows it) summed over ``pids``:
+    from /proc, else from ``ps``; None when neither can say."""
+    if os.path.isdir("/proc/self"):
+        ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/uptime", encoding="ascii") as handle:
+            uptime = float(handle.read().split()[0])
+        rss = cpu = 0.0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()  # the name, in (), may hold anything
+            except OSError:  # it ended meanwhile
+                continue
+            busy, started = (int(fields[11]) + int(fields[12])) / ticks, int(fields[19]) / ticks
+            rss += int(fields[21]) * page
+            cpu += 100.0 * busy / max(uptime - started, 1.0 / ticks)
+        return rss, cpu
+    import subprocess
+
+    listing = subprocess.run(["ps", "-o", "rss=,pcpu=", "-p", ",".join(map(str, pids))], capture_output=True,
+                             timeout=10)
+    rows = [line.split() for line in listing.stdout.decode("ascii", "replace").splitlines() if line.strip()]
+    try:
+        return sum(float(row[0]) * 1024 for row in rows), sum(float(row[1]) for row in rows)
+    except (ValueError, IndexError):
+        return None
+
+
 def check_process(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """How many processes are called ``name``, hold ``match`` in their command line, or have the pid in
-    ``pidfile``; by default CRITICAL when there is none (``critical = 1:``)."""
+    ``pidfile``; by default CRITICAL when there is none (``critical = 1:``). A threshold in bytes judges
+    their resident memory together, one in percent their CPU use (of one CPU, over their life, as ps)."""
     settings = spec.settings
     if settings.get("pidfile"):
         what = f"pid in {settings['pidfile']}"
@@ -5787,11 +5817,18 @@ def check_process(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
         return settings.get("match", "") in command
 
     matches = [pid for pid, name, command in running_processes() if pid != os.getpid() and wanted(pid, name, command)]
-    state = judge(len(matches), PLAIN, spec.warning, spec.critical)
+    states = [judge(len(matches), PLAIN, spec.warning, spec.critical)]
     perf = (perfdata_item(f"{spec.name}_processes", len(matches), "", spec.warning, spec.critical, 0),)
     shown = f" (pid {', '.join(map(str, sorted(matches)[:5]))}{', ...' if len(matches) > 5 else ''})" if matches else ""
-    return CheckResult(spec.name, state, f"{len(matches)} process{'' if len(matches) == 1 else 'es'} {what}{shown}",
-                       len(matches), "", _texts(spec.warning), _texts(spec.critical), perf)
+    usage = process_usage(matches) if matches else None
+    if usage is not None:
+        rss, cpu = usage
+        states += [judge(rss, ("B",), spec.warning, spec.critical), judge(cpu, PERCENT, spec.warning, spec.critical)]
+        perf += (perfdata_item(f"{spec.name}_rss", int(rss), "B", spec.warning, spec.critical, 0),
+                 perfdata_item(f"{spec.name}_cpu_percent", round(cpu, 2), "%", spec.warning, spec.critical, 0))
+        shown += f", {format_bytes(rss)} resident, {cpu:.1f}% CPU"
+    return CheckResult(spec.name, worst_state(states), f"{len(matches)} process{'' if len(matches) == 1 else 'es'} "
+                       f"{what}{shown}", len(matches), "", _texts(spec.warning), _texts(spec.critical), perf)
 
 
 def _one_process_key(section: str, items: Dict[str, str]) -> List[Tuple[str, str, str]]:
@@ -5831,49 +5868,119 @@ def _statuses(text: str) -> List[Tuple[int, int]]:
     return ranges
 
 
+HTTP_CHECK_REDIRECTS = 10  # followed at most, as curl's and browsers' limits are of this order
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+def http_check_headers(settings: Dict[str, str], section: str) -> Dict[str, str]:
+    """The request headers of an http check: ``headers`` (one ``Name: value`` a line), the URL's
+    ``user:password@`` as Basic credentials, and the secret ``authorization`` (KEY, KEY_env or KEY_file);
+    ValueError naming what is missing, never its value."""
+    headers = {"User-Agent": USER_AGENT}
+    for line in settings.get("headers", "").splitlines():
+        if line.strip():
+            name, _, value = line.partition(":")
+            headers[name.strip()] = value.strip()
+    headers.update(_basic_auth(settings["url"])[1])
+    problems: List[Tuple[str, str, str]] = []
+    value, _, missing = _secret(settings, "authorization", section, os.environ, problems)
+    if missing:
+        raise ValueError(missing)
+    if value is not None:
+        headers["Authorization"] = value
+    return headers
+
+
+def _http_once(url: str, method: str, headers: Dict[str, str], spec: CheckSpec, now: float) -> Tuple[Any, bytes,
+                                                                                                      Optional[float]]:
+    """One request, redirects not followed: (response, its first MAX_REPLY_BYTES, days the certificate has
+    left for https)."""
+    import http.client
+
+    parts = _checked_url(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    extra = {"context": _tls_settings_context(spec.settings)} if parts.scheme == "https" else {}
+    connection = connection_class(parts.hostname, parts.port, timeout=spec.timeout_s, **extra)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request(method, target, headers=headers)
+        # Read now: the connection gives its socket away once the answer says it will close.
+        days = _days_left(connection.sock.getpeercert(), now) if parts.scheme == "https" else None
+        response = connection.getresponse()
+        return response, response.read(MAX_REPLY_BYTES), days
+    finally:
+        connection.close()
+
+
+def _http_redirected(url: str, response: Any, method: str, headers: Dict[str, str]) -> Tuple[str, str]:
+    """Where a redirect leads, and with which method (303, and 301/302 after a POST, become GET, as
+    browsers do); the credentials stay behind when it leaves the host, as curl's do. ValueError when
+    the target is not an http(s) URL."""
+    from urllib.parse import urljoin
+
+    target = urljoin(url, response.getheader("Location", ""))
+    if _checked_url(target).netloc != _checked_url(url).netloc:
+        headers.pop("Authorization", None)
+    if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+        method = "GET"
+    return target, method
+
+
 def check_http(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """One HTTP(S) request to ``url``: the status among ``status`` (default 200-399), the body holding
     ``contains`` or matching ``regex``, the seconds it took; for https the certificate verified (unless
-    ``tls_verify = false``; ``ca_file`` for a private CA) and its days left as perfdata."""
+    ``tls_verify = false``; ``ca_file`` for a private CA) and its days left as perfdata. Redirects are
+    judged as they come unless ``follow_redirects = true``."""
     import http.client
     import re
 
     settings = spec.settings
-    parts = _checked_url(settings["url"])
-    shown = mask_url(settings["url"])
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    extra = {"context": _tls_settings_context(settings)} if parts.scheme == "https" else {}
-    connection = connection_class(parts.hostname, parts.port, timeout=spec.timeout_s, **extra)
+    url, shown, method = settings["url"], mask_url(settings["url"]), settings.get("method", "GET").upper()
+    follow = _bool_setting(settings, spec.name, "follow_redirects", False, [])  # checked with the section
+    try:
+        headers = http_check_headers(settings, spec.name)
+    except ValueError as err:
+        return CheckResult(spec.name, "UNKNOWN", f"{shown}: {err}")
+    url = _basic_auth(url)[0]
     started = time.monotonic()
     try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        connection.request(settings.get("method", "GET").upper(), target, headers={"User-Agent": USER_AGENT})
-        # Read now: the connection gives its socket away once the answer says it will close.
-        days = _days_left(connection.sock.getpeercert(), ctx.now) if parts.scheme == "https" else None
-        response = connection.getresponse()
-        body = response.read(MAX_REPLY_BYTES)
+        for hops in range(HTTP_CHECK_REDIRECTS + 1):
+            response, body, days = _http_once(url, method, headers, spec, ctx.now)
+            if not (follow and response.status in _REDIRECT_STATUSES and response.getheader("Location")):
+                break
+            url, method = _http_redirected(url, response, method, headers)
+        else:
+            return CheckResult(spec.name, "CRITICAL", f"{shown}: more than {HTTP_CHECK_REDIRECTS} redirects")
         took = time.monotonic() - started
-    except (OSError, http.client.HTTPException) as err:
+    except (OSError, ValueError, http.client.HTTPException) as err:
         return CheckResult(spec.name, "CRITICAL", f"{shown}: {_error_text(err)}"[:CHECK_OUTPUT_LINE_CHARS])
-    finally:
-        connection.close()
     perf = (perfdata_item(f"{spec.name}_time", round(took, 6), "s", spec.warning, spec.critical, 0, units=SECONDS),
             perfdata_item(f"{spec.name}_size", len(body), "B", minimum=0))
     if days is not None:
         perf += (perfdata_item(f"{spec.name}_cert_days_left", round(days, 1), "", minimum=0),)
     text = body.decode("utf-8", "replace")
+    status = f"HTTP {response.status}" + (f" after {hops} redirect{'s' if hops > 1 else ''}" if hops else "")
     if not any(low <= response.status <= high for low, high in _statuses(settings.get("status", "200-399"))):
-        problem = f"HTTP {response.status}"
+        problem = status
     elif settings.get("contains") and settings["contains"] not in text:
-        problem = f"HTTP {response.status}, the body does not hold {settings['contains']!r}"
+        problem = f"{status}, the body does not hold {settings['contains']!r}"
     elif settings.get("regex") and not re.search(settings["regex"], text):
-        problem = f"HTTP {response.status}, the body does not match {settings['regex']!r}"
+        problem = f"{status}, the body does not match {settings['regex']!r}"
     else:
         state = judge(took, SECONDS, spec.warning, spec.critical)
-        return CheckResult(spec.name, state, f"{shown}: HTTP {response.status} in {took * 1000:.0f} ms, "
-                                             f"{len(body):,} bytes", took, "s", _texts(spec.warning),
-                           _texts(spec.critical), perf)
+        return CheckResult(spec.name, state, f"{shown}: {status} in {took * 1000:.0f} ms, {len(body):,} bytes",
+                           took, "s", _texts(spec.warning), _texts(spec.critical), perf)
     return CheckResult(spec.name, "CRITICAL", f"{shown}: {problem}", took, "s", perfdata=perf)
+
+
+def _http_header_problems(section: str, items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+    """Header lines that are not ``Name: value``."""
+    problems: List[Tuple[str, str, str]] = []
+    for line in items.get("headers", "").splitlines():
+        name = line.partition(":")[0].strip()
+        if line.strip() and (":" not in line or not name or not all(33 <= ord(c) <= 126 for c in name)):
+            problems.append((section, "headers", f"{_shown(line.strip())} is not a header such as Accept: text/html"))
+    return problems
 
 
 def check_tls_cert(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -6259,6 +6366,7 @@ class CheckType(NamedTuple):
     critical: str = ""
     needs_store: bool = True  # False: it runs even when the store cannot be opened
     problems: Any = None  # (section, items) -> [(section, key, text)]: what the keys cannot say alone
+    secrets: Tuple[str, ...] = ()  # keys given as KEY, KEY_env or KEY_file, never shown
 
 
 # The only list of check types.
@@ -6271,13 +6379,14 @@ CHECK_TYPES = {
     "disk": CheckType(check_disk, ("path",), (), ("B", "%", ""), DEFAULT_DISK_WARNING, DEFAULT_DISK_CRITICAL,
                       needs_store=False),
     "file_age": CheckType(check_file_age, ("path",), ("path",), SECONDS, needs_store=False),
-    "http": CheckType(check_http, ("url", "method", "status", "contains", "regex", "tls_verify", "ca_file"), ("url",),
-                      SECONDS, needs_store=False),
+    "http": CheckType(check_http, ("url", "method", "status", "contains", "regex", "headers", "follow_redirects",
+                                   "tls_verify", "ca_file"), ("url",), SECONDS, needs_store=False,
+                      problems=_http_header_problems, secrets=("authorization",)),
     "inodes": CheckType(check_inodes, ("path",), (), ("%", ""), "10%:", "5%:", needs_store=False),
     "job": CheckType(check_job, ("job", "expected_every", "max_duration", "min_duration"), ("job",)),
     "load": CheckType(check_load, ("minutes", "per_cpu"), (), PLAIN, "~:2", "~:4", needs_store=False),
     "memory": CheckType(check_memory, (), (), PERCENT, "10%:", "5%:", needs_store=False),
-    "process": CheckType(check_process, ("name", "match", "pidfile"), (), PLAIN, "", "1:", needs_store=False,
+    "process": CheckType(check_process, ("name", "match", "pidfile"), (), ("", "B", "%"), "", "1:", needs_store=False,
                          problems=_one_process_key),
     "metric": CheckType(check_metric, ("metric", "hours", "statistic"), ("metric",), ANY_UNIT),
     "sync_recency": CheckType(check_sync_recency, ("target",), ("target",), SECONDS, DEFAULT_SYNC_WARNING,
@@ -6410,7 +6519,7 @@ def _command_problem(text: str) -> Optional[str]:
 _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_problem,
                       "minutes": _minutes_problem, "per_cpu": _bool_problem, "address": _address_problem,
                       "url": _url_problem, "status": _status_problem, "regex": _regex_problem,
-                      "tls_verify": _bool_problem,
+                      "tls_verify": _bool_problem, "follow_redirects": _bool_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
                       "statistic": _statistic_problem, "command": _command_problem}
 
@@ -6449,9 +6558,14 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
         if check is None:
             problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(sorted(CHECK_TYPES))}"))
             continue
+        secret_keys = [key + suffix for key in check.secrets for suffix in SECRET_SUFFIXES]
         for key in items:
-            if key not in CHECK_COMMON_KEYS and key not in check.keys:
+            if key not in CHECK_COMMON_KEYS and key not in check.keys and key not in secret_keys:
                 problems.append((section, key, f"unknown key for a {kind} check"))
+        for key in check.secrets:
+            given = [key + suffix for suffix in SECRET_SUFFIXES if key + suffix in items]
+            if len(given) > 1:
+                problems.append((section, key, f"give only one of {', '.join(given)}"))
         for key in ("warning", "critical"):
             problems += _threshold_problems(section, kind, key, items.get(key))
         for key in check.required:
@@ -8980,6 +9094,7 @@ def reference_checks() -> List[str]:
     lines = ["CHECK TYPES ([check:NAME] type = ...; every one also takes " + ", ".join(CHECK_COMMON_KEYS[1:]) + ")"]
     for kind, check in sorted(CHECK_TYPES.items()):
         keys = [key + (" (required)" if key in check.required else "") for key in check.keys]
+        keys += [f"{key} / {key}_env / {key}_file" for key in check.secrets]
         lines += _wrapped(_first_paragraph(check.function), "      ", f"  {kind}: ")
         lines += _wrapped(f"keys: {', '.join(keys) or 'none of its own'}", "      ")
         compares = ", ".join(units[unit] for unit in check.units) if check.units else "no thresholds"

@@ -185,6 +185,7 @@ def undocumented(example: str) -> Tuple[Set[str], Set[str]]:
         expected |= set(channel.keys) | set(channel.secrets)
         expected |= {f"{key}{suffix}" for key in channel.secrets for suffix in ("_env", "_file")} & written
     expected |= set(mm.CHECK_COMMON_KEYS) | {key for check in mm.CHECK_TYPES.values() for key in check.keys}
+    expected |= {key for check in mm.CHECK_TYPES.values() for key in check.secrets}
     kinds = set(mm.CHANNEL_TYPES) | set(mm.CHECK_TYPES)
     return expected - written, {kind for kind in kinds if f"type = {kind}\n" not in text}
 

@@ -1,5 +1,6 @@
 """check: thresholds, perfdata, the default and configured checks, exit codes, alerts across runs."""
 
+import base64
 import json
 import os
 import re
@@ -404,21 +405,40 @@ class MachineChecksTest(AlertTestCase):
         import sys
 
         marker = f"mm-process-check-{os.getpid()}"
-        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", marker], stdin=subprocess.PIPE)
+        child = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()",
+                                  marker], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.addCleanup(child.wait, 10)
+        self.addCleanup(child.stdout.close)
         self.addCleanup(child.stdin.close)  # it reads until stdin closes: no sleep, no kill needed
+        self.assertEqual(child.stdout.readline(), b"ready\n")  # started: its memory no longer grows
         pidfile = os.path.join(self.tmp, "child.pid")
         with open(pidfile, "w", encoding="ascii") as handle:
             handle.write(f"{child.pid}\n")
+        def resident():  # proc(5): the 24th field of /proc/PID/stat, in pages
+            with open(f"/proc/{child.pid}/stat", "rb") as handle:
+                return int(handle.read().split()[23]) * os.sysconf("SC_PAGE_SIZE")
+
+        before = resident() if os.path.exists(f"/proc/{child.pid}/stat") else None
         result = self.check(f"[check:by-match]\ntype = process\nmatch = {marker}\n\n"
                             f"[check:by-pidfile]\ntype = process\npidfile = {pidfile}\ncritical = 1:1\n\n"
                             f"[check:by-name]\ntype = process\nname = {marker}-none\nwarning = 1:\ncritical = 0:\n")
         self.assertEqual(result.returncode, 1, result.stdout)
-        self.assertEqual(self.lines(result)[1:], [
+        usage = r", ([0-9.]+ [KMG]?B) resident, [0-9]+\.[0-9]% CPU$"
+        self.assertEqual([re.sub(usage, "", line) for line in self.lines(result)[1:]], [
             f"OK by-match: 1 process matching {marker!r} (pid {child.pid})",
             f"OK by-pidfile: 1 process pid in {pidfile} (pid {child.pid})",
             f"WARNING by-name: 0 processes named {marker + '-none'!r}",
         ])
+        if before is not None:  # what the kernel says before and after the check brackets what it saw
+            after = resident()
+            seen = int(re.search(r"'by-match_rss'=([0-9]+)B;;;0 ", self.lines(result)[0]).group(1))
+            self.assertTrue(min(before, after) <= seen <= max(before, after), (before, seen, after))
+            self.assertEqual(re.search(usage, self.lines(result)[1]).group(1), mm.format_bytes(seen))
+        limits = self.check(f"[check:memory]\ntype = process\nmatch = {marker}\nwarning = ~:1KB\n\n"
+                            f"[check:cpu]\ntype = process\nmatch = {marker}\ncritical = 1:,@0%:1000000%\n\n"
+                            f"[check:roomy]\ntype = process\nmatch = {marker}\nwarning = ~:1TB,~:1000000%\n")
+        self.assertEqual([line.split(":")[0] for line in self.lines(limits)[1:]],
+                         ["WARNING memory", "CRITICAL cpu", "OK roomy"])
         child.stdin.close()
         child.wait(10)
         gone = self.check(f"[check:by-pidfile]\ntype = process\npidfile = {pidfile}\n\n"
@@ -516,6 +536,61 @@ class MachineChecksTest(AlertTestCase):
         days = (ssl_seconds("Nov  4 01:16:48 2126 GMT") - T0) / 86400
         self.assertIn(f"'e_cert_days_left'={round(days, 1):g};;;0", lines[0])
         self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM check_results"), [(6,)])
+
+    def test_http_headers_credentials_and_redirects(self):
+        from .servers import HTTPServer, Reply
+
+        token = os.path.join(self.tmp, "token")
+        with open(token, "w") as handle:
+            handle.write("Bearer s3cret-token\n")
+        os.chmod(token, 0o600)
+        with HTTPServer(default=Reply(200, "landed")) as other:
+            with HTTPServer(Reply(302, headers={"Location": "/next"}), Reply(303, headers={"Location": "/last"}),
+                            Reply(200, "done"), Reply(301, headers={"Location": "/moved"}),
+                            Reply(307, headers={"Location": other.url("/away")}), default=Reply(200, "plain")) as site:
+                result = self.check(
+                    f"[check:follow]\ntype = http\nurl = {site.url('/start')}\nmethod = POST\nfollow_redirects = true\n"
+                    "headers = Accept: application/json\n  X-Probe: metasystem one\n"
+                    f"authorization_file = {token}\n\n")
+                asis = self.check(f"[check:asis]\ntype = http\nurl = {site.url('/start')}\nstatus = 200\n")
+                away = self.check(f"[check:away]\ntype = http\nurl = {site.url('/x').replace('://', '://me:pw@')}\n"
+                                  "follow_redirects = yes\n")
+        self.assertEqual(self.lines(result)[1:],
+                         [f"OK follow: {site.url('/')}***: HTTP 200 after 2 redirects in "
+                          + self.lines(result)[1].split(" in ")[1]])
+        self.assertRegex(self.lines(result)[1], r" in \d+ ms, 4 bytes$")
+        first, second, third = site.requests[:3]
+        self.assertEqual([(r.method, r.path) for r in site.requests[:3]], [("POST", "/start"), ("GET", "/next"),
+                                                                          ("GET", "/last")])
+        for request in (first, second, third):
+            self.assertEqual((request.headers["Accept"], request.headers["X-Probe"], request.headers["Authorization"]),
+                             ("application/json", "metasystem one", "Bearer s3cret-token"))
+        self.assertEqual(self.lines(asis)[1:], [f"CRITICAL asis: {site.url('/')}***: HTTP 301"])
+        self.assertRegex(self.lines(away)[1], "^" + re.escape(f"OK away: http://***@127.0.0.1:{site.port}/***: HTTP 200 "
+                                                              "after 1 redirect in ") + r"\d+ ms, 6 bytes$")
+        self.assertEqual(site.requests[-1].headers["Authorization"], "Basic " + base64.b64encode(b"me:pw").decode())
+        self.assertEqual([(r.path, r.headers["Authorization"]) for r in other.requests], [("/away", None)])
+        self.assertNotIn(b"s3cret", result.stdout + result.stderr + asis.stdout + asis.stderr + away.stdout)
+
+    def test_http_redirect_loops_and_bad_headers_are_reported(self):
+        from .servers import HTTPServer, Reply
+
+        with HTTPServer(default=Reply(302, headers={"Location": "/again"})) as loop:
+            result = self.check(f"[check:loop]\ntype = http\nurl = {loop.url('/')}\nfollow_redirects = true\n\n"
+                                f"[check:nosecret]\ntype = http\nurl = {loop.url('/')}\n"
+                                "authorization_env = MM_NOT_SET_ANYWHERE\n")
+        self.assertEqual(self.lines(result)[1:], [f"CRITICAL loop: {loop.url('/')}: more than 10 redirects",
+                                                  f"UNKNOWN nosecret: {loop.url('/')}: $MM_NOT_SET_ANYWHERE is not set"])
+        self.assertEqual(len(loop.requests), 11)
+        self.write_config("[check:h]\ntype = http\nurl = http://127.0.0.1:1/\nheaders = no colon here\n"
+                          "follow_redirects = maybe\nauthorization = a\nauthorization_file = /x\n", log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check:h] authorization: give only one of authorization, authorization_file",
+            f"{self.config_path}: [check:h] follow_redirects: 'maybe' is not true or false",
+            f"{self.config_path}: [check:h] headers: 'no colon here' is not a header such as Accept: text/html",
+        ])
 
     def test_tls_cert_days_left_against_the_thresholds(self):
         from .servers import SELF_SIGNED_PEM, HTTPServer
