@@ -192,7 +192,7 @@ SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY
 
 CONFIG_SECTIONS = ("storage", "alerting", "serve", "collect", "check", "dashboard")
 DASHBOARD_KEYS = ("metrics",)  # shell globs of the series the faces show (default: the newest ten)
-CHECK_RUN_KEYS = ("ping_url", "ping_url_env", "ping_url_file")  # [check]: each run of check pings it
+CHECK_RUN_KEYS = ("interval", "ping_url", "ping_url_env", "ping_url_file")  # [check]: about every run of check
 SERVE_KEYS = ("listen", "token_file", "cache")
 COLLECT_KEYS = ("load", "cpu", "memory", "disks", "network", "processes")  # each true or false
 CONFIG_SECTION_PREFIXES = ("channel:", "check:")
@@ -5432,7 +5432,8 @@ STATE_RANK = {"OK": 0, "WARNING": 1, "UNKNOWN": 2, "CRITICAL": 3}  # which state
 # The units a threshold may carry; a number without a unit is in the check's own unit.
 PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
 ANY_UNIT = ("", "B", "%", "s")
-CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout")
+CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout", "interval")
+DEFAULT_CHECK_INTERVAL_S = 3600.0  # how often cron runs check: a verdict older than this is stale
 DEFAULT_CHECK_TIMEOUT_S = 10.0
 CHECK_TIMEOUT_GRACE_S = 1.0  # past a check's timeout, before its thread is given up
 DEFAULT_DISK_WARNING = "10GB:,10%:"  # the original design's scenario: warn under 10 GB or 10 % free
@@ -6407,6 +6408,21 @@ def _check_spec(name: str, items: Dict[str, str]) -> CheckSpec:
                      parse_thresholds(items.get("critical", check.critical)), timeout)
 
 
+def check_intervals(config) -> Optional[Dict[str, float]]:
+    """How often cron runs each configured check (its ``interval``, else ``[check] interval``, else an
+    hour): a verdict older than that is stale. None when no ``[check:NAME]`` is configured (the defaults
+    run, whatever they are on the day)."""
+    sections = [section for section in config.sections() if section.startswith("check:")] \
+        if hasattr(config, "sections") else []
+    if not sections:
+        return None
+    problems: List[Tuple[str, str, str]] = []  # check_problems() reports them
+    common = dict(config["check"]) if config.has_section("check") else {}
+    default = _duration_setting(common, "check", "interval", DEFAULT_CHECK_INTERVAL_S, problems, positive=True)
+    return {section[len("check:"):]: _duration_setting(dict(config[section]), section, "interval", default, problems,
+                                                       positive=True) for section in sections}
+
+
 def configured_checks(config) -> List[CheckSpec]:
     """The ``[check:NAME]`` sections as specs (check_problems() first: this one assumes they are sound)."""
     return [_check_spec(section[len("check:"):], dict(config[section]))
@@ -6516,7 +6532,7 @@ def _command_problem(text: str) -> Optional[str]:
 
 
 # What a value of a check key must be; a check type that takes the key gets the rule.
-_CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_problem,
+_CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem, "expected_every": _duration_problem,
                       "minutes": _minutes_problem, "per_cpu": _bool_problem, "address": _address_problem,
                       "url": _url_problem, "status": _status_problem, "regex": _regex_problem,
                       "tls_verify": _bool_problem, "follow_redirects": _bool_problem,
@@ -6527,7 +6543,7 @@ _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "expected_every": _duration_p
 def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str]) -> List[Tuple[str, str, str]]:
     """What is wrong with the values of the timeout and of the keys this type takes."""
     problems = []
-    for key in ("timeout",) + check.keys:
+    for key in ("timeout", "interval") + check.keys:
         rule = _CHECK_VALUE_RULES.get(key)
         why = rule(items[key]) if rule is not None and key in items else None
         if why:
@@ -6543,6 +6559,7 @@ def _check_run_problems(config) -> List[Tuple[str, str, str]]:
     url = config["check"].get("ping_url", "").strip()
     if url and not _is_http_url(url):  # the value itself is not shown: it holds the service's token
         problems.append(("check", "ping_url", "not an http or https URL"))
+    _duration_setting(dict(config["check"]), "check", "interval", DEFAULT_CHECK_INTERVAL_S, problems, positive=True)
     return problems
 
 
@@ -7040,7 +7057,9 @@ def job_report(run: JobRun, argv: List[str]) -> str:
 
 ## Summary ####################################################################
 
-SUMMARY_SCHEMA_VERSION = 4  # 2: "omitted" counts the rows a section leaves out; 3: "jobs"; 4: "metrics"
+# 2: "omitted" counts the rows a section leaves out; 3: "jobs"; 4: "metrics"; 5: every configured check in
+# "health", each with its "age_s" and whether it is "stale"
+SUMMARY_SCHEMA_VERSION = 5
 SUMMARY_SECTION_ROWS = 50  # sync targets or agents shown, the worst first; the rest are only counted
 SUMMARY_METRICS = 10  # the user's own series shown, the most recently written first
 # The series of the sync, agent, breaker, check and job families (by the label that names the entity): the
@@ -7053,7 +7072,7 @@ _EXPORTED_SERIES = (
 SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
 SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
 SUMMARY_ALERTS = 20
-CHECK_RESULT_STALE_S = 3600.0  # a verdict older than this no longer stands (has cron stopped?)
+CHECK_STALE_GRACE_S = 60.0  # cron starts on the minute, and a run records its verdicts when its checks end
 RATE_OK_PERCENT = 90.0  # a sync target or agent succeeding this often is OK; from the next WARNING, below CRITICAL
 RATE_WARNING_PERCENT = 50.0
 BREAKER_STATE_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
@@ -7231,23 +7250,40 @@ def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> Li
                 (since, limit))]
 
 
-def recorded_health(store: Store, now: float) -> Dict[str, Dict[str, Any]]:
-    """The last verdict of each check that ``check`` still runs.
+def recorded_health(store: Store, now: float,
+                    intervals: Optional[Dict[str, float]] = None) -> Dict[str, Dict[str, Any]]:
+    """The last verdict of every check, with its age; one older than its interval (and a minute) is
+    stale: UNKNOWN, for the checks have stopped running and what they said then no longer stands.
 
-    A check missing from the last hour of runs is one the configuration no
-    longer has, and is left out. A verdict older than an hour is UNKNOWN: the
-    checks have stopped running, and what they said then no longer stands.
+    ``intervals`` names the configured checks: one that never ran shows as not checked yet. Without it,
+    the checks are those of the last hour of runs (a check missing from them is one the configuration
+    no longer has), each expected hourly.
     """
-    rows = store.query("SELECT name, ts, state, summary FROM check_results ORDER BY name")
-    newest = max((row[1] for row in rows), default=now)
+    found = {name: (ts, state, text) for name, ts, state, text in
+             store.query("SELECT name, ts, state, summary FROM check_results ORDER BY name")}
+    if intervals is None:
+        newest = max((ts for ts, _, _ in found.values()), default=now)
+        intervals = {name: DEFAULT_CHECK_INTERVAL_S for name, (ts, _, _) in found.items()
+                     if ts >= newest - DEFAULT_CHECK_INTERVAL_S}
     health = {}
-    for name, ts, state, text in rows:
-        if ts < newest - CHECK_RESULT_STALE_S:
+    for name in sorted(intervals):
+        if name not in found:
+            health[name] = {"state": "UNKNOWN", "summary": "not checked yet", "checked_at": None, "age_s": None,
+                            "stale": True}
             continue
-        if now - ts > CHECK_RESULT_STALE_S:
+        ts, state, text = found[name]
+        stale = now - ts > intervals[name] + CHECK_STALE_GRACE_S
+        if stale:
             state, text = "UNKNOWN", f"not checked for {format_span(now - ts)} (then {state}: {text})"
-        health[name] = {"state": state, "summary": text, "checked_at": iso_time(ts)}
+        health[name] = {"state": state, "summary": text, "checked_at": iso_time(ts), "age_s": max(0.0, now - ts),
+                        "stale": stale}
     return health
+
+
+def check_age(entry: Dict[str, Any]) -> str:
+    """How long ago a check's verdict was given, as the faces show it: ``4m ago``, or ``never``."""
+    age = entry.get("age_s")
+    return "never" if age is None else f"{format_span(age)} ago"
 
 
 def rate_state(rate: Optional[float]) -> str:
@@ -7280,14 +7316,17 @@ def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], sin
 
 
 def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
-                   limit: Optional[int] = None, metrics: Optional[List[str]] = None) -> Dict[str, Any]:
+                   limit: Optional[int] = None, metrics: Optional[List[str]] = None,
+                   checks: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
-    recent alerts and the checks' last verdicts, over the last ``hours``. With ``limit``, the sync and
-    agent sections hold the ``limit`` in the worst state and ``omitted`` counts the rest by state."""
+    jobs, the user's own series, recent alerts and the checks' last verdicts, over the last ``hours``.
+    With ``limit``, the sync and agent sections hold the ``limit`` in the worst state and ``omitted``
+    counts the rest by state; ``metrics`` and ``checks`` are what summary_options() reads from the
+    configuration."""
     hours = window_hours(hours)
     since, until = collector.window(hours)
     entities = collector.entities("target", "breaker", "agent")
-    health = recorded_health(collector.store, until)
+    health = recorded_health(collector.store, until, checks)
     targets, omitted_targets = _worst_first(collector, "sync", entities["target"], since, until, limit)
     agents, omitted_agents = _worst_first(collector, "agent", entities["agent"], since, until, limit)
     return {
@@ -7312,15 +7351,22 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
 
 
 def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:
-    health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now)}}
+    health = {"database": {"state": "CRITICAL", "summary": " ".join(str(err).split()), "checked_at": iso_time(now),
+                           "age_s": 0.0, "stale": False}}
     return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
             "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {},
             "metrics": {}, "alerts": [], "health": health, "omitted": {}}
 
 
+def summary_options(config) -> Dict[str, Any]:
+    """What the configuration says the faces show: the series of ``[dashboard] metrics`` and the
+    configured checks with their intervals (read_summary's ``metrics`` and ``checks``)."""
+    return {"metrics": dashboard_metrics(config), "checks": check_intervals(config)}
+
+
 def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
                  now=time.time, limit: Optional[int] = SUMMARY_SECTION_ROWS,
-                 metrics: Optional[List[str]] = None) -> Dict[str, Any]:
+                 metrics: Optional[List[str]] = None, checks: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """The summary of the store at ``db_path``, read without writing anything; at most ``limit`` sync
     targets and agents, the worst first (None: all of them).
 
@@ -7330,7 +7376,7 @@ def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HO
     hours = window_hours(hours)
     try:
         with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
-            return system_summary(collector, hours, limit=limit, metrics=metrics)
+            return system_summary(collector, hours, limit=limit, metrics=metrics, checks=checks)
     except StorageError as err:
         return _unreadable_summary(err, hours, now())
 
@@ -7801,14 +7847,16 @@ def status_page(summary: Dict[str, Any]) -> str:
          local_time(alert["time"]), alert["title"],
          ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
         for alert in summary["alerts"]])
-    parts += _page_table("System health", ("state", "check", "summary"), [
-        (entry["state"], name, entry["summary"]) for name, entry in summary["health"].items()])
+    parts += _page_table("System health", ("state", "check", "checked", "summary"), [
+        (entry["state"], name, check_age(entry), entry["summary"]) for name, entry in summary["health"].items()])
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple[int, str, bytes]:
-    """(status, content type, body) of one GET: what the server answers, without the server."""
+def serve_path(path: str, accept: str, db_path: str, hours: float, now,
+               options: Optional[Dict[str, Any]] = None) -> Tuple[int, str, bytes]:
+    """(status, content type, body) of one GET: what the server answers, without the server; ``options``
+    are summary_options() of the configuration."""
     if path == "/healthz":
         return 200, "text/plain; charset=utf-8", b"ok\n"
     try:
@@ -7818,11 +7866,11 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now) -> Tuple
                 text = export_text(collector, "openmetrics" if openmetrics else "prometheus")
             return 200, OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE, text.encode("utf-8")
         if path == "/api/summary":
-            summary = read_summary(db_path, hours, now=now)
+            summary = read_summary(db_path, hours, now=now, **(options or {}))
             body = json_text(summary) + "\n"
             return 200, "application/json", body.encode("utf-8")
         if path == "/":
-            return 200, "text/html; charset=utf-8", status_page(read_summary(db_path, hours, now=now)).encode("utf-8")
+            return 200, "text/html; charset=utf-8", status_page(read_summary(db_path, hours, now=now, **(options or {}))).encode("utf-8")
     except StorageError as err:
         return 503, "text/plain; charset=utf-8", (" ".join(str(err).split()) + "\n").encode("utf-8")
     return 404, "text/plain; charset=utf-8", b"not found\n"
@@ -7862,7 +7910,8 @@ def _gzip_wanted(accept_encoding: str) -> bool:
     return False
 
 
-def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock, answers: _Answers) -> Any:
+def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock, answers: _Answers,
+                   options: Optional[Dict[str, Any]]) -> Any:
     import gzip
     from http.server import BaseHTTPRequestHandler
 
@@ -7895,7 +7944,7 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
                 accept = self.headers.get("Accept", "")
                 key = (path, "openmetrics" if path == "/metrics" and wants_openmetrics(accept) else "")
                 (status, content_type, body), age, encoded = answers.get(
-                    key, lambda: serve_path(path, accept, db_path, hours, now))
+                    key, lambda: serve_path(path, accept, db_path, hours, now, options))
             if age is not None and status == 200:
                 headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
                 if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
@@ -7920,9 +7969,9 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
 
 def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
                 now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS,
-                cache_s: float = DEFAULT_SERVE_CACHE_S) -> Any:
+                cache_s: float = DEFAULT_SERVE_CACHE_S, options: Optional[Dict[str, Any]] = None) -> Any:
     """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary`` and ``/``, the
-    status page. Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built at
+    status page (``options``: summary_options() of the configuration). Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built at
     most once per ``cache_s`` (its ``Age`` header says how old it is) and gzipped for a client that asks.
 
     A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
@@ -7959,7 +8008,7 @@ def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOUR
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
 
-    return Server((host, port), _handler_class(db_path, hours, token, now, clock, _Answers(cache_s, clock)))
+    return Server((host, port), _handler_class(db_path, hours, token, now, clock, _Answers(cache_s, clock), options))
 
 
 def _grouping_segment(label: str, value: str) -> str:
@@ -8363,7 +8412,8 @@ def cmd_serve(args) -> int:
     if problems:
         raise ConfigError(f"[serve] cache: {problems[0][2]}")
     try:
-        server = make_server(listen, args.db_path, hours=args.hours, token=token, now=args.now, cache_s=cache_s)
+        server = make_server(listen, args.db_path, hours=args.hours, token=token, now=args.now, cache_s=cache_s,
+                             options=summary_options(config))
     except OSError as err:
         raise MonitorError(f"cannot listen on {listen}: {err.strerror or err}") from None
     host, port = server.server_address[:2]

@@ -286,7 +286,8 @@ def health_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[
     for name, entry in sorted(summary["health"].items()):
         text = mm.inert_text(entry.get("summary", ""), ascii_only)
         lines.append([("  ", "plain"), _state_cell(entry.get("state", "UNKNOWN")),
-                      (" " + pad(mm.inert_text(name, ascii_only), 21) + " " + text, "plain")])
+                      (" " + pad(mm.inert_text(name, ascii_only), 17) + " " + pad(mm.check_age(entry), 9) + " " + text,
+                       "plain")])
     return lines or [[("  no check has run yet: metasystem_monitor.py check (from cron, every 5 minutes)", "dim")]]
 
 
@@ -653,12 +654,12 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     db_path = mm.resolve_db_path(args.db, environ)
     try:
         config = mm.load_config(config_path, required=bool(args.config or environ.get("METASYSTEM_CONFIG")))
-        series = mm.dashboard_metrics(config)
+        options = mm.summary_options(config)
         now = mm.cli_clock()
 
         def collect() -> Dict[str, Any]:
             return mm.read_summary(db_path, args.hours, now=now, limit=None if args.all else mm.SUMMARY_SECTION_ROWS,
-                                   metrics=series)
+                                   **options)
 
         if args.summary:
             sys.stdout.write(mm.json_text(collect()) + "\n")

@@ -32,7 +32,7 @@ COLOR_SGR = re.compile(rb"\x1b\[(?:[0-9;]*;)?(?:3[0-9]|4[0-9]|9[0-7]|10[0-7])(?:
 def sample_summary():
     """A summary as read_summary() makes it, with every kind of row the screen draws."""
     return {
-        "schema_version": 4, "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0,
+        "schema_version": 5, "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0,
         "status": "critical",
         "sync": {
             "icloud": {"success_rate": 92.5, "attempts": 40, "avg_duration": 2.34,
@@ -70,13 +70,15 @@ def sample_summary():
         ],
         "health": {
             "disk": {"state": "OK", "summary": "85.6 GB free of 270.6 GB (31.6%) on /srv",
-                     "checked_at": "2027-01-15T07:55:00.000+00:00"},
+                     "checked_at": "2027-01-15T07:55:00.000+00:00", "age_s": 300.0, "stale": False},
             "database": {"state": "OK", "summary": "quick_check ok, 12.0 MB, WAL 0 B",
-                         "checked_at": "2027-01-15T07:55:00.000+00:00"},
+                         "checked_at": "2027-01-15T07:55:00.000+00:00", "age_s": 300.0, "stale": False},
             "circuit_breaker": {"state": "CRITICAL", "summary": "open: external_sync (open 30m)",
-                                "checked_at": "2027-01-15T07:55:00.000+00:00"},
+                                "checked_at": "2027-01-15T07:55:00.000+00:00", "age_s": 300.0, "stale": False},
             "backup": {"state": "UNKNOWN", "summary": "not checked for 3h (then OK: ran 4h ago)",
-                       "checked_at": "2027-01-15T05:00:00.000+00:00"},
+                       "checked_at": "2027-01-15T05:00:00.000+00:00", "age_s": 10800.0, "stale": True},
+            "site": {"state": "UNKNOWN", "summary": "not checked yet", "checked_at": None, "age_s": None,
+                     "stale": True},
         },
     }
 
@@ -147,7 +149,7 @@ class RendererTest(unittest.TestCase):
             self.assertEqual([dash.plain(line) for line in lines], [expected] if expected else [])
 
     def test_below_80x24_the_lower_priority_sections_are_dropped(self):
-        text = screen_text(sample_summary(), 80, 16)
+        text = screen_text(sample_summary(), 80, 17)
         self.assertIn("SYSTEM HEALTH", text)
         self.assertIn("SYNC OPERATIONS", text)
         for dropped in ("CIRCUIT BREAKERS", "AGENTS", "RECENT ALERTS"):
@@ -166,7 +168,7 @@ class RendererTest(unittest.TestCase):
         self.assertEqual(dash.plain(lines[-1])[-len(f"lines {scroll + 1}-{total} of {total}"):],
                          f"lines {scroll + 1}-{total} of {total}")
         self.assertEqual(dash.plain(lines[-2]),
-                         "  OK       disk                  85.6 GB free of 270.6 GB (31.6%) on /srv")
+                         "  UNKNOWN  site              never     not checked yet")
 
     def test_control_characters_and_escapes_are_drawn_inert(self):
         text = screen_text(sample_summary(), 120, 40)
@@ -199,8 +201,9 @@ class RendererTest(unittest.TestCase):
 
     def test_health_rows_say_the_state_in_words(self):
         text = screen_text(sample_summary(), 80, 40)
-        self.assertIn("  CRITICAL circuit_breaker       open: external_sync (open 30m)\n", text)
-        self.assertIn("  OK       disk                  85.6 GB free of 270.6 GB (31.6%) on /srv\n", text)
+        self.assertIn("  CRITICAL circuit_breaker   5m ago    open: external_sync (open 30m)\n", text)
+        self.assertIn("  OK       disk              5m ago    85.6 GB free of 270.6 GB (31.6%) on /srv\n", text)
+        self.assertIn("  UNKNOWN  site              never     not checked yet\n", text)
 
     def test_an_empty_summary_says_what_to_do(self):
         text = dash.plain_text(dash.empty_summary())
@@ -257,7 +260,7 @@ class DashboardStateTest(unittest.TestCase):
         self.assertEqual(board.scroll, 4)
         self.assertTrue(board.handle(curses.KEY_END, 5, curses))
         board.lines(80, 24)
-        self.assertEqual(board.scroll, 9)  # 30 lines of content, 21 rows for them
+        self.assertEqual(board.scroll, 10)  # 31 lines of content, 21 rows for them
         self.assertTrue(board.handle(curses.KEY_HOME, 5, curses))
         self.assertEqual(board.scroll, 0)
         self.assertTrue(board.handle(ord("?"), 5, curses))
@@ -287,7 +290,7 @@ class SummaryCommandTest(StoreTestCase):
 
     def test_summary_of_an_empty_store(self):
         result = self.run_dashboard("--summary")
-        expected = {"schema_version": 4, "generated_at": mm.iso_time(NOW), "window_hours": 24.0, "status": "unknown",
+        expected = {"schema_version": 5, "generated_at": mm.iso_time(NOW), "window_hours": 24.0, "status": "unknown",
                     "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {}, "metrics": {}, "alerts": [],
                     "health": {}, "omitted": {}}
         self.assertCleanExit(result, 0, json.dumps(expected, sort_keys=True, indent=2) + "\n")
@@ -319,7 +322,8 @@ class SummaryCommandTest(StoreTestCase):
         self.assertEqual(summary["agents"]["cataloger"]["latest_duration"], 1.5)
         self.assertEqual(summary["circuit_breakers"]["icloud_sync"]["state"], "open")
         self.assertEqual(summary["health"], {"disk": {"state": "WARNING", "summary": "9% free",
-                                                      "checked_at": mm.iso_time(NOW - 60)}})
+                                                      "checked_at": mm.iso_time(NOW - 60), "age_s": 60.0,
+                                                      "stale": False}})
         self.assertEqual(summary, mm.read_summary(self.db, now=lambda: NOW))
 
     def test_once_redirected_is_the_plain_screen(self):

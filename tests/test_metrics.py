@@ -220,7 +220,7 @@ class SummaryTest(StoreTestCase):
         metrics.record_agent_metric("cataloger", 1.5, True, timestamp=start - 50)
         metrics.record_agent_metric("cataloger", 0.5, True, timestamp=start - 10)
         self.assertEqual(metrics.get_system_summary(), {
-            "schema_version": 4,
+            "schema_version": 5,
             "generated_at": mm.iso_time(start),
             "window_hours": 24.0,
             "status": "unknown",

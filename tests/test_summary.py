@@ -20,7 +20,7 @@ class ReadSummaryTest(AlertTestCase):
 
     def test_a_missing_store_is_an_empty_summary_and_nothing_is_created(self):
         self.assertEqual(self.summary(), {
-            "schema_version": 4, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
+            "schema_version": 5, "generated_at": mm.iso_time(self.clock.now), "window_hours": 24.0,
             "status": "unknown", "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {}, "metrics": {},
             "alerts": [], "health": {}, "omitted": {},
         })
@@ -33,7 +33,8 @@ class ReadSummaryTest(AlertTestCase):
         summary = self.summary()
         self.assertEqual((summary["status"], summary["health"], summary["sync"]), (
             "critical", {"database": {"state": "CRITICAL", "summary": f"store {self.db} is not a SQLite database",
-                                      "checked_at": mm.iso_time(self.clock.now)}}, {}))
+                                      "checked_at": mm.iso_time(self.clock.now), "age_s": 0.0, "stale": False}},
+            {}))
         self.assertEqual(file_bytes(self.db), before)
 
     def test_reading_writes_nothing(self):
@@ -86,15 +87,78 @@ class ReadSummaryTest(AlertTestCase):
         mm.record_check_results(metrics, [mm.CheckResult("disk", "WARNING", "9% free", 9.0, "%")], later)
         summary = self.summary(later + 60)
         self.assertEqual(summary["health"], {"disk": {"state": "WARNING", "summary": "9% free",
-                                                      "checked_at": mm.iso_time(later)}})
+                                                      "checked_at": mm.iso_time(later), "age_s": 60.0,
+                                                      "stale": False}})
         self.assertEqual(summary["status"], "warning")
+        # An hour and a minute later the verdict still stands: cron starts on the minute.
+        self.assertFalse(self.summary(later + HOUR_S + 60)["health"]["disk"]["stale"])
         # The checks stopped running: what they said then no longer stands.
         stale = self.summary(later + 3 * HOUR_S)
         self.assertEqual(stale["health"]["disk"], {"state": "UNKNOWN", "summary": "not checked for 3h "
-                                                   "(then WARNING: 9% free)", "checked_at": mm.iso_time(later)})
+                                                   "(then WARNING: 9% free)", "checked_at": mm.iso_time(later),
+                                                   "age_s": 3 * HOUR_S, "stale": True})
         self.assertEqual(stale["status"], "unknown")
         # The same results are metrics too, written in the same transaction.
         self.assertEqual(metrics.get_metric_stats("check_value", 24)["latest"], 9.0)
+
+    def test_every_configured_check_shows_stale_after_its_interval(self):
+        self.write_config("[check]\ninterval = 10m\n\n[check:disk]\ntype = disk\ninterval = 5m\n\n"
+                          "[check:site]\ntype = tcp\naddress = 127.0.0.1:1\n\n[check:db]\ntype = database\n",
+                          log_channel=False)
+        options = mm.summary_options(mm.load_config(self.config_path))
+        self.assertEqual(options["checks"], {"disk": 300.0, "site": 600.0, "db": 600.0})
+        metrics = self.collector(self.clock)
+        start = self.clock.now
+        mm.record_check_results(metrics, [mm.CheckResult("disk", "OK", "plenty"), mm.CheckResult("db", "OK", "fine"),
+                                          mm.CheckResult("removed", "CRITICAL", "no longer configured")], start)
+
+        def health(after):
+            summary = mm.read_summary(self.db, now=lambda: start + after, **options)
+            return {name: (entry["state"], entry["age_s"], entry["stale"]) for name, entry in summary["health"].items()}
+
+        self.assertEqual(health(6 * 60), {"db": ("OK", 360.0, False), "disk": ("OK", 360.0, False),
+                                          "site": ("UNKNOWN", None, True)})
+        self.assertEqual(health(6 * 60 + 1), {"db": ("OK", 361.0, False), "disk": ("UNKNOWN", 361.0, True),
+                                              "site": ("UNKNOWN", None, True)})
+        self.assertEqual(mm.read_summary(self.db, now=lambda: start, **options)["health"]["site"],
+                         {"state": "UNKNOWN", "summary": "not checked yet", "checked_at": None, "age_s": None,
+                          "stale": True})
+        self.write_config("[check]\ninterval = 0s\n\n[check:disk]\ntype = disk\ninterval = often\n",
+                          log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check] interval: must be more than 0",
+            f"{self.config_path}: [check:disk] interval: 'often' is not a duration such as 90s, 5m, 2h or 7d"])
+
+    def test_the_dashboard_and_the_server_show_the_configured_checks(self):
+        import urllib.request
+
+        from .support import reap
+
+        self.write_config("[check:disk]\ntype = disk\n\n[check:site]\ntype = tcp\naddress = 127.0.0.1:1\n",
+                          log_channel=False)
+        mm.record_check_results(self.collector(self.clock), [mm.CheckResult("disk", "OK", "plenty")], self.clock.now)
+        env = self.cli_env(METASYSTEM_NOW=repr(self.clock.now + 60))
+        shown = subprocess.run([sys.executable, os.path.join(REPO, "monitoring_dashboard.py"), "--summary"], env=env,
+                               capture_output=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=self.tmp)
+        self.assertEqual((shown.returncode, shown.stderr), (0, b""))
+        expected = {"disk": {"state": "OK", "summary": "plenty", "checked_at": mm.iso_time(self.clock.now),
+                             "age_s": 60.0, "stale": False},
+                    "site": {"state": "UNKNOWN", "summary": "not checked yet", "checked_at": None, "age_s": None,
+                             "stale": True}}
+        self.assertEqual(json.loads(shown.stdout)["health"], expected)
+        server = subprocess.Popen([sys.executable, "-m", "metasystem_monitor", "serve", "--listen", "127.0.0.1:0"],
+                                  stderr=subprocess.PIPE, env=env, cwd=self.tmp)
+        self.addCleanup(reap, server)
+        port = int(server.stderr.readline().decode().split(":")[3].split("/")[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/summary", timeout=SUBPROCESS_TIMEOUT_S) as reply:
+            self.assertEqual(json.loads(reply.read())["health"], expected)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=SUBPROCESS_TIMEOUT_S) as reply:
+            page = reply.read().decode()
+        self.assertIn('<tr><td class="OK">OK</td><td>disk</td><td>1m ago</td><td>plenty</td></tr>', page)
+        self.assertIn('<tr><td class="UNKNOWN">UNKNOWN</td><td>site</td><td>never</td><td>not checked yet</td></tr>',
+                      page)
 
     def test_recent_runs_mark_failures_and_anomalies(self):
         metrics = self.collector(self.clock)
