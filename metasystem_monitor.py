@@ -3309,6 +3309,8 @@ NTFY_TITLE_CHARS = 250
 PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
 PAGERDUTY_SUMMARY_CHARS = 1024
 PAGERDUTY_DEDUP_KEY_CHARS = 255
+WATCHDOG_ALERT_NAME = "Watchdog"  # kube-prometheus' name for the alert that always fires
+WATCHDOG_RUNS = 2  # the Watchdog outlives this many check intervals: one missed run is not a death
 ALERTMANAGER_VALID_FOR_S = 25 * 3600.0  # a firing alert Alertmanager keeps without hearing again (reminders renew it)
 LOG_LINE_CHARS = 1000  # classic syslog receivers cut lines near 1 KB
 SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")
@@ -4002,14 +4004,36 @@ class AlertmanagerChannel(_HttpChannel):
     the resolve time, or for a firing alert how long Alertmanager keeps it without hearing again."""
 
     kind = "alertmanager"
-    keys = ("tls_verify", "valid_for")
+    keys = ("tls_verify", "valid_for", "watchdog")
 
     @classmethod
     def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
         problems = super().problems(section, settings, items)
         if settings.get("valid_for"):
             _duration_setting(settings, section, "valid_for", ALERTMANAGER_VALID_FOR_S, problems, positive=True)
+        _bool_setting(settings, section, "watchdog", True, problems)
         return problems
+
+    @property
+    def wants_watchdog(self) -> bool:
+        return _bool_setting(self.spec.settings, self.spec.name, "watchdog", True, [])  # checked with the section
+
+    def watchdog_payload(self, now: float, valid_for_s: float) -> bytes:
+        """The Watchdog alert as kube-prometheus makes it: always firing while ``check`` runs, severity
+        none, so a dead man's switch behind Alertmanager hears of the machine when it stops."""
+        labels = {"alertname": WATCHDOG_ALERT_NAME, "severity": "none", "instance": self.hostname,
+                  "job": "metasystem"}
+        annotations = {"summary": f"metasystem-monitor runs its checks on {self.hostname}",
+                       "description": "This alert fires for as long as check runs here, on purpose: route it to a "
+                                      "dead man's switch, which alerts when it stops (the machine or cron died)."}
+        return _json_bytes([{"labels": labels, "annotations": annotations, "startsAt": iso_time(now),
+                             "endsAt": iso_time(now + valid_for_s), "generatorURL": ""}])
+
+    def send_watchdog(self, timeout_s: float, now: float, valid_for_s: float) -> None:
+        url = self.url()
+        context = tls_context(_verifies(self.spec)) if url.startswith("https:") else None
+        body = self.watchdog_payload(now, valid_for_s)
+        self.check(http_post(url, body, {"Content-Type": self.content_type}, timeout_s, context), now)
 
     def url(self) -> str:
         return self.spec.secrets["url"].rstrip("/") + "/api/v2/alerts"
@@ -5009,6 +5033,17 @@ class AlertingSystem:
             batch, self._batch = self._batch, None
             batch.report = self._deliver_calls(batch.calls)
 
+    def send_watchdog(self, valid_for_s: float) -> None:
+        """The Watchdog alert to each alertmanager channel that wants it, valid for ``valid_for_s``; one
+        that cannot take it is a warning line (the next run sends it again), never the run's verdict."""
+        for name, channel in sorted(self.channels.items()):
+            if isinstance(channel, AlertmanagerChannel) and channel.wants_watchdog:
+                try:
+                    channel.send_watchdog(channel.spec.timeout_s, self._now(), valid_for_s)
+                except Exception as error:  # reported, as every delivery failure is
+                    log.warning("channel %s: the Watchdog was not sent: %s", name,
+                                self.masker.scrub(_error_text(error)))
+
     def firing(self) -> List[Dict[str, Any]]:
         """What is firing now: since when, at which severity, and the last delivery to each channel."""
         import json
@@ -5434,6 +5469,7 @@ PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
 ANY_UNIT = ("", "B", "%", "s")
 CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout", "interval")
 DEFAULT_CHECK_INTERVAL_S = 3600.0  # how often cron runs check: a verdict older than this is stale
+CHECK_STALE_GRACE_S = 60.0  # cron starts on the minute, and a run records its verdicts when its checks end
 DEFAULT_CHECK_TIMEOUT_S = 10.0
 CHECK_TIMEOUT_GRACE_S = 1.0  # past a check's timeout, before its thread is given up
 DEFAULT_DISK_WARNING = "10GB:,10%:"  # the original design's scenario: warn under 10 GB or 10 % free
@@ -6408,6 +6444,12 @@ def _check_spec(name: str, items: Dict[str, str]) -> CheckSpec:
                      parse_thresholds(items.get("critical", check.critical)), timeout)
 
 
+def check_run_interval(config) -> float:
+    """How often cron runs ``check``: ``[check] interval``, else an hour (check_problems() reports a bad one)."""
+    common = dict(config["check"]) if hasattr(config, "has_section") and config.has_section("check") else {}
+    return _duration_setting(common, "check", "interval", DEFAULT_CHECK_INTERVAL_S, [], positive=True)
+
+
 def check_intervals(config) -> Optional[Dict[str, float]]:
     """How often cron runs each configured check (its ``interval``, else ``[check] interval``, else an
     hour): a verdict older than that is stale. None when no ``[check:NAME]`` is configured (the defaults
@@ -6417,8 +6459,7 @@ def check_intervals(config) -> Optional[Dict[str, float]]:
     if not sections:
         return None
     problems: List[Tuple[str, str, str]] = []  # check_problems() reports them
-    common = dict(config["check"]) if config.has_section("check") else {}
-    default = _duration_setting(common, "check", "interval", DEFAULT_CHECK_INTERVAL_S, problems, positive=True)
+    default = check_run_interval(config)
     return {section[len("check:"):]: _duration_setting(dict(config[section]), section, "interval", default, problems,
                                                        positive=True) for section in sections}
 
@@ -7072,7 +7113,6 @@ _EXPORTED_SERIES = (
 SUMMARY_RECENT_POINTS = 24  # the samples behind each sparkline
 SUMMARY_BASELINE_POINTS = 240  # the recent samples that say what normal is, to mark anomalies among them
 SUMMARY_ALERTS = 20
-CHECK_STALE_GRACE_S = 60.0  # cron starts on the minute, and a run records its verdicts when its checks end
 RATE_OK_PERCENT = 90.0  # a sync target or agent succeeding this often is OK; from the next WARNING, below CRITICAL
 RATE_WARNING_PERCENT = 50.0
 BREAKER_STATE_WORDS = {"closed": "OK", "half_open": "WARNING", "open": "CRITICAL"}
@@ -8672,15 +8712,20 @@ def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
 
 
 def _alert_checks(args, results: List[CheckResult]) -> None:
-    """Fire each check that is not OK (key: its name) and resolve each that is, as one run."""
+    """Fire each check that is not OK (key: its name) and resolve each that is, as one run; then the
+    Watchdog to Alertmanager, which lives for two check intervals."""
     try:
-        with contextlib.closing(_alerting(args)) as system, system.batch():
-            for result in results:
-                if result.state == "OK":
-                    system.resolve(result.name, result.summary)
-                else:
-                    severity = "critical" if result.state == "CRITICAL" else "warning"
-                    system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}", severity)
+        with contextlib.closing(_alerting(args)) as system:
+            with system.batch():
+                for result in results:
+                    if result.state == "OK":
+                        system.resolve(result.name, result.summary)
+                    else:
+                        severity = "critical" if result.state == "CRITICAL" else "warning"
+                        system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}",
+                                    severity)
+            interval = check_run_interval(load_config(args.config_path, required=args.config_named))
+            system.send_watchdog(WATCHDOG_RUNS * interval + CHECK_STALE_GRACE_S)
     except MonitorError as err:  # a broken alert configuration must not hide the checks' verdict
         log.error("alerts not sent: %s", err)
 

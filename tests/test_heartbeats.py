@@ -6,7 +6,7 @@ import re
 import metasystem_monitor as mm
 
 from .servers import HTTPServer, Reply
-from .support import AlertTestCase, FakeClock
+from .support import AlertTestCase, FakeClock, sqlite_rows
 
 TOKEN = "8f14e45f-ceea-467f-a0e6-secret-ping-token"
 
@@ -112,3 +112,50 @@ class CheckPingTest(AlertTestCase):
         self.assertEqual((code, err), (1, ""))
         self.assertEqual(out.splitlines(), [f"{self.config_path}: [check] ping: unknown key",
                                             f"{self.config_path}: [check] ping_url: not an http or https URL"])
+
+
+class WatchdogTest(AlertTestCase):
+    """The Watchdog: always firing while check runs, so Alertmanager's dead man's switch hears the machine."""
+
+    NOW = 1_800_000_000.0
+
+    def check(self, config):
+        marker = os.path.join(self.tmp, "marker")
+        with open(marker, "w", encoding="ascii") as handle:
+            handle.write("x")
+        self.write_config(config + f"\n[check:marker]\ntype = file_age\npath = {marker}\n", log_channel=False)
+        return self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(self.NOW)))
+
+    def test_each_check_run_posts_the_watchdog_valid_for_two_intervals(self):
+        import socket
+
+        with HTTPServer(default=Reply(200, "")) as alertmanager, HTTPServer(default=Reply(200, "")) as quiet:
+            result = self.check(f"[check]\ninterval = 5m\n\n[channel:am]\ntype = alertmanager\n"
+                                f"url = {alertmanager.url('')}\n\n"
+                                f"[channel:other]\ntype = alertmanager\nurl = {quiet.url('')}\nwatchdog = false\n")
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        (request,) = alertmanager.requests
+        self.assertEqual((request.method, request.path, request.headers["Content-Type"]),
+                         ("POST", "/api/v2/alerts", "application/json"))
+        host = socket.gethostname()
+        self.assertEqual(request.json(), [{
+            "labels": {"alertname": "Watchdog", "severity": "none", "instance": host, "job": "metasystem"},
+            "annotations": {"summary": f"metasystem-monitor runs its checks on {host}",
+                            "description": "This alert fires for as long as check runs here, on purpose: route it "
+                                           "to a dead man's switch, which alerts when it stops (the machine or cron "
+                                           "died)."},
+            "startsAt": mm.iso_time(self.NOW), "endsAt": mm.iso_time(self.NOW + 2 * 300 + 60),
+            "generatorURL": ""}])
+        self.assertEqual(quiet.requests, [])
+        # Not an alert of the history: the dashboard's recent alerts stay the machine's news.
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM alerts"), [(0,)])
+
+    def test_an_alertmanager_that_refuses_it_is_one_warning_and_the_verdict_stands(self):
+        with HTTPServer(default=Reply(500, "broken")) as alertmanager:
+            result = self.check(f"[channel:am]\ntype = alertmanager\nurl = {alertmanager.url('/secret-path')}\n")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(result.stderr.decode(), "metasystem_monitor.py: warning: channel am: the Watchdog was not "
+                                                 "sent: HTTP 500: broken\n")
+        self.assertEqual(len(alertmanager.requests), 1)
+        no_alert = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(self.NOW)))
+        self.assertEqual((no_alert.returncode, no_alert.stderr), (0, b""))
