@@ -7248,6 +7248,11 @@ def _series_recent(collector: MetricsCollector, series_id: int, since: float) ->
             "recent": {"values": values[-SUMMARY_RECENT_POINTS:], "anomalous": _anomalous_among_recent(values)}}
 
 
+def series_key(name: str, labels: Dict[str, str]) -> str:
+    """How the faces name one series: ``name``, or ``name{label=value,...}`` with the labels sorted."""
+    return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+
+
 def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
                limit: int = SUMMARY_METRICS) -> Dict[str, Dict[str, Any]]:
     """The user's own series (not those of the sync, agent, breaker, check and job sections): the ``limit``
@@ -7269,8 +7274,7 @@ def own_series(collector: MetricsCollector, since: float, patterns: Optional[Lis
         if patterns is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
             continue
         labels = {} if labels_text == _NO_LABELS else json.loads(labels_text)
-        key = name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
-        found[key] = dict(_series_recent(collector, series_id, since), name=name, labels=labels)
+        found[series_key(name, labels)] = dict(_series_recent(collector, series_id, since), name=name, labels=labels)
         if patterns is None and len(found) >= limit:
             break
     return dict(sorted(found.items()))
@@ -7396,6 +7400,63 @@ def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str
     return {"schema_version": SUMMARY_SCHEMA_VERSION, "generated_at": iso_time(now), "window_hours": hours,
             "status": summary_status(health), "sync": {}, "circuit_breakers": {}, "agents": {}, "jobs": {},
             "metrics": {}, "alerts": [], "health": health, "omitted": {}}
+
+
+SERIES_CHART_POINTS = 600  # a series' window is drawn with at most this many points (means of equal slices)
+
+
+def _chart_points(points: List[Tuple[float, float]], flagged: List[bool],
+                  limit: int) -> Tuple[List[Tuple[float, float]], List[int]]:
+    """At most ``limit`` points: each the mean time and value of an equal slice of ``points``, flagged
+    when any point of its slice is."""
+    if len(points) <= limit:
+        return points, [i for i, flag in enumerate(flagged) if flag]
+    drawn, marked = [], []
+    for index in range(limit):
+        low, high = index * len(points) // limit, (index + 1) * len(points) // limit
+        part = points[low:high]
+        drawn.append((math.fsum(t for t, _ in part) / len(part), math.fsum(v for _, v in part) / len(part)))
+        if any(flagged[low:high]):
+            marked.append(index)
+    return drawn, marked
+
+
+def series_detail(collector: MetricsCollector, key: str, hours: float = DEFAULT_WINDOW_HOURS,
+                  limit: int = SERIES_CHART_POINTS) -> Optional[Dict[str, Any]]:
+    """One series (by its series_key()) over the last ``hours``: count, min, max, avg and latest of its
+    raw samples, its points for a chart (at most ``limit``), and which of them are anomalous against the
+    window (the robust detector); None when there is no such series."""
+    import json
+
+    hours = window_hours(hours)
+    since, until = collector.window(hours)
+    name = key.partition("{")[0]
+    found = [(series_id, labels) for series_id, labels_text in collector.store.query(
+        "SELECT id, labels FROM series WHERE name = ?", (name,))
+        for labels in [{} if labels_text == _NO_LABELS else json.loads(labels_text)]
+        if series_key(name, labels) == key]
+    if not found:
+        return None
+    series_id, labels = found[0]
+    points = collector.store.query("SELECT ts, value FROM samples WHERE series_id = ? AND ts >= ? AND ts <= ? "
+                                   "ORDER BY ts, seq", (series_id, since, until))
+    values = [value for _, value in points]
+    baseline = robust_baseline(sorted(values)) if len(values) >= DEFAULT_MIN_SAMPLES else None
+    flagged = [baseline is not None and is_anomalous(value, baseline, DEFAULT_ROBUST_THRESHOLD) for value in values]
+    drawn, marked = _chart_points(points, flagged, limit)
+    return {"key": key, "name": name, "labels": labels, "generated_at": iso_time(until), "window_hours": hours,
+            "count": len(values), "min": min(values, default=None), "max": max(values, default=None),
+            "avg": math.fsum(v / len(values) for v in values) if values else None,
+            "latest": values[-1] if values else None, "time": iso_time(points[-1][0]) if points else None,
+            "anomalies": sum(flagged), "points": [[t, v] for t, v in drawn], "anomalous": marked}
+
+
+def read_series(db_path: Optional[str], key: str, hours: float = DEFAULT_WINDOW_HOURS, *, now=time.time,
+                limit: int = SERIES_CHART_POINTS) -> Optional[Dict[str, Any]]:
+    """series_detail() of the store at ``db_path``, read without writing; None when there is no such
+    series (a missing store has none); StorageError when the store cannot be read."""
+    with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
+        return series_detail(collector, key, hours, limit)
 
 
 def summary_options(config) -> Dict[str, Any]:
@@ -7794,14 +7855,17 @@ def _html(value: Any) -> str:
 
 
 def _page_table(title: str, columns: Tuple[str, ...], rows: List[tuple]) -> List[str]:
-    """A section: its heading, and a table whose first column is a state word, colored by its class."""
+    """A section: its heading, and a table; a first column named ``state`` holds a state word, colored
+    by its class."""
     out = [f"<h2>{_html(title)}</h2>"]
     if not rows:
         return out + ["<p>none</p>"]
     out.append("<table><tr>" + "".join(f"<th>{_html(column)}</th>" for column in columns) + "</tr>")
-    for state, *cells in rows:
+    for row in rows:
+        state, cells = (row[0], row[1:]) if columns[0] == "state" else (None, row)
         shown = "".join(f"<td>{cell if isinstance(cell, _Markup) else _html(cell)}</td>" for cell in cells)
-        out.append(f'<tr><td class="{_html(state)}">{_html(state)}</td>{shown}</tr>')
+        first = "" if state is None else f'<td class="{_html(state)}">{_html(state)}</td>'
+        out.append(f"<tr>{first}{shown}</tr>")
     return out + ["</table>"]
 
 
@@ -7833,6 +7897,66 @@ def sparkline_svg(recent: Dict[str, List[Any]], width: int = 120, height: int = 
     return _Markup(f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
                    f'aria-label="recent durations"><polyline points="{points}" fill="none" stroke="#1565c0" '
                    f'stroke-width="1.5"/>{marks}</svg>')
+
+
+def line_chart_svg(detail: Dict[str, Any], width: int = 720, height: int = 240) -> str:
+    """A series' window as an SVG line chart: time across, value up, its lowest and highest values and
+    the window's ends written on the axes, anomalous points as red dots."""
+    points = detail["points"]
+    if not points:
+        return _Markup("<p>no samples in this window</p>")
+    left, bottom, top = 64, height - 20, 8
+    since = epoch_of(detail["generated_at"]) - detail["window_hours"] * 3600.0
+    until = epoch_of(detail["generated_at"])
+    low, high = min(v for _, v in points), max(v for _, v in points)
+
+    def place(t: float, v: float) -> Tuple[float, float]:
+        x = left + (t - since) / max(until - since, 1e-9) * (width - left - 4)
+        y = (top + bottom) / 2 if high == low else bottom - (v - low) / (high - low) * (bottom - top)
+        return round(x, 1), round(y, 1)
+
+    placed = [place(t, v) for t, v in points]
+    line = " ".join(f"{x},{y}" for x, y in placed)
+    dots = "".join(f'<circle cx="{placed[i][0]}" cy="{placed[i][1]}" r="3" fill="#b00020"/>'
+                   for i in detail["anomalous"])
+    labels = (f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{_html(f"{high:.6g}")}</text>'
+              f'<text x="{left - 4}" y="{bottom}" text-anchor="end">{_html(f"{low:.6g}")}</text>'
+              f'<text x="{left}" y="{height - 4}">{_html(local_time(since))}</text>'
+              f'<text x="{width - 4}" y="{height - 4}" text-anchor="end">{_html(local_time(until))}</text>')
+    return _Markup(f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+                   f'aria-label="{_html(detail["key"])} over {detail["window_hours"]:g} hours" font-size="11">'
+                   f'<path d="M{left},{top} V{bottom} H{width - 4}" fill="none" stroke="#999"/>{labels}'
+                   f'<polyline points="{line}" fill="none" stroke="#1565c0" stroke-width="1.5"/>{dots}</svg>')
+
+
+def series_page(detail: Dict[str, Any]) -> str:
+    """One series on its own page: its chart over the window, with count, min, max, avg and anomalies."""
+    def number(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.6g}"
+
+    key = _html(detail["key"])
+    latest = f"{number(detail['latest'])} at {local_time(detail['time'])}" if detail["time"] else "none"
+    rows = (("latest", latest), ("min", number(detail["min"])), ("max", number(detail["max"])),
+            ("avg", number(detail["avg"])), ("samples", f"{detail['count']:,}"),
+            ("anomalies", f"{detail['anomalies']:,}"))
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'<meta http-equiv="refresh" content="{SERVE_PAGE_REFRESH_S}">',
+        f"<title>metasystem: {key}</title><style>{_PAGE_STYLE}</style></head><body>",
+        f'<p><a href="./">metasystem monitor</a></p><h1>{key}</h1>',
+        f"<p>updated {_html(local_time(detail['generated_at'], seconds=True, zone=True))}, "
+        f"window {detail['window_hours']:g} h</p>",
+        line_chart_svg(detail),
+        "<table>" + "".join(f"<tr><th>{_html(name)}</th><td>{_html(value)}</td></tr>" for name, value in rows)
+        + "</table>",
+        "</body></html>"]) + "\n"
+
+
+def _series_link(key: str) -> str:
+    from urllib.parse import quote
+
+    return _Markup(f'<a href="series?key={_html(quote(key, safe=""))}">{_html(key)}</a>')
 
 
 def _page_omitted(summary: Dict[str, Any], section: str, noun: str) -> List[str]:
@@ -7878,7 +8002,7 @@ def status_page(summary: Dict[str, Any]) -> str:
             for name, entry in summary["jobs"].items()])
     if summary.get("metrics"):
         parts += _page_table("Metrics", ("series", "latest", "at", "recent"), [
-            (key, f"{entry['latest']:.6g}", local_time(entry["time"]),
+            (_series_link(key), f"{entry['latest']:.6g}", local_time(entry["time"]),
              sparkline_svg({"durations": entry["recent"]["values"], "failed": [],
                             "anomalous": entry["recent"]["anomalous"]}))
             for key, entry in summary["metrics"].items()])
@@ -7894,9 +8018,9 @@ def status_page(summary: Dict[str, Any]) -> str:
 
 
 def serve_path(path: str, accept: str, db_path: str, hours: float, now,
-               options: Optional[Dict[str, Any]] = None) -> Tuple[int, str, bytes]:
+               options: Optional[Dict[str, Any]] = None, series: str = "") -> Tuple[int, str, bytes]:
     """(status, content type, body) of one GET: what the server answers, without the server; ``options``
-    are summary_options() of the configuration."""
+    are summary_options() of the configuration, ``series`` the key a /series page asks for."""
     if path == "/healthz":
         return 200, "text/plain; charset=utf-8", b"ok\n"
     try:
@@ -7910,7 +8034,15 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now,
             body = json_text(summary) + "\n"
             return 200, "application/json", body.encode("utf-8")
         if path == "/":
-            return 200, "text/html; charset=utf-8", status_page(read_summary(db_path, hours, now=now, **(options or {}))).encode("utf-8")
+            summary = read_summary(db_path, hours, now=now, **(options or {}))
+            return 200, "text/html; charset=utf-8", status_page(summary).encode("utf-8")
+        if path in ("/series", "/api/series"):
+            detail = read_series(db_path, series, hours, now=now) if series else None
+            if detail is None:
+                return 404, "text/plain; charset=utf-8", b"no such series (series?key=NAME{label=value,...})\n"
+            if path == "/api/series":
+                return 200, "application/json", (json_text(detail) + "\n").encode("utf-8")
+            return 200, "text/html; charset=utf-8", series_page(detail).encode("utf-8")
     except StorageError as err:
         return 503, "text/plain; charset=utf-8", (" ".join(str(err).split()) + "\n").encode("utf-8")
     return 404, "text/plain; charset=utf-8", b"not found\n"
@@ -7972,19 +8104,20 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
             self._answer(body_wanted=False)
 
         def _answer(self, body_wanted: bool) -> None:
-            from urllib.parse import urlsplit
+            from urllib.parse import parse_qs, urlsplit
 
             self.connection.settimeout(SERVE_REQUEST_TIMEOUT_S)  # the head is in: writing has its own time
-            path = urlsplit(self.path).path
+            path, query = urlsplit(self.path)[2:4]
+            series = (parse_qs(query).get("key") or [""])[0] if path in ("/series", "/api/series") else ""
             age, encoded, headers = None, None, {}
             if path != "/healthz" and token and not _bearer_matches(self.headers.get("Authorization"), token):
                 status, content_type, body = 401, "text/plain; charset=utf-8", b"a bearer token is needed\n"
                 headers["WWW-Authenticate"] = 'Bearer realm="metasystem"'
             else:
                 accept = self.headers.get("Accept", "")
-                key = (path, "openmetrics" if path == "/metrics" and wants_openmetrics(accept) else "")
+                key = (path, "openmetrics" if path == "/metrics" and wants_openmetrics(accept) else series)
                 (status, content_type, body), age, encoded = answers.get(
-                    key, lambda: serve_path(path, accept, db_path, hours, now, options))
+                    key, lambda: serve_path(path, accept, db_path, hours, now, options, series))
             if age is not None and status == 200:
                 headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
                 if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
@@ -8458,7 +8591,7 @@ def cmd_serve(args) -> int:
         raise MonitorError(f"cannot listen on {listen}: {err.strerror or err}") from None
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"{PROG}: serving http://{shown}:{port}/ (/metrics, /healthz, /api/summary)", file=sys.stderr, flush=True)
+    print(f"{PROG}: serving http://{shown}:{port}/ (/metrics, /healthz, /api/summary, /series)", file=sys.stderr, flush=True)
 
     def stop(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second one must not cut it short

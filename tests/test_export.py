@@ -481,6 +481,49 @@ class ServeTest(AlertTestCase):
         for heading in ("Sync operations", "Circuit breakers", "Agents", "Recent alerts", "System health"):
             self.assertIn(heading, page.texts)
 
+    def test_each_series_has_its_own_page_with_a_chart_linked_from_the_overview(self):
+        from urllib.parse import quote
+
+        key = "backup_bytes{host=<b>nas</b>}"
+        values = [100.0 + i % 3 for i in range(20)]
+        values[12] = 5000.0
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            for i, value in enumerate(values):
+                metrics.record("backup_bytes", value, {"host": "<b>nas</b>"}, timestamp=NOW - 3000 + i * 60)
+        port = self.start()
+        link = f'<a href="series?key={quote(key, safe="")}">backup_bytes{{host=&lt;b&gt;nas&lt;/b&gt;}}</a>'
+        self.assertIn(f"<tr><td>{link}</td><td>101</td>", self.get(port, "/")[2].decode())
+        status, kind, body = self.get(port, f"/api/series?key={quote(key)}")
+        self.assertEqual((status, kind), (200, "application/json"))
+        detail = json.loads(body)
+        self.assertEqual(detail, mm.read_series(self.db, key, now=lambda: NOW))
+        self.assertEqual({field: detail[field] for field in ("key", "labels", "count", "min", "max", "latest",
+                                                             "anomalies", "anomalous")},
+                         {"key": key, "labels": {"host": "<b>nas</b>"}, "count": 20, "min": 100.0, "max": 5000.0,
+                          "latest": values[-1], "anomalies": 1, "anomalous": [12]})
+        self.assertEqual(detail["avg"], sum(values) / 20)
+        self.assertEqual(detail["points"], [[NOW - 3000 + i * 60, value] for i, value in enumerate(values)])
+        status, kind, body = self.get(port, f"/series?key={quote(key)}")
+        self.assertEqual((status, kind), (200, "text/html; charset=utf-8"))
+        page = PageParser()
+        page.feed(body.decode("utf-8"))
+        self.assertNotIn("script", page.tags)
+        self.assertEqual((page.tags.count("svg"), page.tags.count("polyline"), page.tags.count("circle")), (1, 1, 1))
+        self.assertIn(key, page.texts)
+        for label, value in (("min", "100"), ("max", "5000"), ("samples", "20"), ("anomalies", "1")):
+            self.assertEqual(page.texts[page.texts.index(label) + 1], value)
+        self.assertNotIn(b"<b>nas", body)
+        for path in ("/series?key=nope", "/series", "/api/series?key=backup_bytes"):
+            self.assertEqual(self.get(port, path)[0], 404, path)
+
+    def test_a_long_window_is_drawn_as_the_means_of_equal_slices(self):
+        points = [(float(t), float(t % 10)) for t in range(1000)]
+        flagged = [t == 555 for t in range(1000)]
+        drawn, marked = mm._chart_points(points, flagged, 10)
+        self.assertEqual(drawn, [(t * 100 + 49.5, 4.5) for t in range(10)])
+        self.assertEqual(marked, [5])
+        self.assertEqual(mm._chart_points(points[:5], flagged[:5], 10), (points[:5], []))
+
     def test_a_client_that_sends_nothing_does_not_block_the_others(self):
         port = self.start()
         idle = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
