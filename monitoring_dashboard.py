@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""metasystem-monitor's terminal dashboard: sync targets, circuit breakers, agents, alerts and health.
+"""metasystem-monitor's terminal dashboard: sync targets, breakers, agents, jobs, your series, alerts, checks.
 
 Standard library only, Python 3.9+. Keep it beside metasystem_monitor.py:
 
@@ -8,8 +8,11 @@ Standard library only, Python 3.9+. Keep it beside metasystem_monitor.py:
     python3 monitoring_dashboard.py --summary     # one JSON object, for jq and shell pipelines
     python3 monitoring_dashboard.py --once        # the screen once, as plain text (also when piped)
 
-Everything shown comes from metasystem_monitor.read_summary(), so the screen and
---summary always agree. The dashboard never writes to the store. Color goes off
+Tab moves between sections; Enter shows your series one at a time, full screen,
+with a chart of the window (Left and Right for the others, b to come back).
+
+Everything shown comes from metasystem_monitor.read_summary() (a series full
+screen from read_series()), so the screen and --summary always agree. The dashboard never writes to the store. Color goes off
 with NO_COLOR, --no-color or TERM=dumb; a terminal that is not UTF-8, or --ascii,
 gets ASCII sparklines and marks.
 
@@ -38,14 +41,17 @@ FOOTER_LINES = 1
 ESCAPE_KEY = 27
 ESCAPE_SEQUENCE_WAIT_MS = 50  # the rest of ESC [ B arrives together; a lone Escape has nothing after it
 # What a terminal that is not in keypad mode sends for the keys that scroll, after ESC and [ or O.
-ESCAPE_SEQUENCES = {"A": "KEY_UP", "B": "KEY_DOWN", "H": "KEY_HOME", "F": "KEY_END", "1~": "KEY_HOME",
-                    "7~": "KEY_HOME", "4~": "KEY_END", "8~": "KEY_END", "5~": "KEY_PPAGE", "6~": "KEY_NPAGE"}
+ESCAPE_SEQUENCES = {"A": "KEY_UP", "B": "KEY_DOWN", "C": "KEY_RIGHT", "D": "KEY_LEFT", "Z": "KEY_BTAB",
+                    "H": "KEY_HOME", "F": "KEY_END", "1~": "KEY_HOME", "7~": "KEY_HOME", "4~": "KEY_END",
+                    "8~": "KEY_END", "5~": "KEY_PPAGE", "6~": "KEY_NPAGE"}
 WIDE = 110  # from this width on, rows show more columns
 
 SPARK_UNICODE = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-:=+*#"
-MARKS = {"unicode": {"anomaly": "◆", "up": "↑", "down": "↓", "rule": "─"},
-         "ascii": {"anomaly": "!", "up": "Up", "down": "Down", "rule": "-"}}
+MARKS = {"unicode": {"anomaly": "◆", "up": "↑", "down": "↓", "left": "←", "right": "→", "rule": "─"},
+         "ascii": {"anomaly": "!", "up": "Up", "down": "Down", "left": "Left", "right": "Right", "rule": "-"}}
+ENTER_KEYS = (10, 13)  # and curses.KEY_ENTER
+TAB_KEY = 9
 
 # A line is a list of (text, style) segments. Styles name a meaning; the curses loop picks the look.
 Segment = Tuple[str, str]
@@ -325,8 +331,8 @@ def section_blocks(summary: Dict[str, Any], width: int, ascii_only: bool) -> Lis
             for key, rows in blocks if rows]  # a section with no row at all (jobs before the first) is hidden
 
 
-def body_lines(summary: Dict[str, Any], width: int, height: Optional[int] = None,
-               ascii_only: bool = False) -> List[Line]:
+def shown_blocks(summary: Dict[str, Any], width: int, height: Optional[int] = None,
+                 ascii_only: bool = False) -> List[Tuple[str, List[Line]]]:
     """Every section, or on a screen smaller than 80x24 those of the highest priority that fit."""
     blocks = section_blocks(summary, width, ascii_only)
     if height is not None and (width < FULL_SIZE[0] or height < FULL_SIZE[1]):
@@ -337,13 +343,29 @@ def body_lines(summary: Dict[str, Any], width: int, height: Optional[int] = None
                 kept.add(key)
                 used += len(lines)
         blocks = [block for block in blocks if block[0] in kept]
-    return [line for _, lines in blocks for line in lines]
+    return blocks
 
 
-def footer_line(width: int, ascii_only: bool, first: int, shown: int, total: int) -> Line:
+def body_lines(summary: Dict[str, Any], width: int, height: Optional[int] = None,
+               ascii_only: bool = False) -> List[Line]:
+    return [line for _, lines in shown_blocks(summary, width, height, ascii_only) for line in lines]
+
+
+def section_titles_at(summary: Dict[str, Any], width: int, height: int, ascii_only: bool = False) -> List[int]:
+    """The body line of each shown section's title: where Tab and Shift-Tab scroll to."""
+    starts, line = [], 0
+    for _, lines in shown_blocks(summary, width, height, ascii_only):
+        starts.append(line + 1)  # after the blank line that opens the block
+        line += len(lines)
+    return starts
+
+
+def footer_line(width: int, ascii_only: bool, first: int, shown: int, total: int, keys: Optional[str] = None,
+                where: Optional[str] = None) -> Line:
     marks = MARKS["ascii" if ascii_only else "unicode"]
-    keys = f"q quit  r refresh  h help  {marks['up']}{marks['down']} PgUp PgDn scroll"
-    where = f"lines {first + 1}-{first + shown} of {total}" if total > shown else ""
+    keys = keys or f"q quit  h help  r refresh  Tab sections  Enter series  {marks['up']}{marks['down']} PgUp PgDn"
+    if where is None:
+        where = f"lines {first + 1}-{first + shown} of {total}" if total > shown else ""
     keys = clip(keys, width - len(where) - 1) if where else keys  # where the reader is matters more
     return [(keys + " " * max(1, width - width_of(keys) - len(where)) + where, "dim")]
 
@@ -355,6 +377,9 @@ HELP = (
     "  h, ?          this help (any key returns)",
     "  Up, Down      scroll a line",
     "  PgUp, PgDn    scroll a page; Home, End",
+    "  Tab, n        the next section; Shift-Tab, p the one before",
+    "  Enter, m      your series one at a time, full screen: Left, Right",
+    "                (or n, p) the others; b, Escape or Enter back",
     "",
     "STATES",
     "  OK, WARNING, CRITICAL, UNKNOWN: the checks' words, shown in color too",
@@ -382,6 +407,92 @@ def screen(summary: Dict[str, Any], width: int, height: int, *, scroll: int = 0,
     # The last cell of the screen cannot be written: the footer ends one column short of it.
     lines.append(footer_line(width - 1, ascii_only, scroll, len(shown), len(body)))
     return [clip_line(line, width) for line in lines], scroll
+
+
+CHART_LABEL_CELLS = 11  # the value written at the chart's top and bottom rows, and a space
+
+
+def chart_columns(detail: Dict[str, Any], columns: int) -> Tuple[List[Optional[float]], List[bool]]:
+    """The series' points placed by time into ``columns`` (the highest of those falling in each, so a
+    spike shows; None where none did, a gap), and which columns hold an anomalous point."""
+    until = mm.epoch_of(detail["generated_at"])
+    since = until - detail["window_hours"] * 3600.0
+    slices: List[List[float]] = [[] for _ in range(columns)]
+    marked = [False] * columns
+    anomalous = set(detail.get("anomalous", ()))
+    for index, (t, value) in enumerate(detail.get("points", [])):
+        column = min(columns - 1, max(0, int((t - since) / max(until - since, 1e-9) * columns)))
+        slices[column].append(value)
+        marked[column] = marked[column] or index in anomalous
+    return [max(part) if part else None for part in slices], marked
+
+
+def chart_lines(detail: Dict[str, Any], width: int, rows: int, ascii_only: bool) -> List[Line]:
+    """The window as an area chart ``rows`` high: a column per slice of time, eighth-cell tops, the
+    highest and lowest values written on the left, anomalous columns in their own style."""
+    columns = max(1, width - CHART_LABEL_CELLS)
+    if not detail.get("points") or not detail.get("generated_at"):
+        return [[("  no samples in this window", "dim")]]
+    values, marked = chart_columns(detail, columns)
+    known = [value for value in values if value is not None]
+    if not known or rows < 2:
+        return [[("  no samples in this window", "dim")]]
+    low, high = min(known), max(known)
+    levels = SPARK_ASCII if ascii_only else SPARK_UNICODE
+    full = "#" if ascii_only else "█"
+    eighths = [None if value is None else (1 + (rows * 8 - 1) * ((value - low) / (high - low) if high > low else 0.5))
+               for value in values]
+    lines = []
+    for row in range(rows):  # the top row first
+        floor = (rows - 1 - row) * 8
+        label = figure_text(high) if row == 0 else figure_text(low) if row == rows - 1 else ""
+        line: Line = [(f"{label:>{CHART_LABEL_CELLS - 1}} ", "dim")]
+        for column, height in enumerate(eighths):
+            if height is None or height <= floor:
+                cell = " "
+            elif height >= floor + 8:
+                cell = full
+            else:
+                cell = levels[min(len(levels) - 1, int(height - floor))]
+            line.append((cell, "anomaly" if marked[column] and cell != " " else "spark"))
+        lines.append(_merged(line))
+    return lines
+
+
+def figure_text(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def series_screen(detail: Dict[str, Any], width: int, height: int, *, ascii_only: bool = False,
+                  position: str = "", error: Optional[str] = None) -> List[Line]:
+    """One series full screen: its key, its figures over the window, and its chart, as tall as fits."""
+    if width < MIN_SIZE[0] or height < MIN_SIZE[1]:
+        return [clip_line([("too small", "warning")], width)] if height > 0 and width > 0 else []
+    marks = MARKS["ascii" if ascii_only else "unicode"]
+    key = mm.inert_text(detail.get("key", ""), ascii_only)
+    updated = f"updated {mm.local_time(detail.get('generated_at'), seconds=True, zone=True)}"
+    first: Line = [(key, "title"), (" " * max(1, width - width_of(key) - len(updated)) + updated, "plain")]
+    figures = "   ".join(f"{name} {'-' if detail.get(field) is None else figure_text(detail[field])}"
+                         for name, field in (("latest", "latest"), ("min", "min"), ("max", "max"), ("avg", "avg")))
+    second: Line = [(f"{figures}   {detail.get('count', 0):,} samples in "
+                     f"{detail.get('window_hours', mm.DEFAULT_WINDOW_HOURS):g} h", "plain")]
+    if detail.get("anomalies"):
+        second.append((f"   {detail['anomalies']:,} anomalous {marks['anomaly']}", "anomaly"))
+    if error:
+        second.append(("   " + mm.inert_text(error), "critical"))
+    rows = height - HEADER_LINES - FOOTER_LINES - 2
+    until = mm.epoch_of(detail.get("generated_at")) if detail.get("generated_at") else None
+    ends = ""
+    if until is not None:
+        start = mm.local_time(until - detail.get("window_hours", mm.DEFAULT_WINDOW_HOURS) * 3600.0)
+        end = mm.local_time(until)
+        ends = " " * CHART_LABEL_CELLS + start + " " * max(1, width - CHART_LABEL_CELLS - len(start) - len(end)) + end
+    body = [[("", "plain")]] + chart_lines(detail, width, rows, ascii_only) + [[(ends, "dim")]]
+    body += [[("", "plain")]] * (height - HEADER_LINES - FOOTER_LINES - len(body))
+    keys = f"b back  {marks['left']} {marks['right']} series  r refresh  q quit"
+    lines = [first, second] + body[:height - HEADER_LINES - FOOTER_LINES]
+    lines.append(footer_line(width - 1, ascii_only, 0, 0, 0, keys=keys, where=position))
+    return [clip_line(line, width) for line in lines]
 
 
 def plain_text(summary: Dict[str, Any], ascii_only: bool = False, width: int = PLAIN_WIDTH) -> str:
@@ -505,11 +616,14 @@ class Terminal:
 
 
 class Dashboard:
-    """The state of a running dashboard: the last summary, the scroll position, help shown or not."""
+    """The state of a running dashboard: the last summary, the scroll position, help shown or not, and
+    the series shown full screen, if one is."""
 
     def __init__(self, collect: Callable[[], Dict[str, Any]], refresh_s: float, ascii_only: bool,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 collect_series: Optional[Callable[[str], Optional[Dict[str, Any]]]] = None):
         self.collect = collect
+        self.collect_series = collect_series
         self.refresh_s = refresh_s
         self.ascii_only = ascii_only
         self.clock = clock
@@ -518,37 +632,96 @@ class Dashboard:
         self.scroll = 0
         self.show_help = False
         self.next_refresh = 0.0
+        self.series: Optional[str] = None  # the key of the series shown full screen
+        self.detail: Optional[Dict[str, Any]] = None
+        self.size = FULL_SIZE
 
     def refresh_if_due(self) -> None:
         if self.clock() < self.next_refresh:
             return
         try:
             self.summary, self.error = self.collect(), None
+            if self.series is not None and self.collect_series is not None:
+                self.detail = self.collect_series(self.series)
         except Exception as err:  # the last good screen stays, with the reason on its second line
             self.error = " ".join(str(err).split()) or type(err).__name__
         self.next_refresh = self.clock() + self.refresh_s
 
     def lines(self, width: int, height: int) -> List[Line]:
+        self.size = (width, height)
+        if self.series is not None and not self.show_help:
+            keys = self.series_keys()
+            position = f"{keys.index(self.series) + 1} of {len(keys)}" if self.series in keys else ""
+            detail = self.detail or {"key": self.series, "generated_at": self.summary.get("generated_at"),
+                                     "window_hours": self.summary.get("window_hours", mm.DEFAULT_WINDOW_HOURS)}
+            if detail.get("generated_at") in (None, "-"):
+                detail = dict(detail, generated_at=None)
+            return series_screen(detail, width, height, ascii_only=self.ascii_only, position=position,
+                                 error=self.error)
         lines, self.scroll = screen(self.summary, width, height, scroll=self.scroll, ascii_only=self.ascii_only,
                                     show_help=self.show_help, error=self.error)
         return lines
+
+    def series_keys(self) -> List[str]:
+        return list((self.summary.get("metrics") or {}).keys())
+
+    def open_series(self, key: Optional[str]) -> None:
+        """Show ``key`` full screen (None: back to the overview), read at once."""
+        self.series, self.detail = key, None
+        self.next_refresh = 0.0
+
+    def step_series(self, step: int) -> None:
+        keys = self.series_keys()
+        if keys:
+            at = keys.index(self.series) if self.series in keys else -step if step > 0 else 0
+            self.open_series(keys[(at + step) % len(keys)])
+
+    def step_section(self, step: int) -> None:
+        """Scroll to the next section's title (``step`` 1) or the one before (-1)."""
+        starts = section_titles_at(self.summary, *self.size, self.ascii_only)
+        if step > 0:
+            # A title on the top row, or under the blank line that opens its block, is where the reader is.
+            self.scroll = next((start for start in starts if start > self.scroll + 1), self.scroll)
+        else:
+            self.scroll = next((start for start in reversed(starts) if start < self.scroll), 0)
 
     def handle(self, key: int, page: int, curses: Any) -> bool:
         """Act on one key; False when it quits."""
         if self.show_help and key != -1 and key != curses.KEY_RESIZE:
             self.show_help = False
             return True
-        if key in (ord("q"), ord("Q"), ESCAPE_KEY):
+        if key in (ord("q"), ord("Q")) or (key == ESCAPE_KEY and self.series is None):
             return False
+        if key in (ord("r"), ord("R")):
+            self.next_refresh = 0.0
+        elif key in (ord("h"), ord("H"), ord("?")):
+            self.show_help = True
+        elif self.series is not None:
+            self._handle_series_key(key, curses)
+        else:
+            self._handle_overview_key(key, page, curses)
+        return True
+
+    def _handle_series_key(self, key: int, curses: Any) -> None:
+        if key in (ord("b"), ord("B"), ord("m"), ESCAPE_KEY, curses.KEY_BACKSPACE, 127, curses.KEY_ENTER,
+                   *ENTER_KEYS):
+            self.open_series(None)
+        elif key in (curses.KEY_RIGHT, ord("n"), TAB_KEY):
+            self.step_series(1)
+        elif key in (curses.KEY_LEFT, ord("p"), curses.KEY_BTAB):
+            self.step_series(-1)
+
+    def _handle_overview_key(self, key: int, page: int, curses: Any) -> None:
         moves = {curses.KEY_UP: -1, curses.KEY_DOWN: 1, curses.KEY_PPAGE: -page, curses.KEY_NPAGE: page,
                  curses.KEY_HOME: -10 ** 9, curses.KEY_END: 10 ** 9}
         if key in moves:
             self.scroll = max(0, self.scroll + moves[key])
-        elif key in (ord("r"), ord("R")):
-            self.next_refresh = 0.0
-        elif key in (ord("h"), ord("H"), ord("?")):
-            self.show_help = True
-        return True
+        elif key in (TAB_KEY, ord("n")):
+            self.step_section(1)
+        elif key in (curses.KEY_BTAB, ord("p")):
+            self.step_section(-1)
+        elif key in (curses.KEY_ENTER, ord("m"), *ENTER_KEYS) and self.series_keys():
+            self.open_series(self.series_keys()[0])
 
     def run(self, terminal: Terminal) -> int:
         curses = terminal.curses
@@ -661,6 +834,9 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
             return mm.read_summary(db_path, args.hours, now=now, limit=None if args.all else mm.SUMMARY_SECTION_ROWS,
                                    **options)
 
+        def collect_series(key: str) -> Optional[Dict[str, Any]]:
+            return mm.read_series(db_path, key, args.hours, now=now)
+
         if args.summary:
             sys.stdout.write(mm.json_text(collect()) + "\n")
             return 0
@@ -668,14 +844,15 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
             ascii_only = args.ascii or (sys.stdout.encoding or "").replace("-", "").upper() != "UTF8"
             sys.stdout.write(plain_text(collect(), ascii_only))
             return 0
-        return run_screen(args, collect, environ)
+        return run_screen(args, collect, collect_series, environ)
     except mm.MonitorError as err:
         return fail(str(err))
     except BrokenPipeError:
         return 1
 
 
-def run_screen(args, collect: Callable[[], Dict[str, Any]], environ: Dict[str, str]) -> int:
+def run_screen(args, collect: Callable[[], Dict[str, Any]],
+               collect_series: Callable[[str], Optional[Dict[str, Any]]], environ: Dict[str, str]) -> int:
     import curses
     import locale
     import signal
@@ -692,7 +869,7 @@ def run_screen(args, collect: Callable[[], Dict[str, Any]], environ: Dict[str, s
     except curses.error as err:
         return fail(f"cannot start the screen ({err}); --once prints it as plain text")
     try:
-        return Dashboard(collect, args.refresh, ascii_only).run(terminal)
+        return Dashboard(collect, args.refresh, ascii_only, collect_series=collect_series).run(terminal)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     finally:

@@ -83,6 +83,17 @@ def sample_summary():
     }
 
 
+def sample_series():
+    """A series as read_series() gives it: a day of samples every 15 minutes, one of them anomalous."""
+    now = mm.epoch_of("2027-01-15T08:00:00.000+00:00")
+    points = [[now - 86400 + i * 900, 100.0 + (i % 7) * 3 + (60.0 if i == 40 else 0.0)] for i in range(96)]
+    values = [value for _, value in points]
+    return {"key": "backup_bytes{host=nas}", "name": "backup_bytes", "labels": {"host": "nas"},
+            "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0, "count": 96, "min": min(values),
+            "max": max(values), "avg": sum(values) / 96, "latest": values[-1], "time": mm.iso_time(points[-1][0]),
+            "anomalies": 1, "points": points, "anomalous": [40]}
+
+
 def screen_text(summary, width, height, **options):
     lines, _ = dash.screen(summary, width, height, **options)
     return "\n".join(dash.plain(line) for line in lines) + "\n"
@@ -102,6 +113,15 @@ class RendererTest(unittest.TestCase):
             with self.subTest(size=f"{width}x{height}"):
                 self.assertGolden(f"dashboard_{width}x{height}.txt", screen_text(sample_summary(), width, height))
 
+    def test_golden_series_screens(self):
+        for (width, height), ascii_only in (((80, 24), False), ((40, 12), True)):
+            with self.subTest(size=f"{width}x{height}"):
+                lines = dash.series_screen(sample_series(), width, height, ascii_only=ascii_only, position="1 of 3")
+                self.assertGolden(f"series_{width}x{height}{'_ascii' if ascii_only else ''}.txt",
+                                  "\n".join(dash.plain(line) for line in lines) + "\n")
+                anomalous = [text for line in lines for text, style in line if style == "anomaly"]
+                self.assertTrue(anomalous)  # the spike's column, in its own style
+
     def test_golden_plain_text_in_ascii(self):
         self.assertGolden("dashboard_once_ascii.txt", dash.plain_text(sample_summary(), ascii_only=True))
 
@@ -119,7 +139,8 @@ class RendererTest(unittest.TestCase):
     def test_escape_sequences_curses_does_not_know_name_their_keys_and_a_lone_escape_quits(self):
         for following, key in (([], dash.ESCAPE_KEY), (b"[B", curses.KEY_DOWN), (b"OA", curses.KEY_UP),
                                (b"[5~", curses.KEY_PPAGE), (b"[6~", curses.KEY_NPAGE), (b"[H", curses.KEY_HOME),
-                               (b"[4~", curses.KEY_END), (b"[Z", -1), (b"x", -1), (b"[1;5B", -1)):
+                               (b"[4~", curses.KEY_END), (b"[C", curses.KEY_RIGHT), (b"[D", curses.KEY_LEFT),
+                               (b"[Z", curses.KEY_BTAB), (b"[Y", -1), (b"x", -1), (b"[1;5B", -1)):
             with self.subTest(following=following):
                 self.assertEqual(dash.escape_key(list(following), curses), key)
 
@@ -249,6 +270,50 @@ class DashboardStateTest(unittest.TestCase):
         lines = [dash.plain(line) for line in board.lines(80, 24)]
         self.assertEqual(lines[1], "status CRITICAL   window 24 h   store x is locked by another process")
         self.assertIn("SYNC OPERATIONS", lines)
+
+    def test_tab_moves_between_sections_and_enter_opens_the_series(self):
+        summary = sample_summary()
+        summary["metrics"] = {
+            "backup_bytes": {"name": "backup_bytes", "labels": {}, "latest": 5.0, "time": summary["generated_at"],
+                             "recent": {"values": [1.0, 5.0], "anomalous": []}},
+            "queue{q=a}": {"name": "queue", "labels": {"q": "a"}, "latest": 2.0, "time": summary["generated_at"],
+                           "recent": {"values": [2.0], "anomalous": []}}}
+        asked = []
+
+        def series(key):
+            asked.append(key)
+            return {"key": key, "generated_at": summary["generated_at"], "window_hours": 24.0, "count": 0,
+                    "points": [], "anomalous": []}
+
+        self.clock = FakeClock()
+        board = dash.Dashboard(lambda: summary, 10, False, clock=self.clock.monotonic, collect_series=series)
+        board.refresh_if_due()
+        body = [dash.plain(line) for line in dash.body_lines(summary, 80, 24)]
+        titles = [body.index(title) for title in ("SYNC OPERATIONS", "CIRCUIT BREAKERS", "AGENTS", "METRICS",
+                                                  "RECENT ALERTS", "SYSTEM HEALTH")]
+        board.lines(80, 24)
+        self.assertEqual(dash.section_titles_at(summary, 80, 24), titles)
+        seen = []
+        for _ in range(len(titles) + 1):
+            board.handle(dash.TAB_KEY, 21, curses)
+            seen.append(board.scroll)
+        self.assertEqual(seen, titles[1:] + [titles[-1]] * 2)
+        board.handle(curses.KEY_BTAB, 21, curses)
+        board.handle(ord("p"), 21, curses)
+        self.assertEqual(board.scroll, titles[-3])
+        board.handle(10, 21, curses)  # Enter
+        board.refresh_if_due()
+        screen = [dash.plain(line) for line in board.lines(80, 24)]
+        self.assertEqual((asked, screen[0][:12], screen[3].strip(), screen[-1][-6:]),
+                         (["backup_bytes"], "backup_bytes", "no samples in this window", "1 of 2"))
+        for key, expected in ((curses.KEY_RIGHT, "queue{q=a}"), (curses.KEY_RIGHT, "backup_bytes"),
+                              (curses.KEY_LEFT, "queue{q=a}")):
+            board.handle(key, 21, curses)
+            board.refresh_if_due()
+            self.assertEqual(asked[-1], expected)
+        self.assertTrue(board.handle(dash.ESCAPE_KEY, 21, curses))  # back, not quit
+        self.assertIsNone(board.series)
+        self.assertFalse(board.handle(dash.ESCAPE_KEY, 21, curses))
 
     def test_keys(self):
         board = self.dashboard(sample_summary)
@@ -450,7 +515,7 @@ class RealScreenTest(StoreTestCase):
 
     def test_draws_survives_resizes_and_quits_on_q(self):
         term = self.start()
-        first = term.read_until(b"PgDn scroll")  # the footer: drawn last
+        first = term.read_until(b"PgUp PgDn")  # the footer: drawn last
         for text in (b"SYNC OPERATIONS", b"CIRCUIT BREAKERS", b"external_sync", b"icloud", b"cataloger",
                      b"plenty free", "▁".encode()):
             self.assertIn(text, first)
@@ -493,9 +558,27 @@ class RealScreenTest(StoreTestCase):
         self.assertEqual(term.finish(b"q"), 0)
         self.assertTerminalRestored(term.output)
 
+    def test_enter_shows_a_series_full_screen_and_b_comes_back(self):
+        with mm.MetricsCollector(self.db) as metrics:
+            for i in range(12):
+                metrics.record("backup_bytes", 100.0 + i)
+                metrics.record("queue_depth", float(i % 3))
+        term = self.start()
+        term.read_until(b"METRICS")
+        os.write(term.master, b"\r")
+        drawn = term.read_until(b"1 of 2")
+        self.assertIn(b"backup_bytes", drawn)
+        self.assertIn(b"12 samples in 24 h", drawn)
+        os.write(term.master, b"\x1b[C")  # Right, as a terminal not in keypad mode sends it
+        term.read_until(b"queue_depth")  # curses redraws only what changed: "1 of 2" becomes "2 of 2" by one cell
+        os.write(term.master, b"b")
+        term.read_until(b"SYNC OPERATIONS")
+        self.assertEqual(term.finish(b"q"), 0)
+        self.assertTerminalRestored(term.output)
+
     def test_sigint_restores_the_terminal(self):
         term = self.start()
-        term.read_until(b"PgDn scroll")
+        term.read_until(b"PgUp PgDn")
         self.assertEqual(term.finish(sig=signal.SIGINT), 128 + signal.SIGINT)
         self.assertTerminalRestored(term.output)
 
