@@ -197,7 +197,8 @@ DASHBOARD_KEYS = ("metrics",)  # shell globs of the series the faces show (defau
 CHECK_RUN_KEYS = ("interval", "ping_url", "ping_url_env", "ping_url_file")  # [check]: about every run of check
 SERVE_KEYS = ("listen", "token_file", "cache")
 COLLECT_KEYS = ("load", "cpu", "memory", "disks", "network", "processes")  # each true or false
-CONFIG_SECTION_PREFIXES = ("channel:", "check:")
+CONFIG_SECTION_PREFIXES = ("channel:", "check:", "job:")
+JOB_KEYS = ("ping_url", "ping_url_env", "ping_url_file")  # [job:NAME]: what every run of the job NAME does
 STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous", "busy_timeout")
 
 SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
@@ -6446,6 +6447,19 @@ def _check_spec(name: str, items: Dict[str, str]) -> CheckSpec:
                      parse_thresholds(items.get("critical", check.critical)), timeout)
 
 
+def job_schedules(config) -> Dict[str, float]:
+    """Each job a ``job`` check expects, with how often it should start (its ``expected_every``)."""
+    schedules: Dict[str, float] = {}
+    for section in config.sections() if hasattr(config, "sections") else ():
+        items = config[section]
+        if section.startswith("check:") and items.get("type", "").strip() == "job" and items.get("job", "").strip():
+            problems: List[Tuple[str, str, str]] = []  # check_problems() reports them
+            every = _duration_setting(dict(items), section, "expected_every", 0.0, problems, positive=True)
+            if every and not problems:
+                schedules[items["job"].strip()] = min(every, schedules.get(items["job"].strip(), every))
+    return schedules
+
+
 def check_run_interval(config) -> float:
     """How often cron runs ``check``: ``[check] interval``, else an hour (check_problems() reports a bad one)."""
     common = dict(config["check"]) if hasattr(config, "has_section") and config.has_section("check") else {}
@@ -7074,6 +7088,35 @@ def send_ping(base: str, signal: str, run_id: str, body: bytes = b"", *, budget_
     return f"ping to {mask_url(url)} failed: {why}"
 
 
+def job_problems(config) -> List[Tuple[str, str, str]]:
+    """What is wrong in the ``[job:NAME]`` sections: unknown keys, a ping URL that is not http(s)."""
+    problems: List[Tuple[str, str, str]] = []
+    for section in config.sections() if hasattr(config, "sections") else ():
+        if not section.startswith("job:"):
+            continue
+        items = dict(config[section])
+        problems += [(section, key, "unknown key") for key in items if key not in JOB_KEYS]
+        url, _, _ = _secret(items, "ping_url", section, {}, problems)
+        if items.get("ping_url", "").strip() and not _is_http_url(url or ""):  # not shown: it holds a token
+            problems.append((section, "ping_url", "not an http or https URL"))
+    return problems
+
+
+def job_ping_url(config, job: str) -> Optional[str]:
+    """``[job:NAME] ping_url`` (or its _env, _file) of ``job``; None when it has none; ConfigError when
+    it cannot be read or is not an http(s) URL (never quoting it)."""
+    section = f"job:{job}"
+    if not (hasattr(config, "has_section") and config.has_section(section)):
+        return None
+    problems: List[Tuple[str, str, str]] = []
+    url, _, missing = _secret(dict(config[section]), "ping_url", section, dict(os.environ), problems)
+    if problems or missing:
+        raise ConfigError(f"[{section}] ping_url: {problems[0][2] if problems else missing}")
+    if url is not None and not _is_http_url(url):
+        raise ConfigError(f"[{section}] ping_url: not an http or https URL")
+    return url
+
+
 def ping_signal(run: JobRun) -> str:
     """The ping that ends a run: nothing for success, the exit code, ``fail`` when there is none, and
     ``log`` for a run skipped because another still holds its lock."""
@@ -7101,7 +7144,7 @@ def job_report(run: JobRun, argv: List[str]) -> str:
 ## Summary ####################################################################
 
 # 2: "omitted" counts the rows a section leaves out; 3: "jobs"; 4: "metrics"; 5: every configured check in
-# "health", each with its "age_s" and whether it is "stale"
+# "health", each with its "age_s" and whether it is "stale"; each job "late" or not against "expected_every_s"
 SUMMARY_SCHEMA_VERSION = 5
 SUMMARY_SECTION_ROWS = 50  # sync targets or agents shown, the worst first; the rest are only counted
 SUMMARY_METRICS = 10  # the user's own series shown, the most recently written first
@@ -7219,17 +7262,29 @@ def _breaker_summaries(collector: MetricsCollector, recorded: List[str], since: 
     return found
 
 
-def recent_jobs(store: Store) -> Dict[str, Dict[str, Any]]:
-    """Every job ``run`` has run: its last run (when, how it ended, how long) and its last success."""
+def recent_jobs(store: Store, now: float,
+                schedules: Optional[Dict[str, float]] = None) -> Dict[str, Dict[str, Any]]:
+    """Every job ``run`` has run, and every job a ``job`` check expects: its last run (when, how it ended,
+    how long), its last success, and ``late`` when it has not started within its ``expected_every``
+    (CRITICAL, as the check says; ``missing`` when it never ran)."""
+    schedules = schedules or {}
     jobs = {}
-    for (job,) in store.query("SELECT DISTINCT job FROM job_runs ORDER BY job"):
-        started, ended, code, outcome = store.query_one(
-            "SELECT started, ended, exit_code, outcome FROM job_runs WHERE job = ? ORDER BY started DESC LIMIT 1",
-            (job,))
+    ran = [job for (job,) in store.query("SELECT DISTINCT job FROM job_runs ORDER BY job")]
+    for job in sorted(set(ran) | set(schedules)):
+        every = schedules.get(job)
+        last = store.query_one("SELECT started, ended, exit_code, outcome FROM job_runs WHERE job = ? "
+                               "ORDER BY started DESC LIMIT 1", (job,))
+        if last is None:
+            jobs[job] = {"state": "CRITICAL", "outcome": "missing", "started": None, "exit_code": None,
+                         "duration_s": None, "last_success": None, "late": True, "expected_every_s": every}
+            continue
+        started, ended, code, outcome = last
         good = store.query_one("SELECT max(ended) FROM job_runs WHERE job = ? AND outcome = 'success'", (job,))[0]
-        jobs[job] = {"state": JOB_STATE_WORDS.get(outcome, "UNKNOWN"), "outcome": outcome,
-                     "started": iso_time(started), "exit_code": code,
-                     "duration_s": None if ended is None else ended - started, "last_success": iso_time(good)}
+        late = every is not None and now - started > every
+        state = "CRITICAL" if late else JOB_STATE_WORDS.get(outcome, "UNKNOWN")
+        jobs[job] = {"state": state, "outcome": outcome, "started": iso_time(started), "exit_code": code,
+                     "duration_s": None if ended is None else ended - started, "last_success": iso_time(good),
+                     "late": late, "expected_every_s": every}
     return jobs
 
 
@@ -7363,12 +7418,13 @@ def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], sin
 
 def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
                    limit: Optional[int] = None, metrics: Optional[List[str]] = None,
-                   checks: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+                   checks: Optional[Dict[str, float]] = None, jobs: Optional[Dict[str, float]] = None
+                   ) -> Dict[str, Any]:
     """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
     jobs, the user's own series, recent alerts and the checks' last verdicts, over the last ``hours``.
     With ``limit``, the sync and agent sections hold the ``limit`` in the worst state and ``omitted``
-    counts the rest by state; ``metrics`` and ``checks`` are what summary_options() reads from the
-    configuration."""
+    counts the rest by state; ``metrics``, ``checks`` and ``jobs`` are what summary_options() reads from
+    the configuration."""
     hours = window_hours(hours)
     since, until = collector.window(hours)
     entities = collector.entities("target", "breaker", "agent")
@@ -7387,7 +7443,7 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
         "agents": {agent: dict(_agent_summary(collector, agent, hours),
                                recent=recent_runs(collector, f"agent_{agent}", since))
                    for agent in agents},
-        "jobs": recent_jobs(collector.store),
+        "jobs": recent_jobs(collector.store, until, jobs),
         "metrics": own_series(collector, since, metrics),
         "alerts": recent_alerts(collector.store, since),
         "health": health,
@@ -7462,14 +7518,16 @@ def read_series(db_path: Optional[str], key: str, hours: float = DEFAULT_WINDOW_
 
 
 def summary_options(config) -> Dict[str, Any]:
-    """What the configuration says the faces show: the series of ``[dashboard] metrics`` and the
-    configured checks with their intervals (read_summary's ``metrics`` and ``checks``)."""
-    return {"metrics": dashboard_metrics(config), "checks": check_intervals(config)}
+    """What the configuration says the faces show: the series of ``[dashboard] metrics``, the configured
+    checks with their intervals, the jobs the job checks expect (read_summary's ``metrics``, ``checks``
+    and ``jobs``)."""
+    return {"metrics": dashboard_metrics(config), "checks": check_intervals(config), "jobs": job_schedules(config)}
 
 
 def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
                  now=time.time, limit: Optional[int] = SUMMARY_SECTION_ROWS,
-                 metrics: Optional[List[str]] = None, checks: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+                 metrics: Optional[List[str]] = None, checks: Optional[Dict[str, float]] = None,
+                 jobs: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """The summary of the store at ``db_path``, read without writing anything; at most ``limit`` sync
     targets and agents, the worst first (None: all of them).
 
@@ -7479,7 +7537,7 @@ def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HO
     hours = window_hours(hours)
     try:
         with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
-            return system_summary(collector, hours, limit=limit, metrics=metrics, checks=checks)
+            return system_summary(collector, hours, limit=limit, metrics=metrics, checks=checks, jobs=jobs)
     except StorageError as err:
         return _unreadable_summary(err, hours, now())
 
@@ -7999,7 +8057,9 @@ def status_page(summary: Dict[str, Any]) -> str:
     if summary.get("jobs"):
         parts += _page_table("Jobs", ("state", "job", "last run", "result", "took", "last success"), [
             (entry["state"], name, local_time(entry["started"]), entry["outcome"] + (
-                f" ({entry['exit_code']})" if entry["exit_code"] not in (None, 0) else ""),
+                f" ({entry['exit_code']})" if entry["exit_code"] not in (None, 0) else "") + (
+                f", late: expected every {format_span(entry['expected_every_s'], exact=True)}"
+                if entry.get("late") and entry.get("started") else ""),
              _page_seconds(entry["duration_s"]), local_time(entry["last_success"]))
             for name, entry in summary["jobs"].items()])
     if summary.get("metrics"):
@@ -8813,7 +8873,7 @@ def cmd_alerts(args) -> int:
 def cmd_config(args) -> int:
     config = load_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
-    settings.problems.extend(check_problems(config))
+    settings.problems.extend(check_problems(config) + job_problems(config))
     if args.check:
         settings.problems.extend(missing_programs(config))
     else:
@@ -8950,19 +9010,32 @@ def cmd_check(args) -> int:
 class _Ping:
     """The pings of one run: ``start`` as it is made, then its end, each tried within the alert timeout."""
 
-    def __init__(self, args):
+    def __init__(self, url: str, args):
         import uuid
 
-        try:
-            _checked_url(args.ping)
-        except ValueError as err:
-            raise ValidationError(f"--ping: {err}") from None
         try:
             self.budget_s = alerting_settings(load_config(args.config_path), args.config_path).timeout_s
         except MonitorError:
             self.budget_s = DEFAULT_ALERT_TIMEOUT_S
-        self.url, self.run_id = args.ping, str(uuid.uuid4())
+        self.url, self.run_id = url, str(uuid.uuid4())
         self.send("start")
+
+    @classmethod
+    def of_run(cls, args) -> Optional["_Ping"]:
+        """The pings of this run: to --ping, else to ``[job:NAME] ping_url``; None without either. A
+        bad --ping is a usage error; a configured URL that cannot be used is a warning, and the job runs."""
+        if args.ping:
+            try:
+                _checked_url(args.ping)
+            except ValueError as err:
+                raise ValidationError(f"--ping: {err}") from None
+            return cls(args.ping, args)
+        try:
+            url = job_ping_url(load_config(args.config_path, required=args.config_named), args.name)
+        except MonitorError as err:
+            log.warning("run %s not pinged: %s", args.name, err)
+            return None
+        return cls(url, args) if url else None
 
     def send(self, signal: str, body: bytes = b"") -> None:
         problem = send_ping(self.url, signal, self.run_id, body, budget_s=self.budget_s)
@@ -9003,7 +9076,7 @@ def cmd_run(args) -> int:
     if timeout_s == 0:
         raise ValidationError("--timeout must be more than 0")
     kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
-    ping = _Ping(args) if args.ping else None
+    ping = _Ping.of_run(args)
     try:
         collector = _open_collector(args, readonly=False)
     except (StorageError, ConfigError) as err:  # the job matters more than its record: run it anyway
@@ -9341,6 +9414,10 @@ def reference_config() -> List[str]:
     lines += _wrapped(", ".join(ALERTING_KEYS), "              ", "  [alerting]  ")
     lines += _wrapped(f"{', '.join(SEED_CHANNEL_KEYS)} (each makes the channel of that name)", "              ")
     lines += _wrapped(", ".join(SERVE_KEYS), "              ", "  [serve]     ")
+    lines += _wrapped(", ".join(COLLECT_KEYS), "              ", "  [collect]   ")
+    lines += _wrapped(", ".join(DASHBOARD_KEYS), "              ", "  [dashboard] ")
+    lines += _wrapped(f"{', '.join(CHECK_RUN_KEYS)} (about every run of check)", "              ", "  [check]     ")
+    lines += _wrapped(f"{', '.join(JOB_KEYS)} (about every run NAME)", "              ", "  [job:NAME]  ")
     lines += _wrapped(f"type = one of {', '.join(sorted(CHANNEL_TYPES))}; and {', '.join(CHANNEL_COMMON_KEYS[1:])}",
                       "      ", "  [channel:NAME]  ")
     for kind, channel in sorted(CHANNEL_TYPES.items()):

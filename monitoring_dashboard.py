@@ -235,15 +235,18 @@ def agent_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
 
 
 def job_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
-    """The jobs ``run`` wraps: nothing at all (the section is hidden) until there is one."""
+    """The jobs ``run`` wraps and the job checks expect: nothing at all (the section is hidden) until
+    there is one. A late job says ``late`` and how often it should start; the state says CRITICAL."""
     lines = []
     for job, entry in sorted((summary.get("jobs") or {}).items()):
         code = entry.get("exit_code")
-        result = str(entry.get("outcome", "")) + (f" {code}" if code not in (None, 0) else "")
+        late = entry.get("late") and entry.get("started")
+        result = "late" if late else str(entry.get("outcome", "")) + (f" {code}" if code not in (None, 0) else "")
+        every = f" (every {mm.format_span(entry['expected_every_s'], exact=True)})" if late else ""
         lines.append([("  ", "plain"), _state_cell(entry.get("state", "UNKNOWN")),
                       (" " + pad(mm.inert_text(job, ascii_only), 14) + f" {pad(result, 12)} "
                        f"took {seconds(entry.get('duration_s')):>6}  "
-                       f"last run {ago(entry.get('started'), summary.get('generated_at'))}", "plain")])
+                       f"last run {ago(entry.get('started'), summary.get('generated_at'))}{every}", "plain")])
     return lines
 
 

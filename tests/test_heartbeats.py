@@ -82,6 +82,42 @@ class RunPingsTest(AlertTestCase):
                          (2, "metasystem_monitor.py: error: --ping: not an http or https URL with a host\n"))
 
 
+class JobSectionPingTest(AlertTestCase):
+    """[job:NAME] ping_url: the job's pings set once in the configuration, not on every cron line."""
+
+    def test_a_job_section_pings_and_ping_on_the_command_line_wins(self):
+        token_file = os.path.join(self.tmp, "ping-url")
+        with HTTPServer(default=Reply(200, "OK")) as service, HTTPServer(default=Reply(200, "OK")) as other:
+            with open(token_file, "w", encoding="ascii") as handle:
+                handle.write(service.url(f"/{TOKEN}") + "\n")
+            os.chmod(token_file, 0o600)
+            self.write_config(f"[job:nightly]\nping_url_file = {token_file}\n\n"
+                              f"[job:other]\nping_url = {other.url('/other')}\n")
+            ran = self.run_cli("run", "nightly", "--", "sh", "-c", "echo ok; exit 4", env=self.cli_env())
+            given = self.run_cli("run", "nightly", "--ping", other.url("/given"), "--", "true", env=self.cli_env())
+            unpinged = self.run_cli("run", "third", "--", "true", env=self.cli_env())
+        self.assertEqual((ran.returncode, ran.stderr, given.returncode, given.stderr, unpinged.returncode),
+                         (4, b"", 0, b"", 0))
+        start, done = service.requests
+        run_id = start.path.split("rid=")[1]
+        self.assertEqual((start.path, done.path, done.body), (f"/{TOKEN}/start?rid={run_id}",
+                                                              f"/{TOKEN}/4?rid={run_id}", b"ok\n"))
+        self.assertEqual([request.path.split("?")[0] for request in other.requests], ["/given/start", "/given"])
+
+    def test_a_job_section_that_cannot_ping_warns_and_the_job_runs(self):
+        self.write_config("[job:nightly]\nping_url_env = MM_NOT_SET_HERE\n")
+        result = self.run_cli("run", "nightly", "--", "sh", "-c", "exit 0", env=self.cli_env())
+        self.assertEqual((result.returncode, result.stdout), (0, b""))
+        self.assertEqual(result.stderr.decode(), "metasystem_monitor.py: warning: run nightly not pinged: "
+                                                 "[job:nightly] ping_url: $MM_NOT_SET_HERE is not set\n")
+        self.write_config(f"[job:nightly]\nping_url = ftp://{TOKEN}\nping = x\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [f"{self.config_path}: [job:nightly] ping: unknown key",
+                                            f"{self.config_path}: [job:nightly] ping_url: not an http or https URL"])
+        self.assertNotIn(TOKEN, out)
+
+
 class CheckPingTest(AlertTestCase):
     def check(self, config, when=1_800_000_000.0):
         self.write_config(config)

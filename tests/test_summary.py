@@ -253,6 +253,33 @@ class JobsSectionTest(AlertTestCase):
         self.assertNotIn("JOBS", dash.plain_text(dict(summary, jobs={}), ascii_only=True))  # none: no section
 
 
+    def test_a_job_late_against_its_check_or_never_run_is_critical_on_every_face(self):
+        import monitoring_dashboard as dash
+
+        env = self.cli_env(METASYSTEM_NOW="1800000000")
+        self.write_config("[check:backup]\ntype = job\njob = backup\nexpected_every = 1h\n\n"
+                          "[check:offsite]\ntype = job\njob = offsite\nexpected_every = 1d\n\n"
+                          "[check:report]\ntype = job\njob = report\n", log_channel=False)
+        self.assertEqual(self.run_cli("run", "backup", "--", "sh", "-c", "exit 0", env=env).returncode, 0)
+        self.assertEqual(self.run_cli("run", "report", "--", "sh", "-c", "exit 0", env=env).returncode, 0)
+        options = mm.summary_options(mm.load_config(self.config_path))
+        self.assertEqual(options["jobs"], {"backup": 3600.0, "offsite": 86400.0})
+        on_time = mm.read_summary(self.db, now=lambda: 1_800_000_000.0 + 3600, **options)["jobs"]
+        self.assertEqual({job: (entry["state"], entry["outcome"], entry["late"]) for job, entry in on_time.items()},
+                         {"backup": ("OK", "success", False), "offsite": ("CRITICAL", "missing", True),
+                          "report": ("OK", "success", False)})
+        self.assertEqual(on_time["offsite"], {"state": "CRITICAL", "outcome": "missing", "started": None,
+                                              "exit_code": None, "duration_s": None, "last_success": None,
+                                              "late": True, "expected_every_s": 86400.0})
+        summary = mm.read_summary(self.db, now=lambda: 1_800_000_000.0 + 3601, **options)
+        self.assertEqual((summary["jobs"]["backup"]["state"], summary["jobs"]["backup"]["late"]), ("CRITICAL", True))
+        text = dash.plain_text(summary, ascii_only=True)
+        self.assertIn("\n  CRITICAL backup         late         took  0.00s  last run 1h ago (every 1h)\n"
+                      "  CRITICAL offsite        missing      took      -  last run -\n"
+                      "  OK       report         success      took  0.00s  last run 1h ago\n", text)
+        self.assertIn("<td>success, late: expected every 1h</td>", mm.status_page(summary))
+
+
 class OwnSeriesTest(StoreTestCase):
     """The user's own series on every face: the newest ten, or those [dashboard] metrics names."""
 
