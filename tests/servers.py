@@ -74,7 +74,7 @@ class HTTPServer(_Serving):
     """``with HTTPServer(Reply(429, ...), Reply(200, "ok")) as server``: answers in order, then ``default``."""
 
     def __init__(self, *replies, default=None, tls=False):
-        self.tls = tls
+        self.tls = bool(tls)
         self.replies = list(replies)
         self.default = default or Reply(200, b"ok")
         self.requests = []
@@ -128,9 +128,9 @@ class HTTPServer(_Serving):
                     super().handle_error(request, client_address)  # a client that hung up is no news
 
         server = Server(("127.0.0.1", 0), Handler)
-        if tls:  # the self-signed certificate for 127.0.0.1: clients verify it only with it as their CA
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(SELF_SIGNED_PEM)
+        if tls:  # the self-signed certificate for 127.0.0.1, or (a path) one a test made: clients verify it
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # only with its CA
+            context.load_cert_chain(SELF_SIGNED_PEM if tls is True else tls)
             server.socket = context.wrap_socket(server.socket, server_side=True)
         self._serve(server)
 
@@ -345,3 +345,36 @@ def closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def make_certificates(folder, days):
+    """A CA and a certificate for 127.0.0.1 it signs, valid ``days`` from now, made by the openssl binary
+    (None when there is none): the paths of the CA's PEM and of the server's (certificate and key)."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    ca_key, ca_pem = os.path.join(folder, "ca.key"), os.path.join(folder, "ca.pem")
+    key, csr, cert = (os.path.join(folder, name) for name in ("server.key", "server.csr", "server.crt"))
+    extensions = os.path.join(folder, "server.ext")
+    with open(extensions, "w", encoding="ascii") as handle:
+        handle.write("subjectAltName = IP:127.0.0.1\nbasicConstraints = critical, CA:FALSE\n"
+                     "keyUsage = critical, digitalSignature\nextendedKeyUsage = serverAuth\n"
+                     "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid, issuer\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for argv in (
+            [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_pem, "-days", "30", "-subj", "/CN=mm test CA",
+             "-addext", "basicConstraints = critical, CA:TRUE", "-addext", "keyUsage = critical, keyCertSign, cRLSign",
+             "-addext", "subjectKeyIdentifier = hash"],
+            [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+            [openssl, "x509", "-req", "-in", csr, "-CA", ca_pem, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+             "-days", str(days), "-extfile", extensions]):
+        subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=30, cwd=folder)
+    server = os.path.join(folder, "server.pem")
+    with open(server, "wb") as out:
+        for part in (cert, key):
+            with open(part, "rb") as handle:
+                out.write(handle.read())
+    return ca_pem, server

@@ -10,7 +10,7 @@ import unittest
 
 import metasystem_monitor as mm
 
-from .servers import HTTPServer
+from .servers import HTTPServer, Reply
 from .support import AlertTestCase, StoreTestCase, sqlite_rows
 
 T0 = 1_800_000_000.0
@@ -591,6 +591,30 @@ class MachineChecksTest(AlertTestCase):
             f"{self.config_path}: [check:h] follow_redirects: 'maybe' is not true or false",
             f"{self.config_path}: [check:h] headers: 'no colon here' is not a header such as Accept: text/html",
         ])
+
+    def test_a_certificate_a_test_ca_signed_is_verified_only_with_that_ca(self):
+        import time
+
+        from .servers import HTTPServer, make_certificates
+
+        made = make_certificates(self.tmp, days=10)
+        if made is None:
+            self.skipTest("no openssl binary here to make a CA with; the stored self-signed certificate tests TLS")
+        ca, server = made
+        now = repr(time.time())  # the certificates are valid from the real now on
+        with HTTPServer(default=Reply(200, "ok"), tls=server) as secure:
+            address = f"127.0.0.1:{secure.port}"
+            self.write_config(f"[check:site]\ntype = http\nurl = {secure.url('/')}\nca_file = {ca}\n\n"
+                              f"[check:stranger]\ntype = http\nurl = {secure.url('/')}\n\n"
+                              f"[check:cert]\ntype = tls_cert\naddress = {address}\nca_file = {ca}\n",
+                              log_channel=False)
+            result = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=now))
+        lines = self.lines(result)
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(lines[1], r"^OK site: https://127\.0\.0\.1:\d+/: HTTP 200 in \d+ ms, 2 bytes$")
+        self.assertRegex(lines[2], r"^CRITICAL stranger: https://127\.0\.0\.1:\d+/: .*CERTIFICATE_VERIFY_FAILED")
+        self.assertRegex(lines[3], r"^WARNING cert: 127\.0\.0\.1: the certificate expires in 10 days \(")
+        self.assertRegex(lines[0], r"'site_cert_days_left'=(9\.9|10);;;0 ")
 
     def test_tls_cert_days_left_against_the_thresholds(self):
         from .servers import SELF_SIGNED_PEM, HTTPServer
