@@ -8040,20 +8040,24 @@ def status_page(summary: Dict[str, Any]) -> str:
         f"<p>updated {_html(local_time(summary['generated_at'], seconds=True, zone=True))}, "
         f"window {summary['window_hours']:g} h</p>",
     ]
-    parts += _page_table("Sync operations", ("state", "target", "success", "runs", "average", "recent"), [
-        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
-         _page_seconds(entry["avg_duration"]), sparkline_svg(entry["recent"]))
-        for name, entry in summary["sync"].items()])
-    parts += _page_omitted(summary, "sync", "sync targets")
-    parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
-        (BREAKER_STATE_WORDS.get(entry["state"], "UNKNOWN"), name,
-         entry["state"], entry["failures"], local_time(entry["since"]))
-        for name, entry in summary["circuit_breakers"].items()])
-    parts += _page_table("Agents", ("state", "agent", "success", "runs", "average", "latest", "recent"), [
-        (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
-         _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]), sparkline_svg(entry["recent"]))
-        for name, entry in summary["agents"].items()])
-    parts += _page_omitted(summary, "agents", "agents")
+    if summary["sync"] or summary.get("omitted", {}).get("sync"):  # a section with nothing in it is hidden
+        parts += _page_table("Sync operations", ("state", "target", "success", "runs", "average", "recent"), [
+            (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["attempts"],
+             _page_seconds(entry["avg_duration"]), sparkline_svg(entry["recent"]))
+            for name, entry in summary["sync"].items()])
+        parts += _page_omitted(summary, "sync", "sync targets")
+    if summary["circuit_breakers"]:
+        parts += _page_table("Circuit breakers", ("state", "breaker", "is", "failures", "since"), [
+            (BREAKER_STATE_WORDS.get(entry["state"], "UNKNOWN"), name,
+             entry["state"], entry["failures"], local_time(entry["since"]))
+            for name, entry in summary["circuit_breakers"].items()])
+    if summary["agents"] or summary.get("omitted", {}).get("agents"):
+        parts += _page_table("Agents", ("state", "agent", "success", "runs", "average", "latest", "recent"), [
+            (rate_state(entry["success_rate"]), name, _page_percent(entry["success_rate"]), entry["executions"],
+             _page_seconds(entry["avg_duration"]), _page_seconds(entry["latest_duration"]),
+             sparkline_svg(entry["recent"]))
+            for name, entry in summary["agents"].items()])
+        parts += _page_omitted(summary, "agents", "agents")
     if summary.get("jobs"):
         parts += _page_table("Jobs", ("state", "job", "last run", "result", "took", "last success"), [
             (entry["state"], name, local_time(entry["started"]), entry["outcome"] + (

@@ -209,7 +209,7 @@ def sync_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Li
         if width >= WIDE:
             columns.append(f"last ok {ago(entry.get('last_success'), summary.get('generated_at'))}")
         lines.append(_runs_line(target, entry, columns, width, ascii_only))
-    return lines + omitted_line(summary, "sync", "sync targets") or [[("  no sync recorded in the window", "dim")]]
+    return lines + omitted_line(summary, "sync", "sync targets")  # none: the section is hidden
 
 
 def breaker_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
@@ -222,7 +222,7 @@ def breaker_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List
                        f"{'-' if failures is None else failures:>3} since {mm.local_time(entry.get('since'))}",
                        "plain")]
         lines.append(_with_sparkline(line, (entry.get("recent") or {}).get("failures", []), [], width, ascii_only))
-    return lines or [[("  no circuit breaker recorded", "dim")]]
+    return lines  # none: the section is hidden
 
 
 def agent_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
@@ -231,7 +231,7 @@ def agent_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
         columns = [f"{percent(entry.get('success_rate')):>6}", f"{entry.get('executions', 0):>4} runs",
                    f"avg {seconds(entry.get('avg_duration')):>6}", f"latest {seconds(entry.get('latest_duration')):>6}"]
         lines.append(_runs_line(agent, entry, columns, width, ascii_only))
-    return lines + omitted_line(summary, "agents", "agents") or [[("  no agent run recorded in the window", "dim")]]
+    return lines + omitted_line(summary, "agents", "agents")  # none: the section is hidden
 
 
 def job_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:

@@ -478,8 +478,9 @@ class ServeTest(AlertTestCase):
         self.assertIn("<script>alert(1)</script>", page.texts)  # shown, not run
         self.assertIn("plenty & more\\x1b[31m", page.texts)  # the escape sequence inert
         self.assertNotIn(b"\x1b", body)
-        for heading in ("Sync operations", "Circuit breakers", "Agents", "Recent alerts", "System health"):
+        for heading in ("Sync operations", "Agents", "Recent alerts", "System health"):
             self.assertIn(heading, page.texts)
+        self.assertNotIn("Circuit breakers", page.texts)  # none recorded: the section is hidden
 
     def test_each_series_has_its_own_page_with_a_chart_linked_from_the_overview(self):
         from urllib.parse import quote
