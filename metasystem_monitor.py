@@ -5756,8 +5756,8 @@ def host_samples(chosen: Dict[str, bool], previous_cpu: Optional[Tuple[float, fl
 
 
 def check_memory(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
-    """Memory available for new programs, in percent of the total (Linux's MemAvailable), and swap used;
-    UNKNOWN where there is no /proc/meminfo."""
+    """Memory available for new programs, in percent of the total (Linux's MemAvailable), and swap used
+    in percent, judged by ``swap_warning`` and ``swap_critical``; UNKNOWN where there is no /proc/meminfo."""
     try:
         figures = read_meminfo()
     except OSError as err:
@@ -5768,11 +5768,15 @@ def check_memory(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     percent = 100.0 * available / total
     swap_total = figures.get("SwapTotal", 0)
     swap_used = 100.0 * (swap_total - figures.get("SwapFree", 0)) / swap_total if swap_total else 0.0
-    state = judge(percent, PERCENT, spec.warning, spec.critical)
+    swap_warning, swap_critical = (parse_thresholds(spec.settings.get(key, "")) for key in ("swap_warning",
+                                                                                           "swap_critical"))
+    state = worst_state([judge(percent, PERCENT, spec.warning, spec.critical),
+                         judge(swap_used, PERCENT + PLAIN, swap_warning, swap_critical)])
     perf = (perfdata_item(f"{spec.name}_available_percent", round(percent, 2), "%", spec.warning, spec.critical, 0,
                           100),
             perfdata_item(f"{spec.name}_available", available, "B", minimum=0, maximum=total),
-            perfdata_item(f"{spec.name}_swap_used_percent", round(swap_used, 2), "%", minimum=0, maximum=100))
+            perfdata_item(f"{spec.name}_swap_used_percent", round(swap_used, 2), "%", swap_warning, swap_critical,
+                          0, 100, units=PERCENT + PLAIN))
     swap = f", swap {swap_used:.1f}% used" if swap_total else ", no swap"
     return CheckResult(spec.name, state, f"{format_bytes(available)} available of {format_bytes(total)} "
                                          f"({percent:.1f}%){swap}", percent, "%", _texts(spec.warning),
@@ -6425,7 +6429,8 @@ CHECK_TYPES = {
     "inodes": CheckType(check_inodes, ("path",), (), ("%", ""), "10%:", "5%:", needs_store=False),
     "job": CheckType(check_job, ("job", "expected_every", "max_duration", "min_duration"), ("job",)),
     "load": CheckType(check_load, ("minutes", "per_cpu"), (), PLAIN, "~:2", "~:4", needs_store=False),
-    "memory": CheckType(check_memory, (), (), PERCENT, "10%:", "5%:", needs_store=False),
+    "memory": CheckType(check_memory, ("swap_warning", "swap_critical"), (), PERCENT, "10%:", "5%:",
+                        needs_store=False),
     "process": CheckType(check_process, ("name", "match", "pidfile"), (), ("", "B", "%"), "", "1:", needs_store=False,
                          problems=_one_process_key),
     "metric": CheckType(check_metric, ("metric", "hours", "statistic"), ("metric",), ANY_UNIT),
@@ -6502,6 +6507,16 @@ def _threshold_problems(section: str, kind: str, key: str, text: Optional[str]) 
         allowed = ", ".join(words[unit] for unit in units)
         return [(section, key, f"{_shown(', '.join(wrong))}: a {kind} check compares {allowed}")]
     return []
+
+
+def _percent_range_problem(text: str) -> Optional[str]:
+    """A range of percents (a plain number is one): what ``swap_warning`` takes."""
+    try:
+        thresholds = parse_thresholds(text)
+    except ValidationError as err:
+        return str(err)
+    wrong = [t.text for t in thresholds if t.unit not in ("%", "")]
+    return f"{_shown(', '.join(wrong))}: a percent such as ~:50%" if wrong else None
 
 
 def _duration_problem(text: str) -> Optional[str]:
@@ -6593,6 +6608,7 @@ _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem,
                       "minutes": _minutes_problem, "per_cpu": _bool_problem, "address": _address_problem,
                       "url": _url_problem, "status": _status_problem, "regex": _regex_problem,
                       "tls_verify": _bool_problem, "follow_redirects": _bool_problem,
+                      "swap_warning": _percent_range_problem, "swap_critical": _percent_range_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
                       "statistic": _statistic_problem, "command": _command_problem}
 

@@ -399,6 +399,17 @@ class MachineChecksTest(AlertTestCase):
         self.assertRegex(self.lines(result)[1], r"^WARNING mem: [0-9.]+ [KMGT]?B available of "
                          + re.escape(mm.format_bytes(figures["MemTotal"])) + r" \([0-9.]+%\), (no swap|swap [0-9.]+% used)$")
         self.assertIn("'mem_available_percent'=", self.lines(result)[0])
+        swapped = self.check("[check:mem]\ntype = memory\nwarning = 0%:\nswap_critical = @0:100%\n")
+        swap = figures.get("SwapTotal", 0)
+        used = 100.0 * (swap - figures.get("SwapFree", 0)) / swap if swap else 0.0
+        self.assertEqual(swapped.returncode, 2, swapped.stdout)  # any swap use, none too, is inside @0:100
+        self.assertRegex(self.lines(swapped)[0], r"'mem_swap_used_percent'=[0-9.]+%;;@100;0;100")
+        self.assertAlmostEqual(float(re.search(r"'mem_swap_used_percent'=([0-9.]+)%", self.lines(swapped)[0])
+                                     .group(1)), used, delta=5.0)
+        self.write_config("[check:mem]\ntype = memory\nswap_warning = 5GB\n", log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual(out.splitlines(), [f"{self.config_path}: [check:mem] swap_warning: '5GB': a percent such "
+                                            "as ~:50%"])
 
     def test_process_counts_by_command_line_name_or_pidfile(self):
         import subprocess
