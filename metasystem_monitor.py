@@ -100,6 +100,7 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "read_summary",
     "resolve_config_path",
     "resolve_db_path",
+    "series_figure",
     "summary_options",
     "system_summary",
     "window_hours",
@@ -7321,6 +7322,24 @@ def _series_recent(collector: MetricsCollector, series_id: int, since: float) ->
             "recent": {"values": values[-SUMMARY_RECENT_POINTS:], "anomalous": _anomalous_among_recent(values)}}
 
 
+def series_figure(name: str, value: Optional[float]) -> str:
+    """A value of a series as the faces show it: in the unit its name says (``_bytes``, ``_seconds``,
+    ``_percent``), else with six significant digits.
+
+    >>> series_figure("backup_bytes", 52.3e9), series_figure("lag_seconds", 3900), series_figure("x", 1/3)
+    ('52.3 GB', '1h 5m', '0.333333')
+    """
+    if value is None:
+        return "-"
+    if name.endswith("_bytes"):
+        return format_bytes(value)
+    if name.endswith("_seconds"):
+        return format_span(value)
+    if name.endswith("_percent"):
+        return f"{value:.1f}%"
+    return f"{value:.6g}"
+
+
 def series_key(name: str, labels: Dict[str, str]) -> str:
     """How the faces name one series: ``name``, or ``name{label=value,...}`` with the labels sorted."""
     return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
@@ -7930,17 +7949,18 @@ def _html(value: Any) -> str:
     return html.escape(inert_text("-" if value is None else str(value)), quote=True)
 
 
-def _page_table(title: str, columns: Tuple[str, ...], rows: List[tuple]) -> List[str]:
-    """A section: its heading, and a table; a first column named ``state`` holds a state word, colored
-    by its class."""
+def _page_table(title: str, columns: Tuple[str, ...], rows: List[tuple], states: bool = True) -> List[str]:
+    """A section: its heading, and a table whose first column (with ``states``) is a state word, or a
+    (word, state) pair, colored by the state's class."""
     out = [f"<h2>{_html(title)}</h2>"]
     if not rows:
         return out + ["<p>none</p>"]
     out.append("<table><tr>" + "".join(f"<th>{_html(column)}</th>" for column in columns) + "</tr>")
     for row in rows:
-        state, cells = (row[0], row[1:]) if columns[0] == "state" else (None, row)
+        state, cells = (row[0], row[1:]) if states else (None, row)
+        word, style = state if isinstance(state, tuple) else (state, state)
         shown = "".join(f"<td>{cell if isinstance(cell, _Markup) else _html(cell)}</td>" for cell in cells)
-        first = "" if state is None else f'<td class="{_html(state)}">{_html(state)}</td>'
+        first = "" if state is None else f'<td class="{_html(style)}">{_html(word)}</td>'
         out.append(f"<tr>{first}{shown}</tr>")
     return out + ["</table>"]
 
@@ -7995,8 +8015,9 @@ def line_chart_svg(detail: Dict[str, Any], width: int = 720, height: int = 240) 
     line = " ".join(f"{x},{y}" for x, y in placed)
     dots = "".join(f'<circle cx="{placed[i][0]}" cy="{placed[i][1]}" r="3" fill="#b00020"/>'
                    for i in detail["anomalous"])
-    labels = (f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{_html(f"{high:.6g}")}</text>'
-              f'<text x="{left - 4}" y="{bottom}" text-anchor="end">{_html(f"{low:.6g}")}</text>'
+    labels = (f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{_html(series_figure(detail["name"], high))}'
+              f'</text><text x="{left - 4}" y="{bottom}" text-anchor="end">{_html(series_figure(detail["name"], low))}'
+              '</text>'
               f'<text x="{left}" y="{height - 4}">{_html(local_time(since))}</text>'
               f'<text x="{width - 4}" y="{height - 4}" text-anchor="end">{_html(local_time(until))}</text>')
     return _Markup(f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
@@ -8008,7 +8029,7 @@ def line_chart_svg(detail: Dict[str, Any], width: int = 720, height: int = 240) 
 def series_page(detail: Dict[str, Any]) -> str:
     """One series on its own page: its chart over the window, with count, min, max, avg and anomalies."""
     def number(value: Optional[float]) -> str:
-        return "-" if value is None else f"{value:.6g}"
+        return series_figure(detail["name"], value)
 
     key = _html(detail["key"])
     latest = f"{number(detail['latest'])} at {local_time(detail['time'])}" if detail["time"] else "none"
@@ -8084,12 +8105,12 @@ def status_page(summary: Dict[str, Any]) -> str:
             for name, entry in summary["jobs"].items()])
     if summary.get("metrics"):
         parts += _page_table("Metrics", ("series", "latest", "at", "recent"), [
-            (_series_link(key), f"{entry['latest']:.6g}", local_time(entry["time"]),
+            (_series_link(key), series_figure(entry["name"], entry["latest"]), local_time(entry["time"]),
              sparkline_svg({"durations": entry["recent"]["values"], "failed": [],
                             "anomalous": entry["recent"]["anomalous"]}))
-            for key, entry in summary["metrics"].items()])
+            for key, entry in summary["metrics"].items()], states=False)
     parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
-        ("OK" if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
+        (("RESOLVED", "OK") if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
          local_time(alert["time"]), alert["title"],
          ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
         for alert in summary["alerts"]])

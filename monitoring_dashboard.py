@@ -250,26 +250,13 @@ def job_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Lin
     return lines
 
 
-def figure(name: str, value: Optional[float]) -> str:
-    """A series' latest value, in the unit its name says where it says one."""
-    if value is None:
-        return "-"
-    if name.endswith("_bytes"):
-        return mm.format_bytes(value)
-    if name.endswith("_seconds"):
-        return mm.format_span(value)
-    if name.endswith("_percent"):
-        return f"{value:.1f}%"
-    return f"{value:.6g}"
-
-
 def metric_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[Line]:
     """The user's own series: the latest value and the recent ones; hidden until there is one."""
     lines = []
     for key, entry in (summary.get("metrics") or {}).items():
         recent = entry.get("recent") or {}
         line: Line = [("  " + pad(mm.inert_text(key, ascii_only), 40) + " "
-                       + f"{figure(entry.get('name', ''), entry.get('latest')):>10}", "plain")]
+                       + f"{mm.series_figure(entry.get('name', ''), entry.get('latest')):>10}", "plain")]
         lines.append(_with_sparkline(line, recent.get("values", []), list(recent.get("anomalous", ())), width,
                                      ascii_only))
     return lines
@@ -440,7 +427,7 @@ def chart_lines(detail: Dict[str, Any], width: int, rows: int, ascii_only: bool)
     known = [value for value in values if value is not None]
     if not known or rows < 2:
         return [[("  no samples in this window", "dim")]]
-    low, high = min(known), max(known)
+    low, high, name = min(known), max(known), detail.get("name", "")
     levels = SPARK_ASCII if ascii_only else SPARK_UNICODE
     full = "#" if ascii_only else "█"
     eighths = [None if value is None else (1 + (rows * 8 - 1) * ((value - low) / (high - low) if high > low else 0.5))
@@ -448,7 +435,7 @@ def chart_lines(detail: Dict[str, Any], width: int, rows: int, ascii_only: bool)
     lines = []
     for row in range(rows):  # the top row first
         floor = (rows - 1 - row) * 8
-        label = figure_text(high) if row == 0 else figure_text(low) if row == rows - 1 else ""
+        label = mm.series_figure(name, high) if row == 0 else mm.series_figure(name, low) if row == rows - 1 else ""
         line: Line = [(f"{label:>{CHART_LABEL_CELLS - 1}} ", "dim")]
         for column, height in enumerate(eighths):
             if height is None or height <= floor:
@@ -462,10 +449,6 @@ def chart_lines(detail: Dict[str, Any], width: int, rows: int, ascii_only: bool)
     return lines
 
 
-def figure_text(value: float) -> str:
-    return f"{value:.6g}"
-
-
 def series_screen(detail: Dict[str, Any], width: int, height: int, *, ascii_only: bool = False,
                   position: str = "", error: Optional[str] = None) -> List[Line]:
     """One series full screen: its key, its figures over the window, and its chart, as tall as fits."""
@@ -475,8 +458,8 @@ def series_screen(detail: Dict[str, Any], width: int, height: int, *, ascii_only
     key = mm.inert_text(detail.get("key", ""), ascii_only)
     updated = f"updated {mm.local_time(detail.get('generated_at'), seconds=True, zone=True)}"
     first: Line = [(key, "title"), (" " * max(1, width - width_of(key) - len(updated)) + updated, "plain")]
-    figures = "   ".join(f"{name} {'-' if detail.get(field) is None else figure_text(detail[field])}"
-                         for name, field in (("latest", "latest"), ("min", "min"), ("max", "max"), ("avg", "avg")))
+    figures = "   ".join(f"{field} {mm.series_figure(detail.get('name', ''), detail.get(field))}"
+                         for field in ("latest", "min", "max", "avg"))
     second: Line = [(f"{figures}   {detail.get('count', 0):,} samples in "
                      f"{detail.get('window_hours', mm.DEFAULT_WINDOW_HOURS):g} h", "plain")]
     if detail.get("anomalies"):

@@ -62,6 +62,24 @@ def sample_summary():
             "synthesizer": {"executions": 24, "success_rate": 41.7, "avg_duration": 612.0, "latest_duration": 2.38,
                             "recent": {"durations": [2.4, 2.38], "failed": [1], "anomalous": []}},
         },
+        "jobs": {
+            "backup": {"state": "OK", "outcome": "success", "started": "2027-01-15T03:17:00.000+00:00",
+                       "exit_code": 0, "duration_s": 754.0, "last_success": "2027-01-15T03:29:34.000+00:00",
+                       "late": False, "expected_every_s": 86400.0},
+            "offsite": {"state": "CRITICAL", "outcome": "success", "started": "2027-01-13T04:00:00.000+00:00",
+                        "exit_code": 0, "duration_s": 61.5, "last_success": "2027-01-13T04:01:01.500+00:00",
+                        "late": True, "expected_every_s": 86400.0},
+            "report": {"state": "CRITICAL", "outcome": "failure", "started": "2027-01-15T07:00:00.000+00:00",
+                       "exit_code": 3, "duration_s": 2.25, "last_success": None, "late": False,
+                       "expected_every_s": None},
+        },
+        "metrics": {
+            "backup_bytes{host=nas}": {"name": "backup_bytes", "labels": {"host": "nas"}, "latest": 52_300_000_000.0,
+                                       "time": "2027-01-15T03:29:34.000+00:00",
+                                       "recent": {"values": [5.1e10, 5.15e10, 5.2e10, 5.23e10], "anomalous": []}},
+            "host_load1": {"name": "host_load1", "labels": {}, "latest": 3.5, "time": "2027-01-15T07:59:00.000+00:00",
+                           "recent": {"values": [0.2, 0.3, 0.25, 0.2, 0.3, 3.5], "anomalous": [5]}},
+        },
         "alerts": [
             {"time": "2027-01-15T07:31:00.000+00:00", "kind": "firing", "severity": "critical",
              "title": "external sync \x1b[31mfailing\x1b[0m", "channels": {"email": "sent", "slack": "failed"}},
@@ -121,6 +139,10 @@ class RendererTest(unittest.TestCase):
                                   "\n".join(dash.plain(line) for line in lines) + "\n")
                 anomalous = [text for line in lines for text, style in line if style == "anomaly"]
                 self.assertTrue(anomalous)  # the spike's column, in its own style
+
+    def test_golden_html_pages(self):
+        self.assertGolden("status_page.html", mm.status_page(sample_summary()))
+        self.assertGolden("series_page.html", mm.series_page(sample_series()))
 
     def test_golden_plain_text_in_ascii(self):
         self.assertGolden("dashboard_once_ascii.txt", dash.plain_text(sample_summary(), ascii_only=True))
@@ -221,7 +243,7 @@ class RendererTest(unittest.TestCase):
                          [("▁", "spark"), ("▅█", "failed"), ("█", "spark")])
 
     def test_health_rows_say_the_state_in_words(self):
-        text = screen_text(sample_summary(), 80, 40)
+        text = screen_text(sample_summary(), 80, 60)
         self.assertIn("  CRITICAL circuit_breaker   5m ago    open: external_sync (open 30m)\n", text)
         self.assertIn("  OK       disk              5m ago    85.6 GB free of 270.6 GB (31.6%) on /srv\n", text)
         self.assertIn("  UNKNOWN  site              never     not checked yet\n", text)
@@ -289,7 +311,7 @@ class DashboardStateTest(unittest.TestCase):
         board = dash.Dashboard(lambda: summary, 10, False, clock=self.clock.monotonic, collect_series=series)
         board.refresh_if_due()
         body = [dash.plain(line) for line in dash.body_lines(summary, 80, 24)]
-        titles = [body.index(title) for title in ("SYNC OPERATIONS", "CIRCUIT BREAKERS", "AGENTS", "METRICS",
+        titles = [body.index(title) for title in ("SYNC OPERATIONS", "CIRCUIT BREAKERS", "AGENTS", "JOBS", "METRICS",
                                                   "RECENT ALERTS", "SYSTEM HEALTH")]
         board.lines(80, 24)
         self.assertEqual(dash.section_titles_at(summary, 80, 24), titles)
@@ -325,7 +347,7 @@ class DashboardStateTest(unittest.TestCase):
         self.assertEqual(board.scroll, 4)
         self.assertTrue(board.handle(curses.KEY_END, 5, curses))
         board.lines(80, 24)
-        self.assertEqual(board.scroll, 10)  # 31 lines of content, 21 rows for them
+        self.assertEqual(board.scroll, 21)  # 42 lines of content, 21 rows for them
         self.assertTrue(board.handle(curses.KEY_HOME, 5, curses))
         self.assertEqual(board.scroll, 0)
         self.assertTrue(board.handle(ord("?"), 5, curses))

@@ -493,7 +493,7 @@ class ServeTest(AlertTestCase):
                 metrics.record("backup_bytes", value, {"host": "<b>nas</b>"}, timestamp=NOW - 3000 + i * 60)
         port = self.start()
         link = f'<a href="series?key={quote(key, safe="")}">backup_bytes{{host=&lt;b&gt;nas&lt;/b&gt;}}</a>'
-        self.assertIn(f"<tr><td>{link}</td><td>101</td>", self.get(port, "/")[2].decode())
+        self.assertIn(f"<tr><td>{link}</td><td>101 B</td>", self.get(port, "/")[2].decode())
         status, kind, body = self.get(port, f"/api/series?key={quote(key)}")
         self.assertEqual((status, kind), (200, "application/json"))
         detail = json.loads(body)
@@ -511,7 +511,7 @@ class ServeTest(AlertTestCase):
         self.assertNotIn("script", page.tags)
         self.assertEqual((page.tags.count("svg"), page.tags.count("polyline"), page.tags.count("circle")), (1, 1, 1))
         self.assertIn(key, page.texts)
-        for label, value in (("min", "100"), ("max", "5000"), ("samples", "20"), ("anomalies", "1")):
+        for label, value in (("min", "100 B"), ("max", "5.0 KB"), ("samples", "20"), ("anomalies", "1")):
             self.assertEqual(page.texts[page.texts.index(label) + 1], value)
         self.assertNotIn(b"<b>nas", body)
         for path in ("/series?key=nope", "/series", "/api/series?key=backup_bytes"):
