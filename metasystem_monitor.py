@@ -4741,7 +4741,10 @@ class AlertingSystem:
         return self.send_alert(self.create_alert(title, message, AlertSeverity.INFO, channels, details))
 
     def send_test(self, channels: Optional[Iterable[Any]] = None) -> DeliveryReport:
-        """A labelled test to each channel, past the dedup window and leaving it untouched."""
+        """A labelled test to ``channels``, or to every enabled channel whatever its routing (min_severity,
+        quiet hours), past the dedup window and leaving it untouched."""
+        if channels is None:
+            channels = [name for name, spec in self.settings.channels.items() if spec.enabled]
         alert = self.create_alert(f"Test alert from metasystem-monitor on {self.hostname}",
                                   "If you can read this, the channel works. Nothing is wrong.",
                                   AlertSeverity.INFO, channels, {"test": "true"})
@@ -4768,27 +4771,27 @@ class AlertingSystem:
 
     # -- selection ------------------------------------------------------------
 
-    def selected(self, alert: Alert) -> Tuple[List[_Channel], List[str]]:
-        """(channels to try, selectors that match no usable channel)."""
+    def selected(self, alert: Alert) -> Tuple[List[_Channel], Dict[str, str]]:
+        """(channels to try, and each selected one that cannot be used with the reason). Routed by
+        severity, a disabled channel is never selected: it stays silent. Named, it is skipped, and said."""
         specs = self.settings.channels
+        missing: Dict[str, str] = {}
         if alert.channels is None:
             chosen = [name for name, spec in specs.items()
-                      if ALERT_SEVERITIES.index(spec.min_severity) <= alert.severity.rank]
-            missing = []
+                      if spec.enabled and ALERT_SEVERITIES.index(spec.min_severity) <= alert.severity.rank]
         else:
-            chosen, missing = [], []
+            chosen = []
             for selector in alert.channels:
                 names = [selector] if selector in specs else [n for n, s in specs.items() if s.kind == selector]
                 chosen += [name for name in names if name not in chosen]
-                if not names and selector not in missing:
-                    log.info("channel %s not configured, skipped", selector)
-                    missing.append(selector)
+                if not names:
+                    missing.setdefault(selector, "not configured")
         for name in chosen:
             if name not in self.channels:
                 spec = specs[name]
-                why = spec.missing or "it is disabled"
-                log.info("channel %s not configured (%s), skipped", name, self.masker.scrub(why))
-                missing.append(name)
+                missing[name] = "disabled" if not spec.enabled else self.masker.scrub(spec.missing or "")
+        for name, why in missing.items():
+            log.info("channel %s skipped (%s)", name, why)
         return [self.channels[name] for name in chosen if name in self.channels], missing
 
     # -- delivery ---------------------------------------------------------------
@@ -4807,7 +4810,7 @@ class AlertingSystem:
             log.error("%s: sending without deduplication or history", err)
             storage_errors.append(err)
             alert_id = None
-        outcomes = {name: Delivery("not_configured") for name in missing}
+        outcomes = {name: Delivery("not_configured", error=why) for name, why in missing.items()}
         for channel in channels:
             if silence is not None:
                 outcomes[channel.name] = self._record_outcome(alert_id, channel.name,
@@ -4851,11 +4854,11 @@ class AlertingSystem:
             log.warning("channel %s failed: trying its fallback %s", channel.name, name)
         return fallback
 
-    def _record_alert(self, alert: Alert, kind: str, missing: List[str]) -> int:
+    def _record_alert(self, alert: Alert, kind: str, missing: Dict[str, str]) -> int:
         with self.store.write() as conn:
             alert_id = self._insert_alert(conn, alert, kind)
-            for name in missing:
-                self._write_delivery(conn, alert_id, name, Delivery("not_configured"), kind)
+            for name, why in missing.items():
+                self._write_delivery(conn, alert_id, name, Delivery("not_configured", error=why), kind)
         return alert_id
 
     def _insert_alert(self, conn: sqlite3.Connection, alert: Alert, kind: str) -> int:
@@ -5095,7 +5098,7 @@ class AlertingSystem:
         if not failing:
             return DeliveryReport({}, [], err)
         channels, missing = self.selected(alert)
-        outcomes = {name: Delivery("not_configured") for name in missing}
+        outcomes = {name: Delivery("not_configured", error=why) for name, why in missing.items()}
         for channel in channels:
             outcomes[channel.name] = self._logged(channel, self._attempts(channel, alert))
         external = [name for name in outcomes if name not in self.settings.channels
@@ -5408,7 +5411,7 @@ class AlertingSystem:
     def render(self, alert: Alert) -> List[str]:
         """What each selected channel would send, secrets masked: the --dry-run output."""
         channels, missing = self.selected(alert)
-        blocks = [f"--- {name}: not configured, skipped" for name in missing]
+        blocks = [f"--- {name}: skipped ({why})" for name, why in missing.items()]
         for channel in channels:
             text = f"--- {channel.name}: {channel.describe()}\n{channel.render(alert)}"
             blocks.append(self.masker.scrub(text.rstrip("\n")))
@@ -5457,10 +5460,10 @@ def effective_configuration(settings: AlertingSettings) -> List[str]:
             shown = mask_url(value) if "://" in value else "***"
             lines.append(f"{key} = {shown}  # from {spec.sources[key]}")
         lines += _routing_lines(spec)
-        if spec.missing:
-            lines.append(f"# not configured: {masker.scrub(spec.missing)}; the channel is skipped")
-        elif not spec.enabled:
+        if not spec.enabled:
             lines.append("# disabled")
+        elif spec.missing:
+            lines.append(f"# not configured: {masker.scrub(spec.missing)}; the channel is skipped")
     return [masker.scrub(line) for line in lines]
 
 
@@ -8784,7 +8787,7 @@ def _delivery_exit(report: DeliveryReport, lifecycle: bool = False) -> int:
                     "(see alerting-config.example.ini)")
     for name, delivery in report.outcomes.items():
         if delivery.outcome == "not_configured" and name != "log":
-            log.warning("channel %s is not configured, skipped", name)
+            log.warning("channel %s skipped (%s)", name, delivery.error or "not configured")
     if code == EXIT_ALERT_NONE:
         log.error("no channel delivered the alert")
     return code
@@ -8875,10 +8878,18 @@ def cmd_silence(args) -> int:
 
 
 def cmd_alert_test(args) -> int:
+    """A test to every enabled channel (or those --channel names): a line each, how it went or why it
+    was skipped; the disabled ones are listed as such."""
     with contextlib.closing(_alerting(args)) as system:
         report = system.send_test(args.channel)
-        for name, delivery in report.outcomes.items():
-            print(_delivery_line(name, delivery))
+        configured = list(system.settings.channels)
+        for name in configured + [name for name in report.outcomes if name not in configured]:
+            delivery = report.outcomes.get(name)
+            if delivery is not None:
+                print(_delivery_line(name, delivery) if delivery.outcome != "not_configured"
+                      else f"{name}: skipped ({delivery.error or 'not configured'})")
+            elif not args.channel:
+                print(f"{name}: skipped (disabled)")
         return _delivery_exit(report)
 
 

@@ -53,6 +53,27 @@ class AlertCommand(AlertTestCase):
         self.assertCleanExit(quiet)
         self.assertEqual(len(self.syslog.pending()), 2)
 
+    def test_a_disabled_channel_is_silent_and_config_says_it_is_disabled(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[channel:hook]\ntype = webhook\nurl = {hook.url('/h')}\n\n"
+                              "[channel:chat]\ntype = slack\nurl_env = MM_UNSET_FOR_THIS_TEST\nenabled = false\n\n"
+                              "[channel:old]\ntype = discord\nurl = https://discord.invalid/x\nenabled = no\n")
+            result = self.alert("--warning", "Disk filling")
+            named = self.alert("--warning", "Disk still filling", "--channel", "old")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
+        self.assertEqual(len(hook.requests), 1)
+        self.assertEqual((named.returncode, named.stderr.decode()), (0, f"{PROG}: warning: channel old skipped "
+                                                                        "(disabled)\n"))
+        self.assertEqual(sqlite_rows(self.db, "SELECT a.title, d.channel, d.outcome, d.error FROM alerts a JOIN "
+                                              "alert_deliveries d ON d.alert_id = a.id WHERE d.channel != 'log' "
+                                              "ORDER BY a.id"),
+                         [("Disk filling", "hook", "sent", None),
+                          ("Disk still filling", "old", "not_configured", "disabled")])
+        shown = self.run_cli("config", env=self.cli_env()).stdout.decode()
+        self.assertIn("[channel:chat]\ntype = slack\n# disabled\n", shown)
+        self.assertIn("[channel:old]\ntype = discord\nurl = https://discord.invalid/***  # from file\n# disabled\n",
+                      shown)
+
     def test_a_channel_asked_for_but_not_configured(self):
         self.write_config("")
         result = self.alert("--critical", "Disk", "--channel", "pager", "-q")
@@ -146,6 +167,24 @@ class AlertTestCommand(AlertTestCase):
         self.assertEqual(len(slack.requests), 2)
         self.assertTrue(slack.requests[0].json()["text"].startswith("[INFO] Test alert from metasystem-monitor on "))
         self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM alert_marks"), [(0,)])
+
+
+    def test_a_test_reaches_every_enabled_channel_whatever_its_routing_and_says_why_others_were_skipped(self):
+        with HTTPServer() as pager, HTTPServer() as hook:
+            self.write_config(f"[channel:pager]\ntype = slack\nurl = {pager.url('/p')}\nmin_severity = critical\n"
+                              "quiet_hours = 00:00-23:59\n\n"
+                              f"[channel:hook]\ntype = webhook\nurl = {hook.url('/h')}\n\n"
+                              "[channel:old]\ntype = discord\nurl = https://discord.invalid/x\nenabled = false\n\n"
+                              "[channel:unset]\ntype = ntfy\nurl_env = MM_UNSET_FOR_THIS_TEST\n")
+            result = self.run_cli("alert-test", env=self.cli_env())
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (0, f"{PROG}: warning: channel unset skipped ($MM_UNSET_FOR_THIS_TEST is not set)\n"))
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual([re.sub(r" in \d+ ms", "", line) for line in lines],
+                         ["log: sent", "pager: sent", "hook: sent", "old: skipped (disabled)",
+                          "unset: skipped ($MM_UNSET_FOR_THIS_TEST is not set)"])
+        self.assertEqual((len(pager.requests), len(hook.requests)), (1, 1))
+        self.assertTrue(pager.requests[0].json()["text"].startswith("[INFO] Test alert from metasystem-monitor"))
 
 
 class AlertsCommand(AlertTestCase):

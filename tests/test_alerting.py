@@ -130,7 +130,7 @@ class MissingConfiguration(AlertTestCase):
                                                             channels=[mm.AlertChannel.SLACK, "email"]))
         self.assertEqual(results, {"slack": False, "email": False})
         self.assertEqual([r.getMessage() for r in logs.records],
-                         ["channel slack not configured, skipped", "channel email not configured, skipped",
+                         ["channel slack skipped (not configured)", "channel email skipped (not configured)",
                           "[CRITICAL] Disk | full"])
         self.assertEqual(results.exit_code(), 0)
 
@@ -140,7 +140,7 @@ class MissingConfiguration(AlertTestCase):
         with self.assertLogs("metasystem", logging.INFO) as logs:
             results = alerts.send_critical_alert("Disk", "full")
         self.assertEqual(results, {"log": True, "ops": False})
-        self.assertIn("channel ops not configured ($MM_TEST_UNSET_VARIABLE is not set), skipped",
+        self.assertIn("channel ops skipped ($MM_TEST_UNSET_VARIABLE is not set)",
                       [r.getMessage() for r in logs.records])
         self.assertEqual(sqlite_rows(self.db, "SELECT channel, outcome FROM alert_deliveries ORDER BY channel"),
                          [("log", "sent"), ("ops", "not_configured")])
