@@ -5052,18 +5052,19 @@ class AlertingSystem:
                                 self.masker.scrub(_error_text(error)))
 
     def firing(self) -> List[Dict[str, Any]]:
-        """What is firing now: since when, at which severity, and the last delivery to each channel."""
+        """What is firing now: since when, at which severity, how many runs in a row found it failing (the
+        quiet repeats are counted here, not in the history), and the last delivery to each channel."""
         import json
 
-        rows = self.store.query("SELECT key, title, message, severity, details, since, flips, recent FROM alert_states "
-                                "WHERE state = 'firing' ORDER BY since, key")
+        rows = self.store.query("SELECT key, title, message, severity, details, since, flips, recent, fail_streak "
+                                "FROM alert_states WHERE state = 'firing' ORDER BY since, key")
         found = []
-        for key, title, message, severity, details, since, flips, recent in rows:
+        for key, title, message, severity, details, since, flips, recent, runs in rows:
             channels = self.store.query("SELECT channel, delivered_at, severity, reminders, held "
                                         "FROM alert_channel_states WHERE key = ? ORDER BY channel", (key,))
             found.append({
                 "key": key, "title": title, "message": message, "severity": severity, "details": json.loads(details),
-                "since": iso_time(since), "flips": flips, "recent_runs": recent,
+                "since": iso_time(since), "flips": flips, "recent_runs": recent, "failing_runs": runs,
                 "channels": {channel: {"last_delivered": iso_time(at), "severity": sev, "reminders": reminders,
                                        "held": bool(held)} for channel, at, sev, reminders, held in channels},
             })
@@ -5387,7 +5388,10 @@ class AlertingSystem:
             call.plans.append(_Plan(fallback, plan.alert))
 
     def _record_call(self, call: "_Call", outcomes: Dict[str, Delivery]) -> None:
-        """History rows, and the channels' states settled, in one transaction."""
+        """History rows, and the channels' states settled, in one transaction. A run of a firing alert
+        that owed no channel anything (a quiet repeat) leaves no row: its count is the alert's failing runs."""
+        if not outcomes:
+            return
         now = self._now()
         kinds = {plan.channel.name: plan.alert.kind for plan in call.plans}
         with self.store.write() as conn:
@@ -8901,8 +8905,9 @@ def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
         channels = " ".join(f"{name}={local_time(channel['last_delivered']) if channel['last_delivered'] else ''}"
                             f"{'' if channel['last_delivered'] else 'held' if channel['held'] else 'pending'}"
                             for name, channel in entry["channels"].items())
+        runs = entry["failing_runs"]
         print(f"{entry['key']}  {entry['severity']:<8}  since {local_time(entry['since'], zone=True)}  "
-              f"{entry['title']}  {channels}".rstrip())
+              f"({runs} failing run{'' if runs == 1 else 's'})  {entry['title']}  {channels}".rstrip())
     return EXIT_OK
 
 

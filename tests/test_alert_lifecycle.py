@@ -149,8 +149,25 @@ class CronRuns(AlertTestCase):
         self.assertEqual(entry["channels"]["webhook"],
                          {"last_delivered": mm.iso_time(T0), "severity": "warning", "reminders": 0, "held": False})
         text = self.run_at(T0 + 180, "alerts", "--firing")
-        self.assertEqual(text.stdout.decode(), "sync  warning   since 01-15 08:00 UTC  Slow sync  "
+        self.assertEqual(text.stdout.decode(), "sync  warning   since 01-15 08:00 UTC  (1 failing run)  Slow sync  "
                                                "log=01-15 08:00 webhook=01-15 08:00\n")
+
+    def test_quiet_repeats_of_a_failing_check_are_a_count_not_history(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
+                              f"[check:backup]\ntype = file_age\npath = {os.path.join(self.tmp, 'never-made')}\n")
+            for minute in range(3):
+                run = self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(T0 + 300 * minute), TZ="UTC"))
+                self.assertEqual((run.returncode, run.stderr), (2, b""))
+            listed = self.run_at(T0 + 900, "alerts", "--firing", "--json")
+        self.assertEqual(len(hook.requests), 1)
+        self.assertEqual(sqlite_rows(self.db, "SELECT kind, title FROM alerts"), [("firing", "check backup")])
+        self.assertEqual(sqlite_rows(self.db, "SELECT channel, outcome FROM alert_deliveries ORDER BY channel"),
+                         [("log", "sent"), ("webhook", "sent")])
+        [entry] = json.loads(listed.stdout)["firing"]
+        self.assertEqual((entry["key"], entry["failing_runs"]), ("backup", 3))
+        self.assertEqual([alert["title"] for alert in mm.read_summary(self.db, now=lambda: T0 + 900)["alerts"]],
+                         ["check backup"])
 
 
     def test_warning_then_critical_is_delivered_at_once_and_a_decrease_waits(self):
