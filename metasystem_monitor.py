@@ -189,6 +189,15 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def a_or_an(word: str) -> str:
+    """``word`` after the article English gives it (by its first letter, as the names here need).
+
+    >>> a_or_an("info"), a_or_an("anomaly"), a_or_an("disk")
+    ('an info', 'an anomaly', 'a disk')
+    """
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 ## Configuration and units ####################################################
 
 SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
@@ -4486,7 +4495,7 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     allowed |= {f"{key}{suffix}" for key in channel.secrets for suffix in SECRET_SUFFIXES}
     for key in items:
         if key not in allowed:
-            problems.append((section, key, f"unknown key for a {kind} channel"))
+            problems.append((section, key, f"unknown key for {a_or_an(kind)} channel"))
     settings = {key: items[key].strip() for key in channel.keys if key in items}
     secrets, sources, why_missing = _channel_secrets(items, channel.secrets, section, environ, problems, inline,
                                                      seed_key)
@@ -4495,7 +4504,7 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
         if settings.get(key) or key in secrets:
             continue
         if not any(f"{key}{suffix}" in items for suffix in SECRET_SUFFIXES):
-            problems.append((section, key, f"required for a {kind} channel"))
+            problems.append((section, key, f"required for {a_or_an(kind)} channel"))
         elif missing is None:
             missing = why_missing.get(key, f"{key} is empty")
     min_severity = items.get("min_severity", "info").strip().lower()
@@ -6504,7 +6513,7 @@ def _threshold_problems(section: str, kind: str, key: str, text: Optional[str]) 
         return []
     units = CHECK_TYPES[kind].units
     if not units:
-        return [(section, key, f"a {kind} check takes no thresholds")]
+        return [(section, key, f"{a_or_an(kind)} check takes no thresholds")]
     try:
         thresholds = parse_thresholds(text)
     except ValidationError as err:
@@ -6513,7 +6522,7 @@ def _threshold_problems(section: str, kind: str, key: str, text: Optional[str]) 
     if wrong:
         words = {"B": "bytes", "%": "percent", "s": "durations", "": "plain numbers"}
         allowed = ", ".join(words[unit] for unit in units)
-        return [(section, key, f"{_shown(', '.join(wrong))}: a {kind} check compares {allowed}")]
+        return [(section, key, f"{_shown(', '.join(wrong))}: {a_or_an(kind)} check compares {allowed}")]
     return []
 
 
@@ -6659,7 +6668,7 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
         secret_keys = [key + suffix for key in check.secrets for suffix in SECRET_SUFFIXES]
         for key in items:
             if key not in CHECK_COMMON_KEYS and key not in check.keys and key not in secret_keys:
-                problems.append((section, key, f"unknown key for a {kind} check"))
+                problems.append((section, key, f"unknown key for {a_or_an(kind)} check"))
         for key in check.secrets:
             given = [key + suffix for suffix in SECRET_SUFFIXES if key + suffix in items]
             if len(given) > 1:
@@ -6668,7 +6677,7 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
             problems += _threshold_problems(section, kind, key, items.get(key))
         for key in check.required:
             if not items.get(key, "").strip():
-                problems.append((section, key, f"required for a {kind} check"))
+                problems.append((section, key, f"required for {a_or_an(kind)} check"))
         problems += _check_value_problems(section, check, items)
         if check.problems is not None:
             problems += check.problems(section, items)
@@ -8911,7 +8920,12 @@ def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
     return EXIT_OK
 
 
+ALERTS_ERROR_CHARS = 200  # of a delivery's error in the plain alerts list (--json has all of it)
+
+
 def cmd_alerts(args) -> int:
+    """The history of the last --hours, a line each with every channel's outcome and why one failed or
+    was skipped; or (--firing) what fires now."""
     with contextlib.closing(_alerting(args, readonly=True)) as system:
         history = system.firing() if args.firing else system.get_alert_history(args.hours)
     if args.firing:
@@ -8920,7 +8934,9 @@ def cmd_alerts(args) -> int:
         _print_json({"hours": args.hours, "alerts": history})
         return EXIT_OK
     for entry in history:
-        outcomes = " ".join(f"{name}={channel['outcome']}" for name, channel in entry["channels"].items())
+        outcomes = " ".join(f"{name}={channel['outcome']}" + (f" ({_one_line(channel['error'])[:ALERTS_ERROR_CHARS]})"
+                                                               if channel["error"] else "")
+                            for name, channel in entry["channels"].items())
         kind = f" ({entry['kind']})" if entry["kind"] != "alert" else ""
         print(f"{local_time(entry['time'], zone=True)}  {entry['severity']:<8}  {entry['title']}{kind}  "
               f"{outcomes}".rstrip())
@@ -9339,7 +9355,7 @@ def _args_alert(sub) -> None:
     severity = sub.add_mutually_exclusive_group()
     for level in ALERT_SEVERITIES:
         severity.add_argument(f"--{level}", dest="severity", action="store_const", const=level,
-                              help=f"a {level} alert")
+                              help=f"{a_or_an(level)} alert")
     severity.add_argument("--resolve", dest="severity", action="store_const", const="resolve",
                           help="TITLE is a KEY that passes this run: resolve it after resolve_after such runs")
     sub.add_argument("title", metavar="TITLE", nargs="?",

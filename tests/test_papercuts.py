@@ -210,6 +210,23 @@ class EmptyAnswersInATerminal(CommandLine):
                          (0, f"{PROG}: warning: no circuit breakers recorded\n"))
 
 
+class ArticlesFitTheirWords(CommandLine):
+    def test_an_info_alert_and_an_anomaly_check(self):
+        helped = self.run_cli("alert", "--help")
+        self.assertIn(b"\n  --info              an info alert\n  --warning           a warning alert\n", helped.stdout)
+        config = os.path.join(self.tmp, "a.ini")
+        with open(config, "w") as handle:
+            handle.write("[check:odd]\ntype = anomaly\nmetric = x\nwarning = 5GB\nbogus = 1\n\n"
+                         "[channel:am]\ntype = alertmanager\ncolour = red\n")
+        result = self.run_cli("config", "--check", "--config", config)
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            f"{config}: [channel:am] colour: unknown key for an alertmanager channel",
+            f"{config}: [channel:am] url: required for an alertmanager channel",
+            f"{config}: [check:odd] bogus: unknown key for an anomaly check",
+            f"{config}: [check:odd] warning: '5GB': an anomaly check compares plain numbers",
+        ])
+
+
 class ResolvedIsNews(AlertTestCase):
     def test_syslog_gets_a_resolved_notice_at_info_priority(self):
         alerts = self.system()
