@@ -3749,11 +3749,14 @@ class _Channel:
         raise NotImplementedError
 
     def body_text(self, alert: Alert) -> str:
+        """The note, the message, the details, then this machine and the time; a ``host`` detail (the
+        machine the alert is about) keeps its key, and this one is then the machine it was sent from."""
         lines = [alert.note] if alert.note else []
         lines += [alert.message] if alert.message else []
         if alert.details:
             lines += [""] + alert.detail_lines()
-        lines += ["", f"host: {self.hostname}", f"time: {iso_time(alert.created_at)}"]
+        machine = "sent from" if "host" in alert.details else "host"
+        lines += ["", f"{machine}: {self.hostname}", f"time: {iso_time(alert.created_at)}"]
         return "\n".join(lines)
 
 
@@ -3876,7 +3879,8 @@ class DiscordChannel(_HttpChannel):
         title = truncate(alert.headline, DISCORD_TITLE_CHARS)
         footer = truncate(f"metasystem-monitor on {self.hostname}", DISCORD_FOOTER_CHARS)
         room = DISCORD_EMBED_TOTAL_CHARS - len(title) - len(footer)
-        description = truncate(alert.message or "-", min(DISCORD_DESCRIPTION_CHARS, room))
+        text = "\n".join(part for part in (alert.note, alert.message) if part)  # the note: reminder #n, fired for
+        description = truncate(text or "-", min(DISCORD_DESCRIPTION_CHARS, room))
         embed = {"title": title, "description": description, "color": DISCORD_COLORS[alert.color],
                  "fields": _discord_fields(alert.details, room - len(description)), "footer": {"text": footer},
                  "timestamp": iso_time(alert.created_at)}

@@ -45,6 +45,30 @@ class HttpChannels(AlertTestCase):
         self.assertTrue(attachment["blocks"][0]["text"]["text"].startswith("only 1 GB left\n\nhost: "))
         self.assertEqual(slack.requests[1].headers["Content-Type"], "application/json")
 
+    def test_a_host_detail_is_shown_once_and_discord_carries_the_reminder_and_resolved_notes(self):
+        import socket
+
+        with HTTPServer(default=Reply(200, "ok")) as slack, HTTPServer(default=Reply(204, "")) as discord:
+            alerts = self.system(f"[alerting]\nrepeat_interval_critical = 1h\n\n"
+                                 f"[channel:chat]\ntype = slack\nurl = {slack.url('/s')}\n\n"
+                                 f"[channel:it]\ntype = discord\nurl = {discord.url('/d')}\n")
+            since = self.clock.time()
+            alerts.fire("backup", "Backup failed", "rsync exited 23", "critical", details={"host": "nas"})
+            self.clock.advance(3600)
+            alerts.fire("backup", "Backup failed", "rsync exited 23", "critical", details={"host": "nas"})
+            self.clock.advance(600)
+            alerts.resolve("backup", after=1)
+        here = socket.gethostname()
+        body = slack.requests[0].json()["attachments"][0]["blocks"][0]["text"]["text"]
+        self.assertEqual(body, f"rsync exited 23\n\nhost: nas\n\nsent from: {here}\ntime: {mm.iso_time(since)}")
+        self.assertEqual([request.json()["embeds"][0]["description"] for request in discord.requests], [
+            "rsync exited 23",
+            f"still firing since {mm.iso_time(since)}, reminder #1\nrsync exited 23",
+            f"resolved after 1h 10m (firing since {mm.iso_time(since)})\nrsync exited 23",
+        ])
+        self.assertEqual(discord.requests[0].json()["embeds"][0]["fields"],
+                         [{"name": "host", "value": "nas", "inline": True}])
+
     def test_slack_cuts_long_text_to_3000_with_a_marker(self):
         with HTTPServer() as slack:
             self.send("[channel:it]\ntype = slack\nurl = {url}/s\n", slack, title=LONG, message="<" * 10_000)
