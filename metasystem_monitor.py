@@ -6253,11 +6253,20 @@ def check_metric(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        _texts(spec.warning), _texts(spec.critical), perf)
 
 
-def _perfdata_items(text: str) -> List[str]:
-    """The items of a plugin's perfdata; a quoted label may hold spaces (``'disk usage'=5%``)."""
+def _perfdata_items(text: str, check: str) -> List[str]:
+    """The items of a plugin's perfdata, each label prefixed with the check's name as the built-in
+    checks' are (two checks running one plugin must not both say ``load1``); a quoted label may hold
+    spaces (``'disk usage'=5%``); a token without a label and a value is left out."""
     import re
 
-    return re.findall(r"(?:'[^']*'|[^'\s])+", text)
+    items = []
+    for item in re.findall(r"(?:'[^']*'|[^'\s])+", text):
+        match = re.fullmatch(r"('(?:[^']|'')*'|[^'=]+)=(.+)", item)
+        if match:
+            label = match.group(1)
+            label = label[1:-1].replace("''", "'") if label.startswith("'") else label
+            items.append("'" + f"{check}_{label}".replace("'", "''") + "'=" + match.group(2))
+    return items
 
 
 class _Tail:
@@ -6347,7 +6356,7 @@ def check_command(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     state = CHECK_STATES[process.returncode] if 0 <= process.returncode <= 3 else "UNKNOWN"
     summary = _one_line(text) or f"{os.path.basename(argv[0])} exited with {process.returncode}"
     return CheckResult(spec.name, state, summary[:CHECK_OUTPUT_LINE_CHARS], float(process.returncode),
-                       perfdata=tuple(_perfdata_items(perf)))
+                       perfdata=tuple(_perfdata_items(perf, spec.name)))
 
 
 def _finished_run_problems(run: tuple, limits: Dict[str, float]) -> List[Tuple[str, str]]:

@@ -54,8 +54,8 @@ class Thresholds(unittest.TestCase):
         self.assertEqual(mm.plugin_output(results), [
             "METASYSTEM CRITICAL - b CRITICAL: path /x/y is gone second line | 'a b'=1",
             "OK a: fine", "CRITICAL b: path /x/y is gone second line"])
-        self.assertEqual(mm._perfdata_items(" 'disk usage'=5%;80 inodes=7  'it''s'=1 "),
-                         ["'disk usage'=5%;80", "inodes=7", "'it''s'=1"])
+        self.assertEqual(mm._perfdata_items(" 'disk usage'=5%;80 inodes=7  'it''s'=1 junk =3", "c"),
+                         ["'c_disk usage'=5%;80", "'c_inodes'=7", "'c_it''s'=1"])
 
     def test_perfdata_items(self):
         warning, critical = mm.parse_thresholds("10GB:"), mm.parse_thresholds("5GB:")
@@ -156,7 +156,13 @@ class CheckCommand(AlertTestCase):
                                                      f"inodes=7')\nprint('more text')\nsys.exit({code})")
                 result = self.check(config=f"[check:disk2]\ntype = command\ncommand = {plugin} --flag 'a b'\n")
                 first = self.assertPluginOutput(result, code, [f"{state} disk2: DISK {state} - 42% used"])
-                self.assertTrue(first.endswith(" | used=42%;80;90;0;100 inodes=7"), first)
+                self.assertTrue(first.endswith(" | 'disk2_used'=42%;80;90;0;100 'disk2_inodes'=7"), first)
+        load = self.write_script("load", "print('OK - load average: 0.5 | load1=0.5;4;8;0 load5=0.3;4;8;0')")
+        twice = self.check(config=f"[check:cpu]\ntype = command\ncommand = {load}\n\n"
+                                  f"[check:cpu_again]\ntype = command\ncommand = {load} -w 2\n")
+        self.assertTrue(twice.stdout.decode().splitlines()[0].endswith(
+            " | 'cpu_load1'=0.5;4;8;0 'cpu_load5'=0.3;4;8;0 'cpu_again_load1'=0.5;4;8;0 'cpu_again_load5'=0.3;4;8;0"),
+            twice.stdout)
         plugin = self.write_script("plugin4", "sys.exit(4)")
         result = self.check(config=f"[check:odd]\ntype = command\ncommand = {plugin}\n")
         self.assertPluginOutput(result, 3, ["UNKNOWN odd: plugin4 exited with 4"])
