@@ -3329,6 +3329,20 @@ LOG_LINE_CHARS = 1000  # classic syslog receivers cut lines near 1 KB
 SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")
 SYSLOG_LEVELS = {"critical": 2, "warning": 4, "info": 6}
 SYSLOG_FACILITIES = {"user": 1, "daemon": 3, **{f"local{n}": 16 + n for n in range(8)}}
+TEAMS_CARD_BYTES = 20_000  # Teams refuses a card over 28 KB, and some were seen refused from 21 KB
+TEAMS_COLORS = {"critical": "attention", "warning": "warning", "info": "accent", "resolved": "good"}
+MATRIX_BODY_CHARS = 16_000  # an event must stay under 64 KiB, with its HTML copy and signatures
+GOTIFY_PRIORITIES = {"critical": 8, "warning": 5, "info": 2, "resolved": 2}  # 8-10 vibrate, 4-7 sound
+PUSHOVER_URL = "https://api.pushover.net/1/messages.json"
+PUSHOVER_MESSAGE_CHARS = 1024
+PUSHOVER_TITLE_CHARS = 250
+PUSHOVER_PRIORITIES = {"critical": 1, "warning": 0, "info": -1, "resolved": 0}  # 2 would need retry and expire
+MATTERMOST_TEXT_CHARS = 16_383  # a longer post is split in several
+OPSGENIE_URL = "https://api.opsgenie.com"  # EU accounts: https://api.eu.opsgenie.com
+OPSGENIE_MESSAGE_CHARS = 130
+OPSGENIE_ALIAS_CHARS = 512
+OPSGENIE_DESCRIPTION_CHARS = 15_000
+OPSGENIE_PRIORITIES = {"critical": "P1", "warning": "P3", "info": "P5"}
 SLACK_COLORS = {"critical": "#d00000", "warning": "#f2c744", "info": "#439fe0", "resolved": "#2eb67d"}
 DISCORD_COLORS = {"critical": 0xD00000, "warning": 0xF2C744, "info": 0x439FE0, "resolved": 0x2EB67D}
 NTFY_PRIORITIES = {"critical": "5", "warning": "4", "info": "3"}
@@ -3797,11 +3811,18 @@ class _HttpChannel(_Channel):
 
     def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
         body = self.payload(alert)
-        url = self.url()
+        url = self.target(alert)
         context = tls_context(_verifies(self.spec)) if url.startswith("https:") else None
-        reply = http_post(url, body, self.headers(alert, body, now), timeout_s, context)
+        reply = http_request(self.method(alert), url, body, self.headers(alert, body, now), timeout_s, context)
         self.check(reply, now)
         return reply.status
+
+    def method(self, alert: Alert) -> str:
+        return "POST"
+
+    def target(self, alert: Alert) -> str:
+        """The URL this alert goes to: url(), unless the service names the alert in its path."""
+        return self.url()
 
     def check(self, reply: HttpReply, now: float) -> None:
         if not 200 <= reply.status < 300:
@@ -4064,6 +4085,227 @@ class AlertmanagerChannel(_HttpChannel):
         return _json_bytes([{"labels": labels, "annotations": annotations,
                              "startsAt": iso_time(alert.started_at or alert.created_at), "endsAt": iso_time(ends),
                              "generatorURL": ""}])
+
+
+@register_channel
+class TeamsChannel(_HttpChannel):
+    """Microsoft Teams through a Workflows webhook: one Adaptive Card (the old Office 365 connectors are
+    retired); 202 means accepted, not yet posted."""
+
+    kind = "teams"
+
+    def card(self, alert: Alert, text: str) -> bytes:
+        card = {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
+                "version": "1.2", "body": [
+                    {"type": "TextBlock", "text": alert.headline, "weight": "bolder", "size": "medium",
+                     "color": TEAMS_COLORS[alert.color], "wrap": True},
+                    {"type": "TextBlock", "text": text, "wrap": True}]}
+        return _json_bytes({"type": "message", "attachments": [{
+            "contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}]})
+
+    def payload(self, alert: Alert) -> bytes:
+        """The card, its text cut (by halving, as escapes make bytes and characters differ) to fit."""
+        text = self.body_text(alert)
+        body = self.card(alert, text)
+        if len(body) <= TEAMS_CARD_BYTES:
+            return body
+        low, high = 0, len(text)  # the longest cut that fits lies in [low, high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if len(self.card(alert, truncate(text, middle))) <= TEAMS_CARD_BYTES \
+                else (low, middle)
+        return self.card(alert, truncate(text, low))
+
+
+@register_channel
+class MatrixChannel(_HttpChannel):
+    """A Matrix room through the client-server API: an ``m.notice`` (never answered by bots) with an HTML
+    copy; the alert's id is the transaction id, so a retried send never posts twice."""
+
+    kind = "matrix"
+    keys = ("tls_verify", "homeserver", "room_id")
+    secrets = ("token",)
+    required = ("homeserver", "room_id", "token")
+
+    @classmethod
+    def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems = super().problems(section, settings, items)
+        homeserver = settings.get("homeserver")
+        if homeserver is not None and not _is_http_url(homeserver):
+            problems.append((section, "homeserver", "not an http or https URL"))
+        room = settings.get("room_id")
+        if room is not None and not (room[:1] in "!#" and ":" in room):
+            problems.append((section, "room_id", f"{_shown(room)} is not a room such as !abc:example.org"))
+        return problems
+
+    def url(self) -> str:
+        return self.spec.settings["homeserver"].rstrip("/")
+
+    def describe(self) -> str:
+        return f"matrix PUT {mask_url(self.url())}/_matrix/client/v3/rooms/***/send/m.room.message/***"
+
+    def method(self, alert: Alert) -> str:
+        return "PUT"
+
+    def target(self, alert: Alert) -> str:
+        from urllib.parse import quote
+
+        room = quote(self.spec.settings["room_id"], safe="")
+        return f"{self.url()}/_matrix/client/v3/rooms/{room}/send/m.room.message/{quote(alert.uid, safe='')}"
+
+    def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
+        return dict(super().headers(alert, body, now), Authorization=f"Bearer {self.spec.secrets['token']}")
+
+    def payload(self, alert: Alert) -> bytes:
+        import html
+
+        text = truncate(self.body_text(alert), MATRIX_BODY_CHARS)
+        formatted = f"<strong>{html.escape(alert.headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
+        return _json_bytes({"msgtype": "m.notice", "body": f"{alert.headline}\n\n{text}",
+                            "format": "org.matrix.custom.html", "formatted_body": formatted})
+
+    def render(self, alert: Alert) -> str:
+        return self.payload(alert).decode("utf-8")
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if reply.status != 200 or "event_id" not in _reply_json(reply):
+            wait_ms = _reply_json(reply).get("retry_after_ms") if reply.status == 429 else None
+            raise _reply_error(reply, now, wait_ms / 1000.0 if isinstance(wait_ms, (int, float)) else None)
+
+
+@register_channel
+class GotifyChannel(_HttpChannel):
+    """A Gotify server: ``POST {url}/message`` with the application's token, priority by severity."""
+
+    kind = "gotify"
+    secrets = ("url", "token")
+    required = ("url", "token")
+
+    def url(self) -> str:
+        return self.spec.secrets["url"].rstrip("/") + "/message"
+
+    def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
+        return dict(super().headers(alert, body, now), **{"X-Gotify-Key": self.spec.secrets["token"]})
+
+    def payload(self, alert: Alert) -> bytes:
+        return _json_bytes({"title": alert.headline, "message": self.body_text(alert),
+                            "priority": GOTIFY_PRIORITIES[alert.color],
+                            "extras": {"client::display": {"contentType": "text/plain"}}})
+
+
+@register_channel
+class PushoverChannel(_HttpChannel):
+    """Pushover's message API, form-encoded: the application's token and the user (or group) key; a
+    critical alert is high priority (emergency would need retry and expire)."""
+
+    kind = "pushover"
+    keys = ("tls_verify", "api_url", "device")
+    secrets = ("token", "user")
+    required = ("token", "user")
+    content_type = "application/x-www-form-urlencoded"
+
+    def url(self) -> str:
+        return self.spec.settings.get("api_url") or PUSHOVER_URL
+
+    def payload(self, alert: Alert) -> bytes:
+        from urllib.parse import urlencode
+
+        fields = {"token": self.spec.secrets["token"], "user": self.spec.secrets["user"],
+                  "title": truncate(alert.headline, PUSHOVER_TITLE_CHARS),
+                  "message": truncate(self.body_text(alert), PUSHOVER_MESSAGE_CHARS),
+                  "priority": str(PUSHOVER_PRIORITIES[alert.color]), "timestamp": str(int(alert.created_at))}
+        if self.spec.settings.get("device"):
+            fields["device"] = self.spec.settings["device"]
+        return urlencode(fields).encode("ascii")
+
+    def render(self, alert: Alert) -> str:
+        from urllib.parse import parse_qsl
+
+        shown = dict(parse_qsl(self.payload(alert).decode("ascii")), token="***", user="***")
+        return "\n".join(f"{key}={value}" for key, value in shown.items())
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if reply.status != 200 or _reply_json(reply).get("status") != 1:
+            raise _reply_error(reply, now)
+
+
+@register_channel
+class MattermostChannel(_HttpChannel):
+    """Mattermost incoming webhook: ``text`` in Markdown; success is 200."""
+
+    kind = "mattermost"
+    keys = ("tls_verify", "channel", "username")
+
+    def payload(self, alert: Alert) -> bytes:
+        document = {"text": truncate(f"**{alert.headline}**\n\n{self.body_text(alert)}", MATTERMOST_TEXT_CHARS)}
+        document.update({key: self.spec.settings[key] for key in ("channel", "username") if self.spec.settings.get(key)})
+        return _json_bytes(document)
+
+
+@register_channel
+class RocketChatChannel(_HttpChannel):
+    """Rocket.Chat incoming webhook: the headline, one attachment colored by severity; success is
+    ``{"success": true}``."""
+
+    kind = "rocketchat"
+    keys = ("tls_verify", "channel", "alias")
+
+    def payload(self, alert: Alert) -> bytes:
+        document = {"text": alert.headline, "attachments": [
+            {"title": alert.title, "text": self.body_text(alert), "color": SLACK_COLORS[alert.color]}]}
+        document.update({key: self.spec.settings[key] for key in ("channel", "alias") if self.spec.settings.get(key)})
+        return _json_bytes(document)
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if reply.status != 200 or _reply_json(reply).get("success") is not True:
+            raise _reply_error(reply, now)
+
+
+@register_channel
+class OpsgenieChannel(_HttpChannel):
+    """Opsgenie's Alert API v2: create with the alert's key as ``alias`` (one open alert per alias), and
+    close by that alias when it resolves; 202 means the request was queued."""
+
+    kind = "opsgenie"
+    keys = ("tls_verify", "api_url")
+    secrets = ("api_key",)
+    required = ("api_key",)
+
+    def url(self) -> str:
+        return (self.spec.settings.get("api_url") or OPSGENIE_URL).rstrip("/")
+
+    def describe(self) -> str:
+        return f"opsgenie POST {mask_url(self.url())}/v2/alerts"
+
+    def alias(self, alert: Alert) -> str:
+        import hashlib
+
+        key = alert.key
+        return key if len(key) <= OPSGENIE_ALIAS_CHARS else hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+    def target(self, alert: Alert) -> str:
+        from urllib.parse import quote
+
+        if alert.kind == "resolved":
+            return f"{self.url()}/v2/alerts/{quote(self.alias(alert), safe='')}/close?identifierType=alias"
+        return f"{self.url()}/v2/alerts"
+
+    def headers(self, alert: Alert, body: bytes, now: float) -> Dict[str, str]:
+        return dict(super().headers(alert, body, now), Authorization=f"GenieKey {self.spec.secrets['api_key']}")
+
+    def payload(self, alert: Alert) -> bytes:
+        if alert.kind == "resolved":
+            return _json_bytes({"source": self.hostname, "note": alert.note or "resolved"})
+        return _json_bytes({
+            "message": truncate(alert.title, OPSGENIE_MESSAGE_CHARS), "alias": self.alias(alert),
+            "description": truncate(self.body_text(alert), OPSGENIE_DESCRIPTION_CHARS),
+            "priority": OPSGENIE_PRIORITIES[alert.severity.value], "source": self.hostname, "entity": self.hostname,
+            "tags": ["metasystem", alert.severity.value],
+            "details": {str(key): _one_line(str(value)) for key, value in sorted(alert.details.items())}})
+
+    def check(self, reply: HttpReply, now: float) -> None:
+        if reply.status != 202:
+            raise _reply_error(reply, now)
 
 
 def pagerduty_dedup_key(key: str) -> str:

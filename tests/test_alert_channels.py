@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -46,8 +47,6 @@ class HttpChannels(AlertTestCase):
         self.assertEqual(slack.requests[1].headers["Content-Type"], "application/json")
 
     def test_a_host_detail_is_shown_once_and_discord_carries_the_reminder_and_resolved_notes(self):
-        import socket
-
         with HTTPServer(default=Reply(200, "ok")) as slack, HTTPServer(default=Reply(204, "")) as discord:
             alerts = self.system(f"[alerting]\nrepeat_interval_critical = 1h\n\n"
                                  f"[channel:chat]\ntype = slack\nurl = {slack.url('/s')}\n\n"
@@ -353,3 +352,133 @@ class LogChannel(AlertTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class MoreChannels(AlertTestCase):
+    """Teams, Matrix, Gotify, Pushover, Mattermost, Rocket.Chat and Opsgenie: each one class, its real
+    payload checked on the wire by a local server answering as the service does."""
+
+    def fire_and_resolve(self, section):
+        alerts = self.system(section)
+        self.t0 = self.clock.time()
+        fired = alerts.fire("backup", "Backup failed", "rsync exited 23", "critical", details={"host": "nas"})
+        self.clock.advance(600)
+        resolved = alerts.resolve("backup", after=1)
+        return fired.outcomes["it"], resolved.outcomes["it"]
+
+    def test_teams_posts_one_adaptive_card(self):
+        with HTTPServer(default=Reply(202, "")) as teams:
+            fired, resolved = self.fire_and_resolve(f"[channel:it]\ntype = teams\nurl = {teams.url('/workflows/x')}\n")
+        self.assertEqual((fired.outcome, resolved.outcome), ("sent", "sent"))
+        first = teams.requests[0]
+        self.assertEqual((first.method, first.path, first.headers["Content-Type"]),
+                         ("POST", "/workflows/x", "application/json"))
+        [attachment] = first.json()["attachments"]
+        self.assertEqual((first.json()["type"], attachment["contentType"], attachment["contentUrl"]),
+                         ("message", "application/vnd.microsoft.card.adaptive", None))
+        card = attachment["content"]
+        self.assertEqual((card["type"], card["version"], card["$schema"]),
+                         ("AdaptiveCard", "1.2", "http://adaptivecards.io/schemas/adaptive-card.json"))
+        self.assertEqual(card["body"][0], {"type": "TextBlock", "text": "[CRITICAL] Backup failed", "weight": "bolder",
+                                           "size": "medium", "color": "attention", "wrap": True})
+        self.assertEqual(card["body"][1]["text"], f"rsync exited 23\n\nhost: nas\n\nsent from: {socket.gethostname()}"
+                                                  f"\ntime: {mm.iso_time(self.t0)}")
+        self.assertEqual(teams.requests[1].json()["attachments"][0]["content"]["body"][0]["color"], "good")
+
+    def test_teams_keeps_a_card_under_its_size_limit(self):
+        with HTTPServer(default=Reply(202, "")) as teams:
+            alerts = self.system(f"[channel:it]\ntype = teams\nurl = {teams.url('/w')}\n")
+            alerts.send_alert(alerts.create_alert("Big", "é\"" * 40_000, mm.AlertSeverity.WARNING, channels=["it"]))
+        body = teams.requests[0].body
+        self.assertLessEqual(len(body), mm.TEAMS_CARD_BYTES)
+        self.assertGreater(len(body), mm.TEAMS_CARD_BYTES - 100)
+        self.assertTrue(teams.requests[0].json()["attachments"][0]["content"]["body"][1]["text"]
+                        .endswith(mm.TRUNCATION_MARKER))
+
+    def test_matrix_puts_a_notice_with_the_alert_as_its_transaction(self):
+        replies = [Reply(429, '{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":1500}'),
+                   Reply(200, '{"event_id":"$one"}'), Reply(200, '{"event_id":"$two"}')]
+        with HTTPServer(*replies) as matrix:
+            fired, resolved = self.fire_and_resolve(
+                f"[channel:it]\ntype = matrix\nhomeserver = {matrix.url('')}\nroom_id = !room:example.org\n"
+                "token = syt_secret_token\n")
+        self.assertEqual((fired.outcome, fired.attempts, resolved.outcome), ("sent", 2, "sent"))
+        self.assertEqual(self.clock.slept, [1.5])
+        first, retried, closed = matrix.requests
+        path = re.fullmatch(r"/_matrix/client/v3/rooms/%21room%3Aexample\.org/send/m\.room\.message/([0-9a-f]+)",
+                            first.path)
+        self.assertIsNotNone(path, first.path)
+        self.assertEqual((first.method, retried.path), ("PUT", first.path))  # the same transaction: never twice
+        self.assertNotEqual(closed.path, first.path)
+        self.assertEqual(first.headers["Authorization"], "Bearer syt_secret_token")
+        document = first.json()
+        self.assertEqual((document["msgtype"], document["format"]), ("m.notice", "org.matrix.custom.html"))
+        self.assertTrue(document["body"].startswith("[CRITICAL] Backup failed\n\nrsync exited 23\n"))
+        self.assertTrue(document["formatted_body"].startswith("<strong>[CRITICAL] Backup failed</strong><br>rsync "
+                                                              "exited 23<br>"))
+
+    def test_gotify_posts_the_message_with_its_token_and_priority(self):
+        with HTTPServer(default=Reply(200, '{"id": 1}')) as gotify:
+            fired, resolved = self.fire_and_resolve(f"[channel:it]\ntype = gotify\nurl = {gotify.url('/g/')}\n"
+                                                    "token = AppToken123\n")
+        self.assertEqual((fired.outcome, resolved.outcome), ("sent", "sent"))
+        first, second = gotify.requests
+        self.assertEqual((first.path, first.headers["X-Gotify-Key"]), ("/g/message", "AppToken123"))
+        self.assertEqual({key: first.json()[key] for key in ("title", "priority", "extras")},
+                         {"title": "[CRITICAL] Backup failed", "priority": 8,
+                          "extras": {"client::display": {"contentType": "text/plain"}}})
+        self.assertEqual((second.json()["title"], second.json()["priority"]), ("[RESOLVED] Backup failed", 2))
+
+    def test_pushover_posts_a_form_and_a_refused_user_is_permanent(self):
+        from urllib.parse import parse_qs
+
+        with HTTPServer(Reply(200, '{"status":1,"request":"r1"}'),
+                        Reply(400, '{"user":"invalid","errors":["user identifier is invalid"],"status":0}')) as push:
+            fired, resolved = self.fire_and_resolve(
+                f"[channel:it]\ntype = pushover\napi_url = {push.url('/1/messages.json')}\ntoken = apptoken\n"
+                "user = userkey\ndevice = phone\n")
+        self.assertEqual((fired.outcome, resolved.outcome, resolved.attempts), ("sent", "failed", 1))
+        first = push.requests[0]
+        self.assertEqual((first.path, first.headers["Content-Type"]),
+                         ("/1/messages.json", "application/x-www-form-urlencoded"))
+        form = {key: values[0] for key, values in parse_qs(first.body.decode()).items()}
+        self.assertEqual({key: form[key] for key in ("token", "user", "title", "priority", "timestamp", "device")},
+                         {"token": "apptoken", "user": "userkey", "title": "[CRITICAL] Backup failed", "priority": "1",
+                          "timestamp": str(int(self.t0)), "device": "phone"})
+        self.assertTrue(form["message"].startswith("rsync exited 23\n"))
+        self.assertIn("user identifier is invalid", resolved.error)
+
+    def test_mattermost_and_rocketchat_webhooks(self):
+        with HTTPServer(default=Reply(200, "ok")) as mattermost, \
+                HTTPServer(Reply(200, '{"success":false,"error":"no"}'), Reply(200, '{"success":true}')) as rocket:
+            alerts = self.system(f"[channel:mm]\ntype = mattermost\nurl = {mattermost.url('/hooks/k')}\n"
+                                 f"channel = ops\n\n[channel:rc]\ntype = rocketchat\nurl = {rocket.url('/hooks/i/t')}\n"
+                                 "alias = metasystem\n")
+            first = alerts.send_critical_alert("Disk full", "1 GB left")
+            self.clock.advance(7200)
+            second = alerts.send_critical_alert("Disk full", "1 GB left")
+        self.assertEqual((first.outcomes["mm"].outcome, first.outcomes["rc"].outcome, second.outcomes["rc"].outcome),
+                         ("sent", "failed", "sent"))
+        text = mattermost.requests[0].json()
+        self.assertEqual(text["channel"], "ops")
+        self.assertTrue(text["text"].startswith("**[CRITICAL] Disk full**\n\n1 GB left\n"))
+        posted = rocket.requests[1].json()
+        self.assertEqual((posted["text"], posted["alias"], posted["attachments"][0]["title"],
+                          posted["attachments"][0]["color"]), ("[CRITICAL] Disk full", "metasystem", "Disk full",
+                                                               "#d00000"))
+
+    def test_opsgenie_creates_with_the_key_as_alias_and_closes_by_it(self):
+        with HTTPServer(default=Reply(202, '{"result":"Request will be processed","requestId":"x"}')) as genie:
+            fired, resolved = self.fire_and_resolve(
+                f"[channel:it]\ntype = opsgenie\napi_url = {genie.url('')}\napi_key = genie-secret\n")
+        self.assertEqual((fired.outcome, resolved.outcome), ("sent", "sent"))
+        create, close = genie.requests
+        self.assertEqual((create.method, create.path, create.headers["Authorization"]),
+                         ("POST", "/v2/alerts", "GenieKey genie-secret"))
+        host = socket.gethostname()
+        document = create.json()
+        self.assertEqual({key: document[key] for key in document if key != "description"}, {
+            "message": "Backup failed", "alias": "backup", "priority": "P1", "source": host, "entity": host,
+            "tags": ["metasystem", "critical"], "details": {"host": "nas"}})
+        self.assertEqual((close.method, close.path), ("POST", "/v2/alerts/backup/close?identifierType=alias"))
+        self.assertEqual(close.json(), {"source": host, "note": f"resolved after 10m (firing since {mm.iso_time(self.t0)})"})

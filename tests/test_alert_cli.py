@@ -83,9 +83,9 @@ class AlertCommand(AlertTestCase):
 
     def test_a_bad_configuration_is_exit_1_in_one_line_and_nothing_is_sent(self):
         with HTTPServer() as hook:
-            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n[channel:x]\ntype = opsgenie\n")
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n[channel:x]\ntype = victorops\n")
             result = self.alert("--critical", "Disk")
-        self.assertOneLineError(result, 1, f"{self.config_path}: [channel:x] type: unknown channel type 'opsgenie'")
+        self.assertOneLineError(result, 1, f"{self.config_path}: [channel:x] type: unknown channel type 'victorops'")
         self.assertEqual(hook.requests, [])
         self.assertFalse(os.path.exists(self.db))
 
@@ -261,7 +261,8 @@ class ConfigCommand(AlertTestCase):
             f"{path}: [alerting] repeat: unknown key",
             f"{path}: [alerting] webhook_url: not an http or https URL",
             f"{path}: [channel:a] type: unknown channel type 'carrier-pigeon'; one of "
-            "alertmanager, discord, email, log, ntfy, pagerduty, slack, telegram, webhook",
+            "alertmanager, discord, email, gotify, log, matrix, mattermost, ntfy, opsgenie, pagerduty, pushover, "
+            "rocketchat, slack, teams, telegram, webhook",
             f"{path}: [channel:b] url: required for a slack channel",
             f"{path}: [channel:c] to: '-oQ/tmp' is not a mail address",
         ])

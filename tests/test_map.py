@@ -104,10 +104,10 @@ class ModuleMapTest(unittest.TestCase):
         self.assertNotRegex(source, r"(collector|metrics)\._[a-z]")
 
 
-class MattermostChannel(mm._HttpChannel):
+class GoogleChatChannel(mm._HttpChannel):
     """What a newcomer adds for a new HTTP channel: one class."""
 
-    kind = "mattermost"
+    kind = "googlechat"
 
     def payload(self, alert: mm.Alert) -> bytes:
         return mm.json_text({"text": alert.headline}, indent=None, compact=True).encode("utf-8")
@@ -122,10 +122,10 @@ PONG = mm.CheckType(check_pong, keys=("ball",), required=("ball",), needs_store=
 
 
 class RegistryIsTheOnlyListTest(AlertTestCase):
-    def register_mattermost(self):
-        self.assertNotIn("mattermost", mm.CHANNEL_TYPES)
-        mm.register_channel(MattermostChannel)
-        self.addCleanup(mm.CHANNEL_TYPES.pop, "mattermost")
+    def register_googlechat(self):
+        self.assertNotIn("googlechat", mm.CHANNEL_TYPES)
+        mm.register_channel(GoogleChatChannel)
+        self.addCleanup(mm.CHANNEL_TYPES.pop, "googlechat")
 
     def register_pong(self):
         self.assertNotIn("pong", mm.CHECK_TYPES)
@@ -133,32 +133,33 @@ class RegistryIsTheOnlyListTest(AlertTestCase):
         self.addCleanup(mm.CHECK_TYPES.pop, "pong")
 
     def test_a_channel_class_registered_in_a_test_is_configured_checked_shown_and_sent_to(self):
-        self.register_mattermost()
+        self.register_googlechat()
         with HTTPServer() as chat:
             url = chat.url("/hooks/abc")
-            config = self.write_config(f"[channel:chat]\ntype = mattermost\nurl = {url}\n")
+            config = self.write_config(f"[channel:chat]\ntype = googlechat\nurl = {url}\n")
             checked = self.run_main("--config", config, "config", "--check")
             shown = self.run_main("--config", config, "--db", self.db, "config")
             sent = self.run_main("--config", config, "--db", self.db, "alert-test", "--channel", "chat")
         self.assertEqual(checked, (0, "configuration OK: 2 channels (chat, log)\n", ""))
         self.assertEqual(shown[0], 0)
-        self.assertIn(f"[channel:chat]\ntype = mattermost\nurl = {chat.url('')}/***  # from file\n", shown[1])
+        self.assertIn(f"[channel:chat]\ntype = googlechat\nurl = {chat.url('')}/***  # from file\n", shown[1])
         self.assertEqual((sent[0], sent[1].splitlines()[0].split()[:2]), (0, ["chat:", "sent"]))
         [request] = chat.requests
         self.assertEqual((request.path, request.headers["Content-Type"]), ("/hooks/abc", "application/json"))
         self.assertRegex(request.body.decode(), r'^\{"text":"\[INFO\] Test alert from metasystem-monitor[^"]*"\}$')
-        self.assertEqual(undocumented(EXAMPLE), (set(), {"mattermost"}))
+        self.assertEqual(undocumented(EXAMPLE), (set(), {"googlechat"}))
 
     def test_a_registered_channel_type_is_validated_by_what_its_class_declares(self):
-        self.register_mattermost()
-        config = self.write_config("[channel:chat]\ntype = mattermost\nwebhook = x\n\n[channel:odd]\ntype = nope\n")
+        self.register_googlechat()
+        config = self.write_config("[channel:chat]\ntype = googlechat\nwebhook = x\n\n[channel:odd]\ntype = nope\n")
         code, out, err = self.run_main("--config", config, "config", "--check")
         self.assertEqual((code, err), (1, ""))
         self.assertEqual(out.splitlines(), [
-            f"{config}: [channel:chat] webhook: unknown key for a mattermost channel",
-            f"{config}: [channel:chat] url: required for a mattermost channel",
+            f"{config}: [channel:chat] webhook: unknown key for a googlechat channel",
+            f"{config}: [channel:chat] url: required for a googlechat channel",
             f"{config}: [channel:odd] type: unknown channel type 'nope'; one of alertmanager, discord, email, "
-            "log, mattermost, ntfy, pagerduty, slack, telegram, webhook",
+            "googlechat, gotify, log, matrix, mattermost, ntfy, opsgenie, pagerduty, pushover, rocketchat, slack, "
+            "teams, telegram, webhook",
         ])
 
     def test_a_check_type_registered_in_a_test_is_configured_checked_and_run(self):
