@@ -3361,7 +3361,9 @@ SEED_CHANNEL_KEYS = {"email_to": "email", "slack_webhook_url": "slack", "discord
 ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_critical", "repeat_interval_warning",
                  "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
 CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
-                       "quiet_hours", "quiet_hours_bypass", "fallback")
+                       "quiet_hours", "quiet_hours_bypass", "fallback", "title_template", "message_template")
+# The $fields of title_template and message_template: string.Template, so a literal $ is written $$.
+TEMPLATE_FIELDS = ("title", "message", "severity", "kind", "key", "host", "since", "time", "details", "note")
 EMAIL_METHODS = ("smtp", "mail", "sendmail")
 EMAIL_SECURITY = {"starttls": 587, "ssl": 465, "none": 25}
 
@@ -3485,6 +3487,7 @@ class ChannelSpec(NamedTuple):
     quiet_hours: Optional[Tuple[int, int]] = None  # (start, end) in minutes after local midnight
     quiet_bypass: Optional[str] = None  # this severity and above go out in quiet hours
     fallback: Optional[str] = None  # the channel tried when this one fails
+    templates: Optional[Dict[str, str]] = None  # "title" and "message": string.Template texts
 
     def is_quiet(self, local_minute: int, severity: str) -> bool:
         """True when a notification of ``severity`` is held back at this local time."""
@@ -3728,6 +3731,27 @@ def register_channel(cls: type) -> type:
     return cls
 
 
+def template_fields(alert: Alert, hostname: str) -> Dict[str, str]:
+    """The values of TEMPLATE_FIELDS for one alert, as a channel's templates see them."""
+    details = ", ".join(f"{key}={_one_line(str(value))}" for key, value in sorted(alert.details.items()))
+    return {"title": alert.title, "message": alert.message, "severity": alert.severity.value, "kind": alert.kind,
+            "key": alert.key, "host": hostname, "since": iso_time(alert.started_at) or "",
+            "time": iso_time(alert.created_at), "details": details, "note": alert.note}
+
+
+def template_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not a template of TEMPLATE_FIELDS (an unknown field, a lone $), or None."""
+    import string
+
+    for match in string.Template.pattern.finditer(text):
+        name = match.group("named") or match.group("braced")
+        if match.group("invalid") is not None:
+            return f"a $ at character {match.start() + 1} names no field (write $$ for a $)"
+        if name is not None and name not in TEMPLATE_FIELDS:
+            return f"unknown field ${name}; the fields are ${', $'.join(TEMPLATE_FIELDS)}"
+    return None
+
+
 class _Channel:
     """One configured channel: renders an alert for its service and delivers it.
 
@@ -3753,6 +3777,16 @@ class _Channel:
 
     def describe(self) -> str:
         return self.spec.kind
+
+    def templated(self, alert: Alert) -> Alert:
+        """The alert with this channel's ``title_template`` and ``message_template`` filled in."""
+        if not self.spec.templates:
+            return alert
+        import string
+
+        fields = template_fields(alert, self.hostname)
+        return alert._replace(**{part: string.Template(text).safe_substitute(fields)
+                                 for part, text in self.spec.templates.items()})
 
     def render(self, alert: Alert) -> str:
         """The payload as --dry-run shows it (secrets are masked by the caller)."""
@@ -4768,9 +4802,14 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     send_resolved = _bool_setting(items, section, "send_resolved", True, problems)
     quiet, bypass = _quiet_settings(items, section, problems)
     fallback = items.get("fallback", "").strip() or None
+    templates = {part: items[f"{part}_template"] for part in ("title", "message") if f"{part}_template" in items}
+    for part, text in templates.items():
+        why = template_problem(text)
+        if why:
+            problems.append((section, f"{part}_template", why))
     usable = len(problems) == start
     return ChannelSpec(name, kind, section, settings, secrets, sources, min_severity, channel_timeout,
-                       channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback)
+                       channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback, templates)
 
 
 def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
@@ -5228,7 +5267,7 @@ class AlertingSystem:
             attempts += 1
             timeout_s = max(0.001, min(spec.timeout_s, deadline - self._clock()))
             try:
-                status = channel.send(alert, timeout_s, self._now())
+                status = channel.send(channel.templated(alert), timeout_s, self._now())
             except Exception as error:  # every failure is classified and recorded, none escapes
                 category, error_class, status = delivery_failure(error)
                 text = self.masker.scrub(_error_text(error))
@@ -5672,7 +5711,7 @@ class AlertingSystem:
         channels, missing = self.selected(alert)
         blocks = [f"--- {name}: skipped ({why})" for name, why in missing.items()]
         for channel in channels:
-            text = f"--- {channel.name}: {channel.describe()}\n{channel.render(alert)}"
+            text = f"--- {channel.name}: {channel.describe()}\n{channel.render(channel.templated(alert))}"
             blocks.append(self.masker.scrub(text.rstrip("\n")))
         return blocks
 
@@ -5698,6 +5737,7 @@ def _routing_lines(spec: ChannelSpec) -> List[str]:
         lines.append(f"fallback = {spec.fallback}")
     if not spec.send_resolved:
         lines.append("send_resolved = false")
+    lines += [f"{part}_template = {text}" for part, text in (spec.templates or {}).items()]
     return lines
 
 

@@ -482,3 +482,34 @@ class MoreChannels(AlertTestCase):
             "tags": ["metasystem", "critical"], "details": {"host": "nas"}})
         self.assertEqual((close.method, close.path), ("POST", "/v2/alerts/backup/close?identifierType=alias"))
         self.assertEqual(close.json(), {"source": host, "note": f"resolved after 10m (firing since {mm.iso_time(self.t0)})"})
+
+
+class Templates(AlertTestCase):
+    """title_template and message_template: string.Template fields per channel, checked by config --check."""
+
+    def test_each_channel_fills_its_own_templates(self):
+        with HTTPServer(default=Reply(200, "ok")) as slack, HTTPServer() as hook:
+            alerts = self.system(
+                f"[channel:chat]\ntype = slack\nurl = {slack.url('/s')}\n"
+                "title_template = $title on $host ($severity, $$5 budget)\n"
+                "message_template = ${message}; key $key since $since; $details\n\n"
+                f"[channel:raw]\ntype = mattermost\nurl = {hook.url('/h')}\n")
+            since = self.clock.time()
+            alerts.fire("backup", "Backup failed", "rsync exited 23", "critical", details={"host": "nas", "n": 2})
+        host = socket.gethostname()
+        payload = slack.requests[0].json()
+        self.assertEqual(payload["text"], f"[CRITICAL] Backup failed on {host} (critical, $5 budget)")
+        self.assertTrue(payload["attachments"][0]["blocks"][0]["text"]["text"].startswith(
+            f"rsync exited 23; key backup since {mm.iso_time(since)}; host=nas, n=2\n"))
+        self.assertTrue(hook.requests[0].json()["text"].startswith("**[CRITICAL] Backup failed**\n\nrsync exited 23\n"))
+
+    def test_an_unknown_field_or_a_lone_dollar_is_a_configuration_problem(self):
+        self.write_config("[channel:chat]\ntype = slack\nurl = https://hooks.slack.com/services/x\n"
+                          "title_template = $title on $hostname\nmessage_template = costs 5$ now\n", log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [channel:chat] title_template: unknown field $hostname; the fields are $title, "
+            "$message, $severity, $kind, $key, $host, $since, $time, $details, $note",
+            f"{self.config_path}: [channel:chat] message_template: a $ at character 8 names no field (write $$ for "
+            "a $)"])
