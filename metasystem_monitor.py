@@ -3347,7 +3347,7 @@ SLACK_COLORS = {"critical": "#d00000", "warning": "#f2c744", "info": "#439fe0", 
 DISCORD_COLORS = {"critical": 0xD00000, "warning": 0xF2C744, "info": 0x439FE0, "resolved": 0x2EB67D}
 NTFY_PRIORITIES = {"critical": "5", "warning": "4", "info": "3"}
 NTFY_TAGS = {"critical": "rotating_light", "warning": "warning", "info": "information_source"}
-DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured", "silenced", "held")
+DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured", "silenced", "held", "inhibited")
 ALERT_KINDS = ("alert", "test", "firing", "reminder", "resolved", "digest", "catchup")
 DEFAULT_REPEAT_INTERVALS_S = {"critical": 3600.0, "warning": 4 * 3600.0, "info": None}  # None: never
 DEFAULT_FIRE_AFTER = 1
@@ -3418,6 +3418,7 @@ class Alert(NamedTuple):
     dedup: Optional[str] = None  # the key given to fire() and resolve()
     note: str = ""  # "still firing since ..., reminder #2", shown before the message
     started_at: Optional[float] = None  # when a firing alert started
+    inhibited_by: Optional[str] = None  # why its notifications are held: the check it depends on fails
 
     @property
     def key(self) -> str:
@@ -5303,15 +5304,18 @@ class AlertingSystem:
     # -- the lifecycle: fire, resolve, reminders, silences, quiet hours, digests -----
 
     def fire(self, key: str, title: str, message: str = "", severity: AlertSeverity = AlertSeverity.WARNING,
-             details: Optional[Dict[str, Any]] = None) -> DeliveryReport:
+             details: Optional[Dict[str, Any]] = None, *, inhibited_by: Optional[str] = None) -> DeliveryReport:
         """One run in which ``key`` is failing: notify on change, remind on schedule, else stay quiet.
 
         The first fire (after ``fire_after`` failing runs) is delivered to every
         channel; later ones only when the severity rises or the reminder
-        interval of the severity has passed since the last delivery.
+        interval of the severity has passed since the last delivery. With
+        ``inhibited_by`` (why: the check it depends on is CRITICAL), what is due
+        is recorded as ``inhibited`` and owed until a run without it.
         """
         key = self.masker.scrub(_lifecycle_key(key))
-        alert = self.create_alert(title, message, _severity(severity), None, details)._replace(dedup=key)
+        alert = self.create_alert(title, message, _severity(severity), None, details)._replace(
+            dedup=key, inhibited_by=inhibited_by)
         return self._observe_and_notify(alert, failing=True)
 
     def resolve(self, key: str, message: Optional[str] = None, *, after: Optional[int] = None) -> DeliveryReport:
@@ -5445,6 +5449,8 @@ class AlertingSystem:
                 continue
             if silence is not None:
                 call.outcomes[channel.name] = Delivery("silenced", error=f"silence #{silence}")
+            elif alert.inhibited_by:
+                call.outcomes[channel.name] = Delivery("inhibited", error=alert.inhibited_by)
             elif channel.spec.is_quiet(minute, alert.severity.value):
                 if kind != "reminder":  # a reminder is not worth keeping for the catch-up
                     self._hold(conn, channel.name, alert._replace(kind=kind), now)
@@ -5773,7 +5779,7 @@ STATE_RANK = {"OK": 0, "WARNING": 1, "UNKNOWN": 2, "CRITICAL": 3}  # which state
 # The units a threshold may carry; a number without a unit is in the check's own unit.
 PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
 ANY_UNIT = ("", "B", "%", "s")
-CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout", "interval")
+CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout", "interval", "depends_on")
 DEFAULT_CHECK_INTERVAL_S = 3600.0  # how often cron runs check: a verdict older than this is stale
 CHECK_STALE_GRACE_S = 60.0  # cron starts on the minute, and a run records its verdicts when its checks end
 DEFAULT_CHECK_TIMEOUT_S = 10.0
@@ -6948,9 +6954,27 @@ def _check_run_problems(config) -> List[Tuple[str, str, str]]:
     return problems
 
 
+def check_dependencies(config) -> Dict[str, str]:
+    """Each check's ``depends_on``: while that check is CRITICAL, its own alerts are held."""
+    return {section[len("check:"):]: config[section]["depends_on"].strip()
+            for section in (config.sections() if hasattr(config, "sections") else ())
+            if section.startswith("check:") and config[section].get("depends_on", "").strip()}
+
+
+def _dependency_problems(config) -> List[Tuple[str, str, str]]:
+    names = {section[len("check:"):] for section in config.sections() if section.startswith("check:")}
+    problems = []
+    for child, parent in check_dependencies(config).items():
+        if parent == child:
+            problems.append((f"check:{child}", "depends_on", "a check cannot depend on itself"))
+        elif parent not in names:
+            problems.append((f"check:{child}", "depends_on", f"no check named {_shown(parent)}"))
+    return problems
+
+
 def check_problems(config) -> List[Tuple[str, str, str]]:
     """Every problem of the ``[check:NAME]`` sections, as (section, key, text)."""
-    problems = _check_run_problems(config)
+    problems = _check_run_problems(config) + (_dependency_problems(config) if hasattr(config, "sections") else [])
     for section in config.sections() if hasattr(config, "sections") else ():
         if not section.startswith("check:"):
             continue
@@ -9275,19 +9299,25 @@ def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
 
 
 def _alert_checks(args, results: List[CheckResult]) -> None:
-    """Fire each check that is not OK (key: its name) and resolve each that is, as one run; then the
-    Watchdog to Alertmanager, which lives for two check intervals."""
+    """Fire each check that is not OK (key: its name) and resolve each that is, as one run, holding the
+    alerts of a check whose ``depends_on`` is CRITICAL; then the Watchdog to Alertmanager, which lives
+    for two check intervals."""
     try:
+        config = load_config(args.config_path, required=args.config_named)
+        parents = check_dependencies(config)
+        states = {result.name: result.state for result in results}
         with contextlib.closing(_alerting(args)) as system:
             with system.batch():
                 for result in results:
+                    parent = parents.get(result.name)
+                    held = f"{parent} is CRITICAL" if states.get(parent) == "CRITICAL" else None
                     if result.state == "OK":
                         system.resolve(result.name, result.summary)
                     else:
                         severity = "critical" if result.state == "CRITICAL" else "warning"
                         system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}",
-                                    severity)
-            interval = check_run_interval(load_config(args.config_path, required=args.config_named))
+                                    severity, inhibited_by=held)
+            interval = check_run_interval(config)
             system.send_watchdog(WATCHDOG_RUNS * interval + CHECK_STALE_GRACE_S)
     except MonitorError as err:  # a broken alert configuration must not hide the checks' verdict
         log.error("alerts not sent: %s", err)

@@ -152,6 +152,30 @@ class CronRuns(AlertTestCase):
         self.assertEqual(text.stdout.decode(), "sync  warning   since 01-15 08:00 UTC  (1 failing run)  Slow sync  "
                                                "log=01-15 08:00 webhook=01-15 08:00\n")
 
+    def test_a_check_that_depends_on_a_critical_one_is_inhibited_until_that_one_recovers(self):
+        router, site = os.path.join(self.tmp, "router-up"), os.path.join(self.tmp, "site-up")
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
+                              f"[check:router]\ntype = file_age\npath = {router}\n\n"
+                              f"[check:site]\ntype = file_age\npath = {site}\ndepends_on = router\n")
+            first = self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(T0), TZ="UTC"))
+            titles = [request.json()["dedup_key"] for request in hook.requests]
+            open(router, "w").close()
+            os.utime(router, (T0, T0))
+            second = self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(T0 + 300), TZ="UTC"))
+        self.assertEqual((first.returncode, first.stderr, second.returncode, second.stderr), (2, b"", 2, b""))
+        self.assertEqual(first.stdout.decode().splitlines()[1:], [f"CRITICAL router: {router} does not exist",
+                                                                  f"CRITICAL site: {site} does not exist"])
+        self.assertEqual(titles, ["router"])
+        self.assertEqual(hook.requests[-1].json()["dedup_key"], "site")
+        self.assertEqual(sqlite_rows(self.db, "SELECT a.dedup_key, d.outcome, d.error FROM alert_deliveries d JOIN "
+                                              "alerts a ON a.id = d.alert_id WHERE d.channel = 'webhook' ORDER BY a.id"),
+                         [("router", "sent", None), ("site", "inhibited", "router is CRITICAL"), ("site", "sent", None)])
+        self.write_config("[check:a]\ntype = disk\ndepends_on = a\n\n[check:b]\ntype = disk\ndepends_on = nothere\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual(out.splitlines(), [f"{self.config_path}: [check:a] depends_on: a check cannot depend on itself",
+                                            f"{self.config_path}: [check:b] depends_on: no check named 'nothere'"])
+
     def test_quiet_repeats_of_a_failing_check_are_a_count_not_history(self):
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
