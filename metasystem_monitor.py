@@ -112,7 +112,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -794,6 +794,17 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                n INTEGER NOT NULL,
                PRIMARY KEY (channel, outcome)) WITHOUT ROWID""",
         "INSERT INTO delivery_counts SELECT channel, outcome, count(*) FROM alert_deliveries GROUP BY channel, outcome",
+    ),
+    (
+        # A person's acknowledgement of a firing alert: no reminders until it resolves, ``until`` passes
+        # (NULL: never) or its severity rises above the one acknowledged.
+        """CREATE TABLE alert_acks (
+               key TEXT PRIMARY KEY,
+               by TEXT NOT NULL,
+               comment TEXT NOT NULL,
+               at REAL NOT NULL,
+               until REAL,
+               severity TEXT NOT NULL) WITHOUT ROWID""",
     ),
 )
 
@@ -3348,7 +3359,7 @@ DISCORD_COLORS = {"critical": 0xD00000, "warning": 0xF2C744, "info": 0x439FE0, "
 NTFY_PRIORITIES = {"critical": "5", "warning": "4", "info": "3"}
 NTFY_TAGS = {"critical": "rotating_light", "warning": "warning", "info": "information_source"}
 DELIVERY_OUTCOMES = ("sent", "failed", "deduplicated", "not_configured", "silenced", "held", "inhibited")
-ALERT_KINDS = ("alert", "test", "firing", "reminder", "resolved", "digest", "catchup")
+ALERT_KINDS = ("alert", "test", "firing", "reminder", "resolved", "digest", "catchup", "acknowledged")
 DEFAULT_REPEAT_INTERVALS_S = {"critical": 3600.0, "warning": 4 * 3600.0, "info": None}  # None: never
 DEFAULT_FIRE_AFTER = 1
 DEFAULT_RESOLVE_AFTER = 2
@@ -5356,6 +5367,10 @@ class AlertingSystem:
 
         rows = self.store.query("SELECT key, title, message, severity, details, since, flips, recent, fail_streak "
                                 "FROM alert_states WHERE state = 'firing' ORDER BY since, key")
+        acks = {key: {"by": by, "comment": comment, "at": iso_time(at), "until": iso_time(until)}
+                for key, by, comment, at, until in self.store.query(
+                    "SELECT key, by, comment, at, until FROM alert_acks WHERE until IS NULL OR until > ?",
+                    (self._now(),))}
         found = []
         for key, title, message, severity, details, since, flips, recent, runs in rows:
             channels = self.store.query("SELECT channel, delivered_at, severity, reminders, held "
@@ -5363,6 +5378,7 @@ class AlertingSystem:
             found.append({
                 "key": key, "title": title, "message": message, "severity": severity, "details": json.loads(details),
                 "since": iso_time(since), "flips": flips, "recent_runs": recent, "failing_runs": runs,
+                "acknowledged": acks.get(key),
                 "channels": {channel: {"last_delivered": iso_time(at), "severity": sev, "reminders": reminders,
                                        "held": bool(held)} for channel, at, sev, reminders, held in channels},
             })
@@ -5426,6 +5442,7 @@ class AlertingSystem:
                 state.update(state="firing", since=now, flips=state["flips"] + 1)
         elif state["state"] == "firing" and state["pass_streak"] >= (resolve_after or lifecycle.resolve_after):
             state.update(state="ok", flips=state["flips"] + 1)
+            conn.execute("DELETE FROM alert_acks WHERE key = ?", (alert.key,))  # the next failure is news
         conn.execute(
             "INSERT OR REPLACE INTO alert_states (key, state, title, message, severity, details, since, recent, "
             "fail_streak, pass_streak, flips, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -5439,13 +5456,14 @@ class AlertingSystem:
         alert = alert._replace(kind="firing", started_at=state["since"])
         call = _Call(alert, "firing")
         silence = self._silence_for(conn, alert, now)
+        acknowledged = self._acknowledged(conn, alert.key, state["severity"], now)
         minute = _local_minute(now)
         for channel in self.selected(alert)[0]:
             row = self._channel_state(conn, alert.key, channel.name, now)
             if row["claimed"] or row["held"]:
                 continue  # another process is sending it, or the end of quiet hours will
             kind, note = self._due(row, state, now)
-            if kind is None:
+            if kind is None or (kind == "reminder" and acknowledged):
                 continue
             if silence is not None:
                 call.outcomes[channel.name] = Delivery("silenced", error=f"silence #{silence}")
@@ -5551,6 +5569,47 @@ class AlertingSystem:
                 "claim_owner = '', claim_until = 0", (key, channel, at, severity, kind == "reminder"))
 
     # -- silences -------------------------------------------------------------
+
+    # -- acknowledgements -----------------------------------------------------
+
+    def acknowledge(self, key: str, by: str, comment: str = "", duration_s: Optional[float] = None) -> Dict[str, Any]:
+        """Stop the reminders of the firing alert ``key`` (its RESOLVED still goes out) until it resolves,
+        ``duration_s`` passes, or its severity rises; the history records who did it and when."""
+        key, by, comment = (self.masker.scrub(_one_line(text)) for text in (key, by, comment))
+        now = self._now()
+        until = None if duration_s is None else now + non_negative(duration_s, "acknowledgement duration")
+        with self.store.write() as conn:
+            row = conn.execute("SELECT title, severity FROM alert_states WHERE key = ? AND state = 'firing'",
+                               (key,)).fetchone()
+            if row is None:
+                firing = [name for (name,) in conn.execute("SELECT key FROM alert_states WHERE state = 'firing' "
+                                                           "ORDER BY key")]
+                raise MonitorError(f"no firing alert {key!r}" + (f" (firing: {', '.join(firing)})" if firing
+                                                                  else " (nothing fires)"))
+            title, severity = row
+            conn.execute("INSERT OR REPLACE INTO alert_acks (key, by, comment, at, until, severity) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (key, by, comment, now, until, severity))
+            message = f"acknowledged by {by}" + (f": {comment}" if comment else "") + (
+                f" for {format_span(duration_s)}" if duration_s is not None else "")
+            conn.execute("INSERT INTO alerts (ts, kind, dedup_key, severity, title, message, details) "
+                         "VALUES (?, 'acknowledged', ?, ?, ?, ?, '{}')", (now, key, severity, title, message))
+        return {"key": key, "by": by, "comment": comment, "at": iso_time(now), "until": iso_time(until)}
+
+    def unacknowledge(self, key: str) -> bool:
+        """Take an acknowledgement back: reminders are due again. False when there was none."""
+        with self.store.write() as conn:
+            return conn.execute("DELETE FROM alert_acks WHERE key = ?", (key,)).rowcount > 0
+
+    @staticmethod
+    def _acknowledged(conn: sqlite3.Connection, key: str, severity: str, now: float) -> bool:
+        """True while ``key`` is acknowledged at ``severity`` or above; a rise or an expiry ends it."""
+        row = conn.execute("SELECT severity, until FROM alert_acks WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return False
+        if ALERT_SEVERITIES.index(severity) > ALERT_SEVERITIES.index(row[0]) or (row[1] is not None and now >= row[1]):
+            conn.execute("DELETE FROM alert_acks WHERE key = ?", (key,))
+            return False
+        return True
 
     def add_silence(self, match: str, duration_s: float, comment: str = "") -> int:
         """Silence alerts whose key or title contains ``match`` (``key=K``: the key K exactly)."""
@@ -7714,11 +7773,12 @@ def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> Li
     for alert_id, channel, outcome in store.query(
             f"SELECT alert_id, channel, outcome FROM alert_deliveries WHERE alert_id IN ({newest})", (since, limit)):
         channels.setdefault(alert_id, {})[channel] = outcome
-    return [{"time": iso_time(ts), "kind": kind, "severity": severity, "title": title,
-             "channels": dict(sorted(channels.get(alert_id, {}).items()))}
-            for alert_id, ts, kind, severity, title in store.query(
-                "SELECT id, ts, kind, severity, title FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC LIMIT ?",
-                (since, limit))]
+    return [dict({"time": iso_time(ts), "kind": kind, "severity": severity, "title": title,
+                  "channels": dict(sorted(channels.get(alert_id, {}).items()))},
+                 **({"message": message} if kind == "acknowledged" else {}))
+            for alert_id, ts, kind, severity, title, message in store.query(
+                "SELECT id, ts, kind, severity, title, message FROM alerts WHERE ts >= ? ORDER BY ts DESC, id DESC "
+                "LIMIT ?", (since, limit))]
 
 
 def recorded_health(store: Store, now: float,
@@ -8445,8 +8505,9 @@ def status_page(summary: Dict[str, Any]) -> str:
                             "anomalous": entry["recent"]["anomalous"]}))
             for key, entry in summary["metrics"].items()], states=False)
     parts += _page_table("Recent alerts", ("severity", "time", "title", "channels"), [
-        (("RESOLVED", "OK") if alert["kind"] == "resolved" else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
-         local_time(alert["time"]), alert["title"],
+        (("RESOLVED", "OK") if alert["kind"] == "resolved" else ("ACKED", "OK") if alert["kind"] == "acknowledged"
+         else SEVERITY_STATE_WORDS.get(alert["severity"], "UNKNOWN"),
+         local_time(alert["time"]), alert["title"] + (f" ({alert['message']})" if alert.get("message") else ""),
          ", ".join(f"{name} {outcome}" for name, outcome in alert["channels"].items()))
         for alert in summary["alerts"]])
     parts += _page_table("System health", ("state", "check", "checked", "summary"), [
@@ -9233,18 +9294,50 @@ def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
         channels = " ".join(f"{name}={local_time(channel['last_delivered']) if channel['last_delivered'] else ''}"
                             f"{'' if channel['last_delivered'] else 'held' if channel['held'] else 'pending'}"
                             for name, channel in entry["channels"].items())
-        runs = entry["failing_runs"]
+        runs, ack = entry["failing_runs"], entry["acknowledged"]
+        acked = f"  acknowledged by {ack['by']} at {local_time(ack['at'])}" + (
+            f" ({ack['comment']})" if ack["comment"] else "") if ack else ""
         print(f"{entry['key']}  {entry['severity']:<8}  since {local_time(entry['since'], zone=True)}  "
-              f"({runs} failing run{'' if runs == 1 else 's'})  {entry['title']}  {channels}".rstrip())
+              f"({runs} failing run{'' if runs == 1 else 's'})  {entry['title']}{acked}  {channels}".rstrip())
     return EXIT_OK
 
 
 ALERTS_ERROR_CHARS = 200  # of a delivery's error in the plain alerts list (--json has all of it)
 
 
+def _user_name() -> str:
+    """Who runs this: $USER, else the account's name, else ``unknown``."""
+    import getpass
+
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError, ImportError):  # an uid without a passwd entry, in a container
+        return "unknown"
+
+
+def _acknowledge(args) -> int:
+    if not args.key:
+        raise ValidationError(f"alerts {args.action} needs the alert's KEY (alerts --firing lists them)")
+    with contextlib.closing(_alerting(args)) as system:
+        if args.action == "unack":
+            if not system.unacknowledge(args.key):
+                raise MonitorError(f"alert {args.key!r} is not acknowledged")
+            return EXIT_OK
+        by = args.by or _user_name()
+        duration = parse_duration_s(args.duration) if args.duration else None
+        done = system.acknowledge(args.key, by, args.comment or "", duration)
+    if args.json:
+        _print_json(done)
+    return EXIT_OK
+
+
 def cmd_alerts(args) -> int:
     """The history of the last --hours, a line each with every channel's outcome and why one failed or
-    was skipped; or (--firing) what fires now."""
+    was skipped; or (--firing) what fires now; ``ack KEY`` and ``unack KEY`` acknowledge."""
+    if args.action:
+        return _acknowledge(args)
+    if args.key:
+        raise ValidationError("alerts takes a KEY only after ack or unack")
     with contextlib.closing(_alerting(args, readonly=True)) as system:
         history = system.firing() if args.firing else system.get_alert_history(args.hours)
     if args.firing:
@@ -9256,7 +9349,8 @@ def cmd_alerts(args) -> int:
         outcomes = " ".join(f"{name}={channel['outcome']}" + (f" ({_one_line(channel['error'])[:ALERTS_ERROR_CHARS]})"
                                                                if channel["error"] else "")
                             for name, channel in entry["channels"].items())
-        kind = f" ({entry['kind']})" if entry["kind"] != "alert" else ""
+        said = {"alert": "", "acknowledged": f" ({entry['message']})"}  # an ack says by whom
+        kind = said.get(entry["kind"], f" ({entry['kind']})")
         print(f"{local_time(entry['time'], zone=True)}  {entry['severity']:<8}  {entry['title']}{kind}  "
               f"{outcomes}".rstrip())
     return EXIT_OK
@@ -9706,8 +9800,14 @@ def _args_silence(sub) -> None:
 
 
 def _args_alerts(sub) -> None:
+    sub.add_argument("action", nargs="?", choices=("ack", "unack"), metavar="ack|unack",
+                     help="ack KEY: no more reminders of that firing alert (its RESOLVED still comes); unack KEY")
+    sub.add_argument("key", nargs="?", metavar="KEY", help="the alert's key, as alerts --firing shows it")
     _add_hours(sub)
     sub.add_argument("--firing", action="store_true", help="what is firing now, and each channel's last delivery")
+    sub.add_argument("--comment", metavar="TEXT", help="ack: why, or what is being done")
+    sub.add_argument("--for", dest="duration", metavar="DURATION", help="ack: only this long (default: until resolved)")
+    sub.add_argument("--by", metavar="WHO", help="ack: who (default: $USER)")
     _add_json(sub)
 
 

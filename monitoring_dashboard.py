@@ -266,11 +266,13 @@ def alert_lines(summary: Dict[str, Any], width: int, ascii_only: bool) -> List[L
     lines = []
     for alert in summary["alerts"]:
         kind = alert.get("kind")
-        word = "RESOLVED" if kind == "resolved" else str(alert.get("severity", "")).upper()
-        style = "ok" if kind == "resolved" else mm.SEVERITY_STATE_WORDS.get(alert.get("severity"), "UNKNOWN").lower()
+        word = {"resolved": "RESOLVED", "acknowledged": "ACKED"}.get(kind, str(alert.get("severity", "")).upper())
+        style = "ok" if kind in ("resolved", "acknowledged") else mm.SEVERITY_STATE_WORDS.get(
+            alert.get("severity"), "UNKNOWN").lower()
         channels = ", ".join(f"{mm.inert_text(name, ascii_only)} {mm.inert_text(outcome, ascii_only)}"
                              for name, outcome in sorted(alert.get("channels", {}).items()))
-        title = mm.inert_text(alert.get("title", ""), ascii_only)
+        title = mm.inert_text(alert.get("title", "") + (f" ({alert['message']})" if alert.get("message") else ""),
+                              ascii_only)
         lines.append([("  " + mm.local_time(alert.get("time")) + " ", "plain"), (pad(word, 8), style),
                       (f" {title}" + (f"  [{channels}]" if channels else ""), "plain")])
     hours = summary.get("window_hours", mm.DEFAULT_WINDOW_HOURS)

@@ -130,6 +130,7 @@ class DeliveryCountsMigrationTest(AlertTestCase):
         alerts.close()
         conn = sqlite3.connect(self.db)
         conn.execute("DROP TABLE delivery_counts")
+        conn.execute("DROP TABLE alert_acks")  # as version 6 had neither
         conn.execute("PRAGMA user_version = 6")
         conn.commit()
         conn.close()

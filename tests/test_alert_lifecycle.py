@@ -176,6 +176,40 @@ class CronRuns(AlertTestCase):
         self.assertEqual(out.splitlines(), [f"{self.config_path}: [check:a] depends_on: a check cannot depend on itself",
                                             f"{self.config_path}: [check:b] depends_on: no check named 'nothere'"])
 
+    def test_an_acknowledged_alert_stops_reminding_until_its_severity_rises_and_still_resolves(self):
+        import monitoring_dashboard as dash
+
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\nrepeat_interval_warning = 1h\n"
+                              "repeat_interval_critical = 1h\n")
+            self.run_at(T0, "alert", "--warning", "Disk filling", "--key", "disk")
+            acked = self.run_cli("alerts", "ack", "disk", "--comment", "moving files", "--by", "ana",
+                                 env=self.cli_env(METASYSTEM_NOW=repr(T0 + 60), TZ="UTC"))
+            listed = self.run_at(T0 + 120, "alerts", "--firing")
+            self.run_at(T0 + 2 * 3600, "alert", "--warning", "Disk filling", "--key", "disk")  # no reminder
+            self.run_at(T0 + 3 * 3600, "alert", "--critical", "Disk full", "--key", "disk")  # rises: news
+            self.run_at(T0 + 4 * 3600 + 60, "alert", "--critical", "Disk full", "--key", "disk")  # a reminder again
+            for when in (T0 + 5 * 3600, T0 + 5 * 3600 + 60):
+                self.run_at(when, "alert", "--resolve", "disk")
+            missing = self.run_cli("alerts", "ack", "disk", env=self.cli_env(METASYSTEM_NOW=repr(T0 + 6 * 3600)))
+        self.assertEqual((acked.returncode, acked.stdout, acked.stderr), (0, b"", b""))
+        self.assertEqual(listed.stdout.decode(), "disk  warning   since 01-15 08:00 UTC  (1 failing run)  Disk filling  "
+                                                 "acknowledged by ana at 01-15 08:01 (moving files)  "
+                                                 "log=01-15 08:00 webhook=01-15 08:00\n")
+        self.assertEqual([(r.json()["kind"], r.json()["severity"]) for r in hook.requests],
+                         [("firing", "warning"), ("firing", "critical"), ("reminder", "critical"),
+                          ("resolved", "critical")])
+        self.assertEqual((missing.returncode, missing.stderr.decode()),
+                         (1, "metasystem_monitor.py: error: no firing alert 'disk' (nothing fires)\n"))
+        summary = mm.read_summary(self.db, now=lambda: T0 + 300)
+        [ack] = [alert for alert in summary["alerts"] if alert["kind"] == "acknowledged"]
+        self.assertEqual(ack, {"time": mm.iso_time(T0 + 60), "kind": "acknowledged", "severity": "warning",
+                               "title": "Disk filling", "channels": {}, "message": "acknowledged by ana: moving files"})
+        self.assertIn("  01-15 08:01 ACKED    Disk filling (acknowledged by ana: moving files)\n",
+                      dash.plain_text(summary))
+        self.assertIn('<td class="OK">ACKED</td><td>01-15 08:01</td><td>Disk filling (acknowledged by ana: moving '
+                      'files)</td>', mm.status_page(summary))
+
     def test_quiet_repeats_of_a_failing_check_are_a_count_not_history(self):
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"

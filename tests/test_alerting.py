@@ -368,3 +368,20 @@ class MutationPassTest(AlertTestCase):
         alerts = self.system("")
         with self.assertRaisesRegex(mm.ValidationError, "a silence needs a duration of more than 0"):
             alerts.add_silence("x", 0)
+
+
+class Acknowledgements(AlertTestCase):
+    def test_an_acknowledgement_for_a_while_lets_reminders_come_back_after_it(self):
+        with HTTPServer() as hook:
+            alerts = self.system(f"[alerting]\nwebhook_url = {hook.url()}\nrepeat_interval_critical = 1h\n")
+            alerts.fire("db", "Database down", severity="critical")
+            acked_at = self.clock.time()
+            done = alerts.acknowledge("db", "ana", "restoring", duration_s=5400)
+            self.clock.advance(3600)
+            alerts.fire("db", "Database down", severity="critical")  # acknowledged: no reminder
+            self.clock.advance(1800)
+            alerts.fire("db", "Database down", severity="critical")  # the acknowledgement ended at 1.5 h
+            self.assertFalse(alerts.unacknowledge("db"))
+        self.assertEqual((done["by"], done["comment"], done["until"]), ("ana", "restoring", mm.iso_time(acked_at + 5400)))
+        self.assertEqual([request.json()["kind"] for request in hook.requests], ["firing", "reminder"])
+        self.assertEqual(sqlite_rows(self.db, "SELECT count(*) FROM alert_acks"), [(0,)])
