@@ -3372,7 +3372,8 @@ SEED_CHANNEL_KEYS = {"email_to": "email", "slack_webhook_url": "slack", "discord
 ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_critical", "repeat_interval_warning",
                  "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
 CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
-                       "quiet_hours", "quiet_hours_bypass", "fallback", "title_template", "message_template")
+                       "quiet_hours", "quiet_hours_bypass", "fallback", "escalate_after", "escalate_to",
+                       "title_template", "message_template")
 # The $fields of title_template and message_template: string.Template, so a literal $ is written $$.
 TEMPLATE_FIELDS = ("title", "message", "severity", "kind", "key", "host", "since", "time", "details", "note")
 EMAIL_METHODS = ("smtp", "mail", "sendmail")
@@ -3500,6 +3501,8 @@ class ChannelSpec(NamedTuple):
     quiet_bypass: Optional[str] = None  # this severity and above go out in quiet hours
     fallback: Optional[str] = None  # the channel tried when this one fails
     templates: Optional[Dict[str, str]] = None  # "title" and "message": string.Template texts
+    escalate_after_s: Optional[float] = None  # a critical alert unacknowledged this long here ...
+    escalate_to: Optional[str] = None  # ... goes to this channel as well, once
 
     def is_quiet(self, local_minute: int, severity: str) -> bool:
         """True when a notification of ``severity`` is held back at this local time."""
@@ -4814,6 +4817,11 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     send_resolved = _bool_setting(items, section, "send_resolved", True, problems)
     quiet, bypass = _quiet_settings(items, section, problems)
     fallback = items.get("fallback", "").strip() or None
+    escalate_after = _duration_setting(items, section, "escalate_after", 0.0, problems, positive=True) or None
+    escalate_to = items.get("escalate_to", "").strip() or None
+    if (escalate_after is None) != (escalate_to is None):
+        given, needed = ("escalate_after", "escalate_to") if escalate_after else ("escalate_to", "escalate_after")
+        problems.append((section, needed, f"{given} needs {needed} too"))
     templates = {part: items[f"{part}_template"] for part in ("title", "message") if f"{part}_template" in items}
     for part, text in templates.items():
         why = template_problem(text)
@@ -4821,7 +4829,8 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
             problems.append((section, f"{part}_template", why))
     usable = len(problems) == start
     return ChannelSpec(name, kind, section, settings, secrets, sources, min_severity, channel_timeout,
-                       channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback, templates)
+                       channel_budget, enabled and usable, missing, send_resolved, quiet, bypass, fallback, templates,
+                       escalate_after, escalate_to)
 
 
 def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
@@ -4863,9 +4872,10 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
     if "log" not in channels:
         channels["log"] = ChannelSpec("log", "log", "", {}, {}, {}, "info", timeout_s, budget_s)
     for name, spec in channels.items():
-        if spec.fallback and (spec.fallback not in channels or spec.fallback == name):
-            what = "itself" if spec.fallback == name else f"{spec.fallback!r}, which is not a channel"
-            problems.append((spec.section, "fallback", f"names {what}"))
+        for key, other in (("fallback", spec.fallback), ("escalate_to", spec.escalate_to)):
+            if other and (other not in channels or other == name):
+                what = "itself" if other == name else f"{other!r}, which is not a channel"
+                problems.append((spec.section, key, f"names {what}"))
     lifecycle = _lifecycle_settings(alerting, problems)
     return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle)
 
@@ -5082,9 +5092,10 @@ class AlertingSystem:
         severity, a disabled channel is never selected: it stays silent. Named, it is skipped, and said."""
         specs = self.settings.channels
         missing: Dict[str, str] = {}
-        if alert.channels is None:
-            chosen = [name for name, spec in specs.items()
-                      if spec.enabled and ALERT_SEVERITIES.index(spec.min_severity) <= alert.severity.rank]
+        if alert.channels is None:  # routed: a channel some channel escalates to gets only escalations
+            escalations = {spec.escalate_to for spec in specs.values() if spec.escalate_to}
+            chosen = [name for name, spec in specs.items() if spec.enabled and name not in escalations
+                      and ALERT_SEVERITIES.index(spec.min_severity) <= alert.severity.rank]
         else:
             chosen = []
             for selector in alert.channels:
@@ -5476,7 +5487,29 @@ class AlertingSystem:
             else:
                 self._claim_channel(conn, alert.key, channel, kind, alert.severity.value, now)
                 call.plans.append(_Plan(channel, alert._replace(kind=kind, note=note)))
+        if silence is None and not alert.inhibited_by and not acknowledged:
+            self._plan_escalations(conn, call, state, alert, now)
         return call
+
+    def _plan_escalations(self, conn: sqlite3.Connection, call: "_Call", state: Dict[str, Any], alert: Alert,
+                          now: float) -> None:
+        """A critical alert firing ``escalate_after`` on a channel, unacknowledged, goes to its
+        ``escalate_to`` as well: once (that channel then holds it, and gets its RESOLVED)."""
+        if state["severity"] != "critical":
+            return
+        planned = {plan.channel.name for plan in call.plans}
+        for channel in self.selected(alert)[0]:
+            after, target = channel.spec.escalate_after_s, self.channels.get(channel.spec.escalate_to or "")
+            if after is None or target is None or now - state["since"] < after or target.name in planned:
+                continue
+            row = self._channel_state(conn, alert.key, target.name, now)
+            if row["claimed"] or row["delivered_at"] is not None:
+                continue  # escalated before (or now, by another run), or it had the alert anyway
+            note = (f"escalated from {channel.name}: firing for {format_span(now - state['since'])} "
+                    f"without an acknowledgement")
+            self._claim_channel(conn, alert.key, target, "firing", alert.severity.value, now)
+            call.plans.append(_Plan(target, alert._replace(kind="firing", note=note)))
+            planned.add(target.name)
 
     def _due(self, row: Dict[str, Any], state: Dict[str, Any], now: float) -> Tuple[Optional[str], str]:
         """(kind, note) owed to a channel now: ("firing", ...), ("reminder", ...), or (None, "")."""
@@ -5800,6 +5833,9 @@ def _routing_lines(spec: ChannelSpec) -> List[str]:
         lines.append(f"quiet_hours_bypass = {spec.quiet_bypass}")
     if spec.fallback:
         lines.append(f"fallback = {spec.fallback}")
+    if spec.escalate_to:
+        lines += [f"escalate_after = {format_span(spec.escalate_after_s or 0, exact=True)}",
+                  f"escalate_to = {spec.escalate_to}"]
     if not spec.send_resolved:
         lines.append("send_resolved = false")
     lines += [f"{part}_template = {text}" for part, text in (spec.templates or {}).items()]

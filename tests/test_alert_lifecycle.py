@@ -210,6 +210,35 @@ class CronRuns(AlertTestCase):
         self.assertIn('<td class="OK">ACKED</td><td>01-15 08:01</td><td>Disk filling (acknowledged by ana: moving '
                       'files)</td>', mm.status_page(summary))
 
+    def test_a_critical_alert_unacknowledged_escalates_once_and_its_resolved_follows(self):
+        with HTTPServer() as chat, HTTPServer() as pager:
+            self.write_config(f"[alerting]\nrepeat_interval_critical = 4h\n\n"
+                              f"[channel:chat]\ntype = webhook\nurl = {chat.url('/c')}\nescalate_after = 30m\n"
+                              "escalate_to = pager\n\n"
+                              f"[channel:pager]\ntype = webhook\nurl = {pager.url('/p')}\n")
+            for minute in (0, 20, 31, 45):
+                self.run_at(T0 + 60 * minute, "alert", "--critical", "Database down", "--key", "db")
+                self.run_at(T0 + 60 * minute, "alert", "--critical", "Queue stuck", "--key", "queue")
+                self.run_at(T0 + 60 * minute, "alert", "--warning", "Disk filling", "--key", "disk")
+                if minute == 0:
+                    self.run_at(T0 + 60, "alerts", "ack", "queue", "--by", "ana")
+            for minute in (50, 51):
+                self.run_at(T0 + 60 * minute, "alert", "--resolve", "db")
+        self.assertEqual(sorted((r.json()["dedup_key"], r.json()["kind"]) for r in chat.requests),
+                         [("db", "firing"), ("db", "resolved"), ("disk", "firing"), ("queue", "firing")])
+        self.assertEqual([(r.json()["dedup_key"], r.json()["kind"], r.json()["note"]) for r in pager.requests], [
+            ("db", "firing", "escalated from chat: firing for 31m without an acknowledgement"),
+            ("db", "resolved", f"resolved after 51m (firing since {mm.iso_time(T0)})")])
+        shown = self.run_at(T0, "config").stdout.decode()
+        self.assertIn("escalate_after = 30m\nescalate_to = pager\n", shown)
+        self.write_config("[channel:a]\ntype = webhook\nurl = http://127.0.0.1:1/\nescalate_after = 1h\n\n"
+                          "[channel:b]\ntype = webhook\nurl = http://127.0.0.1:1/\nescalate_to = nowhere\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [channel:a] escalate_to: escalate_after needs escalate_to too",
+            f"{self.config_path}: [channel:b] escalate_after: escalate_to needs escalate_after too",
+            f"{self.config_path}: [channel:b] escalate_to: names 'nowhere', which is not a channel"])
+
     def test_quiet_repeats_of_a_failing_check_are_a_count_not_history(self):
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
