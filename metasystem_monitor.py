@@ -207,7 +207,7 @@ DASHBOARD_KEYS = ("metrics",)  # shell globs of the series the faces show (defau
 CHECK_RUN_KEYS = ("interval", "ping_url", "ping_url_env", "ping_url_file")  # [check]: about every run of check
 SERVE_KEYS = ("listen", "token_file", "cache")
 COLLECT_KEYS = ("load", "cpu", "memory", "disks", "network", "processes")  # each true or false
-CONFIG_SECTION_PREFIXES = ("channel:", "check:", "job:")
+CONFIG_SECTION_PREFIXES = ("channel:", "check:", "job:", "maintenance:")
 JOB_KEYS = ("ping_url", "ping_url_env", "ping_url_file")  # [job:NAME]: what every run of the job NAME does
 STORAGE_KEYS = ("retention_days", "rollup_hourly_days", "rollup_daily_days", "synchronous", "busy_timeout")
 
@@ -4662,6 +4662,152 @@ class Lifecycle(NamedTuple):
         return fail_streak >= self.fire_after
 
 
+MAINTENANCE_KEYS = ("match", "daily", "weekly", "from", "until", "timezone")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _zone(name: Optional[str]) -> Any:
+    """zoneinfo's zone of that name, or None for the machine's local time."""
+    if not name:
+        return None
+    import zoneinfo
+
+    return zoneinfo.ZoneInfo(name)
+
+
+def _silence_matches(match: str, alert: "Alert") -> bool:
+    """A silence's ``match``: ``key=K`` is that key exactly, any other text a part of the key or title."""
+    if match.startswith("key="):
+        return match[4:] == alert.key
+    return match in alert.key or match in alert.title
+
+
+def _minutes_range(text: str) -> Optional[Tuple[int, int]]:
+    """``HH:MM-HH:MM`` as minutes after midnight, or None."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    if not found:
+        return None
+    h1, m1, h2, m2 = map(int, found.groups())
+    if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2):
+        return None
+    return h1 * 60 + m1, (h2 * 60 + m2) % 1440
+
+
+def _local_epoch(text: str, zone: Optional[str]) -> Optional[float]:
+    """``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM`` in ``zone`` (or local time) as epoch seconds, or None."""
+    import datetime
+
+    for layout in ("%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            moment = datetime.datetime.strptime(text.strip(), layout)
+        except ValueError:
+            continue
+        return moment.replace(tzinfo=_zone(zone)).timestamp()
+    return None
+
+
+def _maintenance_window(section: str, items: Dict[str, str], zone: Optional[str],
+                        problems: List[Tuple[str, str, str]]) -> Optional[Dict[str, Any]]:
+    given = [key for key in ("daily", "weekly", "from") if items.get(key)]
+    if len(given) != 1:
+        problems.append((section, "daily", "give one of daily, weekly or from (with until)"))
+        return None
+    if given == ["from"]:
+        starts, ends = (_local_epoch(items.get(key, ""), zone) for key in ("from", "until"))
+        for key, value in (("from", starts), ("until", ends)):
+            if value is None:
+                problems.append((section, key, f"{_shown(items.get(key, ''))} is not a date such as 2026-12-24 "
+                                                "or 2026-12-24 18:00"))
+        if starts is not None and ends is not None and ends <= starts:
+            problems.append((section, "until", "must be after from"))
+        return {"starts": starts, "ends": ends}
+    text = items[given[0]]
+    days: Tuple[int, ...] = tuple(range(7))
+    if given == ["weekly"]:
+        names, _, text = text.partition(" ")
+        picked = [name.strip().lower()[:3] for name in names.split(",")]
+        if not all(name in WEEKDAYS for name in picked):
+            problems.append((section, "weekly", f"{_shown(names)} is not a list of days such as Sun or Sat,Sun"))
+            return None
+        days = tuple(sorted({WEEKDAYS.index(name) for name in picked}))
+    minutes = _minutes_range(text)
+    if minutes is None:
+        problems.append((section, given[0], f"{_shown(text)} is not a time range such as 02:00-04:00"))
+        return None
+    return {"days": days, "start": minutes[0], "end": minutes[1]}
+
+
+class Maintenance(NamedTuple):
+    """A planned maintenance window, ``[maintenance:NAME]``: what it silences, and when.
+
+    ``days`` are the weekdays (0 Monday) its daily ``start``-``end`` (minutes after midnight, across it
+    when end <= start) opens on; or ``starts``/``ends`` are epoch seconds for a one-off window.
+    """
+
+    name: str
+    match: str
+    days: Tuple[int, ...] = ()
+    start: int = 0
+    end: int = 0
+    starts: Optional[float] = None
+    ends: Optional[float] = None
+    zone: Optional[str] = None  # an IANA name for zoneinfo; None: the machine's local time
+
+    def matches(self, alert: "Alert") -> bool:
+        return _silence_matches(self.match, alert)
+
+    def windows(self, now: float) -> List[Tuple[float, float]]:
+        """(start, end) of the windows that hold now or open in the next week, in order."""
+        if self.starts is not None:
+            return [(self.starts, self.ends)] if self.ends > now else []
+        import datetime
+
+        zone = _zone(self.zone)
+        today = datetime.datetime.fromtimestamp(now, zone).date() if zone else datetime.date.fromtimestamp(now)
+        found = []
+        for offset in range(-1, 8):
+            day = today + datetime.timedelta(days=offset)
+            if day.weekday() not in self.days:
+                continue
+            opens = datetime.datetime.combine(day, datetime.time(self.start // 60, self.start % 60), zone)
+            length = (self.end - self.start) % 1440 or 1440
+            start = opens.timestamp()
+            if start + length * 60 > now:
+                found.append((start, start + length * 60))
+        return found
+
+    def holds(self, now: float) -> bool:
+        return any(start <= now < end for start, end in self.windows(now))
+
+
+def maintenance_windows(config, problems: List[Tuple[str, str, str]]) -> List[Maintenance]:
+    """The ``[maintenance:NAME]`` sections: a ``match``, and ``daily = 03:00-03:30``, ``weekly = Sun
+    02:00-04:00`` (days may be listed, ``Sat,Sun``) or ``from``/``until`` dates, in local time or in
+    ``timezone``. Every problem is appended, none raised."""
+    found = []
+    for section in config.sections() if hasattr(config, "sections") else ():
+        if not section.startswith("maintenance:"):
+            continue
+        items = {key: value.strip() for key, value in config[section].items()}
+        start = len(problems)
+        problems += [(section, key, "unknown key") for key in items if key not in MAINTENANCE_KEYS]
+        if not items.get("match"):
+            problems.append((section, "match", "required: the key or title text it silences (key=K: one key)"))
+        zone = items.get("timezone") or None
+        if zone:
+            try:
+                _zone(zone)
+            except (ImportError, ValueError, KeyError, OSError):  # zoneinfo.ZoneInfoNotFoundError is a KeyError
+                problems.append((section, "timezone", f"{_shown(zone)} is not a time zone this machine knows"))
+                zone = None
+        window = _maintenance_window(section, items, zone, problems)
+        if window is not None and len(problems) == start:
+            found.append(Maintenance(section[len("maintenance:"):], items["match"], zone=zone, **window))
+    return found
+
+
 class AlertingSettings(NamedTuple):
     """Everything alerting reads from the INI file, checked; problems are (section, key, text)."""
 
@@ -4673,6 +4819,7 @@ class AlertingSettings(NamedTuple):
     problems: List[Tuple[str, str, str]]
     inline_secrets: List[str]  # "[section] key" of each secret written in the file itself
     lifecycle: Lifecycle = Lifecycle(dict(DEFAULT_REPEAT_INTERVALS_S))
+    maintenance: Tuple[Maintenance, ...] = ()
 
     def masker(self) -> Masker:
         return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
@@ -4877,7 +5024,8 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
                 what = "itself" if other == name else f"{other!r}, which is not a channel"
                 problems.append((spec.section, key, f"names {what}"))
     lifecycle = _lifecycle_settings(alerting, problems)
-    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle)
+    maintenance = tuple(maintenance_windows(config, problems))
+    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle, maintenance)
 
 
 def warn_if_shared(settings: "AlertingSettings") -> None:
@@ -5131,7 +5279,7 @@ class AlertingSystem:
         for channel in channels:
             if silence is not None:
                 outcomes[channel.name] = self._record_outcome(alert_id, channel.name,
-                                                              Delivery("silenced", error=f"silence #{silence}"))
+                                                              Delivery("silenced", error=silence))
                 continue
             outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, kind != "test", storage_errors)
             fallback = self._fallback_for(channel, outcomes[channel.name], outcomes, [c.name for c in channels])
@@ -5156,7 +5304,7 @@ class AlertingSystem:
                 self._write_delivery(conn, alert_id, channel, delivery)
         return delivery
 
-    def _active_silence(self, alert: Alert) -> Optional[int]:
+    def _active_silence(self, alert: Alert) -> Optional[str]:
         with self.store.write() as conn:
             return self._silence_for(conn, alert, self._now())
 
@@ -5477,7 +5625,7 @@ class AlertingSystem:
             if kind is None or (kind == "reminder" and acknowledged):
                 continue
             if silence is not None:
-                call.outcomes[channel.name] = Delivery("silenced", error=f"silence #{silence}")
+                call.outcomes[channel.name] = Delivery("silenced", error=silence)
             elif alert.inhibited_by:
                 call.outcomes[channel.name] = Delivery("inhibited", error=alert.inhibited_by)
             elif channel.spec.is_quiet(minute, alert.severity.value):
@@ -5659,6 +5807,19 @@ class AlertingSystem:
             return conn.execute("INSERT INTO silences (match, starts, ends, comment) VALUES (?, ?, ?, ?)",
                                 (match, now, now + duration_s, _one_line(comment))).lastrowid
 
+    def planned_maintenance(self) -> List[Dict[str, Any]]:
+        """Each ``[maintenance:NAME]`` with its next window (or the one that holds now), soonest first;
+        one whose windows are all past is left out."""
+        now = self._now()
+        planned = []
+        for window in self.settings.maintenance:
+            upcoming = window.windows(now)
+            if upcoming:
+                starts, ends = upcoming[0]
+                planned.append({"name": window.name, "match": window.match, "starts": iso_time(starts),
+                                "ends": iso_time(ends), "active": starts <= now < ends, "timezone": window.zone})
+        return sorted(planned, key=lambda entry: (entry["starts"], entry["name"]))
+
     def list_silences(self, include_expired: bool = False) -> List[Dict[str, Any]]:
         now = self._now()
         rows = self.store.query("SELECT id, match, starts, ends, comment FROM silences WHERE ends > ? ORDER BY id",
@@ -5670,15 +5831,16 @@ class AlertingSystem:
         with self.store.write() as conn:
             return conn.execute("DELETE FROM silences WHERE id = ?", (int(silence_id),)).rowcount > 0
 
-    def _silence_for(self, conn: sqlite3.Connection, alert: Alert, now: float) -> Optional[int]:
-        """The id of an active silence that matches the alert's key or title, or None."""
+    def _silence_for(self, conn: sqlite3.Connection, alert: Alert, now: float) -> Optional[str]:
+        """What silences the alert now: ``silence #ID`` (one matching its key or title), or ``maintenance
+        NAME`` (a planned window that holds), or None."""
         for silence_id, match in conn.execute("SELECT id, match FROM silences WHERE starts <= ? AND ends > ? "
                                               "ORDER BY id", (now, now)):
-            if match.startswith("key="):
-                if match[4:] == alert.key:
-                    return silence_id
-            elif match in alert.key or match in alert.title:
-                return silence_id
+            if _silence_matches(match, alert):
+                return f"silence #{silence_id}"
+        for window in self.settings.maintenance:
+            if window.matches(alert) and window.holds(now):
+                return f"maintenance {window.name}"
         return None
 
     # -- quiet hours ----------------------------------------------------------
@@ -9296,13 +9458,18 @@ def cmd_silence(args) -> int:
             if not system.remove_silence(int(args.id)):
                 raise MonitorError(f"no silence #{args.id}")
             return EXIT_OK
-        silences = system.list_silences()
+        silences, planned = system.list_silences(), system.planned_maintenance()
     if args.json:
-        _print_json({"silences": silences})
-    for entry in [] if args.json else silences:
+        _print_json({"silences": silences, "maintenance": planned})
+        return EXIT_OK
+    for entry in silences:
         comment = f"  # {entry['comment']}" if entry["comment"] else ""
         state = "active" if entry["active"] else "scheduled"
         print(f"{entry['id']}  {entry['match']}  until {local_time(entry['ends'], zone=True)}  {state}{comment}")
+    for entry in planned:
+        state = "active" if entry["active"] else "planned"
+        print(f"maintenance {entry['name']}  {entry['match']}  {local_time(entry['starts'], zone=True)} to "
+              f"{local_time(entry['ends'], zone=True)}  {state}")
     return EXIT_OK
 
 
@@ -9952,6 +10119,8 @@ def reference_config() -> List[str]:
     lines += _wrapped(", ".join(DASHBOARD_KEYS), "              ", "  [dashboard] ")
     lines += _wrapped(f"{', '.join(CHECK_RUN_KEYS)} (about every run of check)", "              ", "  [check]     ")
     lines += _wrapped(f"{', '.join(JOB_KEYS)} (about every run NAME)", "              ", "  [job:NAME]  ")
+    lines += _wrapped(f"{', '.join(MAINTENANCE_KEYS)} (a planned window that silences what matches)",
+                      "              ", "  [maintenance:NAME]  ")
     lines += _wrapped(f"type = one of {', '.join(sorted(CHANNEL_TYPES))}; and {', '.join(CHANNEL_COMMON_KEYS[1:])}",
                       "      ", "  [channel:NAME]  ")
     for kind, channel in sorted(CHANNEL_TYPES.items()):

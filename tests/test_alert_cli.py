@@ -221,6 +221,7 @@ def undocumented(example: str) -> Tuple[Set[str], Set[str]]:
     written = set(re.findall(r"^[#; ]*([a-z_]+) = ", text, re.MULTILINE))
     expected = set(mm.ALERTING_KEYS) | set(mm.SEED_CHANNEL_KEYS) | set(mm.STORAGE_KEYS) | set(mm.SERVE_KEYS)
     expected |= set(mm.COLLECT_KEYS) | set(mm.DASHBOARD_KEYS) | set(mm.CHECK_RUN_KEYS) | set(mm.JOB_KEYS)
+    expected |= set(mm.MAINTENANCE_KEYS)
     expected |= set(mm.CHANNEL_COMMON_KEYS) - {"timeout", "channel_budget"}
     for channel in mm.CHANNEL_TYPES.values():
         expected |= set(channel.keys) | set(channel.secrets)

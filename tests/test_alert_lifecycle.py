@@ -239,6 +239,44 @@ class CronRuns(AlertTestCase):
             f"{self.config_path}: [channel:b] escalate_after: escalate_to needs escalate_after too",
             f"{self.config_path}: [channel:b] escalate_to: names 'nowhere', which is not a channel"])
 
+    def test_planned_maintenance_silences_what_matches_while_it_holds_and_silence_list_shows_it(self):
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
+                              "[maintenance:nightly]\nmatch = backup\ndaily = 08:30-09:15\n\n"
+                              "[maintenance:weekend]\nmatch = key=nas\nweekly = Sat,Sun 22:00-02:00\n\n"
+                              "[maintenance:move]\nmatch = nas\nfrom = 2027-02-01\nuntil = 2027-02-02 12:00\n\n"
+                              "[maintenance:tokyo]\nmatch = tokyo\ndaily = 17:00-18:00\ntimezone = Asia/Tokyo\n")
+            listed = self.run_at(T0, "silence", "list")
+            self.run_at(T0 + 45 * 60, "alert", "--critical", "Backup failed", "--key", "backup")  # 08:45
+            self.run_at(T0 + 60 * 60, "alert", "--critical", "Backup failed", "--key", "backup")  # 09:00
+            self.run_at(T0 + 80 * 60, "alert", "--critical", "Backup failed", "--key", "backup")  # 09:20: over
+        self.assertEqual(listed.stdout.decode().splitlines(), [
+            "maintenance tokyo  tokyo  01-15 08:00 UTC to 01-15 09:00 UTC  active",
+            "maintenance nightly  backup  01-15 08:30 UTC to 01-15 09:15 UTC  planned",
+            "maintenance weekend  key=nas  01-16 22:00 UTC to 01-17 02:00 UTC  planned",
+            "maintenance move  nas  02-01 00:00 UTC to 02-02 12:00 UTC  planned"])
+        self.assertEqual([r.json()["kind"] for r in hook.requests], ["firing"])
+        self.assertEqual(sqlite_rows(self.db, "SELECT d.outcome, d.error FROM alert_deliveries d JOIN alerts a ON "
+                                              "a.id = d.alert_id WHERE d.channel = 'webhook' ORDER BY a.id"),
+                         [("silenced", "maintenance nightly"), ("silenced", "maintenance nightly"), ("sent", None)])
+
+    def test_a_maintenance_section_that_cannot_be_read_is_named(self):
+        self.write_config("[maintenance:a]\nmatch = x\nweekly = Funday 02:00-04:00\n\n"
+                          "[maintenance:b]\nmatch = x\ndaily = 25:00-26:00\n\n"
+                          "[maintenance:c]\ndaily = 02:00-03:00\nweekly = Sun 02:00-03:00\n\n"
+                          "[maintenance:d]\nmatch = x\nfrom = 2027-02-02\nuntil = 2027-02-01\ntimezone = Mars/Base\n"
+                          "colour = red\n")
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [f"{self.config_path}: {line}" for line in (
+            "[maintenance:a] weekly: 'Funday' is not a list of days such as Sun or Sat,Sun",
+            "[maintenance:b] daily: '25:00-26:00' is not a time range such as 02:00-04:00",
+            "[maintenance:c] match: required: the key or title text it silences (key=K: one key)",
+            "[maintenance:c] daily: give one of daily, weekly or from (with until)",
+            "[maintenance:d] colour: unknown key",
+            "[maintenance:d] timezone: 'Mars/Base' is not a time zone this machine knows",
+            "[maintenance:d] until: must be after from")])
+
     def test_quiet_repeats_of_a_failing_check_are_a_count_not_history(self):
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
