@@ -574,8 +574,93 @@ class _EmptyConfig:
 _EMPTY_CONFIG = _EmptyConfig()
 
 
+YAML_HINT = "write it in the INI form instead (config --convert-yaml prints what this file says as INI)"
+
+
+def yaml_sibling(path: str) -> Optional[str]:
+    """The original design's ``alerting-config.yaml`` beside an ``.ini`` path, or None."""
+    return path[:-len(".ini")] + ".yaml" if path.endswith(".ini") else None
+
+
+def _yaml_scalar(text: str, where: str) -> str:
+    """One flat YAML value: quoted ('...' with '' for ', "..." with backslash escapes) or bare (a
+    ``#`` after a space starts a comment); true and false as themselves."""
+    import re
+
+    text = text.strip()
+    if text[:1] == "'":
+        found = re.fullmatch(r"'((?:[^']|'')*)'\s*(#.*)?", text)
+        if found:
+            return found.group(1).replace("''", "'")
+    elif text[:1] == '"':
+        found = re.fullmatch(r'"((?:[^"\\]|\\.)*)"\s*(#.*)?', text)
+        if found:
+            escapes = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "/": "/"}
+            body = found.group(1)
+            if all(escaped in escapes for escaped in re.findall(r"\\(.)", body)):
+                return re.sub(r"\\(.)", lambda m: escapes[m.group(1)], body)
+    else:
+        value = re.split(r"\s#", text, maxsplit=1)[0].strip()
+        if value and value[0] not in "[]{}&*!|>%@`" and not value.startswith("- ") and value not in ("~", "null"):
+            return {"true": "true", "false": "false"}.get(value.lower(), value)
+    raise ConfigError(f"{where}: {_shown(text)} is not a plain value; {YAML_HINT}")
+
+
+def read_flat_yaml(path: str) -> Dict[str, str]:
+    """The flat ``key: value`` lines of the original design's YAML file (comments, quoted and bare
+    scalars, true and false, numbers); anything nested or beyond that is refused with its line."""
+    import re
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"configuration file {path} cannot be read: {err}") from None
+    items: Dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        where = f"configuration file {path}: line {number}"
+        if not line.strip() or line.lstrip().startswith("#") or (line.rstrip() == "---" and not items):
+            continue
+        found = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]*:(?:[ \t]+(.*))?", line.rstrip())
+        if line[:1] in " \t" or found is None:
+            raise ConfigError(f"{where}: only flat 'key: value' lines are read here; {YAML_HINT}")
+        key, value = found.group(1), found.group(2) or ""
+        if not value.strip() or value.lstrip().startswith("#"):
+            raise ConfigError(f"{where}: {key} has no value (a nested mapping or a list?); {YAML_HINT}")
+        if key in items:
+            raise ConfigError(f"{where}: {key} is given twice")
+        items[key] = _yaml_scalar(value, where)
+    return items
+
+
+def yaml_config(path: str):
+    """The flat YAML file as the configuration: its keys are ``[alerting]``'s."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser["alerting"] = read_flat_yaml(path)
+    return parser
+
+
+def yaml_as_ini(path: str) -> str:
+    """What the flat YAML file at ``path`` says, as the INI file to write instead."""
+    lines = [f"# converted from {path}; it holds secrets: chmod 600 it", "[alerting]"]
+    return "\n".join(lines + [f"{key} = {value}" for key, value in read_flat_yaml(path).items()]) + "\n"
+
+
+def config_source(path: str) -> str:
+    """The file the configuration at ``path`` is read from: itself, or when it is a missing ``.ini``
+    file, the original design's YAML file beside it if that exists."""
+    sibling = yaml_sibling(path)
+    return sibling if sibling and not os.path.exists(path) and os.path.exists(sibling) else path
+
+
 def load_config(path: str, required: bool = False):
-    """Read the INI file; a missing file is an empty configuration unless ``required``."""
+    """Read the INI file (or a ``.yaml`` file named, or, when the INI file is missing, the original
+    design's YAML file beside it); a missing file is an empty configuration unless ``required``."""
+    path = config_source(path)
+    if path.endswith((".yaml", ".yml")) and (required or os.path.exists(path)):
+        return yaml_config(path)
     if not required and not os.path.exists(path):
         return _EMPTY_CONFIG  # the usual cron run: no configparser to import
     import configparser
@@ -4983,6 +5068,7 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
 def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
     """Read and check the ``[alerting]`` and ``[channel:NAME]`` sections; never raises for bad values."""
     environ = os.environ if environ is None else environ
+    path = config_source(path)  # problems name the file they are in
     problems: List[Tuple[str, str, str]] = []
     inline: List[str] = []
     _check_sections(config, problems)
@@ -9560,6 +9646,12 @@ def cmd_alerts(args) -> int:
 
 
 def cmd_config(args) -> int:
+    if args.convert_yaml:
+        path = args.config_path if args.config_path.endswith((".yaml", ".yml")) else yaml_sibling(args.config_path)
+        if not path or not os.path.exists(path):
+            raise ConfigError(f"no YAML file to convert ({path or args.config_path + ' is not an .ini path'})")
+        sys.stdout.write(yaml_as_ini(path))
+        return EXIT_OK
     config = load_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
     settings.problems.extend(check_problems(config) + job_problems(config))
@@ -10017,6 +10109,8 @@ def _args_alerts(sub) -> None:
 def _args_config(sub) -> None:
     sub.add_argument("--check", action="store_true",
                      help="list every problem with its section and key; exit 1 if there is one")
+    sub.add_argument("--convert-yaml", action="store_true",
+                     help="print the original design's alerting-config.yaml as the INI file to write instead")
 
 
 def _args_check(sub) -> None:
@@ -10475,6 +10569,13 @@ def _report(error: Any, code: int, verbose: int) -> int:
     return code
 
 
+def _warn_if_both_configurations(path: str) -> None:
+    sibling = yaml_sibling(path)
+    if sibling and os.path.exists(path) and os.path.exists(sibling):
+        log.warning("%s is read and %s is not: both exist (delete the YAML file, or convert it: config "
+                    "--convert-yaml)", path, sibling)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code instead of exiting."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -10497,6 +10598,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.now = cli_clock()  # the one clock of this run: every command reads its time from it
             args.db_path = resolve_db_path(args.db)
             args.config_path = resolve_config_path(args.config)
+            _warn_if_both_configurations(args.config_path)
             return args.func(args)
         except ValidationError as err:
             return _report(err, EXIT_USAGE, args.verbose)
