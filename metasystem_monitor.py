@@ -2637,6 +2637,9 @@ RETRY_BUDGET_MAX = 10.0  # tokens an operation can save up: retries allowed in a
 RETRY_BUDGET_DEPOSIT = 0.1  # each successful call; so retries stay near 10 % of calls
 RETRY_BUDGET_COST = 1.0  # each retry
 RECOMMEND_TARGET = 0.95  # the share of recoverable failures a recommendation must recover
+RECOMMEND_FIRST_RETRY_SHARE = 0.25  # the first retry comes when this share of failures has cleared
+INITIAL_BACKOFF_LIMITS_S = (0.1, 300.0)  # what a learned initial_backoff stays within
+MAX_BACKOFF_LIMIT_S = 3600.0
 RECOMMEND_MIN_EVIDENCE = 5
 NEVER_RECOVERS_AFTER = 3  # failures of one error class with no recovery before it is called hopeless
 DEFAULT_BREAKER_WINDOW_S = 1800.0
@@ -2954,7 +2957,7 @@ class AdaptiveRetry:
     an empty retry budget stop early.  The original exception is raised, with
     ``retry_info`` (a CallOutcome) attached.  Outcomes go to the store, so
     ``get_retry_stats`` and ``analyze_failures`` cover every process.  With
-    ``adaptive=True`` the attempts and deadline come from ``recommend()``.
+    ``adaptive=True`` the attempts, deadline and backoff come from ``recommend()``.
     """
 
     def __init__(self, config: Optional[RetryConfig] = None, *, db_path: Optional[str] = None,
@@ -3077,7 +3080,8 @@ class AdaptiveRetry:
     # -- learning ---------------------------------------------------------------
 
     def recommend(self, operation_name: str) -> Dict[str, Any]:
-        """The smallest max_attempts and deadline that recovered 95 % of the recoverable failures.
+        """The smallest max_attempts and deadline that recovered 95 % of the recoverable failures, and
+        the initial_backoff and max_backoff that fit how long failures took to clear.
 
         Read from the stored outcomes only, so the same data gives the same
         answer; bounded by the limits; never more attempts than configured
@@ -3112,16 +3116,48 @@ class AdaptiveRetry:
                             f"max_attempts={max_attempts}")
         hopeless = self._hopeless_errors(calls)
         evidence += [f"stop retrying {name}: 0 of {count} recovered" for name, count in hopeless]
+        initial, longest = self._learned_backoff(operation_name, evidence)
         return {
             "operation": operation_name,
             "max_attempts": max_attempts,
             "deadline_s": deadline,
+            "initial_backoff": initial,
+            "max_backoff": longest,
             "stop_retrying": [name for name, _ in hopeless],
             "recoverable_failures": len(recovered),
             "failure_rate_1h": rate,
             "evidence": evidence,
             "summary": "; ".join(evidence),
         }
+
+    def clear_times(self, operation_name: str) -> List[float]:
+        """How long each recovered failure of the operation took to clear, sorted: from the call's start
+        to halfway between the end of its last failed attempt and the start of the one that succeeded
+        (the failure cleared somewhere in that gap)."""
+        rows = self.store.query(
+            "SELECT c.total_sleep, total(CASE WHEN a.error != '' THEN a.duration_s ELSE 0 END), "
+            "total(CASE WHEN a.error = '' THEN a.slept_s ELSE 0 END) FROM retry_calls c JOIN retry_attempts a "
+            "ON a.operation = c.operation AND a.call_id = c.call_id "
+            "WHERE c.operation = ? AND c.succeeded AND c.attempts > 1 GROUP BY c.call_id", (operation_name,))
+        return sorted(max(0.0, slept + failing - last_wait / 2) for slept, failing, last_wait in rows)
+
+    def _learned_backoff(self, operation_name: str, evidence: List[str]) -> Tuple[float, float]:
+        """(initial_backoff, max_backoff) from how long failures took to clear: the first retry when a
+        quarter of them had cleared, no wait longer than it took 95 % to clear; the configured ones
+        without enough evidence."""
+        cleared = self.clear_times(operation_name)
+        if len(cleared) < RECOMMEND_MIN_EVIDENCE:
+            evidence.append(f"only {len(cleared)} cleared failures on record: keeping initial_backoff="
+                            f"{self.config.initial_backoff:g} s, max_backoff={self.config.max_backoff:g} s")
+            return self.config.initial_backoff, self.config.max_backoff
+        first, typical, most = (percentile(cleared, share) for share in (RECOMMEND_FIRST_RETRY_SHARE, 0.5,
+                                                                           RECOMMEND_TARGET))
+        low, high = INITIAL_BACKOFF_LIMITS_S
+        initial = min(high, max(low, round(first, 1)))
+        longest = min(MAX_BACKOFF_LIMIT_S, max(initial, float(math.ceil(most))))
+        evidence.append(f"{len(cleared)} recovered failures cleared after {first:.1f} s (a quarter), {typical:.1f} s "
+                        f"(half), {most:.1f} s (95 %): first retry after {initial:g} s, no wait over {longest:g} s")
+        return initial, longest
 
     @staticmethod
     def _hopeless_errors(calls: List[tuple]) -> List[Tuple[str, int]]:
@@ -3145,7 +3181,8 @@ class AdaptiveRetry:
         if not self.adaptive:
             return self.config, frozenset()
         advice = self.recommend(operation_name)
-        config = self.config.replace(max_attempts=advice["max_attempts"], deadline=advice["deadline_s"])
+        config = self.config.replace(max_attempts=advice["max_attempts"], deadline=advice["deadline_s"],
+                                     initial_backoff=advice["initial_backoff"], max_backoff=advice["max_backoff"])
         return config, frozenset(advice["stop_retrying"])
 
     # -- the budget ---------------------------------------------------------------

@@ -464,6 +464,61 @@ class RecommendTest(RetryTestCase):
         advice = retry.recommend("slow")
         self.assertEqual((advice["max_attempts"], advice["deadline_s"]), (4, 30.0))
 
+    def outage_history(self, retry, operation, lengths):
+        """Calls made while a dependency is down for each of ``lengths`` seconds from the call's start:
+        the synthetic history whose right answer is known."""
+        for length in lengths:
+            began = self.clock.time()
+
+            def call():
+                if self.clock.time() - began < length:
+                    raise ConnectionError("refused")
+                return "ok"
+
+            self.assertEqual(retry.retry(operation, call), "ok")
+            self.clock.advance(3600)
+
+    def test_learns_the_backoff_from_how_long_failures_take_to_clear(self):
+        source = random.Random(7)
+        lengths = [source.uniform(20.0, 40.0) for _ in range(200)]  # outages of 20 to 40 s, uniformly
+        retry = self.retry(mm.RetryConfig(max_attempts=30, initial_backoff=1.0, max_backoff=2.0, jitter="none",
+                                          budget=False), max_attempts_limit=30)
+        self.outage_history(retry, "slow-api", lengths)
+        known = sorted(lengths)
+        cleared = retry.clear_times("slow-api")
+        self.assertEqual(len(cleared), 200)
+        for estimate, truth in zip(cleared, known):  # each within half the last wait (1 s) and an attempt
+            self.assertLessEqual(abs(estimate - truth), 1.0 + 1e-9)
+        advice = retry.recommend("slow-api")
+        first, most = mm.percentile(known, 0.25), mm.percentile(known, 0.95)
+        self.assertAlmostEqual(advice["initial_backoff"], first, delta=1.1)  # the true quartile is 25 s
+        self.assertAlmostEqual(advice["max_backoff"], most, delta=2.0)  # the true 95th percentile is 39 s
+        self.assertTrue(24.0 <= advice["initial_backoff"] <= 26.0 and 38.0 <= advice["max_backoff"] <= 41.0, advice)
+        self.assertIn("200 recovered failures cleared after ", advice["summary"])
+        quick = self.retry(mm.RetryConfig(max_attempts=30, initial_backoff=5.0, max_backoff=60.0, jitter="none",
+                                          budget=False))
+        self.outage_history(quick, "fast-api", [source.uniform(0.1, 0.3) for _ in range(50)])
+        advice = quick.recommend("fast-api")
+        # Blips that were over before the first 5 s wait: half of it is all the history can tell, so the
+        # advice halves the wait, and each adaptive round halves it again until the waits resolve the blips.
+        self.assertEqual((advice["initial_backoff"], advice["max_backoff"]), (2.5, 3.0))
+        thin = self.retry(mm.RetryConfig(initial_backoff=2.0, max_backoff=30.0, budget=False))
+        self.assertEqual((thin.recommend("nothing")["initial_backoff"], thin.recommend("nothing")["max_backoff"]),
+                         (2.0, 30.0))
+        self.assertIn("only 0 cleared failures on record", thin.recommend("nothing")["summary"])
+
+    def test_adaptive_mode_waits_as_long_as_failures_take_to_clear(self):
+        learner = self.retry(mm.RetryConfig(max_attempts=30, initial_backoff=1.0, max_backoff=2.0, jitter="none",
+                                            budget=False), max_attempts_limit=30)
+        self.outage_history(learner, "slow-api", [30.0] * 10)
+        advice = learner.recommend("slow-api")
+        self.assertEqual((advice["initial_backoff"], advice["max_backoff"]), (30.0, 30.0))
+        adaptive = self.retry(mm.RetryConfig(max_attempts=30, initial_backoff=1.0, max_backoff=2.0, jitter="none",
+                                             budget=False), adaptive=True, max_attempts_limit=30)
+        self.clock.slept.clear()
+        self.outage_history(adaptive, "slow-api", [30.0])
+        self.assertEqual(self.clock.slept, [30.0])  # one wait where the old policy made fifteen
+
     def test_adaptive_mode_applies_the_recommendation(self):
         learner = self.retry(mm.RetryConfig(max_attempts=5, budget=False))
         for _ in range(5):
