@@ -4409,7 +4409,7 @@ class MattermostChannel(_HttpChannel):
 
     def payload(self, alert: Alert) -> bytes:
         document = {"text": truncate(f"**{alert.headline}**\n\n{self.body_text(alert)}", MATTERMOST_TEXT_CHARS)}
-        document.update({key: self.spec.settings[key] for key in ("channel", "username") if self.spec.settings.get(key)})
+        document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "username")})
         return _json_bytes(document)
 
 
@@ -4424,7 +4424,7 @@ class RocketChatChannel(_HttpChannel):
     def payload(self, alert: Alert) -> bytes:
         document = {"text": alert.headline, "attachments": [
             {"title": alert.title, "text": self.body_text(alert), "color": SLACK_COLORS[alert.color]}]}
-        document.update({key: self.spec.settings[key] for key in ("channel", "alias") if self.spec.settings.get(key)})
+        document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "alias")})
         return _json_bytes(document)
 
     def check(self, reply: HttpReply, now: float) -> None:
@@ -8963,9 +8963,11 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
 def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
                 now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS,
                 cache_s: float = DEFAULT_SERVE_CACHE_S, options: Optional[Dict[str, Any]] = None) -> Any:
-    """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary`` and ``/``, the
-    status page (``options``: summary_options() of the configuration). Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built at
-    most once per ``cache_s`` (its ``Age`` header says how old it is) and gzipped for a client that asks.
+    """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary``, ``/`` (the
+    status page) and ``/series`` (one series' page); ``options`` are summary_options() of the
+    configuration. Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built
+    at most once per ``cache_s`` (its ``Age`` header says how old it is) and gzipped for a client that
+    asks.
 
     A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
     it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.
@@ -9411,7 +9413,8 @@ def cmd_serve(args) -> int:
         raise MonitorError(f"cannot listen on {listen}: {err.strerror or err}") from None
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"{PROG}: serving http://{shown}:{port}/ (/metrics, /healthz, /api/summary, /series)", file=sys.stderr, flush=True)
+    print(f"{PROG}: serving http://{shown}:{port}/ (/metrics, /healthz, /api/summary, /series)", file=sys.stderr,
+          flush=True)
 
     def stop(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second one must not cut it short

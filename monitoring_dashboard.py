@@ -12,9 +12,10 @@ Tab moves between sections; Enter shows your series one at a time, full screen,
 with a chart of the window (Left and Right for the others, b to come back).
 
 Everything shown comes from metasystem_monitor.read_summary() (a series full
-screen from read_series()), so the screen and --summary always agree. The dashboard never writes to the store. Color goes off
-with NO_COLOR, --no-color or TERM=dumb; a terminal that is not UTF-8, or --ascii,
-gets ASCII sparklines and marks.
+screen from read_series()), so the screen and --summary always agree. The
+dashboard never writes to the store. Color goes off with NO_COLOR, --no-color or
+TERM=dumb; a terminal that is not UTF-8, or --ascii, gets ASCII sparklines and
+marks.
 
 Exit codes: 0 quit or printed; 1 the summary or the screen could not be made (one
 line on stderr); 2 a usage error.
