@@ -130,6 +130,7 @@ MAINTENANCE_CHECK_INTERVAL_S = 60.0
 ROLLUP_SPAN_S = 3600.0
 ROLLUP_GRACE_S = 60.0
 ROLLUP_CHUNK_S = 86400.0
+ROLLUP_SERIES_PER_SLICE = 2000  # series rolled up per transaction: what a writer may wait behind
 LABEL_CACHE_SIZE = 10_000
 MAX_NAME_CHARS = 200
 MAX_TIMESTAMP_S = 253402300800.0  # 10000-01-01: what ISO 8601 and datetime can show
@@ -1795,6 +1796,18 @@ def _rolled_until(conn: sqlite3.Connection) -> Optional[float]:
     return _tier_marks(conn)[0]
 
 
+class _Lazy:
+    """A value made by ``make()`` the first time it is asked for, then kept."""
+
+    def __init__(self, make):
+        self._make, self._made = make, None
+
+    def __call__(self) -> Any:
+        if self._made is None:
+            self._made = self._make()
+        return self._made
+
+
 def _set_meta(conn: sqlite3.Connection, key: str, value: float) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, repr(value)))
 
@@ -2040,12 +2053,19 @@ class MetricsCollector:
 
         That is their hour, or their day where the hours were folded into days.
         """
-        rolled_until, daily_until = _tier_marks(conn)
-        if rolled_until is None:
+        rolled_until, daily_until, deleted_until, cursor, chunk_start, chunk_end = _meta_times(
+            conn, "rolled_until", "daily_until", "raw_deleted_until", "rollup_cursor", "rollup_chunk_start",
+            "rollup_chunk_end")
+        if rolled_until is None and cursor is None:
             return
+        if deleted_until is not None and any(ts < deleted_until for _, ts, _ in rows):
+            # Older than what the cleanup has deleted: the next one looks at every series again.
+            conn.execute("DELETE FROM meta WHERE key = 'raw_deleted_until'")
         late: Dict[Tuple[int, int, float], List[Tuple[float, float]]] = {}
         for series_id, ts, value in rows:
-            if ts < rolled_until:
+            # Before the roll-up's mark, or in the day it is doing for a series it has done already.
+            if (rolled_until is not None and ts < rolled_until) or (
+                    cursor is not None and series_id <= cursor and chunk_start <= ts < chunk_end):
                 span = DAY_S if daily_until is not None and ts < daily_until else ROLLUP_SPAN_S
                 late.setdefault((series_id, int(span), bucket_start(ts, span)), []).append((ts, value))
         for (series_id, span, bucket), points in late.items():
@@ -2359,12 +2379,13 @@ class MetricsCollector:
         return [name for (name,) in self.store.query("SELECT DISTINCT name FROM series ORDER BY name")]
 
     def list_metrics(self) -> List[Dict[str, Any]]:
-        """Every metric name with its sample count and the time of its last sample."""
+        """Every metric name with how many series (label sets) it has and the time of its last sample:
+        from the series table and one index seek per series, however many samples there are. A name
+        whose raw samples are all gone (only rollups left) shows no time."""
         rows = self.store.query(
-            "SELECT series.name, count(*), max(samples.ts) FROM series JOIN samples ON samples.series_id = series.id "
-            "GROUP BY series.name ORDER BY series.name"
-        )
-        return [{"name": name, "count": count, "last_time": iso_time(last)} for name, count, last in rows]
+            "SELECT name, count(*), max((SELECT max(ts) FROM samples WHERE series_id = series.id)) FROM series "
+            "GROUP BY name ORDER BY name")
+        return [{"name": name, "series": count, "last_time": iso_time(last)} for name, count, last in rows]
 
     def latest(self, name: str) -> Optional[Tuple[float, float]]:
         """(timestamp, value) of the newest sample of ``name`` taken by now (LATEST_SQL), or None."""
@@ -2432,34 +2453,63 @@ class MetricsCollector:
 
     # -- rollups and retention -------------------------------------------------
 
-    def roll_up(self) -> int:
-        """Summarise every closed hour of every series into the rollups; return how many were added.
+    def roll_up(self, slices: Optional[int] = None) -> int:
+        """Summarise the closed hours of every series into the rollups; return how many were added.
 
-        An hour is closed a minute after it ends.  Works a day of history per
-        transaction, so a writer never waits long behind it; takes no write
-        lock when there is nothing to do.
+        An hour is closed a minute after it ends. The work goes in slices, a
+        day of history for at most ROLLUP_SERIES_PER_SLICE series each, one
+        transaction each, so a writer never waits long behind it; ``slices``
+        bounds how many this call does (a write does one, and leaves the rest
+        to the next writes and to cleanup). Until a day is done for every
+        series, ``rolled_until`` stays before it and queries read its raw
+        samples. Takes no write lock when there is nothing to do.
         """
         target = bucket_start(self._now() - ROLLUP_GRACE_S)
-        added = 0
-        while True:
-            current = self.store.tier_marks()[0]
-            if current is not None and current >= target:
-                return added
+        added = done = 0
+        while slices is None or done < slices:
+            current, cursor = self.store.meta_times("rolled_until", "rollup_cursor")
+            if cursor is None and current is not None and current >= target:
+                break
             with self.store.write() as conn:
-                start = _rolled_until(conn)  # again, under the lock
-                # From the hour of the next sample present: a year without data costs one seek, not 365 chunks.
+                count, finished = self._roll_up_slice(conn, target)
+            added, done = added + count, done + 1
+            if finished:
+                break
+        return added
+
+    def _roll_up_slice(self, conn: sqlite3.Connection, target: float) -> Tuple[int, bool]:
+        """One slice of the roll-up, in the caller's transaction: (rows added, nothing left to do)."""
+        rolled_until, cursor, start, end = _meta_times(conn, "rolled_until", "rollup_cursor", "rollup_chunk_start",
+                                                       "rollup_chunk_end")  # again, under the lock
+        if cursor is None:
+            if rolled_until is not None and rolled_until >= target:
+                return 0, True
+            start = rolled_until
+            if start is None or target - start > ROLLUP_CHUNK_S:
+                # From the hour of the next sample present: a year without data costs one seek per series,
+                # not 365 chunks; an hour behind, as usual, costs none.
                 start = min(self._first_bucket(conn, "samples", "ts", ROLLUP_SPAN_S, target, since=start), target)
-                if start >= target:
-                    _set_meta(conn, "rolled_until", start)
-                    return added
-                end = min(target, start + ROLLUP_CHUNK_S)
-                for (series_id,) in conn.execute("SELECT id FROM series").fetchall():
-                    hours = {"series": series_id, "span": int(ROLLUP_SPAN_S), "start": start, "end": end}
-                    before = conn.total_changes  # rowcount is -1 for a statement that starts with WITH
-                    conn.execute(_ROLL_UP_HOURS, hours)
-                    added += conn.total_changes - before
-                    conn.execute(_FINISH_ROLLUPS, hours)
-                _set_meta(conn, "rolled_until", end)
+            if start >= target:
+                _set_meta(conn, "rolled_until", start)
+                return 0, True
+            end, cursor = min(target, start + ROLLUP_CHUNK_S), 0.0
+        added = 0
+        ids = conn.execute("SELECT id FROM series WHERE id > ? ORDER BY id LIMIT ?",
+                           (cursor, ROLLUP_SERIES_PER_SLICE)).fetchall()
+        for (series_id,) in ids:
+            hours = {"series": series_id, "span": int(ROLLUP_SPAN_S), "start": start, "end": end}
+            before = conn.total_changes  # rowcount is -1 for a statement that starts with WITH
+            conn.execute(_ROLL_UP_HOURS, hours)
+            added += conn.total_changes - before
+            conn.execute(_FINISH_ROLLUPS, hours)
+        if len(ids) == ROLLUP_SERIES_PER_SLICE:  # more series may follow: the day stays open
+            for key, value in (("rollup_cursor", ids[-1][0]), ("rollup_chunk_start", start),
+                               ("rollup_chunk_end", end)):
+                _set_meta(conn, key, float(value))
+            return added, False
+        conn.execute("DELETE FROM meta WHERE key IN ('rollup_cursor', 'rollup_chunk_start', 'rollup_chunk_end')")
+        _set_meta(conn, "rolled_until", end)
+        return added, end >= target
 
     @staticmethod
     def _first_bucket(conn: sqlite3.Connection, table: str, column: str, span: float, default: float,
@@ -2489,19 +2539,18 @@ class MetricsCollector:
         now = self._now()
         report = {"rolled_up_hours": self.roll_up()}
         rolled_until = self.store.tier_marks()[0]
-        series = [row[0] for row in self.store.query("SELECT id FROM series")]
-        raw_cutoff = min(now - retention_days * DAY_S, rolled_until)
-        report["deleted_samples"] = sum(
-            self._delete_in_batches("samples", "series_id = ?", "ts", (sid,), raw_cutoff) for sid in series
-        )
+        series = _Lazy(lambda: [row[0] for row in self.store.query("SELECT id FROM series")])
+        # Whole hours: a cleanup that finds nothing due costs a few meta reads, whatever the number of series.
+        raw_cutoff = bucket_start(min(now - retention_days * DAY_S, rolled_until))
+        report["deleted_samples"] = self._delete_past_mark("raw_deleted_until", raw_cutoff, lambda: sum(
+            self._delete_in_batches("samples", "series_id = ?", "ts", (sid,), raw_cutoff) for sid in series()))
         report["folded_hours"], report["daily_rollups"] = self._fold_old_hours(series, now, rolled_until)
         report["deleted_days"] = 0
         if self.daily_days:
             day_cutoff = bucket_start(now - self.daily_days * DAY_S, DAY_S)
-            report["deleted_days"] = sum(
+            report["deleted_days"] = self._delete_past_mark("days_deleted_until", day_cutoff, lambda: sum(
                 self._delete_in_batches("rollups", "series_id = ? AND span = 86400", "bucket", (sid,), day_cutoff)
-                for sid in series
-            )
+                for sid in series()))
         report["deleted_retry_records"] = self._delete_retry_records(now - retention_days * DAY_S)
         report["deleted_job_runs"] = self._delete_job_runs(now - retention_days * DAY_S)
         report["deleted_alerts"] = self._delete_alert_history(now - retention_days * DAY_S)
@@ -2511,6 +2560,17 @@ class MetricsCollector:
                                        "deleted_job_runs", "deleted_alerts")):
             self.store.reclaim_space()
         return report
+
+    def _delete_past_mark(self, mark: str, cutoff: float, delete) -> int:
+        """``delete()``, unless the meta ``mark`` says everything below ``cutoff`` is gone already; then
+        the mark is moved to ``cutoff``."""
+        done = self.store.meta_times(mark)[0]
+        if done is not None and done >= cutoff:
+            return 0
+        deleted = delete()
+        with self.store.write() as conn:
+            _set_meta(conn, mark, cutoff)
+        return deleted
 
     def _delete_retry_records(self, cutoff: float) -> int:
         """AdaptiveRetry's attempts and calls older than the raw retention."""
@@ -2570,14 +2630,15 @@ class MetricsCollector:
             if row is None:
                 return deleted
 
-    def _fold_old_hours(self, series: List[int], now: float, rolled_until: float) -> Tuple[int, int]:
-        """Fold whole days of hourly rollups past the hourly horizon into daily ones; (hours, days)."""
+    def _fold_old_hours(self, series, now: float, rolled_until: float) -> Tuple[int, int]:
+        """Fold whole days of hourly rollups past the hourly horizon into daily ones; (hours, days).
+        ``series()`` gives the ids of every series, read only when there is something to fold."""
         fold_until = bucket_start(min(now - self.hourly_days * DAY_S, rolled_until), DAY_S)
         start = self.store.tier_marks()[1]
         if start is not None and start >= fold_until:
             return 0, 0
         # About CLEANUP_BATCH_ROWS hourly rows per transaction, whatever the number of series.
-        step = DAY_S * max(1, CLEANUP_BATCH_ROWS // (24 * max(1, len(series))))
+        step = DAY_S * max(1, CLEANUP_BATCH_ROWS // (24 * max(1, len(series()))))
         folded = days = 0
         while True:
             with self.store._translating_errors():  # skip days that hold no hourly rollup
@@ -2585,7 +2646,7 @@ class MetricsCollector:
                                                since=start), fold_until)
             end = min(fold_until, start + step)
             with self.store.write() as conn:
-                for series_id in series:
+                for series_id in series():
                     span = {"series": series_id, "start": start, "end": end}
                     before = conn.total_changes
                     conn.execute(_FOLD_DAYS, span)
@@ -2614,7 +2675,7 @@ class MetricsCollector:
         if last_cleanup is None or last_cleanup <= now - CLEANUP_INTERVAL_S:
             log.debug("daily cleanup: %s", self.cleanup())
         elif rolled_until is None or rolled_until < bucket_start(now - ROLLUP_GRACE_S):
-            self.roll_up()
+            self.roll_up(slices=1)  # a bounded slice: the next writes, or cleanup, do the rest
 
 
 ## Retry and breakers #########################################################
@@ -9352,7 +9413,7 @@ def cmd_metrics(args) -> int:
         _print_json({"metrics": metrics})
         return EXIT_OK
     for metric in metrics:
-        print(f"{metric['name']}\t{metric['count']}\t{local_time(metric['last_time'], zone=True)}")
+        print(f"{metric['name']}\t{metric['series']}\t{local_time(metric['last_time'], zone=True)}")
     return EXIT_OK
 
 

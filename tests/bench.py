@@ -636,6 +636,65 @@ def bench_collect(tmp):
            ours < 0.02)
 
 
+def bench_idle_cleanup(tmp):
+    """cleanup with nothing due: a few marks read, however many series (it once looked at each one)."""
+    now = time.time()
+    times = {}
+    for series in (10, 100_000):
+        with mm.MetricsCollector(os.path.join(tmp, f"idle{series}.db"), maintain=False, now=lambda: now) as collector:
+            collector.record_many((f"m{i % 100}", float(i), {"n": str(i)}, now - 7200) for i in range(series))
+            collector.cleanup()  # the due work, once
+            times[series] = per_call(collector.cleanup, 3)
+    ratio = times[100_000] / times[10]
+    report("15. cleanup with nothing due, 100,000 series vs 10", times[100_000] * 1e3, times[10] * 1e3, "ms", ratio,
+           "<= 2x", ratio <= 2.0)
+
+
+def bench_metrics_listing(tmp):
+    """metrics from the series table: the same time for 1,000,000 samples as for one per name."""
+    times = {}
+    for per_name in (1, 20_000):
+        path = os.path.join(tmp, f"listing{per_name}.db")
+        with mm.MetricsCollector(path, maintain=False) as collector:
+            collector.record_many((f"m{i % NAMES}", float(i), None, 1e9 + i) for i in range(NAMES * per_name))
+            times[per_name] = per_call(collector.list_metrics, 3)
+    ratio = times[20_000] / times[1]
+    report("16. metrics, 1,000,000 samples vs one per name", times[20_000] * 1e3, times[1] * 1e3, "ms", ratio,
+           "<= 2x", ratio <= 2.0)
+
+
+def bench_first_write_after_the_hour(tmp):
+    """The first `record` after an hour closes, on a store of 100,000 series that each wrote in it: the
+    write rolls up one slice of series, never all of them, against a `record` with nothing due."""
+    hour = 1_800_000_000.0 + 2 * 3600.0
+    path = os.path.join(tmp, "hourly.db")
+    with mm.MetricsCollector(path, maintain=False, now=lambda: hour - 60) as collector:
+        collector.record_many((f"m{i % 100}", 1.0, {"n": str(i)}, hour - 3600 + i % 3000) for i in range(100_000))
+        collector.cleanup()  # everything before 01:00 is done: the hour 01:00-02:00 closes at 02:01
+    due, idle = os.path.join(tmp, "due.db"), os.path.join(tmp, "idle.db")
+    shutil.copyfile(path, idle)
+    with mm.MetricsCollector(idle, maintain=False, now=lambda: hour + 120) as collector:
+        collector.cleanup()  # nothing left due here
+    env = dict(os.environ, PYTHONPATH=REPO, METASYSTEM_NOW=repr(hour + 120), METASYSTEM_HOME=os.path.join(tmp, "home"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    argv = [sys.executable, "-m", "metasystem_monitor", "record", "x", "1"]
+
+    def timed(store, fresh):
+        runs = []
+        for _ in range(5):
+            if fresh:
+                shutil.copyfile(path, due)
+            started = time.perf_counter()
+            subprocess.run(argv + ["--db", store], env=env, check=True, capture_output=True, timeout=120)
+            runs.append(time.perf_counter() - started)
+        return statistics.median(runs)
+
+    timed(idle, False)  # bytecode cached, files warm
+    ordinary, first = timed(idle, False), timed(due, True)
+    report("17. first record after the hour, 100,000 series", first * 1e3, ordinary * 1e3, "ms", first / ordinary,
+           "<= 3x", first / ordinary <= 3.0)
+
+
 def main():
     print(f"make bench on {platform.platform()}, Python {platform.python_version()}, "
           f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
@@ -659,6 +718,9 @@ def main():
         bench_serve_scrapes(tmp)
         bench_summary_many_targets(tmp)
         bench_collect(tmp)
+        bench_idle_cleanup(tmp)
+        bench_metrics_listing(tmp)
+        bench_first_write_after_the_hour(tmp)
         print(f"{sum(rows_out)} of {len(rows_out)} targets met in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

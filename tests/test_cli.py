@@ -201,14 +201,18 @@ class ReadCommandsTest(StoreTestCase):
         last = mm.local_time(self.base + 2000, zone=True)
         self.assertCleanExit(self.run_cli("--db", self.db, "metrics"), stdout=(
             f"old\t1\t{mm.local_time(self.now - 30 * 3600, zone=True)}\n"
-            f"sync_icloud_conflicts\t3\t{last}\n"
+            f"sync_icloud_conflicts\t1\t{last}\n"
             f"sync_icloud_failure\t1\t{mm.local_time(self.base + 1000, zone=True)}\n"
-            f"sync_icloud_files\t3\t{last}\n"
-            f"sync_icloud_success\t2\t{last}\n"
+            f"sync_icloud_files\t1\t{last}\n"
+            f"sync_icloud_success\t1\t{last}\n"
         ))
         document = json.loads(self.run_cli("--db", self.db, "metrics", "--json").stdout)
-        self.assertEqual(document["metrics"][0], {"name": "old", "count": 1,
+        self.assertEqual(document["metrics"][0], {"name": "old", "series": 1,
                                                   "last_time": mm.iso_time(self.now - 30 * 3600)})
+        with mm.MetricsCollector(self.db) as metrics:  # two label sets of one name: two series
+            metrics.record("old", 1.0, {"disk": "a"}, timestamp=self.now - 20 * 3600)
+        self.assertIn(f"old\t2\t{mm.local_time(self.now - 20 * 3600, zone=True)}\n",
+                      self.run_cli("--db", self.db, "metrics").stdout.decode())
 
     def test_reading_a_missing_store_creates_nothing(self):
         missing = os.path.join(self.tmp, "missing", "m.db")

@@ -73,10 +73,19 @@ class FoldingTest(StoreTestCase):
                                                   "daily_rollups": 0, "deleted_days": 0,
                                                   "deleted_retry_records": 0, "deleted_job_runs": 0,
                                                   "deleted_alerts": 0})
+        self.metrics.store.connection.set_trace_callback(None)
         self.assertEqual(table_rows(self.metrics.store), before)
         writes = [sql for sql in traced if sql.split()[0] in ("INSERT", "UPDATE", "DELETE")]
         self.assertEqual(len(writes), 1)  # when the last cleanup ran, and nothing else
         self.assertTrue(writes[0].startswith("INSERT OR REPLACE INTO meta (key, value) VALUES ("), writes)
+        # Nothing due costs the same whatever the number of series: no statement reads them or their rows.
+        self.assertEqual([sql for sql in traced if "samples" in sql or "FROM series" in sql], [])
+
+    def test_a_sample_older_than_what_was_deleted_goes_at_the_next_cleanup(self):
+        self.metrics.cleanup()
+        self.metrics.record("m", 5.0, {"site": "a"}, self.clock.now - 2 * DAY)  # past the one-day retention
+        self.assertEqual(self.metrics.cleanup()["deleted_samples"], 1)
+        self.assertEqual(self.metrics.cleanup()["deleted_samples"], 0)
 
     def test_a_late_sample_for_a_folded_day_joins_that_day(self):
         self.metrics.cleanup()
@@ -95,6 +104,50 @@ class FoldingTest(StoreTestCase):
         self.assertEqual(report["deleted_days"], 2 * 3)  # days 8, 7 and 6 ago (the oldest is partial)
         oldest = self.metrics.store.query("SELECT min(bucket) FROM rollups")[0][0]
         self.assertEqual(oldest, mm.bucket_start(self.clock.now - 5 * DAY, DAY))
+
+
+class SlicedRollUpTest(StoreTestCase):
+    """A write rolls up at most one slice of series; the rest follow; statistics stay exact meanwhile."""
+
+    SERIES = 2 * mm.ROLLUP_SERIES_PER_SLICE + 500
+
+    def test_a_write_does_one_slice_and_a_late_sample_in_a_done_slice_is_counted_once(self):
+        clock = FakeClock(1_800_000_000.0 + 2 * HOUR + 120)  # 02:02: the hours 00:00 and 01:00 are closed
+        metrics = self.collector(clock, maintain=False)
+        hour = mm.bucket_start(clock.now - HOUR)
+        metrics.record_many((f"s{i}", float(i % 7), None, hour + i % 3000) for i in range(self.SERIES))
+        metrics.roll_up(slices=1)
+        cursor, rolled = metrics.store.meta_times("rollup_cursor", "rolled_until")
+        self.assertEqual(rolled, None)
+        self.assertEqual(metrics.store.query("SELECT count(DISTINCT series_id) FROM rollups"),
+                         [(mm.ROLLUP_SERIES_PER_SLICE,)])
+        done = metrics.store.query("SELECT name FROM series WHERE id <= ? ORDER BY id LIMIT 1", (cursor,))[0][0]
+        metrics.record(done, 100.0, None, hour + 10)  # late for a series whose slice is done
+        metrics.record("s9999999", 1.0, None, hour + 20)  # a new series: the slices to come take it
+        self.assertEqual(metrics.get_metric_stats(done, hours=3)["count"], 2)  # raw: the hour is not rolled yet
+        self.assertGreater(metrics.roll_up(), 0)
+        self.assertEqual(metrics.store.meta_times("rollup_cursor", "rolled_until"), (None, mm.bucket_start(clock.now)))
+        for name, count in ((done, 2), ("s9999999", 1), (f"s{self.SERIES - 1}", 1)):
+            stats = metrics.get_metric_stats(name, hours=3)
+            self.assertEqual((stats["count"], stats["tiers"]), (count, ["hourly"]), name)
+        self.assertEqual(metrics.get_metric_stats(done, hours=3)["max"], 100.0)
+
+    def test_the_write_path_does_one_slice_a_minute(self):
+        clock = FakeClock(1_800_000_000.0 + 2 * HOUR + 120)
+        metrics = self.collector(clock)
+        hour = mm.bucket_start(clock.now - HOUR)
+        with mm.MetricsCollector(self.db, maintain=False, now=clock.time) as bulk:
+            bulk.record_many((f"s{i}", 1.0, None, hour) for i in range(self.SERIES))
+            bulk.cleanup()  # the daily cleanup is done: what remains due is the roll-up of the next hour
+        clock.advance(HOUR)
+        with mm.MetricsCollector(self.db, maintain=False, now=clock.time) as bulk:
+            bulk.record_many((f"s{i}", 2.0, None, clock.now - HOUR + 5) for i in range(self.SERIES))
+        for minute in range(3):
+            metrics.record("x", 1.0)
+            rolled = metrics.store.query("SELECT count(DISTINCT series_id) FROM rollups WHERE bucket = ?",
+                                         (mm.bucket_start(clock.now - HOUR),))[0][0]
+            self.assertEqual(rolled, min(self.SERIES, (minute + 1) * mm.ROLLUP_SERIES_PER_SLICE), minute)
+            clock.advance(60)
 
 
 class CleanupCommandTest(StoreTestCase):
