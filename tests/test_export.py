@@ -158,6 +158,19 @@ class ExpositionTest(AlertTestCase):
         self.assertEqual(mm.prometheus_labels({"9lives": "1", "__x": "2", "ok": ""}), {"_9lives": "1", "x": "2"})
 
 
+class CycleCollectorTest(StoreTestCase):
+    def test_export_gives_the_cycle_collector_back_as_it_found_it(self):
+        import gc
+
+        with mm.MetricsCollector(self.db) as collector:
+            collector.record("x", 1.0)
+            self.addCleanup(gc.enable)
+            for enabled in (True, False):
+                (gc.enable if enabled else gc.disable)()
+                self.assertIn("x 1", mm.export_text(collector))
+                self.assertEqual(gc.isenabled(), enabled)
+
+
 class TextfileTest(StoreTestCase):
 
     def test_export_output_is_the_same_text_written_atomically(self):
