@@ -1786,16 +1786,6 @@ def canonical_labels(labels: Optional[Dict[str, str]]) -> str:
     return json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _tier_marks(conn: sqlite3.Connection) -> Tuple[Optional[float], Optional[float]]:
-    """(rolled_until, daily_until): hours before the first are rolled up, before the second folded into days."""
-    return _meta_times(conn, "rolled_until", "daily_until")
-
-
-def _rolled_until(conn: sqlite3.Connection) -> Optional[float]:
-    """The hour before which every sample is summarised in rollups (None before the first roll-up)."""
-    return _tier_marks(conn)[0]
-
-
 class _Lazy:
     """A value made by ``make()`` the first time it is asked for, then kept."""
 
