@@ -8220,13 +8220,13 @@ def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], sin
 
 def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
                    limit: Optional[int] = None, metrics: Optional[List[str]] = None,
-                   checks: Optional[Dict[str, float]] = None, jobs: Optional[Dict[str, float]] = None
-                   ) -> Dict[str, Any]:
+                   checks: Optional[Dict[str, float]] = None, jobs: Optional[Dict[str, float]] = None,
+                   metrics_limit: int = SUMMARY_METRICS) -> Dict[str, Any]:
     """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
     jobs, the user's own series, recent alerts and the checks' last verdicts, over the last ``hours``.
     With ``limit``, the sync and agent sections hold the ``limit`` in the worst state and ``omitted``
     counts the rest by state; ``metrics``, ``checks`` and ``jobs`` are what summary_options() reads from
-    the configuration."""
+    the configuration; without ``metrics``, the ``metrics_limit`` series written most recently show."""
     hours = window_hours(hours)
     since, until = collector.window(hours)
     entities = collector.entities("target", "breaker", "agent")
@@ -8246,7 +8246,7 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
                                recent=recent_runs(collector, f"agent_{agent}", since))
                    for agent in agents},
         "jobs": recent_jobs(collector.store, until, jobs),
-        "metrics": own_series(collector, since, metrics),
+        "metrics": own_series(collector, since, metrics, metrics_limit),
         "alerts": recent_alerts(collector.store, since),
         "health": health,
         "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
@@ -8329,7 +8329,7 @@ def summary_options(config) -> Dict[str, Any]:
 def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HOURS, *,
                  now=time.time, limit: Optional[int] = SUMMARY_SECTION_ROWS,
                  metrics: Optional[List[str]] = None, checks: Optional[Dict[str, float]] = None,
-                 jobs: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+                 jobs: Optional[Dict[str, float]] = None, metrics_limit: int = SUMMARY_METRICS) -> Dict[str, Any]:
     """The summary of the store at ``db_path``, read without writing anything; at most ``limit`` sync
     targets and agents, the worst first (None: all of them).
 
@@ -8339,7 +8339,8 @@ def read_summary(db_path: Optional[str] = None, hours: float = DEFAULT_WINDOW_HO
     hours = window_hours(hours)
     try:
         with MetricsCollector(resolve_db_path(db_path), readonly=True, now=now) as collector:
-            return system_summary(collector, hours, limit=limit, metrics=metrics, checks=checks, jobs=jobs)
+            return system_summary(collector, hours, limit=limit, metrics=metrics, checks=checks, jobs=jobs,
+                                  metrics_limit=metrics_limit)
     except StorageError as err:
         return _unreadable_summary(err, hours, now())
 

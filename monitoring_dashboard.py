@@ -819,9 +819,10 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
         options = mm.summary_options(config)
         now = mm.cli_clock()
 
-        def collect() -> Dict[str, Any]:
+        def collect(rows: int = 0) -> Dict[str, Any]:
+            """The summary; ``rows``: the screen's, so your series fill it when there are that many."""
             return mm.read_summary(db_path, args.hours, now=now, limit=None if args.all else mm.SUMMARY_SECTION_ROWS,
-                                   **options)
+                                   metrics_limit=max(mm.SUMMARY_METRICS, rows), **options)
 
         def collect_series(key: str) -> Optional[Dict[str, Any]]:
             return mm.read_series(db_path, key, args.hours, now=now)
@@ -840,7 +841,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
         return 1
 
 
-def run_screen(args, collect: Callable[[], Dict[str, Any]],
+def run_screen(args, collect: Callable[[int], Dict[str, Any]],
                collect_series: Callable[[str], Optional[Dict[str, Any]]], environ: Dict[str, str]) -> int:
     import curses
     import locale
@@ -857,8 +858,11 @@ def run_screen(args, collect: Callable[[], Dict[str, Any]],
         terminal = Terminal(use_color(args, environ))
     except curses.error as err:
         return fail(f"cannot start the screen ({err}); --once prints it as plain text")
+    def fitted() -> Dict[str, Any]:  # as many of your series as the screen has rows for
+        return collect(terminal.size()[1] - HEADER_LINES - FOOTER_LINES)
+
     try:
-        return Dashboard(collect, args.refresh, ascii_only, collect_series=collect_series).run(terminal)
+        return Dashboard(fitted, args.refresh, ascii_only, collect_series=collect_series).run(terminal)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     finally:

@@ -598,6 +598,17 @@ class RealScreenTest(StoreTestCase):
         self.assertEqual(term.finish(b"q"), 0)
         self.assertTerminalRestored(term.output)
 
+    def test_the_screen_shows_as_many_of_your_series_as_it_has_rows(self):
+        now = time.time()
+        with mm.MetricsCollector(self.db) as metrics:
+            metrics.record_many((f"series_{i:02d}", float(i), None, now - 30 + i) for i in range(30))
+        summary = mm.read_summary(self.db)["metrics"]  # --summary and the page: the ten written last
+        self.assertEqual(sorted(summary), [f"series_{i:02d}" for i in range(20, 30)])
+        term = self.start()
+        term.read_until(b"series_00")  # the oldest of the thirty: 37 rows have room for all of them
+        self.assertEqual(term.finish(b"q"), 0)
+        self.assertTerminalRestored(term.output)
+
     def test_sigint_restores_the_terminal(self):
         term = self.start()
         term.read_until(b"PgUp PgDn")
