@@ -8114,8 +8114,9 @@ def series_key(name: str, labels: Dict[str, str]) -> str:
 def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
                limit: int = SUMMARY_METRICS) -> Dict[str, Dict[str, Any]]:
     """The user's own series (not those of the sync, agent, breaker, check and job sections): the ``limit``
-    most recently written, or every one whose name matches a shell glob of ``patterns``; each with its
-    latest value and time, and its recent values with the anomalous ones marked."""
+    most recently written, by name, or every one whose name matches a shell glob of ``patterns``, in the
+    order of the globs (then by name); each with its latest value and time, and its recent values with
+    the anomalous ones marked."""
     import fnmatch
     import json
     import re
@@ -8135,7 +8136,12 @@ def own_series(collector: MetricsCollector, since: float, patterns: Optional[Lis
         found[series_key(name, labels)] = dict(_series_recent(collector, series_id, since), name=name, labels=labels)
         if patterns is None and len(found) >= limit:
             break
-    return dict(sorted(found.items()))
+
+    def place(key: str) -> Tuple[int, str]:  # the first glob its name matches, then the key
+        name = found[key]["name"]
+        return next((i for i, pattern in enumerate(patterns or ()) if fnmatch.fnmatchcase(name, pattern)), 0), key
+
+    return {key: found[key] for key in sorted(found, key=place)}
 
 
 def recent_alerts(store: Store, since: float, limit: int = SUMMARY_ALERTS) -> List[Dict[str, Any]]:

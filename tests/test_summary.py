@@ -314,6 +314,8 @@ class OwnSeriesTest(StoreTestCase):
                       "  series_01                                         1 =\n", text)
         self.assertIn("<h2>Metrics</h2>", mm.status_page(summary))
         self.assertNotIn("METRICS", dash.plain_text(dict(summary, metrics={}), ascii_only=True))
+        ordered = mm.read_summary(self.db, now=lambda: self.now, metrics=["series_0[01]", "backup_*", "series_01"])
+        self.assertEqual(list(ordered["metrics"]), ["series_00", "series_01", "backup_bytes{host=nas}"])  # glob order
 
     def test_the_dashboard_section_of_the_configuration(self):
         config = os.path.join(self.tmp, "c.ini")
