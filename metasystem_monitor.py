@@ -74,6 +74,7 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "RetryAfterTooLong",
     "RetryConfig",
     "SEVERITY_STATE_WORDS",
+    "SUMMARY_METRICS",
     "SUMMARY_SECTION_ROWS",
     "Sample",
     "StorageError",
