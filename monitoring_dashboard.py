@@ -439,7 +439,7 @@ def chart_lines(detail: Dict[str, Any], width: int, rows: int, ascii_only: bool)
     for row in range(rows):  # the top row first
         floor = (rows - 1 - row) * 8
         label = mm.series_figure(name, high) if row == 0 else mm.series_figure(name, low) if row == rows - 1 else ""
-        line: Line = [(f"{label:>{CHART_LABEL_CELLS - 1}} ", "dim")]
+        line: Line = [(f"{clip(label, CHART_LABEL_CELLS - 1):>{CHART_LABEL_CELLS - 1}} ", "dim")]  # rows align
         for column, height in enumerate(eighths):
             if height is None or height <= floor:
                 cell = " "

@@ -140,6 +140,13 @@ class RendererTest(unittest.TestCase):
                 anomalous = [text for line in lines for text, style in line if style == "anomaly"]
                 self.assertTrue(anomalous)  # the spike's column, in its own style
 
+    def test_a_chart_keeps_its_columns_whatever_its_labels(self):
+        detail = dict(sample_series(), name="ratio", key="ratio")
+        detail["points"] = [[t, 1234567.891 if i % 2 else 0.000123] for i, (t, _) in enumerate(detail["points"])]
+        lines = dash.chart_lines(detail, 60, 6, ascii_only=True)
+        self.assertEqual([dash.plain(line)[:11] for line in (lines[0], lines[-1])], ["1.23457e+0 ", "  0.000123 "])
+        self.assertEqual({dash.width_of("".join(text for text, _ in line)) for line in lines}, {60})
+
     def test_golden_html_pages(self):
         self.assertGolden("status_page.html", mm.status_page(sample_summary()))
         self.assertGolden("series_page.html", mm.series_page(sample_series()))
