@@ -7374,14 +7374,37 @@ def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str
     return problems
 
 
+def _ping_url_problems(section: str, items: Dict[str, str]) -> List[Tuple[str, str, str]]:
+    """A ``ping_url`` given more than one way, or one that is not http(s) (never shown: it holds the
+    service's token); what ``[check]`` and ``[job:NAME]`` both take."""
+    problems: List[Tuple[str, str, str]] = []
+    _secret(items, "ping_url", section, {}, problems)
+    url = items.get("ping_url", "").strip()
+    if url and not _is_http_url(url):
+        problems.append((section, "ping_url", "not an http or https URL"))
+    return problems
+
+
+def configured_ping_url(config, section: str) -> Optional[str]:
+    """The ``ping_url`` (or its _env, _file) of ``section``; None when it has none; ConfigError when it
+    cannot be read or is not an http(s) URL (never quoting it)."""
+    if not (hasattr(config, "has_section") and config.has_section(section)):
+        return None
+    problems: List[Tuple[str, str, str]] = []
+    url, _, missing = _secret(dict(config[section]), "ping_url", section, dict(os.environ), problems)
+    if problems or missing:
+        raise ConfigError(f"[{section}] ping_url: {problems[0][2] if problems else missing}")
+    if url is not None and not _is_http_url(url):
+        raise ConfigError(f"[{section}] ping_url: not an http or https URL")
+    return url
+
+
 def _check_run_problems(config) -> List[Tuple[str, str, str]]:
     """What is wrong in ``[check]``, the section about every run of check (its ping URL)."""
     if not (hasattr(config, "has_section") and config.has_section("check")):
         return []
     problems = [("check", key, "unknown key") for key in config["check"] if key not in CHECK_RUN_KEYS]
-    url = config["check"].get("ping_url", "").strip()
-    if url and not _is_http_url(url):  # the value itself is not shown: it holds the service's token
-        problems.append(("check", "ping_url", "not an http or https URL"))
+    problems += _ping_url_problems("check", dict(config["check"]))
     _duration_setting(dict(config["check"]), "check", "interval", DEFAULT_CHECK_INTERVAL_S, problems, positive=True)
     return problems
 
@@ -7880,25 +7903,8 @@ def job_problems(config) -> List[Tuple[str, str, str]]:
             continue
         items = dict(config[section])
         problems += [(section, key, "unknown key") for key in items if key not in JOB_KEYS]
-        url, _, _ = _secret(items, "ping_url", section, {}, problems)
-        if items.get("ping_url", "").strip() and not _is_http_url(url or ""):  # not shown: it holds a token
-            problems.append((section, "ping_url", "not an http or https URL"))
+        problems += _ping_url_problems(section, items)
     return problems
-
-
-def job_ping_url(config, job: str) -> Optional[str]:
-    """``[job:NAME] ping_url`` (or its _env, _file) of ``job``; None when it has none; ConfigError when
-    it cannot be read or is not an http(s) URL (never quoting it)."""
-    section = f"job:{job}"
-    if not (hasattr(config, "has_section") and config.has_section(section)):
-        return None
-    problems: List[Tuple[str, str, str]] = []
-    url, _, missing = _secret(dict(config[section]), "ping_url", section, dict(os.environ), problems)
-    if problems or missing:
-        raise ConfigError(f"[{section}] ping_url: {problems[0][2] if problems else missing}")
-    if url is not None and not _is_http_url(url):
-        raise ConfigError(f"[{section}] ping_url: not an http or https URL")
-    return url
 
 
 def ping_signal(run: JobRun) -> str:
@@ -9835,17 +9841,12 @@ def _ping_check_run(args, code: int, text: str) -> None:
 
     try:
         config = load_config(args.config_path, required=args.config_named)
-        if not config.has_section("check"):
+        url = configured_ping_url(config, "check")
+        if url is None:
             return
-        problems: List[Tuple[str, str, str]] = []
-        url, _, why = _secret(dict(config["check"]), "ping_url", "check", dict(os.environ), problems)
         budget_s = alerting_settings(config, args.config_path).timeout_s
     except MonitorError as err:
         log.warning("check run not pinged: %s", err)
-        return
-    if url is None:
-        if why:
-            log.warning("check run not pinged: %s", why)
         return
     problem = send_ping(url, "" if code == 0 else str(code), str(uuid.uuid4()), (text + "\n").encode("utf-8"),
                         budget_s=budget_s)
@@ -9934,7 +9935,7 @@ class _Ping:
                 raise ValidationError(f"--ping: {err}") from None
             return cls(args.ping, args)
         try:
-            url = job_ping_url(load_config(args.config_path, required=args.config_named), args.name)
+            url = configured_ping_url(load_config(args.config_path, required=args.config_named), f"job:{args.name}")
         except MonitorError as err:
             log.warning("run %s not pinged: %s", args.name, err)
             return None
