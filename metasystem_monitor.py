@@ -3869,11 +3869,6 @@ def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str
         return HttpReply(err.code, err.headers, reply)
 
 
-def http_post(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, context: Any) -> HttpReply:
-    """POST ``body``; every status is returned, none raised; redirects are not followed."""
-    return http_request("POST", url, body, headers, timeout_s, context)
-
-
 def _verifies(spec: ChannelSpec) -> bool:
     """False only when the channel says ``tls_verify = false``."""
     return _bool_setting(spec.settings, spec.section, "tls_verify", True, [])
@@ -4034,9 +4029,14 @@ class _HttpChannel(_Channel):
 
     def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
         body = self.payload(alert)
-        url = self.target(alert)
+        return self.request(self.method(alert), self.target(alert), body, self.headers(alert, body, now),
+                            timeout_s, now)
+
+    def request(self, method: str, url: str, body: bytes, headers: Dict[str, str], timeout_s: float,
+                now: float) -> int:
+        """One request with this channel's TLS settings; what check() refuses raises."""
         context = tls_context(_verifies(self.spec)) if url.startswith("https:") else None
-        reply = http_request(self.method(alert), url, body, self.headers(alert, body, now), timeout_s, context)
+        reply = http_request(method, url, body, headers, timeout_s, context)
         self.check(reply, now)
         return reply.status
 
@@ -4291,10 +4291,8 @@ class AlertmanagerChannel(_HttpChannel):
                              "endsAt": iso_time(now + valid_for_s), "generatorURL": ""}])
 
     def send_watchdog(self, timeout_s: float, now: float, valid_for_s: float) -> None:
-        url = self.url()
-        context = tls_context(_verifies(self.spec)) if url.startswith("https:") else None
-        body = self.watchdog_payload(now, valid_for_s)
-        self.check(http_post(url, body, {"Content-Type": self.content_type}, timeout_s, context), now)
+        self.request("POST", self.url(), self.watchdog_payload(now, valid_for_s),
+                     {"Content-Type": self.content_type}, timeout_s, now)
 
     def url(self) -> str:
         return self.spec.secrets["url"].rstrip("/") + "/api/v2/alerts"
@@ -4308,6 +4306,13 @@ class AlertmanagerChannel(_HttpChannel):
         return _json_bytes([{"labels": labels, "annotations": annotations,
                              "startsAt": iso_time(alert.started_at or alert.created_at), "endsAt": iso_time(ends),
                              "generatorURL": ""}])
+
+
+def bounded_key(key: str, limit: int) -> str:
+    """An alert key where a service takes at most ``limit`` characters: as it is, else its SHA-256."""
+    import hashlib
+
+    return key if len(key) <= limit else hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 @register_channel
@@ -4386,9 +4391,6 @@ class MatrixChannel(_HttpChannel):
         formatted = f"<strong>{html.escape(alert.headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
         return _json_bytes({"msgtype": "m.notice", "body": f"{alert.headline}\n\n{text}",
                             "format": "org.matrix.custom.html", "formatted_body": formatted})
-
-    def render(self, alert: Alert) -> str:
-        return self.payload(alert).decode("utf-8")
 
     def check(self, reply: HttpReply, now: float) -> None:
         if reply.status != 200 or "event_id" not in _reply_json(reply):
@@ -4501,10 +4503,7 @@ class OpsgenieChannel(_HttpChannel):
         return f"opsgenie POST {mask_url(self.url())}/v2/alerts"
 
     def alias(self, alert: Alert) -> str:
-        import hashlib
-
-        key = alert.key
-        return key if len(key) <= OPSGENIE_ALIAS_CHARS else hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return bounded_key(alert.key, OPSGENIE_ALIAS_CHARS)
 
     def target(self, alert: Alert) -> str:
         from urllib.parse import quote
@@ -4533,11 +4532,7 @@ class OpsgenieChannel(_HttpChannel):
 
 def pagerduty_dedup_key(key: str) -> str:
     """The alert key as PagerDuty's dedup_key: as it is when it fits in 255 characters, else its SHA-256."""
-    import hashlib
-
-    if len(key) <= PAGERDUTY_DEDUP_KEY_CHARS:
-        return key
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return bounded_key(key, PAGERDUTY_DEDUP_KEY_CHARS)
 
 
 @register_channel
