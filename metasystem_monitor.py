@@ -113,7 +113,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -130,8 +130,10 @@ WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 MAINTENANCE_CHECK_INTERVAL_S = 60.0
 ROLLUP_SPAN_S = 3600.0
 ROLLUP_GRACE_S = 60.0
-ROLLUP_CHUNK_S = 86400.0
 ROLLUP_SERIES_PER_SLICE = 2000  # series rolled up per transaction: what a writer may wait behind
+ROLLUP_ROWS_PER_SLICE = 50_000  # ... and samples read, about (an hour is never split)
+RAW_KEPT_SAMPLES = 2  # an hour with at most this many samples keeps them raw instead of a rollup row
+KEPT_SEQ_OFFSET = 128  # a sample kept raw for its hour has seq - this: negative, and still one byte
 LABEL_CACHE_SIZE = 10_000
 MAX_NAME_CHARS = 200
 MAX_TIMESTAMP_S = 253402300800.0  # 10000-01-01: what ISO 8601 and datetime can show
@@ -694,7 +696,8 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                UNIQUE (name, labels))""",
         # Keyed on (series, time): a window query is one index range and a
         # sample costs about 25 bytes.  seq keeps two samples of one series at
-        # the same instant apart; it is 0 unless that happens.
+        # the same instant apart; it is 0 unless that happens, and negative
+        # for a sample kept raw in place of its hour's rollup (schema 9).
         """CREATE TABLE samples (
                series_id INTEGER NOT NULL,
                ts REAL NOT NULL,
@@ -892,6 +895,13 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
                at REAL NOT NULL,
                until REAL,
                severity TEXT NOT NULL) WITHOUT ROWID""",
+    ),
+    (
+        # Series with samples the roll-up kept raw in place of their hour's row (see roll_up()), and the
+        # newest of them: window queries look for such samples only where they may be.
+        """CREATE TABLE raw_kept (
+               series_id INTEGER PRIMARY KEY,
+               until REAL NOT NULL)""",
     ),
 )
 
@@ -1569,21 +1579,11 @@ _MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, l
         first_ts = min(first_ts, excluded.first_ts),
         last_value = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_value ELSE last_value END,
         last_ts = max(last_ts, excluded.last_ts)"""
-# Hours are matched by comparisons (ts >= h AND ts < h + span), the same way
-# window queries split raw samples from rolled-up hours, so none is counted twice.
-_ROLL_UP_HOURS = """WITH RECURSIVE hours(h) AS (
-        SELECT :start UNION ALL SELECT h + :span FROM hours WHERE h + :span < :end)
-    INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
-    SELECT :series, :span, h, count(*), total(value), 0.0, min(value), max(value), min(ts), max(ts), 0.0
-    FROM hours JOIN samples ON samples.series_id = :series AND samples.ts >= h AND samples.ts < h + :span
-    GROUP BY h"""
-_FINISH_ROLLUPS = """UPDATE rollups SET
-        m2 = (SELECT total((value - rollups.total / rollups.n) * (value - rollups.total / rollups.n)) FROM samples
-              WHERE series_id = rollups.series_id AND ts >= rollups.bucket AND ts < rollups.bucket + rollups.span),
-        last_value = (SELECT value FROM samples WHERE series_id = rollups.series_id AND ts = rollups.last_ts
-                      ORDER BY seq DESC LIMIT 1)
-    WHERE series_id = :series AND span = :span AND bucket >= :start AND bucket < :end"""
-
+# A sample kept raw for its hour back to a plain one: its seq after every plain one of its instant's.
+_UNMARK_KEPT = f"""UPDATE samples SET seq = seq + {KEPT_SEQ_OFFSET:d} + 1 + coalesce(
+        (SELECT max(seq) FROM samples AS plain WHERE plain.series_id = samples.series_id AND plain.ts = samples.ts
+         AND plain.seq >= 0), -1)
+    WHERE series_id = ? AND ts >= ? AND ts < ? AND seq < 0"""
 
 # Whole days of hourly rollups into one daily row each: counts and sums add up,
 # and the spread combines exactly (each hour's m2 plus n * (its mean - the day's mean)**2).
@@ -1649,6 +1649,25 @@ def bucket_start(ts: float, span: float = ROLLUP_SPAN_S) -> float:
     return start
 
 
+def _hours_of(rows: List[tuple]) -> Iterator[Tuple[float, List[tuple]]]:
+    """(hour, its rows) for rows that start with a time, in time order; hours by comparison, as bucket_start().
+
+    >>> [(hour, len(rows)) for hour, rows in _hours_of([(10.0,), (3599.5,), (3600.0,)])]
+    [(0.0, 2), (3600.0, 1)]
+    """
+    group: List[tuple] = []
+    hour, hour_end = 0.0, -math.inf
+    for row in rows:
+        if row[0] >= hour_end:
+            if group:
+                yield hour, group
+            hour = bucket_start(row[0])
+            hour_end, group = hour + ROLLUP_SPAN_S, []
+        group.append(row)
+    if group:
+        yield hour, group
+
+
 class Summary(NamedTuple):
     """Count, sum, centred sum of squares, extremes and ends of a set of samples."""
 
@@ -1662,6 +1681,18 @@ class Summary(NamedTuple):
     last_value: float
 
 
+def _total(values: List[float]) -> float:
+    """The exact sum, rounded once; infinite where that is out of range (as SQLite's total() is).
+
+    >>> _total([1e308, 1e308, 0.5])
+    inf
+    """
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return sum(values)
+
+
 def summarise(points: List[Tuple[float, float]]) -> Summary:
     """Summary of (timestamp, value) points; the later of two equal times wins ``last_value``.
 
@@ -1669,15 +1700,17 @@ def summarise(points: List[Tuple[float, float]]) -> Summary:
     2.0
     """
     values = [value for _, value in points]
-    mean = math.fsum(values) / len(values)
+    total = _total(values)
+    mean = total / len(values)
     last_ts, last_value = max(points, key=lambda point: point[0])
     for ts, value in points:
         if ts == last_ts:
             last_value = value
     return Summary(
-        len(values), math.fsum(values), math.fsum((v - mean) ** 2 for v in values), min(values), max(values),
+        len(values), total, _total([(v - mean) * (v - mean) for v in values]), min(values), max(values),
         min(ts for ts, _ in points), last_ts, last_value,
     )
+
 
 
 def validate_name(name: Any, what: str = "metric name") -> str:
@@ -1804,17 +1837,30 @@ def _set_meta(conn: sqlite3.Connection, key: str, value: float) -> None:
 
 
 class _Range(NamedTuple):
-    """Part of a window: whole rolled-up hours or days (span 3600, 86400), or raw samples (span 0)."""
+    """Part of a window: whole rolled-up hours or days (span 3600, 86400), or raw samples (span 0); ``kept``:
+    the samples kept raw in place of the rollups of whole hours (the roll-up's negative seq)."""
 
     span: int
     start: float
     end: float
     end_inclusive: bool
+    kept: bool = False
 
     def where(self) -> str:
+        if self.kept:
+            return ("series_id IN (SELECT id FROM series JOIN raw_kept ON series_id = id WHERE name = ? "
+                    "AND until >= ?) AND ts >= ? AND ts < ? AND seq < 0")
         column = "bucket" if self.span else "ts"
         span = f" AND span = {self.span:d}" if self.span else ""
         return f"{_OF_NAME}{span} AND {column} >= ? AND {column} {'<=' if self.end_inclusive else '<'} ?"
+
+    def tier(self) -> str:
+        """The tier that answers for this part: samples kept for their hours stand in for the hourly one."""
+        return TIER_NAMES[int(ROLLUP_SPAN_S) if self.kept else self.span]
+
+    def params(self, name: str) -> Tuple[Any, ...]:
+        """The parameters of where(), for metric ``name``."""
+        return (name, self.start, self.start, self.end) if self.kept else (name, self.start, self.end)
 
     def is_empty(self) -> bool:
         return self.start > self.end or (self.start == self.end and not self.end_inclusive)
@@ -2044,9 +2090,9 @@ class MetricsCollector:
 
         That is their hour, or their day where the hours were folded into days.
         """
-        rolled_until, daily_until, deleted_until, cursor, chunk_start, chunk_end = _meta_times(
-            conn, "rolled_until", "daily_until", "raw_deleted_until", "rollup_cursor", "rollup_chunk_start",
-            "rollup_chunk_end")
+        rolled_until, daily_until, deleted_until, cursor, cursor_ts, chunk_start, chunk_end = _meta_times(
+            conn, "rolled_until", "daily_until", "raw_deleted_until", "rollup_cursor", "rollup_cursor_ts",
+            "rollup_chunk_start", "rollup_chunk_end")
         if rolled_until is None and cursor is None:
             return
         if deleted_until is not None and any(ts < deleted_until for _, ts, _ in rows):
@@ -2054,9 +2100,10 @@ class MetricsCollector:
             conn.execute("DELETE FROM meta WHERE key = 'raw_deleted_until'")
         late: Dict[Tuple[int, int, float], List[Tuple[float, float]]] = {}
         for series_id, ts, value in rows:
-            # Before the roll-up's mark, or in the day it is doing for a series it has done already.
+            # Before the roll-up's mark, or in the range it is doing, where it has done this series' hour.
             if (rolled_until is not None and ts < rolled_until) or (
-                    cursor is not None and series_id <= cursor and chunk_start <= ts < chunk_end):
+                    cursor is not None and chunk_start <= ts < chunk_end and (series_id < cursor or (
+                        series_id == cursor and (cursor_ts is None or ts < cursor_ts)))):
                 span = DAY_S if daily_until is not None and ts < daily_until else ROLLUP_SPAN_S
                 late.setdefault((series_id, int(span), bucket_start(ts, span)), []).append((ts, value))
         for (series_id, span, bucket), points in late.items():
@@ -2189,7 +2236,7 @@ class MetricsCollector:
         if not hours:
             return [_Range(0, start, end, end_inclusive)]
         return [_Range(0, start, hours[0], False), _Range(int(ROLLUP_SPAN_S), *hours, False),
-                _Range(0, hours[1], end, end_inclusive)]
+                _Range(0, *hours, False, kept=True), _Range(0, hours[1], end, end_inclusive)]
 
     def _first_pass(self, name: str, ranges: List[_Range], scale: float = 1.0) -> Tuple[
             int, float, Optional[float], Optional[float], Optional[float], Optional[float], List[str]]:
@@ -2198,8 +2245,7 @@ class MetricsCollector:
         count, total, lows, highs, firsts, lasts, tiers = 0, 0.0, [], [], [], [], []
         for part in ranges:
             n, part_total, low, high, first, last = self.store.query_one(
-                (_ROLLED_PASS if part.span else _RAW_PASS) + part.where(), (scale, name, part.start, part.end)
-            )
+                (_ROLLED_PASS if part.span else _RAW_PASS) + part.where(), (scale, *part.params(name)))
             if n:
                 count += int(n)
                 total += part_total
@@ -2207,7 +2253,7 @@ class MetricsCollector:
                 highs.append(high)
                 firsts.append(first)
                 lasts.append(last)
-                tiers.append(TIER_NAMES[part.span])
+                tiers.append(part.tier())
         tiers = sorted(set(tiers))
         if not count:
             return 0, 0.0, None, None, None, None, tiers
@@ -2218,10 +2264,9 @@ class MetricsCollector:
         center = mean * scale
         return math.fsum(
             self.store.query_one(*(
-                (_ROLLED_SQUARES + part.where(), (scale * scale, scale, center, scale, center, name, part.start,
-                                                  part.end))
+                (_ROLLED_SQUARES + part.where(), (scale * scale, scale, center, scale, center, *part.params(name)))
                 if part.span else
-                (_RAW_SQUARES + part.where(), (scale, center, scale, center, name, part.start, part.end))
+                (_RAW_SQUARES + part.where(), (scale, center, scale, center, *part.params(name)))
             ))[0]
             for part in ranges
         )
@@ -2445,14 +2490,19 @@ class MetricsCollector:
     # -- rollups and retention -------------------------------------------------
 
     def roll_up(self, slices: Optional[int] = None) -> int:
-        """Summarise the closed hours of every series into the rollups; return how many were added.
+        """Summarise the closed hours of every series into the rollups; return how many rows were added.
 
-        An hour is closed a minute after it ends. The work goes in slices, a
-        day of history for at most ROLLUP_SERIES_PER_SLICE series each, one
-        transaction each, so a writer never waits long behind it; ``slices``
-        bounds how many this call does (a write does one, and leaves the rest
-        to the next writes and to cleanup). Until a day is done for every
-        series, ``rolled_until`` stays before it and queries read its raw
+        An hour is closed a minute after it ends. An hour that holds at most
+        RAW_KEPT_SAMPLES samples gets no row: its samples are kept raw in its
+        place (marked by a negative seq) until the hourly horizon, where they
+        fold into days with the rest, so a sparse series costs one row a
+        sample instead of two. The work goes series by series over the whole
+        time still to do, in slices of at most ROLLUP_SERIES_PER_SLICE series
+        and about ROLLUP_ROWS_PER_SLICE samples, one transaction each, so its
+        cost follows the samples, and a writer never waits long behind it;
+        ``slices`` bounds how many this call does (a write does one, and leaves
+        the rest to the next writes and to cleanup). Until every series is
+        done, ``rolled_until`` stays where it was and queries read the raw
         samples. Takes no write lock when there is nothing to do.
         """
         target = bucket_start(self._now() - ROLLUP_GRACE_S)
@@ -2469,38 +2519,82 @@ class MetricsCollector:
         return added
 
     def _roll_up_slice(self, conn: sqlite3.Connection, target: float) -> Tuple[int, bool]:
-        """One slice of the roll-up, in the caller's transaction: (rows added, nothing left to do)."""
-        rolled_until, cursor, start, end = _meta_times(conn, "rolled_until", "rollup_cursor", "rollup_chunk_start",
-                                                       "rollup_chunk_end")  # again, under the lock
-        if cursor is None:
+        """One slice of the roll-up, in the caller's transaction: (rows added, nothing left to do).
+
+        The meta marks say where it stands: the range [rollup_chunk_start,
+        rollup_chunk_end) is done for the series before ``rollup_cursor``, and
+        for that series below ``rollup_cursor_ts`` (all of it when unset).
+        """
+        rolled_until, cursor, cursor_ts, start, end = _meta_times(
+            conn, "rolled_until", "rollup_cursor", "rollup_cursor_ts", "rollup_chunk_start", "rollup_chunk_end")
+        if cursor is None:  # again, under the lock
             if rolled_until is not None and rolled_until >= target:
                 return 0, True
-            start = rolled_until
-            if start is None or target - start > ROLLUP_CHUNK_S:
-                # From the hour of the next sample present: a year without data costs one seek per series,
-                # not 365 chunks; an hour behind, as usual, costs none.
-                start = min(self._first_bucket(conn, "samples", "ts", ROLLUP_SPAN_S, target, since=start), target)
-            if start >= target:
-                _set_meta(conn, "rolled_until", start)
-                return 0, True
-            end, cursor = min(target, start + ROLLUP_CHUNK_S), 0.0
-        added = 0
-        ids = conn.execute("SELECT id FROM series WHERE id > ? ORDER BY id LIMIT ?",
-                           (cursor, ROLLUP_SERIES_PER_SLICE)).fetchall()
+            start, end, cursor, cursor_ts = -math.inf if rolled_until is None else rolled_until, target, 0.0, None
+        rows_left, added = ROLLUP_ROWS_PER_SLICE, 0
+        ids = conn.execute("SELECT id FROM series WHERE id >= ? ORDER BY id LIMIT ?",
+                           (cursor if cursor_ts is not None else cursor + 1, ROLLUP_SERIES_PER_SLICE)).fetchall()
         for (series_id,) in ids:
-            hours = {"series": series_id, "span": int(ROLLUP_SPAN_S), "start": start, "end": end}
-            before = conn.total_changes  # rowcount is -1 for a statement that starts with WITH
-            conn.execute(_ROLL_UP_HOURS, hours)
-            added += conn.total_changes - before
-            conn.execute(_FINISH_ROLLUPS, hours)
-        if len(ids) == ROLLUP_SERIES_PER_SLICE:  # more series may follow: the day stays open
-            for key, value in (("rollup_cursor", ids[-1][0]), ("rollup_chunk_start", start),
-                               ("rollup_chunk_end", end)):
-                _set_meta(conn, key, float(value))
-            return added, False
-        conn.execute("DELETE FROM meta WHERE key IN ('rollup_cursor', 'rollup_chunk_start', 'rollup_chunk_end')")
+            since = cursor_ts if series_id == cursor else start
+            count, stopped_at, rows_left = self._roll_up_series(conn, series_id, since, end, rows_left)
+            added += count
+            if stopped_at is not None or rows_left <= 0:
+                return added, self._save_rollup_cursor(conn, series_id, stopped_at, start, end)
+        if len(ids) == ROLLUP_SERIES_PER_SLICE:  # more series may follow
+            return added, self._save_rollup_cursor(conn, ids[-1][0], None, start, end)
+        conn.execute("DELETE FROM meta WHERE key IN "
+                     "('rollup_cursor', 'rollup_cursor_ts', 'rollup_chunk_start', 'rollup_chunk_end')")
         _set_meta(conn, "rolled_until", end)
-        return added, end >= target
+        return added, True
+
+    @staticmethod
+    def _save_rollup_cursor(conn: sqlite3.Connection, series_id: int, stopped_at: Optional[float], start: float,
+                            end: float) -> bool:
+        """Remember where the roll-up stopped: within ``series_id`` at ``stopped_at``, or after it."""
+        for key, value in (("rollup_cursor", float(series_id)), ("rollup_chunk_start", start),
+                           ("rollup_chunk_end", end)):
+            _set_meta(conn, key, value)
+        if stopped_at is None:
+            conn.execute("DELETE FROM meta WHERE key = 'rollup_cursor_ts'")
+        else:
+            _set_meta(conn, "rollup_cursor_ts", stopped_at)
+        return False
+
+    @staticmethod
+    def _roll_up_series(conn: sqlite3.Connection, series_id: int, since: float, end: float, rows_left: int
+                        ) -> Tuple[int, Optional[float], int]:
+        """Roll up the closed hours of one series in [since, end), reading about ``rows_left`` samples at
+        most; (rows added, the hour it stopped before or None when done, rows left).
+
+        One ordered read of the series' samples: the cost follows the samples, not the hours.
+        """
+        rows = conn.execute("SELECT ts, seq, value FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? "
+                            "ORDER BY ts, seq LIMIT ?", (series_id, since, end, rows_left + 1)).fetchall()
+        stopped_at = None
+        if len(rows) > rows_left:  # more than the slice takes: stop at the start of the last hour read
+            stopped_at = bucket_start(rows[-1][0])
+            if stopped_at > since:
+                rows = [row for row in rows if row[0] < stopped_at]
+            else:  # one hour holds more than a slice: it is done whole
+                rows = conn.execute("SELECT ts, seq, value FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? "
+                                    "ORDER BY ts, seq", (series_id, stopped_at, stopped_at + ROLLUP_SPAN_S)).fetchall()
+                stopped_at += ROLLUP_SPAN_S
+                if stopped_at >= end:
+                    stopped_at = None
+        summaries, kept = [], []
+        for hour, points in _hours_of(rows):
+            if len(points) > RAW_KEPT_SAMPLES:
+                summaries.append((series_id, int(ROLLUP_SPAN_S), hour, *summarise([(ts, v) for ts, _, v in points])))
+            else:
+                kept += [(series_id, ts, seq) for ts, seq, _ in points]
+        conn.executemany(_MERGE_ROLLUP, summaries)
+        if kept:
+            conn.executemany(f"UPDATE samples SET seq = seq - {KEPT_SEQ_OFFSET:d} "
+                             "WHERE series_id = ? AND ts = ? AND seq = ?", kept)
+            conn.execute("INSERT INTO raw_kept (series_id, until) VALUES (?, ?) "
+                         "ON CONFLICT (series_id) DO UPDATE SET until = max(until, excluded.until)",
+                         (series_id, kept[-1][1]))
+        return len(summaries), stopped_at, rows_left - len(rows)
 
     @staticmethod
     def _first_bucket(conn: sqlite3.Connection, table: str, column: str, span: float, default: float,
@@ -2520,8 +2614,9 @@ class MetricsCollector:
         """The daily upkeep: roll up closed hours, delete expired raw samples, fold old hours into days.
 
         Raw samples older than ``retention_days`` go only once their hours are
-        rolled up, so statistics keep their count, sum, min and max; hourly
-        rollups older than ``hourly_days`` become daily ones; daily ones older
+        rolled up, so statistics keep their count, sum, min and max (samples
+        kept raw for their hours stay); hourly rollups older than
+        ``hourly_days``, and the kept samples, become daily ones; daily ones older
         than ``daily_days`` (if set) are dropped.  Every transaction touches at
         most CLEANUP_BATCH_ROWS rows, so a writer never waits long, and each
         step goes on until nothing expired is left.  Returns what was done.
@@ -2534,8 +2629,9 @@ class MetricsCollector:
         # Whole hours: a cleanup that finds nothing due costs a few meta reads, whatever the number of series.
         raw_cutoff = bucket_start(min(now - retention_days * DAY_S, rolled_until))
         report["deleted_samples"] = self._delete_past_mark("raw_deleted_until", raw_cutoff, lambda: sum(
-            self._delete_in_batches("samples", "series_id = ?", "ts", (sid,), raw_cutoff) for sid in series()))
-        report["folded_hours"], report["daily_rollups"] = self._fold_old_hours(series, now, rolled_until)
+            self._delete_in_batches("samples", "series_id = ? AND seq >= 0", "ts", (sid,), raw_cutoff)
+            for sid in series()))  # samples kept for their hours stay until those hours fold into days
+        report["folded_hours"], report["daily_rollups"] = self._fold_old_hours(series, now, rolled_until, raw_cutoff)
         report["deleted_days"] = 0
         if self.daily_days:
             day_cutoff = bucket_start(now - self.daily_days * DAY_S, DAY_S)
@@ -2621,9 +2717,10 @@ class MetricsCollector:
             if row is None:
                 return deleted
 
-    def _fold_old_hours(self, series, now: float, rolled_until: float) -> Tuple[int, int]:
+    def _fold_old_hours(self, series, now: float, rolled_until: float, raw_cutoff: float) -> Tuple[int, int]:
         """Fold whole days of hourly rollups past the hourly horizon into daily ones; (hours, days).
-        ``series()`` gives the ids of every series, read only when there is something to fold."""
+        ``series()`` gives the ids of every series, read only when there is something to fold; samples kept
+        raw for their hours join them, and stay as plain raw samples where younger than ``raw_cutoff``."""
         fold_until = bucket_start(min(now - self.hourly_days * DAY_S, rolled_until), DAY_S)
         start = self.store.tier_marks()[1]
         if start is not None and start >= fold_until:
@@ -2632,12 +2729,18 @@ class MetricsCollector:
         step = DAY_S * max(1, CLEANUP_BATCH_ROWS // (24 * max(1, len(series()))))
         folded = days = 0
         while True:
-            with self.store._translating_errors():  # skip days that hold no hourly rollup
+            with self.store._translating_errors():  # skip days that hold no hourly rollup and no kept sample
                 start = min(self._first_bucket(self.store.connection, "rollups", "bucket", DAY_S, fold_until,
-                                               since=start), fold_until)
+                                               since=start), self._first_kept_day(start, fold_until), fold_until)
             end = min(fold_until, start + step)
             with self.store.write() as conn:
+                if start >= fold_until:  # nothing left to fold: no series to look at
+                    _set_meta(conn, "daily_until", fold_until)
+                    return folded, days
+                kept = {row[0] for row in conn.execute("SELECT series_id FROM raw_kept WHERE until >= ?", (start,))}
                 for series_id in series():
+                    if series_id in kept:
+                        self._roll_up_kept(conn, series_id, start, end, raw_cutoff)
                     span = {"series": series_id, "start": start, "end": end}
                     before = conn.total_changes
                     conn.execute(_FOLD_DAYS, span)
@@ -2651,6 +2754,34 @@ class MetricsCollector:
             if end >= fold_until:
                 return folded, days
             start = end
+
+    def _first_kept_day(self, since: Optional[float], default: float) -> float:
+        """Start of the day of the oldest sample kept raw for its hour (at or after ``since``), or
+        ``default``; only series that have such samples are looked at."""
+        since = -math.inf if since is None else since
+        row = self.store.query_one(
+            "SELECT min((SELECT min(ts) FROM samples WHERE series_id = raw_kept.series_id AND ts >= ? AND seq < 0)) "
+            "FROM raw_kept WHERE until >= ?", (since, since))
+        return default if row[0] is None else max(bucket_start(row[0], DAY_S), since)
+
+    @staticmethod
+    def _roll_up_kept(conn: sqlite3.Connection, series_id: int, start: float, end: float, raw_cutoff: float
+                      ) -> None:
+        """The samples of one series kept raw for their hours in [start, end) become those hours' rollups,
+        so they fold into days with the rest; in the caller's transaction. Those past the raw retention go;
+        the others (where hours fold before raw samples expire) become plain raw samples, after any sample
+        of the same instant."""
+        rows = conn.execute("SELECT ts, seq, value FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? "
+                            "AND seq < 0 ORDER BY ts, seq", (series_id, start, end)).fetchall()
+        if not rows:
+            return
+        conn.executemany(_MERGE_ROLLUP, [(series_id, int(ROLLUP_SPAN_S), hour,
+                                          *summarise([(ts, value) for ts, _, value in points]))
+                                         for hour, points in _hours_of(rows)])
+        expired = (series_id, start, min(end, raw_cutoff))
+        conn.execute("DELETE FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? AND seq < 0", expired)
+        if end > raw_cutoff:
+            conn.execute(_UNMARK_KEPT, (series_id, max(start, raw_cutoff), end))
 
     def _maintain_if_due(self) -> None:
         """After a write: roll up closed hours (hourly) and clean up (daily), across all processes.

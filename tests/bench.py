@@ -695,6 +695,68 @@ def bench_first_write_after_the_hour(tmp):
            "<= 3x", first / ordinary <= 3.0)
 
 
+def build_sparse_store(path, names, days=60):
+    """``names`` series whose every hour holds one sample (the sparse case), 1.44 M samples in all: 1,000
+    names hourly, 10,000 every 10 hours, 100,000 every 100 hours; written in time order a day at a time,
+    with the default horizons and a cleanup every week and at the end. Returns the samples written."""
+    rng = random.Random(names)
+    period = 3600.0 * names / 1000
+    start = mm.bucket_start(1_800_000_000.0, DAY_S)
+    clock = [start]
+    written = 0
+    with mm.MetricsCollector(path, now=lambda: clock[0], maintain=False) as collector:
+        for day in range(days):
+            low, high = start + day * DAY_S, start + (day + 1) * DAY_S
+            first, last = int((low - start) // period), int((high - start) // period) + 1
+            batch = sorted(((f"m{i}", rng.random() * 100, None, start + k * period + i * period / names + 0.25)
+                            for k in range(first, last) for i in range(names)), key=lambda sample: sample[3])
+            batch = [sample for sample in batch if low <= sample[3] < high]
+            collector.record_many(batch)
+            written += len(batch)
+            clock[0] = high + 120
+            if day % 7 == 6 or day == days - 1:
+                collector.cleanup()
+    return written
+
+
+def bench_sparse_bytes(tmp):
+    """Issue 17: an hour with one or two samples keeps them raw instead of adding a rollup row."""
+    for names in (1_000, 10_000, 100_000):
+        path = os.path.join(tmp, f"sparse{names}.db")
+        samples = build_sparse_store(path, names)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        ours = os.path.getsize(path) / samples
+        os.remove(path)
+        # The baseline: what a raw sample and an hourly rollup row cost before (bench 5's dense figure is 30 B).
+        report(f"18. bytes a sample, sparse series, {names:,} names, 60 days", ours, 95.0, "B", 95.0 / ours,
+               "<= 40 B", ours <= 40)
+    print("   (1.44 M samples each, every hour of a series holding one; as kept after the cleanups, no VACUUM;"
+          " the baseline is the last release's 95 B at 1,000 and 10,000 names)")
+
+
+def bench_bulk_roll_up(tmp):
+    """Issue 17: the roll-up after a bulk import costs what its samples cost, not its series times its days."""
+    times = {}
+    for days, every in ((6, 1), (60, 1), (60, 10)):  # over how many days, a sample every how many days
+        path = os.path.join(tmp, f"bulk{days}_{every}.db")
+        now = 1_800_000_000.0
+        with mm.MetricsCollector(path, maintain=False, now=lambda: now) as collector:
+            collector.record_many((f"m{i % 100}", float(k % 13), {"n": str(i)}, now - days * DAY_S + k * DAY_S + i)
+                                  for k in range(0, days, every) for i in range(10_000))
+            started = time.perf_counter()
+            collector.roll_up()
+            times[days, every] = time.perf_counter() - started
+        os.remove(path)
+    more, longer, base = times[60, 1], times[60, 10], times[6, 1]
+    report("19. roll-up after a bulk import, 10x the samples", more * 1e3, 10 * base * 1e3, "ms", more / (10 * base),
+           "<= 1.5x linear", more / (10 * base) <= 1.5)
+    report("    the same samples over 10x the days", longer * 1e3, base * 1e3, "ms", longer / base, "<= 1.5x",
+           longer / base <= 1.5)
+    print("   (10,000 series; 60,000 samples over 6 days, 600,000 over 60 days, and 60,000 over 60 days)")
+
+
 def main():
     print(f"make bench on {platform.platform()}, Python {platform.python_version()}, "
           f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
@@ -721,6 +783,8 @@ def main():
         bench_idle_cleanup(tmp)
         bench_metrics_listing(tmp)
         bench_first_write_after_the_hour(tmp)
+        bench_sparse_bytes(tmp)
+        bench_bulk_roll_up(tmp)
         print(f"{sum(rows_out)} of {len(rows_out)} targets met in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

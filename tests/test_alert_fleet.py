@@ -130,7 +130,8 @@ class DeliveryCountsMigrationTest(AlertTestCase):
         alerts.close()
         conn = sqlite3.connect(self.db)
         conn.execute("DROP TABLE delivery_counts")
-        conn.execute("DROP TABLE alert_acks")  # as version 6 had neither
+        conn.execute("DROP TABLE alert_acks")  # as version 6 had none of them
+        conn.execute("DROP TABLE raw_kept")
         conn.execute("PRAGMA user_version = 6")
         conn.commit()
         conn.close()

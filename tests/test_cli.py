@@ -297,20 +297,27 @@ class ConfigurationTest(StoreTestCase):
 
     def test_storage_settings_are_read_from_option_or_environment(self):
         config = self.write_config("[storage]\nsynchronous = full\nretention_days = 7\n")
-        eight_days_ago = str(time.time() - 8 * 86400)
+        hour = mm.bucket_start(time.time() - 8 * 86400)
+
+        def store_with_old_samples(db):
+            """Three samples in one hour eight days ago (one or two would be kept for the hour), no cleanup yet."""
+            with mm.MetricsCollector(db, maintain=False) as metrics:
+                metrics.record_many(("old", 1.0, None, hour + i) for i in range(3))
+            return db
+
         for how, args, env in (("option", ("--config", config), self.child_env()),
                                ("environment", (), self.child_env(METASYSTEM_CONFIG=config))):
             with self.subTest(how=how):
-                db = os.path.join(self.tmp, how + ".db")
-                # The first write of a store runs the daily cleanup: 7 days of retention drop the sample.
-                result = self.run_cli(*args, "--db", db, "-v", "record", "old", "1", "--time", eight_days_ago, env=env)
+                db = store_with_old_samples(os.path.join(self.tmp, how + ".db"))
+                # The first write runs the daily cleanup: 7 days of retention drop the old samples.
+                result = self.run_cli(*args, "--db", db, "-v", "record", "new", "1", env=env)
                 self.assertEqual(result.returncode, 0, result.stderr)
                 self.assertIn(f"store {db} open: schema {mm.SCHEMA_VERSION}, journal wal, synchronous full,",
                               result.stderr.decode())
-                self.assertEqual(stored(db), [])
-        default = os.path.join(self.tmp, "default.db")
-        self.assertCleanExit(self.run_cli("--db", default, "record", "old", "1", "--time", eight_days_ago))
-        self.assertEqual([row[0] for row in stored(default)], ["old"])
+                self.assertEqual([row[0] for row in stored(db)], ["new"])
+        default = store_with_old_samples(os.path.join(self.tmp, "default.db"))
+        self.assertCleanExit(self.run_cli("--db", default, "record", "new", "1"))
+        self.assertEqual(sorted(row[0] for row in stored(default)), ["new", "old", "old", "old"])
 
     def test_bad_configuration_gets_one_line_and_exit_1(self):
         cases = [

@@ -315,9 +315,10 @@ class RollupTest(StoreTestCase):
         self.assertEqual(stats["count"], 24 * 60 + 1)
         reads = [sql for sql in traced if sql.startswith("SELECT")]
         self.assertEqual(sum(" FROM rollups " in sql for sql in reads), 2)  # first pass and squares
-        self.assertEqual(sum(" FROM samples " in sql for sql in reads), 5)  # two edges, twice; latest
+        # Two edges and the samples kept raw for their hours (none here: a lookup of the series), twice; latest.
+        self.assertEqual(sum(" FROM samples " in sql for sql in reads), 7)
 
-    def test_roll_up_works_a_day_per_transaction_and_only_closed_hours(self):
+    def test_roll_up_reads_each_series_once_and_only_closed_hours(self):
         clock = FakeClock(1_800_000_000.0 + 30)  # 30 s into an hour
         metrics = self.collector(clock)
         metrics.record_many([("m", 1.0, None, clock.now - i * 600.0) for i in range(3 * 144)])
@@ -326,7 +327,8 @@ class RollupTest(StoreTestCase):
         traced = []
         metrics.store.connection.set_trace_callback(traced.append)
         self.assertEqual(metrics.roll_up(), 71)
-        self.assertEqual(traced.count("BEGIN IMMEDIATE"), 3)  # 71 closed hours: 24 + 24 + 23
+        self.assertEqual(traced.count("BEGIN IMMEDIATE"), 1)  # 71 closed hours, 426 samples: one slice
+        self.assertEqual(sum(sql.startswith("SELECT ts, seq, value FROM samples") for sql in traced), 1)
         # The hour that ended 30 s ago is not closed yet: its sample stays raw only.
         self.assertEqual(metrics.store.meta_times("rolled_until")[0], 1_800_000_000.0 - 3600)
         self.assertEqual(metrics.store.query("SELECT max(bucket) FROM rollups"), [(1_800_000_000.0 - 7200,)])
@@ -349,7 +351,8 @@ class CleanupTest(StoreTestCase):
         old = [("x", float(i % 101), None, clock.now - 31 * 86400 - i) for i in range(25_000)]
         young = [("x", 7.0, None, clock.now - 29 * 86400), ("y", 8.0, None, clock.now)]
         metrics.record_many(old + young)  # the first write runs the daily cleanup itself
-        self.assertEqual(self.raw_values(metrics), [7.0, 8.0])
+        # The newest old sample is alone in its hour: it is kept raw in place of that hour's rollup.
+        self.assertEqual(self.raw_values(metrics), [0.0, 7.0, 8.0])
         after_first = metrics.get_metric_stats("x", hours=10_000)
         self.assertEqual(after_first["count"], 25_001)
         metrics.record_many(old)  # late samples for hours already rolled up
@@ -360,7 +363,7 @@ class CleanupTest(StoreTestCase):
         # x: 10,000 + 10,000 + 5,000, each in its own transaction; y has nothing expired: no write at all.
         self.assertEqual(sum(1 for sql in traced if sql.startswith("DELETE")), 3)
         self.assertEqual(metrics.cleanup_old_metrics(), 0)
-        self.assertEqual(self.raw_values(metrics), [7.0, 8.0])
+        self.assertEqual(self.raw_values(metrics), [0.0, 7.0, 8.0])
         after = metrics.get_metric_stats("x", hours=10_000)
         self.assertEqual(before["count"], 50_001)
         self.assertEqual((after["count"], after["min"], after["max"], after["latest"]),

@@ -5,6 +5,7 @@ exact and finite; what still cannot be represented is null in JSON, with a note,
 strictly.
 """
 
+import math
 import os
 import statistics
 import time
@@ -64,17 +65,27 @@ class FloatLimitTest(StoreTestCase):
 
     def test_an_infinite_sum_in_the_rollups_is_null_with_a_note(self):
         with self.collector(self.clock) as metrics:
-            metrics.record("big", 1e308)
-            metrics.record("big", 1e308)
+            for _ in range(3):  # three: an hour of one or two samples keeps them raw, without a rollup row
+                metrics.record("big", 1e308)
             self.clock.advance(2 * HOUR)
-            metrics.roll_up()  # the hour's sum, 2e308, is infinite in the rollup row
+            metrics.roll_up()  # the hour's sum, 3e308, is infinite in the rollup row
             stats = metrics.get_metric_stats("big", hours=3)
         self.assertEqual(stats["tiers"], ["hourly"])
-        self.assertEqual((stats["count"], stats["max"], stats["avg"]), (2, 1e308, float("inf")))
+        self.assertEqual((stats["count"], stats["max"], stats["avg"]), (3, 1e308, float("inf")))
         document = strict_json(mm.json_text({"name": "big", **stats}))
         self.assertEqual((document["avg"], document["notes"]), (None, ["avg: out of the range of a double",
                                                                        "stddev: out of the range of a double"]))
         self.assertEqual(mm._format_value(stats["avg"]), "out of range")
+
+    def test_late_samples_near_the_float_limit_join_a_rolled_hour(self):
+        with self.collector(self.clock) as metrics:
+            hour = mm.bucket_start(self.clock.now)
+            metrics.record_many(("big", 1.0, None, hour + i) for i in range(3))
+            self.clock.advance(2 * HOUR)
+            metrics.roll_up()
+            metrics.record_many([("big", 1e308, None, hour + 10), ("big", 1e308, None, hour + 11)])  # once a crash
+            stats = metrics.get_metric_stats("big", hours=3)
+        self.assertEqual((stats["count"], stats["max"], stats["avg"], stats["tiers"]), (5, 1e308, math.inf, ["hourly"]))
 
     def test_json_text_keeps_notes_and_nested_paths(self):
         self.assertEqual(mm.json_text({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "notes": ["x"]},

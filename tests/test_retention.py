@@ -49,8 +49,11 @@ class FoldingTest(StoreTestCase):
 
     def test_hours_fold_into_days_and_statistics_stay_exact(self):
         report = self.metrics.cleanup()
-        self.assertEqual(report["deleted_samples"], sum(1 for ts, _ in self.points if ts < mm.bucket_start(
-            self.clock.now - DAY)))
+        # Site b has two samples an hour: they are kept raw for their hours, and fold into days with the rest.
+        self.assertEqual(report["deleted_samples"], sum(1 for i, (ts, _) in enumerate(self.points)
+                                                        if i % 3 and ts < mm.bucket_start(self.clock.now - DAY)))
+        self.assertEqual(self.metrics.store.query(
+            "SELECT count(*) FROM samples WHERE ts < ?", (mm.bucket_start(self.clock.now - 3 * DAY, DAY),)), [(0,)])
         day_edge = mm.bucket_start(self.clock.now - 3 * DAY, DAY)
         self.assertEqual(self.metrics.store.meta_times("daily_until")[0], day_edge)
         self.assertEqual(report["daily_rollups"], 2 * 5)  # two series, five whole days before the edge
@@ -115,7 +118,9 @@ class SlicedRollUpTest(StoreTestCase):
         clock = FakeClock(1_800_000_000.0 + 2 * HOUR + 120)  # 02:02: the hours 00:00 and 01:00 are closed
         metrics = self.collector(clock, maintain=False)
         hour = mm.bucket_start(clock.now - HOUR)
-        metrics.record_many((f"s{i}", float(i % 7), None, hour + i % 3000) for i in range(self.SERIES))
+        # Three samples a series: every hour gets its rollup row (one or two would be kept raw instead).
+        metrics.record_many((f"s{i}", float(i % 7 + k), None, hour + i % 3000 + k)
+                            for i in range(self.SERIES) for k in range(3))
         metrics.roll_up(slices=1)
         cursor, rolled = metrics.store.meta_times("rollup_cursor", "rolled_until")
         self.assertEqual(rolled, None)
@@ -124,10 +129,10 @@ class SlicedRollUpTest(StoreTestCase):
         done = metrics.store.query("SELECT name FROM series WHERE id <= ? ORDER BY id LIMIT 1", (cursor,))[0][0]
         metrics.record(done, 100.0, None, hour + 10)  # late for a series whose slice is done
         metrics.record("s9999999", 1.0, None, hour + 20)  # a new series: the slices to come take it
-        self.assertEqual(metrics.get_metric_stats(done, hours=3)["count"], 2)  # raw: the hour is not rolled yet
+        self.assertEqual(metrics.get_metric_stats(done, hours=3)["count"], 4)  # raw: the hour is not rolled yet
         self.assertGreater(metrics.roll_up(), 0)
         self.assertEqual(metrics.store.meta_times("rollup_cursor", "rolled_until"), (None, mm.bucket_start(clock.now)))
-        for name, count in ((done, 2), ("s9999999", 1), (f"s{self.SERIES - 1}", 1)):
+        for name, count in ((done, 4), ("s9999999", 1), (f"s{self.SERIES - 1}", 3)):  # s9999999: kept raw
             stats = metrics.get_metric_stats(name, hours=3)
             self.assertEqual((stats["count"], stats["tiers"]), (count, ["hourly"]), name)
         self.assertEqual(metrics.get_metric_stats(done, hours=3)["max"], 100.0)
@@ -141,13 +146,188 @@ class SlicedRollUpTest(StoreTestCase):
             bulk.cleanup()  # the daily cleanup is done: what remains due is the roll-up of the next hour
         clock.advance(HOUR)
         with mm.MetricsCollector(self.db, maintain=False, now=clock.time) as bulk:
-            bulk.record_many((f"s{i}", 2.0, None, clock.now - HOUR + 5) for i in range(self.SERIES))
+            bulk.record_many((f"s{i}", 2.0, None, clock.now - HOUR + 5 + k) for i in range(self.SERIES)
+                             for k in range(3))
         for minute in range(3):
             metrics.record("x", 1.0)
             rolled = metrics.store.query("SELECT count(DISTINCT series_id) FROM rollups WHERE bucket = ?",
                                          (mm.bucket_start(clock.now - HOUR),))[0][0]
             self.assertEqual(rolled, min(self.SERIES, (minute + 1) * mm.ROLLUP_SERIES_PER_SLICE), minute)
             clock.advance(60)
+
+
+class SparseSeriesTest(StoreTestCase):
+    """An hour with one or two samples of a series keeps them raw instead of adding a rollup row."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock = FakeClock(1_800_000_000.0 + 5 * HOUR + 17)
+        self.metrics = self.collector(self.clock, retention_days=2, hourly_days=5, maintain=False)
+        rng = random.Random(5)
+        start = self.clock.now - 8 * DAY
+        self.points = {"dense": [], "sparse": [], "mixed": []}
+        for hour in range(8 * 24):
+            base = start + hour * HOUR
+            counts = {"dense": 6, "sparse": 1 + (hour % 5 == 0) if hour % 3 == 0 else 0,
+                      "mixed": (1, 2, 5, 0)[hour % 4]}
+            for site, count in counts.items():
+                self.points[site] += [(base + rng.uniform(0, HOUR - 1), rng.gauss(50, 9)) for _ in range(count)]
+        self.metrics.record_many([("m", v, {"site": site}, ts) for site, points in self.points.items()
+                                  for ts, v in points])
+
+    def closed_hours(self, site, small):
+        """{hour: samples} of the closed hours of ``site`` holding at most two samples (or more, if not small)."""
+        hours = {}
+        for ts, _ in self.points[site]:
+            if ts < mm.bucket_start(self.clock.now - 60):
+                hours[mm.bucket_start(ts)] = hours.get(mm.bucket_start(ts), 0) + 1
+        return {hour: n for hour, n in hours.items() if (n <= 2) == small}
+
+    def assertExact(self, hours, sites=("dense", "sparse", "mixed")):
+        since = self.clock.now - hours * HOUR
+        values = [v for site in sites for ts, v in self.points[site] if since <= ts <= self.clock.now]
+        stats = self.metrics.get_metric_stats("m", hours=hours)
+        self.assertEqual((stats["count"], stats["min"], stats["max"]), (len(values), min(values), max(values)), hours)
+        self.assertAlmostEqual(stats["avg"], statistics.fmean(values), delta=1e-9 * 50)
+        if len(values) > 1:
+            self.assertAlmostEqual(stats["stddev"], statistics.stdev(values), delta=1e-9 * 9)
+        return stats
+
+    def test_small_hours_stay_raw_fold_into_days_and_statistics_stay_exact(self):
+        self.metrics.roll_up()
+        rolled = self.metrics.store.query(
+            "SELECT json_extract(labels, '$.site'), count(*), sum(n) FROM rollups JOIN series ON id = series_id "
+            "GROUP BY labels ORDER BY 1")
+        self.assertEqual(rolled, [(site, len(self.closed_hours(site, False)),
+                                   sum(self.closed_hours(site, False).values())) for site in ("dense", "mixed")])
+        kept = self.metrics.store.query("SELECT json_extract(labels, '$.site'), count(*) FROM samples "
+                                        "JOIN series ON id = series_id WHERE seq < 0 GROUP BY labels ORDER BY 1")
+        self.assertEqual(kept, [(site, sum(self.closed_hours(site, True).values())) for site in ("mixed", "sparse")])
+        # One row a sample for the sparse series, where a rollup row beside each would have made two.
+        self.assertEqual(self.metrics.store.query(
+            "SELECT (SELECT count(*) FROM samples WHERE series_id = id) + (SELECT count(*) FROM rollups WHERE "
+            "series_id = id) FROM series WHERE labels = ?", ('{"site":"sparse"}',)), [(len(self.points["sparse"]),)])
+        for hours in (0.5, 1, 6.3, 24, 47.9, 100, 8 * 24):
+            # The samples kept for their hours answer as the hourly tier they stand in for.
+            self.assertEqual(self.assertExact(hours)["tiers"], ["raw"] if hours <= 1 else ["hourly", "raw"])
+        latest = max(self.points["sparse"])
+        self.assertEqual(self.metrics.get_metric_stats("m", hours=HOUR)["count"], sum(map(len, self.points.values())))
+        self.assertEqual(self.metrics.store.query("SELECT value FROM samples JOIN series ON id = series_id WHERE "
+                                                  "labels = ? ORDER BY ts DESC LIMIT 1", ('{"site":"sparse"}',)),
+                         [(latest[1],)])
+
+        report = self.metrics.cleanup()  # raw retention two days, hours kept five
+        cutoff = mm.bucket_start(self.clock.now - 2 * DAY)
+        self.assertEqual(report["deleted_samples"], sum(
+            n for site in ("dense", "mixed") for hour, n in self.closed_hours(site, False).items() if hour < cutoff))
+        day_edge = mm.bucket_start(self.clock.now - 5 * DAY, DAY)
+        self.assertEqual(self.metrics.store.meta_times("daily_until")[0], day_edge)
+        self.assertEqual(self.metrics.store.query("SELECT count(*) FROM samples WHERE ts < ?", (day_edge,)), [(0,)])
+        self.assertEqual(self.metrics.store.query("SELECT min(ts) >= ? FROM samples WHERE seq < 0", (day_edge,)),
+                         [(1,)])
+        since = mm.bucket_start(self.clock.now - 7 * DAY, DAY)
+        # Past the raw retention a window starts on an hour (or a day, past the hourly horizon).
+        for hours in (0.5, 24, 47.9, 72 + 17 / 3600, 100 + 17 / 3600, (self.clock.now - since) / HOUR):
+            self.assertExact(hours)
+        for site in self.points:  # each series alone, through its labels' own name
+            self.metrics.record_many([(f"m_{site}", v, None, ts) for ts, v in self.points[site]])
+        self.metrics.cleanup()
+        self.assertEqual(self.metrics.get_metric_stats("m_sparse", hours=3 * 24 + 17 / 3600)["count"],
+                         sum(1 for ts, _ in self.points["sparse"] if ts >= self.clock.now - 3 * DAY - 17))
+
+    def test_a_late_sample_for_a_small_hour_or_an_empty_one_is_counted_once(self):
+        self.metrics.roll_up()
+        one = next(hour for hour, n in self.closed_hours("sparse", True).items() if n == 1)
+        empty = one + HOUR  # the sparse site writes every third hour
+        for ts in (one + 7.5, empty + 3.0, one + 9.0):
+            value = 1000.0 + ts % 100
+            self.metrics.record("m", value, {"site": "sparse"}, ts)
+            self.points["sparse"].append((ts, value))
+            for hours in (24, 8 * 24):
+                self.assertExact(hours)
+        self.metrics.cleanup()
+        self.assertExact(3 * 24 + 17 / 3600)
+        self.assertExact((self.clock.now - mm.bucket_start(self.clock.now - 8 * DAY, DAY)) / HOUR)
+
+    def test_where_hours_fold_before_raw_samples_expire_the_kept_ones_stay_as_plain_raw_samples(self):
+        metrics = self.collector(self.clock, db_path=os.path.join(self.tmp, "short.db"), retention_days=3,
+                                 hourly_days=1, maintain=False)
+        points = sorted(self.points["sparse"])
+        metrics.record_many([("s", v, None, ts) for ts, v in points])
+        metrics.roll_up()
+        twin = next(p for p in points if self.clock.now - 3 * DAY < p[0] < self.clock.now - 2 * DAY)
+        metrics.record("s", -1.0, None, twin[0])  # late, at the very instant of a kept sample
+        points = sorted(points + [(twin[0], -1.0)])
+        metrics.cleanup()
+        day_edge, raw_cutoff = mm.bucket_start(self.clock.now - DAY, DAY), mm.bucket_start(self.clock.now - 3 * DAY)
+        self.assertEqual(metrics.store.meta_times("daily_until")[0], day_edge)
+        self.assertEqual(metrics.store.query("SELECT count(*) FROM samples WHERE seq < 0 AND ts < ?", (day_edge,)),
+                         [(0,)])
+        # Every sample younger than the raw retention is still there; those of folded days plain again (the
+        # twins apart by seq).
+        self.assertEqual(sorted(metrics.store.query("SELECT ts, value FROM samples WHERE ts >= ?", (raw_cutoff,))),
+                         [p for p in points if p[0] >= raw_cutoff])
+        self.assertEqual(metrics.store.query("SELECT count(*), min(seq) FROM samples WHERE ts >= ? AND ts < ?",
+                                             (raw_cutoff, day_edge)),
+                         [(sum(1 for p in points if raw_cutoff <= p[0] < day_edge), 0)])
+        since = mm.bucket_start(self.clock.now - 6 * DAY, DAY)
+        stats = metrics.get_metric_stats("s", hours=(self.clock.now - since) / HOUR)
+        values = [v for ts, v in points if ts >= since]
+        self.assertEqual((stats["count"], stats["min"], stats["tiers"]), (len(values), -1.0, ["daily", "hourly"]))
+        self.assertAlmostEqual(stats["avg"], statistics.fmean(values), delta=1e-9)
+        self.clock.advance(3 * DAY)
+        metrics.cleanup()
+        self.assertEqual(metrics.store.query("SELECT count(*) FROM samples WHERE ts < ?", (day_edge,)), [(0,)])
+
+    def test_a_slice_reads_about_a_slice_of_samples_and_never_splits_an_hour(self):
+        clock = FakeClock(1_800_000_000.0 + 60)
+        metrics = self.collector(clock, db_path=os.path.join(self.tmp, "dense.db"), maintain=False)
+        start = clock.now - 40 * HOUR - 60
+        points = [(start + i + 0.5, float(i % 1000)) for i in range(int(40 * HOUR))]  # 144,000 samples at 1 Hz
+        metrics.record_many([("fast", v, None, ts) for ts, v in points])
+
+        def assertExact():
+            stats = metrics.get_metric_stats("fast", hours=41)
+            values = [v for _, v in points]
+            self.assertEqual((stats["count"], stats["min"], stats["max"]), (len(values), min(values), max(values)))
+            self.assertAlmostEqual(stats["avg"], statistics.fmean(values), delta=1e-9)
+
+        traced = []
+        metrics.store.connection.set_trace_callback(traced.append)
+        metrics.roll_up(slices=1)
+        metrics.store.connection.set_trace_callback(None)
+        self.assertEqual(traced.count("BEGIN IMMEDIATE"), 1)
+        at, rolled = metrics.store.meta_times("rollup_cursor_ts", "rolled_until")
+        self.assertIsNone(rolled)
+        self.assertEqual(at, mm.bucket_start(start + mm.ROLLUP_ROWS_PER_SLICE))  # the hour it had started
+        done = metrics.store.query("SELECT count(*), sum(n) FROM rollups")[0]
+        self.assertEqual(done, (int((at - mm.bucket_start(start)) // HOUR), sum(1 for ts, _ in points if ts < at)))
+        assertExact()
+        late = (start + 100.25, 5000.0)  # in an hour that slice did
+        metrics.record("fast", late[1], None, late[0])
+        points.append(late)
+        assertExact()
+        self.assertGreater(metrics.roll_up(), 0)
+        self.assertEqual(metrics.store.meta_times("rollup_cursor", "rollup_cursor_ts", "rolled_until"),
+                         (None, None, mm.bucket_start(clock.now - 60)))
+        assertExact()
+        self.assertEqual(metrics.store.query("SELECT max(n) FROM rollups"), [(3601,)])
+
+    def test_a_bulk_import_is_read_once_a_series_whatever_its_days(self):
+        start = self.clock.now - 90 * DAY
+        metrics = self.collector(self.clock, db_path=os.path.join(self.tmp, "bulk.db"), maintain=False)
+        metrics.record_many((f"imported_{i}", float(day), None, start + day * DAY + i) for day in range(90)
+                            for i in range(50))
+        traced = []
+        metrics.store.connection.set_trace_callback(traced.append)
+        metrics.roll_up()
+        statements = [sql for sql in traced if sql.split()[0] in ("SELECT", "INSERT", "UPDATE", "DELETE")]
+        self.assertEqual(sum(sql.startswith("SELECT ts, seq, value FROM samples") for sql in statements), 50)
+        # Each sample alone in its hour is kept, one update each; everything else is per series, not per day.
+        self.assertEqual(sum(sql.startswith("UPDATE samples") for sql in statements), 90 * 50)
+        self.assertLess(sum(not sql.startswith("UPDATE samples") for sql in statements), 50 * 3)
+        self.assertEqual(metrics.store.query("SELECT count(*) FROM samples WHERE seq < 0"), [(90 * 50,)])
+        self.assertEqual(metrics.get_metric_stats("imported_7", hours=91 * 24)["count"], 90)
 
 
 class CleanupCommandTest(StoreTestCase):
