@@ -2493,8 +2493,9 @@ class MetricsCollector:
         """Summarise the closed hours of every series into the rollups; return how many rows were added.
 
         An hour is closed a minute after it ends. An hour that holds at most
-        RAW_KEPT_SAMPLES samples gets no row: its samples are kept raw in its
-        place (marked by a negative seq) until the hourly horizon, where they
+        RAW_KEPT_SAMPLES samples, between hours that hold no more, gets no
+        row: its samples are kept raw in its place (marked by a negative seq,
+        the series listed in raw_kept) until the hourly horizon, where they
         fold into days with the rest, so a sparse series costs one row a
         sample instead of two. The work goes series by series over the whole
         time still to do, in slices of at most ROLLUP_SERIES_PER_SLICE series
@@ -2582,8 +2583,11 @@ class MetricsCollector:
                 if stopped_at >= end:
                     stopped_at = None
         summaries, kept = [], []
-        for hour, points in _hours_of(rows):
-            if len(points) > RAW_KEPT_SAMPLES:
+        hours = dict(_hours_of(rows))
+        read_until = end if stopped_at is None else stopped_at
+        for hour, points in hours.items():
+            if len(points) > RAW_KEPT_SAMPLES or MetricsCollector._next_to_a_busy_hour(
+                    conn, series_id, hour, hours, since, read_until):
                 summaries.append((series_id, int(ROLLUP_SPAN_S), hour, *summarise([(ts, v) for ts, _, v in points])))
             else:
                 kept += [(series_id, ts, seq) for ts, seq, _ in points]
@@ -2595,6 +2599,32 @@ class MetricsCollector:
                          "ON CONFLICT (series_id) DO UPDATE SET until = max(until, excluded.until)",
                          (series_id, kept[-1][1]))
         return len(summaries), stopped_at, rows_left - len(rows)
+
+    @staticmethod
+    def _next_to_a_busy_hour(conn: sqlite3.Connection, series_id: int, hour: float, hours: Dict[float, list],
+                             since: float, read_until: float) -> bool:
+        """Whether the hour before or after ``hour`` holds more than RAW_KEPT_SAMPLES samples of the series.
+
+        Such a small hour is the edge of a busy stretch (a machine going to sleep or waking up), not a
+        sparse series: it gets its rollup row, so a busy series never has samples kept raw for its
+        hours, and its window queries never look for them. ``hours`` are those read, from ``since`` to
+        ``read_until``; outside them the store is asked: the rollup row of the hour before, a few
+        samples of the hour after.
+        """
+        before, after = hour - ROLLUP_SPAN_S, hour + ROLLUP_SPAN_S
+        if before >= since:
+            busy_before = len(hours.get(before, ())) > RAW_KEPT_SAMPLES
+        else:
+            row = conn.execute("SELECT n FROM rollups WHERE series_id = ? AND span = 3600 AND bucket = ?",
+                               (series_id, before)).fetchone()
+            busy_before = row is not None and row[0] > RAW_KEPT_SAMPLES
+        if busy_before:
+            return True
+        if after < read_until:
+            return len(hours.get(after, ())) > RAW_KEPT_SAMPLES
+        return conn.execute("SELECT count(*) FROM (SELECT 1 FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? "
+                            "LIMIT ?)", (series_id, after, after + ROLLUP_SPAN_S, RAW_KEPT_SAMPLES + 1)
+                            ).fetchone()[0] > RAW_KEPT_SAMPLES
 
     @staticmethod
     def _first_bucket(conn: sqlite3.Connection, table: str, column: str, span: float, default: float,
@@ -2756,12 +2786,12 @@ class MetricsCollector:
             start = end
 
     def _first_kept_day(self, since: Optional[float], default: float) -> float:
-        """Start of the day of the oldest sample kept raw for its hour (at or after ``since``), or
-        ``default``; only series that have such samples are looked at."""
+        """Start of the day of the oldest sample kept raw for its hour in [since, default), or ``default``;
+        only series that have such samples are looked at, and only that range of their samples."""
         since = -math.inf if since is None else since
         row = self.store.query_one(
-            "SELECT min((SELECT min(ts) FROM samples WHERE series_id = raw_kept.series_id AND ts >= ? AND seq < 0)) "
-            "FROM raw_kept WHERE until >= ?", (since, since))
+            "SELECT min((SELECT min(ts) FROM samples WHERE series_id = raw_kept.series_id AND ts >= ? AND ts < ? "
+            "AND seq < 0)) FROM raw_kept WHERE until >= ?", (since, default, since))
         return default if row[0] is None else max(bucket_start(row[0], DAY_S), since)
 
     @staticmethod

@@ -176,12 +176,13 @@ class SparseSeriesTest(StoreTestCase):
                                   for ts, v in points])
 
     def closed_hours(self, site, small):
-        """{hour: samples} of the closed hours of ``site`` holding at most two samples (or more, if not small)."""
+        """{hour: samples} of the closed hours of ``site`` kept raw (if small), else rolled up: an hour is kept
+        when it and the hours on either side hold at most two samples each."""
         hours = {}
         for ts, _ in self.points[site]:
-            if ts < mm.bucket_start(self.clock.now - 60):
-                hours[mm.bucket_start(ts)] = hours.get(mm.bucket_start(ts), 0) + 1
-        return {hour: n for hour, n in hours.items() if (n <= 2) == small}
+            hours[mm.bucket_start(ts)] = hours.get(mm.bucket_start(ts), 0) + 1
+        return {hour: n for hour, n in hours.items() if hour < mm.bucket_start(self.clock.now - 60) and small == (
+            max(n, hours.get(hour - HOUR, 0), hours.get(hour + HOUR, 0)) <= 2)}
 
     def assertExact(self, hours, sites=("dense", "sparse", "mixed")):
         since = self.clock.now - hours * HOUR
@@ -234,6 +235,24 @@ class SparseSeriesTest(StoreTestCase):
         self.metrics.cleanup()
         self.assertEqual(self.metrics.get_metric_stats("m_sparse", hours=3 * 24 + 17 / 3600)["count"],
                          sum(1 for ts, _ in self.points["sparse"] if ts >= self.clock.now - 3 * DAY - 17))
+
+    def test_the_small_hours_at_the_edges_of_a_busy_stretch_get_rollup_rows(self):
+        metrics = self.collector(self.clock, db_path=os.path.join(self.tmp, "laptop.db"), maintain=False)
+        start = mm.bucket_start(self.clock.now - DAY)
+        # One a minute, asleep from 02:01 to 05:58: 02:00 and 05:00 hold two samples each, between busy hours.
+        points = [(start + 60.0 * i + 0.5, float(i % 7)) for i in range(24 * 60)
+                  if not 2 * HOUR + 120 <= 60.0 * i < 5 * HOUR + 58 * 60]
+        metrics.record_many([("awake", v, None, ts) for ts, v in points])
+        metrics.roll_up()
+        self.assertEqual(metrics.store.query("SELECT count(*) FROM raw_kept"), [(0,)])
+        self.assertEqual(metrics.store.query("SELECT n FROM rollups WHERE bucket IN (?, ?) ORDER BY bucket",
+                                             (start + 2 * HOUR, start + 5 * HOUR)), [(2,), (2,)])
+        traced = []
+        metrics.store.connection.set_trace_callback(traced.append)
+        self.assertEqual(metrics.get_metric_stats("awake", hours=24)["count"],
+                         sum(1 for ts, _ in points if ts >= self.clock.now - DAY))
+        # The lookup for samples kept raw finds no series: no sample of this one is read for it.
+        self.assertEqual(sum("seq < 0" in sql for sql in traced), 2)
 
     def test_a_late_sample_for_a_small_hour_or_an_empty_one_is_counted_once(self):
         self.metrics.roll_up()
