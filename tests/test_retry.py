@@ -12,7 +12,10 @@ import math
 import random
 import socket
 import sqlite3
+import subprocess
+import sys
 import textwrap
+import time
 import unittest
 from email.utils import format_datetime
 from datetime import datetime, timezone
@@ -20,7 +23,7 @@ from urllib.error import HTTPError, URLError
 
 import metasystem_monitor as mm
 
-from .support import FakeClock, StoreTestCase, forbid_real_sleep
+from .support import SUBPROCESS_TIMEOUT_S, FakeClock, StoreTestCase, forbid_real_sleep
 
 setUpModule, tearDownModule = forbid_real_sleep()
 
@@ -142,6 +145,19 @@ class OriginalDocumentExamplesTest(RetryTestCase):
     def test_scenario_two_on_a_fresh_store(self):
         analysis = self.retry().analyze_failures("sync_icloud")
         self.assertFalse(analysis["transient_rate"] > 50)  # the document's own check must not fail
+
+
+class SleepGuardTest(unittest.TestCase):
+    """This module forbids time.sleep; the standard library waiting on a real child is not a test sleeping."""
+
+    def test_a_sleep_in_the_test_raises_and_a_wait_on_a_child_does_not(self):
+        with self.assertRaisesRegex(AssertionError, r"time.sleep\(0.01\) was called in a test"):
+            time.sleep(0.01)
+        # The child closes its pipes, then lives on a moment: communicate() ends in Popen.wait(timeout),
+        # which polls with time.sleep (3.9 to 3.13) - once a failure of whichever test hit that race.
+        child = "import os, time; os.close(1); os.close(2); time.sleep(0.2)"
+        result = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
 
 
 class JitterTest(unittest.TestCase):
