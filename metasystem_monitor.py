@@ -1712,7 +1712,6 @@ def summarise(points: List[Tuple[float, float]]) -> Summary:
     )
 
 
-
 def validate_name(name: Any, what: str = "metric name") -> str:
     """Return ``name`` if it is a usable metric name, else raise ValidationError."""
     if not isinstance(name, str):
@@ -2626,20 +2625,6 @@ class MetricsCollector:
                             "LIMIT ?)", (series_id, after, after + ROLLUP_SPAN_S, RAW_KEPT_SAMPLES + 1)
                             ).fetchone()[0] > RAW_KEPT_SAMPLES
 
-    @staticmethod
-    def _first_bucket(conn: sqlite3.Connection, table: str, column: str, span: float, default: float,
-                      since: Optional[float] = None) -> float:
-        """Start of the ``span`` bucket of the oldest row of ``table`` (at or after ``since``) over all series,
-        or ``default``; one index seek per series."""
-        tier = " AND span = 3600" if table == "rollups" else ""
-        row = conn.execute(
-            f"SELECT min((SELECT min({column}) FROM {table} WHERE series_id = series.id{tier} AND {column} >= ?)) "
-            "FROM series", (-math.inf if since is None else since,)
-        ).fetchone()
-        if row[0] is None:
-            return default
-        return max(bucket_start(row[0], span), -math.inf if since is None else since)
-
     def cleanup(self, retention_days: Optional[float] = None) -> Dict[str, int]:
         """The daily upkeep: roll up closed hours, delete expired raw samples, fold old hours into days.
 
@@ -2759,9 +2744,7 @@ class MetricsCollector:
         step = DAY_S * max(1, CLEANUP_BATCH_ROWS // (24 * max(1, len(series()))))
         folded = days = 0
         while True:
-            with self.store._translating_errors():  # skip days that hold no hourly rollup and no kept sample
-                start = min(self._first_bucket(self.store.connection, "rollups", "bucket", DAY_S, fold_until,
-                                               since=start), self._first_kept_day(start, fold_until), fold_until)
+            start = self._first_day_to_fold(start, fold_until)  # days with nothing to fold are skipped
             end = min(fold_until, start + step)
             with self.store.write() as conn:
                 if start >= fold_until:  # nothing left to fold: no series to look at
@@ -2785,14 +2768,18 @@ class MetricsCollector:
                 return folded, days
             start = end
 
-    def _first_kept_day(self, since: Optional[float], default: float) -> float:
-        """Start of the day of the oldest sample kept raw for its hour in [since, default), or ``default``;
-        only series that have such samples are looked at, and only that range of their samples."""
+    def _first_day_to_fold(self, since: Optional[float], default: float) -> float:
+        """Start of the day of the oldest hourly rollup, or sample kept raw for its hour, in [since, default),
+        or ``default``: one index seek per series, and per series that has kept samples."""
         since = -math.inf if since is None else since
-        row = self.store.query_one(
+        hours = self.store.query_one(
+            "SELECT min((SELECT min(bucket) FROM rollups WHERE series_id = series.id AND span = 3600 "
+            "AND bucket >= ?)) FROM series", (since,))[0]
+        kept = self.store.query_one(
             "SELECT min((SELECT min(ts) FROM samples WHERE series_id = raw_kept.series_id AND ts >= ? AND ts < ? "
-            "AND seq < 0)) FROM raw_kept WHERE until >= ?", (since, default, since))
-        return default if row[0] is None else max(bucket_start(row[0], DAY_S), since)
+            "AND seq < 0)) FROM raw_kept WHERE until >= ?", (since, default, since))[0]
+        first = min((ts for ts in (hours, kept) if ts is not None), default=None)
+        return default if first is None else min(default, max(bucket_start(first, DAY_S), since))
 
     @staticmethod
     def _roll_up_kept(conn: sqlite3.Connection, series_id: int, start: float, end: float, raw_cutoff: float
