@@ -2763,6 +2763,7 @@ class MetricsCollector:
                         "DELETE FROM rollups WHERE series_id = ? AND span = 3600 AND bucket >= ? AND bucket < ?",
                         (series_id, start, end),
                     ).rowcount
+                conn.execute("DELETE FROM raw_kept WHERE until < ?", (end,))  # every kept sample folded
                 _set_meta(conn, "daily_until", end)
             if end >= fold_until:
                 return folded, days

@@ -294,9 +294,11 @@ class SparseSeriesTest(StoreTestCase):
         values = [v for ts, v in points if ts >= since]
         self.assertEqual((stats["count"], stats["min"], stats["tiers"]), (len(values), -1.0, ["daily", "hourly"]))
         self.assertAlmostEqual(stats["avg"], statistics.fmean(values), delta=1e-9)
+        self.assertEqual(metrics.store.query("SELECT count(*) FROM raw_kept"), [(1,)])
         self.clock.advance(3 * DAY)
         metrics.cleanup()
         self.assertEqual(metrics.store.query("SELECT count(*) FROM samples WHERE ts < ?", (day_edge,)), [(0,)])
+        self.assertEqual(metrics.store.query("SELECT count(*) FROM raw_kept"), [(0,)])  # all of them folded
 
     def test_a_slice_reads_about_a_slice_of_samples_and_never_splits_an_hour(self):
         clock = FakeClock(1_800_000_000.0 + 60)
