@@ -1712,6 +1712,11 @@ def summarise(points: List[Tuple[float, float]]) -> Summary:
     )
 
 
+
+def _hourly_row(series_id: int, hour: float, points: List[tuple]) -> tuple:
+    """The _MERGE_ROLLUP parameters of one hour of a series, from its (ts, seq, value) rows."""
+    return (series_id, int(ROLLUP_SPAN_S), hour, *summarise([(ts, value) for ts, _, value in points]))
+
 def validate_name(name: Any, what: str = "metric name") -> str:
     """Return ``name`` if it is a usable metric name, else raise ValidationError."""
     if not isinstance(name, str):
@@ -2587,7 +2592,7 @@ class MetricsCollector:
         for hour, points in hours.items():
             if len(points) > RAW_KEPT_SAMPLES or MetricsCollector._next_to_a_busy_hour(
                     conn, series_id, hour, hours, since, read_until):
-                summaries.append((series_id, int(ROLLUP_SPAN_S), hour, *summarise([(ts, v) for ts, _, v in points])))
+                summaries.append(_hourly_row(series_id, hour, points))
             else:
                 kept += [(series_id, ts, seq) for ts, seq, _ in points]
         conn.executemany(_MERGE_ROLLUP, summaries)
@@ -2793,9 +2798,7 @@ class MetricsCollector:
                             "AND seq < 0 ORDER BY ts, seq", (series_id, start, end)).fetchall()
         if not rows:
             return
-        conn.executemany(_MERGE_ROLLUP, [(series_id, int(ROLLUP_SPAN_S), hour,
-                                          *summarise([(ts, value) for ts, _, value in points]))
-                                         for hour, points in _hours_of(rows)])
+        conn.executemany(_MERGE_ROLLUP, [_hourly_row(series_id, hour, points) for hour, points in _hours_of(rows)])
         expired = (series_id, start, min(end, raw_cutoff))
         conn.execute("DELETE FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? AND seq < 0", expired)
         if end > raw_cutoff:
