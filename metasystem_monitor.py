@@ -205,6 +205,8 @@ def a_or_an(word: str) -> str:
 ## Configuration and units ####################################################
 
 SECRET_SUFFIXES = ("", "_env", "_file")  # a secret KEY may be given as KEY, KEY_env or KEY_file
+CONFIG_FILE_MAX_BYTES = 1024 * 1024  # a configuration file is a few kilobytes; larger is not one
+SECRET_FILE_MAX_BYTES = 64 * 1024  # a token, a password, a URL
 
 CONFIG_SECTIONS = ("storage", "alerting", "serve", "collect", "check", "dashboard")
 DASHBOARD_KEYS = ("metrics",)  # shell globs of the series the faces show (default: the newest ten)
@@ -486,15 +488,43 @@ def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
         _duration_setting(dict(config["serve"]), "serve", "cache", 0.0, problems)
 
 
+def _stat_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_regular_file(path: str, limit_bytes: int) -> Tuple[bytes, os.stat_result]:
+    """(the bytes, the status) of the regular file at ``path``; OSError when it cannot be opened, ValueError
+    (naming the path, never the content) for anything but a regular file of at most ``limit_bytes``.
+
+    What is not a regular file is refused before it is opened: a FIFO would block the read until a writer
+    came, /dev/zero would never end, and opening some devices does something by itself.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is {_stat_kind(mode)}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # swapped for something else since the stat above
+            raise ValueError(f"{path} is {_stat_kind(info.st_mode)}, not a regular file")
+        data = handle.read(limit_bytes + 1)
+    if len(data) > limit_bytes:
+        raise ValueError(f"{path} is larger than {limit_bytes:,} bytes: not what it should hold")
+    return data, info
+
+
 def read_secret_file(path: str) -> str:
-    """The secret a file holds, stripped; OSError if it cannot be read, ValueError if it is not UTF-8 text.
+    """The secret a file holds, stripped; OSError if it cannot be read, ValueError if it is not a small
+    regular file of UTF-8 text.
 
     A file other users can read draws one warning, as a configuration file holding secrets does.
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
-        shared = bool(os.fstat(handle.fileno()).st_mode & 0o044)
-    if shared:
+    data, info = read_regular_file(path, SECRET_FILE_MAX_BYTES)
+    if info.st_mode & 0o044:
         log.warning("%s holds a secret and other users can read it: chmod 600 %s", path, path)
     try:
         return data.decode("utf-8").strip()
@@ -610,16 +640,27 @@ def _yaml_scalar(text: str, where: str) -> str:
     raise ConfigError(f"{where}: {_shown(text)} is not a plain value; {YAML_HINT}")
 
 
+def read_config_text(path: str) -> str:
+    """The text of a configuration file: a small regular file of UTF-8; ConfigError otherwise."""
+    try:
+        data, _ = read_regular_file(path, CONFIG_FILE_MAX_BYTES)
+        return data.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"configuration file {path} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text (byte {err.start + 1})") from None
+    except ValueError as err:
+        raise ConfigError(f"configuration file {err}") from None
+
+
 def read_flat_yaml(path: str) -> Dict[str, str]:
     """The flat ``key: value`` lines of the original design's YAML file (comments, quoted and bare
     scalars, true and false, numbers); anything nested or beyond that is refused with its line."""
     import re
 
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"configuration file {path} cannot be read: {err}") from None
+    lines = read_config_text(path).splitlines()
     items: Dict[str, str] = {}
     for number, line in enumerate(lines, start=1):
         where = f"configuration file {path}: line {number}"
@@ -671,13 +712,7 @@ def load_config(path: str, required: bool = False):
 
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as handle:
-            parser.read_file(handle)
-    except FileNotFoundError:
-        if required:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"configuration file {path} cannot be read: {err}") from None
+        parser.read_string(read_config_text(path), source=path)
     except configparser.Error as err:
         first_line = str(err).splitlines()[0]
         raise ConfigError(f"configuration file {path}: {first_line}") from None
@@ -998,14 +1033,6 @@ def refuse_foreign_symlinks(path: str, what: str, error: type = StorageError) ->
             return  # the rest does not exist yet
         if stat.S_ISLNK(info.st_mode) and info.st_uid not in (me, os.stat(folder).st_uid):
             raise error(f"{what} {path} goes through a symlink owned by another user ({probe}); refused")
-
-
-def _stat_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def _first_line_starts(path: str, prefixes: Tuple[str, ...]) -> bool:
