@@ -357,8 +357,8 @@ def visible_text(text: str) -> str:
         return text  # the usual case, at C speed
     try:
         data = text.encode("utf-8", "surrogateescape")  # one U+FFFD for each byte that was not UTF-8
-    except UnicodeEncodeError:
-        data = text.encode("utf-8", "surrogatepass")  # a lone surrogate that came as text
+    except UnicodeEncodeError:  # a lone surrogate that came as text (JSON's "\ud83d"): one U+FFFD each
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
     return data.decode("utf-8", "replace")
 
 
@@ -5416,7 +5416,7 @@ class _Batch:
 
 
 def _lifecycle_key(key: Any) -> str:
-    text = _one_line(str(key))
+    text = _one_line(visible_text(str(key)))
     if not text or len(text) > MAX_NAME_CHARS:
         raise ValidationError(f"an alert key must be 1 to {MAX_NAME_CHARS} characters, got {_shown(key)}")
     return text
@@ -5448,6 +5448,21 @@ def _channel_selector(value: Any) -> str:
     if not text:
         raise ValidationError("a channel name cannot be empty")
     return text
+
+
+def _detail_values(details: Optional[Dict[Any, Any]]) -> Dict[str, Any]:
+    """An alert's details as every channel and the store can take them: text keys and values made valid
+    Unicode, numbers, booleans and None as they are, anything else (a list, an object) as its JSON text."""
+    import json
+
+    if details is None:
+        return {}
+    if not isinstance(details, dict):
+        raise ValidationError(f"details must be a mapping of KEY: VALUE, got {_shown(details)}")
+    plain = (str, int, float, bool, type(None))
+    return {visible_text(str(key)): visible_text(value) if isinstance(value, str) else value if isinstance(
+        value, plain) else visible_text(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str))
+            for key, value in details.items()}
 
 
 class AlertingSystem:
@@ -5520,13 +5535,13 @@ class AlertingSystem:
     def create_alert(self, title: str, message: str, severity: AlertSeverity = AlertSeverity.WARNING,
                      channels: Optional[Iterable[Any]] = None, details: Optional[Dict[str, Any]] = None) -> Alert:
         """An alert, not yet sent. ``channels``: AlertChannel kinds or channel names; None is every channel."""
-        title = _one_line(str(title))
+        title = _one_line(visible_text(str(title)))
         if not title:
             raise ValidationError("an alert needs a title")
         severity = _severity(severity)
         chosen = None if channels is None else tuple(_channel_selector(channel) for channel in channels)
-        return self._masked(Alert(title, str(message or ""), severity, chosen, dict(details or {}), self._now(),
-                                  os.urandom(8).hex()))
+        return self._masked(Alert(title, visible_text(str(message or "")), severity, chosen,
+                                  _detail_values(details), self._now(), os.urandom(8).hex()))
 
     def _masked(self, alert: Alert) -> Alert:
         """The alert with every configured secret masked in its text, details and key: nothing that
@@ -9766,35 +9781,65 @@ def _delivery_exit(report: DeliveryReport, lifecycle: bool = False) -> int:
     return code
 
 
-def _alert_batch(args) -> int:
-    """One run's states from stdin, one JSON object a line: fired and resolved together, digested."""
+BATCH_FIELDS = ("key", "state", "severity", "title", "message", "details")
+
+
+def batch_entry(raw: bytes, number: int) -> Dict[str, Any]:
+    """One line of ``alert --batch``, checked: a JSON object with a ``key``, a ``state`` of firing or ok, a
+    valid ``severity``, text ``title`` and ``message``, an object of ``details``; ValidationError naming
+    the line otherwise. Text that is not valid Unicode (a lone surrogate is valid JSON) is made so."""
     import json
 
+    try:
+        entry = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValidationError(f"line {number}: not a JSON object") from None
+    expected = (f"expected {{\"key\": ..., \"state\": \"firing\" or \"ok\", \"severity\", \"title\", "
+                f"\"message\", \"details\"}}")
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"].strip() or \
+            entry.get("state", "firing") not in ("firing", "ok"):
+        raise ValidationError(f"line {number}: {expected}")
+    for field in ("title", "message"):
+        if entry.get(field) is not None and not isinstance(entry[field], str):
+            raise ValidationError(f"line {number}: {field} must be text, got {_shown(entry[field])}")
+    if entry.get("details") is not None and not isinstance(entry["details"], dict):
+        raise ValidationError(f"line {number}: details must be an object of KEY: VALUE, got {_shown(entry['details'])}")
+    unknown = sorted(set(entry) - set(BATCH_FIELDS))
+    if unknown:
+        raise ValidationError(f"line {number}: unknown field {_shown(unknown[0])}; the fields are "
+                              f"{', '.join(BATCH_FIELDS)}")
+    try:
+        _lifecycle_key(entry["key"])
+        if entry.get("state", "firing") == "firing":
+            _severity(entry.get("severity", "warning"))
+    except ValidationError as err:
+        raise ValidationError(f"line {number}: {err}") from None
+    return entry
+
+
+def _alert_batch(args) -> int:
+    """One run's states from stdin, one JSON object a line: fired and resolved together, digested. A bad
+    line is reported by its number and the others still go out; the exit code says both."""
     if args.title is not None or args.severity is not None:
         raise ValidationError("--batch reads everything from stdin: give no TITLE or severity")
-    entries = []
+    entries, refused = [], 0
     for number, raw in enumerate(sys.stdin.buffer, start=1):
         if not raw.strip():
             continue
         try:
-            entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ValidationError(f"line {number}: not a JSON object") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or \
-                entry.get("state", "firing") not in ("firing", "ok"):
-            raise ValidationError(f"line {number}: expected {{\"key\": ..., \"state\": \"firing\" or \"ok\", "
-                                  f"\"severity\", \"title\", \"message\", \"details\"}}")
-        if entry.get("state", "firing") == "firing":
-            _severity(entry.get("severity", "warning"))
-        entries.append(entry)
+            entries.append(batch_entry(raw, number))
+        except ValidationError as err:
+            log.error("%s; that line was not sent", err)
+            refused += 1
     with contextlib.closing(_alerting(args)) as system, system.batch() as batch:
         for entry in entries:
             if entry.get("state", "firing") == "ok":
                 system.resolve(entry["key"], entry.get("message"))
             else:
-                system.fire(entry["key"], entry.get("title") or entry["key"], entry.get("message", ""),
+                system.fire(entry["key"], entry.get("title") or entry["key"], entry.get("message") or "",
                             entry.get("severity", "warning"), entry.get("details"))
-    return _delivery_exit(batch.report, lifecycle=True)
+    code = _delivery_exit(batch.report, lifecycle=True)
+    return max(code, EXIT_USAGE) if refused else code
 
 
 def cmd_alert(args) -> int:

@@ -104,19 +104,34 @@ class CronRuns(AlertTestCase):
         self.assertEqual(sqlite_rows(self.db, "SELECT count(*), min(outcome), max(outcome) FROM alert_deliveries "
                                               "WHERE channel = 'webhook'"), [(12, "sent", "sent")])
 
-    def test_a_bad_batch_line_is_a_usage_error_and_nothing_is_sent(self):
+    def test_each_bad_batch_line_is_reported_by_number_and_the_others_still_go_out(self):
+        lines = [json.dumps({"key": "a", "title": "A"}), "not json", '{"title": "no key"}',
+                 '{"key": "b", "state": "maybe"}', '{"key": "b", "severity": "loud"}',
+                 '{"key": "c", "title": "\\ud83d lone"}', '{"key": "d", "details": "text"}',
+                 '{"key": "e", "details": 5}', '{"key": "f", "title": 7}', '{"key": "g", "severty": "critical"}',
+                 '{"key": "", "title": "empty key"}',
+                 json.dumps({"key": "h", "severity": "critical", "title": "H", "details": {"n": [1, 2]}})]
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
-            good = json.dumps({"key": "a", "title": "A"}) + "\n"
-            result = self.run_cli("alert", "--batch", stdin=(good + "not json\n").encode(), env=self.cli_env())
-            self.assertOneLineError(result, 2, "line 2: not a JSON object")
-            os.environ["METASYSTEM_CONFIG"], os.environ["METASYSTEM_DB"] = self.config_path, self.db
-            for bad, fragment in (('{"title": "no key"}\n', "line 2: expected"),
-                                  ('{"key": "b", "state": "maybe"}\n', "line 2: expected"),
-                                  ('{"key": "b", "severity": "loud"}\n', "severity must be one of")):
-                with self.subTest(line=bad):  # the same main(), in this process
-                    self.assertMainError(2, fragment, "alert", "--batch", stdin=(good + bad).encode())
-        self.assertEqual(hook.requests, [])
+            result = self.run_cli("alert", "--batch", stdin=("\n".join(lines) + "\n").encode(),
+                                  env=self.cli_env(METASYSTEM_NOW=repr(T0)))
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            f"metasystem_monitor.py: error: line {n}: {why}; that line was not sent" for n, why in (
+                (2, "not a JSON object"),
+                (3, 'expected {"key": ..., "state": "firing" or "ok", "severity", "title", "message", "details"}'),
+                (4, 'expected {"key": ..., "state": "firing" or "ok", "severity", "title", "message", "details"}'),
+                (5, "severity must be one of info, warning, critical, got 'loud'"),
+                (7, "details must be an object of KEY: VALUE, got 'text'"),
+                (8, "details must be an object of KEY: VALUE, got 5"),
+                (9, "title must be text, got 7"),
+                (10, "unknown field 'severty'; the fields are key, state, severity, title, message, details"),
+                (11, 'expected {"key": ..., "state": "firing" or "ok", "severity", "title", "message", "details"}'))])
+        self.assertEqual([(r.json()["dedup_key"], r.json()["severity"], r.json()["title"]) for r in hook.requests],
+                         [("a", "warning", "A"), ("c", "warning", "\ufffd lone"), ("h", "critical", "H")])
+        self.assertEqual(sqlite_rows(self.db, "SELECT dedup_key, severity, title, details FROM alerts ORDER BY id"),
+                         [("a", "warning", "A", "{}"), ("c", "warning", "\ufffd lone", "{}"),
+                          ("h", "critical", "H", '{"n": "[1, 2]"}')])
 
     def test_a_silence_suppresses_is_recorded_and_expires(self):
         with HTTPServer() as hook:
