@@ -517,6 +517,44 @@ def read_regular_file(path: str, limit_bytes: int) -> Tuple[bytes, os.stat_resul
     return data, info
 
 
+def problem_lines(path: str, problems: Iterable[Tuple[str, str, str]]) -> List[str]:
+    """``FILE: [section] key: what is wrong``, a line for each problem (the section left out when it is
+    about the file's lines)."""
+    return [f"{path}: " + (f"[{section}] " if section else "") + (f"{key}: " if key else "") + text
+            for section, key, text in problems]
+
+
+def cycle_through(edges: Dict[str, str], start: str) -> Optional[List[str]]:
+    """The cycle ``start`` lies on when each name leads to at most one other (``fallback``, ``escalate_to``,
+    ``depends_on``), as the path ``start -> ... -> start``; None when following the edges never returns.
+
+    >>> cycle_through({"a": "b", "b": "a", "c": "a"}, "a"), cycle_through({"a": "b", "b": "a", "c": "a"}, "c")
+    (['a', 'b', 'a'], None)
+    """
+    path, node = [start], edges.get(start)
+    while node is not None and node not in path:
+        path.append(node)
+        node = edges.get(node)
+    return path + [start] if node == start else None
+
+
+def acyclic(edges: Dict[str, str]) -> Dict[str, str]:
+    """``edges`` without those on a cycle: at run time a cycle (a mistake ``config --check`` reports) must
+    never hold back or hide anything."""
+    return {name: other for name, other in edges.items() if cycle_through(edges, name) is None}
+
+
+def cycle_problems(edges: Dict[str, str], section_of, key: str) -> List[Tuple[str, str, str]]:
+    """One problem per cycle of ``edges``, in the section of its first name in sorted order."""
+    problems = []
+    for name in sorted(edges):
+        cycle = cycle_through(edges, name)
+        if cycle is not None and name == min(cycle):
+            problems.append((section_of(name), key, f"a cycle: {' -> '.join(cycle)} (nothing on it is ever "
+                                                    "followed; break it)"))
+    return problems
+
+
 def read_secret_file(path: str) -> str:
     """The secret a file holds, stripped; OSError if it cannot be read, ValueError if it is not a small
     regular file of UTF-8 text.
@@ -608,6 +646,15 @@ class _EmptyConfig:
 _EMPTY_CONFIG = _EmptyConfig()
 
 
+def storage_or_defaults(config) -> Dict[str, Any]:
+    """storage_settings(), or the defaults when ``[storage]`` has a problem (which the configuration's
+    problems say), with ``maintain`` False then: retention must not delete by horizons nobody chose."""
+    try:
+        return dict(storage_settings(config), maintain=True)
+    except ConfigError:
+        return dict(storage_settings(_EMPTY_CONFIG), maintain=False)
+
+
 YAML_HINT = "write it in the INI form instead (config --convert-yaml prints what this file says as INI)"
 
 
@@ -640,10 +687,37 @@ def _yaml_scalar(text: str, where: str) -> str:
     raise ConfigError(f"{where}: {_shown(text)} is not a plain value; {YAML_HINT}")
 
 
-def read_config_text(path: str) -> str:
-    """The text of a configuration file: a small regular file of UTF-8; ConfigError otherwise."""
+def _refuse_if_others_can_change(path: str, info: os.stat_result) -> None:
+    """A configuration runs programs (command checks, the mail command): one that another user can change,
+    or that another user owns, is theirs to run as us. As root it is refused, as sudo and OpenSSH refuse
+    such files; otherwise it draws a warning."""
+    me = os.geteuid()
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        data, _ = read_regular_file(path, CONFIG_FILE_MAX_BYTES)
+        folder_info = os.stat(folder)
+    except OSError:
+        folder_info = None
+    why = None
+    if info.st_mode & 0o022:
+        why = "other users can change it"
+    elif info.st_uid not in (me, 0):
+        why = f"it belongs to another user (uid {info.st_uid})"
+    elif folder_info is not None and folder_info.st_mode & 0o022 and not folder_info.st_mode & stat.S_ISVTX:
+        why = f"other users can replace it (its folder {folder} is writable by them)"
+    if why is None:
+        return
+    if me == 0:
+        raise ConfigError(f"configuration file {path} is refused: {why}, and it could run programs as root "
+                          f"(chown root and chmod go-w)")
+    log.warning("configuration file %s: %s, and it can run programs as you (chmod go-w)", path, why)
+
+
+def read_config_text(path: str) -> str:
+    """The text of a configuration file: a small regular file of UTF-8, that only its owner can change;
+    ConfigError otherwise."""
+    try:
+        data, info = read_regular_file(path, CONFIG_FILE_MAX_BYTES)
+        _refuse_if_others_can_change(path, info)
         return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
@@ -700,23 +774,94 @@ def config_source(path: str) -> str:
     return sibling if sibling and not os.path.exists(path) and os.path.exists(sibling) else path
 
 
-def load_config(path: str, required: bool = False):
-    """Read the INI file (or a ``.yaml`` file named, or, when the INI file is missing, the original
-    design's YAML file beside it); a missing file is an empty configuration unless ``required``."""
-    path = config_source(path)
-    if path.endswith((".yaml", ".yml")) and (required or os.path.exists(path)):
-        return yaml_config(path)
-    if not required and not os.path.exists(path):
-        return _EMPTY_CONFIG  # the usual cron run: no configparser to import
+def _outside_sections(text: str) -> Tuple[str, List[Tuple[str, str, str]]]:
+    """``text`` with the lines before its first ``[section]`` blanked (their numbers kept), and a problem
+    for each that was more than a comment: configparser would refuse the whole file for one of them."""
+    import re
+
+    lines = text.split("\n")
+    problems = []
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if re.match(r"\[.+\]", stripped):
+            break
+        if stripped and not stripped.startswith(("#", ";")):
+            problems.append(("", "", f"line {number + 1}: {_shown(stripped)} stands before any [section]"))
+            lines[number] = ""
+    return "\n".join(lines), problems
+
+
+def _given_twice(text: str) -> List[Tuple[int, str]]:
+    """(line, what) for each section, and each key within a section, given a second time (keys in any
+    letter case, as configparser reads them): it keeps the last, and the mistake must be said."""
+    import re
+
+    seen_sections: set = set()
+    seen_keys: set = set()
+    found = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        header = re.match(r"\[(.+)\]", line.strip())
+        if header and line[:1] not in " \t":
+            section = header.group(1)
+            if section in seen_sections:
+                found.append((number, f"section [{section}] is given a second time"))
+            seen_sections.add(section)
+            seen_keys = set()
+            continue
+        key = re.match(r"([^=:\s#;][^=:]*?)\s*[=:]", line)
+        if key and line[:1] not in " \t":
+            name = key.group(1).strip().lower()
+            if name in seen_keys:
+                found.append((number, f"key {name!r} is given a second time in its section"))
+            seen_keys.add(name)
+    return found
+
+
+def _parse_error_line(text: str) -> str:
+    """The line configparser quotes in a ParsingError: as repr() before Python 3.13, as it is since."""
+    import ast
+
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = ast.literal_eval(text)
+    return text.strip()
+
+
+def parse_ini(text: str, path: str) -> Tuple[Any, List[Tuple[str, str, str]]]:
+    """The INI ``text`` as a ConfigParser, and (section, key, text) for each line it could not take, in
+    the order of the file. What is readable is kept: a broken line, a section or a key given twice costs
+    that line, never the rest of the file (the checks and channels that are right must still work)."""
     import configparser
 
-    parser = configparser.ConfigParser(interpolation=None)
+    text, problems = _outside_sections(text)
+    found = [(number, why) for number, why in _given_twice(text)]
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
     try:
-        parser.read_string(read_config_text(path), source=path)
-    except configparser.Error as err:
-        first_line = str(err).splitlines()[0]
-        raise ConfigError(f"configuration file {path}: {first_line}") from None
-    return parser
+        parser.read_string(text, source=path)
+    except configparser.ParsingError as err:  # the whole file was read; the broken lines are listed
+        found += [(number, f"{_shown(_parse_error_line(line))} is not KEY = VALUE") for number, line in err.errors]
+    return parser, problems + [("", "", f"line {number}: {why}") for number, why in sorted(found)]
+
+
+def read_config(path: str, required: bool = False) -> Tuple[Any, List[Tuple[str, str, str]]]:
+    """The configuration and the lines of it that could not be read, as (section, key, text) problems.
+    The INI file (or a ``.yaml`` file named, or, when the INI file is missing, the original design's YAML
+    file beside it); a missing file is an empty configuration unless ``required``. ConfigError when the
+    file cannot be read at all (not a small regular file of UTF-8 text, or a YAML file beyond flat lines)."""
+    path = config_source(path)
+    if path.endswith((".yaml", ".yml")) and (required or os.path.exists(path)):
+        return yaml_config(path), []
+    if (not required and not os.path.exists(path)) or path == os.devnull:  # --config /dev/null: none at all
+        return _EMPTY_CONFIG, []  # the usual cron run: no configparser to import
+    return parse_ini(read_config_text(path), path)
+
+
+def load_config(path: str, required: bool = False):
+    """The configuration, as read_config() reads it; ConfigError for the first line it could not read."""
+    config, problems = read_config(path, required)
+    if problems:
+        raise ConfigError(f"configuration file {config_source(path)}: {problems[0][2]}")
+    return config
 
 
 ## Storage ####################################################################
@@ -3826,10 +3971,11 @@ class DeliveryReport(dict):
         self.storage_error = storage_error  # the store could not be written: sent without dedup or history
 
     def exit_code(self) -> int:
-        """0 delivered, deduplicated or nothing configured; 1 delivered but the store could not be
-        written; 3 some channels failed; 4 none delivered."""
-        judged = [name for name in (self.external or list(self)) if self.outcomes[name].outcome != "not_configured"]
-        failed = [name for name in judged if self.outcomes[name].outcome == "failed"]
+        """0 delivered or deduplicated; 1 delivered but the store could not be written; 3 some channels
+        failed; 4 none delivered. A channel that was chosen but cannot be used (a secret missing, a name
+        not configured) failed: the alert did not reach it."""
+        judged = self.external or list(self)
+        failed = [name for name in judged if self.outcomes[name].outcome in ("failed", "not_configured")]
         if not failed:
             return EXIT_RUNTIME if self.storage_error else EXIT_OK
         return EXIT_ALERT_PARTIAL if len(failed) < len(judged) else EXIT_ALERT_NONE
@@ -4903,6 +5049,27 @@ def _notice_severity(alert: Alert) -> str:
     return "info" if alert.kind == "resolved" else alert.severity.value
 
 
+LOG_LEVELS = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
+
+
+def log_line(alert: Alert) -> str:
+    """An alert as one line of at most LOG_LINE_CHARS: headline, note, message and details."""
+    parts = [alert.headline] + [text for text in (alert.note, alert.message) if text] + alert.detail_lines()
+    return truncate(_one_line(" | ".join(_one_line(part) for part in parts)), LOG_LINE_CHARS)
+
+
+# Outcomes that mean a person has the alert, will have it, or chose not to: nothing more to say.
+HEARD_OUTCOMES = ("sent", "deduplicated", "held", "silenced", "inhibited")
+
+
+def unheard(outcomes: Dict[str, Delivery], external: Iterable[str]) -> bool:
+    """True when no channel but a log took the alert and nobody chose to hold it back (a silence, quiet
+    hours, a dependency): then only stderr is left to say it."""
+    external = set(external)
+    return not any(delivery.outcome in HEARD_OUTCOMES and (name in external or delivery.outcome != "sent")
+                   for name, delivery in outcomes.items())
+
+
 @register_channel
 class LogChannel(_Channel):
     """syslog through its local socket (LOG_CRIT, LOG_WARNING, LOG_INFO), else the logging module."""
@@ -4927,24 +5094,26 @@ class LogChannel(_Channel):
         address = self.address()
         return f"log to syslog at {address}" if address else "log to the 'metasystem.alert' logger"
 
-    def line(self, alert: Alert) -> str:
-        parts = [alert.headline] + [text for text in (alert.note, alert.message) if text] + alert.detail_lines()
-        return truncate(_one_line(" | ".join(_one_line(part) for part in parts)), LOG_LINE_CHARS)
-
     def render(self, alert: Alert) -> str:
-        return self.line(alert)
+        return log_line(alert)
+
+    # True (the command line sets it): without syslog the line is a record at info, shown with -v, and
+    # AlertingSystem says on stderr only what no other channel took; False: the logger gets the alert at
+    # its own level, the library's record of last resort.
+    quiet = False
 
     def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
+        """To syslog, else to the 'metasystem.alert' logger."""
         address = self.address()
-        line = self.line(alert)
+        line = log_line(alert)
         if address:
             try:
                 self._syslog(address, _notice_severity(alert), line, timeout_s)
                 return None
             except OSError as err:
                 log.info("syslog at %s refused the alert (%s); using the logger", address, err.strerror or err)
-        level = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
-        logging.getLogger("metasystem.alert").log(level[_notice_severity(alert)], "%s", line)
+        logging.getLogger("metasystem.alert").log(logging.INFO if self.quiet else LOG_LEVELS[_notice_severity(alert)],
+                                                  "%s", line)
         return None
 
     def _syslog(self, address: str, severity: str, line: str, timeout_s: float) -> None:
@@ -5173,7 +5342,7 @@ class AlertingSettings(NamedTuple):
         return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
 
     def problem_lines(self) -> List[str]:
-        return [f"{self.path}: [{section}] {key + ': ' if key else ''}{text}" for section, key, text in self.problems]
+        return problem_lines(self.path, self.problems)
 
 
 def _count_setting(items: Dict[str, str], key: str, default: int, problems: List[Tuple[str, str, str]]) -> int:
@@ -5328,6 +5497,34 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
                        escalate_after, escalate_to)
 
 
+def _channel_graph_problems(channels: Dict[str, ChannelSpec],
+                            problems: List[Tuple[str, str, str]]) -> List[Tuple[str, str, str]]:
+    """``fallback`` and ``escalate_to`` read as graphs: each names another channel that exists and is
+    enabled, and following them never comes back to where it started."""
+    found = []
+    broken = {section for section, _, _ in problems}
+    for key in ("fallback", "escalate_to"):
+        edges = {name: getattr(spec, key) for name, spec in channels.items() if getattr(spec, key)}
+        for name, other in edges.items():
+            spec, target = channels[name], channels.get(other)
+            if other == name or target is None:
+                found.append((spec.section, key, "names itself" if other == name else
+                              f"names {other!r}, which is not a channel"))
+            elif spec.enabled and not target.enabled and target.section not in broken:
+                found.append((spec.section, key, f"names {other!r}, which is disabled: it would never be told"))
+        found += cycle_problems({n: o for n, o in edges.items() if o != n and o in channels},
+                                lambda name: channels[name].section, key)
+    return found
+
+
+def escalation_only(specs: Dict[str, ChannelSpec]) -> set:
+    """The channels that get only escalations: each one a usable channel escalates to, unless the two
+    lie on one cycle (then neither would hear anything)."""
+    edges = {name: spec.escalate_to for name, spec in specs.items() if spec.escalate_to}
+    return {spec.escalate_to for name, spec in specs.items()
+            if spec.escalate_to and spec.enabled and not spec.missing and cycle_through(edges, name) is None}
+
+
 def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
     """Read and check the ``[alerting]`` and ``[channel:NAME]`` sections; never raises for bad values."""
     environ = os.environ if environ is None else environ
@@ -5367,11 +5564,7 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
                                        timeout_s, budget_s)
     if "log" not in channels:
         channels["log"] = ChannelSpec("log", "log", "", {}, {}, {}, "info", timeout_s, budget_s)
-    for name, spec in channels.items():
-        for key, other in (("fallback", spec.fallback), ("escalate_to", spec.escalate_to)):
-            if other and (other not in channels or other == name):
-                what = "itself" if other == name else f"{other!r}, which is not a channel"
-                problems.append((spec.section, key, f"names {what}"))
+    problems += _channel_graph_problems(channels, problems)
     lifecycle = _lifecycle_settings(alerting, problems)
     maintenance = tuple(maintenance_windows(config, problems))
     return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle, maintenance)
@@ -5479,7 +5672,10 @@ class AlertingSystem:
                  environ: Optional[Dict[str, str]] = None, now=time.time, clock=time.monotonic, sleep=None,
                  rng=None, store: Optional[Store] = None, settings: Optional[AlertingSettings] = None,
                  synchronous: str = "normal", readonly: bool = False,
-                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, strict: bool = True, say_unheard: bool = False):
+        """``strict``: a configuration with a problem is refused (ConfigError); without it, the channels
+        that are right are used and the caller says what is wrong (the command line does). ``say_unheard``:
+        an alert that no channel but a log took goes to the logger at its level (for stderr)."""
         import random
         import socket
 
@@ -5487,7 +5683,7 @@ class AlertingSystem:
         self.config_path = resolve_config_path(config_path, environ)
         if settings is None:
             settings = alerting_settings(load_config(self.config_path), self.config_path, environ)
-        if settings.problems:
+        if settings.problems and strict:
             lines = settings.problem_lines()
             more = f" (and {len(lines) - 1} more; see 'config --check')" if len(lines) > 1 else ""
             raise ConfigError(lines[0] + more)
@@ -5500,6 +5696,10 @@ class AlertingSystem:
         self.hostname = socket.gethostname()
         self.channels = {name: CHANNEL_TYPES[spec.kind](spec, self.hostname)
                          for name, spec in settings.channels.items() if spec.enabled and not spec.missing}
+        self.say_unheard = say_unheard
+        for channel in self.channels.values():
+            if isinstance(channel, LogChannel):
+                channel.quiet = say_unheard
         self._store = store
         self._db_path = resolve_db_path(db_path, environ)
         self._synchronous = synchronous
@@ -5605,7 +5805,7 @@ class AlertingSystem:
         specs = self.settings.channels
         missing: Dict[str, str] = {}
         if alert.channels is None:  # routed: a channel some channel escalates to gets only escalations
-            escalations = {spec.escalate_to for spec in specs.values() if spec.escalate_to}
+            escalations = escalation_only(specs)
             chosen = [name for name, spec in specs.items() if spec.enabled and name not in escalations
                       and ALERT_SEVERITIES.index(spec.min_severity) <= alert.severity.rank]
         else:
@@ -5646,19 +5846,15 @@ class AlertingSystem:
                                                               Delivery("silenced", error=silence))
                 continue
             outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, kind != "test", storage_errors)
-            fallback = self._fallback_for(channel, outcomes[channel.name], outcomes, [c.name for c in channels])
-            if fallback is not None:
-                delivery = self._logged(fallback, self._attempts(fallback, alert))
-                outcomes[fallback.name] = self._record_outcome(
-                    alert_id, fallback.name, delivery._replace(error=delivery.error or f"fallback for {channel.name}"))
+            for fallback in self._try_fallbacks(channel, alert, outcomes, [c.name for c in channels]):
+                self._record_outcome(alert_id, fallback.name, outcomes[fallback.name])
         if storage_errors and alert_id is not None:
             log.error("%s: some of this alert's history or dedup marks were not saved", storage_errors[0])
         external = [name for name in outcomes if self.settings.channels.get(name) is None
                     or self.settings.channels[name].kind != "log"]
         report = DeliveryReport(outcomes, external, storage_errors[0] if storage_errors else None)
-        if external and not any(report[name] for name in external) and not any(
-                c.spec.kind == "log" for c in channels):
-            self._last_resort(alert)
+        if kind != "test":
+            self._if_unheard(alert, outcomes, external)
         return report
 
     def _record_outcome(self, alert_id: Optional[int], channel: str, delivery: Delivery) -> Delivery:
@@ -5683,6 +5879,20 @@ class AlertingSystem:
             log.warning("channel %s failed: trying its fallback %s", channel.name, name)
         return fallback
 
+    def _try_fallbacks(self, channel: _Channel, alert: Alert, outcomes: Dict[str, Delivery],
+                       targets: List[str]) -> List[_Channel]:
+        """Follow ``channel``'s fallbacks while each one fails (a cycle ends where it began): the channels
+        tried, each one's outcome put in ``outcomes``."""
+        tried = []
+        while True:
+            fallback = self._fallback_for(channel, outcomes[channel.name], outcomes, targets)
+            if fallback is None:
+                return tried
+            delivery = self._logged(fallback, self._attempts(fallback, alert))
+            outcomes[fallback.name] = delivery._replace(error=delivery.error or f"fallback for {channel.name}")
+            tried.append(fallback)
+            channel = fallback
+
     def _record_alert(self, alert: Alert, kind: str, missing: Dict[str, str]) -> int:
         with self.store.write() as conn:
             alert_id = self._insert_alert(conn, alert, kind)
@@ -5701,11 +5911,17 @@ class AlertingSystem:
              self.masker.scrub(alert.message), self.masker.scrub(details)),
         ).lastrowid
 
-    def _last_resort(self, alert: Alert) -> None:
-        """No channel took the alert: the log gets it, so it is on record somewhere."""
-        spec = self.settings.channels.get("log")
-        if spec is not None and spec.kind == "log" and "log" in self.channels:
-            with contextlib.suppress(Exception):
+    def _if_unheard(self, alert: Alert, outcomes: Dict[str, Delivery], external: Iterable[str]) -> None:
+        """No channel but a log took the alert. With ``say_unheard`` (the command line) it goes to the
+        logger at its level, which the command line shows on stderr and cron mails; only then, for when
+        another channel has it, a second copy by mail is noise. Otherwise the log channel gets it, if it
+        had not: on record somewhere."""
+        if not unheard(outcomes, external):
+            return
+        if self.say_unheard:
+            logging.getLogger("metasystem.alert").log(LOG_LEVELS[_notice_severity(alert)], "%s", log_line(alert))
+        elif "log" not in outcomes and "log" in self.channels and self.channels["log"].spec.kind == "log":
+            with contextlib.suppress(Exception):  # the last resort: nothing may stop the run here
                 self.channels["log"].send(alert, self.settings.timeout_s, self._now())
 
     def _deliver_to(self, channel: _Channel, alert: Alert, alert_id: Optional[int], dedup: bool,
@@ -5941,6 +6157,7 @@ class AlertingSystem:
             outcomes[channel.name] = self._logged(channel, self._attempts(channel, alert))
         external = [name for name in outcomes if name not in self.settings.channels
                     or self.settings.channels[name].kind != "log"]
+        self._if_unheard(alert, outcomes, external)
         return DeliveryReport(outcomes, external, err)
 
     def _observe(self, conn: sqlite3.Connection, alert: Alert, failing: bool, now: float,
@@ -6005,12 +6222,18 @@ class AlertingSystem:
 
     def _plan_escalations(self, conn: sqlite3.Connection, call: "_Call", state: Dict[str, Any], alert: Alert,
                           now: float) -> None:
-        """A critical alert firing ``escalate_after`` on a channel, unacknowledged, goes to its
-        ``escalate_to`` as well: once (that channel then holds it, and gets its RESOLVED)."""
+        """A critical alert firing ``escalate_after`` (counted from the start of the firing) on a channel,
+        unacknowledged, goes to its ``escalate_to`` as well: once (that channel then holds it, and gets its
+        RESOLVED). A channel that got it by escalation escalates in turn: a chain is followed, a run at a
+        time."""
         if state["severity"] != "critical":
             return
         planned = {plan.channel.name for plan in call.plans}
-        for channel in self.selected(alert)[0]:
+        routed = self.selected(alert)[0]
+        escalated = [self.channels[name] for (name,) in conn.execute(
+            "SELECT channel FROM alert_channel_states WHERE key = ? AND delivered_at IS NOT NULL ORDER BY channel",
+            (alert.key,)) if name in self.channels and self.channels[name] not in routed]
+        for channel in routed + escalated:
             after, target = channel.spec.escalate_after_s, self.channels.get(channel.spec.escalate_to or "")
             if after is None or target is None or now - state["since"] < after or target.name in planned:
                 continue
@@ -6283,27 +6506,25 @@ class AlertingSystem:
             else:
                 for call, plan in entries:
                     results[id(call)][name] = self._logged(channel, self._attempts(channel, plan.alert))
+        external = [name for name, spec in self.settings.channels.items() if spec.kind != "log"]
         for call in calls:
             self._fall_back(call, results[id(call)])
             self._record_call(call, results[id(call)])
+            if results[id(call)]:
+                self._if_unheard(call.plans[0].alert if call.plans else call.alert, results[id(call)], external)
         merged: Dict[str, Delivery] = {}
         for call in calls:
             for name, delivery in results[id(call)].items():
                 if name not in merged or delivery.outcome == "failed":  # a failure anywhere is reported
                     merged[name] = delivery
-        external = [name for name in merged if self.settings.channels[name].kind != "log"]
-        return DeliveryReport(merged, external)
+        return DeliveryReport(merged, [name for name in merged if name in external])
 
     def _fall_back(self, call: "_Call", outcomes: Dict[str, Delivery]) -> None:
         """Each failed plan goes to its channel's fallback, which then counts as having the alert."""
         targets = [plan.channel.name for plan in call.plans]
         for plan in list(call.plans):
-            fallback = self._fallback_for(plan.channel, outcomes[plan.channel.name], outcomes, targets)
-            if fallback is None:
-                continue
-            delivery = self._logged(fallback, self._attempts(fallback, plan.alert))
-            outcomes[fallback.name] = delivery._replace(error=delivery.error or f"fallback for {plan.channel.name}")
-            call.plans.append(_Plan(fallback, plan.alert))
+            for fallback in self._try_fallbacks(plan.channel, plan.alert, outcomes, targets):
+                call.plans.append(_Plan(fallback, plan.alert))
 
     def _record_call(self, call: "_Call", outcomes: Dict[str, Delivery]) -> None:
         """History rows, and the channels' states settled, in one transaction. A run of a firing alert
@@ -6368,6 +6589,14 @@ def _routing_lines(spec: ChannelSpec) -> List[str]:
     return lines
 
 
+def unusable_channels(settings: AlertingSettings) -> List[Tuple[str, str, str]]:
+    """Each enabled channel that cannot be used here and now (its secret's variable unset, its file
+    unreadable), as a problem: it would miss every alert, so ``config --check`` must not say OK."""
+    masker = settings.masker()
+    return [(spec.section or f"channel:{name}", "", f"channel {name} cannot be used here: {masker.scrub(spec.missing)}")
+            for name, spec in sorted(settings.channels.items()) if spec.enabled and spec.missing]
+
+
 def effective_configuration(settings: AlertingSettings) -> List[str]:
     """The configuration as alerting reads it, every secret masked: what ``config`` prints."""
     masker = settings.masker()
@@ -6401,6 +6630,8 @@ STATE_RANK = {"OK": 0, "WARNING": 1, "UNKNOWN": 2, "CRITICAL": 3}  # which state
 PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
 ANY_UNIT = ("", "B", "%", "s")
 CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout", "interval", "depends_on")
+CONFIGURATION_CHECK = "configuration"  # the run's own check: what is wrong in the configuration file
+_PLAIN_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
 DEFAULT_CHECK_INTERVAL_S = 3600.0  # how often cron runs check: a verdict older than this is stale
 CHECK_STALE_GRACE_S = 60.0  # cron starts on the minute, and a run records its verdicts when its checks end
 DEFAULT_CHECK_TIMEOUT_S = 10.0
@@ -6561,7 +6792,7 @@ def _texts(thresholds: List[Threshold]) -> str:
 
 def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Free space of the filesystem holding ``path`` (default: the store), in bytes and percent."""
-    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.collector.db_path) or ".")
+    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.store_path) or ".")
     stats = os.statvfs(path)
     free, total = stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
     percent = 100.0 * free / total if total else 0.0
@@ -6575,7 +6806,7 @@ def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 
 def check_inodes(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Free inodes of the filesystem holding ``path`` (default: the store), in number and percent."""
-    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.collector.db_path) or ".")
+    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.store_path) or ".")
     stats = os.statvfs(path)
     if not stats.f_files:
         return CheckResult(spec.name, "UNKNOWN", f"the filesystem of {path} does not count inodes")
@@ -7613,7 +7844,9 @@ def _dependency_problems(config) -> List[Tuple[str, str, str]]:
             problems.append((f"check:{child}", "depends_on", "a check cannot depend on itself"))
         elif parent not in names:
             problems.append((f"check:{child}", "depends_on", f"no check named {_shown(parent)}"))
-    return problems
+    edges = {child: parent for child, parent in check_dependencies(config).items() if parent in names and
+             parent != child}
+    return problems + cycle_problems(edges, lambda name: f"check:{name}", "depends_on")
 
 
 def check_problems(config) -> List[Tuple[str, str, str]]:
@@ -7625,6 +7858,9 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
         items = dict(config[section])
         kind = items.get("type", "").strip()
         check = CHECK_TYPES.get(kind)
+        if section == f"check:{CONFIGURATION_CHECK}":
+            problems.append((section, "", f"{CONFIGURATION_CHECK!r} is the name of the run's own check (what is "
+                                          "wrong in this file): choose another"))
         if check is None:
             problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(sorted(CHECK_TYPES))}"))
             continue
@@ -7663,11 +7899,12 @@ def missing_programs(config) -> List[Tuple[str, str, str]]:
     return problems
 
 
-def default_checks(collector: MetricsCollector) -> List[CheckSpec]:
-    """With no [check:...] at all: disk, database, circuit_breaker, and sync_recency per target ever seen."""
+def default_checks(collector: Optional[MetricsCollector]) -> List[CheckSpec]:
+    """With no [check:...] at all: disk, database, circuit_breaker, and sync_recency per target ever seen
+    (none when there is no store to read them from)."""
     specs = [_check_spec("disk", {"type": "disk"}), _check_spec("database", {"type": "database"}),
              _check_spec("circuit_breaker", {"type": "circuit_breaker"})]
-    for target in collector.sync_targets():
+    for target in collector.sync_targets() if collector is not None else ():
         specs.append(_check_spec(f"sync_recency_{target}", {"type": "sync_recency", "target": target}))
     return specs
 
@@ -7681,12 +7918,68 @@ def check_specs(config, collector: MetricsCollector) -> List[CheckSpec]:
     return configured_checks(config) or default_checks(collector)
 
 
+
+
+class CheckPlan(NamedTuple):
+    """What a ``check`` run does: the checks it runs, and an UNKNOWN verdict for each it cannot run."""
+
+    specs: List[CheckSpec]
+    unrunnable: List[CheckResult]
+    configured: bool  # the file has [check:NAME] sections (else the default checks run)
+
+
+def _problem_text(problems: List[Tuple[str, str, str]], sections: bool = False) -> str:
+    """The first few problems on one line; ``sections``: each with its section."""
+    first = "; ".join((f"[{section}] " if sections and section else "") + (f"{key}: " if key else "") + text
+                      for section, key, text in problems[:3])
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return f"{first}{more} (config --check lists every problem)"
+
+
+def check_plan(config, problems: List[Tuple[str, str, str]], path: str) -> CheckPlan:
+    """The checks of the configuration that can run, and for those that cannot an UNKNOWN verdict of their
+    own: a ``[check:NAME]`` with a problem (a typo in a key, a wrong unit) is NAME, UNKNOWN, saying what is
+    wrong; every other problem of the file (a channel, a line it could not read, a dependency) is the
+    ``configuration`` check's. A mistake costs its own check, never the others, and is heard as one."""
+    broken: Dict[str, List[Tuple[str, str, str]]] = {}
+    general: List[Tuple[str, str, str]] = []
+    for problem in problems:
+        section, key, _ = problem
+        name = section[len("check:"):] if section.startswith("check:") else ""
+        runs_anyway = key == "depends_on"  # a dependency that cannot be followed is ignored, the check runs
+        if name and not runs_anyway and all(ch in _PLAIN_NAME for ch in name) and name != CONFIGURATION_CHECK:
+            broken.setdefault(name, []).append(problem)
+        else:
+            general.append(problem)
+    sections = [section for section in config.sections() if section.startswith("check:")] \
+        if hasattr(config, "sections") else []
+    specs, unrunnable = [], []
+    for section in sections:
+        name = section[len("check:"):]
+        if name in broken:
+            unrunnable.append(CheckResult(name, "UNKNOWN", f"configuration: {_problem_text(broken[name])}"
+                                          [:CHECK_OUTPUT_LINE_CHARS]))
+        elif name != CONFIGURATION_CHECK:
+            specs.append(_check_spec(name, dict(config[section])))
+    if general:
+        count = f"{len(general)} problem{'s' if len(general) > 1 else ''} in {path}"
+        unrunnable.append(CheckResult(CONFIGURATION_CHECK, "UNKNOWN",
+                                      f"{count}: {_problem_text(general, sections=True)}"
+                                      [:CHECK_OUTPUT_LINE_CHARS]))
+    return CheckPlan(specs, unrunnable, bool(sections))
+
+
 class CheckContext(NamedTuple):
     """What every check may read: the store, the time of this run, and --deep."""
 
     collector: Optional[MetricsCollector]  # None when the store cannot be opened: only store-free checks run
     now: float
     deep: bool = False
+    db_path: Optional[str] = None  # the store's path, also when it cannot be opened
+
+    @property
+    def store_path(self) -> str:
+        return self.db_path or (self.collector.db_path if self.collector is not None else "")
 
 
 def _run_one(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -7737,9 +8030,11 @@ def run_checks(specs: List[CheckSpec], ctx: CheckContext, clock=time.monotonic) 
     return [results[index] for index in range(len(specs))]
 
 
-def record_check_results(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
+def record_check_results(collector: MetricsCollector, results: List[CheckResult], now: float,
+                         forget: Iterable[str] = ()) -> None:
     """Each verdict in words (for the summary) and as metrics: check_state (0-3), check_value and
-    check_duration, labelled check=NAME; one transaction."""
+    check_duration, labelled check=NAME; the words of the checks named in ``forget`` (a configuration
+    problem mended) are dropped; one transaction."""
     samples = []
     for result in results:
         labels = {"check": result.name}
@@ -7750,6 +8045,7 @@ def record_check_results(collector: MetricsCollector, results: List[CheckResult]
     with collector.writing(samples) as conn:  # a writing command: the daily cleanup may follow
         conn.executemany("INSERT OR REPLACE INTO check_results (name, ts, state, summary) VALUES (?, ?, ?, ?)",
                          [(result.name, now, result.state, result.summary) for result in results])
+        conn.executemany("DELETE FROM check_results WHERE name = ?", [(name,) for name in forget])
         for key, value in (pair for result in results for pair in result.keep):
             _set_meta(conn, key, value)
 
@@ -8366,6 +8662,8 @@ def recorded_health(store: Store, now: float,
     """
     found = {name: (ts, state, text) for name, ts, state, text in
              store.query("SELECT name, ts, state, summary FROM check_results ORDER BY name")}
+    if intervals is not None and CONFIGURATION_CHECK in found:  # recorded only while the file has a problem
+        intervals = dict(intervals, **{CONFIGURATION_CHECK: max(intervals.values(), default=DEFAULT_CHECK_INTERVAL_S)})
     if intervals is None:
         newest = max((ts for ts, _, _ in found.values()), default=now)
         intervals = {name: DEFAULT_CHECK_INTERVAL_S for name, (ts, _, _) in found.items()
@@ -9335,10 +9633,26 @@ _GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
 _PATH_ARGUMENTS = ("db", "config", "output")  # file names: their bytes stay as the system gave them
 
 
-def _open_collector(args, *, readonly: bool) -> MetricsCollector:
-    config = load_config(args.config_path, required=args.config_named)
-    settings = storage_settings(config)
+def _open_collector(args, *, readonly: bool, config: Any = None) -> MetricsCollector:
+    """The store of this run as ``[storage]`` says; a problem there is a ConfigError. Given the ``config``
+    a run has read already (check, run: they must go on whatever is wrong), the store takes what they
+    record while ``[storage]`` has a problem, but keeps all it has (no roll-up, no cleanup by horizons
+    nobody chose), and says so."""
+    if config is None:
+        config = load_config(args.config_path, required=args.config_named)
+        return MetricsCollector(args.db_path, readonly=readonly, now=args.now, **storage_settings(config))
+    settings = storage_or_defaults(config)
+    if not settings["maintain"]:
+        try:
+            storage_settings(config)
+        except ConfigError as err:
+            log.warning("%s; the store keeps everything (no roll-up or cleanup) until that is mended", err)
     return MetricsCollector(args.db_path, readonly=readonly, now=args.now, **settings)
+
+
+def error_line(text: str) -> str:
+    """An error as one line of at most ERROR_LINE_CHARS, with nothing in it a terminal would obey."""
+    return inert_text(truncate(" ".join(text.split()), ERROR_LINE_CHARS))
 
 
 def _print_json(document: Dict[str, Any]) -> None:
@@ -9729,14 +10043,39 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-def _alerting(args, readonly: bool = False) -> AlertingSystem:
-    """The alerting system of the command line: its configuration checked, its store not yet opened."""
-    config = load_config(args.config_path, required=args.config_named)
+class Configured(NamedTuple):
+    """A command's configuration, read once: the parsed file, its alerting settings, and every problem of
+    the file (its unreadable lines first) in ``settings.problems``."""
+
+    config: Any
+    settings: AlertingSettings
+
+
+def read_configuration(args) -> Configured:
+    """The configuration of this run with all its problems; ConfigError only when the file cannot be read
+    at all. What is right in it is used: a mistake costs its own section, not the rest."""
+    config, unreadable = read_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
-    storage = storage_settings(config) if not settings.problems else {}
+    settings.problems[:0] = unreadable
+    return Configured(config, settings)
+
+
+def say_problems(settings: AlertingSettings) -> int:
+    """Each problem of the configuration as an error line on stderr (cron mails it); EXIT_RUNTIME when
+    there was one, else EXIT_OK."""
+    for line in settings.problem_lines():
+        log.error("%s", line)
+    return EXIT_RUNTIME if settings.problems else EXIT_OK
+
+
+def _alerting(args, readonly: bool = False, given: Optional[Configured] = None) -> AlertingSystem:
+    """The alerting system of the command line, its store not yet opened: every channel that is right is
+    used, and the problems are the caller's to say (say_problems)."""
+    config, settings = given or read_configuration(args)
+    storage = storage_or_defaults(config)
     return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings,
-                          synchronous=storage.get("synchronous", "normal"), now=args.now, readonly=readonly,
-                          busy_timeout_s=storage.get("busy_timeout_s", DEFAULT_BUSY_TIMEOUT_S))
+                          synchronous=storage["synchronous"], now=args.now, readonly=readonly,
+                          busy_timeout_s=storage["busy_timeout_s"], strict=False, say_unheard=True)
 
 
 def cli_clock():
@@ -9831,61 +10170,75 @@ def _alert_batch(args) -> int:
         except ValidationError as err:
             log.error("%s; that line was not sent", err)
             refused += 1
-    with contextlib.closing(_alerting(args)) as system, system.batch() as batch:
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, given=given)) as system, system.batch() as batch:
         for entry in entries:
             if entry.get("state", "firing") == "ok":
                 system.resolve(entry["key"], entry.get("message"))
             else:
                 system.fire(entry["key"], entry.get("title") or entry["key"], entry.get("message") or "",
                             entry.get("severity", "warning"), entry.get("details"))
-    code = _delivery_exit(batch.report, lifecycle=True)
+    code = max(_delivery_exit(batch.report, lifecycle=True), say_problems(given.settings))
     return max(code, EXIT_USAGE) if refused else code
 
 
 def cmd_alert(args) -> int:
+    """0 delivered; 1 also when the configuration has a problem (said on stderr; the channels that are
+    right still got the alert); 3 some channels failed; 4 none delivered."""
     if args.batch:
         return _alert_batch(args)
     if args.severity == "resolve":  # alert --resolve KEY [MESSAGE], or alert --resolve --key KEY [MESSAGE]
         key, message = (args.key, args.title) if args.key else (args.title, args.message)
         if not key:
             raise ValidationError("--resolve needs the KEY that --key fired")
-        with contextlib.closing(_alerting(args)) as system:
-            return _delivery_exit(system.resolve(key, message), lifecycle=True)
-    if args.title is None:
+    elif args.title is None:
         raise ValidationError("alert needs a TITLE (or --batch)")
-    if args.severity is None:
+    elif args.severity is None:
         raise ValidationError("one of --info, --warning, --critical or --resolve is required")
-    with contextlib.closing(_alerting(args)) as system:
-        if args.key and (args.channel or args.dry_run):
-            raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
-        if args.key:
+    elif args.key and (args.channel or args.dry_run):
+        raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, given=given)) as system:
+        if args.severity == "resolve":
+            code = _delivery_exit(system.resolve(key, message), lifecycle=True)
+        elif args.key:
             report = system.fire(args.key, args.title, args.message or "", args.severity,
                                  _parse_details(args.detail))
-            return _delivery_exit(report, lifecycle=True)
-        alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
-                                    _parse_details(args.detail))
-        if args.dry_run:
-            for block in system.render(alert):
-                print(block)
-            return EXIT_OK
-        return _delivery_exit(system.send_alert(alert))
+            code = _delivery_exit(report, lifecycle=True)
+        else:
+            alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
+                                        _parse_details(args.detail))
+            if args.dry_run:
+                for block in system.render(alert):
+                    print(block)
+                code = EXIT_OK
+            else:
+                code = _delivery_exit(system.send_alert(alert))
+    return max(code, say_problems(given.settings))
 
 
-def cmd_silence(args) -> int:
-    with contextlib.closing(_alerting(args)) as system:
-        if args.action == "add":
-            if not args.match or not args.duration:
-                raise ValidationError("silence add needs --match TEXT and --for DURATION")
-            silence_id = system.add_silence(args.match, parse_duration_s(args.duration), args.comment or "")
-            print(silence_id)
-            return EXIT_OK
-        if args.action == "remove":
-            if not args.id or not args.id.isdigit():
-                raise ValidationError("silence remove needs the ID that 'silence list' shows")
-            if not system.remove_silence(int(args.id)):
-                raise MonitorError(f"no silence #{args.id}")
-            return EXIT_OK
-        silences, planned = system.list_silences(), system.planned_maintenance()
+def _alerting_command(args, work, readonly: bool = False) -> int:
+    """``work(system)`` on the alerting system of this run: its exit code, at least 1 when the configuration
+    has a problem (each said on stderr; the parts that are right did their work)."""
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, readonly=readonly, given=given)) as system:
+        code = work(system)
+    return max(code, say_problems(given.settings))
+
+
+def _silence(args, system: AlertingSystem) -> int:
+    if args.action == "add":
+        if not args.match or not args.duration:
+            raise ValidationError("silence add needs --match TEXT and --for DURATION")
+        print(system.add_silence(args.match, parse_duration_s(args.duration), args.comment or ""))
+        return EXIT_OK
+    if args.action == "remove":
+        if not args.id or not args.id.isdigit():
+            raise ValidationError("silence remove needs the ID that 'silence list' shows")
+        if not system.remove_silence(int(args.id)):
+            raise MonitorError(f"no silence #{args.id}")
+        return EXIT_OK
+    silences, planned = system.list_silences(), system.planned_maintenance()
     if args.json:
         _print_json({"silences": silences, "maintenance": planned})
         return EXIT_OK
@@ -9900,10 +10253,15 @@ def cmd_silence(args) -> int:
     return EXIT_OK
 
 
+def cmd_silence(args) -> int:
+    return _alerting_command(args, lambda system: _silence(args, system))
+
+
 def cmd_alert_test(args) -> int:
     """A test to every enabled channel (or those --channel names): a line each, how it went or why it
     was skipped; the disabled ones are listed as such."""
-    with contextlib.closing(_alerting(args)) as system:
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, given=given)) as system:
         report = system.send_test(args.channel)
         configured = list(system.settings.channels)
         for name in configured + [name for name in report.outcomes if name not in configured]:
@@ -9913,7 +10271,7 @@ def cmd_alert_test(args) -> int:
                       else f"{name}: skipped ({delivery.error or 'not configured'})")
             elif not args.channel:
                 print(f"{name}: skipped (disabled)")
-        return _delivery_exit(report)
+    return max(_delivery_exit(report), say_problems(given.settings))
 
 
 def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
@@ -9945,31 +10303,23 @@ def _user_name() -> str:
         return "unknown"
 
 
-def _acknowledge(args) -> int:
+def _acknowledge(args, system: AlertingSystem) -> int:
     if not args.key:
         raise ValidationError(f"alerts {args.action} needs the alert's KEY (alerts --firing lists them)")
-    with contextlib.closing(_alerting(args)) as system:
-        if args.action == "unack":
-            if not system.unacknowledge(args.key):
-                raise MonitorError(f"alert {args.key!r} is not acknowledged")
-            return EXIT_OK
-        by = args.by or _user_name()
-        duration = parse_duration_s(args.duration) if args.duration else None
-        done = system.acknowledge(args.key, by, args.comment or "", duration)
+    if args.action == "unack":
+        if not system.unacknowledge(args.key):
+            raise MonitorError(f"alert {args.key!r} is not acknowledged")
+        return EXIT_OK
+    by = args.by or _user_name()
+    duration = parse_duration_s(args.duration) if args.duration else None
+    done = system.acknowledge(args.key, by, args.comment or "", duration)
     if args.json:
         _print_json(done)
     return EXIT_OK
 
 
-def cmd_alerts(args) -> int:
-    """The history of the last --hours, a line each with every channel's outcome and why one failed or
-    was skipped; or (--firing) what fires now; ``ack KEY`` and ``unack KEY`` acknowledge."""
-    if args.action:
-        return _acknowledge(args)
-    if args.key:
-        raise ValidationError("alerts takes a KEY only after ack or unack")
-    with contextlib.closing(_alerting(args, readonly=True)) as system:
-        history = system.firing() if args.firing else system.get_alert_history(args.hours)
+def _alert_list(args, system: AlertingSystem) -> int:
+    history = system.firing() if args.firing else system.get_alert_history(args.hours)
     if args.firing:
         return _print_firing(history, args.json)
     if args.json:
@@ -9986,6 +10336,16 @@ def cmd_alerts(args) -> int:
     return EXIT_OK
 
 
+def cmd_alerts(args) -> int:
+    """The history of the last --hours, a line each with every channel's outcome and why one failed or
+    was skipped; or (--firing) what fires now; ``ack KEY`` and ``unack KEY`` acknowledge."""
+    if args.action:
+        return _alerting_command(args, lambda system: _acknowledge(args, system))
+    if args.key:
+        raise ValidationError("alerts takes a KEY only after ack or unack")
+    return _alerting_command(args, lambda system: _alert_list(args, system), readonly=True)
+
+
 def cmd_config(args) -> int:
     if args.convert_yaml:
         path = args.config_path if args.config_path.endswith((".yaml", ".yml")) else yaml_sibling(args.config_path)
@@ -9993,11 +10353,10 @@ def cmd_config(args) -> int:
             raise ConfigError(f"no YAML file to convert ({path or args.config_path + ' is not an .ini path'})")
         sys.stdout.write(yaml_as_ini(path))
         return EXIT_OK
-    config = load_config(args.config_path, required=args.config_named)
-    settings = alerting_settings(config, args.config_path)
+    config, settings = read_configuration(args)
     settings.problems.extend(check_problems(config) + job_problems(config))
     if args.check:
-        settings.problems.extend(missing_programs(config))
+        settings.problems.extend(missing_programs(config) + unusable_channels(settings))
     else:
         print("\n".join(effective_configuration(settings)))
     for line in settings.problem_lines():
@@ -10006,37 +10365,29 @@ def cmd_config(args) -> int:
         return EXIT_RUNTIME
     warn_if_shared(settings)
     if args.check:
-        masker = settings.masker()
-        for name, spec in sorted(settings.channels.items()):
-            if spec.missing and spec.enabled:
-                print(f"note: channel {name} is not configured ({masker.scrub(spec.missing)}) and will be skipped")
         usable = sorted(name for name, spec in settings.channels.items() if spec.enabled and not spec.missing)
         print(f"configuration OK: {len(usable)} channel{'' if len(usable) == 1 else 's'} ({', '.join(usable)})")
     return EXIT_OK
 
 
-def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
+def _checks_without_store(args, specs: List[CheckSpec], err: StorageError, now: float) -> List[CheckResult]:
     """The store cannot be opened: that is CRITICAL, and the checks that need no store still give their
     verdicts (a broken store must not hide a full disk); the others are UNKNOWN, with the reason."""
-    results = [CheckResult("database", "CRITICAL", str(err))]
-    if check_problems(config):
-        return results
-    specs = [spec for spec in configured_checks(config) if not args.only or spec.name in args.only]
     free = [spec for spec in specs if not CHECK_TYPES[spec.kind].needs_store]
-    results += run_checks(free, CheckContext(None, args.now(), args.deep))
-    results += [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free]
-    return results
+    return ([CheckResult("database", "CRITICAL", str(err))]
+            + run_checks(free, CheckContext(None, now, args.deep, args.db_path))
+            + [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free])
 
 
-def _alert_checks(args, results: List[CheckResult]) -> None:
+def _alert_checks(args, results: List[CheckResult], given: Configured) -> None:
     """Fire each check that is not OK (key: its name) and resolve each that is, as one run, holding the
-    alerts of a check whose ``depends_on`` is CRITICAL; then the Watchdog to Alertmanager, which lives
-    for two check intervals."""
+    alerts of a check whose ``depends_on`` is CRITICAL (a cycle holds nothing); then the Watchdog to
+    Alertmanager, which lives for two check intervals."""
+    config = given.config
+    parents = acyclic(check_dependencies(config))
+    states = {result.name: result.state for result in results}
     try:
-        config = load_config(args.config_path, required=args.config_named)
-        parents = check_dependencies(config)
-        states = {result.name: result.state for result in results}
-        with contextlib.closing(_alerting(args)) as system:
+        with contextlib.closing(_alerting(args, given=given)) as system:
             with system.batch():
                 for result in results:
                     parent = parents.get(result.name)
@@ -10047,50 +10398,51 @@ def _alert_checks(args, results: List[CheckResult]) -> None:
                         severity = "critical" if result.state == "CRITICAL" else "warning"
                         system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}",
                                     severity, inhibited_by=held)
-            interval = check_run_interval(config)
-            system.send_watchdog(WATCHDOG_RUNS * interval + CHECK_STALE_GRACE_S)
-    except MonitorError as err:  # a broken alert configuration must not hide the checks' verdict
+                if not args.only and CONFIGURATION_CHECK not in states:  # the file was mended
+                    system.resolve(CONFIGURATION_CHECK, "the configuration has no problem")
+            system.send_watchdog(WATCHDOG_RUNS * check_run_interval(config) + CHECK_STALE_GRACE_S)
+    except MonitorError as err:  # the store cannot take the alerts' states: the verdict still stands
         log.error("alerts not sent: %s", err)
 
 
-def _ping_check_run(args, code: int, text: str) -> None:
+def _ping_check_run(args, code: int, text: str, given: Configured) -> None:
     """``[check] ping_url`` hears of every run: the URL when all is OK, URL/CODE (1-3) otherwise, the
     plugin output as the body; a service that stops hearing says cron or the machine stopped."""
     import uuid
 
     try:
-        config = load_config(args.config_path, required=args.config_named)
-        url = configured_ping_url(config, "check")
-        if url is None:
-            return
-        budget_s = alerting_settings(config, args.config_path).timeout_s
-    except MonitorError as err:
+        url = configured_ping_url(given.config, "check")
+    except ConfigError as err:
         log.warning("check run not pinged: %s", err)
         return
+    if url is None:
+        return
     problem = send_ping(url, "" if code == 0 else str(code), str(uuid.uuid4()), (text + "\n").encode("utf-8"),
-                        budget_s=budget_s)
+                        budget_s=given.settings.timeout_s)
     if problem:
         log.warning("%s", problem)
 
 
-def _report_checks(args, results: List[CheckResult]) -> int:
+def _report_checks(args, results: List[CheckResult], given: Configured) -> int:
     """The verdicts in the plugin format (or JSON), their alerts, the run's ping, and the worst state as
     the exit code."""
     if not args.no_alert:
-        _alert_checks(args, results)
+        _alert_checks(args, results, given)
     state = worst_state(result.state for result in results)
     text = "\n".join(plugin_output(results))
     if args.json:
         _print_json({"state": state, "checks": [result.as_json() for result in results]})
     else:
         print(text)
-    _ping_check_run(args, CHECK_STATES.index(state), text)
+    _ping_check_run(args, CHECK_STATES.index(state), text, given)
     return CHECK_STATES.index(state)
 
 
 def _check_failed(state: str, text: str, as_json: bool) -> int:
-    """``check`` could not run its checks: one line in the plugin format (or JSON), and the state's code."""
+    """``check`` could not run its checks: one line in the plugin format (or JSON) and on stderr, and the
+    state's code."""
     text = " ".join(text.split())
+    log.error("%s", error_line(text))
     if as_json:
         _print_json({"state": state, "checks": [], "error": text})
     else:
@@ -10098,67 +10450,100 @@ def _check_failed(state: str, text: str, as_json: bool) -> int:
     return CHECK_STATES.index(state)
 
 
-def _record_checks(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
+def _record_checks(collector: MetricsCollector, results: List[CheckResult], now: float, mended: bool) -> None:
     try:
-        record_check_results(collector, results, now)
+        record_check_results(collector, results, now, forget=(CONFIGURATION_CHECK,) if mended else ())
     except StorageError as err:  # the verdict still goes out
         log.error("%s: the check results were not recorded", err)
 
 
+def _unreadable_configuration(args, err: ConfigError) -> int:
+    """The configuration cannot be read at all: no check or channel is known. Said on stderr and in the
+    plugin line, and recorded as the ``configuration`` check, so every face shows it (the store keeps all
+    it has meanwhile)."""
+    result = CheckResult(CONFIGURATION_CHECK, "UNKNOWN", str(err)[:CHECK_OUTPUT_LINE_CHARS])
+    with contextlib.suppress(StorageError), \
+            MetricsCollector(args.db_path, now=args.now, maintain=False) as collector:
+        record_check_results(collector, [result], args.now())
+    return _check_failed("UNKNOWN", f"{CONFIGURATION_CHECK}: {err}", args.json)
+
+
+def _chosen(args, specs: List[CheckSpec], plan: CheckPlan) -> Tuple[List[CheckSpec], List[CheckResult]]:
+    """The checks --only names (every one without it), and the UNKNOWN verdicts that go with them; a
+    name that is no check is a usage error (MonitorError)."""
+    if not args.only:
+        return specs, plan.unrunnable
+    names = [spec.name for spec in specs] + [r.name for r in plan.unrunnable if r.name != CONFIGURATION_CHECK]
+    unknown = sorted(set(args.only) - set(names))
+    if unknown:
+        raise ValidationError(f"no check named {', '.join(unknown)} (there are: {', '.join(names)})")
+    return ([spec for spec in specs if spec.name in args.only],
+            [result for result in plan.unrunnable if result.name in args.only])
+
+
 def cmd_check(args) -> int:
-    """Exit with the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage or configuration error too)."""
+    """Exit with the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage or configuration error too).
+    A configuration problem costs only what it touches: the other checks run and alert, the broken one is
+    UNKNOWN, and every problem is said on stderr."""
     try:
-        config = load_config(args.config_path, required=args.config_named)
-        collector = _open_collector(args, readonly=False)
+        given = read_configuration(args)
     except ConfigError as err:
-        return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
+        return _unreadable_configuration(args, err)
+    given.settings.problems.extend(check_problems(given.config) + job_problems(given.config))
+    say_problems(given.settings)
+    plan = check_plan(given.config, given.settings.problems, given.settings.path)
+    now = args.now()
+    try:
+        collector = _open_collector(args, readonly=False, config=given.config)
     except StorageError as err:
-        return _report_checks(args, _checks_without_store(args, config, err))
+        # the defaults that need no store: a full disk is often why the store cannot be written
+        specs = plan.specs if plan.configured else [s for s in default_checks(None)
+                                                    if not CHECK_TYPES[s.kind].needs_store]
+        try:
+            specs, unrunnable = _chosen(args, specs, plan)
+        except ValidationError as usage:
+            return _check_failed("UNKNOWN", str(usage), args.json)
+        return _report_checks(args, _checks_without_store(args, specs, err, now) + unrunnable, given)
     with contextlib.closing(collector):
         try:
-            specs = check_specs(config, collector)
-        except ConfigError as err:
-            return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
-        unknown = sorted(set(args.only or ()) - {spec.name for spec in specs})
-        if unknown:
-            return _check_failed("UNKNOWN", f"no check named {', '.join(unknown)} "
-                                            f"(there are: {', '.join(spec.name for spec in specs)})", args.json)
-        specs = [spec for spec in specs if not args.only or spec.name in args.only]
-        now = args.now()
-        results = run_checks(specs, CheckContext(collector, now, args.deep))
-        _record_checks(collector, results, now)
-    return _report_checks(args, results)
+            specs, unrunnable = _chosen(args, plan.specs if plan.configured else default_checks(collector), plan)
+        except ValidationError as usage:
+            return _check_failed("UNKNOWN", str(usage), args.json)
+        results = run_checks(specs, CheckContext(collector, now, args.deep, args.db_path)) + unrunnable
+        mended = not args.only and all(result.name != CONFIGURATION_CHECK for result in plan.unrunnable)
+        _record_checks(collector, results, now, mended)
+    return _report_checks(args, results, given)
 
 
 class _Ping:
     """The pings of one run: ``start`` as it is made, then its end, each tried within the alert timeout."""
 
-    def __init__(self, url: str, args):
+    def __init__(self, url: str, budget_s: float):
         import uuid
 
-        try:
-            self.budget_s = alerting_settings(load_config(args.config_path), args.config_path).timeout_s
-        except MonitorError:
-            self.budget_s = DEFAULT_ALERT_TIMEOUT_S
+        self.budget_s = budget_s
         self.url, self.run_id = url, str(uuid.uuid4())
         self.send("start")
 
     @classmethod
-    def of_run(cls, args) -> Optional["_Ping"]:
+    def of_run(cls, args, given: Optional[Configured]) -> Optional["_Ping"]:
         """The pings of this run: to --ping, else to ``[job:NAME] ping_url``; None without either. A
         bad --ping is a usage error; a configured URL that cannot be used is a warning, and the job runs."""
+        budget_s = given.settings.timeout_s if given is not None else DEFAULT_ALERT_TIMEOUT_S
         if args.ping:
             try:
                 _checked_url(args.ping)
             except ValueError as err:
                 raise ValidationError(f"--ping: {err}") from None
-            return cls(args.ping, args)
+            return cls(args.ping, budget_s)
+        if given is None:
+            return None
         try:
-            url = configured_ping_url(load_config(args.config_path, required=args.config_named), f"job:{args.name}")
+            url = configured_ping_url(given.config, f"job:{args.name}")
         except MonitorError as err:
             log.warning("run %s not pinged: %s", args.name, err)
             return None
-        return cls(url, args) if url else None
+        return cls(url, budget_s) if url else None
 
     def send(self, signal: str, body: bytes = b"") -> None:
         problem = send_ping(self.url, signal, self.run_id, body, budget_s=self.budget_s)
@@ -10175,16 +10560,18 @@ def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill
     return JobRun("", name, started, now(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
 
 
-def _alert_job(args, run: JobRun, argv: List[str]) -> None:
+def _alert_job(args, run: JobRun, argv: List[str], given: Optional[Configured]) -> None:
+    if given is None:
+        return  # the configuration could not be read: said already, and the job's report is on stdout
     try:
-        with contextlib.closing(_alerting(args)) as system:
+        with contextlib.closing(_alerting(args, given=given)) as system:
             system.store_warning_given = run.store_error is not None  # one line about the store is enough
             if run.outcome == "success":
                 # A job's next success ends its failure: one passing run, not resolve_after.
                 system.resolve(f"job {run.job}", f"exit 0 in {format_span(run.duration_s)}", after=1)
             else:
                 system.fire(f"job {run.job}", f"job {run.job} failed", job_report(run, argv)[:2000], "critical")
-    except MonitorError as err:  # the job ran; a broken alert configuration is reported, not fatal
+    except MonitorError as err:  # the job ran; a store that cannot take the alert is reported, not fatal
         log.error("alerts not sent: %s", err)
 
 
@@ -10199,9 +10586,18 @@ def cmd_run(args) -> int:
     if timeout_s == 0:
         raise ValidationError("--timeout must be more than 0")
     kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
-    ping = _Ping.of_run(args)
     try:
-        collector = _open_collector(args, readonly=False)
+        given: Optional[Configured] = read_configuration(args)
+    except ConfigError as err:  # the job matters more than its configuration: run it anyway, and say so
+        log.error("%s; the job runs without it (no record, alert or configured ping)", err)
+        given = None
+    if given is not None:
+        say_problems(given.settings)
+    ping = _Ping.of_run(args, given)
+    try:
+        if given is None:
+            raise ConfigError("the configuration cannot be read")
+        collector = _open_collector(args, readonly=False, config=given.config)
     except (StorageError, ConfigError) as err:  # the job matters more than its record: run it anyway
         run = _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err, args.now)
     else:
@@ -10221,7 +10617,7 @@ def cmd_run(args) -> int:
     if run.store_error is not None:
         log.warning("%s: this run of %s was not recorded%s", run.store_error, run.job,
                     " (the next run marks its row unrecorded)" if run.run_id else "")
-    _alert_job(args, run, argv)
+    _alert_job(args, run, argv, given)
     if run.outcome == "breaker_open":
         return EXIT_TEMPFAIL
     return run.exit_code
@@ -10312,11 +10708,6 @@ def with_suggestion(message: str, options: Iterable[str]) -> str:
         if close:
             return f"{message}; did you mean {close[0]}?"
     return message
-
-
-def error_line(text: str) -> str:
-    """An error as one line of at most ERROR_LINE_CHARS, with nothing in it a terminal would obey."""
-    return inert_text(truncate(" ".join(text.split()), ERROR_LINE_CHARS))
 
 
 def parser_class():

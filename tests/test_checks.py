@@ -192,11 +192,20 @@ class CheckCommand(AlertTestCase):
         self.assertPluginOutput(result, 3, ["UNKNOWN missing: FileNotFoundError: [Errno 2] No such file or "
                                             "directory: '/no/such/folder'"])
 
-    def test_a_bad_configuration_is_unknown_exit_3(self):
-        result = self.check(config="[check:x]\ntype = disk\nwarning = 20:10\n")
+    def test_a_bad_check_section_is_its_own_unknown_check_and_the_others_run(self):
+        stamp = os.path.join(self.tmp, "stamp")
+        open(stamp, "w").close()
+        os.utime(stamp, (T0 - 60, T0 - 60))
+        result = self.check(config=f"[check:x]\ntype = disk\nwarning = 20:10\n\n[check:age]\ntype = file_age\n"
+                                   f"path = {stamp}\n")
+        why = "configuration: warning: '20:10' is not a range such as 10, 10:, ~:10, 10:20 or @10:20 (config --check " \
+              "lists every problem)"
         self.assertEqual(result.returncode, 3)
-        self.assertEqual(result.stdout.decode(), "METASYSTEM UNKNOWN - configuration: [check:x] warning: '20:10' is "
-                                                 "not a range such as 10, 10:, ~:10, 10:20 or @10:20\n")
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            f"METASYSTEM UNKNOWN - x UNKNOWN: {why} | 'age_age'=60s;;;0", f"OK age: {stamp} modified 1m ago",
+            f"UNKNOWN x: {why}"])
+        self.assertEqual(result.stderr.decode(), f"metasystem_monitor.py: error: {self.config_path}: [check:x] warning: "
+                                                 "'20:10' is not a range such as 10, 10:, ~:10, 10:20 or @10:20\n")
 
     def test_config_check_lists_the_problems_of_check_sections(self):
         self.write_config("[check:x]\ntype = disk\nwarning = 20:10\nbogus = 1\n\n[check:y]\ntype = job\n"
@@ -235,8 +244,13 @@ class CheckCommand(AlertTestCase):
             handle.write(b"garbage" * 100)
         result = self.check()
         broken = f"store {self.db} is not a SQLite database"
-        self.assertEqual((result.returncode, result.stdout.decode()),
-                         (2, f"METASYSTEM CRITICAL - database CRITICAL: {broken}\nCRITICAL database: {broken}\n"))
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual((result.returncode, lines[:2]), (2, [f"METASYSTEM CRITICAL - database CRITICAL: {broken} | "
+                                                              + lines[0].partition(" | ")[2],
+                                                              f"CRITICAL database: {broken}"]))
+        # the default disk check needs no store, and runs: a full disk is often why a store breaks
+        self.assertRegex(lines[2], rf"^(OK|WARNING|CRITICAL) disk: .* free of .* on {re.escape(self.tmp)}$")
+        self.assertEqual(len(lines), 3)
         with open(self.db, "rb") as handle:
             self.assertEqual(handle.read(), b"garbage" * 100)
 

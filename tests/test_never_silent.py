@@ -46,3 +46,25 @@ class FilesThatAreNotFilesTest(AlertTestCase):
                                   "    print(err)\n", fifo], stdout=subprocess.PIPE, env=self.child_env())
         out, _ = child.communicate(timeout=QUICK_S)
         self.assertEqual(out.decode(), f"configuration file {fifo} is a FIFO, not a regular file\n")
+
+
+class SuccessThatIsNotTest(AlertTestCase):
+    """A run that says all went well when a person did not get the alert is a silent failure."""
+
+    def test_without_syslog_the_alert_reaches_stderr_only_when_no_other_channel_took_it(self):
+        from .servers import HTTPServer, Reply
+
+        critical = f"[check:always]\ntype = command\ncommand = {sys.executable} -c \"raise SystemExit(2)\"\n"
+        with HTTPServer() as hook, HTTPServer(default=Reply(400, "no")) as refusing:
+            for url, expected in ((hook.url("/h"), ""), (refusing.url("/r"), "critical")):
+                with self.subTest(url=url):
+                    self.write_config(f"[channel:log]\ntype = log\naddress = none\n\n"
+                                      f"[channel:hook]\ntype = webhook\nurl = {url}\n\n{critical}", log_channel=False)
+                    if os.path.exists(self.db):
+                        os.remove(self.db)
+                    result = self.run_cli("check", env=self.cli_env())
+                    said = [line.split(": ")[1] for line in result.stderr.decode().splitlines()
+                            if "[CRITICAL] check always" in line]
+                    self.assertEqual((result.returncode, said), (2, [expected] if expected else []),
+                                     result.stderr)
+        self.assertEqual((len(hook.requests), len(refusing.requests)), (1, 1))
