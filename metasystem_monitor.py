@@ -717,8 +717,7 @@ def read_config_text(path: str) -> str:
     ConfigError otherwise."""
     try:
         data, info = read_regular_file(path, CONFIG_FILE_MAX_BYTES)
-        _refuse_if_others_can_change(path, info)
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except OSError as err:
@@ -727,6 +726,8 @@ def read_config_text(path: str) -> str:
         raise ConfigError(f"configuration file {path} is not UTF-8 text (byte {err.start + 1})") from None
     except ValueError as err:
         raise ConfigError(f"configuration file {err}") from None
+    _refuse_if_others_can_change(path, info)
+    return text
 
 
 def read_flat_yaml(path: str) -> Dict[str, str]:
