@@ -9566,9 +9566,14 @@ def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOUR
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             try:
-                super().process_request_thread(request, client_address)
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
             finally:
+                # Freed before the close, not after: a client that has seen the end of its answer and comes
+                # straight back must find its slot free, not race this thread for it.
                 slots.release()
+                self.shutdown_request(request)
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
