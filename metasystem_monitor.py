@@ -9439,24 +9439,41 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now,
 
 
 class _Answers:
-    """A server's answers, each built at most once per ``max_age_s`` (by ``clock``) however many clients
-    ask at once: they wait for the one building it. Only successful answers are kept."""
+    """A server's answers, each built by ``build(*args)`` (serve_path) at most once per ``max_age_s`` (by
+    ``clock``) however many clients ask at once: they wait for the one building it. Only successful answers
+    are kept."""
 
-    def __init__(self, max_age_s: float, clock):
+    def __init__(self, max_age_s: float, clock, build=serve_path):
         import threading
 
         self.max_age_s = max_age_s
         self.clock = clock
+        self.build = build
         self._lock = threading.Lock()
         self._kept: Dict[Tuple[str, str], Tuple[float, Tuple[int, str, bytes], Dict[str, bytes]]] = {}
 
-    def get(self, key: Tuple[str, str], build) -> Tuple[Tuple[int, str, bytes], float, Dict[str, bytes]]:
-        """(the answer, its age in seconds, its encoded forms) for ``key``, built by ``build()`` when needed."""
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keys(self) -> List[Tuple[str, str]]:
+        """The keys kept, the oldest first."""
+        with self._lock:
+            return list(self._kept)
+
+    @property
+    def kept_bytes(self) -> int:
+        """The bodies kept and their encoded forms, in bytes."""
+        with self._lock:
+            return sum(len(body) + sum(map(len, encoded.values())) for _, (_, _, body), encoded in self._kept.values())
+
+    def get(self, key: Tuple[str, str], *args: Any) -> Tuple[Tuple[int, str, bytes], float, Dict[str, bytes]]:
+        """(the answer, its age in seconds, its encoded forms) for ``key``, built by ``build(*args)`` when
+        needed."""
         with self._lock:
             kept = self._kept.get(key)
             at = self.clock()
             if kept is None or not at - kept[0] < self.max_age_s:
-                kept = (at, build(), {})
+                kept = (at, self.build(*args), {})
                 if kept[1][0] == 200:
                     self._kept[key] = kept
             return kept[1], max(0.0, at - kept[0]), kept[2]
@@ -9507,7 +9524,7 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
                 accept = self.headers.get("Accept", "")
                 key = (path, "openmetrics" if path == "/metrics" and wants_openmetrics(accept) else series)
                 (status, content_type, body), age, encoded = answers.get(
-                    key, lambda: serve_path(path, accept, db_path, hours, now, options, series))
+                    key, path, accept, db_path, hours, now, options, series)
             if age is not None and status == 200:
                 headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
                 if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
@@ -9532,12 +9549,13 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
 
 def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
                 now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS,
-                cache_s: float = DEFAULT_SERVE_CACHE_S, options: Optional[Dict[str, Any]] = None) -> Any:
+                cache_s: float = DEFAULT_SERVE_CACHE_S, options: Optional[Dict[str, Any]] = None,
+                _answers: Optional[_Answers] = None) -> Any:
     """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary``, ``/`` (the
     status page) and ``/series`` (one series' page); ``options`` are summary_options() of the
     configuration. Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built
     at most once per ``cache_s`` (its ``Age`` header says how old it is) and gzipped for a client that
-    asks.
+    asks. ``_answers`` (tests) replaces the answers and their builder.
 
     A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
     it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.
@@ -9578,7 +9596,8 @@ def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOUR
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
 
-    return Server((host, port), _handler_class(db_path, hours, token, now, clock, _Answers(cache_s, clock), options))
+    answers = _Answers(cache_s, clock) if _answers is None else _answers
+    return Server((host, port), _handler_class(db_path, hours, token, now, clock, answers, options))
 
 
 def _grouping_segment(label: str, value: str) -> str:
