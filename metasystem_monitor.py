@@ -9438,19 +9438,46 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now,
     return 404, "text/plain; charset=utf-8", b"not found\n"
 
 
-class _Answers:
-    """A server's answers, each built by ``build(*args)`` (serve_path) at most once per ``max_age_s`` (by
-    ``clock``) however many clients ask at once: they wait for the one building it. Only successful answers
-    are kept."""
+class _Answer:
+    """One built answer: when its build began (by the cache's clock), what serve_path() gave, and its gzip
+    form once a client has asked for it (made under ``lock``, once)."""
 
-    def __init__(self, max_age_s: float, clock, build=serve_path):
+    def __init__(self, at: float, status: int, content_type: str, body: bytes):
         import threading
 
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self.build = build
+        self.at, self.status, self.content_type, self.body = at, status, content_type, body
+        self.gzip: Optional[bytes] = None
+        self.lock = threading.Lock()
+
+    def size_bytes(self) -> int:
+        return len(self.body) + len(self.gzip or b"")
+
+
+class _Build:
+    """An answer being built: the clients that ask for the same key meanwhile wait for ``done``."""
+
+    def __init__(self):
+        import threading
+
+        self.done = threading.Event()
+        self.answer: Optional[_Answer] = None  # still None when done: the build raised
+
+
+class _Answers:
+    """A server's answers by key, each built by ``build(*args)`` (serve_path) at most once per ``max_age_s``
+    (by ``clock``) however many clients ask at once: those asking for a key being built wait for that
+    build, and share its answer. Different keys build at the same time: ``_lock`` guards the two tables,
+    never a build. Only successful answers are kept."""
+
+    def __init__(self, max_age_s: float, clock, build=serve_path):
+        import collections
+        import threading
+
+        self.max_age_s, self.clock, self.build = max_age_s, clock, build
         self._lock = threading.Lock()
-        self._kept: Dict[Tuple[str, str], Tuple[float, Tuple[int, str, bytes], Dict[str, bytes]]] = {}
+        self._kept: Dict[Tuple[str, str], _Answer] = collections.OrderedDict()  # the oldest first
+        self._building: Dict[Tuple[str, str], _Build] = {}
+        self.kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -9460,23 +9487,51 @@ class _Answers:
         with self._lock:
             return list(self._kept)
 
-    @property
-    def kept_bytes(self) -> int:
-        """The bodies kept and their encoded forms, in bytes."""
-        with self._lock:
-            return sum(len(body) + sum(map(len, encoded.values())) for _, (_, _, body), encoded in self._kept.values())
+    def get(self, key: Tuple[str, str], *args: Any) -> Tuple[_Answer, float]:
+        """The answer for ``key`` and its age in seconds, built by ``build(*args)`` when no fresh one is kept."""
+        while True:
+            with self._lock:
+                at = self.clock()
+                kept = self._kept.get(key)
+                if kept is not None and at - kept.at < self.max_age_s:
+                    return kept, at - kept.at
+                pending = self._building.get(key)
+                if pending is None:
+                    pending = self._building[key] = _Build()
+                    break
+            pending.done.wait()
+            if pending.answer is not None:
+                return pending.answer, max(0.0, self.clock() - pending.answer.at)
+            # That build raised (in its own thread, which reports it): this client builds, or waits, anew.
+        try:
+            pending.answer = _Answer(at, *self.build(*args))
+        finally:
+            with self._lock:
+                del self._building[key]
+                if pending.answer is not None and pending.answer.status == 200:
+                    self._keep(key, pending.answer)
+            pending.done.set()
+        return pending.answer, 0.0
 
-    def get(self, key: Tuple[str, str], *args: Any) -> Tuple[Tuple[int, str, bytes], float, Dict[str, bytes]]:
-        """(the answer, its age in seconds, its encoded forms) for ``key``, built by ``build(*args)`` when
-        needed."""
-        with self._lock:
-            kept = self._kept.get(key)
-            at = self.clock()
-            if kept is None or not at - kept[0] < self.max_age_s:
-                kept = (at, self.build(*args), {})
-                if kept[1][0] == 200:
-                    self._kept[key] = kept
-            return kept[1], max(0.0, at - kept[0]), kept[2]
+    def gzipped(self, key: Tuple[str, str], answer: _Answer) -> bytes:
+        """The gzip form of ``answer`` (got for ``key``), compressed once and kept with it."""
+        import gzip
+
+        with answer.lock:
+            if answer.gzip is None:
+                packed = gzip.compress(answer.body, mtime=0)
+                with self._lock:
+                    answer.gzip = packed
+                    if self._kept.get(key) is answer:
+                        self.kept_bytes += len(packed)
+            return answer.gzip
+
+    def _keep(self, key: Tuple[str, str], answer: _Answer) -> None:
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self.kept_bytes -= old.size_bytes()
+        self._kept[key] = answer
+        self.kept_bytes += answer.size_bytes()
 
 
 def _gzip_wanted(accept_encoding: str) -> bool:
@@ -9491,7 +9546,6 @@ def _gzip_wanted(accept_encoding: str) -> bool:
 
 def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock, answers: _Answers,
                    options: Optional[Dict[str, Any]]) -> Any:
-    import gzip
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
@@ -9516,21 +9570,21 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
             self.connection.settimeout(SERVE_REQUEST_TIMEOUT_S)  # the head is in: writing has its own time
             path, query = urlsplit(self.path)[2:4]
             series = (parse_qs(query).get("key") or [""])[0] if path in ("/series", "/api/series") else ""
-            age, encoded, headers = None, None, {}
-            if path != "/healthz" and token and not _bearer_matches(self.headers.get("Authorization"), token):
+            headers: Dict[str, str] = {}
+            if path == "/healthz":  # straight away: never behind a build, nor the answers' lock
+                status, content_type, body = serve_path(path, "", db_path, hours, now)
+            elif token and not _bearer_matches(self.headers.get("Authorization"), token):
                 status, content_type, body = 401, "text/plain; charset=utf-8", b"a bearer token is needed\n"
                 headers["WWW-Authenticate"] = 'Bearer realm="metasystem"'
             else:
                 accept = self.headers.get("Accept", "")
                 key = (path, "openmetrics" if path == "/metrics" and wants_openmetrics(accept) else series)
-                (status, content_type, body), age, encoded = answers.get(
-                    key, path, accept, db_path, hours, now, options, series)
-            if age is not None and status == 200:
-                headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
-                if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
-                    if "gzip" not in encoded:
-                        encoded["gzip"] = gzip.compress(body, mtime=0)
-                    body, headers["Content-Encoding"] = encoded["gzip"], "gzip"
+                answer, age = answers.get(key, path, accept, db_path, hours, now, options, series)
+                status, content_type, body = answer.status, answer.content_type, answer.body
+                if status == 200:
+                    headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
+                    if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
+                        body, headers["Content-Encoding"] = answers.gzipped(key, answer), "gzip"
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -9553,9 +9607,10 @@ def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOUR
                 _answers: Optional[_Answers] = None) -> Any:
     """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary``, ``/`` (the
     status page) and ``/series`` (one series' page); ``options`` are summary_options() of the
-    configuration. Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built
-    at most once per ``cache_s`` (its ``Age`` header says how old it is) and gzipped for a client that
-    asks. ``_answers`` (tests) replaces the answers and their builder.
+    configuration. Off loopback it needs a bearer token; ``/healthz`` never does, and never waits. Each
+    answer is built at most once per ``cache_s`` (its ``Age`` header says how old it is), different ones
+    at the same time, and gzipped for a client that asks. ``_answers`` (tests) replaces the answers and
+    their builder.
 
     A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
     it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.

@@ -1,5 +1,7 @@
 """Prometheus hand-off: the exposition formats, the textfile, serve and push, against real parts."""
 
+import collections
+import concurrent.futures
 import html.parser
 import http.client
 import json
@@ -280,8 +282,9 @@ class PageParser(html.parser.HTMLParser):
             self.texts.append(data.strip())
 
 
-class ServeTest(AlertTestCase):
-    """The HTTP server on 127.0.0.1, in this process, asked by a real client."""
+class ServeTestCase(AlertTestCase):
+    """A store with a little of everything, the HTTP server of it on 127.0.0.1 in this process, and a real
+    client."""
 
     def setUp(self):
         super().setUp()
@@ -316,6 +319,29 @@ class ServeTest(AlertTestCase):
         client.sendall(head)
         return client
 
+    @staticmethod
+    def read_to_end(client):
+        answer = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+
+    def get_full(self, port, path, headers=None):
+        """(status, headers as a dict, body) of one GET."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
+        try:
+            connection.request("GET", path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+
+class ServeTest(ServeTestCase):
+    """What the server answers, and how it holds up against slow, many and hostile clients."""
+
     def test_a_client_that_trickles_its_head_is_cut_off_at_the_deadline(self):
         ticks = iter(range(0, 10_000, 4))  # each read of the head takes 4 s by this clock
         port = self.start(clock=lambda: float(next(ticks)))
@@ -344,15 +370,6 @@ class ServeTest(AlertTestCase):
         self.assertEqual(self.read_to_end(held[0]).split(b"\r\n")[0], b"HTTP/1.0 200 OK")
         held[0].close()
         self.assertEqual(self.get(port, "/healthz"), (200, "text/plain; charset=utf-8", b"ok\n"))  # no retry
-
-    @staticmethod
-    def read_to_end(client):
-        answer = b""
-        while True:
-            chunk = client.recv(65536)
-            if not chunk:
-                return answer
-            answer += chunk
 
     def test_a_client_that_has_read_its_answer_to_the_end_finds_its_slot_free(self):
         port = self.start(max_connections=1)
@@ -397,16 +414,6 @@ class ServeTest(AlertTestCase):
         self.assertEqual((status, content_type), (200, "application/openmetrics-text; version=1.0.0; charset=utf-8"))
         self.assertTrue(body.endswith(b"# EOF\n"))
         promparse.parse(body.decode("utf-8"), openmetrics=True)
-
-    def get_full(self, port, path, headers=None):
-        """(status, headers as a dict, body) of one GET."""
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
-        try:
-            connection.request("GET", path, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
 
     def test_an_answer_is_built_once_per_cache_interval_and_says_its_age(self):
         clock = FakeClock()
@@ -614,6 +621,108 @@ class ServeTest(AlertTestCase):
         port = self.start()
         self.assertMainError(1, f"cannot listen on 127.0.0.1:{port}", "serve", "--listen", f"127.0.0.1:{port}")
         self.assertMainError(2, "listen must be HOST:PORT", "serve", "--listen", "nowhere")
+
+
+GATE_TIMEOUT_S = 3 * HTTP_TIMEOUT_S  # a held build gives up after this: a client waiting behind it times out first
+
+
+class GatedBuild:
+    """serve_path for a server, except that a build of a gated (path, series) begins, says so and waits
+    until the test opens its gate; it counts the builds of each (path, series)."""
+
+    def __init__(self, *gated):
+        self.lock = threading.Lock()
+        self.builds = collections.Counter()
+        self.started = {key: threading.Event() for key in gated}
+        self.gates = {key: threading.Event() for key in gated}
+
+    def __call__(self, path, accept, db_path, hours, now, options, series):
+        key = (path, series)
+        with self.lock:
+            self.builds[key] += 1
+        if key in self.gates:
+            self.started[key].set()
+            self.gates[key].wait(GATE_TIMEOUT_S)
+        return mm.serve_path(path, accept, db_path, hours, now, options, series)
+
+    def open_all(self):
+        for gate in self.gates.values():
+            gate.set()
+
+
+class CountedAnswers(mm._Answers):
+    """The server's answers, telling the test once ``expected`` requests have asked for one."""
+
+    def __init__(self, *args, expected=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked, self.expected, self.all_asked = 0, expected, threading.Event()
+        self.asked_lock = threading.Lock()
+
+    def get(self, key, *args):
+        with self.asked_lock:
+            self.asked += 1
+            if self.asked == self.expected:
+                self.all_asked.set()
+        return super().get(key, *args)
+
+
+class ServeConcurrencyTest(ServeTestCase):
+    """Builds held open by the test: who waits for whom."""
+
+    def setUp(self):
+        super().setUp()
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            metrics.record_many([(name, float(i), None, NOW - 600 + i) for name in ("load1", "load5")
+                                 for i in range(10)])
+        self.clock = FakeClock()  # the answers never go stale while a test runs, however loaded the machine
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=12)
+        self.addCleanup(self.pool.shutdown)
+
+    def start_gated(self, *gated, expected=0):
+        build = GatedBuild(*gated)
+        answers = CountedAnswers(5.0, self.clock.monotonic, build, expected=expected)
+        port = self.start(_answers=answers)
+        self.addCleanup(build.open_all)  # before the server stops: no build is left waiting
+        return port, build, answers
+
+    def test_healthz_answers_while_a_series_page_is_being_built(self):
+        port, build, _ = self.start_gated(("/series", "load1"))
+        page = self.pool.submit(self.get_full, port, "/series?key=load1")
+        self.assertTrue(build.started["/series", "load1"].wait(HTTP_TIMEOUT_S))
+        self.assertEqual(self.get(port, "/healthz"), (200, "text/plain; charset=utf-8", b"ok\n"))
+        self.assertEqual(self.get(port, "/healthz", method="HEAD"), (200, "text/plain; charset=utf-8", b""))
+        self.assertFalse(page.done())  # the page is still being built
+        build.gates["/series", "load1"].set()
+        status, headers, body = page.result(HTTP_TIMEOUT_S)
+        self.assertEqual((status, headers["Age"], body),
+                         (200, "0", mm.serve_path("/series", "", self.db, mm.DEFAULT_WINDOW_HOURS, lambda: NOW,
+                                                  None, "load1")[2]))
+        self.assertEqual(build.builds, {("/series", "load1"): 1})  # /healthz is never built nor kept
+
+    def test_two_pages_are_built_at_the_same_time(self):
+        port, build, _ = self.start_gated(("/series", "load1"), ("/api/series", "load5"), ("/metrics", ""))
+        asked = [self.pool.submit(self.get_full, port, path)
+                 for path in ("/series?key=load1", "/api/series?key=load5", "/metrics")]
+        for key in build.started:  # each begins while the others are held
+            with self.subTest(key=key):
+                self.assertTrue(build.started[key].wait(HTTP_TIMEOUT_S))
+        build.open_all()
+        self.assertEqual([future.result(HTTP_TIMEOUT_S)[0] for future in asked], [200, 200, 200])
+        self.assertEqual(build.builds, {("/series", "load1"): 1, ("/api/series", "load5"): 1, ("/metrics", ""): 1})
+
+    def test_a_page_asked_by_ten_clients_at_once_is_built_once(self):
+        port, build, answers = self.start_gated(("/series", "load1"), expected=10)
+        asked = [self.pool.submit(self.get_full, port, "/series?key=load1") for _ in range(10)]
+        self.assertTrue(build.started["/series", "load1"].wait(HTTP_TIMEOUT_S))
+        self.assertTrue(answers.all_asked.wait(HTTP_TIMEOUT_S))  # all ten have asked while it is held
+        self.clock.advance(3)
+        build.gates["/series", "load1"].set()
+        got = [future.result(HTTP_TIMEOUT_S) for future in asked]
+        self.assertEqual(build.builds, {("/series", "load1"): 1})
+        self.assertEqual({(status, body) for status, _, body in got},
+                         {(200, mm.serve_path("/series", "", self.db, mm.DEFAULT_WINDOW_HOURS, lambda: NOW,
+                                              None, "load1")[2])})
+        self.assertEqual(sorted(headers["Age"] for _, headers, _ in got), ["0"] + ["3"] * 9)  # as old as its build
 
 
 class PushTest(StoreTestCase):
