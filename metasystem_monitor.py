@@ -8865,6 +8865,15 @@ SERVE_MAX_CONNECTIONS = 256  # at once; more are answered 503 at once, without a
 SERVE_BACKLOG = 128  # connections the kernel queues before accept: twenty scrapers at once are never reset
 SERVE_PAGE_REFRESH_S = 30
 DEFAULT_SERVE_CACHE_S = 5.0  # an answer is built at most this often, however many scrape it
+# The kept answers, the oldest dropped first. Four pages are fixed (/, /api/summary, /metrics in its two
+# formats); the rest are /series pages, one per series asked for. Only what was asked within the cache
+# interval is worth keeping, so 64 entries hold the fixed pages and 60 series pages, and a client walking
+# every series cycles through them instead of growing the memory.
+SERVE_CACHE_MAX_ENTRIES = 64
+# Bodies and their gzip forms. A series page is 40 KB at most (SERIES_CHART_POINTS points); /metrics is about
+# 50 bytes a series, so both its formats for 200,000 series (~20 MB) and 60 series pages (~2.5 MB) fit. An
+# answer bigger than this is served but not kept.
+SERVE_CACHE_MAX_BYTES = 32 * 1024 * 1024
 GZIP_MIN_BYTES = 1024  # smaller answers go as they are
 DEFAULT_PUSH_JOB = "metasystem"
 PUSH_METHODS = ("put", "post")
@@ -9467,13 +9476,16 @@ class _Answers:
     """A server's answers by key, each built by ``build(*args)`` (serve_path) at most once per ``max_age_s``
     (by ``clock``) however many clients ask at once: those asking for a key being built wait for that
     build, and share its answer. Different keys build at the same time: ``_lock`` guards the two tables,
-    never a build. Only successful answers are kept."""
+    never a build. Only successful answers are kept, at most ``max_entries`` of them and ``max_bytes``
+    (bodies and gzip forms), the oldest dropped first."""
 
-    def __init__(self, max_age_s: float, clock, build=serve_path):
+    def __init__(self, max_age_s: float, clock, build=serve_path, *, max_entries: int = SERVE_CACHE_MAX_ENTRIES,
+                 max_bytes: int = SERVE_CACHE_MAX_BYTES):
         import collections
         import threading
 
         self.max_age_s, self.clock, self.build = max_age_s, clock, build
+        self.max_entries, self.max_bytes = max_entries, max_bytes
         self._lock = threading.Lock()
         self._kept: Dict[Tuple[str, str], _Answer] = collections.OrderedDict()  # the oldest first
         self._building: Dict[Tuple[str, str], _Build] = {}
@@ -9524,14 +9536,27 @@ class _Answers:
                     answer.gzip = packed
                     if self._kept.get(key) is answer:
                         self.kept_bytes += len(packed)
+                        self._drop_oldest()
             return answer.gzip
 
     def _keep(self, key: Tuple[str, str], answer: _Answer) -> None:
         old = self._kept.pop(key, None)
         if old is not None:
             self.kept_bytes -= old.size_bytes()
-        self._kept[key] = answer
-        self.kept_bytes += answer.size_bytes()
+        if answer.size_bytes() <= self.max_bytes:
+            self._kept[key] = answer
+            self.kept_bytes += answer.size_bytes()
+        self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Drop kept answers, the oldest first, while there are too many or they are stale."""
+        at = self.clock()
+        for key, answer in list(self._kept.items()):
+            if (len(self._kept) <= self.max_entries and self.kept_bytes <= self.max_bytes
+                    and at - answer.at < self.max_age_s):
+                break
+            del self._kept[key]
+            self.kept_bytes -= answer.size_bytes()
 
 
 def _gzip_wanted(accept_encoding: str) -> bool:
@@ -9609,8 +9634,8 @@ def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOUR
     status page) and ``/series`` (one series' page); ``options`` are summary_options() of the
     configuration. Off loopback it needs a bearer token; ``/healthz`` never does, and never waits. Each
     answer is built at most once per ``cache_s`` (its ``Age`` header says how old it is), different ones
-    at the same time, and gzipped for a client that asks. ``_answers`` (tests) replaces the answers and
-    their builder.
+    at the same time, and gzipped for a client that asks; at most SERVE_CACHE_MAX_ENTRIES answers and
+    SERVE_CACHE_MAX_BYTES are kept. ``_answers`` (tests) replaces the answers and their builder.
 
     A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
     it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.

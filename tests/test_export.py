@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import unittest
 
 import metasystem_monitor as mm
 
@@ -723,6 +724,88 @@ class ServeConcurrencyTest(ServeTestCase):
                          {(200, mm.serve_path("/series", "", self.db, mm.DEFAULT_WINDOW_HOURS, lambda: NOW,
                                               None, "load1")[2])})
         self.assertEqual(sorted(headers["Age"] for _, headers, _ in got), ["0"] + ["3"] * 9)  # as old as its build
+
+
+class AnswersCacheTest(unittest.TestCase):
+    """The answers kept: at most so many entries and bytes, the oldest dropped first."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.built = []
+        self.answers = mm._Answers(5.0, self.clock.monotonic, self.build, max_entries=3, max_bytes=1000)
+
+    def build(self, name, body):
+        self.built.append(name)
+        return 200, "text/plain", body
+
+    def ask(self, name, body=b""):
+        answer, _ = self.answers.get(("/series", name), name, body)
+        return answer
+
+    def kept(self):
+        return [name for _, name in self.answers.keys()], self.answers.kept_bytes
+
+    def test_the_oldest_go_first_past_the_entries_or_the_bytes(self):
+        for name in "abcd":
+            self.ask(name, b"x" * 100)
+        self.assertEqual(self.kept(), (["b", "c", "d"], 300))  # a fourth entry: a, the oldest, went
+        self.ask("e", b"x" * 700)
+        self.assertEqual(self.kept(), (["c", "d", "e"], 900))
+        self.ask("f", b"x" * 250)  # four entries and 1150 bytes: c for the count, then d for the bytes
+        self.assertEqual(self.kept(), (["e", "f"], 950))
+        self.ask("e")
+        self.assertEqual((self.built, self.kept()), (list("abcdef"), (["e", "f"], 950)))  # kept, not rebuilt
+        self.ask("a", b"x" * 100)
+        self.assertEqual((self.built[-1], self.kept()), ("a", (["f", "a"], 350)))  # 1050 bytes: e went
+
+    def test_a_gzip_form_counts_and_can_push_the_oldest_out(self):
+        import gzip
+        import random
+
+        self.ask("e", b"x" * 700)
+        packed = self.answers.gzipped(("/series", "e"), self.ask("e"))
+        self.assertEqual((gzip.decompress(packed), self.kept()), (b"x" * 700, (["e"], 700 + len(packed))))
+        noise = random.Random(7).randbytes(250)
+        answer = self.ask("f", noise)
+        self.assertEqual(self.kept(), (["e", "f"], 950 + len(packed)))
+        packed_noise = self.answers.gzipped(("/series", "f"), answer)
+        self.assertGreater(len(packed_noise), 250)  # noise does not pack: 1200 bytes and more, e goes
+        self.assertEqual(self.kept(), (["f"], 250 + len(packed_noise)))
+        self.assertIs(self.answers.gzipped(("/series", "f"), answer), packed_noise)  # packed once
+
+    def test_an_answer_bigger_than_the_bytes_is_served_not_kept(self):
+        self.ask("a", b"x" * 100)
+        self.assertEqual(self.ask("huge", b"x" * 1001).body, b"x" * 1001)
+        self.assertEqual(self.ask("huge", b"x" * 1001).body, b"x" * 1001)
+        self.assertEqual((self.built, self.kept()), (["a", "huge", "huge"], (["a"], 100)))
+
+    def test_stale_answers_are_dropped_when_another_is_kept(self):
+        self.ask("a", b"x" * 100)
+        self.clock.advance(4)
+        self.ask("b", b"x" * 100)
+        self.clock.advance(1)  # a is 5 s old: stale
+        self.ask("c", b"x" * 100)
+        self.assertEqual(self.kept(), (["b", "c"], 200))
+
+
+class ServeCacheTest(ServeTestCase):
+    """A client walking every series through the server."""
+
+    def test_walking_many_series_keeps_the_last_ones_within_the_bounds(self):
+        from urllib.parse import quote
+
+        names = [f"walk_{i:03d}" for i in range(mm.SERVE_CACHE_MAX_ENTRIES + 10)]
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            metrics.record_many([(name, float(i), {"disk": "d/1"}, NOW - 600) for i, name in enumerate(names)])
+        answers = mm._Answers(5.0, FakeClock().monotonic)
+        port = self.start(_answers=answers)
+        keys = [f"{name}{{disk=d/1}}" for name in names]
+        for key in keys:
+            self.assertEqual(self.get(port, f"/series?key={quote(key)}")[0], 200)
+        last = keys[-mm.SERVE_CACHE_MAX_ENTRIES:]
+        self.assertEqual(answers.keys(), [("/series", key) for key in last])
+        self.assertEqual(answers.kept_bytes, sum(len(mm.serve_path("/series", "", self.db, mm.DEFAULT_WINDOW_HOURS,
+                                                                   lambda: NOW, None, key)[2]) for key in last))
 
 
 class PushTest(StoreTestCase):
