@@ -454,6 +454,18 @@ def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
     return value
 
 
+def name_problem(name: str, what: str) -> Optional[str]:
+    """Why ``name`` cannot name a channel, check, job or maintenance window, or None. A name is letters,
+    digits, '-', '_' and '.': it reaches completion scripts, labels, lock files and URLs.
+
+    >>> name_problem("nas-1.disk", "check"), name_problem("$(reboot)", "check")
+    (None, "a check name takes letters, digits, '-', '_' and '.'")
+    """
+    if name and all(ch.isalnum() or ch in "-_." for ch in name):
+        return None
+    return f"a {what} name takes letters, digits, '-', '_' and '.'"
+
+
 def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
     if not hasattr(config, "sections"):
         return
@@ -5310,6 +5322,9 @@ def maintenance_windows(config, problems: List[Tuple[str, str, str]]) -> List[Ma
             continue
         items = {key: value.strip() for key, value in config[section].items()}
         start = len(problems)
+        why = name_problem(section[len("maintenance:"):], "maintenance")
+        if why:
+            problems.append((section, "", why))
         problems += [(section, key, "unknown key") for key in items if key not in MAINTENANCE_KEYS]
         if not items.get("match"):
             problems.append((section, "match", "required: the key or title text it silences (key=K: one key)"))
@@ -5555,8 +5570,9 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
         if not section.startswith("channel:"):
             continue
         name = section[len("channel:"):].strip()
-        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-            problems.append((section, "", "a channel name takes letters, digits, '-', '_' and '.'"))
+        why = name_problem(name, "channel")
+        if why:
+            problems.append((section, "", why))
             continue
         if name in channels:
             problems.append((section, "", f"channel {name!r} is also made by a key in [alerting]"))
@@ -7774,6 +7790,11 @@ def _command_problem(text: str) -> Optional[str]:
     return None
 
 
+def _job_key_problem(text: str) -> Optional[str]:
+    """A job check's ``job``: a name that ``run NAME`` accepts (an empty one is reported as required)."""
+    return name_problem(text.strip(), "job") if text.strip() else None
+
+
 # What a value of a check key must be; a check type that takes the key gets the rule.
 _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem, "expected_every": _duration_problem,
                       "minutes": _minutes_problem, "per_cpu": _bool_problem, "address": _address_problem,
@@ -7781,7 +7802,8 @@ _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem,
                       "tls_verify": _bool_problem, "follow_redirects": _bool_problem,
                       "swap_warning": _percent_range_problem, "swap_critical": _percent_range_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
-                      "statistic": _statistic_problem, "command": _command_problem}
+                      "statistic": _statistic_problem, "command": _command_problem,
+                      "job": _job_key_problem}
 
 
 def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str]) -> List[Tuple[str, str, str]]:
@@ -7856,6 +7878,9 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
     for section in config.sections() if hasattr(config, "sections") else ():
         if not section.startswith("check:"):
             continue
+        why = name_problem(section[len("check:"):], "check")
+        if why:
+            problems.append((section, "", why))
         items = dict(config[section])
         kind = items.get("type", "").strip()
         check = CHECK_TYPES.get(kind)
@@ -8222,6 +8247,14 @@ def run_command(argv: List[str], timeout_s: Optional[float], kill_after_s: float
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 
+def validate_job_name(name: Any) -> str:
+    """Return ``name`` if it can name a job (as ``[job:NAME]`` can), else raise ValidationError."""
+    why = name_problem(validate_name(name, "job name"), "job")
+    if why:
+        raise ValidationError(f"{why}, got {_shown(name)}")
+    return name
+
+
 class JobRunner:
     """Runs a command as job NAME: timeout over its whole process group, retries, a lock, a breaker.
 
@@ -8242,7 +8275,7 @@ class JobRunner:
     def run(self, name: str, argv: List[str], *, timeout_s: Optional[float] = None, retries: int = 0,
             lock: bool = False, kill_after_s: float = DEFAULT_KILL_AFTER_S,
             breaker: Optional["CircuitBreaker"] = None) -> JobRun:
-        name = validate_name(name, "job name")
+        name = validate_job_name(name)
         if not argv:
             raise ValidationError("run needs a command after --")
         with contextlib.ExitStack() as stack:
@@ -8387,6 +8420,9 @@ def job_problems(config) -> List[Tuple[str, str, str]]:
     for section in config.sections() if hasattr(config, "sections") else ():
         if not section.startswith("job:"):
             continue
+        why = name_problem(section[len("job:"):], "job")
+        if why:
+            problems.append((section, "", why))
         items = dict(config[section])
         problems += [(section, key, "unknown key") for key in items if key not in JOB_KEYS]
         problems += _ping_url_problems(section, items)
@@ -10952,9 +10988,19 @@ def _args_check(sub) -> None:
     _add_json(sub)
 
 
+def _job_name(text: str) -> str:
+    import argparse
+
+    try:
+        return validate_job_name(text)
+    except ValidationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _args_run(sub) -> None:
     sub.usage = f"{PROG} run NAME [options] -- COMMAND [ARG]..."
-    sub.add_argument("name", metavar="NAME", help="the job's name: its metrics, lock, alert and check")
+    sub.add_argument("name", metavar="NAME", type=_job_name,
+                     help="the job's name (letters, digits, '-', '_' and '.'): its metrics, lock, alert and check")
     sub.add_argument("--timeout", metavar="DURATION", help="stop the whole process group after this long (exit 124)")
     sub.add_argument("--kill-after", metavar="DURATION",
                      help=f"after the timeout's SIGTERM, SIGKILL this much later (default {DEFAULT_KILL_AFTER_S:g}s)")
@@ -11059,6 +11105,7 @@ def reference_config() -> List[str]:
                       "the keys of each type: help checks", "      ", "  [check:NAME]  ")
     lines.append("  Durations: 90s, 5m, 2h, 7d. Sizes: 5GB, 10%. A secret KEY may be given as KEY_env (a variable)")
     lines.append("  or KEY_file (a file); config --check lists every problem, config prints what is in effect.")
+    lines.append("  A NAME (of a channel, check, job or maintenance window) is letters, digits, '-', '_' and '.'.")
     return lines
 
 

@@ -116,3 +116,34 @@ class Completion(StoreTestCase):
                      "complete -c metasystem-monitor -n '__fish_use_subcommand' -a stats"):
             with self.subTest(line=line):
                 self.assertIn(line, lines)
+
+
+class NamesAShellCouldRun(StoreTestCase):
+    """A check, job or maintenance name is what a channel name is: letters, digits, '-', '_' and '.'."""
+
+    def test_config_check_names_each_section_whose_name_is_refused(self):
+        config = os.path.join(self.tmp, "alerting-config.ini")
+        with open(config, "w", encoding="utf-8") as handle:
+            handle.write("[check:$(touch${IFS}x)]\ntype = disk\n\n[check:a b]\ntype = disk\n\n[check:]\ntype = disk\n\n"
+                         "[check:ok.name-1_x]\ntype = job\njob = `id`\n\n[job:nightly;id]\n\n[job:good]\n\n"
+                         "[maintenance:*]\nmatch = x\ndaily = 01:00-02:00\n\n[channel:$(id)]\ntype = log\n")
+        code, out, err = self.run_main("config", "--check", "--config", config)
+        rule = "name takes letters, digits, '-', '_' and '.'"
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [f"{config}: {line}" for line in (
+            f"[channel:$(id)] a channel {rule}",
+            f"[maintenance:*] a maintenance {rule}",
+            f"[check:$(touch${{IFS}}x)] a check {rule}",
+            f"[check:a b] a check {rule}",
+            f"[check:] a check {rule}",
+            f"[check:ok.name-1_x] job: a job {rule}",
+            f"[job:nightly;id] a job {rule}")])
+
+    def test_run_refuses_such_a_job_name_before_it_starts_anything(self):
+        for name in ("$(touch${IFS}x)", "a b", "nightly;id", "x/../y", ""):
+            with self.subTest(name=name):
+                result = self.run_cli("--db", self.db, "run", name, "--", "touch", "ran")
+                why = "job name is empty" if not name else f"a job name takes letters, digits, '-', '_' and '.', " \
+                                                           f"got {name!r}"
+                self.assertOneLineError(result, 2, f"{PROG} run: error: argument NAME: {why} (see --help)")
+                self.assertEqual(sorted(os.listdir(self.tmp)), [])
