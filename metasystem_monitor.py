@@ -11197,26 +11197,43 @@ def completion_words(parser: Any) -> Dict[str, Dict[str, List[str]]]:
     return {"": words_of(parser), **{name: words_of(sub) for name, sub in subcommand_parsers(parser).items()}}
 
 
-def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]], zsh: bool) -> str:
-    import shlex
+def _shell_word(word: str, fish: bool = False) -> str:
+    """``word`` quoted so that bash, zsh (``fish=False``) or fish reads it back as itself, expanding
+    nothing: no variable, command substitution, glob or brace in it is ever run or matched."""
+    import re
 
+    if re.fullmatch(r"[\w.,:/@+-]+", word, re.ASCII):
+        return word
+    if fish:  # in fish's single quotes, backslash escapes a quote and itself
+        return "'" + word.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]], zsh: bool) -> str:
+    """The bash (and zsh, through bashcompinit) function. The words stand in arrays, each quoted, and are
+    matched to what is typed in a loop: ``compgen -W`` would expand each word again (a ``$(...)`` in a
+    configured name would run) and ``$(compgen ...)`` would glob what it prints."""
     takes_value = sorted({option for entry in table.values() for option in entry["takes_value"]})
     values = {f"{command}:{option}": words for command, entry in table.items() for option, words in entry.items()
               if option.startswith("-")}
     values.update({f"*:{option}": words for option, words in names.items()})
-    cases = [f"        {key}) choices={shlex.quote(' '.join(words))};;"
+    cases = [f"        {key}) choices=({' '.join(_shell_word(word) for word in words)});;"
              for key, words in sorted(values.items())]
-    cases.append(f"        {'|'.join('*:' + option for option in _PATH_OPTIONS)}) "
-                 "COMPREPLY=($(compgen -f -- \"$cur\")); return;;")
-    cases.append(f"        {'|'.join('*:' + option for option in takes_value)}) return;;")
+    cases.append(f"        {'|'.join('*:' + option for option in _PATH_OPTIONS)})")
+    cases.append('            while IFS= read -r word; do COMPREPLY+=("$word"); done < <(compgen -f -- "$cur")')
+    cases.append("            return 0;;")
+    cases.append(f"        {'|'.join('*:' + option for option in takes_value)}) return 0;;")
     no_command = '""'
-    commands = [f"            {shlex.quote(name) if name else no_command}) "
-                f"choices={shlex.quote(' '.join(entry['words']))};;" for name, entry in table.items()]
+    commands = [f"            {_shell_word(name) if name else no_command}) "
+                f"choices=({' '.join(_shell_word(word) for word in entry['words'])});;" for name, entry in table.items()]
     shell = "zsh" if zsh else "bash"
     lines = [f"# {shell} completion for {PROG}, made by '{PROG} completion {shell}'",
              *(["autoload -U +X bashcompinit && bashcompinit"] if zsh else []),
              "_metasystem_monitor() {",
-             '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" command="" choices="" i',
+             '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" command="" word i',
+             "    local -a choices",
+             "    choices=()",
+             "    COMPREPLY=()",
              "    for ((i = 1; i < COMP_CWORD; i++)); do",
              '        case "${COMP_WORDS[i]}" in',
              f"            {'|'.join(takes_value)}) ((i++));;",
@@ -11227,31 +11244,38 @@ def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, Li
              '    case "$command:$prev" in', *cases, "        *)",
              '            case "$command" in', *commands, "            esac;;",
              "    esac",
-             '    COMPREPLY=($(compgen -W "$choices" -- "$cur"))',
+             '    for word in "${choices[@]}"; do',
+             '        if [[ "$word" == "$cur"* ]]; then COMPREPLY+=("$word"); fi',
+             "    done",
+             "    return 0",
              "}",
              f"complete -F _metasystem_monitor {PROG} metasystem-monitor"]
     return "\n".join(lines) + "\n"
 
 
-def _fish_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]]) -> str:
-    import shlex
+def _fish_words(words: List[str]) -> str:
+    """The argument of fish's ``complete -a``: fish evaluates it, so each word is quoted inside it too."""
+    return _shell_word(" ".join(_shell_word(word, fish=True) for word in words), fish=True)
 
+
+def _fish_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]]) -> str:
     lines = [f"# fish completion for {PROG}, made by '{PROG} completion fish'"]
     commands = [name for name in table if name]
     for program in (PROG, "metasystem-monitor"):
         lines.append(f"complete -c {program} -f")
-        lines += [f"complete -c {program} -n '__fish_use_subcommand' -a {shlex.quote(name)}" for name in commands]
+        lines += [f"complete -c {program} -n '__fish_use_subcommand' -a {_fish_words([name])}" for name in commands]
         for name, entry in table.items():
-            when = f"__fish_seen_subcommand_from {name}" if name else "__fish_use_subcommand"
+            when = _shell_word(f"__fish_seen_subcommand_from {_shell_word(name, fish=True)}" if name
+                               else "__fish_use_subcommand", fish=True)
             for word in entry["words"]:
                 if not word.startswith("--"):
                     if not word.startswith("-") and name:
-                        lines.append(f"complete -c {program} -n {shlex.quote(when)} -a {shlex.quote(word)}")
+                        lines.append(f"complete -c {program} -n {when} -a {_fish_words([word])}")
                     continue
                 values = entry.get(word) or names.get(word)
-                argument = (" -r -F" if word in _PATH_OPTIONS else f" -x -a {shlex.quote(' '.join(values))}"
+                argument = (" -r -F" if word in _PATH_OPTIONS else f" -x -a {_fish_words(values)}"
                             if values else " -x" if word in entry["takes_value"] else "")
-                lines.append(f"complete -c {program} -n {shlex.quote(when)} -l {word[2:]}{argument}")
+                lines.append(f"complete -c {program} -n {when} -l {_shell_word(word[2:], fish=True)}{argument}")
     return "\n".join(lines) + "\n"
 
 
@@ -11264,14 +11288,16 @@ def completion_script(shell: str, parser: Any, names: Dict[str, List[str]]) -> s
 
 
 def _configured_names(args) -> Dict[str, List[str]]:
-    """The check and channel names of the configuration, when it can be read (completion offers them)."""
+    """The check and channel names of the configuration, when it can be read (completion offers them);
+    a name that ``config --check`` refuses is left out."""
     try:
         config = load_config(args.config_path)
         settings = alerting_settings(config, args.config_path)
-        checks = [spec.name for spec in configured_checks(config)] if not check_problems(config) else []
     except (MonitorError, OSError):
         return {}
-    return {"--only": sorted(checks) or ["disk", "database", "circuit_breaker"],
+    checks = [section[len("check:"):] for section in config.sections() if section.startswith("check:")]
+    usable = sorted(name for name in checks if not name_problem(name, "check"))
+    return {"--only": usable if checks else ["disk", "database", "circuit_breaker"],
             "--channel": sorted(settings.channels)}
 
 
