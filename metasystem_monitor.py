@@ -7134,15 +7134,30 @@ def _http_once(url: str, method: str, headers: Dict[str, str], spec: CheckSpec, 
         connection.close()
 
 
+# What a redirect to another origin keeps of the check's headers: those that cannot carry a credential.
+# Authorization, Cookie, X-Api-Key and any other name the ``headers`` key may give stay behind.
+HTTP_PORTABLE_HEADERS = ("accept", "accept-encoding", "accept-language", "cache-control", "content-type", "pragma",
+                         "user-agent")
+
+
+def _origin(url: str) -> Tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, the port its default when not written: what a redirect
+    must keep for the credentials to follow it."""
+    parts = _checked_url(url)
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
 def _http_redirected(url: str, response: Any, method: str, headers: Dict[str, str]) -> Tuple[str, str]:
     """Where a redirect leads, and with which method (303, and 301/302 after a POST, become GET, as
-    browsers do); the credentials stay behind when it leaves the host, as curl's do. ValueError when
-    the target is not an http(s) URL."""
+    browsers do). When it changes the scheme, host or port, only HTTP_PORTABLE_HEADERS go on (any
+    letter case), for this hop and every later one, as curl drops credentials. ValueError when the
+    target is not an http(s) URL."""
     from urllib.parse import urljoin
 
     target = urljoin(url, response.getheader("Location", ""))
-    if _checked_url(target).netloc != _checked_url(url).netloc:
-        headers.pop("Authorization", None)
+    if _origin(target) != _origin(url):
+        for name in [name for name in headers if name.lower() not in HTTP_PORTABLE_HEADERS]:
+            del headers[name]
     if response.status == 303 or (response.status in (301, 302) and method == "POST"):
         method = "GET"
     return target, method

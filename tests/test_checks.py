@@ -603,6 +603,48 @@ class MachineChecksTest(AlertTestCase):
         self.assertEqual([(r.path, r.headers["Authorization"]) for r in other.requests], [("/away", None)])
         self.assertNotIn(b"s3cret", result.stdout + result.stderr + asis.stdout + asis.stderr + away.stdout)
 
+    def test_a_redirect_to_another_origin_keeps_only_headers_that_carry_no_credential(self):
+        """Another scheme, host or port is another origin, as curl judges it: Authorization (any letter case),
+        Cookie, X-Api-Key and the rest stay behind, there and on every later hop; the same origin keeps them."""
+        from .servers import SELF_SIGNED_PEM
+
+        token = os.path.join(self.tmp, "token")
+        with open(token, "w") as handle:
+            handle.write("Bearer s3cret-token\n")
+        os.chmod(token, 0o600)
+        headers = ("headers = Accept: application/json\n  accept-language: de\n  authorization: Bearer in-headers\n"
+                   "  Cookie: session=abc\n  X-Api-Key: k3y\n  PROXY-AUTHORIZATION: Basic eA==\n  X-Trace: 1\n")
+        sent = {"Accept": "application/json", "accept-language": "de", "authorization": "Bearer in-headers",
+                "Cookie": "session=abc", "X-Api-Key": "k3y", "PROXY-AUTHORIZATION": "Basic eA==", "X-Trace": "1"}
+        kept = {"Accept": "application/json", "accept-language": "de"}
+        with HTTPServer(default=Reply(200, "plain")) as plain, HTTPServer(default=Reply(200, "named")) as named, \
+                HTTPServer(default=Reply(200, "same")) as same:
+            with HTTPServer(Reply(302, headers={"Location": plain.url("/in-clear")}), tls=True) as secure:
+                named.replies = [Reply(301, headers={"Location": named.url("/by-address")}),
+                                 Reply(302, headers={"Location": f"http://localhost:{named.port}/back"})]
+                same.replies = [Reply(307, headers={"Location": f"http://LocalHost:{same.port}/case"}),
+                                Reply(308, headers={"Location": f"HTTP://localhost:{same.port}/scheme-case"})]
+                result = self.check(
+                    f"[check:tls]\ntype = http\nurl = {secure.url('/start')}\nca_file = {SELF_SIGNED_PEM}\n"
+                    f"follow_redirects = true\n{headers}\n"
+                    f"[check:host]\ntype = http\nurl = http://localhost:{named.port}/start\nfollow_redirects = true\n"
+                    f"authorization_file = {token}\n{headers}\n"
+                    f"[check:same]\ntype = http\nurl = http://localhost:{same.port}/start\nfollow_redirects = true\n"
+                    f"authorization_file = {token}\n{headers}")
+        self.assertEqual((result.returncode, result.stderr), (0, b""), result.stdout)
+
+        def received(server):
+            return [(r.path, {key: value for key, value in r.headers.items() if key.lower() != "host"})
+                    for r in server.requests]
+
+        common = {"Accept-Encoding": "identity", "User-Agent": mm.USER_AGENT}
+        self.assertEqual(received(secure), [("/start", {**common, **sent})])
+        self.assertEqual(received(plain), [("/in-clear", {**common, **kept})])
+        self.assertEqual(received(named), [("/start", {**common, **sent, "Authorization": "Bearer s3cret-token"}),
+                                           ("/by-address", {**common, **kept}), ("/back", {**common, **kept})])
+        self.assertEqual(received(same), [(path, {**common, **sent, "Authorization": "Bearer s3cret-token"})
+                                          for path in ("/start", "/case", "/scheme-case")])
+
     def test_http_redirect_loops_and_bad_headers_are_reported(self):
         from .servers import HTTPServer, Reply
 
