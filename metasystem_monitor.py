@@ -7014,6 +7014,18 @@ def process_usage(pids: List[int]) -> Optional[Tuple[float, float]]:
         return None
 
 
+PIDFILE_MAX_BYTES = 4096  # a pid, and at most a few lines more (PostgreSQL's postmaster.pid)
+
+
+def _pidfile_pid(path: str) -> int:
+    """The process id a pid file starts with: OSError, or ValueError saying why there is none (a FIFO, a
+    device or a large file is refused unread: a symlink to /dev/zero would never end)."""
+    words = read_regular_file(path, PIDFILE_MAX_BYTES)[0].split()
+    if not words or not words[0].isdigit():
+        raise ValueError("it does not start with a process id")
+    return int(words[0])
+
+
 def check_process(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """How many processes are called ``name``, hold ``match`` in their command line, or have the pid in
     ``pidfile``; by default CRITICAL when there is none (``critical = 1:``). A threshold in bytes judges
@@ -7022,9 +7034,8 @@ def check_process(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     if settings.get("pidfile"):
         what = f"pid in {settings['pidfile']}"
         try:
-            with open(os.path.expanduser(settings["pidfile"]), encoding="ascii") as handle:
-                pids = {int(handle.read().split()[0])}
-        except (OSError, ValueError, IndexError) as err:
+            pids = {_pidfile_pid(os.path.expanduser(settings["pidfile"]))}
+        except (OSError, ValueError) as err:
             why = getattr(err, "strerror", None) or err
             return CheckResult(spec.name, "CRITICAL", f"{what}: cannot be read ({why})")
     else:

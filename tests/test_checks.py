@@ -479,6 +479,35 @@ class MachineChecksTest(AlertTestCase):
             f"CRITICAL nofile: pid in {pidfile}.missing: cannot be read (No such file or directory)",
         ])
 
+    def test_a_pidfile_is_read_only_when_it_is_a_small_regular_file(self):
+        """A symlink to /dev/zero would be read for ever, a FIFO would block the check: both are refused
+        unread, as is a file too large to be a pid file, and one that starts with no process id."""
+        paths = {name: os.path.join(self.tmp, name) for name in ("zero.pid", "fifo.pid", "big.pid", "word.pid",
+                                                                  "empty.pid", "folder.pid", "pg.pid")}
+        os.symlink("/dev/zero", paths["zero.pid"])
+        os.mkfifo(paths["fifo.pid"])
+        os.mkdir(paths["folder.pid"])
+        contents = {"big.pid": f"{os.getpid()}\n" + "#" * mm.PIDFILE_MAX_BYTES, "word.pid": "pid=12\n",
+                    "empty.pid": " \n", "pg.pid": f"{os.getpid()}\n/var/lib/postgresql/data\n1700000000\n5432\n"}
+        for name, text in contents.items():
+            with open(paths[name], "w", encoding="ascii") as handle:
+                handle.write(text)
+        config = "".join(f"[check:{name[:-4]}]\ntype = process\npidfile = {path}\n\n" for name, path in paths.items())
+        self.write_config(config, log_channel=False)
+        result = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(T0)), timeout=20)
+        self.assertEqual((result.returncode, result.stderr), (2, b""))
+        unreadable = "{0}: cannot be read ({0} is {1})"
+        self.assertEqual([re.sub(r", [0-9.]+ [KMG]?B resident, [0-9]+\.[0-9]% CPU$", "", line)
+                          for line in self.lines(result)[1:]], [
+            "CRITICAL zero: pid in " + unreadable.format(paths["zero.pid"], "a character device, not a regular file"),
+            "CRITICAL fifo: pid in " + unreadable.format(paths["fifo.pid"], "a FIFO, not a regular file"),
+            "CRITICAL big: pid in " + unreadable.format(paths["big.pid"], "larger than 4,096 bytes: not what it "
+                                                                              "should hold"),
+            f"CRITICAL word: pid in {paths['word.pid']}: cannot be read (it does not start with a process id)",
+            f"CRITICAL empty: pid in {paths['empty.pid']}: cannot be read (it does not start with a process id)",
+            "CRITICAL folder: pid in " + unreadable.format(paths["folder.pid"], "a directory, not a regular file"),
+            f"OK pg: 1 process pid in {paths['pg.pid']} (pid {os.getpid()})"])
+
     def test_a_process_check_takes_exactly_one_way_to_find_them(self):
         self.write_config("[check:a]\ntype = process\n\n[check:b]\ntype = process\nname = x\nmatch = y\n",
                           log_channel=False)
