@@ -749,6 +749,7 @@ def read_flat_yaml(path: str) -> Dict[str, str]:
 
     lines = read_config_text(path).splitlines()
     items: Dict[str, str] = {}
+    written: Dict[str, Tuple[int, str]] = {}  # each key, lower case, as the INI reads it: (line, as written)
     for number, line in enumerate(lines, start=1):
         where = f"configuration file {path}: line {number}"
         if not line.strip() or line.lstrip().startswith("#") or (line.rstrip() == "---" and not items):
@@ -759,9 +760,14 @@ def read_flat_yaml(path: str) -> Dict[str, str]:
         key, value = found.group(1), found.group(2) or ""
         if not value.strip() or value.lstrip().startswith("#"):
             raise ConfigError(f"{where}: {key} has no value (a nested mapping or a list?); {YAML_HINT}")
-        if key in items:
-            raise ConfigError(f"{where}: {key} is given twice")
-        items[key] = _yaml_scalar(value, where)
+        if key.lower() in written:
+            first, spelled = written[key.lower()]
+            raise ConfigError(f"{where}: {key} is given twice" + (
+                "" if spelled == key else f" (line {first} has {spelled}: keys are read in any letter case)"))
+        written[key.lower()] = (number, key)
+        items[key.lower()] = _yaml_scalar(value, where)
+        if not items[key.lower()].isprintable():  # a line break would start a line, or a section, of the INI
+            raise ConfigError(f"{where}: {key} holds a line break or another control character")
     return items
 
 
@@ -776,7 +782,8 @@ def yaml_config(path: str):
 
 def yaml_as_ini(path: str) -> str:
     """What the flat YAML file at ``path`` says, as the INI file to write instead."""
-    lines = [f"# converted from {path}; it holds secrets: chmod 600 it", "[alerting]"]
+    shown = path if path.isprintable() else repr(path)  # the comment stays one line
+    lines = [f"# converted from {shown}; it holds secrets: chmod 600 it", "[alerting]"]
     return "\n".join(lines + [f"{key} = {value}" for key, value in read_flat_yaml(path).items()]) + "\n"
 
 
