@@ -309,9 +309,13 @@ def local_time(when: Any, tz: Any = None, *, seconds: bool = False, zone: bool =
     moment = _moment(when)
     if moment is None:
         return "-"
-    moment = moment.astimezone(tz)
+    try:
+        moment = moment.astimezone(tz)
+    except (OverflowError, ValueError, OSError):  # past year 9999 or before year 1 there: in UTC, named
+        tz, zone = timezone.utc, True
+        moment = moment.astimezone(tz)
     text = moment.strftime("%m-%d %H:%M:%S" if seconds else "%m-%d %H:%M")
-    return f"{text} {zone_name(moment)}" if zone else text
+    return f"{text} {zone_name(moment, tz)}" if zone else text
 
 
 def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
@@ -5232,8 +5236,39 @@ def _minutes_range(text: str) -> Optional[Tuple[int, int]]:
     return h1 * 60 + m1, (h2 * 60 + m2) % 1440
 
 
-def _local_epoch(text: str, zone: Optional[str]) -> Optional[float]:
-    """``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM`` in ``zone`` (or local time) as epoch seconds, or None."""
+_FIRST_SHOWN_S = -62135596800.0  # 0001-01-01T00:00Z: the first instant iso_time shows (MAX_TIMESTAMP_S: past the last)
+
+
+def _machine_epoch(wall: Any) -> float:
+    """A naive datetime read as the machine's local time, in epoch seconds, as datetime.timestamp() reads
+    it (fold 0: a repeated hour's first time, a skipped hour on the offset before the change), but from
+    time.localtime's offsets, which do not overflow within a day of years 1 and 9999 as it does."""
+    import datetime
+
+    wanted = (wall - datetime.datetime(1970, 1, 1)).total_seconds()
+
+    def offset(epoch: float) -> int:
+        return time.localtime(epoch).tm_gmtoff
+
+    guess = offset(wanted)
+    first = wanted - guess
+    other = offset(first - DAY_S) if offset(first) == guess else offset(first)
+    second = wanted - other
+    if other != guess and offset(second) == other:
+        return second  # the earlier of two solutions, or the only one
+    return first if offset(first) == guess else max(first, second)  # max: in a gap, the offset before it
+
+
+def _wall_epoch(wall: Any, zone: Optional[str]) -> float:
+    """Epoch seconds of the wall-clock time ``wall`` (a naive datetime) in ``zone``, or in the machine's
+    local time; OverflowError, ValueError or OSError when it has none."""
+    return wall.replace(tzinfo=_zone(zone)).timestamp() if zone else _machine_epoch(wall)
+
+
+def _local_epoch(text: str, zone: Optional[str]) -> Tuple[Optional[float], Optional[str]]:
+    """``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM`` in ``zone`` (or local time) as (epoch seconds, None), or
+    (None, why not): not such a date, or one whose instant cannot be shown (before year 1 or after 9999
+    in UTC)."""
     import datetime
 
     for layout in ("%Y-%m-%d %H:%M", "%Y-%m-%d"):
@@ -5241,8 +5276,16 @@ def _local_epoch(text: str, zone: Optional[str]) -> Optional[float]:
             moment = datetime.datetime.strptime(text.strip(), layout)
         except ValueError:
             continue
-        return moment.replace(tzinfo=_zone(zone)).timestamp()
-    return None
+        try:
+            epoch = _wall_epoch(moment, zone)
+        except (OverflowError, ValueError, OSError):
+            epoch = math.inf if moment.year > 1 else -math.inf
+        if epoch < _FIRST_SHOWN_S:
+            return None, "is before the year 1 in UTC: too early to be shown"
+        if epoch >= MAX_TIMESTAMP_S:
+            return None, "is after the year 9999 in UTC: too late to be shown"
+        return epoch, None
+    return None, "is not a date such as 2026-12-24 or 2026-12-24 18:00"
 
 
 def _maintenance_window(section: str, items: Dict[str, str], zone: Optional[str],
@@ -5252,11 +5295,11 @@ def _maintenance_window(section: str, items: Dict[str, str], zone: Optional[str]
         problems.append((section, "daily", "give one of daily, weekly or from (with until)"))
         return None
     if given == ["from"]:
-        starts, ends = (_local_epoch(items.get(key, ""), zone) for key in ("from", "until"))
-        for key, value in (("from", starts), ("until", ends)):
-            if value is None:
-                problems.append((section, key, f"{_shown(items.get(key, ''))} is not a date such as 2026-12-24 "
-                                                "or 2026-12-24 18:00"))
+        (starts, starts_problem), (ends, ends_problem) = (_local_epoch(items.get(key, ""), zone)
+                                                          for key in ("from", "until"))
+        for key, why in (("from", starts_problem), ("until", ends_problem)):
+            if why:
+                problems.append((section, key, f"{_shown(items.get(key, ''))} {why}"))
         if starts is not None and ends is not None and ends <= starts:
             problems.append((section, "until", "must be after from"))
         return {"starts": starts, "ends": ends}
@@ -5296,23 +5339,31 @@ class Maintenance(NamedTuple):
         return _silence_matches(self.match, alert)
 
     def windows(self, now: float) -> List[Tuple[float, float]]:
-        """(start, end) of the windows that hold now or open in the next week, in order."""
+        """(start, end) of the windows that hold now or open in the next week, in order. A daily window
+        opens and closes at the wall-clock times it names, in its zone: on the day clocks change it is an
+        hour longer or shorter. A day past year 9999 or before year 1 has none."""
         if self.starts is not None:
             return [(self.starts, self.ends)] if self.ends > now else []
         import datetime
 
-        zone = _zone(self.zone)
-        today = datetime.datetime.fromtimestamp(now, zone).date() if zone else datetime.date.fromtimestamp(now)
+        try:
+            zone = _zone(self.zone)
+            today = datetime.datetime.fromtimestamp(now, zone).date() if zone else datetime.date.fromtimestamp(now)
+        except (OverflowError, ValueError, OSError):
+            return []
         found = []
         for offset in range(-1, 8):
-            day = today + datetime.timedelta(days=offset)
-            if day.weekday() not in self.days:
+            try:
+                day = today + datetime.timedelta(days=offset)
+                if day.weekday() not in self.days:
+                    continue
+                closes = day + datetime.timedelta(days=1) if self.end <= self.start else day
+                start, end = (_wall_epoch(datetime.datetime.combine(when, datetime.time(minute // 60, minute % 60)),
+                                          self.zone) for when, minute in ((day, self.start), (closes, self.end)))
+            except (OverflowError, ValueError, OSError):
                 continue
-            opens = datetime.datetime.combine(day, datetime.time(self.start // 60, self.start % 60), zone)
-            length = (self.end - self.start) % 1440 or 1440
-            start = opens.timestamp()
-            if start + length * 60 > now:
-                found.append((start, start + length * 60))
+            if now < end and start < end and _FIRST_SHOWN_S <= start and end < MAX_TIMESTAMP_S:
+                found.append((start, end))
         return found
 
     def holds(self, now: float) -> bool:
