@@ -11309,7 +11309,8 @@ def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, Li
     cases.append(f"        {'|'.join('*:' + option for option in takes_value)}) return 0;;")
     no_command = '""'
     commands = [f"            {_shell_word(name) if name else no_command}) "
-                f"choices=({' '.join(_shell_word(word) for word in entry['words'])});;" for name, entry in table.items()]
+                f"choices=({' '.join(_shell_word(word) for word in entry['words'])});;"
+                for name, entry in table.items()]
     shell = "zsh" if zsh else "bash"
     lines = [f"# {shell} completion for {PROG}, made by '{PROG} completion {shell}'",
              *(["autoload -U +X bashcompinit && bashcompinit"] if zsh else []),

@@ -79,7 +79,8 @@ class FlatYamlTest(AlertTestCase):
                                                          f"{why}{'' if 'twice' in why else '; ' + hint}\n")
 
     def test_no_value_can_become_a_line_or_a_section_of_the_ini(self):
-        for value in ('"https://example.com/\\n[channel:evil]\\ntype = log"', '"a\\tb"', '"x\\n"', "'a\x1bb'", "a\x07b"):
+        for value in ('"https://example.com/\\n[channel:evil]\\ntype = log"', '"a\\tb"', '"x\\n"', "'a\x1bb'",
+                      "a\x07b"):
             with self.subTest(value=value):
                 path = self.write_yaml(f"email_to: ops@example.com\nwebhook_url: {value}\n")
                 why = f"configuration file {path}: line 2: webhook_url holds a line break or another control character"
