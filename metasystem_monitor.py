@@ -4194,9 +4194,95 @@ class HttpReply(NamedTuple):
     body: bytes
 
 
+class Deadline:
+    """A wall-clock end for one whole exchange with a peer: connecting, TLS, the request, the headers and
+    the body, however slowly the peer answers. A socket timeout bounds each read, not the exchange: a
+    server sending a byte every 2 s held a 10 s channel for minutes. When the time is up every socket
+    the deadline watches is shut down, which ends the read or write in progress at once.
+
+    ``with Deadline(10) as deadline``: ``deadline.watch(sock)`` for a socket made by hand,
+    ``deadline.connection(http.client.HTTPConnection)`` for a class whose sockets it watches, and
+    ``deadline.expired`` afterwards to tell a peer that hung up from one that ran out of time.
+    """
+
+    def __init__(self, seconds: float):
+        import threading
+
+        self.seconds = max(0.0, float(seconds))
+        self.expired = False
+        self._end = time.monotonic() + self.seconds  # real time: it bounds real sockets
+        self._lock = threading.Lock()
+        self._watched: List[int] = []  # duplicates of the sockets' descriptors: shut down, then closed
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for fd in self._watched:
+                os.close(fd)
+            self._watched = []
+
+    def left(self) -> float:
+        """Seconds until the end (a little more than none: a socket timeout of 0 would not block at all)."""
+        return max(0.001, self._end - time.monotonic())
+
+    def watch(self, sock: Any) -> Any:
+        """``sock``, to be shut down at the end (at once, when the end has passed)."""
+        with self._lock:
+            fd = os.dup(sock.fileno())
+            self._watched.append(fd)
+            if self.expired:
+                self._shut(fd)
+        sock.settimeout(self.left())
+        return sock
+
+    def connection(self, base: type) -> type:
+        """``base`` (an http.client connection class) whose sockets this deadline watches, made before any
+        TLS handshake: a handshake trickled byte by byte is cut as well."""
+        deadline = self
+
+        class Watched(base):  # type: ignore[valid-type, misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                made = self._create_connection
+                self._create_connection = lambda *a, **k: deadline.watch(made(*a, **k))
+
+        return Watched
+
+    @staticmethod
+    def _shut(fd: int) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()  # the descriptor stays ours, closed in __exit__
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for fd in self._watched:
+                self._shut(fd)
+
+    def timeout_error(self) -> OSError:
+        import socket
+
+        return socket.timeout(f"no complete answer within {self.seconds:g} s")
+
+
 def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str, str], timeout_s: float,
                  context: Any) -> HttpReply:
-    """One request; every status is returned, none raised; redirects are not followed."""
+    """One request, the whole exchange within ``timeout_s`` (a Deadline); every status is returned, none
+    raised; redirects are not followed. OSError when no whole answer came (socket.timeout when the time
+    ran out), ValueError for a URL that cannot be asked."""
+    import http.client
     import urllib.request
     from urllib.error import HTTPError
 
@@ -4207,15 +4293,34 @@ def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str
     url, credentials = _basic_auth(url)  # user:password@ in a URL goes as basic auth, never to DNS
     request = urllib.request.Request(url, data=body, method=method,
                                      headers={"User-Agent": USER_AGENT, **credentials, **headers})
-    handlers = [NoRedirect] + ([urllib.request.HTTPSHandler(context=context)] if context is not None else [])
-    opener = urllib.request.build_opener(*handlers)
-    try:
-        with opener.open(request, timeout=timeout_s) as response:
-            return HttpReply(response.status, response.headers, response.read(MAX_REPLY_BYTES))
-    except HTTPError as err:
-        with contextlib.closing(err):
-            reply = err.read(MAX_REPLY_BYTES) if err.fp is not None else b""
-        return HttpReply(err.code, err.headers, reply)
+    with Deadline(timeout_s) as deadline:
+        class Plain(urllib.request.HTTPHandler):
+            def http_open(self, req: Any) -> Any:
+                return self.do_open(deadline.connection(http.client.HTTPConnection), req)
+
+        class Secure(urllib.request.HTTPSHandler):
+            def https_open(self, req: Any) -> Any:
+                return self.do_open(deadline.connection(http.client.HTTPSConnection), req, context=context)
+
+        opener = urllib.request.build_opener(NoRedirect, Plain, Secure)  # proxies from the environment kept
+        try:
+            with opener.open(request, timeout=deadline.left()) as response:
+                return HttpReply(response.status, response.headers, response.read(MAX_REPLY_BYTES))
+        except HTTPError as err:
+            try:
+                with contextlib.closing(err):
+                    reply = err.read(MAX_REPLY_BYTES) if err.fp is not None else b""
+            except (OSError, http.client.HTTPException):
+                if deadline.expired:
+                    raise deadline.timeout_error() from None
+                raise
+            return HttpReply(err.code, err.headers, reply)
+        except (OSError, http.client.HTTPException) as err:
+            if deadline.expired:
+                raise deadline.timeout_error() from None
+            if isinstance(err, http.client.HTTPException):  # an answer cut short: a connection's failure
+                raise ConnectionError(_error_text(err)) from None
+            raise
 
 
 def _verifies(spec: ChannelSpec) -> bool:
@@ -5019,18 +5124,31 @@ class EmailChannel(_Channel):
         security = settings.get("security", "starttls")
         context = tls_context(_verifies(self.spec)) if security != "none" else None
         host, port = settings["smtp_host"], self._port()
-        if security == "ssl":
-            client = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=context)
-        else:
-            client = smtplib.SMTP(host, port, timeout=timeout_s)
-        with client:
-            client.ehlo()
-            if security == "starttls":
-                client.starttls(context=context)
-                client.ehlo()
-            if settings.get("username"):
-                client.login(settings["username"], self.spec.secrets.get("password", ""))
-            client.send_message(message)
+        with Deadline(timeout_s) as deadline:  # the whole session, however slowly the server talks
+            class Watched(smtplib.SMTP):
+                def _get_socket(self, *args: Any) -> Any:
+                    return deadline.watch(super()._get_socket(*args))
+
+            class WatchedSSL(smtplib.SMTP_SSL, Watched):
+                pass
+
+            try:
+                if security == "ssl":
+                    client = WatchedSSL(host, port, timeout=deadline.left(), context=context)
+                else:
+                    client = Watched(host, port, timeout=deadline.left())
+                with client:
+                    client.ehlo()
+                    if security == "starttls":
+                        client.starttls(context=context)
+                        client.ehlo()
+                    if settings.get("username"):
+                        client.login(settings["username"], self.spec.secrets.get("password", ""))
+                    client.send_message(message)
+            except (OSError, smtplib.SMTPException):
+                if deadline.expired:
+                    raise deadline.timeout_error() from None
+                raise
 
     def _command(self) -> List[str]:
         import shutil
@@ -5055,17 +5173,35 @@ class EmailChannel(_Channel):
 
         if not argv or not argv[0]:
             raise DeliveryError(f"no {self.method()} command found on PATH", error_class="command")
-        try:
-            result = subprocess.run(argv, input=data, capture_output=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise DeliveryError(f"{os.path.basename(argv[0])} did not finish in {timeout_s:g} s",
-                                error_class="timeout", category="transient") from None
+        try:  # a session of its own: at the timeout the whole group goes, a sendmail it started too
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True)
         except OSError as err:
             raise DeliveryError(f"{argv[0]} cannot be run: {err.strerror or err}", error_class="command") from None
-        if result.returncode != 0:
-            said = _one_line(result.stderr.decode("utf-8", "replace"))[:200]
-            raise DeliveryError(f"{os.path.basename(argv[0])} exited with {result.returncode}"
-                                + (f": {said}" if said else ""), error_class="command")
+        try:
+            _, said = process.communicate(data, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop_group(process)
+            raise DeliveryError(f"{os.path.basename(argv[0])} did not finish in {timeout_s:g} s",
+                                error_class="timeout", category="transient") from None
+        if process.returncode != 0:
+            text = _one_line(said.decode("utf-8", "replace"))[:200]
+            raise DeliveryError(f"{os.path.basename(argv[0])} exited with {process.returncode}"
+                                + (f": {text}" if text else ""), error_class="command")
+
+
+def _stop_group(process: Any) -> None:
+    """Kill a child's whole process group (it was started in a session of its own), reap it, and close
+    its pipes without waiting for whatever else may still hold them."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def _notice_severity(alert: Alert) -> str:
@@ -6706,7 +6842,6 @@ PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
 ANY_UNIT = ("", "B", "%", "s")
 CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout", "interval", "depends_on")
 CONFIGURATION_CHECK = "configuration"  # the run's own check: what is wrong in the configuration file
-_PLAIN_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
 DEFAULT_CHECK_INTERVAL_S = 3600.0  # how often cron runs check: a verdict older than this is stale
 CHECK_STALE_GRACE_S = 60.0  # cron starts on the minute, and a run records its verdicts when its checks end
 DEFAULT_CHECK_TIMEOUT_S = 10.0
@@ -7182,16 +7317,16 @@ def http_check_headers(settings: Dict[str, str], section: str) -> Dict[str, str]
     return headers
 
 
-def _http_once(url: str, method: str, headers: Dict[str, str], spec: CheckSpec, now: float) -> Tuple[Any, bytes,
-                                                                                                      Optional[float]]:
-    """One request, redirects not followed: (response, its first MAX_REPLY_BYTES, days the certificate has
-    left for https)."""
+def _http_once(url: str, method: str, headers: Dict[str, str], spec: CheckSpec, now: float,
+               deadline: Deadline) -> Tuple[Any, bytes, Optional[float]]:
+    """One request, redirects not followed, within ``deadline``: (response, its first MAX_REPLY_BYTES, days
+    the certificate has left for https)."""
     import http.client
 
     parts = _checked_url(url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     extra = {"context": _tls_settings_context(spec.settings)} if parts.scheme == "https" else {}
-    connection = connection_class(parts.hostname, parts.port, timeout=spec.timeout_s, **extra)
+    connection = deadline.connection(connection_class)(parts.hostname, parts.port, timeout=deadline.left(), **extra)
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection.request(method, target, headers=headers)
@@ -7249,17 +7384,19 @@ def check_http(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
         return CheckResult(spec.name, "UNKNOWN", f"{shown}: {err}")
     url = _basic_auth(url)[0]
     started = time.monotonic()
-    try:
-        for hops in range(HTTP_CHECK_REDIRECTS + 1):
-            response, body, days = _http_once(url, method, headers, spec, ctx.now)
-            if not (follow and response.status in _REDIRECT_STATUSES and response.getheader("Location")):
-                break
-            url, method = _http_redirected(url, response, method, headers)
-        else:
-            return CheckResult(spec.name, "CRITICAL", f"{shown}: more than {HTTP_CHECK_REDIRECTS} redirects")
-        took = time.monotonic() - started
-    except (OSError, ValueError, http.client.HTTPException) as err:
-        return CheckResult(spec.name, "CRITICAL", f"{shown}: {_error_text(err)}"[:CHECK_OUTPUT_LINE_CHARS])
+    with Deadline(spec.timeout_s) as deadline:  # every hop, and each one's body, within the check's timeout
+        try:
+            for hops in range(HTTP_CHECK_REDIRECTS + 1):
+                response, body, days = _http_once(url, method, headers, spec, ctx.now, deadline)
+                if not (follow and response.status in _REDIRECT_STATUSES and response.getheader("Location")):
+                    break
+                url, method = _http_redirected(url, response, method, headers)
+            else:
+                return CheckResult(spec.name, "CRITICAL", f"{shown}: more than {HTTP_CHECK_REDIRECTS} redirects")
+            took = time.monotonic() - started
+        except (OSError, ValueError, http.client.HTTPException) as err:
+            why = str(deadline.timeout_error()) if deadline.expired else _error_text(err)
+            return CheckResult(spec.name, "CRITICAL", f"{shown}: {why}"[:CHECK_OUTPUT_LINE_CHARS])
     perf = (perfdata_item(f"{spec.name}_time", round(took, 6), "s", spec.warning, spec.critical, 0, units=SECONDS),
             perfdata_item(f"{spec.name}_size", len(body), "B", minimum=0))
     if days is not None:
@@ -7296,12 +7433,14 @@ def check_tls_cert(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 
     host, port = parse_listen(spec.settings["address"])
     name = spec.settings.get("server_name") or host
-    try:
-        with socket.create_connection((host, port), timeout=spec.timeout_s) as raw:
-            with _tls_settings_context(spec.settings).wrap_socket(raw, server_hostname=name) as wrapped:
-                certificate = wrapped.getpeercert()
-    except OSError as err:
-        return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {_error_text(err)}"[:CHECK_OUTPUT_LINE_CHARS])
+    with Deadline(spec.timeout_s) as deadline:  # a handshake trickled byte by byte is cut too
+        try:
+            with deadline.watch(socket.create_connection((host, port), timeout=deadline.left())) as raw:
+                with _tls_settings_context(spec.settings).wrap_socket(raw, server_hostname=name) as wrapped:
+                    certificate = wrapped.getpeercert()
+        except OSError as err:
+            why = str(deadline.timeout_error()) if deadline.expired else _error_text(err)
+            return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {why}"[:CHECK_OUTPUT_LINE_CHARS])
     days = _days_left(certificate, ctx.now)
     if days is None:
         return CheckResult(spec.name, "UNKNOWN", f"{host}:{port}: no certificate to read (tls_verify = false?)")
@@ -7355,15 +7494,18 @@ def check_tcp(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 
     host, port = parse_listen(spec.settings["address"])
     started = time.monotonic()
-    try:
-        with socket.create_connection((host, port), timeout=spec.timeout_s) as connection:
-            took = time.monotonic() - started
-            reply = _tcp_reply(connection, spec.settings, spec.timeout_s)
-    except OSError as err:
-        why = "no answer in time" if isinstance(err, socket.timeout) else (err.strerror or str(err)).lower()
-        return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {why}")
+    with Deadline(spec.timeout_s) as deadline:  # the connection and the whole reply, however it trickles
+        try:
+            with deadline.watch(socket.create_connection((host, port), timeout=deadline.left())) as connection:
+                took = time.monotonic() - started
+                reply = _tcp_reply(connection, spec.settings, deadline.left())
+        except OSError as err:
+            why = "no answer in time" if isinstance(err, socket.timeout) else (err.strerror or str(err)).lower()
+            return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {why}")
+        expect = spec.settings.get("expect", "")
+        if deadline.expired and expect not in reply:
+            return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {deadline.timeout_error()}")
     perf = (perfdata_item(f"{spec.name}_time", round(took, 6), "s", spec.warning, spec.critical, 0, units=SECONDS),)
-    expect = spec.settings.get("expect", "")
     if expect and expect not in reply:
         return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: the reply does not hold {expect!r}: "
                                                   f"{_one_line(reply)[:80]!r}", took, "s", perfdata=perf)
@@ -8057,7 +8199,7 @@ def check_plan(config, problems: List[Tuple[str, str, str]], path: str) -> Check
         section, key, _ = problem
         name = section[len("check:"):] if section.startswith("check:") else ""
         runs_anyway = key == "depends_on"  # a dependency that cannot be followed is ignored, the check runs
-        if name and not runs_anyway and all(ch in _PLAIN_NAME for ch in name) and name != CONFIGURATION_CHECK:
+        if name and not runs_anyway and name_problem(name, "check") is None and name != CONFIGURATION_CHECK:
             broken.setdefault(name, []).append(problem)
         else:
             general.append(problem)

@@ -366,17 +366,23 @@ class CronRuns(AlertTestCase):
                 problems = [f"{self.config_path}: [maintenance:{line}" for line in (
                     f"west] until: '9999-12-31 23:59' {late}", f"east] from: '0001-01-01' {early}", f"local] {local}")]
                 self.assertCleanExit(self.run_cli("config", "--check", env=env), 1, "".join(p + "\n" for p in problems))
+                said = "".join(f"{PROG}: error: {p}\n" for p in problems)
                 for args in (("silence", "list"), ("alert", "--critical", "x")):
-                    with self.subTest(args=args):
-                        self.assertOneLineError(self.run_cli(*args, env=env), 1, problems[0])
+                    with self.subTest(args=args):  # the rest works; each problem said, and exit 1
+                        result = self.run_cli(*args, env=env)
+                        self.assertEqual(result.returncode, 1)
+                        self.assertTrue(result.stderr.decode().endswith(said), result.stderr)
                 shown = self.run_cli("config", env=env)
-                self.assertEqual((shown.returncode, shown.stderr.decode()),
-                                 (1, "".join(f"{PROG}: error: {p}\n" for p in problems)))
+                self.assertEqual((shown.returncode, shown.stderr.decode()), (1, said))
                 checked = self.run_cli("check", env=env)
-                self.assertEqual((checked.returncode, checked.stdout.decode()), (2, (
-                    f"METASYSTEM CRITICAL - backup CRITICAL: {missing} does not exist\n"
-                    f"CRITICAL backup: {missing} does not exist\n")))
-                self.assertIn(problems[0], checked.stderr.decode())
+                lines = checked.stdout.decode().splitlines()
+                self.assertEqual((checked.returncode, lines[1:2]), (2, [f"CRITICAL backup: {missing} does not exist"]))
+                self.assertTrue(lines[0].startswith(f"METASYSTEM CRITICAL - backup CRITICAL: {missing} does not "
+                                                    f"exist; configuration UNKNOWN: 3 problems in {self.config_path}: "
+                                                    f"[maintenance:west] until: '9999-12-31 23:59' {late}"), lines[0])
+                self.assertTrue(lines[2].startswith(f"UNKNOWN configuration: 3 problems in {self.config_path}"))
+                self.assertEqual(len(lines), 3)  # then, no channel but the log configured, the alerts themselves
+                self.assertTrue(checked.stderr.decode().startswith(said), checked.stderr)
                 self.assertNotIn("unexpected", checked.stderr.decode())
 
     def test_quiet_repeats_of_a_failing_check_are_a_count_not_history(self):
