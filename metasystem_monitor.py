@@ -3831,6 +3831,8 @@ ALERT_SEVERITIES = ("info", "warning", "critical")  # lowest first
 DEFAULT_DEDUP_WINDOW_S = 3600.0  # the original design's window
 DEFAULT_ALERT_TIMEOUT_S = 10.0
 DEFAULT_CHANNEL_BUDGET_S = 20.0
+DEFAULT_RUN_BUDGET_S = 30.0  # what one run (a cron line) spends on its alerts, pings and Watchdog in all
+DELIVERY_JOIN_GRACE_S = 2.0  # past the run's budget, before a channel that has not ended is given up
 DELIVERY_ATTEMPTS = 3
 DELIVERY_BACKOFF_S = 1.0
 DELIVERY_BACKOFF_CAP_S = 8.0
@@ -3891,8 +3893,9 @@ RECENT_RUNS_KEPT = 32  # per key, for "N within M" (M may not exceed it)
 SEED_CHANNEL_KEYS = {"email_to": "email", "slack_webhook_url": "slack", "discord_webhook_url": "discord",
                      "webhook_url": "webhook"}
 
-ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_critical", "repeat_interval_warning",
-                 "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
+ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "run_budget", "repeat_interval_critical",
+                 "repeat_interval_warning", "repeat_interval_info", "fire_after", "resolve_after",
+                 "max_messages_per_run")
 CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
                        "quiet_hours", "quiet_hours_bypass", "fallback", "escalate_after", "escalate_to",
                        "title_template", "message_template")
@@ -4142,6 +4145,11 @@ class Masker:
         return self._pattern.sub("***", text) if self._pattern else text
 
 
+def unfinished(run: "RunBudget") -> "Delivery":
+    """The outcome of a channel whose sending did not end within the run's budget (a thread given up)."""
+    return Delivery("failed", 1, None, "timeout", f"no end within the run's budget of {run.seconds:g} s")
+
+
 def _recipients(text: str) -> List[str]:
     return [address.strip() for address in text.split(",") if address.strip()]
 
@@ -4192,6 +4200,19 @@ class HttpReply(NamedTuple):
     status: int
     headers: Any
     body: bytes
+
+
+class ExchangeTimeout(TimeoutError):
+    """An exchange with a peer did not end within its Deadline (the peer may be trickling its answer)."""
+
+
+def _error_text(error: BaseException) -> str:
+    """One line saying what went wrong, the inner error of a URLError unwrapped."""
+    reason = getattr(error, "reason", None)
+    inner = reason if isinstance(reason, BaseException) else error
+    if isinstance(inner, (DeliveryError, ExchangeTimeout)):
+        return _one_line(str(inner))
+    return _one_line(f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
 
 
 class Deadline:
@@ -4271,10 +4292,14 @@ class Deadline:
             for fd in self._watched:
                 self._shut(fd)
 
-    def timeout_error(self) -> OSError:
-        import socket
+    def timeout_error(self) -> ExchangeTimeout:
+        return ExchangeTimeout(f"no complete answer within {self.seconds:g} s")
 
-        return socket.timeout(f"no complete answer within {self.seconds:g} s")
+    def check(self) -> None:
+        """Raise ExchangeTimeout when the end has passed: what was read by then (a read cut short returns
+        what came, without an error) is not the whole answer."""
+        if self.expired:
+            raise self.timeout_error()
 
 
 def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str, str], timeout_s: float,
@@ -4305,11 +4330,14 @@ def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str
         opener = urllib.request.build_opener(NoRedirect, Plain, Secure)  # proxies from the environment kept
         try:
             with opener.open(request, timeout=deadline.left()) as response:
-                return HttpReply(response.status, response.headers, response.read(MAX_REPLY_BYTES))
+                body = response.read(MAX_REPLY_BYTES)
+                deadline.check()
+                return HttpReply(response.status, response.headers, body)
         except HTTPError as err:
             try:
                 with contextlib.closing(err):
                     reply = err.read(MAX_REPLY_BYTES) if err.fp is not None else b""
+                deadline.check()
             except (OSError, http.client.HTTPException):
                 if deadline.expired:
                     raise deadline.timeout_error() from None
@@ -5019,6 +5047,20 @@ class PagerDutyChannel(_HttpChannel):
             raise _reply_error(reply, now)
 
 
+def _stop_group(process: Any) -> None:
+    """Kill a child's whole process group (it was started in a session of its own), reap it, and close
+    its pipes without waiting for whatever else may still hold them."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
 @register_channel
 class EmailChannel(_Channel):
     """Email by SMTP (STARTTLS or implicit TLS, verified), by ``mail``, or by ``sendmail -t -oi``."""
@@ -5190,20 +5232,6 @@ class EmailChannel(_Channel):
                                 + (f": {text}" if text else ""), error_class="command")
 
 
-def _stop_group(process: Any) -> None:
-    """Kill a child's whole process group (it was started in a session of its own), reap it, and close
-    its pipes without waiting for whatever else may still hold them."""
-    import signal
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    for pipe in (process.stdin, process.stdout, process.stderr):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
-
-
 def _notice_severity(alert: Alert) -> str:
     """The level a log line carries: the alert's severity, but a resolved notice is news, not an alarm."""
     return "info" if alert.kind == "resolved" else alert.severity.value
@@ -5310,15 +5338,6 @@ def delivery_failure(error: BaseException) -> Tuple[str, str, Optional[int]]:
     if isinstance(reason, BaseException):
         return delivery_failure(reason)[0], delivery_failure(reason)[1], None
     return classify_error(error), error_class, None
-
-
-def _error_text(error: BaseException) -> str:
-    """One line saying what went wrong, the inner error of a URLError unwrapped."""
-    reason = getattr(error, "reason", None)
-    inner = reason if isinstance(reason, BaseException) else error
-    if isinstance(inner, DeliveryError):
-        return _one_line(str(inner))
-    return _one_line(f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
 
 
 # -- settings -----------------------------------------------------------------
@@ -5547,6 +5566,7 @@ class AlertingSettings(NamedTuple):
     inline_secrets: List[str]  # "[section] key" of each secret written in the file itself
     lifecycle: Lifecycle = Lifecycle(dict(DEFAULT_REPEAT_INTERVALS_S))
     maintenance: Tuple[Maintenance, ...] = ()
+    run_budget_s: float = DEFAULT_RUN_BUDGET_S
 
     def masker(self) -> Masker:
         return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
@@ -5747,6 +5767,8 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
     budget_s = _duration_setting(alerting, "alerting", "channel_budget", DEFAULT_CHANNEL_BUDGET_S, problems,
                                  positive=True)
     window_s = _duration_setting(alerting, "alerting", "dedup_window", DEFAULT_DEDUP_WINDOW_S, problems)
+    run_budget_s = _duration_setting(alerting, "alerting", "run_budget", DEFAULT_RUN_BUDGET_S, problems,
+                                     positive=True)
     seed_keys = {f"{key}{suffix}" for key in SEED_CHANNEL_KEYS for suffix in SECRET_SUFFIXES
                  if key != "email_to" or not suffix}  # email_to is an address, not a secret
     for key in alerting:
@@ -5778,7 +5800,8 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
     problems += _channel_graph_problems(channels, problems)
     lifecycle = _lifecycle_settings(alerting, problems)
     maintenance = tuple(maintenance_windows(config, problems))
-    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle, maintenance)
+    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle, maintenance,
+                            run_budget_s)
 
 
 def warn_if_shared(settings: "AlertingSettings") -> None:
@@ -5793,6 +5816,51 @@ def warn_if_shared(settings: "AlertingSettings") -> None:
 
 
 # -- the alerting system ------------------------------------------------------
+
+class RunBudget:
+    """What one run may spend on sending: ``seconds`` in all (``[alerting] run_budget``), and on each
+    channel at most its ``channel_budget`` in all, however many alerts the run carries. The command line
+    makes one for its whole run (alerts, the Watchdog, pings); the library one per call."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        import threading
+
+        self.seconds = seconds
+        self._clock = clock
+        self._end = clock() + seconds
+        self._spent: Dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def left(self) -> float:
+        return max(0.0, self._end - self._clock())
+
+    def channel_left(self, name: str, channel_budget_s: float) -> float:
+        """What ``name`` may still spend: the rest of its own budget, within the run's."""
+        with self._lock:
+            return max(0.0, min(self.left(), channel_budget_s - self._spent.get(name, 0.0)))
+
+    def spend(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._spent[name] = self._spent.get(name, 0.0) + max(0.0, seconds)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine): a claim or a run of a dead one is stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def claim_owner_gone(owner: str) -> bool:
+    """True when a claim's owner (``PID-RANDOM``) is a process that no longer runs: whatever the clock
+    says (a fixed METASYSTEM_NOW never reaches a lease's end), its claim is over."""
+    pid = owner.partition("-")[0]
+    return pid.isascii() and pid.isdigit() and not process_alive(int(pid))
+
 
 class _Plan(NamedTuple):
     """One notification to send: the channel and the alert as that channel gets it."""
@@ -5883,10 +5951,12 @@ class AlertingSystem:
                  environ: Optional[Dict[str, str]] = None, now=time.time, clock=time.monotonic, sleep=None,
                  rng=None, store: Optional[Store] = None, settings: Optional[AlertingSettings] = None,
                  synchronous: str = "normal", readonly: bool = False,
-                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, strict: bool = True, say_unheard: bool = False):
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, strict: bool = True, say_unheard: bool = False,
+                 budget: Optional[RunBudget] = None):
         """``strict``: a configuration with a problem is refused (ConfigError); without it, the channels
         that are right are used and the caller says what is wrong (the command line does). ``say_unheard``:
-        an alert that no channel but a log took goes to the logger at its level (for stderr)."""
+        an alert that no channel but a log took goes to the logger at its level (for stderr). ``budget``:
+        the run's, shared by every call (the command line's); without it each call has a run_budget."""
         import random
         import socket
 
@@ -5919,7 +5989,9 @@ class AlertingSystem:
         self._now, self._clock = now, clock
         self._sleep = time.sleep if sleep is None else sleep
         self._rng = random.Random() if rng is None else rng
-        self._owner = os.urandom(8).hex()
+        self._owner = f"{os.getpid()}-{os.urandom(6).hex()}"  # who holds a claim: dead, it holds nothing
+        self.budget = budget
+        self._call_budget: Optional[RunBudget] = None
         self.store_warning_given = False  # a store that cannot be written is said once per run
         self._batch: Optional[_Batch] = None
 
@@ -6036,7 +6108,44 @@ class AlertingSystem:
 
     # -- delivery ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _run(self) -> Iterator[RunBudget]:
+        """The budget what is sent now spends: the run's, or one for this call (and the calls within it)."""
+        if self.budget is not None or self._call_budget is not None:
+            yield self.budget or self._call_budget
+            return
+        self._call_budget = RunBudget(self.settings.run_budget_s, self._clock)
+        try:
+            yield self._call_budget
+        finally:
+            self._call_budget = None
+
+    def _in_parallel(self, jobs: Dict[str, Any], run: RunBudget) -> Dict[str, Any]:
+        """``{name: job()}`` with each job in a thread of its own (a channel that hangs must not take the
+        others' time), for those that end within the run's budget and a moment more."""
+        import threading
+
+        if len(jobs) <= 1:
+            return {name: job() for name, job in jobs.items()}
+        results: Dict[str, Any] = {}
+
+        def work(name: str, job: Any) -> None:
+            results[name] = job()
+
+        threads = [threading.Thread(target=work, args=item, name=f"deliver {item[0]}", daemon=True)
+                   for item in jobs.items()]
+        for thread in threads:
+            thread.start()
+        end = time.monotonic() + run.left() + DELIVERY_JOIN_GRACE_S
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        return {name: results[name] for name in jobs if name in results}
+
     def _deliver(self, alert: Alert, kind: str) -> DeliveryReport:
+        with self._run() as run:
+            return self._deliver_within(alert, kind, run)
+
+    def _deliver_within(self, alert: Alert, kind: str, run: RunBudget) -> DeliveryReport:
         channels, missing = self.selected(alert)
         storage_errors: List[StorageError] = []
         silence = None
@@ -6051,12 +6160,19 @@ class AlertingSystem:
             storage_errors.append(err)
             alert_id = None
         outcomes = {name: Delivery("not_configured", error=why) for name, why in missing.items()}
+        dedup = kind != "test"
+        decided = {channel.name: (Delivery("silenced", error=silence), False) if silence is not None else
+                   self._before_send(channel, alert, alert_id, dedup, storage_errors) for channel in channels}
+        sent = self._in_parallel({channel.name: lambda channel=channel: self._attempts(channel, alert)
+                                  for channel in channels if decided[channel.name][0] is None}, run)
         for channel in channels:
-            if silence is not None:
-                outcomes[channel.name] = self._record_outcome(alert_id, channel.name,
-                                                              Delivery("silenced", error=silence))
+            known, claimed = decided[channel.name]
+            if known is not None and known.outcome == "silenced":
+                outcomes[channel.name] = self._record_outcome(alert_id, channel.name, known)
                 continue
-            outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, kind != "test", storage_errors)
+            delivery = known or sent.get(channel.name) or unfinished(run)
+            outcomes[channel.name] = self._after_send(channel, alert, alert_id, claimed, delivery, dedup, storage_errors)
+        for channel in channels:
             for fallback in self._try_fallbacks(channel, alert, outcomes, [c.name for c in channels]):
                 self._record_outcome(alert_id, fallback.name, outcomes[fallback.name])
         if storage_errors and alert_id is not None:
@@ -6135,34 +6251,37 @@ class AlertingSystem:
             with contextlib.suppress(Exception):  # the last resort: nothing may stop the run here
                 self.channels["log"].send(alert, self.settings.timeout_s, self._now())
 
-    def _deliver_to(self, channel: _Channel, alert: Alert, alert_id: Optional[int], dedup: bool,
-                    storage_errors: List[StorageError]) -> Delivery:
-        """Claim, send, record. A store that fails on the way costs the dedup and the history row,
-        never the delivery; the error is added to ``storage_errors``."""
-        if alert_id is None:
-            return self._logged(channel, self._attempts(channel, alert))
+    def _before_send(self, channel: _Channel, alert: Alert, alert_id: Optional[int], dedup: bool,
+                     storage_errors: List[StorageError]) -> Tuple[Optional[Delivery], bool]:
+        """(the outcome already known, or None to send; whether the dedup claim was taken) on ``channel``:
+        deduplicated, or held for the end of quiet hours. A store that fails costs the dedup and the
+        history row, never the delivery."""
+        if alert_id is None or not dedup:
+            return None, False
         try:
-            fresh = not dedup or self._claim(channel, alert)
+            if not self._claim(channel, alert):
+                log.info("channel %s: %s already sent within the dedup window", channel.name, alert.key)
+                return Delivery("deduplicated"), False
         except StorageError as err:
             storage_errors.append(err)
-            return self._logged(channel, self._attempts(channel, alert))
-        if not fresh:
-            delivery = Delivery("deduplicated")
-        elif dedup and channel.spec.is_quiet(_local_minute(self._now()), alert.severity.value):
-            delivery = Delivery("held")  # marked as sent: the catch-up at the end of quiet hours carries it
+            return None, False
+        if channel.spec.is_quiet(_local_minute(self._now()), alert.severity.value):
             with contextlib.suppress(StorageError), self.store.write() as conn:
-                self._hold(conn, channel.name, alert, self._now())
-        else:
-            delivery = self._attempts(channel, alert)
-        try:
-            with self.store.write() as conn:
-                self._write_delivery(conn, alert_id, channel.name, delivery, "test" if not dedup else "alert")
-                if dedup and fresh:
-                    self._settle_claim(conn, channel.name, alert.key, delivery.outcome in ("sent", "held"))
-        except StorageError as err:
-            storage_errors.append(err)
-        if not fresh:
-            log.info("channel %s: %s already sent within the dedup window", channel.name, alert.key)
+                self._hold(conn, channel.name, alert, self._now())  # the catch-up at the end carries it
+            return Delivery("held"), True
+        return None, True
+
+    def _after_send(self, channel: _Channel, alert: Alert, alert_id: Optional[int], claimed: bool,
+                    delivery: Delivery, dedup: bool, storage_errors: List[StorageError]) -> Delivery:
+        """Record what happened on ``channel``, and settle the claim taken before it."""
+        if alert_id is not None:
+            try:
+                with self.store.write() as conn:
+                    self._write_delivery(conn, alert_id, channel.name, delivery, "alert" if dedup else "test")
+                    if claimed:
+                        self._settle_claim(conn, channel.name, alert.key, delivery.outcome in ("sent", "held"))
+            except StorageError as err:
+                storage_errors.append(err)
         return self._logged(channel, delivery)
 
     @staticmethod
@@ -6177,9 +6296,14 @@ class AlertingSystem:
 
         A claim is a lease in the store: another process sending the same alert
         waits for it to settle, then sees the delivery (or the failure, and
-        tries itself).  A claim left by a killed process expires.
+        tries itself).  A claim whose process is gone is over at once; one that
+        outlasts its lease (measured here, on the monotonic clock: a wall clock
+        fixed by METASYSTEM_NOW never reaches its end) or the run's time is
+        taken over.
         """
         lease_s = channel.spec.budget_s + DELIVERY_CLAIM_GRACE_S
+        run = self.budget or self._call_budget
+        give_up = self._clock() + min(lease_s, run.left() if run is not None else lease_s)
         while True:
             with self.store.write() as conn:
                 now = self._now()
@@ -6188,7 +6312,12 @@ class AlertingSystem:
                 sent_at, owner, until = row if row else (None, "", 0.0)
                 if sent_at is not None and now - self.settings.dedup_window_s < sent_at <= now + CLOCK_SKEW_S:
                     return False
-                if not owner or until <= now or owner == self._owner:
+                over = not owner or until <= now or owner == self._owner or claim_owner_gone(owner)
+                if not over and self._clock() >= give_up:
+                    log.warning("channel %s: another run has been sending %s for too long; sending it here",
+                                channel.name, alert.key)
+                    over = True
+                if over:
                     conn.execute("INSERT INTO alert_marks (dedup_key, channel, sent_at, claim_owner, claim_until) "
                                  "VALUES (?, ?, ?, ?, ?) ON CONFLICT (dedup_key, channel) DO UPDATE SET "
                                  "claim_owner = excluded.claim_owner, claim_until = excluded.claim_until",
@@ -6220,10 +6349,21 @@ class AlertingSystem:
 
     def _attempts(self, channel: _Channel, alert: Alert) -> Delivery:
         """Send with classified retries: transient failures again after jittered backoff (Retry-After as
-        a floor), permanent ones never, a timeout at most twice, all inside the channel's budget."""
+        a floor), permanent ones never, a timeout at most twice, all inside what the channel has left of
+        its budget in this run (and of the run's)."""
+        run = self.budget or self._call_budget or RunBudget(self.settings.run_budget_s, self._clock)
+        started = self._clock()
+        try:
+            return self._attempts_within(channel, alert, started + run.channel_left(channel.name,
+                                                                                   channel.spec.budget_s))
+        finally:
+            run.spend(channel.name, self._clock() - started)
+
+    def _attempts_within(self, channel: _Channel, alert: Alert, deadline: float) -> Delivery:
         spec = channel.spec
         started = self._clock()
-        deadline = started + spec.budget_s
+        if deadline - started < DELIVERY_MIN_ATTEMPT_S:
+            return Delivery("failed", 0, None, "timeout", "not tried: this run's time for the channel is spent")
         attempts = timeouts = 0
         while True:
             attempts += 1
@@ -6302,13 +6442,19 @@ class AlertingSystem:
     def send_watchdog(self, valid_for_s: float) -> None:
         """The Watchdog alert to each alertmanager channel that wants it, valid for ``valid_for_s``; one
         that cannot take it is a warning line (the next run sends it again), never the run's verdict."""
-        for name, channel in sorted(self.channels.items()):
-            if isinstance(channel, AlertmanagerChannel) and channel.wants_watchdog:
-                try:
-                    channel.send_watchdog(channel.spec.timeout_s, self._now(), valid_for_s)
-                except Exception as error:  # reported, as every delivery failure is
-                    log.warning("channel %s: the Watchdog was not sent: %s", name,
-                                self.masker.scrub(_error_text(error)))
+        with self._run() as run:
+            for name, channel in sorted(self.channels.items()):
+                if isinstance(channel, AlertmanagerChannel) and channel.wants_watchdog:
+                    left, started = run.channel_left(name, channel.spec.budget_s), self._clock()
+                    try:
+                        if left < DELIVERY_MIN_ATTEMPT_S:
+                            raise DeliveryError("this run's time for the channel is spent")
+                        channel.send_watchdog(min(channel.spec.timeout_s, left), self._now(), valid_for_s)
+                    except Exception as error:  # reported, as every delivery failure is
+                        log.warning("channel %s: the Watchdog was not sent: %s", name,
+                                    self.masker.scrub(_error_text(error)))
+                    finally:
+                        run.spend(name, self._clock() - started)
 
     def firing(self) -> List[Dict[str, Any]]:
         """What is firing now: since when, at which severity, how many runs in a row found it failing (the
@@ -6364,8 +6510,11 @@ class AlertingSystem:
             return DeliveryReport({}, [], err)
         channels, missing = self.selected(alert)
         outcomes = {name: Delivery("not_configured", error=why) for name, why in missing.items()}
+        with self._run() as run:
+            sent = self._in_parallel({channel.name: lambda channel=channel: self._attempts(channel, alert)
+                                      for channel in channels}, run)
         for channel in channels:
-            outcomes[channel.name] = self._logged(channel, self._attempts(channel, alert))
+            outcomes[channel.name] = self._logged(channel, sent.get(channel.name) or unfinished(run))
         external = [name for name in outcomes if name not in self.settings.channels
                     or self.settings.channels[name].kind != "log"]
         self._if_unheard(alert, outcomes, external)
@@ -6511,7 +6660,7 @@ class AlertingSystem:
         row = conn.execute(f"SELECT {', '.join(columns)} FROM alert_channel_states WHERE key = ? AND channel = ?",
                            (key, channel)).fetchone()
         state = dict(zip(columns, row)) if row else dict(zip(columns, (None, None, 0, 0, "", 0.0, "", "")))
-        if state["claim_owner"] and state["claim_until"] <= now:
+        if state["claim_owner"] and (state["claim_until"] <= now or claim_owner_gone(state["claim_owner"])):
             log.warning("channel %s: a run stopped while sending %s for %s; counted as delivered",
                         channel, state["claim_kind"], key)
             self._settle_channel(conn, key, channel, state["claim_kind"], state["claim_severity"], True,
@@ -6659,13 +6808,17 @@ class AlertingSystem:
         """Send one catch-up message to each channel whose quiet hours are over."""
         minute = _local_minute(now)
         reports = []
-        for (name,) in self.store.query("SELECT DISTINCT channel FROM alert_held WHERE claim_until <= ?", (now,)):
+        free = sorted({name for name, owner, until in self.store.query(
+            "SELECT DISTINCT channel, claim_owner, claim_until FROM alert_held")
+            if until <= now or claim_owner_gone(owner)})  # a claim whose sender died is over, whatever the clock
+        for name in free:
             channel = self.channels.get(name)
             if channel is None or channel.spec.is_quiet(minute, "info"):
                 continue
             with self.store.write() as conn:
-                held = conn.execute("SELECT id, key, kind, severity, title, ts FROM alert_held "
-                                    "WHERE channel = ? AND claim_until <= ? ORDER BY ts, id", (name, now)).fetchall()
+                held = [row[:6] for row in conn.execute(
+                    "SELECT id, key, kind, severity, title, ts, claim_owner, claim_until FROM alert_held "
+                    "WHERE channel = ? ORDER BY ts, id", (name,)) if row[7] <= now or claim_owner_gone(row[6])]
                 conn.executemany("UPDATE alert_held SET claim_owner = ?, claim_until = ? WHERE id = ?",
                                  [(self._owner, now + channel.spec.budget_s + DELIVERY_CLAIM_GRACE_S, row[0])
                                   for row in held])
@@ -6700,23 +6853,29 @@ class AlertingSystem:
     # -- sending what was planned ----------------------------------------------
 
     def _deliver_calls(self, calls: List["_Call"]) -> DeliveryReport:
-        """Send every plan: one message each, or one digest per channel with more than the limit."""
+        """Send every plan: one message each, or one digest per channel with more than the limit; the
+        channels at once, each within what it has of the run's budget."""
+        with self._run() as run:
+            return self._deliver_calls_within(calls, run)
+
+    def _channel_messages(self, channel: _Channel, entries: List[Tuple["_Call", "_Plan"]]) -> Dict[int, Delivery]:
+        """One channel's share of a run: each plan's outcome by its call, or one digest for them all."""
+        if len(entries) > self.settings.lifecycle.max_messages_per_run:
+            delivery = self._logged(channel, self._attempts(channel, self._digest([plan.alert for _, plan in entries])))
+            return {id(call): delivery._replace(error=delivery.error or "in a digest") for call, _ in entries}
+        return {id(call): self._logged(channel, self._attempts(channel, plan.alert)) for call, plan in entries}
+
+    def _deliver_calls_within(self, calls: List["_Call"], run: RunBudget) -> DeliveryReport:
         by_channel: Dict[str, List[Tuple["_Call", "_Plan"]]] = {}
         for call in calls:
             for plan in call.plans:
                 by_channel.setdefault(plan.channel.name, []).append((call, plan))
-        limit = self.settings.lifecycle.max_messages_per_run
         results: Dict[int, Dict[str, Delivery]] = {id(call): dict(call.outcomes) for call in calls}
+        done = self._in_parallel({name: lambda entries=entries: self._channel_messages(entries[0][1].channel, entries)
+                                  for name, entries in by_channel.items()}, run)
         for name, entries in by_channel.items():
-            channel = entries[0][1].channel
-            if len(entries) > limit:
-                digest = self._digest([plan.alert for _, plan in entries])
-                delivery = self._logged(channel, self._attempts(channel, digest))
-                for call, _ in entries:
-                    results[id(call)][name] = delivery._replace(error=delivery.error or "in a digest")
-            else:
-                for call, plan in entries:
-                    results[id(call)][name] = self._logged(channel, self._attempts(channel, plan.alert))
+            for call, _ in entries:
+                results[id(call)][name] = done[name][id(call)] if name in done else unfinished(run)
         external = [name for name, spec in self.settings.channels.items() if spec.kind != "log"]
         for call in calls:
             self._fall_back(call, results[id(call)])
@@ -6814,7 +6973,8 @@ def effective_configuration(settings: AlertingSettings) -> List[str]:
     lines = [f"# {settings.path}" + ("" if os.path.exists(settings.path) else " (does not exist: defaults)"),
              "[alerting]", f"dedup_window = {format_span(settings.dedup_window_s, exact=True)}",
              f"timeout = {format_span(settings.timeout_s, exact=True)}",
-             f"channel_budget = {format_span(settings.budget_s, exact=True)}"]
+             f"channel_budget = {format_span(settings.budget_s, exact=True)}",
+             f"run_budget = {format_span(settings.run_budget_s, exact=True)}"]
     lines += _lifecycle_lines(settings.lifecycle)
     for name, spec in sorted(settings.channels.items()):
         made_by = "" if spec.section.startswith("channel:") or not spec.section else f"  # from [{spec.section}]"
@@ -7333,7 +7493,9 @@ def _http_once(url: str, method: str, headers: Dict[str, str], spec: CheckSpec, 
         # Read now: the connection gives its socket away once the answer says it will close.
         days = _days_left(connection.sock.getpeercert(), now) if parts.scheme == "https" else None
         response = connection.getresponse()
-        return response, response.read(MAX_REPLY_BYTES), days
+        body = response.read(MAX_REPLY_BYTES)
+        deadline.check()
+        return response, body, days
     finally:
         connection.close()
 
@@ -8351,16 +8513,6 @@ class JobRun(NamedTuple):
         return (self.ended or self.started) - self.started
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 class _JobFailed(Exception):
     def __init__(self, code: int):
         super().__init__(f"exit {code}")
@@ -8553,7 +8705,7 @@ class JobRunner:
         """Runs left 'running' by a process that is gone: ended at their start, outcome unrecorded."""
         for (run_id,) in conn.execute("SELECT run_id FROM job_runs WHERE job = ? AND ended IS NULL", (name,)):
             owner = run_id.partition("-")[0]
-            if owner.isdigit() and not _process_alive(int(owner)):
+            if owner.isdigit() and not process_alive(int(owner)):
                 conn.execute("UPDATE job_runs SET ended = started, outcome = 'unrecorded' WHERE run_id = ?",
                              (run_id,))
 
@@ -10435,14 +10587,32 @@ def say_problems(settings: AlertingSettings) -> int:
     return EXIT_RUNTIME if settings.problems else EXIT_OK
 
 
-def _alerting(args, readonly: bool = False, given: Optional[Configured] = None) -> AlertingSystem:
+def _alerting(args, readonly: bool = False, given: Optional[Configured] = None,
+              budget: Optional[RunBudget] = None) -> AlertingSystem:
     """The alerting system of the command line, its store not yet opened: every channel that is right is
-    used, and the problems are the caller's to say (say_problems)."""
+    used, and the problems are the caller's to say (say_problems). Everything it sends shares ``budget``
+    (a new ``[alerting] run_budget`` when not given)."""
     config, settings = given or read_configuration(args)
     storage = storage_or_defaults(config)
     return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings,
                           synchronous=storage["synchronous"], now=args.now, readonly=readonly,
-                          busy_timeout_s=storage["busy_timeout_s"], strict=False, say_unheard=True)
+                          busy_timeout_s=storage["busy_timeout_s"], strict=False, say_unheard=True,
+                          budget=budget or RunBudget(settings.run_budget_s))
+
+
+def alongside(work) -> Any:
+    """Start ``work()`` in a thread of its own (a ping beside a run's alerts: neither waits for the other);
+    the function that waits for it, at most ``timeout_s``."""
+    import threading
+
+    thread = threading.Thread(target=work, name="alongside", daemon=True)
+    thread.start()
+    return lambda timeout_s: thread.join(timeout_s)
+
+
+def ping_budget(given: Optional[Configured], budget: RunBudget) -> float:
+    """What a ping may take: the alert timeout, within what is left of the run's budget."""
+    return min(given.settings.timeout_s if given is not None else DEFAULT_ALERT_TIMEOUT_S, budget.left())
 
 
 def cli_clock():
@@ -10746,7 +10916,7 @@ def _checks_without_store(args, specs: List[CheckSpec], err: StorageError, now: 
             + [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free])
 
 
-def _alert_checks(args, results: List[CheckResult], given: Configured) -> None:
+def _alert_checks(args, results: List[CheckResult], given: Configured, budget: RunBudget) -> None:
     """Fire each check that is not OK (key: its name) and resolve each that is, as one run, holding the
     alerts of a check whose ``depends_on`` is CRITICAL (a cycle holds nothing); then the Watchdog to
     Alertmanager, which lives for two check intervals."""
@@ -10754,7 +10924,7 @@ def _alert_checks(args, results: List[CheckResult], given: Configured) -> None:
     parents = acyclic(check_dependencies(config))
     states = {result.name: result.state for result in results}
     try:
-        with contextlib.closing(_alerting(args, given=given)) as system:
+        with contextlib.closing(_alerting(args, given=given, budget=budget)) as system:
             with system.batch():
                 for result in results:
                     parent = parents.get(result.name)
@@ -10772,7 +10942,7 @@ def _alert_checks(args, results: List[CheckResult], given: Configured) -> None:
         log.error("alerts not sent: %s", err)
 
 
-def _ping_check_run(args, code: int, text: str, given: Configured) -> None:
+def _ping_check_run(args, code: int, text: str, given: Configured, budget: RunBudget) -> None:
     """``[check] ping_url`` hears of every run: the URL when all is OK, URL/CODE (1-3) otherwise, the
     plugin output as the body; a service that stops hearing says cron or the machine stopped."""
     import uuid
@@ -10785,23 +10955,25 @@ def _ping_check_run(args, code: int, text: str, given: Configured) -> None:
     if url is None:
         return
     problem = send_ping(url, "" if code == 0 else str(code), str(uuid.uuid4()), (text + "\n").encode("utf-8"),
-                        budget_s=given.settings.timeout_s)
+                        budget_s=ping_budget(given, budget))
     if problem:
         log.warning("%s", problem)
 
 
 def _report_checks(args, results: List[CheckResult], given: Configured) -> int:
     """The verdicts in the plugin format (or JSON), their alerts, the run's ping, and the worst state as
-    the exit code."""
-    if not args.no_alert:
-        _alert_checks(args, results, given)
+    the exit code. The ping and the alerts go out at once, all within ``[alerting] run_budget``."""
+    budget = RunBudget(given.settings.run_budget_s)
     state = worst_state(result.state for result in results)
     text = "\n".join(plugin_output(results))
+    pinged = alongside(lambda: _ping_check_run(args, CHECK_STATES.index(state), text, given, budget))
+    if not args.no_alert:
+        _alert_checks(args, results, given, budget)
+    pinged(budget.left() + DELIVERY_JOIN_GRACE_S)
     if args.json:
         _print_json({"state": state, "checks": [result.as_json() for result in results]})
     else:
         print(text)
-    _ping_check_run(args, CHECK_STATES.index(state), text, given)
     return CHECK_STATES.index(state)
 
 
@@ -10885,24 +11057,23 @@ def cmd_check(args) -> int:
 class _Ping:
     """The pings of one run: ``start`` as it is made, then its end, each tried within the alert timeout."""
 
-    def __init__(self, url: str, budget_s: float):
+    def __init__(self, url: str, given: Optional[Configured]):
         import uuid
 
-        self.budget_s = budget_s
+        self.given = given
         self.url, self.run_id = url, str(uuid.uuid4())
-        self.send("start")
+        self.send("start", budget=RunBudget(given.settings.run_budget_s if given else DEFAULT_RUN_BUDGET_S))
 
     @classmethod
     def of_run(cls, args, given: Optional[Configured]) -> Optional["_Ping"]:
         """The pings of this run: to --ping, else to ``[job:NAME] ping_url``; None without either. A
         bad --ping is a usage error; a configured URL that cannot be used is a warning, and the job runs."""
-        budget_s = given.settings.timeout_s if given is not None else DEFAULT_ALERT_TIMEOUT_S
         if args.ping:
             try:
                 _checked_url(args.ping)
             except ValueError as err:
                 raise ValidationError(f"--ping: {err}") from None
-            return cls(args.ping, budget_s)
+            return cls(args.ping, given)
         if given is None:
             return None
         try:
@@ -10910,10 +11081,12 @@ class _Ping:
         except MonitorError as err:
             log.warning("run %s not pinged: %s", args.name, err)
             return None
-        return cls(url, budget_s) if url else None
+        return cls(url, given) if url else None
 
-    def send(self, signal: str, body: bytes = b"") -> None:
-        problem = send_ping(self.url, signal, self.run_id, body, budget_s=self.budget_s)
+    def send(self, signal: str, body: bytes = b"", *, budget: RunBudget) -> None:
+        """One ping within the alert timeout and what is left of ``budget``: the start one before the job
+        (so a service that hangs costs the job at most that), the end one beside the run's alerts."""
+        problem = send_ping(self.url, signal, self.run_id, body, budget_s=ping_budget(self.given, budget))
         if problem:
             log.warning("%s", problem)
 
@@ -10927,11 +11100,11 @@ def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill
     return JobRun("", name, started, now(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
 
 
-def _alert_job(args, run: JobRun, argv: List[str], given: Optional[Configured]) -> None:
+def _alert_job(args, run: JobRun, argv: List[str], given: Optional[Configured], budget: RunBudget) -> None:
     if given is None:
         return  # the configuration could not be read: said already, and the job's report is on stdout
     try:
-        with contextlib.closing(_alerting(args, given=given)) as system:
+        with contextlib.closing(_alerting(args, given=given, budget=budget)) as system:
             system.store_warning_given = run.store_error is not None  # one line about the store is enough
             if run.outcome == "success":
                 # A job's next success ends its failure: one passing run, not resolve_after.
@@ -10973,9 +11146,10 @@ def cmd_run(args) -> int:
             run = JobRunner(collector, now=args.now).run(args.name, argv, timeout_s=timeout_s,
                                                              retries=args.retries, lock=args.lock,
                                                              kill_after_s=kill_after_s, breaker=breaker)
-    if ping is not None:
-        ping.send(ping_signal(run), run.output)
+    budget = RunBudget(given.settings.run_budget_s if given is not None else DEFAULT_RUN_BUDGET_S)
+    pinged = alongside(lambda: ping.send(ping_signal(run), run.output, budget=budget) if ping else None)
     if run.outcome == "skipped":
+        pinged(budget.left() + DELIVERY_JOIN_GRACE_S)
         log.warning("run %s: skipped: another run of it still holds its lock", run.job)
         return EXIT_OK
     if run.outcome != "success":
@@ -10984,7 +11158,8 @@ def cmd_run(args) -> int:
     if run.store_error is not None:
         log.warning("%s: this run of %s was not recorded%s", run.store_error, run.job,
                     " (the next run marks its row unrecorded)" if run.run_id else "")
-    _alert_job(args, run, argv, given)
+    _alert_job(args, run, argv, given, budget)
+    pinged(budget.left() + DELIVERY_JOIN_GRACE_S)
     if run.outcome == "breaker_open":
         return EXIT_TEMPFAIL
     return run.exit_code

@@ -247,7 +247,7 @@ class ConfigCommand(AlertTestCase):
         result = self.run_cli("config", env=self.cli_env(MM_NTFY_URL="https://ntfy.sh/topic-0123456789"))
         self.assertCleanExit(result, 0, "\n".join([
             f"# {self.config_path}", "[alerting]", "dedup_window = 2h", "timeout = 10s", "channel_budget = 20s",
-            "repeat_interval_critical = 1h", "repeat_interval_warning = 4h", "repeat_interval_info = never",
+            "run_budget = 30s", "repeat_interval_critical = 1h", "repeat_interval_warning = 4h", "repeat_interval_info = never",
             "fire_after = 3 within 5", "resolve_after = 2", "max_messages_per_run = 5", "",
             "[channel:log]", "type = log", "# always on: the record of last resort", "",
             "[channel:phone]", "type = ntfy", "url = https://ntfy.sh/***  # from $MM_NTFY_URL",

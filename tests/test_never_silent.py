@@ -208,3 +208,116 @@ class GraphsTest(AlertTestCase):
         self.assertEqual({name: (d.outcome, d.error) for name, d in chained.outcomes.items() if name == "c"},
                          {"c": ("sent", "fallback for b")})
         self.assertEqual((len(a.requests), len(b.requests), len(c.requests)), (2, 2, 1))
+
+
+class DeadlinesTest(AlertTestCase):
+    """Every exchange has a wall-clock deadline over all of it, and a run's sending has one budget: a service
+    that answers a byte at a time holds nothing past them. (Real time: the bounds are generous, for a busy
+    machine; make bench measures them closely.)"""
+
+    SLACK_S = 6.0  # what a loaded machine may add to a bound
+
+    def timed(self, *args, stdin=b"", env=None):
+        import time
+
+        started = time.monotonic()
+        result = self.run_cli(*args, stdin=stdin, env=env or self.cli_env(), timeout=60)
+        return result, time.monotonic() - started
+
+    def test_a_channel_that_trickles_its_answer_fails_within_its_budget(self):
+        from .servers import HTTPServer, Reply
+
+        with HTTPServer(default=Reply(200, trickle_s=0.5)) as slow:
+            self.write_config(f"[alerting]\ntimeout = 1s\nchannel_budget = 2s\n\n[channel:slow]\ntype = webhook\n"
+                              f"url = {slow.url('/s')}\n")
+            result, took = self.timed("alert", "--critical", "Disk")
+        self.assertEqual(result.returncode, 4, result.stderr)
+        self.assertIn("no complete answer within 1 s", result.stderr.decode())
+        self.assertLess(took, 2 + self.SLACK_S)
+        self.assertEqual(sqlite_rows(self.db, "SELECT outcome, error_class FROM alert_deliveries WHERE channel = 'slow'"),
+                         [("failed", "timeout")])
+
+    def test_many_alerts_to_a_hanging_channel_share_one_budget_and_the_others_still_hear(self):
+        import json
+
+        from .servers import HTTPServer, Reply
+
+        lines = "".join(json.dumps({"key": f"k{n}", "severity": "critical", "title": f"T{n}"}) + "\n"
+                        for n in range(3))
+        with HTTPServer(default=Reply(200, trickle_s=0.5)) as slow, HTTPServer() as fine:
+            self.write_config(f"[alerting]\ntimeout = 1s\nchannel_budget = 2s\nrun_budget = 3s\n\n"
+                              f"[channel:slow]\ntype = webhook\nurl = {slow.url('/s')}\n\n"
+                              f"[channel:fine]\ntype = webhook\nurl = {fine.url('/f')}\n")
+            result, took = self.timed("alert", "--batch", stdin=lines.encode())
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertLess(took, 3 + self.SLACK_S)  # 6 s one after another before: 2 s an alert
+        self.assertEqual(sorted(r.json()["dedup_key"] for r in fine.requests), ["k0", "k1", "k2"])
+        rows = sqlite_rows(self.db, "SELECT outcome, count(*) FROM alert_deliveries WHERE channel = 'slow' "
+                                    "GROUP BY outcome")
+        self.assertEqual(rows, [("failed", 3)])
+
+    def test_a_ping_service_that_trickles_never_holds_the_job_back(self):
+        from .servers import HTTPServer, Reply
+
+        marker = os.path.join(self.tmp, "ran")
+        with HTTPServer(default=Reply(200, trickle_s=0.5)) as slow:
+            self.write_config("[alerting]\ntimeout = 1s\nrun_budget = 3s\n")
+            result, took = self.timed("run", "backup", "--ping", slow.url("/p"), "--", "touch", marker)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(os.path.exists(marker))
+        self.assertLess(took, 2 * 3 + self.SLACK_S)  # the start ping, then the end one: each within the budget
+        self.assertEqual([r.path.split("?")[0] for r in slow.requests], ["/p/start", "/p"])
+        self.assertIn("no complete answer within", result.stderr.decode())
+
+    def test_an_smtp_server_that_talks_a_byte_a_second_is_cut_at_the_timeout(self):
+        from .servers import SMTPServer
+
+        with SMTPServer(trickle_s=0.5) as smtp:
+            self.write_config(f"[alerting]\ntimeout = 1s\nchannel_budget = 2s\n\n[channel:mail]\ntype = email\n"
+                              f"to = ops@example.com\nsmtp_host = 127.0.0.1\nsmtp_port = {smtp.port}\nsecurity = none\n")
+            result, took = self.timed("alert", "--critical", "Disk")
+        self.assertEqual(result.returncode, 4, result.stderr)
+        self.assertLess(took, 2 + self.SLACK_S)
+        self.assertIn("channel mail failed after 1 attempt: no complete answer within 1 s (the channel's time "
+                      "budget is spent)",
+                      result.stderr.decode())
+
+    def test_http_and_tcp_checks_end_at_their_timeout_whatever_the_peer_trickles(self):
+        from .servers import HTTPServer, Reply, TrickleServer
+
+        with HTTPServer(default=Reply(200, trickle_s=0.5)) as web, TrickleServer(0.5) as tcp:
+            self.write_config(f"[check:web]\ntype = http\nurl = {web.url('/')}\ntimeout = 1s\n\n"
+                              f"[check:port]\ntype = tcp\naddress = 127.0.0.1:{tcp.port}\nexpect = READY\n"
+                              "timeout = 1s\n")
+            result, took = self.timed("check", "--no-alert")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertLess(took, 1 + self.SLACK_S)
+        self.assertEqual(result.stdout.decode().splitlines()[1:], [
+            f"CRITICAL web: http://127.0.0.1:{web.port}/: no complete answer within 1 s",
+            f"CRITICAL port: 127.0.0.1:{tcp.port}: no complete answer within 1 s"])
+
+
+class ClaimsOfTheDeadTest(AlertTestCase):
+    """A claim is a lease on sending: one whose process is gone is over, whatever the clock says (a fixed
+    METASYSTEM_NOW never reaches its end), and one held too long is taken over within the run's time."""
+
+    def test_a_killed_senders_claim_never_holds_the_next_alert(self):
+        from .servers import HTTPServer
+
+        with HTTPServer() as hook:
+            self.write_config(f"[alerting]\nrun_budget = 3s\n\n[channel:hook]\ntype = webhook\nurl = {hook.url()}\n")
+            env = self.cli_env(METASYSTEM_NOW=repr(T0))
+            self.assertEqual(self.run_cli("alert", "--warning", "First", env=env).returncode, 0)
+            dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  timeout=30).stdout.decode().strip()
+            with mm.Store(self.db) as store, store.write() as conn:  # as a sender killed mid-send leaves them
+                conn.execute("UPDATE alert_marks SET sent_at = NULL, claim_owner = ?, claim_until = ?",
+                             (f"{dead}-cafe", T0 + 3600))
+                conn.execute("INSERT INTO alert_channel_states (key, channel, delivered_at, severity, reminders, "
+                             "held, claim_owner, claim_until, claim_kind, claim_severity) VALUES ('disk', 'hook', "
+                             "NULL, NULL, 0, 0, ?, ?, 'firing', 'critical')", (f"{dead}-cafe", T0 + 3600))
+            again = self.run_cli("alert", "--warning", "First", env=env, timeout=60)
+            keyed = self.run_cli("alert", "--critical", "Disk", "--key", "disk", env=env, timeout=60)
+        self.assertEqual((again.returncode, keyed.returncode), (0, 0), again.stderr + keyed.stderr)
+        self.assertEqual([r.json()["title"] for r in hook.requests], ["First", "First"])
+        self.assertIn(b"a run stopped while sending firing for disk; counted as delivered", keyed.stderr)
