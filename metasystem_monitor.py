@@ -6130,7 +6130,10 @@ class AlertingSystem:
         results: Dict[str, Any] = {}
 
         def work(name: str, job: Any) -> None:
-            results[name] = job()
+            try:
+                results[name] = job()
+            except Exception as error:  # a bug of ours: said, and the channel counts as not done
+                log.error("sending to %s stopped: %s", name, self.masker.scrub(_error_text(error)))
 
         threads = [threading.Thread(target=work, args=item, name=f"deliver {item[0]}", daemon=True)
                    for item in jobs.items()]
