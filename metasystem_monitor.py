@@ -345,9 +345,15 @@ def non_negative(value: Any, what: str) -> float:
     return number
 
 
+# Every character str.splitlines() breaks a line on (the C0 controls among them, NEL, and the line and
+# paragraph separators), DEL and the C1 controls: what _one_line() turns into spaces.
+_LINE_BREAKING = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029], " ")
+
+
 def _one_line(text: str) -> str:
-    """Control characters (CR and LF among them) as spaces: safe in a header or a log line."""
-    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).strip()
+    """``text`` with every control character (C0, DEL, C1) and line or paragraph separator as a space: nothing
+    str.splitlines() breaks on is left, so it is safe in a header, a subject, a syslog or a log line."""
+    return text.translate(_LINE_BREAKING).strip()
 
 
 def visible_text(text: str) -> str:
@@ -6939,6 +6945,12 @@ def _http_header_problems(section: str, items: Dict[str, str]) -> List[Tuple[str
         name = line.partition(":")[0].strip()
         if line.strip() and (":" not in line or not name or not all(33 <= ord(c) <= 126 for c in name)):
             problems.append((section, "headers", f"{_shown(line.strip())} is not a header such as Accept: text/html"))
+            continue
+        value = line.partition(":")[2].strip()
+        wrong = next((char for char in value if (ord(char) in _LINE_BREAKING and char != "\t") or ord(char) > 0xFF),
+                     None)
+        if wrong is not None:  # http.client sends Latin-1 only, and a control would end the header
+            problems.append((section, "headers", f"the value of {name} holds {wrong!r}, which a header cannot carry"))
     return problems
 
 
@@ -10815,10 +10827,14 @@ def _command_of(argv: List[str]) -> Optional[str]:
 
 
 class _LowerLevelFormatter(logging.Formatter):
-    """``metasystem_monitor.py: warning: ...``: the level in lower case, as in the one-line errors."""
+    """``metasystem_monitor.py: warning: ...``: the level in lower case, as in the one-line errors, and
+    the message on one line whatever text it quotes (a -v traceback still follows it)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _one_line(super().formatMessage(record))
 
 
 @contextlib.contextmanager

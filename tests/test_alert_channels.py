@@ -350,6 +350,74 @@ class LogChannel(AlertTestCase):
         self.assertEqual(logs.output, ["WARNING:metasystem.alert:[WARNING] Slow  sync | line1 line2"])
 
 
+# Every character str.splitlines() breaks a line on, and the C1 controls: each one a header, a subject or a
+# log line must not carry (the email package refuses U+2028 and NEL in a header: "may not contain linefeed").
+LINE_BREAKERS = sorted({chr(code) for code in range(0x3000) if len(f"a{chr(code)}b".splitlines()) > 1}
+                       | {chr(code) for code in range(0x80, 0xA0)})
+
+
+class LineBreaksInHeadersAndLogLines(AlertTestCase):
+    """A title holding any line break (U+2028, NEL, VT, FS ... not only CR and LF) is one line wherever a
+    line is all there is: the email Subject, mail's -s argument, ntfy's Title, the syslog line."""
+
+    def test_one_line_leaves_nothing_splitlines_would_break_on(self):
+        self.assertEqual(LINE_BREAKERS, ["\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e"]
+                         + [chr(code) for code in range(0x80, 0xA0)] + ["\u2028", "\u2029"])
+        text = "a" + "b".join(LINE_BREAKERS) + "z"
+        flat = mm._one_line(text)
+        self.assertEqual(flat, "a" + "b".join(" " * len(LINE_BREAKERS)) + "z")
+        self.assertEqual(flat.splitlines(), [flat])
+
+    def test_smtp_sends_each_title_with_one_subject_line(self):
+        with SMTPServer() as smtp:
+            alerts = self.system("[channel:it]\ntype = email\nto = ops@example.com\nfrom = mm@example.com\n"
+                                 f"smtp_host = 127.0.0.1\nsmtp_port = {smtp.port}\nsecurity = none\n")
+            for number, breaker in enumerate(LINE_BREAKERS):
+                delivery = alerts.send_critical_alert(f"Disk {number}{breaker}Bcc: x@example.com", "full",
+                                                      channels=["it"])
+                self.assertEqual(delivery.outcomes["it"].outcome, "sent", (breaker, delivery.outcomes["it"]))
+        self.assertEqual(len(smtp.mails), len(LINE_BREAKERS))
+        for number, mail in enumerate(smtp.mails):
+            head = mail.data.split(b"\r\n\r\n")[0].decode("ascii")
+            self.assertEqual([line.split(":")[0] for line in head.split("\r\n") if line[:1] not in " \t"],
+                             ["Subject", "From", "To", "Date", "Message-ID", "X-Metasystem-Severity", "Content-Type",
+                              "Content-Transfer-Encoding", "MIME-Version"])
+            self.assertEqual(mail.message()["Subject"], f"[CRITICAL] Disk {number} Bcc: x@example.com")
+
+    def test_dry_run_shows_the_subject_on_one_line(self):
+        self.write_config("[channel:it]\ntype = email\nto = ops@example.com\nsmtp_host = 127.0.0.1\n")
+        for breaker in ("\u2028", "\x85", "\x1c"):
+            with self.subTest(breaker=repr(breaker)):
+                result = self.run_cli("alert", "--critical", f"Disk{breaker}full", "--dry-run", "--channel", "it",
+                                      env=self.cli_env(METASYSTEM_NOW="1800000000"))
+                self.assertEqual((result.returncode, result.stderr.decode()), (0, ""))
+                self.assertIn("\nSubject: [CRITICAL] Disk full\n", result.stdout.decode())
+
+    def test_ntfy_title_mail_argument_and_syslog_line_are_one_line(self):
+        title = "Disk" + "".join(LINE_BREAKERS) + "full"
+        with HTTPServer() as ntfy:
+            alerts = self.system(f"[channel:it]\ntype = ntfy\nurl = {ntfy.url('/t')}\n\n"
+                                 "[channel:mailer]\ntype = email\nmethod = mail\nto = root\ncommand = /bin/true\n")
+            delivery = alerts.send_critical_alert(title, "m")
+        self.assertEqual({name: d.outcome for name, d in delivery.outcomes.items()},
+                         {"it": "sent", "mailer": "sent", "log": "sent"})
+        spaces = " " * len(LINE_BREAKERS)
+        self.assertEqual(ntfy.requests[0].headers["Title"], f"[CRITICAL] Disk{spaces}full")
+        [line] = self.syslog.pending()
+        self.assertEqual(line, f"<10>metasystem[{os.getpid()}]: [CRITICAL] Disk{spaces}full | m".encode())
+        argv = alerts.channels["mailer"]._mail_argv(alerts.create_alert(title, "m", mm.AlertSeverity.CRITICAL))
+        self.assertEqual(argv, ["/bin/true", "-s", f"[CRITICAL] Disk{spaces}full", "--", "root"])
+
+    def test_a_log_line_on_stderr_stays_one_line_whatever_it_quotes(self):
+        self.write_config("[channel:log]\ntype = log\naddress = /nonexistent\u2028forged: line\n", log_channel=False)
+        result = self.run_cli("alert", "-v", "--info", "Disk", env=self.cli_env(METASYSTEM_NOW="1800000000"))
+        self.assertEqual((result.returncode, result.stdout), (0, b""))
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual([line for line in lines if not line.startswith("metasystem_monitor.py: ")], [])
+        self.assertIn("metasystem_monitor.py: info: syslog at /nonexistent forged: line refused the alert "
+                      "(No such file or directory); using the logger", lines)
+
+
 if __name__ == "__main__":
     unittest.main()
 

@@ -609,6 +609,20 @@ class MachineChecksTest(AlertTestCase):
             f"{self.config_path}: [check:h] headers: 'no colon here' is not a header such as Accept: text/html",
         ])
 
+    def test_a_header_value_http_cannot_carry_is_a_configuration_problem(self):
+        self.write_config("[check:h]\ntype = http\nurl = http://127.0.0.1:1/\n"
+                          "headers = X-Euro: 5 \u20ac\n    X-Bell: a\x07b\n    X-Fine: a\tb, caf\u00e9\n", log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check:h] headers: the value of X-Euro holds '\u20ac', which a header cannot carry",
+            f"{self.config_path}: [check:h] headers: the value of X-Bell holds '\\x07', which a header cannot carry",
+        ])
+        result = self.run_cli("check", "--no-alert", env=self.cli_env())
+        self.assertEqual((result.returncode, result.stderr.decode()), (3, ""))
+        self.assertEqual(result.stdout.decode().splitlines()[0], "METASYSTEM UNKNOWN - configuration: [check:h] "
+                         "headers: the value of X-Euro holds '\u20ac', which a header cannot carry")
+
     def test_a_certificate_a_test_ca_signed_is_verified_only_with_that_ca(self):
         import time
 
