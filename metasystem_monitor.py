@@ -4639,30 +4639,82 @@ class PushoverChannel(_HttpChannel):
             raise _reply_error(reply, now)
 
 
+WORD_JOINER = "\u2060"  # invisible, and neither a letter nor a space: '@\u2060all' reads as @all, mentions no one
+
+
+def _unmentioned(text: str) -> str:
+    """``text`` with a word joiner after each ``@`` and ``<``: it reads the same, but a chat service finds no
+    @channel, @all, @here or @user in it, nor Slack's <!channel>, <@id> or <url|link> that Mattermost and
+    Rocket.Chat also read."""
+    return text.replace("@", "@" + WORD_JOINER).replace("<", "<" + WORD_JOINER)
+
+
+def _markdown_line_start(match: Any) -> str:
+    indent, mark, number, dot = match.groups()
+    return f"{indent}\\{mark}" if mark else f"{indent}{number}\\{dot}"
+
+
+def markdown_inert(text: str) -> str:
+    """``text`` as Markdown (CommonMark, Mattermost's) shows it, literally: mentions broken as _unmentioned()
+    breaks them, links and images by a word joiner after each ``]``, and each character that would make
+    emphasis, code, strikethrough or a table, or a heading, quote or list at the start of a line, escaped
+    with a backslash (which Markdown does not show).
+
+    >>> markdown_inert("*bold* 1_000 _x_") == r"\\*bold\\* 1_000 \\_x\\_"
+    True
+    """
+    import re
+
+    text = _unmentioned(text).replace("]", "]" + WORD_JOINER)
+    text = re.sub(r"[\\`*~|]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])", r"\\\g<0>", text)
+    return re.sub(r"(?m)^([ \t]*)(?:([#>+=-])|([0-9]{1,9})([.)]))", _markdown_line_start, text)
+
+
+# Rocket.Chat's Markdown has no escape: its emphasis and code marks become their full-width look-alikes.
+_ROCKETCHAT_MARKS = str.maketrans({"*": "\uff0a", "~": "\uff5e", "`": "\uff40"})
+
+
+def rocketchat_inert(text: str) -> str:
+    """``text`` as Rocket.Chat's message parser shows it, literally: mentions broken as _unmentioned() breaks
+    them, links, images, spoilers and #channel links by a word joiner after ``]``, ``|`` and ``#``, and the
+    marks of emphasis and code (an ``_`` only where it is not inside a word) as full-width look-alikes."""
+    import re
+
+    text = _unmentioned(text).translate(_ROCKETCHAT_MARKS)
+    text = re.sub(r"(?<![0-9A-Za-z])_", "\uff3f", text)
+    return re.sub(r"[]|#]", lambda match: match.group() + WORD_JOINER, text)
+
+
 @register_channel
 class MattermostChannel(_HttpChannel):
-    """Mattermost incoming webhook: ``text`` in Markdown; success is 200."""
+    """Mattermost incoming webhook: ``text`` in Markdown, the alert's own text shown literally (no mention,
+    link or emphasis it holds works); success is 200."""
 
     kind = "mattermost"
     keys = ("tls_verify", "channel", "username")
 
     def payload(self, alert: Alert) -> bytes:
-        document = {"text": truncate(f"**{alert.headline}**\n\n{self.body_text(alert)}", MATTERMOST_TEXT_CHARS)}
+        headline = alert._replace(title=markdown_inert(alert.title)).headline
+        text = f"**{headline}**\n\n{markdown_inert(self.body_text(alert))}"
+        document = {"text": truncate(text, MATTERMOST_TEXT_CHARS)}
         document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "username")})
         return _json_bytes(document)
 
 
 @register_channel
 class RocketChatChannel(_HttpChannel):
-    """Rocket.Chat incoming webhook: the headline, one attachment colored by severity; success is
+    """Rocket.Chat incoming webhook: the headline, one attachment colored by severity whose title and text
+    are plain (``mrkdwn_in`` empty); no mention, link or emphasis the alert holds works; success is
     ``{"success": true}``."""
 
     kind = "rocketchat"
     keys = ("tls_verify", "channel", "alias")
 
     def payload(self, alert: Alert) -> bytes:
-        document = {"text": alert.headline, "attachments": [
-            {"title": alert.title, "text": self.body_text(alert), "color": SLACK_COLORS[alert.color]}]}
+        headline = alert._replace(title=rocketchat_inert(alert.title)).headline
+        document = {"text": headline, "attachments": [
+            {"title": _unmentioned(alert.title), "text": _unmentioned(self.body_text(alert)), "mrkdwn_in": [],
+             "color": SLACK_COLORS[alert.color]}]}
         document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "alias")})
         return _json_bytes(document)
 

@@ -535,6 +535,37 @@ class MoreChannels(AlertTestCase):
                           posted["attachments"][0]["color"]), ("[CRITICAL] Disk full", "metasystem", "Disk full",
                                                                "#d00000"))
 
+    def test_mattermost_and_rocketchat_show_the_alerts_text_literally(self):
+        title = "@channel <!here> see [docs](http://evil.example) *now*"
+        message = ("@all ![img](http://evil.example/i.png) <@U123> <http://evil.example|click> _urgent_\n"
+                   "# no heading\n- no list\n3. no item\ndisk_avail_kb \\ `x` ~~y~~ a|b #chan ||spoiler||")
+        with HTTPServer(default=Reply(200, "ok")) as mattermost, \
+                HTTPServer(default=Reply(200, '{"success":true}')) as rocket:
+            alerts = self.system(f"[channel:mm]\ntype = mattermost\nurl = {mattermost.url('/hooks/k')}\n\n"
+                                 f"[channel:rc]\ntype = rocketchat\nurl = {rocket.url('/hooks/i/t')}\n")
+            sent = alerts.send_critical_alert(title, message, details={"by": "@here"})
+        self.assertEqual((sent.outcomes["mm"].outcome, sent.outcomes["rc"].outcome), ("sent", "sent"))
+        j, host, at = "\u2060", socket.gethostname(), mm.iso_time(self.clock.time())
+        tail = f"\n\nby: @{j}here\n\nhost: {host}\ntime: {at}"
+        self.assertEqual(mattermost.requests[0].json()["text"],
+                         f"**[CRITICAL] @{j}channel <{j}!here> see [docs]{j}(http://evil.example) \\*now\\***\n\n"
+                         f"@{j}all ![img]{j}(http://evil.example/i.png) <{j}@{j}U123> <{j}http://evil.example\\|click> "
+                         f"\\_urgent\\_\n\\# no heading\n\\- no list\n3\\. no item\n"
+                         f"disk_avail_kb \\\\ \\`x\\` \\~\\~y\\~\\~ a\\|b #chan \\|\\|spoiler\\|\\|" + tail)
+        posted = rocket.requests[0].json()
+        self.assertEqual(posted["text"], f"[CRITICAL] @{j}channel <{j}!here> see [docs]{j}(http://evil.example) "
+                                         "\uff0anow\uff0a")
+        [attachment] = posted["attachments"]
+        self.assertEqual((attachment["title"], attachment["mrkdwn_in"]),
+                         (f"@{j}channel <{j}!here> see [docs](http://evil.example) *now*", []))
+        self.assertEqual(attachment["text"], message.replace("@", "@" + j).replace("<", "<" + j) + tail)
+        for shown in (mattermost.requests[0].json()["text"], posted["text"], attachment["title"], attachment["text"]):
+            for mention in ("@channel", "@here", "@all", "@U123", "<!", "<@", "<http"):
+                self.assertNotIn(mention, shown)
+        for markdown in (mattermost.requests[0].json()["text"], posted["text"]):  # the attachment is plain text
+            for markup in ("](", "*now*", "_urgent_", "`x`", "~~y~~", "||spoiler||"):
+                self.assertNotIn(markup, markdown)
+
     def test_opsgenie_creates_with_the_key_as_alias_and_closes_by_it(self):
         with HTTPServer(default=Reply(202, '{"result":"Request will be processed","requestId":"x"}')) as genie:
             fired, resolved = self.fire_and_resolve(
