@@ -7048,12 +7048,35 @@ def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        _texts(spec.critical), perf)
 
 
-def _tcp_reply(connection: Any, settings: Dict[str, str], timeout_s: float) -> str:
-    """What the peer says after ``send`` (escapes such as \\r\\n honoured) until it holds ``expect``."""
-    import codecs
+TCP_SEND_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\", "0": b"\0"}  # and \xHH, one byte
 
+
+def tcp_send_bytes(text: str) -> bytes:
+    r"""What a tcp check's ``send`` puts on the wire: the escapes ``\r \n \t \\ \0`` and ``\xHH`` (that one
+    byte), every other character as UTF-8; ValueError naming the first backslash that starts no escape.
+
+    >>> tcp_send_bytes(r"GET /€ HTTP/1.0\r\n\xff")
+    b'GET /\xe2\x82\xac HTTP/1.0\r\n\xff'
+    """
+    import re
+
+    sent = bytearray()
+    for match in re.finditer(r"\\(x[0-9A-Fa-f]{2}|[rnt0\\])|(\\.?)|[^\\]+", text, re.DOTALL):
+        escape, wrong = match.groups()
+        if wrong is not None:
+            raise ValueError(f"{wrong} at character {match.start() + 1} is not an escape (\\r \\n \\t \\\\ \\0 \\xHH; "
+                             f"\\\\ is a backslash)")
+        if escape is None:
+            sent += match.group().encode("utf-8")
+        else:
+            sent += bytes([int(escape[1:], 16)]) if escape[0] == "x" else TCP_SEND_ESCAPES[escape]
+    return bytes(sent)
+
+
+def _tcp_reply(connection: Any, settings: Dict[str, str], timeout_s: float) -> str:
+    """What the peer says after ``send`` (its escapes read by tcp_send_bytes()) until it holds ``expect``."""
     if settings.get("send"):
-        connection.sendall(codecs.decode(settings["send"], "unicode_escape").encode("utf-8"))
+        connection.sendall(tcp_send_bytes(settings["send"]))
     expect = settings.get("expect", "")
     received = b""
     connection.settimeout(timeout_s)
@@ -7577,6 +7600,14 @@ def _hours_problem(text: str) -> Optional[str]:
     return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
 
 
+def _send_problem(text: str) -> Optional[str]:
+    try:
+        tcp_send_bytes(text)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _statistic_problem(text: str) -> Optional[str]:
     return None if text in METRIC_STATISTICS else f"{_shown(text)} is not one of {', '.join(METRIC_STATISTICS)}"
 
@@ -7598,7 +7629,7 @@ _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem,
                       "tls_verify": _bool_problem, "follow_redirects": _bool_problem,
                       "swap_warning": _percent_range_problem, "swap_critical": _percent_range_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
-                      "statistic": _statistic_problem, "command": _command_problem}
+                      "statistic": _statistic_problem, "command": _command_problem, "send": _send_problem}
 
 
 def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str]) -> List[Tuple[str, str, str]]:

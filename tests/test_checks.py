@@ -720,6 +720,53 @@ class MachineChecksTest(AlertTestCase):
         self.assertEqual((refused.returncode, self.lines(refused)[1]),
                          (2, f"CRITICAL ssh: 127.0.0.1:{port}: connection refused"))
 
+    def test_tcp_send_reads_its_escapes_and_sends_every_other_character_once_as_utf8(self):
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(30)
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        received = []
+
+        def serve():
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(30)
+                data = b""
+                while not data.endswith(b"\r\n"):
+                    chunk = connection.recv(256)
+                    if not chunk:
+                        break
+                    data += chunk
+                received.append(data)
+                connection.sendall(b"OK\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        result = self.check(f"[check:t]\ntype = tcp\naddress = 127.0.0.1:{port}\nexpect = OK\ntimeout = 20s\n"
+                            "send = GET /\u20ac/caf\u00e9 a\\\\b\\t\\0\\x00\\xff\\x7F\\r\\n\n")
+        thread.join(30)
+        self.assertEqual((result.returncode, result.stderr), (0, b""), result.stdout)
+        self.assertEqual(received, [b"GET /\xe2\x82\xac/caf\xc3\xa9 a\\b\t\x00\x00\xff\x7f\r\n"])
+
+    def test_a_tcp_send_with_a_bad_escape_is_a_configuration_problem(self):
+        cases = {"ends\\": "\\ at character 5", "q\\q": "\\q at character 2", "x\\x4": "\\x at character 2",
+                 "x\\x4g": "\\x at character 2", "\\u20ac": "\\u at character 1", "a\\\\\\": "\\ at character 4"}
+        for send, where in cases.items():
+            with self.subTest(send=send):
+                self.write_config(f"[check:t]\ntype = tcp\naddress = 127.0.0.1:1\nsend = {send}\n", log_channel=False)
+                problem = f"[check:t] send: {where} is not an escape (\\r \\n \\t \\\\ \\0 \\xHH; \\\\ is a backslash)"
+                code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+                self.assertEqual((code, out, err), (1, f"{self.config_path}: {problem}\n", ""))
+                result = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(T0)))
+                self.assertEqual((result.returncode, result.stderr.decode()), (3, ""))
+                self.assertEqual(self.lines(result)[0], f"METASYSTEM UNKNOWN - configuration: {problem}")
+
     def test_the_new_keys_are_checked(self):
         self.write_config("[check:a]\ntype = load\nminutes = 10\nper_cpu = maybe\n\n[check:b]\ntype = tcp\n\n"
                           "[check:c]\ntype = tcp\naddress = nowhere\n", log_channel=False)
