@@ -4139,6 +4139,12 @@ class _Channel:
         """(section, key, text) for each value that is wrong: ``settings`` are the plain keys given."""
         return []
 
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        """(section, key, text) for each secret whose value cannot work, however it was given (KEY, KEY_env
+        or KEY_file); the text never quotes the value."""
+        return []
+
     def __init__(self, spec: ChannelSpec, hostname: str):
         self.spec = spec
         self.name = spec.name
@@ -4330,13 +4336,30 @@ def _fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a webhook ``secret``: a ``whsec_`` one is the strict base64 after that prefix (Standard
+    Webhooks), any other its UTF-8; ValueError, which never quotes the secret, for a ``whsec_`` one that is not."""
+    import base64
+    import binascii
+
+    if not secret.startswith("whsec_"):
+        return secret.encode("utf-8")
+    try:
+        key = base64.b64decode(secret[len("whsec_"):], validate=True)
+    except (binascii.Error, ValueError):  # a character outside base64, or the padding wrong
+        raise ValueError("a whsec_ secret is base64 after the prefix, and this one is not") from None
+    if not key:
+        raise ValueError("a whsec_ secret holds no key after the prefix")
+    return key
+
+
 def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> Dict[str, str]:
-    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body``; a ``whsec_`` secret is base64."""
+    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body`` with webhook_key(secret)."""
     import base64
     import hashlib
     import hmac
 
-    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode("utf-8")
+    key = webhook_key(secret)
     signed = f"{message_id}.{timestamp}.".encode("utf-8") + body
     digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
     return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
@@ -4348,6 +4371,14 @@ class WebhookChannel(_HttpChannel):
 
     kind = "webhook"
     secrets = ("url", "secret")
+
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        try:
+            webhook_key(secrets.get("secret", ""))
+        except ValueError as err:
+            return [(section, "secret", str(err))]
+        return []
 
     def payload(self, alert: Alert) -> bytes:
         labels = {"alertname": alert.title, "severity": alert.severity.value, "instance": self.hostname,
@@ -5362,7 +5393,7 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     enabled = _bool_setting(items, section, "enabled", True, problems)
     channel_timeout = _duration_setting(items, section, "timeout", timeout_s, problems, positive=True)
     channel_budget = _duration_setting(items, section, "channel_budget", budget_s, problems, positive=True)
-    problems += channel.problems(section, settings, items)
+    problems += channel.problems(section, settings, items) + channel.secret_problems(section, secrets)
     if seed_key:  # name the key as the user wrote it
         written = {"url": seed_key, "to": seed_key}
         problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]

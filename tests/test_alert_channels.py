@@ -133,6 +133,30 @@ class HttpChannels(AlertTestCase):
         self.assertEqual(request.headers["webhook-signature"], f"v1,{expected}")
         self.assertEqual(request.headers["webhook-timestamp"], str(int(self.clock.now)))
 
+    def test_a_whsec_secret_that_is_not_strict_base64_is_a_problem_naming_the_key_never_the_value(self):
+        with open(os.path.join(self.tmp, "secret"), "w", encoding="utf-8") as handle:
+            handle.write("whsec_c2VjcmV0-_x\n")  # URL-safe characters: not the standard alphabet
+        os.chmod(os.path.join(self.tmp, "secret"), 0o600)
+        cases = {"secret = whsec_abc": "is base64 after the prefix, and this one is not",  # 'Incorrect padding'
+                 "secret = whsec_c2VjcmV0 ZXQ=": "is base64 after the prefix, and this one is not",
+                 "secret = whsec_s\u00e9cret==": "is base64 after the prefix, and this one is not",
+                 "secret = whsec_": "holds no key after the prefix",
+                 f"secret_file = {self.tmp}/secret": "is base64 after the prefix, and this one is not",
+                 "secret_env = MM_TEST_WHSEC": "is base64 after the prefix, and this one is not"}  # whsec_==
+        with HTTPServer() as hook:
+            for line, why in cases.items():
+                with self.subTest(line=line):
+                    self.write_config(f"[channel:it]\ntype = webhook\nurl = {hook.url('/h')}\n{line}\n")
+                    problem = f"{self.config_path}: [channel:it] secret: a whsec_ secret {why}"
+                    checked = self.run_cli("config", "--check", env=self.cli_env(MM_TEST_WHSEC="whsec_=="))
+                    self.assertEqual((checked.returncode, checked.stdout.decode(), checked.stderr), (1, problem + "\n", b""))
+                    sent = self.run_cli("alert", "--warning", "Disk", env=self.cli_env(MM_TEST_WHSEC="whsec_=="))
+                    self.assertEqual((sent.returncode, sent.stdout, sent.stderr.decode()),
+                                     (1, b"", f"metasystem_monitor.py: error: {problem}\n"))
+            self.write_config(f"[channel:it]\ntype = webhook\nurl = {hook.url('/h')}\nsecret = whsec_YWJj\n")
+            self.assertEqual(self.run_cli("config", "--check", env=self.cli_env()).returncode, 0)
+        self.assertEqual(hook.requests, [])
+
     def test_webhook_retries_carry_the_same_id_so_a_receiver_can_dedup(self):
         with HTTPServer(Reply(503), Reply(200)) as hook:
             self.send("[channel:it]\ntype = webhook\nurl = {url}/hook\nsecret = plain-secret\n", hook)
