@@ -83,6 +83,7 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "check_age",
     "classify_error",
     "cli_clock",
+    "decimal_number",
     "epoch_of",
     "find_anomalies",
     "format_bytes",
@@ -325,6 +326,38 @@ def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
     return value
 
 
+def ascii_digits(text: str) -> bool:
+    """True when ``text`` is one or more of the digits 0-9: str.isdigit() alone also takes '²', which int()
+    then refuses, and '١٢', which int() reads as 12.
+
+    >>> ascii_digits("12"), ascii_digits("\u00b2"), ascii_digits("\u0661\u0662"), ascii_digits("")
+    (True, False, False, False)
+    """
+    return text.isascii() and text.isdigit()
+
+
+def _ascii_number_text(text: str) -> str:
+    if not text.isascii() or "_" in text:  # int() and float() also read '١٢', '１２' and '1_000'
+        raise ValueError(f"{_shown(text)} is not a number written in the digits 0-9")
+    return text
+
+
+def decimal_number(text: str) -> float:
+    """float() of a number written with the digits 0-9 (a sign, a point, an exponent as float() takes them);
+    ValueError for what float() alone would also read: '١٢', '１２', '1_000'.
+
+    >>> decimal_number(" 2.5e3 ")
+    2500.0
+    """
+    return float(_ascii_number_text(text))
+
+
+def whole_number(text: str) -> int:
+    """int() of a whole number written with the digits 0-9; ValueError for '١٢', '１２' or '1_000', which int()
+    alone reads."""
+    return int(_ascii_number_text(text))
+
+
 def finite_number(value: Any, what: str = "value") -> float:
     """``value`` as a float if it is a finite number, else raise ValidationError."""
     if isinstance(value, (str, bytes)) or value is None:
@@ -372,7 +405,7 @@ def parse_listen(text: str) -> Tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port)."""
     host, _, port = str(text).strip().rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not ascii_digits(port) or not 0 <= int(port) <= 65535:
         raise ValidationError(f"listen must be HOST:PORT, got {_shown(text)}")
     return host, int(port)
 
@@ -387,7 +420,7 @@ def parse_duration_s(text: str) -> float:
     unit = _DURATION_UNITS_S.get(cleaned[-1:], None)
     number = cleaned[:-1] if unit else cleaned
     try:
-        seconds = float(number) * (unit or 1.0)
+        seconds = decimal_number(number) * (unit or 1.0)
     except ValueError:
         raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d") from None
     if not math.isfinite(seconds) or seconds < 0:
@@ -403,7 +436,8 @@ def _days_setting(section: Any, key: str, default: float) -> float:
     if text is None:
         return default
     try:
-        return float(text) if text.strip().replace(".", "", 1).isdigit() else parse_duration_s(text) / DAY_S
+        return decimal_number(text) if ascii_digits(text.strip().replace(".", "", 1)) \
+            else parse_duration_s(text) / DAY_S
     except ValidationError:
         raise ConfigError(f"[storage] {key} must be a number of days or a duration such as 12h, got {text!r}") from None
 
@@ -2972,7 +3006,7 @@ def parse_retry_after(value: Any, now: float) -> Optional[float]:
         seconds = float(value)
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
     text = str(value).strip()
-    if text.isdigit():
+    if ascii_digits(text):
         return float(text)
     from email.utils import parsedate_to_datetime
 
@@ -4454,7 +4488,7 @@ class TelegramChannel(_HttpChannel):
     def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
         problems = super().problems(section, settings, items)
         chat = settings.get("chat_id")
-        if chat is not None and not chat.lstrip("-@").replace("_", "").isalnum():
+        if chat is not None and not (chat.isascii() and chat.lstrip("-@").replace("_", "").isalnum()):
             problems.append((section, "chat_id", f"{_shown(chat)} is not a chat id or @channel"))
         return problems
 
@@ -4869,7 +4903,7 @@ class EmailChannel(_Channel):
         if method == "smtp" and not settings.get("smtp_host"):
             problems.append((section, "smtp_host", "required when method = smtp"))
         port = settings.get("smtp_port")
-        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        if port is not None and not (ascii_digits(port) and 0 < int(port) < 65536):
             problems.append((section, "smtp_port", f"{_shown(port)} is not a port number"))
         if settings.get("username") and method == "smtp" and not any(
                 key in items for key in ("password", "password_env", "password_file")):
@@ -5123,7 +5157,7 @@ def _minutes_range(text: str) -> Optional[Tuple[int, int]]:
     """``HH:MM-HH:MM`` as minutes after midnight, or None."""
     import re
 
-    found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    found = re.fullmatch(r"\s*([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})\s*", text)
     if not found:
         return None
     h1, m1, h2, m2 = map(int, found.groups())
@@ -5136,6 +5170,8 @@ def _local_epoch(text: str, zone: Optional[str]) -> Optional[float]:
     """``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM`` in ``zone`` (or local time) as epoch seconds, or None."""
     import datetime
 
+    if not text.isascii():  # strptime() also reads other scripts' digits
+        return None
     for layout in ("%Y-%m-%d %H:%M", "%Y-%m-%d"):
         try:
             moment = datetime.datetime.strptime(text.strip(), layout)
@@ -5269,7 +5305,7 @@ def _count_setting(items: Dict[str, str], key: str, default: int, problems: List
     text = items.get(key, "").strip()
     if not text:
         return default
-    if not text.isdigit() or int(text) < 1:
+    if not ascii_digits(text) or int(text) < 1:
         problems.append(("alerting", key, f"{_shown(text)} is not a whole number of at least 1"))
         return default
     return int(text)
@@ -5290,7 +5326,7 @@ def _lifecycle_settings(items: Dict[str, str], problems: List[Tuple[str, str, st
     text = items.get("fire_after", "").strip().lower()
     if text:
         count, _, window = (part.strip() for part in text.partition("within"))
-        if not count.isdigit() or int(count) < 1 or (window and not (window.isdigit()
+        if not ascii_digits(count) or int(count) < 1 or (window and not (ascii_digits(window)
                                                                       and int(count) <= int(window) <= RECENT_RUNS_KEPT)):
             problems.append(("alerting", "fire_after", f"{_shown(text)} is not N or 'N within M' "
                                                         f"(1 <= N <= M <= {RECENT_RUNS_KEPT})"))
@@ -5321,7 +5357,8 @@ def _channel_secrets(items: Dict[str, str], keys: Tuple[str, ...], section: str,
 
 def _minute_of_day(text: str) -> int:
     hours, _, minutes = text.strip().partition(":")
-    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2 and int(hours) < 24 and int(minutes) < 60):
+    if not (ascii_digits(hours) and ascii_digits(minutes) and len(minutes) == 2 and int(hours) < 24
+            and int(minutes) < 60):
         raise ValueError(text)
     return int(hours) * 60 + int(minutes)
 
@@ -6513,7 +6550,7 @@ def _threshold_number(text: str, units: set, whole: str) -> float:
     number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz%")
     unit = cleaned[len(number):]
     try:
-        value = float(number)
+        value = decimal_number(number)
     except ValueError:
         raise ValidationError(f"{_shown(whole)} {_NOT_A_RANGE}") from None
     if unit in SIZE_UNITS:
@@ -6912,7 +6949,7 @@ def _statuses(text: str) -> List[Tuple[int, int]]:
     ranges = []
     for part in text.split(","):
         low, _, high = part.strip().partition("-")
-        ranges.append((int(low), int(high or low)))
+        ranges.append((whole_number(low), whole_number(high or low)))
     return ranges
 
 
@@ -7576,7 +7613,7 @@ def _timeout_problem(text: str) -> Optional[str]:
 
 def _is_positive_number(text: str) -> bool:
     try:
-        return 0 < float(text) < math.inf
+        return 0 < decimal_number(text) < math.inf
     except ValueError:
         return False
 
@@ -8108,7 +8145,7 @@ class JobRunner:
         """Runs left 'running' by a process that is gone: ended at their start, outcome unrecorded."""
         for (run_id,) in conn.execute("SELECT run_id FROM job_runs WHERE job = ? AND ended IS NULL", (name,)):
             owner = run_id.partition("-")[0]
-            if owner.isdigit() and not _process_alive(int(owner)):
+            if ascii_digits(owner) and not _process_alive(int(owner)):
                 conn.execute("UPDATE job_runs SET ended = started, outcome = 'unrecorded' WHERE run_id = ?",
                              (run_id,))
 
@@ -9029,7 +9066,7 @@ def wants_openmetrics(accept: str) -> bool:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
                 try:
-                    q = float(value)
+                    q = decimal_number(value)
                 except ValueError:
                     q = 0.0
         weights[kind.lower()] = max(q, weights.get(kind.lower(), 0.0)) if math.isfinite(q) else 0.0
@@ -9480,7 +9517,7 @@ def _format_value(value: Any, name: str = "") -> str:
 
 def _parse_number(text: str, what: str) -> float:
     try:
-        number = float(text)
+        number = decimal_number(text)
     except ValueError:
         raise ValidationError(f"{what} {_shown(text)} is not a number") from None
     return finite_number(number, what)
@@ -9961,7 +9998,7 @@ def cmd_silence(args) -> int:
             print(silence_id)
             return EXIT_OK
         if args.action == "remove":
-            if not args.id or not args.id.isdigit():
+            if not args.id or not ascii_digits(args.id):
                 raise ValidationError("silence remove needs the ID that 'silence list' shows")
             if not system.remove_silence(int(args.id)):
                 raise MonitorError(f"no silence #{args.id}")
@@ -10308,11 +10345,29 @@ def cmd_run(args) -> int:
     return run.exit_code
 
 
+def _whole_argument(text: str) -> int:
+    import argparse
+
+    try:
+        return whole_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _number_argument(text: str) -> float:
+    import argparse
+
+    try:
+        return decimal_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def _hours(text: str) -> float:
     import argparse
 
     try:
-        hours = float(text)
+        hours = decimal_number(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours") from None
     if not (math.isfinite(hours) and 0 < hours <= 1e6):
@@ -10461,7 +10516,7 @@ def _args_anomalies(sub) -> None:
                      help="robust: modified z-score from median and MAD (default); zscore: mean and stddev")
     sub.add_argument("--threshold", metavar="T",
                      help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
-    sub.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES, metavar="N",
+    sub.add_argument("--min-samples", type=_whole_argument, default=DEFAULT_MIN_SAMPLES, metavar="N",
                      help=f"fewer samples than this is insufficient data (default {DEFAULT_MIN_SAMPLES})")
     _add_json(sub)
 
@@ -10543,7 +10598,7 @@ def _args_run(sub) -> None:
     sub.add_argument("--timeout", metavar="DURATION", help="stop the whole process group after this long (exit 124)")
     sub.add_argument("--kill-after", metavar="DURATION",
                      help=f"after the timeout's SIGTERM, SIGKILL this much later (default {DEFAULT_KILL_AFTER_S:g}s)")
-    sub.add_argument("--retries", type=int, default=0, metavar="N",
+    sub.add_argument("--retries", type=_whole_argument, default=0, metavar="N",
                      help="run again up to N times after exit 75 (EX_TEMPFAIL) or a timeout, with backoff")
     sub.add_argument("--lock", action="store_true", help="skip this run while another run of NAME is alive")
     sub.add_argument("--quiet-on-success", action="store_true",
@@ -10582,8 +10637,8 @@ def _args_push(sub) -> None:
 
 
 def _args_demo(sub) -> None:
-    sub.add_argument("--days", type=float, default=7.0, help="how many days of data (default 7)")
-    sub.add_argument("--seed", type=int, default=17, help="the random seed: the same seed, the same data")
+    sub.add_argument("--days", type=_number_argument, default=7.0, help="how many days of data (default 7)")
+    sub.add_argument("--seed", type=_whole_argument, default=17, help="the random seed: the same seed, the same data")
 
 
 # name, function, what it does, examples, its arguments: in the order --help lists them.
