@@ -8450,9 +8450,49 @@ def series_figure(name: str, value: Optional[float]) -> str:
     return f"{value:.6g}"
 
 
+def _label_value(value: Any) -> str:
+    """A label value with backslash, double quote and newline escaped, as both exposition formats want."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def series_key(name: str, labels: Dict[str, str]) -> str:
-    """How the faces name one series: ``name``, or ``name{label=value,...}`` with the labels sorted."""
-    return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+    """How the faces name one series, as the exposition format writes it: ``name``, or
+    ``name{label="value",...}`` with the labels sorted and each value's backslash, double quote and newline
+    escaped; a name that holds ``{`` is quoted inside the braces (``{"name",label="value"}``). So no two
+    series share a key, and series_name() reads the name back.
+
+    >>> series_key("amb", {"a": "1,b=2"}), series_key("amb", {"a": "1", "b": "2"}), series_key("a{b}", {})
+    ('amb{a="1,b=2"}', 'amb{a="1",b="2"}', '{"a{b}"}')
+    """
+    pairs = [f'{key}="{_label_value(value)}"' for key, value in sorted(labels.items())]
+    if "{" in name:
+        return "{" + ",".join([f'"{_label_value(name)}"'] + pairs) + "}"
+    return name + ("{" + ",".join(pairs) + "}" if pairs else "")
+
+
+_KEY_UNESCAPES = {"n": "\n"}  # any other escaped character stands for itself: \\ and \"
+
+
+def series_name(key: str) -> str:
+    r"""The metric name in a series_key().
+
+    >>> series_name('amb{a="1,b=2"}'), series_name('{"a{b\\"c",x="1"}')
+    ('amb', 'a{b"c')
+    """
+    if not key.startswith('{"'):
+        return key.partition("{")[0]
+    name, escaped = [], False
+    for char in key[2:]:
+        if escaped:
+            name.append(_KEY_UNESCAPES.get(char, char))
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            break
+        else:
+            name.append(char)
+    return "".join(name)
 
 
 def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
@@ -8640,7 +8680,7 @@ def series_detail(collector: MetricsCollector, key: str, hours: float = DEFAULT_
 
     hours = window_hours(hours)
     since, until = collector.window(hours)
-    name = key.partition("{")[0]
+    name = series_name(key)
     found = [(series_id, labels) for series_id, labels_text in collector.store.query(
         "SELECT id, labels FROM series WHERE name = ?", (name,))
         for labels in [{} if labels_text == _NO_LABELS else json.loads(labels_text)]
@@ -8909,11 +8949,6 @@ def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
     build = MetricFamily(f"{PROMETHEUS_PREFIX}build", "info", "the version of metasystem-monitor exporting",
                          [("_info", {"version": __version__}, 1.0)])
     return [build] + [family for family in families if family.samples]
-
-
-def _label_value(value: Any) -> str:
-    """A label value with backslash, double quote and newline escaped, as both formats want."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _label_text(labels: Dict[str, str]) -> str:
@@ -9278,7 +9313,7 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now,
         if path in ("/series", "/api/series"):
             detail = read_series(db_path, series, hours, now=now) if series else None
             if detail is None:
-                return 404, "text/plain; charset=utf-8", b"no such series (series?key=NAME{label=value,...})\n"
+                return 404, "text/plain; charset=utf-8", b'no such series (series?key=NAME{label="value",...})\n'
             if path == "/api/series":
                 return 200, "application/json", (json_text(detail) + "\n").encode("utf-8")
             return 200, "text/html; charset=utf-8", series_page(detail).encode("utf-8")
