@@ -9667,7 +9667,7 @@ def cmd_stats(args) -> int:
     if args.json:
         _print_json(dict(stats, name=args.name, hours=args.hours))
         return EXIT_OK
-    print(f"{args.name} (last {args.hours:g}h, times {zone_name()})")
+    print(f"{args.name} (last {args.hours:g}h, times {zone_name(_moment(args.now()))})")
     for key, value in stats.items():
         value = local_time(value, seconds=True) if key.endswith("_time") and value else value
         print(f"  {key:<11} {_format_value(value, args.name if key in _STATS_IN_UNIT or key[1:].isdigit() else '')}")
@@ -9701,7 +9701,7 @@ def cmd_anomalies(args) -> int:
     if args.json:
         _print_json(dict(report.as_json(), name=args.name, hours=args.hours))
         return EXIT_OK
-    heading = f"{args.name} (last {args.hours:g}h, times {zone_name()})"
+    heading = f"{args.name} (last {args.hours:g}h, times {zone_name(_moment(args.now()))})"
     if report.insufficient_data:
         print(f"{heading}: insufficient data: {report.n} samples, at least {report.min_samples} needed")
         return EXIT_OK
@@ -9774,7 +9774,7 @@ def cmd_breaker_reset(args) -> int:
 def cmd_retry_stats(args) -> int:
     validate_name(args.operation, "operation")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
-        retry = AdaptiveRetry(collector=collector)
+        retry = AdaptiveRetry(collector=collector, now=args.now)
         report = {
             "stats": retry.get_retry_stats(args.operation, args.hours),
             "analysis": retry.analyze_failures(args.operation),
