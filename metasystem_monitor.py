@@ -4237,6 +4237,12 @@ class _HttpChannel(_Channel):
         _bool_setting(settings, section, "tls_verify", True, problems)
         return problems
 
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        # Each goes in a header or the URL, where http.client would refuse it quoting the whole value.
+        return [(section, key, "holds a control character or line break: no URL, token or key has one")
+                for key, value in sorted(secrets.items()) if any(ord(char) in _LINE_BREAKING for char in value)]
+
     def url(self) -> str:
         return self.spec.secrets["url"]
 
@@ -4408,11 +4414,12 @@ class WebhookChannel(_HttpChannel):
 
     @classmethod
     def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems = super().secret_problems(section, secrets)
         try:
             webhook_key(secrets.get("secret", ""))
         except ValueError as err:
-            return [(section, "secret", str(err))]
-        return []
+            problems.append((section, "secret", str(err)))
+        return problems
 
     def payload(self, alert: Alert) -> bytes:
         labels = {"alertname": alert.title, "severity": alert.severity.value, "instance": self.hostname,

@@ -157,6 +157,30 @@ class HttpChannels(AlertTestCase):
             self.assertEqual(self.run_cli("config", "--check", env=self.cli_env()).returncode, 0)
         self.assertEqual(hook.requests, [])
 
+    def test_a_secret_with_a_control_character_is_a_problem_before_a_header_refuses_it_quoting_the_secret(self):
+        files = {"line": "tk_sec\nret_value", "nel": "tk_sec\x85ret_value", "soh": "http://127.0.0.1:1/hook\x01x"}
+        for name, text in files.items():
+            with open(os.path.join(self.tmp, name), "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(os.path.join(self.tmp, name), 0o600)
+        with HTTPServer() as server:
+            cases = {f"type = ntfy\nurl = {server.url('/t')}\ntoken_file = {self.tmp}/line": "token",
+                     f"type = gotify\nurl = {server.url('/g')}\ntoken_file = {self.tmp}/nel": "token",
+                     f"type = opsgenie\napi_url = {server.url('')}\napi_key = tk_sec\n  ret_value": "api_key",
+                     f"type = slack\nurl_file = {self.tmp}/soh": "url"}
+            for section, key in cases.items():
+                with self.subTest(section=section):
+                    self.write_config(f"[channel:it]\n{section}\n")
+                    problem = (f"{self.config_path}: [channel:it] {key}: holds a control character or line break: "
+                               "no URL, token or key has one")
+                    checked = self.run_cli("config", "--check", env=self.cli_env())
+                    self.assertEqual((checked.returncode, checked.stdout.decode(), checked.stderr),
+                                     (1, problem + "\n", b""))
+                    sent = self.run_cli("alert", "--warning", "Disk", env=self.cli_env())
+                    self.assertEqual((sent.returncode, sent.stdout, sent.stderr.decode()),
+                                     (1, b"", f"metasystem_monitor.py: error: {problem}\n"))
+        self.assertEqual(server.requests, [])
+
     def test_webhook_retries_carry_the_same_id_so_a_receiver_can_dedup(self):
         with HTTPServer(Reply(503), Reply(200)) as hook:
             self.send("[channel:it]\ntype = webhook\nurl = {url}/hook\nsecret = plain-secret\n", hook)
