@@ -149,7 +149,8 @@ class HttpChannels(AlertTestCase):
                     self.write_config(f"[channel:it]\ntype = webhook\nurl = {hook.url('/h')}\n{line}\n")
                     problem = f"{self.config_path}: [channel:it] secret: a whsec_ secret {why}"
                     checked = self.run_cli("config", "--check", env=self.cli_env(MM_TEST_WHSEC="whsec_=="))
-                    self.assertEqual((checked.returncode, checked.stdout.decode(), checked.stderr), (1, problem + "\n", b""))
+                    self.assertEqual((checked.returncode, checked.stdout.decode(), checked.stderr),
+                                     (1, problem + "\n", b""))
                     sent = self.run_cli("alert", "--warning", "Disk", env=self.cli_env(MM_TEST_WHSEC="whsec_=="))
                     self.assertEqual((sent.returncode, sent.stdout, sent.stderr.decode()),
                                      (1, b"", f"metasystem_monitor.py: error: {problem}\n"))

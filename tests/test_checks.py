@@ -611,7 +611,8 @@ class MachineChecksTest(AlertTestCase):
 
     def test_a_header_value_http_cannot_carry_is_a_configuration_problem(self):
         self.write_config("[check:h]\ntype = http\nurl = http://127.0.0.1:1/\n"
-                          "headers = X-Euro: 5 \u20ac\n    X-Bell: a\x07b\n    X-Fine: a\tb, caf\u00e9\n", log_channel=False)
+                          "headers = X-Euro: 5 \u20ac\n    X-Bell: a\x07b\n    X-Fine: a\tb, caf\u00e9\n",
+                          log_channel=False)
         code, out, err = self.run_main("config", "--check", "--config", self.config_path)
         self.assertEqual((code, err), (1, ""))
         self.assertEqual(out.splitlines(), [

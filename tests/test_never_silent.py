@@ -51,7 +51,7 @@ class FilesThatAreNotFilesTest(AlertTestCase):
 
 
 # Digits str.isdigit(), int() or float() take that are not 0-9, and the underscore int() and float() read.
-NOT_ASCII_DIGITS = ("\u00b2", "\u0661\u0662", "\uff11\uff12", "1_0")  # ², ١٢ (Arabic-Indic), １２ (full width), 1_0
+NOT_ASCII_DIGITS = ("\u00b2", "\u0661\u0662", "\uff11\uff12", "1_0")  # ², ١٢ (Arabic-Indic), １２ (full width)
 # A value of each configuration key that holds a number, with {v} where the number goes, and an ASCII value
 # that is just as wrong: the other values must get the same answer, the value aside.
 NUMBER_KEYS = [
@@ -111,7 +111,7 @@ class DigitsThatAreNotAsciiTest(AlertTestCase):
                     checked, run = self.answers(template.format(v=digits), db)
                     self.assertEqual(checked, (1, problem.replace(typo, digits) + "\n", ""))
                     self.assertNotIn("unexpected", run[1] + run[2])
-                    self.assertEqual(run, (run_typo[0], run_typo[1].replace(typo, digits), run_typo[2].replace(typo, digits)))
+                    self.assertEqual(run, (run_typo[0], *(said.replace(typo, digits) for said in run_typo[1:])))
 
     def test_resolve_after_squared_is_a_problem_not_an_unexpected_error(self):
         checked, run = self.answers("[alerting]\nresolve_after = \u00b2\n", self.db)
@@ -128,7 +128,8 @@ class DigitsThatAreNotAsciiTest(AlertTestCase):
             with self.subTest(digits=digits):
                 for args, fragment in ((("record", "x", digits), f"value {digits!r} is not a number"),
                                        (("stats", "x", "--hours", digits), f"{digits!r} is not a number of hours"),
-                                       (("anomalies", "x", "--min-samples", digits), f"{digits!r} is not a whole number"),
+                                       (("anomalies", "x", "--min-samples", digits),
+                                        f"{digits!r} is not a whole number"),
                                        (("demo", "--days", digits), f"{digits!r} is not a number"),
                                        (("silence", "remove", digits), "silence remove needs the ID")):
                     self.assertOneLineError(self.run_cli(*args, env=self.cli_env()), 2, fragment)
