@@ -4283,6 +4283,16 @@ class _HttpChannel(_Channel):
             raise _reply_error(reply, now)
 
 
+WORD_JOINER = "\u2060"  # invisible, and neither a letter nor a space: '@\u2060all' reads as @all, mentions no one
+
+
+def _unmentioned(text: str) -> str:
+    """``text`` with a word joiner after each ``@`` and ``<``: it reads the same, but a chat service finds no
+    @channel, @all, @here or @user in it, nor Slack's <!channel>, <@id> or <url|link> that Mattermost and
+    Rocket.Chat also read."""
+    return text.replace("@", "@" + WORD_JOINER).replace("<", "<" + WORD_JOINER)
+
+
 def _slack_escape(text: str) -> str:
     """Slack's three control characters as entities, so alert text never becomes a link or mention."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -4504,7 +4514,7 @@ class TelegramChannel(_HttpChannel):
         return f"{base}/bot{self.spec.secrets['token']}/sendMessage"
 
     def payload(self, alert: Alert) -> bytes:
-        text = truncate(f"{alert.headline}\n\n{self.body_text(alert)}", TELEGRAM_TEXT_CHARS)
+        text = truncate(_unmentioned(f"{alert.headline}\n\n{self.body_text(alert)}"), TELEGRAM_TEXT_CHARS)
         return _json_bytes({"chat_id": self.spec.settings["chat_id"], "text": text,
                             "disable_web_page_preview": True})
 
@@ -4605,7 +4615,7 @@ class TeamsChannel(_HttpChannel):
 @register_channel
 class MatrixChannel(_HttpChannel):
     """A Matrix room through the client-server API: an ``m.notice`` (never answered by bots) with an HTML
-    copy; the alert's id is the transaction id, so a retried send never posts twice."""
+    copy that mentions no one; the alert's id is the transaction id, so a retried send never posts twice."""
 
     kind = "matrix"
     keys = ("tls_verify", "homeserver", "room_id")
@@ -4644,10 +4654,11 @@ class MatrixChannel(_HttpChannel):
     def payload(self, alert: Alert) -> bytes:
         import html
 
-        text = truncate(self.body_text(alert), MATRIX_BODY_CHARS)
-        formatted = f"<strong>{html.escape(alert.headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
-        return _json_bytes({"msgtype": "m.notice", "body": f"{alert.headline}\n\n{text}",
-                            "format": "org.matrix.custom.html", "formatted_body": formatted})
+        headline, text = _unmentioned(alert.headline), truncate(_unmentioned(self.body_text(alert)), MATRIX_BODY_CHARS)
+        formatted = f"<strong>{html.escape(headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
+        return _json_bytes({"msgtype": "m.notice", "body": f"{headline}\n\n{text}",
+                            "format": "org.matrix.custom.html", "formatted_body": formatted,
+                            "m.mentions": {}})  # mentions no one: no @room, no display name in the text notifies
 
     def check(self, reply: HttpReply, now: float) -> None:
         if reply.status != 200 or "event_id" not in _reply_json(reply):
@@ -4709,16 +4720,6 @@ class PushoverChannel(_HttpChannel):
     def check(self, reply: HttpReply, now: float) -> None:
         if reply.status != 200 or _reply_json(reply).get("status") != 1:
             raise _reply_error(reply, now)
-
-
-WORD_JOINER = "\u2060"  # invisible, and neither a letter nor a space: '@\u2060all' reads as @all, mentions no one
-
-
-def _unmentioned(text: str) -> str:
-    """``text`` with a word joiner after each ``@`` and ``<``: it reads the same, but a chat service finds no
-    @channel, @all, @here or @user in it, nor Slack's <!channel>, <@id> or <url|link> that Mattermost and
-    Rocket.Chat also read."""
-    return text.replace("@", "@" + WORD_JOINER).replace("<", "<" + WORD_JOINER)
 
 
 def _markdown_line_start(match: Any) -> str:

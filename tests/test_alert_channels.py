@@ -615,6 +615,22 @@ class MoreChannels(AlertTestCase):
             for markup in ("](", "*now*", "_urgent_", "`x`", "~~y~~", "||spoiler||"):
                 self.assertNotIn(markup, markdown)
 
+    def test_matrix_and_telegram_mention_no_one_either(self):
+        with HTTPServer(default=Reply(200, '{"event_id":"$e"}')) as matrix, \
+                HTTPServer(default=Reply(200, '{"ok":true,"result":{}}')) as telegram:
+            alerts = self.system(f"[channel:mx]\ntype = matrix\nhomeserver = {matrix.url('')}\n"
+                                 "room_id = !r:example.org\ntoken = syt_token\n\n[channel:tg]\ntype = telegram\n"
+                                 f"token = 1:secret\nchat_id = 5\napi_url = {telegram.url('')}\n")
+            sent = alerts.send_critical_alert("@room look", "ping @admin and <b>@all</b>")
+        self.assertEqual((sent.outcomes["mx"].outcome, sent.outcomes["tg"].outcome), ("sent", "sent"))
+        j, host, at = "\u2060", socket.gethostname(), mm.iso_time(self.clock.time())
+        text = f"[CRITICAL] @{j}room look\n\nping @{j}admin and <{j}b>@{j}all<{j}/b>\n\nhost: {host}\ntime: {at}"
+        event = matrix.requests[0].json()
+        self.assertEqual((event["body"], event.get("m.mentions")), (text, {}))
+        self.assertTrue(event["formatted_body"].startswith(f"<strong>[CRITICAL] @{j}room look</strong><br>ping "
+                                                           f"@{j}admin and &lt;{j}b&gt;@{j}all&lt;{j}/b&gt;<br>"))
+        self.assertEqual(telegram.requests[0].json()["text"], text)
+
     def test_opsgenie_creates_with_the_key_as_alias_and_closes_by_it(self):
         with HTTPServer(default=Reply(202, '{"result":"Request will be processed","requestId":"x"}')) as genie:
             fired, resolved = self.fire_and_resolve(
