@@ -4024,6 +4024,9 @@ def _checked_url(url: str) -> Any:
     try:
         parts = urlsplit(url)
         parts.port  # raises for a port that is not a number from 0 to 65535
+        port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+        if port and not ascii_digits(port):  # Python 3.9 reads '١٢', '1_0' and '+12' as ports; later ones do not
+            raise ValueError(port)
     except ValueError:
         raise ValueError("the URL's host or port cannot be read (a '#', '/' or '@' in a password is written "
                          "%23, %2F or %40)") from None

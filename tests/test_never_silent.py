@@ -72,6 +72,8 @@ NUMBER_KEYS = [
     ("[check:x]\ntype = disk\npath = /\ncritical = {v}%:\n", "qq"),
     ("[check:x]\ntype = metric\nmetric = m\nhours = {v}\n", "qq"),
     ("[check:x]\ntype = http\nurl = http://127.0.0.1:1/\nstatus = {v}\n", "qq"),
+    ("[check:x]\ntype = http\nurl = http://127.0.0.1:{v}/\n", "qq"),
+    ("[channel:hook]\ntype = webhook\nurl = http://127.0.0.1:{v}/hook\n", "qq"),
     ("[check:job]\ntype = job\njob = backup\nexpected_every = {v}h\n", "qq"),
 ]
 NOW = "1800000000"
