@@ -83,6 +83,7 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "check_age",
     "classify_error",
     "cli_clock",
+    "decimal_number",
     "epoch_of",
     "find_anomalies",
     "format_bytes",
@@ -329,6 +330,38 @@ def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
     return value
 
 
+def ascii_digits(text: str) -> bool:
+    """True when ``text`` is one or more of the digits 0-9: str.isdigit() alone also takes '²', which int()
+    then refuses, and '١٢', which int() reads as 12.
+
+    >>> ascii_digits("12"), ascii_digits("\u00b2"), ascii_digits("\u0661\u0662"), ascii_digits("")
+    (True, False, False, False)
+    """
+    return text.isascii() and text.isdigit()
+
+
+def _ascii_number_text(text: str) -> str:
+    if not text.isascii() or "_" in text:  # int() and float() also read '١٢', '１２' and '1_000'
+        raise ValueError(f"{_shown(text)} is not a number written in the digits 0-9")
+    return text
+
+
+def decimal_number(text: str) -> float:
+    """float() of a number written with the digits 0-9 (a sign, a point, an exponent as float() takes them);
+    ValueError for what float() alone would also read: '١٢', '１２', '1_000'.
+
+    >>> decimal_number(" 2.5e3 ")
+    2500.0
+    """
+    return float(_ascii_number_text(text))
+
+
+def whole_number(text: str) -> int:
+    """int() of a whole number written with the digits 0-9; ValueError for '١٢', '１２' or '1_000', which int()
+    alone reads."""
+    return int(_ascii_number_text(text))
+
+
 def finite_number(value: Any, what: str = "value") -> float:
     """``value`` as a float if it is a finite number, else raise ValidationError."""
     if isinstance(value, (str, bytes)) or value is None:
@@ -349,9 +382,15 @@ def non_negative(value: Any, what: str) -> float:
     return number
 
 
+# Every character str.splitlines() breaks a line on (the C0 controls among them, NEL, and the line and
+# paragraph separators), DEL and the C1 controls: what _one_line() turns into spaces.
+_LINE_BREAKING = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029], " ")
+
+
 def _one_line(text: str) -> str:
-    """Control characters (CR and LF among them) as spaces: safe in a header or a log line."""
-    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).strip()
+    """``text`` with every control character (C0, DEL, C1) and line or paragraph separator as a space: nothing
+    str.splitlines() breaks on is left, so it is safe in a header, a subject, a syslog or a log line."""
+    return text.translate(_LINE_BREAKING).strip()
 
 
 def visible_text(text: str) -> str:
@@ -370,7 +409,7 @@ def parse_listen(text: str) -> Tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port)."""
     host, _, port = str(text).strip().rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not ascii_digits(port) or not 0 <= int(port) <= 65535:
         raise ValidationError(f"listen must be HOST:PORT, got {_shown(text)}")
     return host, int(port)
 
@@ -385,7 +424,7 @@ def parse_duration_s(text: str) -> float:
     unit = _DURATION_UNITS_S.get(cleaned[-1:], None)
     number = cleaned[:-1] if unit else cleaned
     try:
-        seconds = float(number) * (unit or 1.0)
+        seconds = decimal_number(number) * (unit or 1.0)
     except ValueError:
         raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d") from None
     if not math.isfinite(seconds) or seconds < 0:
@@ -401,7 +440,8 @@ def _days_setting(section: Any, key: str, default: float) -> float:
     if text is None:
         return default
     try:
-        return float(text) if text.strip().replace(".", "", 1).isdigit() else parse_duration_s(text) / DAY_S
+        return decimal_number(text) if ascii_digits(text.strip().replace(".", "", 1)) \
+            else parse_duration_s(text) / DAY_S
     except ValidationError:
         raise ConfigError(f"[storage] {key} must be a number of days or a duration such as 12h, got {text!r}") from None
 
@@ -3135,7 +3175,7 @@ def parse_retry_after(value: Any, now: float) -> Optional[float]:
         seconds = float(value)
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
     text = str(value).strip()
-    if text.isdigit():
+    if ascii_digits(text):
         return float(text)
     from email.utils import parsedate_to_datetime
 
@@ -4162,6 +4202,9 @@ def _checked_url(url: str) -> Any:
     try:
         parts = urlsplit(url)
         parts.port  # raises for a port that is not a number from 0 to 65535
+        port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+        if port and not ascii_digits(port):  # Python 3.9 reads '١٢', '1_0' and '+12' as ports; later ones do not
+            raise ValueError(port)
     except ValueError:
         raise ValueError("the URL's host or port cannot be read (a '#', '/' or '@' in a password is written "
                          "%23, %2F or %40)") from None
@@ -4293,7 +4336,7 @@ class Deadline:
                 self._shut(fd)
 
     def timeout_error(self) -> ExchangeTimeout:
-        return ExchangeTimeout(f"no complete answer within {self.seconds:g} s")
+        return ExchangeTimeout(f"no complete answer within {self.seconds:.3g} s")
 
     def check(self) -> None:
         """Raise ExchangeTimeout when the end has passed: what was read by then (a read cut short returns
@@ -4436,6 +4479,12 @@ class _Channel:
         """(section, key, text) for each value that is wrong: ``settings`` are the plain keys given."""
         return []
 
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        """(section, key, text) for each secret whose value cannot work, however it was given (KEY, KEY_env
+        or KEY_file); the text never quotes the value."""
+        return []
+
     def __init__(self, spec: ChannelSpec, hostname: str):
         self.spec = spec
         self.name = spec.name
@@ -4494,6 +4543,12 @@ class _HttpChannel(_Channel):
         _bool_setting(settings, section, "tls_verify", True, problems)
         return problems
 
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        # Each goes in a header or the URL, where http.client would refuse it quoting the whole value.
+        return [(section, key, "holds a control character or line break: no URL, token or key has one")
+                for key, value in sorted(secrets.items()) if any(ord(char) in _LINE_BREAKING for char in value)]
+
     def url(self) -> str:
         return self.spec.secrets["url"]
 
@@ -4532,6 +4587,16 @@ class _HttpChannel(_Channel):
     def check(self, reply: HttpReply, now: float) -> None:
         if not 200 <= reply.status < 300:
             raise _reply_error(reply, now)
+
+
+WORD_JOINER = "\u2060"  # invisible, and neither a letter nor a space: '@\u2060all' reads as @all, mentions no one
+
+
+def _unmentioned(text: str) -> str:
+    """``text`` with a word joiner after each ``@`` and ``<``: it reads the same, but a chat service finds no
+    @channel, @all, @here or @user in it, nor Slack's <!channel>, <@id> or <url|link> that Mattermost and
+    Rocket.Chat also read."""
+    return text.replace("@", "@" + WORD_JOINER).replace("<", "<" + WORD_JOINER)
 
 
 def _slack_escape(text: str) -> str:
@@ -4627,13 +4692,30 @@ def _fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a webhook ``secret``: a ``whsec_`` one is the strict base64 after that prefix (Standard
+    Webhooks), any other its UTF-8; ValueError, which never quotes the secret, for a ``whsec_`` one that is not."""
+    import base64
+    import re
+
+    if not secret.startswith("whsec_"):
+        return secret.encode("utf-8")
+    encoded = secret[len("whsec_"):]
+    if not encoded:
+        raise ValueError("a whsec_ secret holds no key after the prefix")
+    # Checked here, not by b64decode(validate=True), which lets '==' through on some Pythons and not others.
+    if not re.fullmatch(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", encoded):
+        raise ValueError("a whsec_ secret is base64 after the prefix, and this one is not")
+    return base64.b64decode(encoded)
+
+
 def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> Dict[str, str]:
-    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body``; a ``whsec_`` secret is base64."""
+    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body`` with webhook_key(secret)."""
     import base64
     import hashlib
     import hmac
 
-    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode("utf-8")
+    key = webhook_key(secret)
     signed = f"{message_id}.{timestamp}.".encode("utf-8") + body
     digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
     return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
@@ -4645,6 +4727,15 @@ class WebhookChannel(_HttpChannel):
 
     kind = "webhook"
     secrets = ("url", "secret")
+
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems = super().secret_problems(section, secrets)
+        try:
+            webhook_key(secrets.get("secret", ""))
+        except ValueError as err:
+            problems.append((section, "secret", str(err)))
+        return problems
 
     def payload(self, alert: Alert) -> bytes:
         labels = {"alertname": alert.title, "severity": alert.severity.value, "instance": self.hostname,
@@ -4720,7 +4811,7 @@ class TelegramChannel(_HttpChannel):
     def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
         problems = super().problems(section, settings, items)
         chat = settings.get("chat_id")
-        if chat is not None and not chat.lstrip("-@").replace("_", "").isalnum():
+        if chat is not None and not (chat.isascii() and chat.lstrip("-@").replace("_", "").isalnum()):
             problems.append((section, "chat_id", f"{_shown(chat)} is not a chat id or @channel"))
         return problems
 
@@ -4729,7 +4820,7 @@ class TelegramChannel(_HttpChannel):
         return f"{base}/bot{self.spec.secrets['token']}/sendMessage"
 
     def payload(self, alert: Alert) -> bytes:
-        text = truncate(f"{alert.headline}\n\n{self.body_text(alert)}", TELEGRAM_TEXT_CHARS)
+        text = truncate(_unmentioned(f"{alert.headline}\n\n{self.body_text(alert)}"), TELEGRAM_TEXT_CHARS)
         return _json_bytes({"chat_id": self.spec.settings["chat_id"], "text": text,
                             "disable_web_page_preview": True})
 
@@ -4830,7 +4921,7 @@ class TeamsChannel(_HttpChannel):
 @register_channel
 class MatrixChannel(_HttpChannel):
     """A Matrix room through the client-server API: an ``m.notice`` (never answered by bots) with an HTML
-    copy; the alert's id is the transaction id, so a retried send never posts twice."""
+    copy that mentions no one; the alert's id is the transaction id, so a retried send never posts twice."""
 
     kind = "matrix"
     keys = ("tls_verify", "homeserver", "room_id")
@@ -4869,10 +4960,11 @@ class MatrixChannel(_HttpChannel):
     def payload(self, alert: Alert) -> bytes:
         import html
 
-        text = truncate(self.body_text(alert), MATRIX_BODY_CHARS)
-        formatted = f"<strong>{html.escape(alert.headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
-        return _json_bytes({"msgtype": "m.notice", "body": f"{alert.headline}\n\n{text}",
-                            "format": "org.matrix.custom.html", "formatted_body": formatted})
+        headline, text = _unmentioned(alert.headline), truncate(_unmentioned(self.body_text(alert)), MATRIX_BODY_CHARS)
+        formatted = f"<strong>{html.escape(headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
+        return _json_bytes({"msgtype": "m.notice", "body": f"{headline}\n\n{text}",
+                            "format": "org.matrix.custom.html", "formatted_body": formatted,
+                            "m.mentions": {}})  # mentions no one: no @room, no display name in the text notifies
 
     def check(self, reply: HttpReply, now: float) -> None:
         if reply.status != 200 or "event_id" not in _reply_json(reply):
@@ -4936,30 +5028,72 @@ class PushoverChannel(_HttpChannel):
             raise _reply_error(reply, now)
 
 
+def _markdown_line_start(match: Any) -> str:
+    indent, mark, number, dot = match.groups()
+    return f"{indent}\\{mark}" if mark else f"{indent}{number}\\{dot}"
+
+
+def markdown_inert(text: str) -> str:
+    """``text`` as Markdown (CommonMark, Mattermost's) shows it, literally: mentions broken as _unmentioned()
+    breaks them, links and images by a word joiner after each ``]``, and each character that would make
+    emphasis, code, strikethrough or a table, or a heading, quote or list at the start of a line, escaped
+    with a backslash (which Markdown does not show).
+
+    >>> markdown_inert("*bold* 1_000 _x_") == r"\\*bold\\* 1_000 \\_x\\_"
+    True
+    """
+    import re
+
+    text = _unmentioned(text).replace("]", "]" + WORD_JOINER)
+    text = re.sub(r"[\\`*~|]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])", r"\\\g<0>", text)
+    return re.sub(r"(?m)^([ \t]*)(?:([#>+=-])|([0-9]{1,9})([.)]))", _markdown_line_start, text)
+
+
+# Rocket.Chat's Markdown has no escape: its emphasis and code marks become their full-width look-alikes.
+_ROCKETCHAT_MARKS = str.maketrans({"*": "\uff0a", "~": "\uff5e", "`": "\uff40"})
+
+
+def rocketchat_inert(text: str) -> str:
+    """``text`` as Rocket.Chat's message parser shows it, literally: mentions broken as _unmentioned() breaks
+    them, links, images, spoilers and #channel links by a word joiner after ``]``, ``|`` and ``#``, and the
+    marks of emphasis and code (an ``_`` only where it is not inside a word) as full-width look-alikes."""
+    import re
+
+    text = _unmentioned(text).translate(_ROCKETCHAT_MARKS)
+    text = re.sub(r"(?<![0-9A-Za-z])_", "\uff3f", text)
+    return re.sub(r"[]|#]", lambda match: match.group() + WORD_JOINER, text)
+
+
 @register_channel
 class MattermostChannel(_HttpChannel):
-    """Mattermost incoming webhook: ``text`` in Markdown; success is 200."""
+    """Mattermost incoming webhook: ``text`` in Markdown, the alert's own text shown literally (no mention,
+    link or emphasis it holds works); success is 200."""
 
     kind = "mattermost"
     keys = ("tls_verify", "channel", "username")
 
     def payload(self, alert: Alert) -> bytes:
-        document = {"text": truncate(f"**{alert.headline}**\n\n{self.body_text(alert)}", MATTERMOST_TEXT_CHARS)}
+        headline = alert._replace(title=markdown_inert(alert.title)).headline
+        text = f"**{headline}**\n\n{markdown_inert(self.body_text(alert))}"
+        document = {"text": truncate(text, MATTERMOST_TEXT_CHARS)}
         document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "username")})
         return _json_bytes(document)
 
 
 @register_channel
 class RocketChatChannel(_HttpChannel):
-    """Rocket.Chat incoming webhook: the headline, one attachment colored by severity; success is
+    """Rocket.Chat incoming webhook: the headline, one attachment colored by severity whose title and text
+    are plain (``mrkdwn_in`` empty); no mention, link or emphasis the alert holds works; success is
     ``{"success": true}``."""
 
     kind = "rocketchat"
     keys = ("tls_verify", "channel", "alias")
 
     def payload(self, alert: Alert) -> bytes:
-        document = {"text": alert.headline, "attachments": [
-            {"title": alert.title, "text": self.body_text(alert), "color": SLACK_COLORS[alert.color]}]}
+        headline = alert._replace(title=rocketchat_inert(alert.title)).headline
+        document = {"text": headline, "attachments": [
+            {"title": _unmentioned(alert.title), "text": _unmentioned(self.body_text(alert)), "mrkdwn_in": [],
+             "color": SLACK_COLORS[alert.color]}]}
         document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "alias")})
         return _json_bytes(document)
 
@@ -5097,7 +5231,7 @@ class EmailChannel(_Channel):
         if method == "smtp" and not settings.get("smtp_host"):
             problems.append((section, "smtp_host", "required when method = smtp"))
         port = settings.get("smtp_port")
-        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        if port is not None and not (ascii_digits(port) and 0 < int(port) < 65536):
             problems.append((section, "smtp_port", f"{_shown(port)} is not a port number"))
         if settings.get("username") and method == "smtp" and not any(
                 key in items for key in ("password", "password_env", "password_file")):
@@ -5382,7 +5516,7 @@ def _minutes_range(text: str) -> Optional[Tuple[int, int]]:
     """``HH:MM-HH:MM`` as minutes after midnight, or None."""
     import re
 
-    found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    found = re.fullmatch(r"\s*([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})\s*", text)
     if not found:
         return None
     h1, m1, h2, m2 = map(int, found.groups())
@@ -5426,6 +5560,8 @@ def _local_epoch(text: str, zone: Optional[str]) -> Tuple[Optional[float], Optio
     in UTC)."""
     import datetime
 
+    if not text.isascii():  # strptime() also reads other scripts' digits
+        return None, "is not a date such as 2026-12-24 or 2026-12-24 18:00"
     for layout in ("%Y-%m-%d %H:%M", "%Y-%m-%d"):
         try:
             moment = datetime.datetime.strptime(text.strip(), layout)
@@ -5579,7 +5715,7 @@ def _count_setting(items: Dict[str, str], key: str, default: int, problems: List
     text = items.get(key, "").strip()
     if not text:
         return default
-    if not text.isdigit() or int(text) < 1:
+    if not ascii_digits(text) or int(text) < 1:
         problems.append(("alerting", key, f"{_shown(text)} is not a whole number of at least 1"))
         return default
     return int(text)
@@ -5600,7 +5736,7 @@ def _lifecycle_settings(items: Dict[str, str], problems: List[Tuple[str, str, st
     text = items.get("fire_after", "").strip().lower()
     if text:
         count, _, window = (part.strip() for part in text.partition("within"))
-        if not count.isdigit() or int(count) < 1 or (window and not (window.isdigit()
+        if not ascii_digits(count) or int(count) < 1 or (window and not (ascii_digits(window)
                                                                       and int(count) <= int(window) <= RECENT_RUNS_KEPT)):
             problems.append(("alerting", "fire_after", f"{_shown(text)} is not N or 'N within M' "
                                                         f"(1 <= N <= M <= {RECENT_RUNS_KEPT})"))
@@ -5631,7 +5767,8 @@ def _channel_secrets(items: Dict[str, str], keys: Tuple[str, ...], section: str,
 
 def _minute_of_day(text: str) -> int:
     hours, _, minutes = text.strip().partition(":")
-    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2 and int(hours) < 24 and int(minutes) < 60):
+    if not (ascii_digits(hours) and ascii_digits(minutes) and len(minutes) == 2 and int(hours) < 24
+            and int(minutes) < 60):
         raise ValueError(text)
     return int(hours) * 60 + int(minutes)
 
@@ -5703,7 +5840,7 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     enabled = _bool_setting(items, section, "enabled", True, problems)
     channel_timeout = _duration_setting(items, section, "timeout", timeout_s, problems, positive=True)
     channel_budget = _duration_setting(items, section, "channel_budget", budget_s, problems, positive=True)
-    problems += channel.problems(section, settings, items)
+    problems += channel.problems(section, settings, items) + channel.secret_problems(section, secrets)
     if seed_key:  # name the key as the user wrote it
         written = {"url": seed_key, "to": seed_key}
         problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]
@@ -7043,7 +7180,7 @@ def _threshold_number(text: str, units: set, whole: str) -> float:
     number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz%")
     unit = cleaned[len(number):]
     try:
-        value = float(number)
+        value = decimal_number(number)
     except ValueError:
         raise ValidationError(f"{_shown(whole)} {_NOT_A_RANGE}") from None
     if unit in SIZE_UNITS:
@@ -7453,7 +7590,7 @@ def _statuses(text: str) -> List[Tuple[int, int]]:
     ranges = []
     for part in text.split(","):
         low, _, high = part.strip().partition("-")
-        ranges.append((int(low), int(high or low)))
+        ranges.append((whole_number(low), whole_number(high or low)))
     return ranges
 
 
@@ -7588,6 +7725,12 @@ def _http_header_problems(section: str, items: Dict[str, str]) -> List[Tuple[str
         name = line.partition(":")[0].strip()
         if line.strip() and (":" not in line or not name or not all(33 <= ord(c) <= 126 for c in name)):
             problems.append((section, "headers", f"{_shown(line.strip())} is not a header such as Accept: text/html"))
+            continue
+        value = line.partition(":")[2].strip()
+        wrong = next((char for char in value if (ord(char) in _LINE_BREAKING and char != "\t") or ord(char) > 0xFF),
+                     None)
+        if wrong is not None:  # http.client sends Latin-1 only, and a control would end the header
+            problems.append((section, "headers", f"the value of {name} holds {wrong!r}, which a header cannot carry"))
     return problems
 
 
@@ -7635,12 +7778,35 @@ def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        _texts(spec.critical), perf)
 
 
-def _tcp_reply(connection: Any, settings: Dict[str, str], timeout_s: float) -> str:
-    """What the peer says after ``send`` (escapes such as \\r\\n honoured) until it holds ``expect``."""
-    import codecs
+TCP_SEND_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\", "0": b"\0"}  # and \xHH, one byte
 
+
+def tcp_send_bytes(text: str) -> bytes:
+    r"""What a tcp check's ``send`` puts on the wire: the escapes ``\r \n \t \\ \0`` and ``\xHH`` (that one
+    byte), every other character as UTF-8; ValueError naming the first backslash that starts no escape.
+
+    >>> tcp_send_bytes(r"GET /€ HTTP/1.0\r\n\xff")
+    b'GET /\xe2\x82\xac HTTP/1.0\r\n\xff'
+    """
+    import re
+
+    sent = bytearray()
+    for match in re.finditer(r"\\(x[0-9A-Fa-f]{2}|[rnt0\\])|(\\.?)|[^\\]+", text, re.DOTALL):
+        escape, wrong = match.groups()
+        if wrong is not None:
+            raise ValueError(f"{wrong} at character {match.start() + 1} is not an escape (\\r \\n \\t \\\\ \\0 \\xHH; "
+                             f"\\\\ is a backslash)")
+        if escape is None:
+            sent += match.group().encode("utf-8")
+        else:
+            sent += bytes([int(escape[1:], 16)]) if escape[0] == "x" else TCP_SEND_ESCAPES[escape]
+    return bytes(sent)
+
+
+def _tcp_reply(connection: Any, settings: Dict[str, str], timeout_s: float) -> str:
+    """What the peer says after ``send`` (its escapes read by tcp_send_bytes()) until it holds ``expect``."""
     if settings.get("send"):
-        connection.sendall(codecs.decode(settings["send"], "unicode_escape").encode("utf-8"))
+        connection.sendall(tcp_send_bytes(settings["send"]))
     expect = settings.get("expect", "")
     received = b""
     connection.settimeout(timeout_s)
@@ -8112,7 +8278,7 @@ def _timeout_problem(text: str) -> Optional[str]:
 
 def _is_positive_number(text: str) -> bool:
     try:
-        return 0 < float(text) < math.inf
+        return 0 < decimal_number(text) < math.inf
     except ValueError:
         return False
 
@@ -8167,6 +8333,14 @@ def _hours_problem(text: str) -> Optional[str]:
     return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
 
 
+def _send_problem(text: str) -> Optional[str]:
+    try:
+        tcp_send_bytes(text)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _statistic_problem(text: str) -> Optional[str]:
     return None if text in METRIC_STATISTICS else f"{_shown(text)} is not one of {', '.join(METRIC_STATISTICS)}"
 
@@ -8193,7 +8367,7 @@ _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem,
                       "tls_verify": _bool_problem, "follow_redirects": _bool_problem,
                       "swap_warning": _percent_range_problem, "swap_critical": _percent_range_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
-                      "statistic": _statistic_problem, "command": _command_problem,
+                      "statistic": _statistic_problem, "command": _command_problem, "send": _send_problem,
                       "job": _job_key_problem}
 
 
@@ -8708,7 +8882,7 @@ class JobRunner:
         """Runs left 'running' by a process that is gone: ended at their start, outcome unrecorded."""
         for (run_id,) in conn.execute("SELECT run_id FROM job_runs WHERE job = ? AND ended IS NULL", (name,)):
             owner = run_id.partition("-")[0]
-            if owner.isdigit() and not process_alive(int(owner)):
+            if ascii_digits(owner) and not process_alive(int(owner)):
                 conn.execute("UPDATE job_runs SET ended = started, outcome = 'unrecorded' WHERE run_id = ?",
                              (run_id,))
 
@@ -9016,9 +9190,49 @@ def series_figure(name: str, value: Optional[float]) -> str:
     return f"{value:.6g}"
 
 
+def _label_value(value: Any) -> str:
+    """A label value with backslash, double quote and newline escaped, as both exposition formats want."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def series_key(name: str, labels: Dict[str, str]) -> str:
-    """How the faces name one series: ``name``, or ``name{label=value,...}`` with the labels sorted."""
-    return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+    """How the faces name one series, as the exposition format writes it: ``name``, or
+    ``name{label="value",...}`` with the labels sorted and each value's backslash, double quote and newline
+    escaped; a name that holds ``{`` is quoted inside the braces (``{"name",label="value"}``). So no two
+    series share a key, and series_name() reads the name back.
+
+    >>> series_key("amb", {"a": "1,b=2"}), series_key("amb", {"a": "1", "b": "2"}), series_key("a{b}", {})
+    ('amb{a="1,b=2"}', 'amb{a="1",b="2"}', '{"a{b}"}')
+    """
+    pairs = [f'{key}="{_label_value(value)}"' for key, value in sorted(labels.items())]
+    if "{" in name:
+        return "{" + ",".join([f'"{_label_value(name)}"'] + pairs) + "}"
+    return name + ("{" + ",".join(pairs) + "}" if pairs else "")
+
+
+_KEY_UNESCAPES = {"n": "\n"}  # any other escaped character stands for itself: \\ and \"
+
+
+def series_name(key: str) -> str:
+    r"""The metric name in a series_key().
+
+    >>> series_name('amb{a="1,b=2"}'), series_name('{"a{b\\"c",x="1"}')
+    ('amb', 'a{b"c')
+    """
+    if not key.startswith('{"'):
+        return key.partition("{")[0]
+    name, escaped = [], False
+    for char in key[2:]:
+        if escaped:
+            name.append(_KEY_UNESCAPES.get(char, char))
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            break
+        else:
+            name.append(char)
+    return "".join(name)
 
 
 def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
@@ -9208,7 +9422,7 @@ def series_detail(collector: MetricsCollector, key: str, hours: float = DEFAULT_
 
     hours = window_hours(hours)
     since, until = collector.window(hours)
-    name = key.partition("{")[0]
+    name = series_name(key)
     found = [(series_id, labels) for series_id, labels_text in collector.store.query(
         "SELECT id, labels FROM series WHERE name = ?", (name,))
         for labels in [{} if labels_text == _NO_LABELS else json.loads(labels_text)]
@@ -9488,11 +9702,6 @@ def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
     return [build] + [family for family in families if family.samples]
 
 
-def _label_value(value: Any) -> str:
-    """A label value with backslash, double quote and newline escaped, as both formats want."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def _label_text(labels: Dict[str, str]) -> str:
     if not labels:
         return ""
@@ -9643,7 +9852,7 @@ def wants_openmetrics(accept: str) -> bool:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
                 try:
-                    q = float(value)
+                    q = decimal_number(value)
                 except ValueError:
                     q = 0.0
         weights[kind.lower()] = max(q, weights.get(kind.lower(), 0.0)) if math.isfinite(q) else 0.0
@@ -9855,7 +10064,7 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now,
         if path in ("/series", "/api/series"):
             detail = read_series(db_path, series, hours, now=now) if series else None
             if detail is None:
-                return 404, "text/plain; charset=utf-8", b"no such series (series?key=NAME{label=value,...})\n"
+                return 404, "text/plain; charset=utf-8", b'no such series (series?key=NAME{label="value",...})\n'
             if path == "/api/series":
                 return 200, "application/json", (json_text(detail) + "\n").encode("utf-8")
             return 200, "text/html; charset=utf-8", series_page(detail).encode("utf-8")
@@ -10205,7 +10414,7 @@ def _format_value(value: Any, name: str = "") -> str:
 
 def _parse_number(text: str, what: str) -> float:
     try:
-        number = float(text)
+        number = decimal_number(text)
     except ValueError:
         raise ValidationError(f"{what} {_shown(text)} is not a number") from None
     return finite_number(number, what)
@@ -10320,7 +10529,7 @@ def cmd_stats(args) -> int:
     if args.json:
         _print_json(dict(stats, name=args.name, hours=args.hours))
         return EXIT_OK
-    print(f"{args.name} (last {args.hours:g}h, times {zone_name()})")
+    print(f"{args.name} (last {args.hours:g}h, times {zone_name(_moment(args.now()))})")
     for key, value in stats.items():
         value = local_time(value, seconds=True) if key.endswith("_time") and value else value
         print(f"  {key:<11} {_format_value(value, args.name if key in _STATS_IN_UNIT or key[1:].isdigit() else '')}")
@@ -10354,7 +10563,7 @@ def cmd_anomalies(args) -> int:
     if args.json:
         _print_json(dict(report.as_json(), name=args.name, hours=args.hours))
         return EXIT_OK
-    heading = f"{args.name} (last {args.hours:g}h, times {zone_name()})"
+    heading = f"{args.name} (last {args.hours:g}h, times {zone_name(_moment(args.now()))})"
     if report.insufficient_data:
         print(f"{heading}: insufficient data: {report.n} samples, at least {report.min_samples} needed")
         return EXIT_OK
@@ -10427,7 +10636,7 @@ def cmd_breaker_reset(args) -> int:
 def cmd_retry_stats(args) -> int:
     validate_name(args.operation, "operation")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
-        retry = AdaptiveRetry(collector=collector)
+        retry = AdaptiveRetry(collector=collector, now=args.now)
         report = {
             "stats": retry.get_retry_stats(args.operation, args.hours),
             "analysis": retry.analyze_failures(args.operation),
@@ -10773,7 +10982,7 @@ def _silence(args, system: AlertingSystem) -> int:
         print(system.add_silence(args.match, parse_duration_s(args.duration), args.comment or ""))
         return EXIT_OK
     if args.action == "remove":
-        if not args.id or not args.id.isdigit():
+        if not args.id or not ascii_digits(args.id):
             raise ValidationError("silence remove needs the ID that 'silence list' shows")
         if not system.remove_silence(int(args.id)):
             raise MonitorError(f"no silence #{args.id}")
@@ -11118,8 +11327,36 @@ def _alert_job(args, run: JobRun, argv: List[str], given: Optional[Configured], 
         log.error("alerts not sent: %s", err)
 
 
+def _job_run(args, argv: List[str], given: Optional[Configured], timeout_s: Optional[float],
+             kill_after_s: float) -> JobRun:
+    """The job run and recorded; run all the same, once and unrecorded, when the store or the configuration
+    cannot be had: the job matters more than its record."""
+    try:
+        if given is None:
+            raise ConfigError("the configuration cannot be read")
+        collector = _open_collector(args, readonly=False, config=given.config)
+    except (StorageError, ConfigError) as err:
+        return _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err, args.now)
+    with contextlib.closing(collector):
+        breaker = CircuitBreaker(args.breaker, collector=collector, now=args.now) if args.breaker else None
+        return JobRunner(collector, now=args.now).run(args.name, argv, timeout_s=timeout_s, retries=args.retries,
+                                                      lock=args.lock, kill_after_s=kill_after_s, breaker=breaker)
+
+
+def _run_configuration(args) -> Optional[Configured]:
+    """The configuration of a run, its problems said; None (said too) when it cannot be read at all."""
+    try:
+        given = read_configuration(args)
+    except ConfigError as err:  # the job matters more than its configuration: run it anyway, and say so
+        log.error("%s; the job runs without it (no record, alert or configured ping)", err)
+        return None
+    say_problems(given.settings)
+    return given
+
+
 def cmd_run(args) -> int:
-    """The command's own exit code (124 on timeout, 75 when the breaker is open); silent on success."""
+    """The command's own exit code (124 on timeout, 75 when the breaker is open); silent on success. Its end
+    ping and its alert go out together, within ``[alerting] run_budget``."""
     argv = list(args.command)
     if not argv:
         raise ValidationError("run needs a command: run NAME [options] -- COMMAND [ARG]...")
@@ -11129,50 +11366,50 @@ def cmd_run(args) -> int:
     if timeout_s == 0:
         raise ValidationError("--timeout must be more than 0")
     kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
-    try:
-        given: Optional[Configured] = read_configuration(args)
-    except ConfigError as err:  # the job matters more than its configuration: run it anyway, and say so
-        log.error("%s; the job runs without it (no record, alert or configured ping)", err)
-        given = None
-    if given is not None:
-        say_problems(given.settings)
+    given = _run_configuration(args)
     ping = _Ping.of_run(args, given)
-    try:
-        if given is None:
-            raise ConfigError("the configuration cannot be read")
-        collector = _open_collector(args, readonly=False, config=given.config)
-    except (StorageError, ConfigError) as err:  # the job matters more than its record: run it anyway
-        run = _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err, args.now)
-    else:
-        with contextlib.closing(collector):
-            breaker = CircuitBreaker(args.breaker, collector=collector, now=args.now) if args.breaker else None
-            run = JobRunner(collector, now=args.now).run(args.name, argv, timeout_s=timeout_s,
-                                                             retries=args.retries, lock=args.lock,
-                                                             kill_after_s=kill_after_s, breaker=breaker)
+    run = _job_run(args, argv, given, timeout_s, kill_after_s)
     budget = RunBudget(given.settings.run_budget_s if given is not None else DEFAULT_RUN_BUDGET_S)
     pinged = alongside(lambda: ping.send(ping_signal(run), run.output, budget=budget) if ping else None)
     if run.outcome == "skipped":
-        pinged(budget.left() + DELIVERY_JOIN_GRACE_S)
         log.warning("run %s: skipped: another run of it still holds its lock", run.job)
-        return EXIT_OK
-    if run.outcome != "success":
-        sys.stdout.write(job_report(run, argv))
-        sys.stdout.flush()
-    if run.store_error is not None:
-        log.warning("%s: this run of %s was not recorded%s", run.store_error, run.job,
-                    " (the next run marks its row unrecorded)" if run.run_id else "")
-    _alert_job(args, run, argv, given, budget)
+    else:
+        if run.outcome != "success":
+            sys.stdout.write(job_report(run, argv))
+            sys.stdout.flush()
+        if run.store_error is not None:
+            log.warning("%s: this run of %s was not recorded%s", run.store_error, run.job,
+                        " (the next run marks its row unrecorded)" if run.run_id else "")
+        _alert_job(args, run, argv, given, budget)
     pinged(budget.left() + DELIVERY_JOIN_GRACE_S)
-    if run.outcome == "breaker_open":
-        return EXIT_TEMPFAIL
+    if run.outcome in ("skipped", "breaker_open"):
+        return EXIT_OK if run.outcome == "skipped" else EXIT_TEMPFAIL
     return run.exit_code
+
+
+def _whole_argument(text: str) -> int:
+    import argparse
+
+    try:
+        return whole_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _number_argument(text: str) -> float:
+    import argparse
+
+    try:
+        return decimal_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def _hours(text: str) -> float:
     import argparse
 
     try:
-        hours = float(text)
+        hours = decimal_number(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours") from None
     if not (math.isfinite(hours) and 0 < hours <= 1e6):
@@ -11316,7 +11553,7 @@ def _args_anomalies(sub) -> None:
                      help="robust: modified z-score from median and MAD (default); zscore: mean and stddev")
     sub.add_argument("--threshold", metavar="T",
                      help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
-    sub.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES, metavar="N",
+    sub.add_argument("--min-samples", type=_whole_argument, default=DEFAULT_MIN_SAMPLES, metavar="N",
                      help=f"fewer samples than this is insufficient data (default {DEFAULT_MIN_SAMPLES})")
     _add_json(sub)
 
@@ -11408,7 +11645,7 @@ def _args_run(sub) -> None:
     sub.add_argument("--timeout", metavar="DURATION", help="stop the whole process group after this long (exit 124)")
     sub.add_argument("--kill-after", metavar="DURATION",
                      help=f"after the timeout's SIGTERM, SIGKILL this much later (default {DEFAULT_KILL_AFTER_S:g}s)")
-    sub.add_argument("--retries", type=int, default=0, metavar="N",
+    sub.add_argument("--retries", type=_whole_argument, default=0, metavar="N",
                      help="run again up to N times after exit 75 (EX_TEMPFAIL) or a timeout, with backoff")
     sub.add_argument("--lock", action="store_true", help="skip this run while another run of NAME is alive")
     sub.add_argument("--quiet-on-success", action="store_true",
@@ -11447,8 +11684,8 @@ def _args_push(sub) -> None:
 
 
 def _args_demo(sub) -> None:
-    sub.add_argument("--days", type=float, default=7.0, help="how many days of data (default 7)")
-    sub.add_argument("--seed", type=int, default=17, help="the random seed: the same seed, the same data")
+    sub.add_argument("--days", type=_number_argument, default=7.0, help="how many days of data (default 7)")
+    sub.add_argument("--seed", type=_whole_argument, default=17, help="the random seed: the same seed, the same data")
 
 
 # name, function, what it does, examples, its arguments: in the order --help lists them.
@@ -11834,10 +12071,14 @@ def _command_of(argv: List[str]) -> Optional[str]:
 
 
 class _LowerLevelFormatter(logging.Formatter):
-    """``metasystem_monitor.py: warning: ...``: the level in lower case, as in the one-line errors."""
+    """``metasystem_monitor.py: warning: ...``: the level in lower case, as in the one-line errors, and
+    the message on one line whatever text it quotes (a -v traceback still follows it)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _one_line(super().formatMessage(record))
 
 
 @contextlib.contextmanager

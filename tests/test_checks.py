@@ -694,6 +694,23 @@ class MachineChecksTest(AlertTestCase):
             f"{self.config_path}: [check:h] headers: 'no colon here' is not a header such as Accept: text/html",
         ])
 
+    def test_a_header_value_http_cannot_carry_is_a_configuration_problem(self):
+        self.write_config("[check:h]\ntype = http\nurl = http://127.0.0.1:1/\n"
+                          "headers = X-Euro: 5 \u20ac\n    X-Bell: a\x07b\n    X-Fine: a\tb, caf\u00e9\n",
+                          log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check:h] headers: the value of X-Euro holds '\u20ac', which a header cannot carry",
+            f"{self.config_path}: [check:h] headers: the value of X-Bell holds '\\x07', which a header cannot carry",
+        ])
+        result = self.run_cli("check", "--no-alert", env=self.cli_env())
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (3, "".join(f"metasystem_monitor.py: error: {line}\n" for line in out.splitlines())))
+        self.assertEqual(result.stdout.decode().splitlines()[0], "METASYSTEM UNKNOWN - h UNKNOWN: configuration: "
+                         "headers: the value of X-Euro holds '\u20ac', which a header cannot carry; headers: the value "
+                         "of X-Bell holds '\\x07', which a header cannot carry (config --check lists every problem)")
+
     def test_a_certificate_a_test_ca_signed_is_verified_only_with_that_ca(self):
         import time
 
@@ -790,6 +807,55 @@ class MachineChecksTest(AlertTestCase):
         refused = self.check(f"[check:ssh]\ntype = tcp\naddress = 127.0.0.1:{port}\n")
         self.assertEqual((refused.returncode, self.lines(refused)[1]),
                          (2, f"CRITICAL ssh: 127.0.0.1:{port}: connection refused"))
+
+    def test_tcp_send_reads_its_escapes_and_sends_every_other_character_once_as_utf8(self):
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(30)
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        received = []
+
+        def serve():
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(30)
+                data = b""
+                while not data.endswith(b"\r\n"):
+                    chunk = connection.recv(256)
+                    if not chunk:
+                        break
+                    data += chunk
+                received.append(data)
+                connection.sendall(b"OK\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        result = self.check(f"[check:t]\ntype = tcp\naddress = 127.0.0.1:{port}\nexpect = OK\ntimeout = 20s\n"
+                            "send = GET /\u20ac/caf\u00e9 a\\\\b\\t\\0\\x00\\xff\\x7F\\r\\n\n")
+        thread.join(30)
+        self.assertEqual((result.returncode, result.stderr), (0, b""), result.stdout)
+        self.assertEqual(received, [b"GET /\xe2\x82\xac/caf\xc3\xa9 a\\b\t\x00\x00\xff\x7f\r\n"])
+
+    def test_a_tcp_send_with_a_bad_escape_is_a_configuration_problem(self):
+        cases = {"ends\\": "\\ at character 5", "q\\q": "\\q at character 2", "x\\x4": "\\x at character 2",
+                 "x\\x4g": "\\x at character 2", "\\u20ac": "\\u at character 1", "a\\\\\\": "\\ at character 4"}
+        for send, where in cases.items():
+            with self.subTest(send=send):
+                self.write_config(f"[check:t]\ntype = tcp\naddress = 127.0.0.1:1\nsend = {send}\n", log_channel=False)
+                problem = f"[check:t] send: {where} is not an escape (\\r \\n \\t \\\\ \\0 \\xHH; \\\\ is a backslash)"
+                code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+                self.assertEqual((code, out, err), (1, f"{self.config_path}: {problem}\n", ""))
+                result = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(T0)))
+                self.assertEqual((result.returncode, result.stderr.decode()),
+                                 (3, f"metasystem_monitor.py: error: {self.config_path}: {problem}\n"))
+                self.assertEqual(self.lines(result)[0], "METASYSTEM UNKNOWN - t UNKNOWN: configuration: "
+                                 f"{problem.partition('] ')[2]} (config --check lists every problem)")
 
     def test_the_new_keys_are_checked(self):
         self.write_config("[check:a]\ntype = load\nminutes = 10\nper_cpu = maybe\n\n[check:b]\ntype = tcp\n\n"

@@ -509,14 +509,14 @@ class ServeTest(ServeTestCase):
     def test_each_series_has_its_own_page_with_a_chart_linked_from_the_overview(self):
         from urllib.parse import quote
 
-        key = "backup_bytes{host=<b>nas</b>}"
+        key = 'backup_bytes{host="<b>nas</b>"}'
         values = [100.0 + i % 3 for i in range(20)]
         values[12] = 5000.0
         with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
             for i, value in enumerate(values):
                 metrics.record("backup_bytes", value, {"host": "<b>nas</b>"}, timestamp=NOW - 3000 + i * 60)
         port = self.start()
-        link = f'<a href="series?key={quote(key, safe="")}">backup_bytes{{host=&lt;b&gt;nas&lt;/b&gt;}}</a>'
+        link = f'<a href="series?key={quote(key, safe="")}">backup_bytes{{host=&quot;&lt;b&gt;nas&lt;/b&gt;&quot;}}</a>'
         self.assertIn(f"<tr><td>{link}</td><td>101 B</td>", self.get(port, "/")[2].decode())
         status, kind, body = self.get(port, f"/api/series?key={quote(key)}")
         self.assertEqual((status, kind), (200, "application/json"))
@@ -540,6 +540,32 @@ class ServeTest(ServeTestCase):
         self.assertNotIn(b"<b>nas", body)
         for path in ("/series?key=nope", "/series", "/api/series?key=backup_bytes"):
             self.assertEqual(self.get(port, path)[0], 404, path)
+
+    def test_series_whose_plain_keys_were_alike_get_a_key_and_a_page_each(self):
+        from urllib.parse import quote
+
+        written = [("amb", {"a": "1,b=2"}, 1.0), ("amb", {"a": "1", "b": "2"}, 2.0),
+                   ('amb{a="1",b="2"}', None, 3.0), ("amb", {"a": 'q"\\\n'}, 4.0)]
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            for name, labels, value in written:
+                metrics.record(name, value, labels, timestamp=NOW - 120)
+        keys = ['amb{a="1,b=2"}', 'amb{a="1",b="2"}', '{"amb{a=\\"1\\",b=\\"2\\"}"}', 'amb{a="q\\"\\\\\\n"}']
+        summary = mm.read_summary(self.db, now=lambda: NOW)["metrics"]
+        self.assertEqual(sorted(summary), sorted(keys))
+        self.assertEqual({key: summary[key]["latest"] for key in keys}, {key: value for key, (_, _, value)
+                                                                        in zip(keys, written)})
+        self.assertEqual([mm.series_name(key) for key in keys], ["amb", "amb", 'amb{a="1",b="2"}', "amb"])
+        port = self.start()
+        for key, (name, labels, value) in zip(keys, written):
+            with self.subTest(key=key):
+                status, _, body = self.get(port, f"/api/series?key={quote(key, safe='')}")
+                detail = json.loads(body)
+                self.assertEqual((status, detail["key"], detail["name"], detail["labels"], detail["points"]),
+                                 (200, key, name, labels or {}, [[NOW - 120, value]]))
+                status, _, page = self.get(port, f"/series?key={quote(key, safe='')}")
+                self.assertEqual(status, 200)
+                self.assertIn(f"<h1>{html.escape(key)}</h1>".encode(), page)
+        self.assertEqual(self.get(port, f"/api/series?key={quote('amb{a=1,b=2}', safe='')}")[0], 404)
 
     def test_a_long_window_is_drawn_as_the_means_of_equal_slices(self):
         points = [(float(t), float(t % 10)) for t in range(1000)]
@@ -799,7 +825,7 @@ class ServeCacheTest(ServeTestCase):
             metrics.record_many([(name, float(i), {"disk": "d/1"}, NOW - 600) for i, name in enumerate(names)])
         answers = mm._Answers(5.0, FakeClock().monotonic)
         port = self.start(_answers=answers)
-        keys = [f"{name}{{disk=d/1}}" for name in names]
+        keys = [mm.series_key(name, {"disk": "d/1"}) for name in names]
         for key in keys:
             self.assertEqual(self.get(port, f"/series?key={quote(key)}")[0], 200)
         last = keys[-mm.SERVE_CACHE_MAX_ENTRIES:]
