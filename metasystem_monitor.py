@@ -113,7 +113,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -721,6 +721,23 @@ def load_config(path: str, required: bool = False):
 
 ## Storage ####################################################################
 
+# The series of the sync, agent, breaker, check and job families, in SQL: a family's series carries the label
+# that names its entity, and its name matches one of the family's globs (the Summary section's
+# _EXPORTED_SERIES, said in SQLite's GLOB, which is case-sensitive and whose ``?*`` is ``.+``). Every other
+# series is the user's own, and own_series_by_time indexes only those: a query uses that index when it
+# repeats _OWN_SERIES word for word, so a change here needs a migration that makes the index again.
+_FAMILY_GLOBS = (
+    ("target", ("sync_?*_success", "sync_?*_failure", "sync_?*_files", "sync_?*_conflicts")),
+    ("agent", ("agent_?*_success", "agent_?*_failure", "agent_?*_items")),
+    ("breaker", ("circuit_breaker_?*_state", "circuit_breaker_?*_failures")),
+    ("check", ("check_state", "check_value", "check_duration")),
+    ("job", ("job_duration", "job_exit_code")),
+)
+_OWN_SERIES = "NOT ({})".format(" OR ".join(
+    "(instr(labels, '\"{}\":') AND ({}))".format(label, " OR ".join(f"name GLOB '{glob}'" for glob in globs))
+    for label, globs in _FAMILY_GLOBS))
+
+# Each entry is one schema version: SQL statements, run in order in one transaction.
 _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
     (
         # One row per (name, labels); samples refer to it by a small integer.
@@ -937,6 +954,15 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
         """CREATE TABLE raw_kept (
                series_id INTEGER PRIMARY KEY,
                until REAL NOT NULL)""",
+    ),
+    (
+        # The time of each series' newest sample (NULL without one), so that the newest of the user's own
+        # series are an index range instead of a look at every series. The writes keep it in their
+        # transaction, and so do the deletes; it may lag only for the few series that meta's
+        # lagging_series names, whose samples a reader asks instead (see _keep_last_times()).
+        "ALTER TABLE series ADD COLUMN last_ts REAL",
+        "UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id)",
+        f"CREATE INDEX own_series_by_time ON series (last_ts DESC, name, labels) WHERE {_OWN_SERIES}",
     ),
 )
 
@@ -1592,6 +1618,12 @@ _INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
 # instead of hiding every real one.
 LATEST_SQL = f"AND ts <= ? + {CLOCK_SKEW_S!r} ORDER BY ts DESC, seq DESC LIMIT 1"
 _IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
+# series.last_ts (schema 10): a series may lag behind its samples only if meta's lagging_series, a list of at
+# most LAGGING_SERIES_MAX ids, names it; _keep_last_times() says why.
+LAGGING_SERIES_MAX = 64
+_LAGGING = "SELECT value FROM meta WHERE key = 'lagging_series'"
+_CATCH_UP = "UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = ?1) WHERE id = ?1"
+_CATCH_UP_BELOW = _CATCH_UP + " AND last_ts < ?2"  # after deleting samples below ?2
 _OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
 # Chan's pairwise update: every right-hand side sees the row as it was.
 _MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
@@ -1867,6 +1899,15 @@ def _set_meta(conn: sqlite3.Connection, key: str, value: float) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, repr(value)))
 
 
+def lagging_ids(text: Optional[str]) -> AbstractSet[int]:
+    """The series ids of meta's lagging_series text.
+
+    >>> sorted(lagging_ids("7,3")), lagging_ids(None)
+    ([3, 7], frozenset())
+    """
+    return frozenset(int(part) for part in text.split(",")) if text else frozenset()
+
+
 class _Range(NamedTuple):
     """Part of a window: whole rolled-up hours or days (span 3600, 86400), or raw samples (span 0); ``kept``:
     the samples kept raw in place of the rollups of whole hours (the roll-up's negative seq)."""
@@ -1956,6 +1997,10 @@ class MetricsCollector:
         self._series: Dict[Tuple[str, str], int] = {}
         self._plain_series: Dict[str, int] = {}
         self._label_texts: Dict[tuple, str] = {}
+        # The lagging series as last read from the store, and whether the list was full: it only grows, so
+        # what was read stays true.
+        self._lagging: AbstractSet[int] = frozenset()
+        self._lagging_full = False
         self._next_maintenance = clock()
         self.store = Store(self.db_path, readonly=readonly, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
 
@@ -2019,6 +2064,7 @@ class MetricsCollector:
                 created[key] = self._series_id(conn, key)
             rows[i] = (created[key], ts, value)
         self._insert_rows(conn, rows)
+        self._keep_last_times(conn, rows)
         if oldest < (self._now() if now is None else now) - ROLLUP_GRACE_S:
             self._merge_late_rows(conn, rows)
         return created
@@ -2114,6 +2160,45 @@ class MetricsCollector:
             conn.execute("ROLLBACK TO insert_samples")
             conn.executemany(_INSERT_NEXT_SEQ, ((sid, ts, sid, ts, value) for sid, ts, value in rows))
         conn.execute("RELEASE insert_samples")
+
+    def _keep_last_times(self, conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
+        """Keep series.last_ts right for the series that ``rows`` were inserted into, in their transaction.
+
+        Catching a series' last_ts up adds a page or two to the commit, which would double the cost of a
+        record(). So the first LAGGING_SERIES_MAX series a store is written to lag instead, for good: meta's
+        lagging_series lists them, readers ask their samples, and as the list only ever grows, a writer
+        that saw a series in it trusts that without another read: writing it again costs nothing more.
+        Every other series' last_ts is caught up from its samples (out of order, or at an instant taken).
+        """
+        if len(rows) == 1:
+            if rows[0][0] in self._lagging:
+                return  # the steady state of a series written again and again
+            written = {rows[0][0]}
+        else:
+            from operator import itemgetter
+
+            if self._lagging.issuperset(map(itemgetter(0), rows)):
+                return  # the same, for a batch: about half the time of collecting its series
+            written = {row[0] for row in rows} - self._lagging
+        if not self._lagging_full:
+            row = conn.execute(_LAGGING).fetchone()
+            text = "" if row is None else row[0]
+            self._lagging = lagging_ids(text)
+            self._lagging_full = len(self._lagging) >= LAGGING_SERIES_MAX
+            written -= self._lagging
+            joining = sorted(written)[:LAGGING_SERIES_MAX - len(self._lagging)]
+            if joining:  # read as listed the next time, once committed
+                text = ",".join(([text] if text else []) + [str(series_id) for series_id in joining])
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lagging_series', ?)", (text,))
+                written.difference_update(joining)
+        if written:
+            conn.executemany(_CATCH_UP, [(series_id,) for series_id in written])
+
+    def lagging_series(self) -> AbstractSet[int]:
+        """The ids of the series whose last_ts may lag behind their samples (at most LAGGING_SERIES_MAX): a
+        reader of last_ts asks their samples instead."""
+        row = self.store.query_one(_LAGGING)
+        return lagging_ids(None if row is None else row[0])
 
     @staticmethod
     def _merge_late_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
@@ -2676,8 +2761,7 @@ class MetricsCollector:
         # Whole hours: a cleanup that finds nothing due costs a few meta reads, whatever the number of series.
         raw_cutoff = bucket_start(min(now - retention_days * DAY_S, rolled_until))
         report["deleted_samples"] = self._delete_past_mark("raw_deleted_until", raw_cutoff, lambda: sum(
-            self._delete_in_batches("samples", "series_id = ? AND seq >= 0", "ts", (sid,), raw_cutoff)
-            for sid in series()))  # samples kept for their hours stay until those hours fold into days
+            self._delete_raw_samples(sid, raw_cutoff) for sid in series()))
         report["folded_hours"], report["daily_rollups"] = self._fold_old_hours(series, now, rolled_until, raw_cutoff)
         report["deleted_days"] = 0
         if self.daily_days:
@@ -2745,8 +2829,16 @@ class MetricsCollector:
         """The original design's cleanup: ``cleanup()``, returning how many raw samples were deleted."""
         return self.cleanup(retention_days=days)["deleted_samples"]
 
-    def _delete_in_batches(self, table: str, where: str, column: str, params: tuple, cutoff: float) -> int:
-        """Delete the rows of ``table`` matching ``where`` whose ``column`` is below ``cutoff``, a batch at a time."""
+    def _delete_raw_samples(self, series_id: int, cutoff: float) -> int:
+        """Delete a series' raw samples below ``cutoff``, and catch its last_ts up in the same transactions
+        where they held its newest. Samples kept for their hours stay until those hours fold into days."""
+        return self._delete_in_batches("samples", "series_id = ? AND seq >= 0", "ts", (series_id,), cutoff,
+                                       then=lambda conn, bound: conn.execute(_CATCH_UP_BELOW, (series_id, bound)))
+
+    def _delete_in_batches(self, table: str, where: str, column: str, params: tuple, cutoff: float,
+                           then=None) -> int:
+        """Delete the rows of ``table`` matching ``where`` whose ``column`` is below ``cutoff``, a batch at a time;
+        ``then(conn, bound)`` runs in each batch's transaction, after it deleted the rows below ``bound``."""
         deleted = 0
         while True:
             row = self.store.query_one(
@@ -2761,6 +2853,8 @@ class MetricsCollector:
             with self.store.write() as conn:
                 deleted += conn.execute(f"DELETE FROM {table} WHERE {where} AND {column} < ?",
                                         (*params, bound)).rowcount
+                if then is not None:
+                    then(conn, bound)
             if row is None:
                 return deleted
 
@@ -2828,6 +2922,7 @@ class MetricsCollector:
         conn.executemany(_MERGE_ROLLUP, [_hourly_row(series_id, hour, points) for hour, points in _hours_of(rows)])
         expired = (series_id, start, min(end, raw_cutoff))
         conn.execute("DELETE FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? AND seq < 0", expired)
+        conn.execute(_CATCH_UP_BELOW, (series_id, expired[2]))
         if end > raw_cutoff:
             conn.execute(_UNMARK_KEPT, (series_id, max(start, raw_cutoff), end))
 

@@ -15,6 +15,9 @@ import metasystem_monitor as mm
 from .support import REPO, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes, reap, sqlite_rows
 
 
+UNMARKED_UP_TO_SCHEMA = 7  # APPLICATION_ID came while the schema was 7: a store of 7 or older may lack it
+
+
 class StoreFilesTest(StoreTestCase):
     def test_created_folder_and_file_are_private_whatever_the_umask(self):
         for umask in (0o000, 0o022, 0o077):
@@ -167,16 +170,17 @@ class StoreVersionsTest(StoreTestCase):
 
     def test_a_store_from_before_the_marker_is_recognised_and_marked(self):
         conn = sqlite3.connect(self.db)
-        for statements in mm._MIGRATIONS:
+        for statements in mm._MIGRATIONS[:UNMARKED_UP_TO_SCHEMA]:
             for statement in statements:
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION}")
+        conn.execute(f"PRAGMA user_version = {UNMARKED_UP_TO_SCHEMA}")
         conn.commit()
         conn.close()
-        with mm.Store(self.db, readonly=True) as store:
-            self.assertEqual(store.query("SELECT count(*) FROM samples"), [(0,)])
+        with self.assertRaisesRegex(mm.StorageError, "has schema 7; run a recording command once to upgrade it"):
+            mm.Store(self.db, readonly=True)
         self.assertEqual(sqlite_rows(self.db, "PRAGMA application_id"), [(0,)])  # a reader changes nothing
-        mm.Store(self.db).close()
+        with mm.Store(self.db) as store:
+            self.assertEqual(store.query("SELECT count(*) FROM samples"), [(0,)])
         self.assertEqual(sqlite_rows(self.db, "PRAGMA application_id"), [(mm.APPLICATION_ID,)])
 
     def test_an_empty_file_is_migrated_to_the_current_schema(self):
@@ -204,6 +208,29 @@ class StoreVersionsTest(StoreTestCase):
             self.assertEqual(store.query("PRAGMA user_version"), [(mm.SCHEMA_VERSION,)])
             self.assertEqual(store.query("SELECT * FROM samples"), [(1, 1800000000.0, 0, 42.0)])
             self.assertEqual(store.query("SELECT count(*) FROM retry_calls"), [(0,)])
+
+    def test_a_store_of_every_older_version_gets_last_times_from_its_samples(self):
+        for version in range(1, mm.SCHEMA_VERSION):
+            with self.subTest(version=version):
+                path = os.path.join(self.tmp, f"v{version}.db")
+                conn = sqlite3.connect(path)
+                for statements in mm._MIGRATIONS[:version]:
+                    for statement in statements:
+                        conn.execute(statement)
+                conn.executemany("INSERT INTO series (id, name, labels) VALUES (?, ?, ?)",
+                                 [(1, "own", "{}"), (2, "sync_a_success", '{"target":"a"}'), (3, "empty", "{}")])
+                conn.executemany("INSERT INTO samples VALUES (?, ?, ?, ?)",
+                                 [(1, 1800000050.0, 0, 1.0), (1, 1800000010.0, 0, 2.0), (1, 1800000050.0, 1, 3.0),
+                                  (2, 1800000020.0, 0, 4.0)])
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.commit()
+                conn.close()
+                with mm.Store(path) as store:
+                    self.assertEqual(store.query("SELECT id, last_ts FROM series ORDER BY id"),
+                                     [(1, 1800000050.0), (2, 1800000020.0), (3, None)])
+                    self.assertEqual(store.query("SELECT count(*) FROM meta WHERE key = 'lagging_series'"), [(0,)])
+                    self.assertEqual(store.query(f"SELECT id FROM series WHERE {mm._OWN_SERIES} AND last_ts IS NOT "
+                                                 "NULL ORDER BY last_ts DESC, name, labels"), [(1,)])
 
     def test_readonly_open_of_a_missing_store_creates_nothing(self):
         with mm.Store(self.db, readonly=True) as store:
