@@ -1362,6 +1362,34 @@ class Store:
         with self._translating_errors():
             return self.connection.execute(sql, tuple(params)).fetchall()
 
+    @contextlib.contextmanager
+    def rows(self, sql: str, params: Iterable[Any] = ()) -> Iterator[Iterator[tuple]]:
+        """Run one read-only statement; its rows come as SQLite finds them, so a caller that has what it
+        needs stops the statement there (``with store.rows(...) as rows: for row in rows: ...``)."""
+        with self._translating_errors():
+            cursor = self.connection.execute(sql, tuple(params))
+            try:
+                yield cursor
+            finally:
+                cursor.close()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """One read transaction around the queries inside, so that they all see the store as it was at the
+        first of them, whatever other processes commit meanwhile (inside a transaction already: that one)."""
+        conn = self.connection
+        if conn.in_transaction:
+            yield
+            return
+        with self._translating_errors():
+            conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                with self._translating_errors():
+                    conn.execute("COMMIT")
+
     def query_one(self, sql: str, params: Iterable[Any] = ()) -> Optional[tuple]:
         """Run one read-only statement and return its first row, or None."""
         with self._translating_errors():
@@ -8209,6 +8237,7 @@ SUMMARY_SECTION_ROWS = 50  # sync targets or agents shown, the worst first; the 
 SUMMARY_METRICS = 10  # the user's own series shown, the most recently written first
 # The series of the sync, agent, breaker, check and job families (by the label that names the entity): the
 # summary shows them in their sections, the export in named families; every other series is the user's own.
+# The Storage section's _FAMILY_GLOBS says the same in SQL, for an index of the user's own.
 _EXPORTED_SERIES = (
     ("target", r"sync_.+_(success|failure|files|conflicts)"), ("agent", r"agent_.+_(success|failure|items)"),
     ("breaker", r"circuit_breaker_.+_(state|failures)"), ("check", r"check_(state|value|duration)"),
@@ -8387,6 +8416,25 @@ def series_key(name: str, labels: Dict[str, str]) -> str:
     return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
 
 
+def _newest_own_series(collector: MetricsCollector) -> Iterator[Tuple[int, str, str, float]]:
+    """(id, name, labels, time of the newest sample) of every user's own series with a sample, the newest
+    first (then by name and labels), read from own_series_by_time as far as the caller iterates; the
+    series whose last_ts may lag are asked their samples and merged in where they fall."""
+    import heapq
+
+    def newest_first(row: tuple) -> tuple:  # the order of the index
+        return -row[3], row[1], row[2]
+
+    lagging = sorted(collector.lagging_series())
+    exact = collector.store.query(
+        "SELECT id, name, labels, (SELECT max(ts) FROM samples WHERE series_id = series.id) AS last FROM series "
+        f"WHERE id IN ({', '.join('?' * len(lagging))}) AND {_OWN_SERIES} AND last IS NOT NULL", lagging)
+    with collector.store.rows(f"SELECT id, name, labels, last_ts FROM series WHERE {_OWN_SERIES} AND last_ts IS "
+                              "NOT NULL ORDER BY last_ts DESC, name, labels") as indexed:
+        yield from heapq.merge((row for row in indexed if row[0] not in lagging), sorted(exact, key=newest_first),
+                               key=newest_first)
+
+
 def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
                limit: int = SUMMARY_METRICS) -> Dict[str, Dict[str, Any]]:
     """The user's own series (not those of the sync, agent, breaker, check and job sections): the ``limit``
@@ -8395,23 +8443,17 @@ def own_series(collector: MetricsCollector, since: float, patterns: Optional[Lis
     the anomalous ones marked."""
     import fnmatch
     import json
-    import re
 
-    families = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
-    rows = collector.store.query(
-        "SELECT id, name, labels, (SELECT max(ts) FROM samples WHERE series_id = series.id) AS last FROM series "
-        "WHERE last IS NOT NULL ORDER BY last DESC, name, labels")
     found: Dict[str, Dict[str, Any]] = {}
-    for series_id, name, labels_text, _ in rows:
-        # A family's series carries its entity label: a look at the canonical text spares the JSON.
-        if any(f'"{label}":' in labels_text and pattern.fullmatch(name) for label, pattern in families):
-            continue
-        if patterns is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-            continue
-        labels = {} if labels_text == _NO_LABELS else json.loads(labels_text)
-        found[series_key(name, labels)] = dict(_series_recent(collector, series_id, since), name=name, labels=labels)
-        if patterns is None and len(found) >= limit:
-            break
+    with contextlib.closing(_newest_own_series(collector)) as newest:  # read no further than the last shown
+        for series_id, name, labels_text, _ in newest:
+            if patterns is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+                continue
+            labels = {} if labels_text == _NO_LABELS else json.loads(labels_text)
+            found[series_key(name, labels)] = dict(_series_recent(collector, series_id, since), name=name,
+                                                   labels=labels)
+            if patterns is None and len(found) >= limit:
+                break
 
     def place(key: str) -> Tuple[int, str]:  # the first glob its name matches, then the key
         name = found[key]["name"]
@@ -8500,16 +8542,10 @@ def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], sin
     return sorted(ranked[:limit]), {state: rest[state] for state in CHECK_STATES if rest[state]}
 
 
-def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
-                   limit: Optional[int] = None, metrics: Optional[List[str]] = None,
-                   checks: Optional[Dict[str, float]] = None, jobs: Optional[Dict[str, float]] = None,
-                   metrics_limit: int = SUMMARY_METRICS) -> Dict[str, Any]:
-    """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
-    jobs, the user's own series, recent alerts and the checks' last verdicts, over the last ``hours``.
-    With ``limit``, the sync and agent sections hold the ``limit`` in the worst state and ``omitted``
-    counts the rest by state; ``metrics``, ``checks`` and ``jobs`` are what summary_options() reads from
-    the configuration; without ``metrics``, the ``metrics_limit`` series written most recently show."""
-    hours = window_hours(hours)
+def _summary_now(collector: MetricsCollector, hours: float, limit: Optional[int], metrics: Optional[List[str]],
+                 checks: Optional[Dict[str, float]], jobs: Optional[Dict[str, float]],
+                 metrics_limit: int) -> Dict[str, Any]:
+    """system_summary(), read in its caller's transaction."""
     since, until = collector.window(hours)
     entities = collector.entities("target", "breaker", "agent")
     health = recorded_health(collector.store, until, checks)
@@ -8534,6 +8570,20 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
         "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
                     if counts},
     }
+
+
+def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
+                   limit: Optional[int] = None, metrics: Optional[List[str]] = None,
+                   checks: Optional[Dict[str, float]] = None, jobs: Optional[Dict[str, float]] = None,
+                   metrics_limit: int = SUMMARY_METRICS) -> Dict[str, Any]:
+    """What the dashboard, ``--summary`` and the exporters show: sync targets, circuit breakers, agents,
+    jobs, the user's own series, recent alerts and the checks' last verdicts, over the last ``hours``.
+    With ``limit``, the sync and agent sections hold the ``limit`` in the worst state and ``omitted``
+    counts the rest by state; ``metrics``, ``checks`` and ``jobs`` are what summary_options() reads from
+    the configuration; without ``metrics``, the ``metrics_limit`` series written most recently show."""
+    hours = window_hours(hours)
+    with collector.store.reading():  # one snapshot: the lagging series and the last times agree
+        return _summary_now(collector, hours, limit, metrics, checks, jobs, metrics_limit)
 
 
 def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:

@@ -84,6 +84,25 @@ class StorePragmasTest(StoreTestCase):
             self.assertEqual(store.query("SELECT * FROM meta"), [])
             self.assertFalse(store.connection.in_transaction)
 
+    def test_queries_inside_reading_see_one_snapshot_and_rows_stop_where_the_caller_does(self):
+        mm.Store(self.db).close()
+        with mm.Store(self.db, readonly=True) as reader, mm.Store(self.db) as writer:
+            with reader.reading():
+                self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(0,)])
+                with writer.write() as conn:
+                    conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+                self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(0,)])
+                with reader.reading():  # inside one already: that one holds
+                    self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(0,)])
+            self.assertFalse(reader.connection.in_transaction)
+            self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(1,)])
+            steps = []
+            reader.connection.set_progress_handler(lambda: steps.append(1), 1)
+            with reader.rows("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000) "
+                             "SELECT i FROM n") as rows:
+                self.assertEqual([i for i, _ in zip(rows, range(3))], [(1,), (2,), (3,)])
+            self.assertLess(len(steps), 1000)  # three rows made of a million, then the statement stopped
+
     def test_a_held_write_lock_gives_up_after_the_busy_timeout(self):
         with mm.Store(self.db) as holder, mm.Store(self.db, busy_timeout_s=0.05) as waiter:
             holder.connection.execute("BEGIN IMMEDIATE")

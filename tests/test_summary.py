@@ -2,6 +2,9 @@
 
 import json
 import os
+import random
+import re
+import sqlite3
 import subprocess
 import sys
 
@@ -331,3 +334,71 @@ class OwnSeriesTest(StoreTestCase):
         checked = self.run_cli("--config", config, "config", "--check")
         self.assertEqual((checked.returncode, checked.stdout.decode()),
                          (1, f"{config}: [dashboard] metrix: unknown key\n"))
+
+
+def own_series_before_schema_10(db, limit):
+    """The keys of the newest own series as the summary found them before last_ts: every series' newest
+    sample, all sorted, the families' series told in Python."""
+    families = [(label, re.compile(pattern)) for label, pattern in mm._EXPORTED_SERIES]
+    keys = []
+    for name, labels, _ in sqlite_rows(db, "SELECT name, labels, (SELECT max(ts) FROM samples WHERE series_id = "
+                                        "series.id) AS last FROM series WHERE last IS NOT NULL "
+                                        "ORDER BY last DESC, name, labels"):
+        if not any(f'"{label}":' in labels and pattern.fullmatch(name) for label, pattern in families):
+            keys.append(mm.series_key(name, json.loads(labels)))
+            if len(keys) == limit:
+                break
+    return sorted(keys)
+
+
+class OwnSeriesIndexTest(StoreTestCase):
+    """The newest of the user's own series come from an index that holds only theirs, with the series that
+    may lag in last_ts asked their samples: the same ten as the sort of every series found."""
+
+    def test_the_families_said_in_sql_are_those_of_the_export(self):
+        names = ["sync_a_success", "sync_a_failure", "sync_a_files", "sync_a_conflicts", "sync__success",
+                 "sync_a_b_success", "sync_success", "Sync_a_success", "sync_a_successes", "xsync_a_success",
+                 "agent_a_items", "agent_a_success", "agent__items", "circuit_breaker_b_state",
+                 "circuit_breaker_b_failures", "circuit_breaker__state", "check_state", "check_value",
+                 "check_duration", "check_states", "job_duration", "job_exit_code", "job_exit", "sync_*_success",
+                 "sync_?_failure", "sync_[a]_files", "sync_é_success", "backup_bytes"]
+        labels = [{}, {"target": "a"}, {"agent": "a"}, {"breaker": "b"}, {"check": "c"}, {"job": "j"},
+                  {"xtarget": "a"}, {"target_": "a"}, {"host": "nas", "target": "a"}, {"note": '"target":'}]
+        conn = sqlite3.connect(":memory:")
+        self.addCleanup(conn.close)
+        conn.execute("CREATE TABLE series (name TEXT, labels TEXT)")
+        cases = [(name, mm.canonical_labels(pairs)) for name in names for pairs in labels]
+        conn.executemany("INSERT INTO series VALUES (?, ?)", cases)
+        families = [(label, re.compile(pattern)) for label, pattern in mm._EXPORTED_SERIES]
+        expected = [(name, text, int(not any(label in json.loads(text) and pattern.fullmatch(name)
+                                             for label, pattern in families))) for name, text in cases]
+        self.assertEqual(conn.execute(f"SELECT name, labels, {mm._OWN_SERIES} FROM series").fetchall(), expected)
+        self.assertEqual(sum(own for _, _, own in expected), 280 - 27)  # 9 + 2 + 2 + 3 + 2 names, 2 with target
+
+    def test_the_newest_ten_are_those_of_a_sort_of_every_series(self):
+        rng = random.Random(31)
+        now, written = 1_800_000_000.0, []
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: now) as metrics:
+            # The first 64 series written lag in last_ts: some of them old, some the newest of all.
+            metrics.record_many((f"early_{i}", 1.0, None, now - 5000 + 100 * (i % 3)) for i in range(64))
+            for i in range(3000):
+                target = f"t{i:04d}"  # the families' series, newer than every own series
+                metrics.record_many([(f"sync_{target}_success", 1.0, {"target": target}, now - rng.uniform(0, 99)),
+                                     (f"sync_{target}_files", 1.0, {"target": target}, now - 1)])
+            for i in range(40):  # ties at one instant, told apart by name, then labels
+                metrics.record(f"own_{i % 7}", 1.0, {"n": str(i)}, timestamp=now - 200 - i % 4)
+            for i in range(200):
+                metrics.record(f"own_{rng.randrange(9)}", 1.0, timestamp=now - rng.uniform(100, 4000))
+                metrics.record(f"early_{rng.randrange(64)}", 1.0, timestamp=now - rng.uniform(100, 6000))
+        with mm.MetricsCollector(self.db, readonly=True, now=lambda: now) as metrics:
+            traced = []
+            metrics.store.connection.set_trace_callback(traced.append)
+            for limit in (1, 10, 30, 200):
+                with self.subTest(limit=limit):
+                    self.assertEqual(list(mm.own_series(metrics, now - 86400, limit=limit)),
+                                     own_series_before_schema_10(self.db, limit))
+            metrics.store.connection.set_trace_callback(None)
+            indexed = next(sql for sql in traced if "ORDER BY last_ts DESC" in sql)
+            plan = " ".join(row[3] for row in metrics.store.query("EXPLAIN QUERY PLAN " + indexed))
+        self.assertIn("INDEX own_series_by_time", plan)  # in its order: no sort of the series
+        self.assertNotIn("TEMP B-TREE", plan)
