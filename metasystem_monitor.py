@@ -113,7 +113,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -737,8 +737,19 @@ _OWN_SERIES = "NOT ({})".format(" OR ".join(
     "(instr(labels, '\"{}\":') AND ({}))".format(label, " OR ".join(f"name GLOB '{glob}'" for glob in globs))
     for label, globs in _FAMILY_GLOBS))
 
-# Each entry is one schema version: SQL statements, run in order in one transaction.
-_MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
+
+def _fill_label_values(conn: sqlite3.Connection) -> None:
+    """Schema 11's label_values, from the series there are: JSON that SQL alone cannot read everywhere."""
+    import json
+
+    texts = conn.execute("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)).fetchall()
+    conn.executemany("INSERT OR IGNORE INTO label_values (key, value) VALUES (?, ?)",
+                     [pair for (text,) in texts for pair in json.loads(text).items()])
+
+
+# Each entry is one schema version: SQL statements, or a function of the connection for what SQL cannot
+# say, run in order in one transaction.
+_MIGRATIONS: Tuple[Tuple[Any, ...], ...] = (
     (
         # One row per (name, labels); samples refer to it by a small integer.
         """CREATE TABLE series (
@@ -963,6 +974,19 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
         "ALTER TABLE series ADD COLUMN last_ts REAL",
         "UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id)",
         f"CREATE INDEX own_series_by_time ON series (last_ts DESC, name, labels) WHERE {_OWN_SERIES}",
+    ),
+    (
+        # Every label value a series carries, by key, written when a series is created: who the targets,
+        # agents and breakers are without reading every series' labels.
+        """CREATE TABLE label_values (
+               key TEXT NOT NULL,
+               value TEXT NOT NULL,
+               PRIMARY KEY (key, value)) WITHOUT ROWID""",
+        _fill_label_values,
+        # The runs of a window by their outcome's series: which sync targets and agents failed in it, and how
+        # many of the others succeeded, without a look at the rest (see _worst_first()).
+        "CREATE INDEX successes_by_time ON series (last_ts) WHERE name GLOB '*_success'",
+        "CREATE INDEX failures_by_time ON series (last_ts) WHERE name GLOB '*_failure'",
     ),
 )
 
@@ -1324,7 +1348,10 @@ class Store:
             _mark_as_ours(conn)  # in the same transaction as the tables: never one without the other
             for statements in _MIGRATIONS[version:]:
                 for statement in statements:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
             conn.execute("COMMIT")
         except BaseException:
@@ -2166,8 +2193,13 @@ class MetricsCollector:
 
     @staticmethod
     def _series_id(conn: sqlite3.Connection, key: Tuple[str, str]) -> int:
-        """The id of series (name, labels), created if it is new."""
-        conn.execute("INSERT OR IGNORE INTO series (name, labels) VALUES (?, ?)", key)
+        """The id of series (name, labels), created if it is new (and its labels then in label_values)."""
+        if conn.execute("INSERT OR IGNORE INTO series (name, labels) VALUES (?, ?)", key).rowcount and (
+                key[1] != _NO_LABELS):
+            import json
+
+            conn.executemany("INSERT OR IGNORE INTO label_values (key, value) VALUES (?, ?)",
+                             json.loads(key[1]).items())
         return conn.execute("SELECT id FROM series WHERE name = ? AND labels = ?", key).fetchone()[0]
 
     @staticmethod
@@ -2620,16 +2652,10 @@ class MetricsCollector:
         return system_summary(self, hours)
 
     def entities(self, *labels: str) -> Dict[str, List[str]]:
-        """For each label (target, breaker, agent): the names it carries across all series, sorted."""
-        import json
-
-        found: Dict[str, set] = {label: set() for label in labels}
-        for (text,) in self.store.query("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)):
-            pairs = json.loads(text)
-            for label, names in found.items():
-                if label in pairs:
-                    names.add(pairs[label])
-        return {label: sorted(names) for label, names in found.items()}
+        """For each label (target, breaker, agent): the names it carries across all series, sorted (SQLite
+        compares UTF-8 bytes, which sort as the code points that Python compares)."""
+        return {label: [value for (value,) in self.store.query(
+            "SELECT value FROM label_values WHERE key = ? ORDER BY value", (label,))] for label in labels}
 
     # -- rollups and retention -------------------------------------------------
 

@@ -244,6 +244,20 @@ class SummaryTest(StoreTestCase):
             "omitted": {},
         })
 
+    def test_entities_are_the_label_values_of_every_series_sorted_as_python_sorts(self):
+        metrics = self.collector(FakeClock())
+        names = ["zeta", "Zeta", "éclair", "eclair", "日本", "😀", "a b", 'quote"d', "back\\slash", "", "a"]
+        metrics.record_many((f"sync_{i}_files", 1.0, {"target": name, "host": f"h{i % 2}"}) for i, name in
+                            enumerate(names))
+        metrics.record("x", 1.0, {"target": "zeta"})  # one name, twice
+        with metrics.writing() as conn:  # a series created in a transaction that is rolled back leaves none
+            conn.execute("SAVEPOINT s")
+            metrics._series_id(conn, ("y", mm.canonical_labels({"target": "rolled back"})))
+            conn.execute("ROLLBACK TO s")
+        self.assertEqual(metrics.entities("target", "host", "agent"),
+                         {"target": sorted(names), "host": ["h0", "h1"], "agent": []})
+        self.assertEqual(metrics.sync_targets(), sorted(names))
+
     def test_summary_of_an_empty_store(self):
         summary = self.collector(FakeClock()).get_system_summary()
         self.assertEqual((summary["sync"], summary["circuit_breakers"], summary["agents"]), ({}, {}, {}))

@@ -210,7 +210,7 @@ class StoreVersionsTest(StoreTestCase):
                                   "retry_budget", "breakers", "breaker_failures", "breaker_transitions",
                                   "alerts", "alert_deliveries", "alert_marks", "alert_states",
                                   "alert_channel_states", "alert_held", "silences", "job_runs", "check_results",
-                                  "delivery_counts", "alert_acks", "raw_kept"})
+                                  "delivery_counts", "alert_acks", "raw_kept", "label_values"})
 
     def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(self):
         conn = sqlite3.connect(self.db)
@@ -228,19 +228,24 @@ class StoreVersionsTest(StoreTestCase):
             self.assertEqual(store.query("SELECT * FROM samples"), [(1, 1800000000.0, 0, 42.0)])
             self.assertEqual(store.query("SELECT count(*) FROM retry_calls"), [(0,)])
 
-    def test_a_store_of_every_older_version_gets_last_times_from_its_samples(self):
+    def test_a_store_of_every_older_version_gets_last_times_and_label_values_from_its_series(self):
         for version in range(1, mm.SCHEMA_VERSION):
             with self.subTest(version=version):
                 path = os.path.join(self.tmp, f"v{version}.db")
                 conn = sqlite3.connect(path)
                 for statements in mm._MIGRATIONS[:version]:
                     for statement in statements:
-                        conn.execute(statement)
+                        statement(conn) if callable(statement) else conn.execute(statement)
+                if version > UNMARKED_UP_TO_SCHEMA:
+                    conn.execute(f"PRAGMA application_id = {mm.APPLICATION_ID}")
                 conn.executemany("INSERT INTO series (id, name, labels) VALUES (?, ?, ?)",
-                                 [(1, "own", "{}"), (2, "sync_a_success", '{"target":"a"}'), (3, "empty", "{}")])
+                                 [(1, "own", "{}"), (2, "sync_a_success", '{"target":"a"}'),
+                                  (3, "empty", '{"host":"n\\"as","target":"a"}')])
                 conn.executemany("INSERT INTO samples VALUES (?, ?, ?, ?)",
                                  [(1, 1800000050.0, 0, 1.0), (1, 1800000010.0, 0, 2.0), (1, 1800000050.0, 1, 3.0),
                                   (2, 1800000020.0, 0, 4.0)])
+                if version >= 10:  # as the writes of schema 10 keep it
+                    conn.execute("UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = id)")
                 conn.execute(f"PRAGMA user_version = {version}")
                 conn.commit()
                 conn.close()
@@ -248,6 +253,7 @@ class StoreVersionsTest(StoreTestCase):
                     self.assertEqual(store.query("SELECT id, last_ts FROM series ORDER BY id"),
                                      [(1, 1800000050.0), (2, 1800000020.0), (3, None)])
                     self.assertEqual(store.query("SELECT count(*) FROM meta WHERE key = 'lagging_series'"), [(0,)])
+                    self.assertEqual(store.query("SELECT * FROM label_values"), [("host", 'n"as'), ("target", "a")])
                     self.assertEqual(store.query(f"SELECT id FROM series WHERE {mm._OWN_SERIES} AND last_ts IS NOT "
                                                  "NULL ORDER BY last_ts DESC, name, labels"), [(1,)])
 
