@@ -1230,6 +1230,11 @@ class _WriteTransaction:
             raise self.store.storage_error(exc) from exc
 
 
+def _bound(params: Iterable[Any]) -> Any:
+    """A statement's parameters as sqlite3 takes them: a dict for ``:name`` ones, else a tuple."""
+    return params if isinstance(params, dict) else tuple(params)
+
+
 def _meta_times(conn: sqlite3.Connection, *keys: str) -> Tuple[Optional[float], ...]:
     """The meta values of ``keys``, as floats, None where unset; one query."""
     marks = dict(conn.execute(f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
@@ -1385,16 +1390,17 @@ class Store:
         return _WriteTransaction(self)
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> List[tuple]:
-        """Run one read-only statement and return all its rows."""
+        """Run one read-only statement and return all its rows (``params``: a sequence for ``?``, a dict for
+        ``:name``)."""
         with self._translating_errors():
-            return self.connection.execute(sql, tuple(params)).fetchall()
+            return self.connection.execute(sql, _bound(params)).fetchall()
 
     @contextlib.contextmanager
     def rows(self, sql: str, params: Iterable[Any] = ()) -> Iterator[Iterator[tuple]]:
         """Run one read-only statement; its rows come as SQLite finds them, so a caller that has what it
         needs stops the statement there (``with store.rows(...) as rows: for row in rows: ...``)."""
         with self._translating_errors():
-            cursor = self.connection.execute(sql, tuple(params))
+            cursor = self.connection.execute(sql, _bound(params))
             try:
                 yield cursor
             finally:
@@ -1420,7 +1426,7 @@ class Store:
     def query_one(self, sql: str, params: Iterable[Any] = ()) -> Optional[tuple]:
         """Run one read-only statement and return its first row, or None."""
         with self._translating_errors():
-            return self.connection.execute(sql, tuple(params)).fetchone()
+            return self.connection.execute(sql, _bound(params)).fetchone()
 
     def meta_times(self, *keys: str) -> Tuple[Optional[float], ...]:
         """Times the store keeps about itself (rolled_until, daily_until, last_cleanup); None if unset."""
@@ -8546,26 +8552,127 @@ def rate_state(rate: Optional[float]) -> str:
     return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
 
 
-def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], since: float, until: float,
+# The queries of the worst-first sections, with the named parameters of _run_params(). A series ran in the
+# window [:since, :until] by its last_ts: right for every series but the lagging ones (a sample stamped past
+# :until is looked for in the window).
+_RAN_IN_WINDOW = ("series.last_ts >= :since AND (series.last_ts <= :until OR EXISTS (SELECT 1 FROM samples "
+                  "WHERE series_id = series.id AND ts >= :since AND ts <= :until))")
+# Of a series named PREFIX_NAME_success or _failure: NAME, and whether it is a value of the label. The series'
+# own labels say so without a seek where NAME needs no escape in JSON; label_values says so anyway.
+_RUN_NAME = "substr(series.name, :head_chars + 1, length(series.name) - :head_chars - 8)"
+_OF_SECTION = "substr(series.name, 1, :head_chars) = :head AND length(series.name) >= :head_chars + 8"
+_NAMED = (f"CASE WHEN instr(series.labels, :labelled || {_RUN_NAME} || '\"') THEN 1 ELSE EXISTS (SELECT 1 FROM "
+          f"label_values WHERE key = :label AND value = {_RUN_NAME}) END")
+# A run series' NAME, the successes of NAME in the window, its own samples there, and whether it is a success.
+_RUN_COUNTS = (f"SELECT series.id, {_RUN_NAME}, (SELECT count(*) FROM series AS other JOIN samples ON "
+               f"samples.series_id = other.id WHERE other.name = :head || {_RUN_NAME} || '_success' AND ts >= :since "
+               "AND ts <= :until), (SELECT count(*) FROM samples WHERE series_id = series.id AND ts >= :since AND "
+               "ts <= :until), series.name GLOB '*_success' FROM series ")
+
+
+def _run_params(prefix: str, label: str, since: float, until: float,
+                lagging: AbstractSet[int]) -> Tuple[str, Dict[str, Any]]:
+    """The SQL list of the lagging series' ids, ``(:l0, :l1, ...)``, and the named parameters of the queries
+    of the worst-first sections."""
+    ids = {f"l{i}": series_id for i, series_id in enumerate(sorted(lagging))}
+    return "({})".format(", ".join(":" + key for key in ids)), dict(
+        ids, since=since, until=until, label=label, head=prefix + "_", head_chars=len(prefix) + 1,
+        labelled=f'"{label}":"')
+
+
+def _counted_runs(store: Store, lagging_ids: str,
+                  params: Dict[str, Any]) -> Tuple[Dict[str, Tuple[int, int]], AbstractSet[str]]:
+    """The names whose runs are counted one by one, each with its successes and failures in the window: those
+    with a PREFIX_NAME_failure series that ran since :since (failures_by_time holds them) and those with a
+    lagging series; every other name failed no run in the window. Also the names with a lagging success
+    series."""
+    rows = store.query(f"{_RUN_COUNTS} WHERE name GLOB '*_failure' AND last_ts >= :since AND {_OF_SECTION} "
+                       f"AND {_NAMED}", params)
+    rows += store.query(f"{_RUN_COUNTS} WHERE id IN {lagging_ids} AND (name GLOB '*_success' OR name GLOB "
+                        f"'*_failure') AND {_OF_SECTION} AND {_NAMED}", params)
+    counted: Dict[str, Tuple[int, int]] = {}
+    seen = set()  # a lagging failure series may have come in both
+    for series_id, name, good, own, success in rows:
+        bad = counted.get(name, (good, 0))[1]
+        if not success and series_id not in seen:
+            seen.add(series_id)
+            bad += own  # the failures of every failure series of the name that may hold any in the window
+        counted[name] = (good, bad)
+    return counted, {name for _, name, _, _, success in rows if success}
+
+
+def _succeeded_elsewhere(store: Store, lagging_ids: str, params: Dict[str, Any]) -> int:
+    """How many names have a PREFIX_NAME_success series, not lagging, that ran in the window by its last_ts:
+    one count in SQL, over successes_by_time."""
+    return store.query_one(f"SELECT count(DISTINCT name) FROM series WHERE name GLOB '*_success' AND {_RAN_IN_WINDOW} "
+                           f"AND {_OF_SECTION} AND series.id NOT IN {lagging_ids} AND {_NAMED}", params)[0]
+
+
+def _ran_beside_lagging(store: Store, names: AbstractSet[str], lagging_ids: str, params: Dict[str, Any]) -> int:
+    """How many of ``names`` (which have a lagging success series) have another one that _succeeded_elsewhere()
+    counted."""
+    chunk = {f"n{i}": name for i, name in enumerate(sorted(names))}  # at most LAGGING_SERIES_MAX
+    return store.query_one(
+        f"WITH c(name) AS (VALUES {', '.join(f'(:{key})' for key in chunk) or '(NULL)'}) SELECT count(*) FROM c "
+        f"WHERE EXISTS (SELECT 1 FROM series WHERE series.name = :head || c.name || '_success' AND {_RAN_IN_WINDOW} "
+        f"AND series.id NOT IN {lagging_ids})", dict(params, **chunk))[0]
+
+
+def _first_names(store: Store, succeeded: bool, skip: AbstractSet[str], count: int,
+                 params: Dict[str, Any]) -> List[str]:
+    """The first ``count`` names in order, past those in ``skip``, whose success series ran in the window by
+    their last_ts (``succeeded``) or did not: read as far as they are found."""
+    found: List[str] = []
+    if count <= 0:
+        return found
+    with store.rows(f"SELECT value FROM label_values AS v WHERE key = :label AND {'' if succeeded else 'NOT '}"
+                    "EXISTS (SELECT 1 FROM series WHERE series.name = :head || v.value || '_success' "
+                    f"AND {_RAN_IN_WINDOW}) ORDER BY value", params) as rows:
+        for (name,) in rows:
+            if name not in skip:
+                found.append(name)
+                if len(found) == count:
+                    break
+    return found
+
+
+def _worst_first(collector: MetricsCollector, prefix: str, label: str, since: float, until: float,
                  limit: Optional[int]) -> Tuple[List[str], Dict[str, int]]:
-    """The ``limit`` names (sorted) whose runs in the window are in the worst state, and how many of the
-    rest are in each state: one grouped count over the window's raw samples ranks them all (a window
-    longer than the raw retention ranks by what raw samples remain)."""
+    """The ``limit`` names of ``label`` (target, agent) whose PREFIX_NAME_success and _failure runs in the
+    window are in the worst state, sorted, and how many of the rest are in each state (every name and no
+    counts without a limit, or when no more are there). The names that failed in the window, and those with a
+    lagging series, have their runs counted; every other one failed none, so it is OK if it succeeded, else
+    UNKNOWN: those are counted in SQL, and read only as far as the section shows them, in order. A window
+    longer than the raw retention ranks by the raw samples left."""
     import collections
 
-    if limit is None or len(names) <= limit:
-        return names, {}
-    counts = dict(collector.store.query(
-        "SELECT series.name, count(*) FROM series JOIN samples ON samples.series_id = series.id "
-        "WHERE series.name >= ? AND series.name < ? AND samples.ts >= ? AND samples.ts <= ? GROUP BY series.name",
-        (prefix + "_", prefix + "`", since, until)))  # "`" is the character after "_"
-    states = {}
-    for name in names:
-        good, bad = counts.get(f"{prefix}_{name}_success", 0), counts.get(f"{prefix}_{name}_failure", 0)
-        states[name] = rate_state(100.0 * good / (good + bad) if good + bad else None)
-    ranked = sorted(names, key=lambda name: (-STATE_RANK[states[name]], name))
-    rest = collections.Counter(states[name] for name in ranked[limit:])
-    return sorted(ranked[:limit]), {state: rest[state] for state in CHECK_STATES if rest[state]}
+    store = collector.store
+    first = [name for (name,) in store.query("SELECT value FROM label_values WHERE key = ? ORDER BY value LIMIT ?",
+                                             (label, -1 if limit is None else limit + 1))]
+    if limit is None or len(first) <= limit:
+        return first, {}
+    lagging_ids, params = _run_params(prefix, label, since, until, collector.lagging_series())
+    counted, lagging_successes = _counted_runs(store, lagging_ids, params)
+    states = {name: rate_state(100.0 * good / (good + bad) if good + bad else None)
+              for name, (good, bad) in counted.items()}
+    # Those of the counted that _succeeded_elsewhere() counts too: with no success series lagging, the ones
+    # that succeeded in the window.
+    counted_twice = sum(1 for name, (good, _) in counted.items() if good and name not in lagging_successes)
+    counted_twice += _ran_beside_lagging(store, lagging_successes, lagging_ids, params)
+    succeeded = _succeeded_elsewhere(store, lagging_ids, params) - counted_twice
+    names = store.query_one("SELECT count(*) FROM label_values WHERE key = ?", (label,))[0]
+    elsewhere = {"OK": succeeded, "UNKNOWN": names - len(counted) - succeeded}
+    shown: List[Tuple[str, str]] = []
+    for state in sorted(CHECK_STATES, key=STATE_RANK.__getitem__, reverse=True):
+        room = limit - len(shown)
+        if elsewhere.get(state) and room > 0:  # as many as may show, read in order: they join the counted
+            walked = _first_names(store, state == "OK", counted.keys(), room, params)
+            states.update((name, state) for name in walked)
+            elsewhere[state] -= len(walked)
+        shown += [(name, state) for name in sorted(name for name, named in states.items() if named == state)[:room]]
+    rest = collections.Counter(states.values()) + collections.Counter(elsewhere)
+    rest.subtract(state for _, state in shown)
+    return sorted(name for name, _ in shown), {state: rest[state] for state in CHECK_STATES if rest[state]}
 
 
 def _summary_now(collector: MetricsCollector, hours: float, limit: Optional[int], metrics: Optional[List[str]],
@@ -8573,10 +8680,9 @@ def _summary_now(collector: MetricsCollector, hours: float, limit: Optional[int]
                  metrics_limit: int) -> Dict[str, Any]:
     """system_summary(), read in its caller's transaction."""
     since, until = collector.window(hours)
-    entities = collector.entities("target", "breaker", "agent")
     health = recorded_health(collector.store, until, checks)
-    targets, omitted_targets = _worst_first(collector, "sync", entities["target"], since, until, limit)
-    agents, omitted_agents = _worst_first(collector, "agent", entities["agent"], since, until, limit)
+    targets, omitted_targets = _worst_first(collector, "sync", "target", since, until, limit)
+    agents, omitted_agents = _worst_first(collector, "agent", "agent", since, until, limit)
     return {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "generated_at": iso_time(until),
@@ -8585,7 +8691,7 @@ def _summary_now(collector: MetricsCollector, hours: float, limit: Optional[int]
         "sync": {target: dict(_sync_summary(collector, target, hours),
                               recent=recent_runs(collector, f"sync_{target}", since))
                  for target in targets},
-        "circuit_breakers": _breaker_summaries(collector, entities["breaker"], since, until),
+        "circuit_breakers": _breaker_summaries(collector, collector.entities("breaker")["breaker"], since, until),
         "agents": {agent: dict(_agent_summary(collector, agent, hours),
                                recent=recent_runs(collector, f"agent_{agent}", since))
                    for agent in agents},

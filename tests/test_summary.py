@@ -229,6 +229,104 @@ class ManyTargetsTest(StoreTestCase):
         self.assertEqual(len(mm.read_summary(self.db, now=lambda: now)["sync"]), mm.SUMMARY_SECTION_ROWS)
 
 
+def worst_first_before_schema_11(db, prefix, label, since, until, limit):
+    """The sync or agent section's names and omitted counts as they were found before label_values and
+    last_ts: every name from the series' labels, a grouped count of every run in the window."""
+    import collections
+
+    names = sorted({json.loads(text)[label] for (text,) in sqlite_rows(db, "SELECT DISTINCT labels FROM series")
+                    if label in json.loads(text)})
+    if len(names) <= limit:
+        return names, {}
+    counts = dict(sqlite_rows(db, "SELECT series.name, count(*) FROM series JOIN samples ON series_id = series.id "
+                                  "WHERE series.name >= ? AND series.name < ? AND ts >= ? AND ts <= ? GROUP BY 1",
+                              (prefix + "_", prefix + "`", since, until)))
+    states = {}
+    for name in names:
+        good, bad = counts.get(f"{prefix}_{name}_success", 0), counts.get(f"{prefix}_{name}_failure", 0)
+        states[name] = mm.rate_state(100.0 * good / (good + bad) if good + bad else None)
+    ranked = sorted(names, key=lambda name: (-mm.STATE_RANK[states[name]], name))
+    rest = collections.Counter(states[name] for name in ranked[limit:])
+    return sorted(ranked[:limit]), {state: rest[state] for state in mm.CHECK_STATES if rest[state]}
+
+
+class WorstFirstTest(StoreTestCase):
+    """The worst sync targets and agents, read without a look at every one: the same as a count of all."""
+
+    def build(self, seed):
+        rng = random.Random(seed)
+        now = 1_800_000_000.0
+        names = [f"t{i:03d}" for i in range(rng.randrange(20, 160))]
+        names += ['q"uote', "back\\slash", "é", "a_failure", "", "日本"]  # written with escapes, or odd ones
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: now) as metrics:
+            for prefix, label in (("sync", "target"), ("agent", "agent")):  # "t0" is no name, "t000" is
+                metrics.record_many([(f"{prefix}_t0_success", 1.0, {label: "t000"}, now - 60),
+                                     (f"{prefix}_t0_failure", 1.0, {label: "t000"}, now - 60)])
+            for _ in range(rng.randrange(100, 900)):  # the first 64 series lag in last_ts
+                name = rng.choice(names)
+                prefix, label = rng.choice([("sync", "target"), ("agent", "agent")])
+                outcome = rng.choice(["success", "success", "success", "failure", "files" if prefix == "sync" else
+                                      "items"])
+                when = now - rng.choice([rng.uniform(0, 86400), rng.uniform(86400, 3 * 86400), 86400.0, 0.0,
+                                         -rng.uniform(1, 7200)])  # in the window, before it, at its edges, after it
+                labels = rng.choice([{label: name}, {label: name, "host": "nas"}, None, {label: "other"}])
+                metrics.record(f"{prefix}_{name}_{outcome}", 1.0, labels, timestamp=when)
+                if rng.random() < 0.05:
+                    metrics.record_many((f"{prefix}_{rng.choice(names)}_failure", 2.0, {label: rng.choice(names)},
+                                         now - rng.uniform(0, 86400)) for _ in range(70))
+        if seed % 2:  # as a store migrated to schema 10 leaves them: the lagging series' last_ts from before
+            conn = sqlite3.connect(self.db)
+            self.addCleanup(conn.close)
+            lagging = conn.execute("SELECT value FROM meta WHERE key = 'lagging_series'").fetchone()[0]
+            conn.execute(f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id "
+                         f"AND ts < ?) WHERE id IN ({lagging})", (now - rng.uniform(0, 86400),))
+            conn.commit()
+        return now
+
+    def test_the_sections_agree_with_a_count_of_every_run(self):
+        for seed in range(12):
+            with self.subTest(seed=seed):
+                if os.path.exists(self.db):
+                    os.remove(self.db)
+                now = self.build(seed)
+                with mm.MetricsCollector(self.db, readonly=True, now=lambda: now) as metrics:
+                    self.assertGreater(len(metrics.lagging_series()), 0)
+                    for prefix, label in (("sync", "target"), ("agent", "agent")):
+                        for limit, hours in ((1, 24), (5, 24), (50, 24), (5, 48), (20, 1)):
+                            since = now - hours * 3600.0
+                            counted = mm._counted_runs(metrics.store, *mm._run_params(
+                                prefix, label, since, now, metrics.lagging_series()))[0]
+                            runs = dict(sqlite_rows(self.db, "SELECT name, count(*) FROM series JOIN samples ON "
+                                                             "series_id = id WHERE ts >= ? AND ts <= ? GROUP BY name",
+                                                    (since, now)))
+                            self.assertEqual(counted, {name: (runs.get(f"{prefix}_{name}_success", 0),
+                                                              runs.get(f"{prefix}_{name}_failure", 0))
+                                                       for name in counted})
+                            self.assertEqual(mm._worst_first(metrics, prefix, label, since, now, limit),
+                                             worst_first_before_schema_11(self.db, prefix, label, since, now, limit),
+                                             (prefix, limit, hours))
+
+    def test_only_the_failed_and_the_shown_are_read_one_by_one(self):
+        now = 1_800_000_000.0
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: now) as metrics:
+            metrics.record_many((f"early_{i}", 1.0) for i in range(mm.LAGGING_SERIES_MAX))
+            metrics.record_many((f"sync_t{i:04d}_{'failure' if i % 100 == 7 else 'success'}", 1.0,
+                                 {"target": f"t{i:04d}"}, now - 600) for i in range(3000))
+        with mm.MetricsCollector(self.db, readonly=True, now=lambda: now) as metrics:
+            traced = []
+            metrics.store.connection.set_trace_callback(traced.append)
+            shown, omitted = mm._worst_first(metrics, "sync", "target", now - 86400, now, 50)
+            metrics.store.connection.set_trace_callback(None)
+            failed = [f"t{i:04d}" for i in range(7, 3000, 100)]
+            self.assertEqual((shown, omitted), (sorted(failed + [f"t{i:04d}" for i in range(21) if i != 7]),
+                                                {"OK": 2950}))
+            plans = {sql: " ".join(row[3] for row in metrics.store.query("EXPLAIN QUERY PLAN " + sql))
+                     for sql in traced if sql.startswith(("SELECT", "WITH"))}
+        self.assertIn("failures_by_time", next(plan for sql, plan in plans.items() if "'*_failure'" in sql))
+        self.assertIn("successes_by_time", next(plan for sql, plan in plans.items() if "count(DISTINCT" in sql))
+        self.assertEqual([plan for plan in plans.values() if "SCAN series" in plan], [])
+
+
 class JobsSectionTest(AlertTestCase):
     """Every job run wraps shows on every face: its last run, how it ended, how long it took."""
 
