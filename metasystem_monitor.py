@@ -2125,7 +2125,8 @@ class MetricsCollector:
                 created[key] = self._series_id(conn, key)
             rows[i] = (created[key], ts, value)
         self._insert_rows(conn, rows)
-        self._keep_last_times(conn, rows)
+        if len(rows) > 1 or rows[0][0] not in self._lagging:  # a lagging series again: nothing to keep, no call
+            self._keep_last_times(conn, rows)
         if oldest < (self._now() if now is None else now) - ROLLUP_GRACE_S:
             self._merge_late_rows(conn, rows)
         return created
@@ -2236,9 +2237,7 @@ class MetricsCollector:
         that saw a series in it trusts that without another read: writing it again costs nothing more.
         Every other series' last_ts is caught up from its samples (out of order, or at an instant taken).
         """
-        if len(rows) == 1:
-            if rows[0][0] in self._lagging:
-                return  # the steady state of a series written again and again
+        if len(rows) == 1:  # not a lagging one (_write_prepared() looked)
             written = {rows[0][0]}
         else:
             from operator import itemgetter

@@ -677,9 +677,9 @@ def bench_summary_many_targets(tmp):
     build_many_series(many, now)
     print(f"   (built issue 31's stores in {time.perf_counter() - started:.0f} s)")
     starts = []
-    for row, db, what in (("13.", light, "25,000 sync targets, a success and a failure each"),
-                          ("13.", fleet, "25,000 sync targets, 3 runs of 3 series"),
-                          ("13b.", many, "100,000 series, 60 samples each")):
+    for row, db, what in (("13.", light, "25,000 targets: a success, a failure"),
+                          ("13.", fleet, "25,000 targets: 3 runs x 3 series"),
+                          ("13b.", many, "100,000 series x 60 samples")):
         for option in ("--summary", "--once"):
             ours, start = dashboard_past_start(tmp, db, now, option)
             starts.append(start)
