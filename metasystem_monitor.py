@@ -1683,8 +1683,9 @@ _IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AN
 # most LAGGING_SERIES_MAX ids, names it; _keep_last_times() says why.
 LAGGING_SERIES_MAX = 64
 _LAGGING = "SELECT value FROM meta WHERE key = 'lagging_series'"
-_CATCH_UP = "UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = ?1) WHERE id = ?1"
-_CATCH_UP_BELOW = _CATCH_UP + " AND last_ts < ?2"  # after deleting samples below ?2
+# Plain ? only: Python 3.12 takes ?1 for a named parameter, and 3.14 refuses a sequence for it.
+_CATCH_UP = "UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = ?) WHERE id = ?"
+_CATCH_UP_BELOW = _CATCH_UP + " AND last_ts < ?"  # after deleting samples below the bound
 _OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
 # Chan's pairwise update: every right-hand side sees the row as it was.
 _MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
@@ -2257,7 +2258,7 @@ class MetricsCollector:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lagging_series', ?)", (text,))
                 written.difference_update(joining)
         if written:
-            conn.executemany(_CATCH_UP, [(series_id,) for series_id in written])
+            conn.executemany(_CATCH_UP, [(series_id, series_id) for series_id in written])
 
     def lagging_series(self) -> AbstractSet[int]:
         """The ids of the series whose last_ts may lag behind their samples (at most LAGGING_SERIES_MAX): a
@@ -2891,8 +2892,11 @@ class MetricsCollector:
     def _delete_raw_samples(self, series_id: int, cutoff: float) -> int:
         """Delete a series' raw samples below ``cutoff``, and catch its last_ts up in the same transactions
         where they held its newest. Samples kept for their hours stay until those hours fold into days."""
+        def catch_up(conn: sqlite3.Connection, bound: float) -> None:
+            conn.execute(_CATCH_UP_BELOW, (series_id, series_id, bound))
+
         return self._delete_in_batches("samples", "series_id = ? AND seq >= 0", "ts", (series_id,), cutoff,
-                                       then=lambda conn, bound: conn.execute(_CATCH_UP_BELOW, (series_id, bound)))
+                                       then=catch_up)
 
     def _delete_in_batches(self, table: str, where: str, column: str, params: tuple, cutoff: float,
                            then=None) -> int:
@@ -2981,7 +2985,7 @@ class MetricsCollector:
         conn.executemany(_MERGE_ROLLUP, [_hourly_row(series_id, hour, points) for hour, points in _hours_of(rows)])
         expired = (series_id, start, min(end, raw_cutoff))
         conn.execute("DELETE FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? AND seq < 0", expired)
-        conn.execute(_CATCH_UP_BELOW, (series_id, expired[2]))
+        conn.execute(_CATCH_UP_BELOW, (series_id, series_id, expired[2]))
         if end > raw_cutoff:
             conn.execute(_UNMARK_KEPT, (series_id, max(start, raw_cutoff), end))
 
