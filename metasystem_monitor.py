@@ -724,8 +724,8 @@ def load_config(path: str, required: bool = False):
 # The series of the sync, agent, breaker, check and job families, in SQL: a family's series carries the label
 # that names its entity, and its name matches one of the family's globs (the Summary section's
 # _EXPORTED_SERIES, said in SQLite's GLOB, which is case-sensitive and whose ``?*`` is ``.+``). Every other
-# series is the user's own, and own_series_by_time indexes only those: a query uses that index when it
-# repeats _OWN_SERIES word for word, so a change here needs a migration that makes the index again.
+# series is the user's own: series.own says which when a series is created, once (an index condition
+# would be said again on every write of last_ts); a change here needs a migration that says it again.
 _FAMILY_GLOBS = (
     ("target", ("sync_?*_success", "sync_?*_failure", "sync_?*_files", "sync_?*_conflicts")),
     ("agent", ("agent_?*_success", "agent_?*_failure", "agent_?*_items")),
@@ -968,12 +968,13 @@ _MIGRATIONS: Tuple[Tuple[Any, ...], ...] = (
     ),
     (
         # The time of each series' newest sample (NULL without one), so that the newest of the user's own
-        # series are an index range instead of a look at every series. The writes keep it in their
+        # series (own: 1) are an index range instead of a look at every series. The writes keep it in their
         # transaction, and so do the deletes; it may lag only for the few series that meta's
         # lagging_series names, whose samples a reader asks instead (see _keep_last_times()).
         "ALTER TABLE series ADD COLUMN last_ts REAL",
-        "UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id)",
-        f"CREATE INDEX own_series_by_time ON series (last_ts DESC, name, labels) WHERE {_OWN_SERIES}",
+        "ALTER TABLE series ADD COLUMN own INTEGER NOT NULL DEFAULT 0",
+        f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id), own = {_OWN_SERIES}",
+        "CREATE INDEX own_series_by_time ON series (last_ts DESC, name, labels) WHERE own",
     ),
     (
         # Every label value a series carries, by key, written when a series is created: who the targets,
@@ -1683,10 +1684,15 @@ _IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AN
 # most LAGGING_SERIES_MAX ids, names it; _keep_last_times() says why.
 LAGGING_SERIES_MAX = 64
 _LAGGING = "SELECT value FROM meta WHERE key = 'lagging_series'"
-# Plain ? only: Python 3.12 takes ?1 for a named parameter, and 3.14 refuses a sequence for it.
-_CATCH_UP = "UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = ?) WHERE id = ?"
-_CATCH_UP_BELOW = _CATCH_UP + " AND last_ts < ?"  # after deleting samples below the bound
+# A write's newest time of a series, where it is newer (NULL, no sample yet, is older than any); and, after
+# deleting samples below a bound, the newest left where the newest went. Plain ? only: Python 3.12 takes ?1
+# for a named parameter, and 3.14 refuses a sequence for it.
+_NEWER = "UPDATE series SET last_ts = ? WHERE id = ? AND NOT coalesce(last_ts >= ?, 0)"
+_CATCH_UP_BELOW = ("UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = ?) "
+                   "WHERE id = ? AND last_ts < ?")
 _OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
+_NEW_SERIES = (f"INSERT OR IGNORE INTO series (name, labels, own) SELECT name, labels, {_OWN_SERIES} "
+               "FROM (SELECT ? AS name, ? AS labels)")
 # Chan's pairwise update: every right-hand side sees the row as it was.
 _MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -2201,9 +2207,9 @@ class MetricsCollector:
 
     @staticmethod
     def _series_id(conn: sqlite3.Connection, key: Tuple[str, str]) -> int:
-        """The id of series (name, labels), created if it is new (and its labels then in label_values)."""
-        if conn.execute("INSERT OR IGNORE INTO series (name, labels) VALUES (?, ?)", key).rowcount and (
-                key[1] != _NO_LABELS):
+        """The id of series (name, labels), created if it is new (whether it is the user's own said, and its
+        labels put in label_values)."""
+        if conn.execute(_NEW_SERIES, key).rowcount and key[1] != _NO_LABELS:
             import json
 
             conn.executemany("INSERT OR IGNORE INTO label_values (key, value) VALUES (?, ?)",
@@ -2236,7 +2242,8 @@ class MetricsCollector:
         record(). So the first LAGGING_SERIES_MAX series a store is written to lag instead, for good: meta's
         lagging_series lists them, readers ask their samples, and as the list only ever grows, a writer
         that saw a series in it trusts that without another read: writing it again costs nothing more.
-        Every other series' last_ts is caught up from its samples (out of order, or at an instant taken).
+        Every other series' last_ts moves to the newest of its rows where that is newer: an older sample, or
+        a second one at the same instant, leaves it.
         """
         if len(rows) == 1:  # not a lagging one (_write_prepared() looked)
             written = {rows[0][0]}
@@ -2258,7 +2265,11 @@ class MetricsCollector:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lagging_series', ?)", (text,))
                 written.difference_update(joining)
         if written:
-            conn.executemany(_CATCH_UP, [(series_id, series_id) for series_id in written])
+            newest: Dict[int, float] = {}
+            for series_id, ts, _ in rows:
+                if series_id in written and not ts <= newest.get(series_id, -1.0):
+                    newest[series_id] = ts
+            conn.executemany(_NEWER, [(ts, series_id, ts) for series_id, ts in sorted(newest.items())])
 
     def lagging_series(self) -> AbstractSet[int]:
         """The ids of the series whose last_ts may lag behind their samples (at most LAGGING_SERIES_MAX): a
@@ -8463,9 +8474,9 @@ def _newest_own_series(collector: MetricsCollector) -> Iterator[Tuple[int, str, 
     lagging = sorted(collector.lagging_series())
     exact = collector.store.query(
         "SELECT id, name, labels, (SELECT max(ts) FROM samples WHERE series_id = series.id) AS last FROM series "
-        f"WHERE id IN ({', '.join('?' * len(lagging))}) AND {_OWN_SERIES} AND last IS NOT NULL", lagging)
-    with collector.store.rows(f"SELECT id, name, labels, last_ts FROM series WHERE {_OWN_SERIES} AND last_ts IS "
-                              "NOT NULL ORDER BY last_ts DESC, name, labels") as indexed:
+        f"WHERE id IN ({', '.join('?' * len(lagging))}) AND own AND last IS NOT NULL", lagging)
+    with collector.store.rows("SELECT id, name, labels, last_ts FROM series WHERE own AND last_ts IS NOT NULL "
+                              "ORDER BY last_ts DESC, name, labels") as indexed:
         yield from heapq.merge((row for row in indexed if row[0] not in lagging), sorted(exact, key=newest_first),
                                key=newest_first)
 

@@ -244,8 +244,9 @@ class StoreVersionsTest(StoreTestCase):
                 conn.executemany("INSERT INTO samples VALUES (?, ?, ?, ?)",
                                  [(1, 1800000050.0, 0, 1.0), (1, 1800000010.0, 0, 2.0), (1, 1800000050.0, 1, 3.0),
                                   (2, 1800000020.0, 0, 4.0)])
-                if version >= 10:  # as the writes of schema 10 keep it
-                    conn.execute("UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = id)")
+                if version >= 10:  # as the writes of schema 10 keep them
+                    conn.execute("UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = id), "
+                                 "own = id != 2")
                 conn.execute(f"PRAGMA user_version = {version}")
                 conn.commit()
                 conn.close()
@@ -254,8 +255,7 @@ class StoreVersionsTest(StoreTestCase):
                                      [(1, 1800000050.0), (2, 1800000020.0), (3, None)])
                     self.assertEqual(store.query("SELECT count(*) FROM meta WHERE key = 'lagging_series'"), [(0,)])
                     self.assertEqual(store.query("SELECT * FROM label_values"), [("host", 'n"as'), ("target", "a")])
-                    self.assertEqual(store.query(f"SELECT id FROM series WHERE {mm._OWN_SERIES} AND last_ts IS NOT "
-                                                 "NULL ORDER BY last_ts DESC, name, labels"), [(1,)])
+                    self.assertEqual(store.query("SELECT id, own FROM series ORDER BY id"), [(1, 1), (2, 0), (3, 1)])
 
     def test_readonly_open_of_a_missing_store_creates_nothing(self):
         with mm.Store(self.db, readonly=True) as store:
