@@ -736,6 +736,10 @@ _FAMILY_GLOBS = (
 _OWN_SERIES = "NOT ({})".format(" OR ".join(
     "(instr(labels, '\"{}\":') AND ({}))".format(label, " OR ".join(f"name GLOB '{glob}'" for glob in globs))
     for label, globs in _FAMILY_GLOBS))
+# The series whose last_ts is kept: the user's own, and every series of failures (the worst-first sections
+# find the sync targets and agents that failed in a window by it). The runs that succeed, the files, the
+# breakers' states, the checks' values write no series row.
+_TRACKED = "(own OR name GLOB '*_failure')"
 
 
 def _fill_label_values(conn: sqlite3.Connection) -> None:
@@ -967,13 +971,15 @@ _MIGRATIONS: Tuple[Tuple[Any, ...], ...] = (
                until REAL NOT NULL)""",
     ),
     (
-        # The time of each series' newest sample (NULL without one), so that the newest of the user's own
-        # series (own: 1) are an index range instead of a look at every series. The writes keep it in their
-        # transaction, and so do the deletes; it may lag only for the few series that meta's
-        # lagging_series names, whose samples a reader asks instead (see _keep_last_times()).
+        # The time of each series' newest sample (NULL without one), for the series that readers order by it:
+        # the user's own (own: 1), whose newest are an index range instead of a look at every series, and
+        # those of failures (see _TRACKED). The writes keep it in their transaction, and so do the deletes;
+        # it may lag only for the few series that meta's lagging_series names, whose samples a reader asks
+        # instead (see _keep_last_times()). Other series' last_ts says nothing.
         "ALTER TABLE series ADD COLUMN last_ts REAL",
         "ALTER TABLE series ADD COLUMN own INTEGER NOT NULL DEFAULT 0",
-        f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id), own = {_OWN_SERIES}",
+        f"UPDATE series SET own = {_OWN_SERIES}",
+        f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id) WHERE {_TRACKED}",
         "CREATE INDEX own_series_by_time ON series (last_ts DESC, name, labels) WHERE own",
     ),
     (
@@ -984,10 +990,10 @@ _MIGRATIONS: Tuple[Tuple[Any, ...], ...] = (
                value TEXT NOT NULL,
                PRIMARY KEY (key, value)) WITHOUT ROWID""",
         _fill_label_values,
-        # The runs of a window by their outcome's series: which sync targets and agents failed in it, and how
-        # many of the others succeeded, without a look at the rest (see _worst_first()).
-        "CREATE INDEX successes_by_time ON series (last_ts) WHERE name GLOB '*_success'",
+        # The runs' series: which sync targets and agents failed in a window, by the failure series' last_ts,
+        # and how many of the others succeeded, by the success series' samples (see _worst_first()).
         "CREATE INDEX failures_by_time ON series (last_ts) WHERE name GLOB '*_failure'",
+        "CREATE INDEX success_series ON series (name) WHERE name GLOB '*_success'",
     ),
 )
 
@@ -1687,7 +1693,7 @@ _LAGGING = "SELECT value FROM meta WHERE key = 'lagging_series'"
 # A write's newest time of a series, where it is newer (NULL, no sample yet, is older than any); and, after
 # deleting samples below a bound, the newest left where the newest went. Plain ? only: Python 3.12 takes ?1
 # for a named parameter, and 3.14 refuses a sequence for it.
-_NEWER = "UPDATE series SET last_ts = ? WHERE id = ? AND NOT coalesce(last_ts >= ?, 0)"
+_NEWER = f"UPDATE series SET last_ts = ? WHERE id = ? AND NOT coalesce(last_ts >= ?, 0) AND {_TRACKED}"
 _CATCH_UP_BELOW = ("UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = ?) "
                    "WHERE id = ? AND last_ts < ?")
 _OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
@@ -2066,9 +2072,12 @@ class MetricsCollector:
         self._plain_series: Dict[str, int] = {}
         self._label_texts: Dict[tuple, str] = {}
         # The lagging series as last read from the store, and whether the list was full: it only grows, so
-        # what was read stays true.
+        # what was read stays true. The series that keep no last_ts (_TRACKED), as this collector learned
+        # them: a write looks at none of these, nor at the lagging ones.
         self._lagging: AbstractSet[int] = frozenset()
         self._lagging_full = False
+        self._untracked: set = set()
+        self._unkept: AbstractSet[int] = frozenset()
         self._next_maintenance = clock()
         self.store = Store(self.db_path, readonly=readonly, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
 
@@ -2123,26 +2132,31 @@ class MetricsCollector:
         self._maintain_if_due()
 
     def _write_prepared(self, conn: sqlite3.Connection, rows: List[tuple], new_keys: List[int], oldest: float,
-                        now: Optional[float]) -> Dict[Tuple[str, str], int]:
-        """Write rows from _prepare() inside the caller's transaction; return the series it created."""
-        created: Dict[Tuple[str, str], int] = {}
+                        now: Optional[float]) -> Dict[Tuple[str, str], Tuple[int, bool]]:
+        """Write rows from _prepare() inside the caller's transaction; return the series it looked up by name
+        (new to this collector), each with its id and whether it keeps a last_ts."""
+        created: Dict[Tuple[str, str], Tuple[int, bool]] = {}
         for i in new_keys:
             key, ts, value = rows[i]
             if key not in created:
                 created[key] = self._series_id(conn, key)
-            rows[i] = (created[key], ts, value)
+            rows[i] = (created[key][0], ts, value)
         self._insert_rows(conn, rows)
-        if len(rows) > 1 or rows[0][0] not in self._lagging:  # a lagging series again: nothing to keep, no call
-            self._keep_last_times(conn, rows)
+        # Series that lag, or keep no last_ts: nothing to keep, and no call (the steady state of most writes).
+        if rows[0][0] not in self._unkept if len(rows) == 1 else not self._unkept.issuperset([row[0] for row in rows]):
+            self._keep_last_times(conn, rows, {series_id for series_id, tracked in created.values() if not tracked})
         if oldest < (self._now() if now is None else now) - ROLLUP_GRACE_S:
             self._merge_late_rows(conn, rows)
         return created
 
-    def _remember(self, created: Dict[Tuple[str, str], int]) -> None:
-        """Cache new series ids; only after COMMIT, as a rolled-back id may be taken by another process."""
+    def _remember(self, created: Dict[Tuple[str, str], Tuple[int, bool]]) -> None:
+        """Cache new series ids, and which of them keep no last_ts; only after COMMIT, as a rolled-back id may
+        be taken by another process."""
         if created:
-            self._series.update(created)
-            self._plain_series.update((key[0], sid) for key, sid in created.items() if key[1] == _NO_LABELS)
+            self._series.update((key, sid) for key, (sid, _) in created.items())
+            self._plain_series.update((key[0], sid) for key, (sid, _) in created.items() if key[1] == _NO_LABELS)
+            self._untracked.update(sid for sid, tracked in created.values() if not tracked)
+            self._unkept = self._lagging | self._untracked
 
     def _prepare(self, samples: Iterable[Any]) -> Tuple[List[tuple], List[int], float, Optional[float]]:
         """Validate every sample before anything is written; one pass, as it is the hot path.
@@ -2208,13 +2222,15 @@ class MetricsCollector:
     @staticmethod
     def _series_id(conn: sqlite3.Connection, key: Tuple[str, str]) -> int:
         """The id of series (name, labels), created if it is new (whether it is the user's own said, and its
-        labels put in label_values)."""
+        labels put in label_values), and whether it keeps a last_ts."""
         if conn.execute(_NEW_SERIES, key).rowcount and key[1] != _NO_LABELS:
             import json
 
             conn.executemany("INSERT OR IGNORE INTO label_values (key, value) VALUES (?, ?)",
                              json.loads(key[1]).items())
-        return conn.execute("SELECT id FROM series WHERE name = ? AND labels = ?", key).fetchone()[0]
+        series_id, tracked = conn.execute(f"SELECT id, {_TRACKED} FROM series WHERE name = ? AND labels = ?",
+                                          key).fetchone()
+        return series_id, bool(tracked)
 
     @staticmethod
     def _insert_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
@@ -2235,29 +2251,27 @@ class MetricsCollector:
             conn.executemany(_INSERT_NEXT_SEQ, ((sid, ts, sid, ts, value) for sid, ts, value in rows))
         conn.execute("RELEASE insert_samples")
 
-    def _keep_last_times(self, conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
-        """Keep series.last_ts right for the series that ``rows`` were inserted into, in their transaction.
+    def _keep_last_times(self, conn: sqlite3.Connection, rows: List[Tuple[int, float, float]],
+                         untracked: AbstractSet[int]) -> None:
+        """Keep series.last_ts right for the series that ``rows`` were inserted into, in their transaction
+        (``untracked``: those of them new to this collector that keep none).
 
-        Catching a series' last_ts up adds a page or two to the commit, which would double the cost of a
-        record(). So the first LAGGING_SERIES_MAX series a store is written to lag instead, for good: meta's
-        lagging_series lists them, readers ask their samples, and as the list only ever grows, a writer
-        that saw a series in it trusts that without another read: writing it again costs nothing more.
-        Every other series' last_ts moves to the newest of its rows where that is newer: an older sample, or
-        a second one at the same instant, leaves it.
+        Only the series _TRACKED names keep one: the user's own and those of failures; a success, a file
+        count, a breaker's state writes no series row. Catching a last_ts up adds a page or two to the
+        commit, which would double the cost of a record(). So the first LAGGING_SERIES_MAX of those series a
+        store is written to lag instead, for good: meta's lagging_series lists them, readers ask their
+        samples, and as the list only ever grows, a writer that saw a series in it trusts that without
+        another read: writing it again costs nothing more. Every other one's last_ts moves to the newest
+        time of its rows where that is newer: an older sample, or a second one at the same instant, leaves
+        it.
         """
-        if len(rows) == 1:  # not a lagging one (_write_prepared() looked)
-            written = {rows[0][0]}
-        else:
-            from operator import itemgetter
-
-            if self._lagging.issuperset(map(itemgetter(0), rows)):
-                return  # the same, for a batch: about half the time of collecting its series
-            written = {row[0] for row in rows} - self._lagging
-        if not self._lagging_full:
+        written = {row[0] for row in rows} - self._unkept - untracked  # _write_prepared() saw some to keep
+        if written and not self._lagging_full:
             row = conn.execute(_LAGGING).fetchone()
             text = "" if row is None else row[0]
             self._lagging = lagging_ids(text)
             self._lagging_full = len(self._lagging) >= LAGGING_SERIES_MAX
+            self._unkept = self._lagging | self._untracked
             written -= self._lagging
             joining = sorted(written)[:LAGGING_SERIES_MAX - len(self._lagging)]
             if joining:  # read as listed the next time, once committed
@@ -2352,7 +2366,8 @@ class MetricsCollector:
         self._breaker_change(conn, breaker_name, previous_state, state, failure_count, reason, timestamp)
 
     def _breaker_change(self, conn: sqlite3.Connection, breaker_name: str, previous_state: Optional[str], state: str,
-                        failure_count: int, reason: str, timestamp: Optional[float]) -> Dict[Tuple[str, str], int]:
+                        failure_count: int, reason: str, timestamp: Optional[float]
+                        ) -> Dict[Tuple[str, str], Tuple[int, bool]]:
         """Write a breaker's state samples, and its transition when it has a previous state."""
         validate_name(breaker_name, "breaker name")
         code = _breaker_code(state)
@@ -8566,22 +8581,19 @@ def rate_state(rate: Optional[float]) -> str:
     return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
 
 
-# The queries of the worst-first sections, with the named parameters of _run_params(). A series ran in the
-# window [:since, :until] by its last_ts: right for every series but the lagging ones (a sample stamped past
-# :until is looked for in the window).
-_RAN_IN_WINDOW = ("series.last_ts >= :since AND (series.last_ts <= :until OR EXISTS (SELECT 1 FROM samples "
-                  "WHERE series_id = series.id AND ts >= :since AND ts <= :until))")
-# Of a series named PREFIX_NAME_success or _failure: NAME, and whether it is a value of the label. The series'
-# own labels say so without a seek where NAME needs no escape in JSON; label_values says so anyway.
+# The queries of the worst-first sections, with the named parameters of _run_params(). Of a series named
+# PREFIX_NAME_success or _failure: NAME, and whether it is a value of the label (the series' own labels say so
+# without a seek where NAME needs no escape in JSON; label_values says so anyway).
 _RUN_NAME = "substr(series.name, :head_chars + 1, length(series.name) - :head_chars - 8)"
 _OF_SECTION = "substr(series.name, 1, :head_chars) = :head AND length(series.name) >= :head_chars + 8"
 _NAMED = (f"CASE WHEN instr(series.labels, :labelled || {_RUN_NAME} || '\"') THEN 1 ELSE EXISTS (SELECT 1 FROM "
           f"label_values WHERE key = :label AND value = {_RUN_NAME}) END")
-# A run series' NAME, the successes of NAME in the window, its own samples there, and whether it is a success.
-_RUN_COUNTS = (f"SELECT series.id, {_RUN_NAME}, (SELECT count(*) FROM series AS other JOIN samples ON "
-               f"samples.series_id = other.id WHERE other.name = :head || {_RUN_NAME} || '_success' AND ts >= :since "
-               "AND ts <= :until), (SELECT count(*) FROM samples WHERE series_id = series.id AND ts >= :since AND "
-               "ts <= :until), series.name GLOB '*_success' FROM series ")
+# Whether series of NAME (any label set) have a sample in the window, or how many.
+_IN_THE_WINDOW = ("FROM series AS run JOIN samples ON samples.series_id = run.id WHERE run.name = :head || {} || "
+                  "'_{}' AND ts >= :since AND ts <= :until")
+# A failure series' NAME, the successes and failures of NAME in the window.
+_RUN_COUNTS = (f"SELECT {_RUN_NAME}, (SELECT count(*) {_IN_THE_WINDOW.format(_RUN_NAME, 'success')}), "
+               f"(SELECT count(*) {_IN_THE_WINDOW.format(_RUN_NAME, 'failure')}) FROM series ")
 
 
 def _run_params(prefix: str, label: str, since: float, until: float,
@@ -8594,54 +8606,35 @@ def _run_params(prefix: str, label: str, since: float, until: float,
         labelled=f'"{label}":"')
 
 
-def _counted_runs(store: Store, lagging_ids: str,
-                  params: Dict[str, Any]) -> Tuple[Dict[str, Tuple[int, int]], AbstractSet[str]]:
-    """The names whose runs are counted one by one, each with its successes and failures in the window: those
-    with a PREFIX_NAME_failure series that ran since :since (failures_by_time holds them) and those with a
-    lagging series; every other name failed no run in the window. Also the names with a lagging success
-    series."""
-    rows = store.query(f"{_RUN_COUNTS} WHERE name GLOB '*_failure' AND last_ts >= :since AND {_OF_SECTION} "
-                       f"AND {_NAMED}", params)
-    rows += store.query(f"{_RUN_COUNTS} WHERE id IN {lagging_ids} AND (name GLOB '*_success' OR name GLOB "
-                        f"'*_failure') AND {_OF_SECTION} AND {_NAMED}", params)
-    counted: Dict[str, Tuple[int, int]] = {}
-    seen = set()  # a lagging failure series may have come in both
-    for series_id, name, good, own, success in rows:
-        bad = counted.get(name, (good, 0))[1]
-        if not success and series_id not in seen:
-            seen.add(series_id)
-            bad += own  # the failures of every failure series of the name that may hold any in the window
-        counted[name] = (good, bad)
-    return counted, {name for _, name, _, _, success in rows if success}
+def _counted_runs(store: Store, lagging_ids: str, params: Dict[str, Any]) -> Dict[str, Tuple[int, int]]:
+    """The names with a PREFIX_NAME_failure series that ran since :since, each with its successes and failures
+    in the window: failures_by_time holds those series, and meta's lagging_series the few whose last_ts may
+    lag. Every other name failed no run in the window."""
+    where = f"name GLOB '*_failure' AND {_OF_SECTION} AND {_NAMED}"
+    rows = store.query(f"{_RUN_COUNTS} WHERE name GLOB '*_failure' AND last_ts >= :since AND {where}", params)
+    rows += store.query(f"{_RUN_COUNTS} WHERE id IN {lagging_ids} AND {where}", params)
+    return {name: (good, bad) for name, good, bad in rows}
 
 
-def _succeeded_elsewhere(store: Store, lagging_ids: str, params: Dict[str, Any]) -> int:
-    """How many names have a PREFIX_NAME_success series, not lagging, that ran in the window by its last_ts:
-    one count in SQL, over successes_by_time."""
-    return store.query_one(f"SELECT count(DISTINCT name) FROM series WHERE name GLOB '*_success' AND {_RAN_IN_WINDOW} "
-                           f"AND {_OF_SECTION} AND series.id NOT IN {lagging_ids} AND {_NAMED}", params)[0]
-
-
-def _ran_beside_lagging(store: Store, names: AbstractSet[str], lagging_ids: str, params: Dict[str, Any]) -> int:
-    """How many of ``names`` (which have a lagging success series) have another one that _succeeded_elsewhere()
-    counted."""
-    chunk = {f"n{i}": name for i, name in enumerate(sorted(names))}  # at most LAGGING_SERIES_MAX
+def _succeeded_elsewhere(store: Store, params: Dict[str, Any]) -> int:
+    """How many names have a PREFIX_NAME_success series with a sample in the window: one count in SQL, over
+    the success series (success_series)."""
     return store.query_one(
-        f"WITH c(name) AS (VALUES {', '.join(f'(:{key})' for key in chunk) or '(NULL)'}) SELECT count(*) FROM c "
-        f"WHERE EXISTS (SELECT 1 FROM series WHERE series.name = :head || c.name || '_success' AND {_RAN_IN_WINDOW} "
-        f"AND series.id NOT IN {lagging_ids})", dict(params, **chunk))[0]
+        f"SELECT count(DISTINCT name) FROM series WHERE name GLOB '*_success' AND {_OF_SECTION} AND {_NAMED} "
+        "AND EXISTS (SELECT 1 FROM samples WHERE series_id = series.id AND ts >= :since AND ts <= :until)",
+        params)[0]
 
 
 def _first_names(store: Store, succeeded: bool, skip: AbstractSet[str], count: int,
                  params: Dict[str, Any]) -> List[str]:
-    """The first ``count`` names in order, past those in ``skip``, whose success series ran in the window by
-    their last_ts (``succeeded``) or did not: read as far as they are found."""
+    """The first ``count`` names in order, past those in ``skip``, that succeeded in the window
+    (``succeeded``) or did not: read as far as they are found."""
     found: List[str] = []
     if count <= 0:
         return found
     with store.rows(f"SELECT value FROM label_values AS v WHERE key = :label AND {'' if succeeded else 'NOT '}"
-                    "EXISTS (SELECT 1 FROM series WHERE series.name = :head || v.value || '_success' "
-                    f"AND {_RAN_IN_WINDOW}) ORDER BY value", params) as rows:
+                    f"EXISTS (SELECT 1 {_IN_THE_WINDOW.format('v.value', 'success')}) ORDER BY value",
+                    params) as rows:
         for (name,) in rows:
             if name not in skip:
                 found.append(name)
@@ -8654,10 +8647,10 @@ def _worst_first(collector: MetricsCollector, prefix: str, label: str, since: fl
                  limit: Optional[int]) -> Tuple[List[str], Dict[str, int]]:
     """The ``limit`` names of ``label`` (target, agent) whose PREFIX_NAME_success and _failure runs in the
     window are in the worst state, sorted, and how many of the rest are in each state (every name and no
-    counts without a limit, or when no more are there). The names that failed in the window, and those with a
-    lagging series, have their runs counted; every other one failed none, so it is OK if it succeeded, else
-    UNKNOWN: those are counted in SQL, and read only as far as the section shows them, in order. A window
-    longer than the raw retention ranks by the raw samples left."""
+    counts without a limit, or when no more are there). The names that failed in the window have their runs
+    counted; every other one failed none, so it is OK if it succeeded, else UNKNOWN: those are counted in SQL,
+    and read only as far as the section shows them, in order. A window longer than the raw retention ranks by
+    the raw samples left."""
     import collections
 
     store = collector.store
@@ -8666,14 +8659,10 @@ def _worst_first(collector: MetricsCollector, prefix: str, label: str, since: fl
     if limit is None or len(first) <= limit:
         return first, {}
     lagging_ids, params = _run_params(prefix, label, since, until, collector.lagging_series())
-    counted, lagging_successes = _counted_runs(store, lagging_ids, params)
+    counted = _counted_runs(store, lagging_ids, params)
     states = {name: rate_state(100.0 * good / (good + bad) if good + bad else None)
               for name, (good, bad) in counted.items()}
-    # Those of the counted that _succeeded_elsewhere() counts too: with no success series lagging, the ones
-    # that succeeded in the window.
-    counted_twice = sum(1 for name, (good, _) in counted.items() if good and name not in lagging_successes)
-    counted_twice += _ran_beside_lagging(store, lagging_successes, lagging_ids, params)
-    succeeded = _succeeded_elsewhere(store, lagging_ids, params) - counted_twice
+    succeeded = _succeeded_elsewhere(store, params) - sum(1 for good, _ in counted.values() if good)
     names = store.query_one("SELECT count(*) FROM label_values WHERE key = ?", (label,))[0]
     elsewhere = {"OK": succeeded, "UNKNOWN": names - len(counted) - succeeded}
     shown: List[Tuple[str, str]] = []

@@ -2,6 +2,7 @@
 
 import math
 import random
+import re
 import statistics
 import unittest
 
@@ -403,8 +404,9 @@ class CleanupTest(StoreTestCase):
 
 
 class LastTimeTest(StoreTestCase):
-    """series.last_ts: the time of each series' newest sample, kept by writes and deletes; for good, the
-    first LAGGING_SERIES_MAX series written lag instead, listed in meta's lagging_series."""
+    """series.last_ts: the time of the newest sample of each of the user's own series and of each failure
+    series, kept by writes and deletes; for good, the first LAGGING_SERIES_MAX of those written lag instead,
+    listed in meta's lagging_series."""
 
     def setUp(self):
         super().setUp()
@@ -419,9 +421,10 @@ class LastTimeTest(StoreTestCase):
         return {name: last for _, name, last in rows}, {name for sid, name, _ in rows if sid in ids}
 
     def assertLastTimesRight(self, msg=None):
-        """Every series not lagging has the time of its newest sample (None without one), and few lag."""
+        """Every series that keeps a last_ts and does not lag has the time of its newest sample (None without
+        one), and few lag."""
         rows = sqlite_rows(self.db, "SELECT name, last_ts, (SELECT max(ts) FROM samples WHERE series_id = series.id) "
-                                    "FROM series ORDER BY id")
+                                    f"FROM series WHERE {mm._TRACKED} ORDER BY id")
         last, lagging = self.last_times()
         self.assertLessEqual(len(lagging), mm.LAGGING_SERIES_MAX, msg)
         self.assertEqual({name: stored for name, stored, _ in rows if name not in lagging},
@@ -444,6 +447,33 @@ class LastTimeTest(StoreTestCase):
         self.metrics.record("b", 1.0, timestamp=now)
         self.assertEqual(self.last_times(), ({"a": None, "b": None}, {"a", "b"}))
         self.assertEqual(self.metrics.lagging_series(), frozenset({1, 2}))
+        self.assertLastTimesRight()
+
+    def test_the_room_goes_to_series_that_keep_one(self):
+        self.metrics.record_sync_metric("icloud", True, 2.0, 5, 0)
+        self.metrics.record_sync_metric("icloud", False, 2.0, 5, 0)
+        self.metrics.record("load", 1.0)
+        self.assertEqual(self.last_times()[1], {"sync_icloud_failure", "load"})
+
+    def test_only_the_users_own_series_and_failures_keep_one(self):
+        self.fill_the_room()
+        now = self.clock.now
+        self.metrics.record_sync_metric("icloud", True, 2.0, 5, 0, timestamp=now - 30)
+        self.metrics.record_sync_metric("icloud", False, 3.0, 0, 1, timestamp=now - 20)
+        self.metrics.record_circuit_breaker_metric("db", "open", 3, timestamp=now - 10)
+        self.metrics.record("backup_failure", 1.0, timestamp=now - 5)
+        traced = []
+        self.metrics.store.connection.set_trace_callback(traced.append)
+        self.metrics.record_sync_metric("icloud", True, 2.5, 5, 0, timestamp=now)  # three series, none keeps one
+        self.metrics.record("sync_icloud_success", 2.0, {"target": "icloud"}, timestamp=now)
+        self.metrics.store.connection.set_trace_callback(None)
+        self.assertEqual([sql for sql in traced if re.search(r"\b(UPDATE|INTO|FROM) (series|meta)\b", sql)], [])
+        self.assertEqual([sql.split()[0] for sql in traced], ["BEGIN", "SAVEPOINT"] + ["INSERT"] * 3 + [
+            "RELEASE", "COMMIT", "BEGIN", "INSERT", "INSERT", "COMMIT"])  # the same as before schema 10
+        self.assertEqual({name: last for name, last in self.last_times()[0].items() if not name.startswith("hot")}, {
+            "sync_icloud_success": None, "sync_icloud_files": None, "sync_icloud_conflicts": None,
+            "sync_icloud_failure": now - 20, "circuit_breaker_db_state": None, "circuit_breaker_db_failures": None,
+            "backup_failure": now - 5})
         self.assertLastTimesRight()
 
     def test_past_the_room_a_write_catches_last_ts_up_out_of_order_and_at_one_instant(self):
@@ -522,6 +552,7 @@ class LastTimeTest(StoreTestCase):
             self.assertLastTimesRight(f"after step {step}")
         self.assertEqual(len(self.last_times()[1]), mm.LAGGING_SERIES_MAX)
         self.assertGreater(sqlite_rows(self.db, "SELECT count(*) FROM series WHERE last_ts IS NULL")[0][0], 0)
+        self.assertEqual(sqlite_rows(self.db, f"SELECT count(*) FROM series WHERE NOT {mm._TRACKED}"), [(0,)])
 
 
 class PureFunctionsTest(unittest.TestCase):

@@ -245,14 +245,15 @@ class StoreVersionsTest(StoreTestCase):
                                  [(1, 1800000050.0, 0, 1.0), (1, 1800000010.0, 0, 2.0), (1, 1800000050.0, 1, 3.0),
                                   (2, 1800000020.0, 0, 4.0)])
                 if version >= 10:  # as the writes of schema 10 keep them
-                    conn.execute("UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = id), "
-                                 "own = id != 2")
+                    conn.execute("UPDATE series SET own = id != 2")
+                    conn.execute(f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = id) "
+                                 f"WHERE {mm._TRACKED}")
                 conn.execute(f"PRAGMA user_version = {version}")
                 conn.commit()
                 conn.close()
                 with mm.Store(path) as store:
-                    self.assertEqual(store.query("SELECT id, last_ts FROM series ORDER BY id"),
-                                     [(1, 1800000050.0), (2, 1800000020.0), (3, None)])
+                    self.assertEqual(store.query("SELECT id, last_ts FROM series ORDER BY id"),  # a success: untracked
+                                     [(1, 1800000050.0), (2, None), (3, None)])
                     self.assertEqual(store.query("SELECT count(*) FROM meta WHERE key = 'lagging_series'"), [(0,)])
                     self.assertEqual(store.query("SELECT * FROM label_values"), [("host", 'n"as'), ("target", "a")])
                     self.assertEqual(store.query("SELECT id, own FROM series ORDER BY id"), [(1, 1), (2, 0), (3, 1)])
