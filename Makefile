@@ -50,11 +50,13 @@ man:
 # The launchers run the interpreter that compiled the bytecode, so a cron run reads the cached
 # bytecode even with PYTHONDONTWRITEBYTECODE set; -I -S (isolated, no site-packages: the standard
 # library is all it needs) spare it the rest of a start. The copied script keeps working as before.
+# compileall runs isolated too: a PYTHONPYCACHEPREFIX of the caller would put the bytecode where the
+# launchers (which ignore it) never look.
 install: man
 	@python=$$($(PYTHON) -c "import sys; print(sys.executable)") && \
 	install -d "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(MANDIR)" "$(DESTDIR)$(COMPLETIONDIR)" && \
 	install -m 644 metasystem_monitor.py monitoring_dashboard.py "$(DESTDIR)$(LIBDIR)/" && \
-	"$$python" -m compileall -q -d "$(LIBDIR)" "$(DESTDIR)$(LIBDIR)" && \
+	"$$python" -I -m compileall -q -d "$(LIBDIR)" "$(DESTDIR)$(LIBDIR)" && \
 	for tool in metasystem-monitor:metasystem_monitor monitoring-dashboard:monitoring_dashboard; do \
 	  printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import main\nsys.exit(main())\n' \
 	    "$$python" "$(LIBDIR)" "$${tool#*:}" > "$(DESTDIR)$(BINDIR)/$${tool%%:*}" && \

@@ -83,6 +83,7 @@ __all__ = [  # sorted; also every name monitoring_dashboard.py uses
     "check_age",
     "classify_error",
     "cli_clock",
+    "decimal_number",
     "epoch_of",
     "find_anomalies",
     "format_bytes",
@@ -309,9 +310,13 @@ def local_time(when: Any, tz: Any = None, *, seconds: bool = False, zone: bool =
     moment = _moment(when)
     if moment is None:
         return "-"
-    moment = moment.astimezone(tz)
+    try:
+        moment = moment.astimezone(tz)
+    except (OverflowError, ValueError, OSError):  # past year 9999 or before year 1 there: in UTC, named
+        tz, zone = timezone.utc, True
+        moment = moment.astimezone(tz)
     text = moment.strftime("%m-%d %H:%M:%S" if seconds else "%m-%d %H:%M")
-    return f"{text} {zone_name(moment)}" if zone else text
+    return f"{text} {zone_name(moment, tz)}" if zone else text
 
 
 def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
@@ -323,6 +328,38 @@ def _finite_only(value: Any, path: str, notes: List[str]) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite_only(item, f"{path}[{index}]", notes) for index, item in enumerate(value)]
     return value
+
+
+def ascii_digits(text: str) -> bool:
+    """True when ``text`` is one or more of the digits 0-9: str.isdigit() alone also takes '²', which int()
+    then refuses, and '١٢', which int() reads as 12.
+
+    >>> ascii_digits("12"), ascii_digits("\u00b2"), ascii_digits("\u0661\u0662"), ascii_digits("")
+    (True, False, False, False)
+    """
+    return text.isascii() and text.isdigit()
+
+
+def _ascii_number_text(text: str) -> str:
+    if not text.isascii() or "_" in text:  # int() and float() also read '١٢', '１２' and '1_000'
+        raise ValueError(f"{_shown(text)} is not a number written in the digits 0-9")
+    return text
+
+
+def decimal_number(text: str) -> float:
+    """float() of a number written with the digits 0-9 (a sign, a point, an exponent as float() takes them);
+    ValueError for what float() alone would also read: '١٢', '１２', '1_000'.
+
+    >>> decimal_number(" 2.5e3 ")
+    2500.0
+    """
+    return float(_ascii_number_text(text))
+
+
+def whole_number(text: str) -> int:
+    """int() of a whole number written with the digits 0-9; ValueError for '١٢', '１２' or '1_000', which int()
+    alone reads."""
+    return int(_ascii_number_text(text))
 
 
 def finite_number(value: Any, what: str = "value") -> float:
@@ -345,9 +382,15 @@ def non_negative(value: Any, what: str) -> float:
     return number
 
 
+# Every character str.splitlines() breaks a line on (the C0 controls among them, NEL, and the line and
+# paragraph separators), DEL and the C1 controls: what _one_line() turns into spaces.
+_LINE_BREAKING = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029], " ")
+
+
 def _one_line(text: str) -> str:
-    """Control characters (CR and LF among them) as spaces: safe in a header or a log line."""
-    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).strip()
+    """``text`` with every control character (C0, DEL, C1) and line or paragraph separator as a space: nothing
+    str.splitlines() breaks on is left, so it is safe in a header, a subject, a syslog or a log line."""
+    return text.translate(_LINE_BREAKING).strip()
 
 
 def visible_text(text: str) -> str:
@@ -357,8 +400,8 @@ def visible_text(text: str) -> str:
         return text  # the usual case, at C speed
     try:
         data = text.encode("utf-8", "surrogateescape")  # one U+FFFD for each byte that was not UTF-8
-    except UnicodeEncodeError:
-        data = text.encode("utf-8", "surrogatepass")  # a lone surrogate that came as text
+    except UnicodeEncodeError:  # a lone surrogate that came as text (JSON's "\ud83d"): one U+FFFD each
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
     return data.decode("utf-8", "replace")
 
 
@@ -366,7 +409,7 @@ def parse_listen(text: str) -> Tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port)."""
     host, _, port = str(text).strip().rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not ascii_digits(port) or not 0 <= int(port) <= 65535:
         raise ValidationError(f"listen must be HOST:PORT, got {_shown(text)}")
     return host, int(port)
 
@@ -381,7 +424,7 @@ def parse_duration_s(text: str) -> float:
     unit = _DURATION_UNITS_S.get(cleaned[-1:], None)
     number = cleaned[:-1] if unit else cleaned
     try:
-        seconds = float(number) * (unit or 1.0)
+        seconds = decimal_number(number) * (unit or 1.0)
     except ValueError:
         raise ValidationError(f"{text!r} is not a duration such as 90s, 5m, 2h or 7d") from None
     if not math.isfinite(seconds) or seconds < 0:
@@ -397,7 +440,8 @@ def _days_setting(section: Any, key: str, default: float) -> float:
     if text is None:
         return default
     try:
-        return float(text) if text.strip().replace(".", "", 1).isdigit() else parse_duration_s(text) / DAY_S
+        return decimal_number(text) if ascii_digits(text.strip().replace(".", "", 1)) \
+            else parse_duration_s(text) / DAY_S
     except ValidationError:
         raise ConfigError(f"[storage] {key} must be a number of days or a duration such as 12h, got {text!r}") from None
 
@@ -452,6 +496,18 @@ def _bool_setting(items: Dict[str, str], section: str, key: str, default: bool,
         problems.append((section, key, f"{_shown(text)} is not true or false"))
         return default
     return value
+
+
+def name_problem(name: str, what: str) -> Optional[str]:
+    """Why ``name`` cannot name a channel, check, job or maintenance window, or None. A name is letters,
+    digits, '-', '_' and '.': it reaches completion scripts, labels, lock files and URLs.
+
+    >>> name_problem("nas-1.disk", "check"), name_problem("$(reboot)", "check")
+    (None, "a check name takes letters, digits, '-', '_' and '.'")
+    """
+    if name and all(ch.isalnum() or ch in "-_." for ch in name):
+        return None
+    return f"a {what} name takes letters, digits, '-', '_' and '.'"
 
 
 def _check_sections(config, problems: List[Tuple[str, str, str]]) -> None:
@@ -515,6 +571,44 @@ def read_regular_file(path: str, limit_bytes: int) -> Tuple[bytes, os.stat_resul
     if len(data) > limit_bytes:
         raise ValueError(f"{path} is larger than {limit_bytes:,} bytes: not what it should hold")
     return data, info
+
+
+def problem_lines(path: str, problems: Iterable[Tuple[str, str, str]]) -> List[str]:
+    """``FILE: [section] key: what is wrong``, a line for each problem (the section left out when it is
+    about the file's lines)."""
+    return [f"{path}: " + (f"[{section}] " if section else "") + (f"{key}: " if key else "") + text
+            for section, key, text in problems]
+
+
+def cycle_through(edges: Dict[str, str], start: str) -> Optional[List[str]]:
+    """The cycle ``start`` lies on when each name leads to at most one other (``fallback``, ``escalate_to``,
+    ``depends_on``), as the path ``start -> ... -> start``; None when following the edges never returns.
+
+    >>> cycle_through({"a": "b", "b": "a", "c": "a"}, "a"), cycle_through({"a": "b", "b": "a", "c": "a"}, "c")
+    (['a', 'b', 'a'], None)
+    """
+    path, node = [start], edges.get(start)
+    while node is not None and node not in path:
+        path.append(node)
+        node = edges.get(node)
+    return path + [start] if node == start else None
+
+
+def acyclic(edges: Dict[str, str]) -> Dict[str, str]:
+    """``edges`` without those on a cycle: at run time a cycle (a mistake ``config --check`` reports) must
+    never hold back or hide anything."""
+    return {name: other for name, other in edges.items() if cycle_through(edges, name) is None}
+
+
+def cycle_problems(edges: Dict[str, str], section_of, key: str) -> List[Tuple[str, str, str]]:
+    """One problem per cycle of ``edges``, in the section of its first name in sorted order."""
+    problems = []
+    for name in sorted(edges):
+        cycle = cycle_through(edges, name)
+        if cycle is not None and name == min(cycle):
+            problems.append((section_of(name), key, f"a cycle: {' -> '.join(cycle)} (nothing on it is ever "
+                                                    "followed; break it)"))
+    return problems
 
 
 def read_secret_file(path: str) -> str:
@@ -608,6 +702,15 @@ class _EmptyConfig:
 _EMPTY_CONFIG = _EmptyConfig()
 
 
+def storage_or_defaults(config) -> Dict[str, Any]:
+    """storage_settings(), or the defaults when ``[storage]`` has a problem (which the configuration's
+    problems say), with ``maintain`` False then: retention must not delete by horizons nobody chose."""
+    try:
+        return dict(storage_settings(config), maintain=True)
+    except ConfigError:
+        return dict(storage_settings(_EMPTY_CONFIG), maintain=False)
+
+
 YAML_HINT = "write it in the INI form instead (config --convert-yaml prints what this file says as INI)"
 
 
@@ -640,11 +743,37 @@ def _yaml_scalar(text: str, where: str) -> str:
     raise ConfigError(f"{where}: {_shown(text)} is not a plain value; {YAML_HINT}")
 
 
-def read_config_text(path: str) -> str:
-    """The text of a configuration file: a small regular file of UTF-8; ConfigError otherwise."""
+def _refuse_if_others_can_change(path: str, info: os.stat_result) -> None:
+    """A configuration runs programs (command checks, the mail command): one that another user can change,
+    or that another user owns, is theirs to run as us. As root it is refused, as sudo and OpenSSH refuse
+    such files; otherwise it draws a warning."""
+    me = os.geteuid()
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        data, _ = read_regular_file(path, CONFIG_FILE_MAX_BYTES)
-        return data.decode("utf-8")
+        folder_info = os.stat(folder)
+    except OSError:
+        folder_info = None
+    why = None
+    if info.st_mode & 0o022:
+        why = "other users can change it"
+    elif info.st_uid not in (me, 0):
+        why = f"it belongs to another user (uid {info.st_uid})"
+    elif folder_info is not None and folder_info.st_mode & 0o022 and not folder_info.st_mode & stat.S_ISVTX:
+        why = f"other users can replace it (its folder {folder} is writable by them)"
+    if why is None:
+        return
+    if me == 0:
+        raise ConfigError(f"configuration file {path} is refused: {why}, and it could run programs as root "
+                          f"(chown root and chmod go-w)")
+    log.warning("configuration file %s: %s, and it can run programs as you (chmod go-w)", path, why)
+
+
+def read_config_text(path: str) -> str:
+    """The text of a configuration file: a small regular file of UTF-8, that only its owner can change;
+    ConfigError otherwise."""
+    try:
+        data, info = read_regular_file(path, CONFIG_FILE_MAX_BYTES)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except OSError as err:
@@ -653,6 +782,8 @@ def read_config_text(path: str) -> str:
         raise ConfigError(f"configuration file {path} is not UTF-8 text (byte {err.start + 1})") from None
     except ValueError as err:
         raise ConfigError(f"configuration file {err}") from None
+    _refuse_if_others_can_change(path, info)
+    return text
 
 
 def read_flat_yaml(path: str) -> Dict[str, str]:
@@ -662,6 +793,7 @@ def read_flat_yaml(path: str) -> Dict[str, str]:
 
     lines = read_config_text(path).splitlines()
     items: Dict[str, str] = {}
+    written: Dict[str, Tuple[int, str]] = {}  # each key, lower case, as the INI reads it: (line, as written)
     for number, line in enumerate(lines, start=1):
         where = f"configuration file {path}: line {number}"
         if not line.strip() or line.lstrip().startswith("#") or (line.rstrip() == "---" and not items):
@@ -672,9 +804,14 @@ def read_flat_yaml(path: str) -> Dict[str, str]:
         key, value = found.group(1), found.group(2) or ""
         if not value.strip() or value.lstrip().startswith("#"):
             raise ConfigError(f"{where}: {key} has no value (a nested mapping or a list?); {YAML_HINT}")
-        if key in items:
-            raise ConfigError(f"{where}: {key} is given twice")
-        items[key] = _yaml_scalar(value, where)
+        if key.lower() in written:
+            first, spelled = written[key.lower()]
+            raise ConfigError(f"{where}: {key} is given twice" + (
+                "" if spelled == key else f" (line {first} has {spelled}: keys are read in any letter case)"))
+        written[key.lower()] = (number, key)
+        items[key.lower()] = _yaml_scalar(value, where)
+        if not items[key.lower()].isprintable():  # a line break would start a line, or a section, of the INI
+            raise ConfigError(f"{where}: {key} holds a line break or another control character")
     return items
 
 
@@ -689,7 +826,8 @@ def yaml_config(path: str):
 
 def yaml_as_ini(path: str) -> str:
     """What the flat YAML file at ``path`` says, as the INI file to write instead."""
-    lines = [f"# converted from {path}; it holds secrets: chmod 600 it", "[alerting]"]
+    shown = path if path.isprintable() else repr(path)  # the comment stays one line
+    lines = [f"# converted from {shown}; it holds secrets: chmod 600 it", "[alerting]"]
     return "\n".join(lines + [f"{key} = {value}" for key, value in read_flat_yaml(path).items()]) + "\n"
 
 
@@ -700,23 +838,94 @@ def config_source(path: str) -> str:
     return sibling if sibling and not os.path.exists(path) and os.path.exists(sibling) else path
 
 
-def load_config(path: str, required: bool = False):
-    """Read the INI file (or a ``.yaml`` file named, or, when the INI file is missing, the original
-    design's YAML file beside it); a missing file is an empty configuration unless ``required``."""
-    path = config_source(path)
-    if path.endswith((".yaml", ".yml")) and (required or os.path.exists(path)):
-        return yaml_config(path)
-    if not required and not os.path.exists(path):
-        return _EMPTY_CONFIG  # the usual cron run: no configparser to import
+def _outside_sections(text: str) -> Tuple[str, List[Tuple[str, str, str]]]:
+    """``text`` with the lines before its first ``[section]`` blanked (their numbers kept), and a problem
+    for each that was more than a comment: configparser would refuse the whole file for one of them."""
+    import re
+
+    lines = text.split("\n")
+    problems = []
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if re.match(r"\[.+\]", stripped):
+            break
+        if stripped and not stripped.startswith(("#", ";")):
+            problems.append(("", "", f"line {number + 1}: {_shown(stripped)} stands before any [section]"))
+            lines[number] = ""
+    return "\n".join(lines), problems
+
+
+def _given_twice(text: str) -> List[Tuple[int, str]]:
+    """(line, what) for each section, and each key within a section, given a second time (keys in any
+    letter case, as configparser reads them): it keeps the last, and the mistake must be said."""
+    import re
+
+    seen_sections: set = set()
+    seen_keys: set = set()
+    found = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        header = re.match(r"\[(.+)\]", line.strip())
+        if header and line[:1] not in " \t":
+            section = header.group(1)
+            if section in seen_sections:
+                found.append((number, f"section [{section}] is given a second time"))
+            seen_sections.add(section)
+            seen_keys = set()
+            continue
+        key = re.match(r"([^=:\s#;][^=:]*?)\s*[=:]", line)
+        if key and line[:1] not in " \t":
+            name = key.group(1).strip().lower()
+            if name in seen_keys:
+                found.append((number, f"key {name!r} is given a second time in its section"))
+            seen_keys.add(name)
+    return found
+
+
+def _parse_error_line(text: str) -> str:
+    """The line configparser quotes in a ParsingError: as repr() before Python 3.13, as it is since."""
+    import ast
+
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = ast.literal_eval(text)
+    return text.strip()
+
+
+def parse_ini(text: str, path: str) -> Tuple[Any, List[Tuple[str, str, str]]]:
+    """The INI ``text`` as a ConfigParser, and (section, key, text) for each line it could not take, in
+    the order of the file. What is readable is kept: a broken line, a section or a key given twice costs
+    that line, never the rest of the file (the checks and channels that are right must still work)."""
     import configparser
 
-    parser = configparser.ConfigParser(interpolation=None)
+    text, problems = _outside_sections(text)
+    found = [(number, why) for number, why in _given_twice(text)]
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
     try:
-        parser.read_string(read_config_text(path), source=path)
-    except configparser.Error as err:
-        first_line = str(err).splitlines()[0]
-        raise ConfigError(f"configuration file {path}: {first_line}") from None
-    return parser
+        parser.read_string(text, source=path)
+    except configparser.ParsingError as err:  # the whole file was read; the broken lines are listed
+        found += [(number, f"{_shown(_parse_error_line(line))} is not KEY = VALUE") for number, line in err.errors]
+    return parser, problems + [("", "", f"line {number}: {why}") for number, why in sorted(found)]
+
+
+def read_config(path: str, required: bool = False) -> Tuple[Any, List[Tuple[str, str, str]]]:
+    """The configuration and the lines of it that could not be read, as (section, key, text) problems.
+    The INI file (or a ``.yaml`` file named, or, when the INI file is missing, the original design's YAML
+    file beside it); a missing file is an empty configuration unless ``required``. ConfigError when the
+    file cannot be read at all (not a small regular file of UTF-8 text, or a YAML file beyond flat lines)."""
+    path = config_source(path)
+    if path.endswith((".yaml", ".yml")) and (required or os.path.exists(path)):
+        return yaml_config(path), []
+    if (not required and not os.path.exists(path)) or path == os.devnull:  # --config /dev/null: none at all
+        return _EMPTY_CONFIG, []  # the usual cron run: no configparser to import
+    return parse_ini(read_config_text(path), path)
+
+
+def load_config(path: str, required: bool = False):
+    """The configuration, as read_config() reads it; ConfigError for the first line it could not read."""
+    config, problems = read_config(path, required)
+    if problems:
+        raise ConfigError(f"configuration file {config_source(path)}: {problems[0][2]}")
+    return config
 
 
 ## Storage ####################################################################
@@ -3150,7 +3359,7 @@ def parse_retry_after(value: Any, now: float) -> Optional[float]:
         seconds = float(value)
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
     text = str(value).strip()
-    if text.isdigit():
+    if ascii_digits(text):
         return float(text)
     from email.utils import parsedate_to_datetime
 
@@ -3846,6 +4055,8 @@ ALERT_SEVERITIES = ("info", "warning", "critical")  # lowest first
 DEFAULT_DEDUP_WINDOW_S = 3600.0  # the original design's window
 DEFAULT_ALERT_TIMEOUT_S = 10.0
 DEFAULT_CHANNEL_BUDGET_S = 20.0
+DEFAULT_RUN_BUDGET_S = 30.0  # what one run (a cron line) spends on its alerts, pings and Watchdog in all
+DELIVERY_JOIN_GRACE_S = 2.0  # past the run's budget, before a channel that has not ended is given up
 DELIVERY_ATTEMPTS = 3
 DELIVERY_BACKOFF_S = 1.0
 DELIVERY_BACKOFF_CAP_S = 8.0
@@ -3906,8 +4117,9 @@ RECENT_RUNS_KEPT = 32  # per key, for "N within M" (M may not exceed it)
 SEED_CHANNEL_KEYS = {"email_to": "email", "slack_webhook_url": "slack", "discord_webhook_url": "discord",
                      "webhook_url": "webhook"}
 
-ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "repeat_interval_critical", "repeat_interval_warning",
-                 "repeat_interval_info", "fire_after", "resolve_after", "max_messages_per_run")
+ALERTING_KEYS = ("dedup_window", "timeout", "channel_budget", "run_budget", "repeat_interval_critical",
+                 "repeat_interval_warning", "repeat_interval_info", "fire_after", "resolve_after",
+                 "max_messages_per_run")
 CHANNEL_COMMON_KEYS = ("type", "enabled", "min_severity", "timeout", "channel_budget", "send_resolved",
                        "quiet_hours", "quiet_hours_bypass", "fallback", "escalate_after", "escalate_to",
                        "title_template", "message_template")
@@ -4010,10 +4222,11 @@ class DeliveryReport(dict):
         self.storage_error = storage_error  # the store could not be written: sent without dedup or history
 
     def exit_code(self) -> int:
-        """0 delivered, deduplicated or nothing configured; 1 delivered but the store could not be
-        written; 3 some channels failed; 4 none delivered."""
-        judged = [name for name in (self.external or list(self)) if self.outcomes[name].outcome != "not_configured"]
-        failed = [name for name in judged if self.outcomes[name].outcome == "failed"]
+        """0 delivered or deduplicated; 1 delivered but the store could not be written; 3 some channels
+        failed; 4 none delivered. A channel that was chosen but cannot be used (a secret missing, a name
+        not configured) failed: the alert did not reach it."""
+        judged = self.external or list(self)
+        failed = [name for name in judged if self.outcomes[name].outcome in ("failed", "not_configured")]
         if not failed:
             return EXIT_RUNTIME if self.storage_error else EXIT_OK
         return EXIT_ALERT_PARTIAL if len(failed) < len(judged) else EXIT_ALERT_NONE
@@ -4156,6 +4369,11 @@ class Masker:
         return self._pattern.sub("***", text) if self._pattern else text
 
 
+def unfinished(run: "RunBudget") -> "Delivery":
+    """The outcome of a channel whose sending did not end within the run's budget (a thread given up)."""
+    return Delivery("failed", 1, None, "timeout", f"no end within the run's budget of {run.seconds:g} s")
+
+
 def _recipients(text: str) -> List[str]:
     return [address.strip() for address in text.split(",") if address.strip()]
 
@@ -4168,6 +4386,9 @@ def _checked_url(url: str) -> Any:
     try:
         parts = urlsplit(url)
         parts.port  # raises for a port that is not a number from 0 to 65535
+        port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+        if port and not ascii_digits(port):  # Python 3.9 reads '١٢', '1_0' and '+12' as ports; later ones do not
+            raise ValueError(port)
     except ValueError:
         raise ValueError("the URL's host or port cannot be read (a '#', '/' or '@' in a password is written "
                          "%23, %2F or %40)") from None
@@ -4208,9 +4429,112 @@ class HttpReply(NamedTuple):
     body: bytes
 
 
+class ExchangeTimeout(TimeoutError):
+    """An exchange with a peer did not end within its Deadline (the peer may be trickling its answer)."""
+
+
+def _error_text(error: BaseException) -> str:
+    """One line saying what went wrong, the inner error of a URLError unwrapped."""
+    reason = getattr(error, "reason", None)
+    inner = reason if isinstance(reason, BaseException) else error
+    if isinstance(inner, (DeliveryError, ExchangeTimeout)):
+        return _one_line(str(inner))
+    return _one_line(f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
+
+
+class Deadline:
+    """A wall-clock end for one whole exchange with a peer: connecting, TLS, the request, the headers and
+    the body, however slowly the peer answers. A socket timeout bounds each read, not the exchange: a
+    server sending a byte every 2 s held a 10 s channel for minutes. When the time is up every socket
+    the deadline watches is shut down, which ends the read or write in progress at once.
+
+    ``with Deadline(10) as deadline``: ``deadline.watch(sock)`` for a socket made by hand,
+    ``deadline.connection(http.client.HTTPConnection)`` for a class whose sockets it watches, and
+    ``deadline.expired`` afterwards to tell a peer that hung up from one that ran out of time.
+    """
+
+    def __init__(self, seconds: float):
+        import threading
+
+        self.seconds = max(0.0, float(seconds))
+        self.expired = False
+        self._end = time.monotonic() + self.seconds  # real time: it bounds real sockets
+        self._lock = threading.Lock()
+        self._watched: List[int] = []  # duplicates of the sockets' descriptors: shut down, then closed
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for fd in self._watched:
+                os.close(fd)
+            self._watched = []
+
+    def left(self) -> float:
+        """Seconds until the end (a little more than none: a socket timeout of 0 would not block at all)."""
+        return max(0.001, self._end - time.monotonic())
+
+    def watch(self, sock: Any) -> Any:
+        """``sock``, to be shut down at the end (at once, when the end has passed)."""
+        with self._lock:
+            fd = os.dup(sock.fileno())
+            self._watched.append(fd)
+            if self.expired:
+                self._shut(fd)
+        sock.settimeout(self.left())
+        return sock
+
+    def connection(self, base: type) -> type:
+        """``base`` (an http.client connection class) whose sockets this deadline watches, made before any
+        TLS handshake: a handshake trickled byte by byte is cut as well."""
+        deadline = self
+
+        class Watched(base):  # type: ignore[valid-type, misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                made = self._create_connection
+                self._create_connection = lambda *a, **k: deadline.watch(made(*a, **k))
+
+        return Watched
+
+    @staticmethod
+    def _shut(fd: int) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()  # the descriptor stays ours, closed in __exit__
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for fd in self._watched:
+                self._shut(fd)
+
+    def timeout_error(self) -> ExchangeTimeout:
+        return ExchangeTimeout(f"no complete answer within {self.seconds:.3g} s")
+
+    def check(self) -> None:
+        """Raise ExchangeTimeout when the end has passed: what was read by then (a read cut short returns
+        what came, without an error) is not the whole answer."""
+        if self.expired:
+            raise self.timeout_error()
+
+
 def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str, str], timeout_s: float,
                  context: Any) -> HttpReply:
-    """One request; every status is returned, none raised; redirects are not followed."""
+    """One request, the whole exchange within ``timeout_s`` (a Deadline); every status is returned, none
+    raised; redirects are not followed. OSError when no whole answer came (socket.timeout when the time
+    ran out), ValueError for a URL that cannot be asked."""
+    import http.client
     import urllib.request
     from urllib.error import HTTPError
 
@@ -4221,15 +4545,37 @@ def http_request(method: str, url: str, body: Optional[bytes], headers: Dict[str
     url, credentials = _basic_auth(url)  # user:password@ in a URL goes as basic auth, never to DNS
     request = urllib.request.Request(url, data=body, method=method,
                                      headers={"User-Agent": USER_AGENT, **credentials, **headers})
-    handlers = [NoRedirect] + ([urllib.request.HTTPSHandler(context=context)] if context is not None else [])
-    opener = urllib.request.build_opener(*handlers)
-    try:
-        with opener.open(request, timeout=timeout_s) as response:
-            return HttpReply(response.status, response.headers, response.read(MAX_REPLY_BYTES))
-    except HTTPError as err:
-        with contextlib.closing(err):
-            reply = err.read(MAX_REPLY_BYTES) if err.fp is not None else b""
-        return HttpReply(err.code, err.headers, reply)
+    with Deadline(timeout_s) as deadline:
+        class Plain(urllib.request.HTTPHandler):
+            def http_open(self, req: Any) -> Any:
+                return self.do_open(deadline.connection(http.client.HTTPConnection), req)
+
+        class Secure(urllib.request.HTTPSHandler):
+            def https_open(self, req: Any) -> Any:
+                return self.do_open(deadline.connection(http.client.HTTPSConnection), req, context=context)
+
+        opener = urllib.request.build_opener(NoRedirect, Plain, Secure)  # proxies from the environment kept
+        try:
+            with opener.open(request, timeout=deadline.left()) as response:
+                body = response.read(MAX_REPLY_BYTES)
+                deadline.check()
+                return HttpReply(response.status, response.headers, body)
+        except HTTPError as err:
+            try:
+                with contextlib.closing(err):
+                    reply = err.read(MAX_REPLY_BYTES) if err.fp is not None else b""
+                deadline.check()
+            except (OSError, http.client.HTTPException):
+                if deadline.expired:
+                    raise deadline.timeout_error() from None
+                raise
+            return HttpReply(err.code, err.headers, reply)
+        except (OSError, http.client.HTTPException) as err:
+            if deadline.expired:
+                raise deadline.timeout_error() from None
+            if isinstance(err, http.client.HTTPException):  # an answer cut short: a connection's failure
+                raise ConnectionError(_error_text(err)) from None
+            raise
 
 
 def _verifies(spec: ChannelSpec) -> bool:
@@ -4317,6 +4663,12 @@ class _Channel:
         """(section, key, text) for each value that is wrong: ``settings`` are the plain keys given."""
         return []
 
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        """(section, key, text) for each secret whose value cannot work, however it was given (KEY, KEY_env
+        or KEY_file); the text never quotes the value."""
+        return []
+
     def __init__(self, spec: ChannelSpec, hostname: str):
         self.spec = spec
         self.name = spec.name
@@ -4375,6 +4727,12 @@ class _HttpChannel(_Channel):
         _bool_setting(settings, section, "tls_verify", True, problems)
         return problems
 
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        # Each goes in a header or the URL, where http.client would refuse it quoting the whole value.
+        return [(section, key, "holds a control character or line break: no URL, token or key has one")
+                for key, value in sorted(secrets.items()) if any(ord(char) in _LINE_BREAKING for char in value)]
+
     def url(self) -> str:
         return self.spec.secrets["url"]
 
@@ -4413,6 +4771,16 @@ class _HttpChannel(_Channel):
     def check(self, reply: HttpReply, now: float) -> None:
         if not 200 <= reply.status < 300:
             raise _reply_error(reply, now)
+
+
+WORD_JOINER = "\u2060"  # invisible, and neither a letter nor a space: '@\u2060all' reads as @all, mentions no one
+
+
+def _unmentioned(text: str) -> str:
+    """``text`` with a word joiner after each ``@`` and ``<``: it reads the same, but a chat service finds no
+    @channel, @all, @here or @user in it, nor Slack's <!channel>, <@id> or <url|link> that Mattermost and
+    Rocket.Chat also read."""
+    return text.replace("@", "@" + WORD_JOINER).replace("<", "<" + WORD_JOINER)
 
 
 def _slack_escape(text: str) -> str:
@@ -4508,13 +4876,30 @@ def _fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a webhook ``secret``: a ``whsec_`` one is the strict base64 after that prefix (Standard
+    Webhooks), any other its UTF-8; ValueError, which never quotes the secret, for a ``whsec_`` one that is not."""
+    import base64
+    import re
+
+    if not secret.startswith("whsec_"):
+        return secret.encode("utf-8")
+    encoded = secret[len("whsec_"):]
+    if not encoded:
+        raise ValueError("a whsec_ secret holds no key after the prefix")
+    # Checked here, not by b64decode(validate=True), which lets '==' through on some Pythons and not others.
+    if not re.fullmatch(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", encoded):
+        raise ValueError("a whsec_ secret is base64 after the prefix, and this one is not")
+    return base64.b64decode(encoded)
+
+
 def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> Dict[str, str]:
-    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body``; a ``whsec_`` secret is base64."""
+    """Standard Webhooks headers: HMAC-SHA256 over ``id.timestamp.body`` with webhook_key(secret)."""
     import base64
     import hashlib
     import hmac
 
-    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode("utf-8")
+    key = webhook_key(secret)
     signed = f"{message_id}.{timestamp}.".encode("utf-8") + body
     digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
     return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
@@ -4526,6 +4911,15 @@ class WebhookChannel(_HttpChannel):
 
     kind = "webhook"
     secrets = ("url", "secret")
+
+    @classmethod
+    def secret_problems(cls, section: str, secrets: Dict[str, str]) -> List[Tuple[str, str, str]]:
+        problems = super().secret_problems(section, secrets)
+        try:
+            webhook_key(secrets.get("secret", ""))
+        except ValueError as err:
+            problems.append((section, "secret", str(err)))
+        return problems
 
     def payload(self, alert: Alert) -> bytes:
         labels = {"alertname": alert.title, "severity": alert.severity.value, "instance": self.hostname,
@@ -4601,7 +4995,7 @@ class TelegramChannel(_HttpChannel):
     def problems(cls, section: str, settings: Dict[str, str], items: Dict[str, str]) -> List[Tuple[str, str, str]]:
         problems = super().problems(section, settings, items)
         chat = settings.get("chat_id")
-        if chat is not None and not chat.lstrip("-@").replace("_", "").isalnum():
+        if chat is not None and not (chat.isascii() and chat.lstrip("-@").replace("_", "").isalnum()):
             problems.append((section, "chat_id", f"{_shown(chat)} is not a chat id or @channel"))
         return problems
 
@@ -4610,7 +5004,7 @@ class TelegramChannel(_HttpChannel):
         return f"{base}/bot{self.spec.secrets['token']}/sendMessage"
 
     def payload(self, alert: Alert) -> bytes:
-        text = truncate(f"{alert.headline}\n\n{self.body_text(alert)}", TELEGRAM_TEXT_CHARS)
+        text = truncate(_unmentioned(f"{alert.headline}\n\n{self.body_text(alert)}"), TELEGRAM_TEXT_CHARS)
         return _json_bytes({"chat_id": self.spec.settings["chat_id"], "text": text,
                             "disable_web_page_preview": True})
 
@@ -4711,7 +5105,7 @@ class TeamsChannel(_HttpChannel):
 @register_channel
 class MatrixChannel(_HttpChannel):
     """A Matrix room through the client-server API: an ``m.notice`` (never answered by bots) with an HTML
-    copy; the alert's id is the transaction id, so a retried send never posts twice."""
+    copy that mentions no one; the alert's id is the transaction id, so a retried send never posts twice."""
 
     kind = "matrix"
     keys = ("tls_verify", "homeserver", "room_id")
@@ -4750,10 +5144,11 @@ class MatrixChannel(_HttpChannel):
     def payload(self, alert: Alert) -> bytes:
         import html
 
-        text = truncate(self.body_text(alert), MATRIX_BODY_CHARS)
-        formatted = f"<strong>{html.escape(alert.headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
-        return _json_bytes({"msgtype": "m.notice", "body": f"{alert.headline}\n\n{text}",
-                            "format": "org.matrix.custom.html", "formatted_body": formatted})
+        headline, text = _unmentioned(alert.headline), truncate(_unmentioned(self.body_text(alert)), MATRIX_BODY_CHARS)
+        formatted = f"<strong>{html.escape(headline)}</strong><br>" + html.escape(text).replace("\n", "<br>")
+        return _json_bytes({"msgtype": "m.notice", "body": f"{headline}\n\n{text}",
+                            "format": "org.matrix.custom.html", "formatted_body": formatted,
+                            "m.mentions": {}})  # mentions no one: no @room, no display name in the text notifies
 
     def check(self, reply: HttpReply, now: float) -> None:
         if reply.status != 200 or "event_id" not in _reply_json(reply):
@@ -4817,30 +5212,72 @@ class PushoverChannel(_HttpChannel):
             raise _reply_error(reply, now)
 
 
+def _markdown_line_start(match: Any) -> str:
+    indent, mark, number, dot = match.groups()
+    return f"{indent}\\{mark}" if mark else f"{indent}{number}\\{dot}"
+
+
+def markdown_inert(text: str) -> str:
+    """``text`` as Markdown (CommonMark, Mattermost's) shows it, literally: mentions broken as _unmentioned()
+    breaks them, links and images by a word joiner after each ``]``, and each character that would make
+    emphasis, code, strikethrough or a table, or a heading, quote or list at the start of a line, escaped
+    with a backslash (which Markdown does not show).
+
+    >>> markdown_inert("*bold* 1_000 _x_") == r"\\*bold\\* 1_000 \\_x\\_"
+    True
+    """
+    import re
+
+    text = _unmentioned(text).replace("]", "]" + WORD_JOINER)
+    text = re.sub(r"[\\`*~|]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])", r"\\\g<0>", text)
+    return re.sub(r"(?m)^([ \t]*)(?:([#>+=-])|([0-9]{1,9})([.)]))", _markdown_line_start, text)
+
+
+# Rocket.Chat's Markdown has no escape: its emphasis and code marks become their full-width look-alikes.
+_ROCKETCHAT_MARKS = str.maketrans({"*": "\uff0a", "~": "\uff5e", "`": "\uff40"})
+
+
+def rocketchat_inert(text: str) -> str:
+    """``text`` as Rocket.Chat's message parser shows it, literally: mentions broken as _unmentioned() breaks
+    them, links, images, spoilers and #channel links by a word joiner after ``]``, ``|`` and ``#``, and the
+    marks of emphasis and code (an ``_`` only where it is not inside a word) as full-width look-alikes."""
+    import re
+
+    text = _unmentioned(text).translate(_ROCKETCHAT_MARKS)
+    text = re.sub(r"(?<![0-9A-Za-z])_", "\uff3f", text)
+    return re.sub(r"[]|#]", lambda match: match.group() + WORD_JOINER, text)
+
+
 @register_channel
 class MattermostChannel(_HttpChannel):
-    """Mattermost incoming webhook: ``text`` in Markdown; success is 200."""
+    """Mattermost incoming webhook: ``text`` in Markdown, the alert's own text shown literally (no mention,
+    link or emphasis it holds works); success is 200."""
 
     kind = "mattermost"
     keys = ("tls_verify", "channel", "username")
 
     def payload(self, alert: Alert) -> bytes:
-        document = {"text": truncate(f"**{alert.headline}**\n\n{self.body_text(alert)}", MATTERMOST_TEXT_CHARS)}
+        headline = alert._replace(title=markdown_inert(alert.title)).headline
+        text = f"**{headline}**\n\n{markdown_inert(self.body_text(alert))}"
+        document = {"text": truncate(text, MATTERMOST_TEXT_CHARS)}
         document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "username")})
         return _json_bytes(document)
 
 
 @register_channel
 class RocketChatChannel(_HttpChannel):
-    """Rocket.Chat incoming webhook: the headline, one attachment colored by severity; success is
+    """Rocket.Chat incoming webhook: the headline, one attachment colored by severity whose title and text
+    are plain (``mrkdwn_in`` empty); no mention, link or emphasis the alert holds works; success is
     ``{"success": true}``."""
 
     kind = "rocketchat"
     keys = ("tls_verify", "channel", "alias")
 
     def payload(self, alert: Alert) -> bytes:
-        document = {"text": alert.headline, "attachments": [
-            {"title": alert.title, "text": self.body_text(alert), "color": SLACK_COLORS[alert.color]}]}
+        headline = alert._replace(title=rocketchat_inert(alert.title)).headline
+        document = {"text": headline, "attachments": [
+            {"title": _unmentioned(alert.title), "text": _unmentioned(self.body_text(alert)), "mrkdwn_in": [],
+             "color": SLACK_COLORS[alert.color]}]}
         document.update({key: value for key, value in self.spec.settings.items() if key in ("channel", "alias")})
         return _json_bytes(document)
 
@@ -4928,6 +5365,20 @@ class PagerDutyChannel(_HttpChannel):
             raise _reply_error(reply, now)
 
 
+def _stop_group(process: Any) -> None:
+    """Kill a child's whole process group (it was started in a session of its own), reap it, and close
+    its pipes without waiting for whatever else may still hold them."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
 @register_channel
 class EmailChannel(_Channel):
     """Email by SMTP (STARTTLS or implicit TLS, verified), by ``mail``, or by ``sendmail -t -oi``."""
@@ -4964,7 +5415,7 @@ class EmailChannel(_Channel):
         if method == "smtp" and not settings.get("smtp_host"):
             problems.append((section, "smtp_host", "required when method = smtp"))
         port = settings.get("smtp_port")
-        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        if port is not None and not (ascii_digits(port) and 0 < int(port) < 65536):
             problems.append((section, "smtp_port", f"{_shown(port)} is not a port number"))
         if settings.get("username") and method == "smtp" and not any(
                 key in items for key in ("password", "password_env", "password_file")):
@@ -5033,18 +5484,31 @@ class EmailChannel(_Channel):
         security = settings.get("security", "starttls")
         context = tls_context(_verifies(self.spec)) if security != "none" else None
         host, port = settings["smtp_host"], self._port()
-        if security == "ssl":
-            client = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=context)
-        else:
-            client = smtplib.SMTP(host, port, timeout=timeout_s)
-        with client:
-            client.ehlo()
-            if security == "starttls":
-                client.starttls(context=context)
-                client.ehlo()
-            if settings.get("username"):
-                client.login(settings["username"], self.spec.secrets.get("password", ""))
-            client.send_message(message)
+        with Deadline(timeout_s) as deadline:  # the whole session, however slowly the server talks
+            class Watched(smtplib.SMTP):
+                def _get_socket(self, *args: Any) -> Any:
+                    return deadline.watch(super()._get_socket(*args))
+
+            class WatchedSSL(smtplib.SMTP_SSL, Watched):
+                pass
+
+            try:
+                if security == "ssl":
+                    client = WatchedSSL(host, port, timeout=deadline.left(), context=context)
+                else:
+                    client = Watched(host, port, timeout=deadline.left())
+                with client:
+                    client.ehlo()
+                    if security == "starttls":
+                        client.starttls(context=context)
+                        client.ehlo()
+                    if settings.get("username"):
+                        client.login(settings["username"], self.spec.secrets.get("password", ""))
+                    client.send_message(message)
+            except (OSError, smtplib.SMTPException):
+                if deadline.expired:
+                    raise deadline.timeout_error() from None
+                raise
 
     def _command(self) -> List[str]:
         import shutil
@@ -5069,22 +5533,47 @@ class EmailChannel(_Channel):
 
         if not argv or not argv[0]:
             raise DeliveryError(f"no {self.method()} command found on PATH", error_class="command")
-        try:
-            result = subprocess.run(argv, input=data, capture_output=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise DeliveryError(f"{os.path.basename(argv[0])} did not finish in {timeout_s:g} s",
-                                error_class="timeout", category="transient") from None
+        try:  # a session of its own: at the timeout the whole group goes, a sendmail it started too
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True)
         except OSError as err:
             raise DeliveryError(f"{argv[0]} cannot be run: {err.strerror or err}", error_class="command") from None
-        if result.returncode != 0:
-            said = _one_line(result.stderr.decode("utf-8", "replace"))[:200]
-            raise DeliveryError(f"{os.path.basename(argv[0])} exited with {result.returncode}"
-                                + (f": {said}" if said else ""), error_class="command")
+        try:
+            _, said = process.communicate(data, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop_group(process)
+            raise DeliveryError(f"{os.path.basename(argv[0])} did not finish in {timeout_s:g} s",
+                                error_class="timeout", category="transient") from None
+        if process.returncode != 0:
+            text = _one_line(said.decode("utf-8", "replace"))[:200]
+            raise DeliveryError(f"{os.path.basename(argv[0])} exited with {process.returncode}"
+                                + (f": {text}" if text else ""), error_class="command")
 
 
 def _notice_severity(alert: Alert) -> str:
     """The level a log line carries: the alert's severity, but a resolved notice is news, not an alarm."""
     return "info" if alert.kind == "resolved" else alert.severity.value
+
+
+LOG_LEVELS = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
+
+
+def log_line(alert: Alert) -> str:
+    """An alert as one line of at most LOG_LINE_CHARS: headline, note, message and details."""
+    parts = [alert.headline] + [text for text in (alert.note, alert.message) if text] + alert.detail_lines()
+    return truncate(_one_line(" | ".join(_one_line(part) for part in parts)), LOG_LINE_CHARS)
+
+
+# Outcomes that mean a person has the alert, will have it, or chose not to: nothing more to say.
+HEARD_OUTCOMES = ("sent", "deduplicated", "held", "silenced", "inhibited")
+
+
+def unheard(outcomes: Dict[str, Delivery], external: Iterable[str]) -> bool:
+    """True when no channel but a log took the alert and nobody chose to hold it back (a silence, quiet
+    hours, a dependency): then only stderr is left to say it."""
+    external = set(external)
+    return not any(delivery.outcome in HEARD_OUTCOMES and (name in external or delivery.outcome != "sent")
+                   for name, delivery in outcomes.items())
 
 
 @register_channel
@@ -5111,24 +5600,26 @@ class LogChannel(_Channel):
         address = self.address()
         return f"log to syslog at {address}" if address else "log to the 'metasystem.alert' logger"
 
-    def line(self, alert: Alert) -> str:
-        parts = [alert.headline] + [text for text in (alert.note, alert.message) if text] + alert.detail_lines()
-        return truncate(_one_line(" | ".join(_one_line(part) for part in parts)), LOG_LINE_CHARS)
-
     def render(self, alert: Alert) -> str:
-        return self.line(alert)
+        return log_line(alert)
+
+    # True (the command line sets it): without syslog the line is a record at info, shown with -v, and
+    # AlertingSystem says on stderr only what no other channel took; False: the logger gets the alert at
+    # its own level, the library's record of last resort.
+    quiet = False
 
     def send(self, alert: Alert, timeout_s: float, now: float) -> Optional[int]:
+        """To syslog, else to the 'metasystem.alert' logger."""
         address = self.address()
-        line = self.line(alert)
+        line = log_line(alert)
         if address:
             try:
                 self._syslog(address, _notice_severity(alert), line, timeout_s)
                 return None
             except OSError as err:
                 log.info("syslog at %s refused the alert (%s); using the logger", address, err.strerror or err)
-        level = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
-        logging.getLogger("metasystem.alert").log(level[_notice_severity(alert)], "%s", line)
+        logging.getLogger("metasystem.alert").log(logging.INFO if self.quiet else LOG_LEVELS[_notice_severity(alert)],
+                                                  "%s", line)
         return None
 
     def _syslog(self, address: str, severity: str, line: str, timeout_s: float) -> None:
@@ -5165,15 +5656,6 @@ def delivery_failure(error: BaseException) -> Tuple[str, str, Optional[int]]:
     if isinstance(reason, BaseException):
         return delivery_failure(reason)[0], delivery_failure(reason)[1], None
     return classify_error(error), error_class, None
-
-
-def _error_text(error: BaseException) -> str:
-    """One line saying what went wrong, the inner error of a URLError unwrapped."""
-    reason = getattr(error, "reason", None)
-    inner = reason if isinstance(reason, BaseException) else error
-    if isinstance(inner, DeliveryError):
-        return _one_line(str(inner))
-    return _one_line(f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
 
 
 # -- settings -----------------------------------------------------------------
@@ -5218,7 +5700,7 @@ def _minutes_range(text: str) -> Optional[Tuple[int, int]]:
     """``HH:MM-HH:MM`` as minutes after midnight, or None."""
     import re
 
-    found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    found = re.fullmatch(r"\s*([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})\s*", text)
     if not found:
         return None
     h1, m1, h2, m2 = map(int, found.groups())
@@ -5227,17 +5709,58 @@ def _minutes_range(text: str) -> Optional[Tuple[int, int]]:
     return h1 * 60 + m1, (h2 * 60 + m2) % 1440
 
 
-def _local_epoch(text: str, zone: Optional[str]) -> Optional[float]:
-    """``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM`` in ``zone`` (or local time) as epoch seconds, or None."""
+_FIRST_SHOWN_S = -62135596800.0  # 0001-01-01T00:00Z: the first instant iso_time shows (MAX_TIMESTAMP_S: past the last)
+
+
+def _machine_epoch(wall: Any) -> float:
+    """A naive datetime read as the machine's local time, in epoch seconds, as datetime.timestamp() reads
+    it (fold 0: a repeated hour's first time, a skipped hour on the offset before the change), but from
+    time.localtime's offsets, which do not overflow within a day of years 1 and 9999 as it does."""
     import datetime
 
+    wanted = (wall - datetime.datetime(1970, 1, 1)).total_seconds()
+
+    def offset(epoch: float) -> int:
+        return time.localtime(epoch).tm_gmtoff
+
+    guess = offset(wanted)
+    first = wanted - guess
+    other = offset(first - DAY_S) if offset(first) == guess else offset(first)
+    second = wanted - other
+    if other != guess and offset(second) == other:
+        return second  # the earlier of two solutions, or the only one
+    return first if offset(first) == guess else max(first, second)  # max: in a gap, the offset before it
+
+
+def _wall_epoch(wall: Any, zone: Optional[str]) -> float:
+    """Epoch seconds of the wall-clock time ``wall`` (a naive datetime) in ``zone``, or in the machine's
+    local time; OverflowError, ValueError or OSError when it has none."""
+    return wall.replace(tzinfo=_zone(zone)).timestamp() if zone else _machine_epoch(wall)
+
+
+def _local_epoch(text: str, zone: Optional[str]) -> Tuple[Optional[float], Optional[str]]:
+    """``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM`` in ``zone`` (or local time) as (epoch seconds, None), or
+    (None, why not): not such a date, or one whose instant cannot be shown (before year 1 or after 9999
+    in UTC)."""
+    import datetime
+
+    if not text.isascii():  # strptime() also reads other scripts' digits
+        return None, "is not a date such as 2026-12-24 or 2026-12-24 18:00"
     for layout in ("%Y-%m-%d %H:%M", "%Y-%m-%d"):
         try:
             moment = datetime.datetime.strptime(text.strip(), layout)
         except ValueError:
             continue
-        return moment.replace(tzinfo=_zone(zone)).timestamp()
-    return None
+        try:
+            epoch = _wall_epoch(moment, zone)
+        except (OverflowError, ValueError, OSError):
+            epoch = math.inf if moment.year > 1 else -math.inf
+        if epoch < _FIRST_SHOWN_S:
+            return None, "is before the year 1 in UTC: too early to be shown"
+        if epoch >= MAX_TIMESTAMP_S:
+            return None, "is after the year 9999 in UTC: too late to be shown"
+        return epoch, None
+    return None, "is not a date such as 2026-12-24 or 2026-12-24 18:00"
 
 
 def _maintenance_window(section: str, items: Dict[str, str], zone: Optional[str],
@@ -5247,11 +5770,11 @@ def _maintenance_window(section: str, items: Dict[str, str], zone: Optional[str]
         problems.append((section, "daily", "give one of daily, weekly or from (with until)"))
         return None
     if given == ["from"]:
-        starts, ends = (_local_epoch(items.get(key, ""), zone) for key in ("from", "until"))
-        for key, value in (("from", starts), ("until", ends)):
-            if value is None:
-                problems.append((section, key, f"{_shown(items.get(key, ''))} is not a date such as 2026-12-24 "
-                                                "or 2026-12-24 18:00"))
+        (starts, starts_problem), (ends, ends_problem) = (_local_epoch(items.get(key, ""), zone)
+                                                          for key in ("from", "until"))
+        for key, why in (("from", starts_problem), ("until", ends_problem)):
+            if why:
+                problems.append((section, key, f"{_shown(items.get(key, ''))} {why}"))
         if starts is not None and ends is not None and ends <= starts:
             problems.append((section, "until", "must be after from"))
         return {"starts": starts, "ends": ends}
@@ -5291,23 +5814,31 @@ class Maintenance(NamedTuple):
         return _silence_matches(self.match, alert)
 
     def windows(self, now: float) -> List[Tuple[float, float]]:
-        """(start, end) of the windows that hold now or open in the next week, in order."""
+        """(start, end) of the windows that hold now or open in the next week, in order. A daily window
+        opens and closes at the wall-clock times it names, in its zone: on the day clocks change it is an
+        hour longer or shorter. A day past year 9999 or before year 1 has none."""
         if self.starts is not None:
             return [(self.starts, self.ends)] if self.ends > now else []
         import datetime
 
-        zone = _zone(self.zone)
-        today = datetime.datetime.fromtimestamp(now, zone).date() if zone else datetime.date.fromtimestamp(now)
+        try:
+            zone = _zone(self.zone)
+            today = datetime.datetime.fromtimestamp(now, zone).date() if zone else datetime.date.fromtimestamp(now)
+        except (OverflowError, ValueError, OSError):
+            return []
         found = []
         for offset in range(-1, 8):
-            day = today + datetime.timedelta(days=offset)
-            if day.weekday() not in self.days:
+            try:
+                day = today + datetime.timedelta(days=offset)
+                if day.weekday() not in self.days:
+                    continue
+                closes = day + datetime.timedelta(days=1) if self.end <= self.start else day
+                start, end = (_wall_epoch(datetime.datetime.combine(when, datetime.time(minute // 60, minute % 60)),
+                                          self.zone) for when, minute in ((day, self.start), (closes, self.end)))
+            except (OverflowError, ValueError, OSError):
                 continue
-            opens = datetime.datetime.combine(day, datetime.time(self.start // 60, self.start % 60), zone)
-            length = (self.end - self.start) % 1440 or 1440
-            start = opens.timestamp()
-            if start + length * 60 > now:
-                found.append((start, start + length * 60))
+            if now < end and start < end and _FIRST_SHOWN_S <= start and end < MAX_TIMESTAMP_S:
+                found.append((start, end))
         return found
 
     def holds(self, now: float) -> bool:
@@ -5324,6 +5855,9 @@ def maintenance_windows(config, problems: List[Tuple[str, str, str]]) -> List[Ma
             continue
         items = {key: value.strip() for key, value in config[section].items()}
         start = len(problems)
+        why = name_problem(section[len("maintenance:"):], "maintenance")
+        if why:
+            problems.append((section, "", why))
         problems += [(section, key, "unknown key") for key in items if key not in MAINTENANCE_KEYS]
         if not items.get("match"):
             problems.append((section, "match", "required: the key or title text it silences (key=K: one key)"))
@@ -5352,19 +5886,20 @@ class AlertingSettings(NamedTuple):
     inline_secrets: List[str]  # "[section] key" of each secret written in the file itself
     lifecycle: Lifecycle = Lifecycle(dict(DEFAULT_REPEAT_INTERVALS_S))
     maintenance: Tuple[Maintenance, ...] = ()
+    run_budget_s: float = DEFAULT_RUN_BUDGET_S
 
     def masker(self) -> Masker:
         return Masker(secret for spec in self.channels.values() for secret in spec.secrets.values())
 
     def problem_lines(self) -> List[str]:
-        return [f"{self.path}: [{section}] {key + ': ' if key else ''}{text}" for section, key, text in self.problems]
+        return problem_lines(self.path, self.problems)
 
 
 def _count_setting(items: Dict[str, str], key: str, default: int, problems: List[Tuple[str, str, str]]) -> int:
     text = items.get(key, "").strip()
     if not text:
         return default
-    if not text.isdigit() or int(text) < 1:
+    if not ascii_digits(text) or int(text) < 1:
         problems.append(("alerting", key, f"{_shown(text)} is not a whole number of at least 1"))
         return default
     return int(text)
@@ -5385,7 +5920,7 @@ def _lifecycle_settings(items: Dict[str, str], problems: List[Tuple[str, str, st
     text = items.get("fire_after", "").strip().lower()
     if text:
         count, _, window = (part.strip() for part in text.partition("within"))
-        if not count.isdigit() or int(count) < 1 or (window and not (window.isdigit()
+        if not ascii_digits(count) or int(count) < 1 or (window and not (ascii_digits(window)
                                                                       and int(count) <= int(window) <= RECENT_RUNS_KEPT)):
             problems.append(("alerting", "fire_after", f"{_shown(text)} is not N or 'N within M' "
                                                         f"(1 <= N <= M <= {RECENT_RUNS_KEPT})"))
@@ -5416,7 +5951,8 @@ def _channel_secrets(items: Dict[str, str], keys: Tuple[str, ...], section: str,
 
 def _minute_of_day(text: str) -> int:
     hours, _, minutes = text.strip().partition(":")
-    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2 and int(hours) < 24 and int(minutes) < 60):
+    if not (ascii_digits(hours) and ascii_digits(minutes) and len(minutes) == 2 and int(hours) < 24
+            and int(minutes) < 60):
         raise ValueError(text)
     return int(hours) * 60 + int(minutes)
 
@@ -5488,7 +6024,7 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
     enabled = _bool_setting(items, section, "enabled", True, problems)
     channel_timeout = _duration_setting(items, section, "timeout", timeout_s, problems, positive=True)
     channel_budget = _duration_setting(items, section, "channel_budget", budget_s, problems, positive=True)
-    problems += channel.problems(section, settings, items)
+    problems += channel.problems(section, settings, items) + channel.secret_problems(section, secrets)
     if seed_key:  # name the key as the user wrote it
         written = {"url": seed_key, "to": seed_key}
         problems[start:] = [(s, written.get(k, k), t) for s, k, t in problems[start:]]
@@ -5512,6 +6048,34 @@ def _channel_spec(name: str, section: str, items: Dict[str, str], environ: Dict[
                        escalate_after, escalate_to)
 
 
+def _channel_graph_problems(channels: Dict[str, ChannelSpec],
+                            problems: List[Tuple[str, str, str]]) -> List[Tuple[str, str, str]]:
+    """``fallback`` and ``escalate_to`` read as graphs: each names another channel that exists and is
+    enabled, and following them never comes back to where it started."""
+    found = []
+    broken = {section for section, _, _ in problems}
+    for key in ("fallback", "escalate_to"):
+        edges = {name: getattr(spec, key) for name, spec in channels.items() if getattr(spec, key)}
+        for name, other in edges.items():
+            spec, target = channels[name], channels.get(other)
+            if other == name or target is None:
+                found.append((spec.section, key, "names itself" if other == name else
+                              f"names {other!r}, which is not a channel"))
+            elif spec.enabled and not target.enabled and target.section not in broken:
+                found.append((spec.section, key, f"names {other!r}, which is disabled: it would never be told"))
+        found += cycle_problems({n: o for n, o in edges.items() if o != n and o in channels},
+                                lambda name: channels[name].section, key)
+    return found
+
+
+def escalation_only(specs: Dict[str, ChannelSpec]) -> set:
+    """The channels that get only escalations: each one a usable channel escalates to, unless the two
+    lie on one cycle (then neither would hear anything)."""
+    edges = {name: spec.escalate_to for name, spec in specs.items() if spec.escalate_to}
+    return {spec.escalate_to for name, spec in specs.items()
+            if spec.escalate_to and spec.enabled and not spec.missing and cycle_through(edges, name) is None}
+
+
 def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = None) -> AlertingSettings:
     """Read and check the ``[alerting]`` and ``[channel:NAME]`` sections; never raises for bad values."""
     environ = os.environ if environ is None else environ
@@ -5524,6 +6088,8 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
     budget_s = _duration_setting(alerting, "alerting", "channel_budget", DEFAULT_CHANNEL_BUDGET_S, problems,
                                  positive=True)
     window_s = _duration_setting(alerting, "alerting", "dedup_window", DEFAULT_DEDUP_WINDOW_S, problems)
+    run_budget_s = _duration_setting(alerting, "alerting", "run_budget", DEFAULT_RUN_BUDGET_S, problems,
+                                     positive=True)
     seed_keys = {f"{key}{suffix}" for key in SEED_CHANNEL_KEYS for suffix in SECRET_SUFFIXES
                  if key != "email_to" or not suffix}  # email_to is an address, not a secret
     for key in alerting:
@@ -5541,8 +6107,9 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
         if not section.startswith("channel:"):
             continue
         name = section[len("channel:"):].strip()
-        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-            problems.append((section, "", "a channel name takes letters, digits, '-', '_' and '.'"))
+        why = name_problem(name, "channel")
+        if why:
+            problems.append((section, "", why))
             continue
         if name in channels:
             problems.append((section, "", f"channel {name!r} is also made by a key in [alerting]"))
@@ -5551,14 +6118,11 @@ def alerting_settings(config, path: str, environ: Optional[Dict[str, str]] = Non
                                        timeout_s, budget_s)
     if "log" not in channels:
         channels["log"] = ChannelSpec("log", "log", "", {}, {}, {}, "info", timeout_s, budget_s)
-    for name, spec in channels.items():
-        for key, other in (("fallback", spec.fallback), ("escalate_to", spec.escalate_to)):
-            if other and (other not in channels or other == name):
-                what = "itself" if other == name else f"{other!r}, which is not a channel"
-                problems.append((spec.section, key, f"names {what}"))
+    problems += _channel_graph_problems(channels, problems)
     lifecycle = _lifecycle_settings(alerting, problems)
     maintenance = tuple(maintenance_windows(config, problems))
-    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle, maintenance)
+    return AlertingSettings(path, channels, window_s, timeout_s, budget_s, problems, inline, lifecycle, maintenance,
+                            run_budget_s)
 
 
 def warn_if_shared(settings: "AlertingSettings") -> None:
@@ -5573,6 +6137,51 @@ def warn_if_shared(settings: "AlertingSettings") -> None:
 
 
 # -- the alerting system ------------------------------------------------------
+
+class RunBudget:
+    """What one run may spend on sending: ``seconds`` in all (``[alerting] run_budget``), and on each
+    channel at most its ``channel_budget`` in all, however many alerts the run carries. The command line
+    makes one for its whole run (alerts, the Watchdog, pings); the library one per call."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        import threading
+
+        self.seconds = seconds
+        self._clock = clock
+        self._end = clock() + seconds
+        self._spent: Dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def left(self) -> float:
+        return max(0.0, self._end - self._clock())
+
+    def channel_left(self, name: str, channel_budget_s: float) -> float:
+        """What ``name`` may still spend: the rest of its own budget, within the run's."""
+        with self._lock:
+            return max(0.0, min(self.left(), channel_budget_s - self._spent.get(name, 0.0)))
+
+    def spend(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._spent[name] = self._spent.get(name, 0.0) + max(0.0, seconds)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine): a claim or a run of a dead one is stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def claim_owner_gone(owner: str) -> bool:
+    """True when a claim's owner (``PID-RANDOM``) is a process that no longer runs: whatever the clock
+    says (a fixed METASYSTEM_NOW never reaches a lease's end), its claim is over."""
+    pid = owner.partition("-")[0]
+    return pid.isascii() and pid.isdigit() and not process_alive(int(pid))
+
 
 class _Plan(NamedTuple):
     """One notification to send: the channel and the alert as that channel gets it."""
@@ -5600,7 +6209,7 @@ class _Batch:
 
 
 def _lifecycle_key(key: Any) -> str:
-    text = _one_line(str(key))
+    text = _one_line(visible_text(str(key)))
     if not text or len(text) > MAX_NAME_CHARS:
         raise ValidationError(f"an alert key must be 1 to {MAX_NAME_CHARS} characters, got {_shown(key)}")
     return text
@@ -5634,6 +6243,21 @@ def _channel_selector(value: Any) -> str:
     return text
 
 
+def _detail_values(details: Optional[Dict[Any, Any]]) -> Dict[str, Any]:
+    """An alert's details as every channel and the store can take them: text keys and values made valid
+    Unicode, numbers, booleans and None as they are, anything else (a list, an object) as its JSON text."""
+    import json
+
+    if details is None:
+        return {}
+    if not isinstance(details, dict):
+        raise ValidationError(f"details must be a mapping of KEY: VALUE, got {_shown(details)}")
+    plain = (str, int, float, bool, type(None))
+    return {visible_text(str(key)): visible_text(value) if isinstance(value, str) else value if isinstance(
+        value, plain) else visible_text(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str))
+            for key, value in details.items()}
+
+
 class AlertingSystem:
     """Alerts to every configured channel, deduplicated across processes through the store.
 
@@ -5648,7 +6272,12 @@ class AlertingSystem:
                  environ: Optional[Dict[str, str]] = None, now=time.time, clock=time.monotonic, sleep=None,
                  rng=None, store: Optional[Store] = None, settings: Optional[AlertingSettings] = None,
                  synchronous: str = "normal", readonly: bool = False,
-                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, strict: bool = True, say_unheard: bool = False,
+                 budget: Optional[RunBudget] = None):
+        """``strict``: a configuration with a problem is refused (ConfigError); without it, the channels
+        that are right are used and the caller says what is wrong (the command line does). ``say_unheard``:
+        an alert that no channel but a log took goes to the logger at its level (for stderr). ``budget``:
+        the run's, shared by every call (the command line's); without it each call has a run_budget."""
         import random
         import socket
 
@@ -5656,7 +6285,7 @@ class AlertingSystem:
         self.config_path = resolve_config_path(config_path, environ)
         if settings is None:
             settings = alerting_settings(load_config(self.config_path), self.config_path, environ)
-        if settings.problems:
+        if settings.problems and strict:
             lines = settings.problem_lines()
             more = f" (and {len(lines) - 1} more; see 'config --check')" if len(lines) > 1 else ""
             raise ConfigError(lines[0] + more)
@@ -5669,6 +6298,10 @@ class AlertingSystem:
         self.hostname = socket.gethostname()
         self.channels = {name: CHANNEL_TYPES[spec.kind](spec, self.hostname)
                          for name, spec in settings.channels.items() if spec.enabled and not spec.missing}
+        self.say_unheard = say_unheard
+        for channel in self.channels.values():
+            if isinstance(channel, LogChannel):
+                channel.quiet = say_unheard
         self._store = store
         self._db_path = resolve_db_path(db_path, environ)
         self._synchronous = synchronous
@@ -5677,7 +6310,9 @@ class AlertingSystem:
         self._now, self._clock = now, clock
         self._sleep = time.sleep if sleep is None else sleep
         self._rng = random.Random() if rng is None else rng
-        self._owner = os.urandom(8).hex()
+        self._owner = f"{os.getpid()}-{os.urandom(6).hex()}"  # who holds a claim: dead, it holds nothing
+        self.budget = budget
+        self._call_budget: Optional[RunBudget] = None
         self.store_warning_given = False  # a store that cannot be written is said once per run
         self._batch: Optional[_Batch] = None
 
@@ -5704,13 +6339,13 @@ class AlertingSystem:
     def create_alert(self, title: str, message: str, severity: AlertSeverity = AlertSeverity.WARNING,
                      channels: Optional[Iterable[Any]] = None, details: Optional[Dict[str, Any]] = None) -> Alert:
         """An alert, not yet sent. ``channels``: AlertChannel kinds or channel names; None is every channel."""
-        title = _one_line(str(title))
+        title = _one_line(visible_text(str(title)))
         if not title:
             raise ValidationError("an alert needs a title")
         severity = _severity(severity)
         chosen = None if channels is None else tuple(_channel_selector(channel) for channel in channels)
-        return self._masked(Alert(title, str(message or ""), severity, chosen, dict(details or {}), self._now(),
-                                  os.urandom(8).hex()))
+        return self._masked(Alert(title, visible_text(str(message or "")), severity, chosen,
+                                  _detail_values(details), self._now(), os.urandom(8).hex()))
 
     def _masked(self, alert: Alert) -> Alert:
         """The alert with every configured secret masked in its text, details and key: nothing that
@@ -5774,7 +6409,7 @@ class AlertingSystem:
         specs = self.settings.channels
         missing: Dict[str, str] = {}
         if alert.channels is None:  # routed: a channel some channel escalates to gets only escalations
-            escalations = {spec.escalate_to for spec in specs.values() if spec.escalate_to}
+            escalations = escalation_only(specs)
             chosen = [name for name, spec in specs.items() if spec.enabled and name not in escalations
                       and ALERT_SEVERITIES.index(spec.min_severity) <= alert.severity.rank]
         else:
@@ -5794,7 +6429,47 @@ class AlertingSystem:
 
     # -- delivery ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _run(self) -> Iterator[RunBudget]:
+        """The budget what is sent now spends: the run's, or one for this call (and the calls within it)."""
+        if self.budget is not None or self._call_budget is not None:
+            yield self.budget or self._call_budget
+            return
+        self._call_budget = RunBudget(self.settings.run_budget_s, self._clock)
+        try:
+            yield self._call_budget
+        finally:
+            self._call_budget = None
+
+    def _in_parallel(self, jobs: Dict[str, Any], run: RunBudget) -> Dict[str, Any]:
+        """``{name: job()}`` with each job in a thread of its own (a channel that hangs must not take the
+        others' time), for those that end within the run's budget and a moment more."""
+        import threading
+
+        if len(jobs) <= 1:
+            return {name: job() for name, job in jobs.items()}
+        results: Dict[str, Any] = {}
+
+        def work(name: str, job: Any) -> None:
+            try:
+                results[name] = job()
+            except Exception as error:  # a bug of ours: said, and the channel counts as not done
+                log.error("sending to %s stopped: %s", name, self.masker.scrub(_error_text(error)))
+
+        threads = [threading.Thread(target=work, args=item, name=f"deliver {item[0]}", daemon=True)
+                   for item in jobs.items()]
+        for thread in threads:
+            thread.start()
+        end = time.monotonic() + run.left() + DELIVERY_JOIN_GRACE_S
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        return {name: results[name] for name in jobs if name in results}
+
     def _deliver(self, alert: Alert, kind: str) -> DeliveryReport:
+        with self._run() as run:
+            return self._deliver_within(alert, kind, run)
+
+    def _deliver_within(self, alert: Alert, kind: str, run: RunBudget) -> DeliveryReport:
         channels, missing = self.selected(alert)
         storage_errors: List[StorageError] = []
         silence = None
@@ -5809,25 +6484,28 @@ class AlertingSystem:
             storage_errors.append(err)
             alert_id = None
         outcomes = {name: Delivery("not_configured", error=why) for name, why in missing.items()}
+        dedup = kind != "test"
+        decided = {channel.name: (Delivery("silenced", error=silence), False) if silence is not None else
+                   self._before_send(channel, alert, alert_id, dedup, storage_errors) for channel in channels}
+        sent = self._in_parallel({channel.name: lambda channel=channel: self._attempts(channel, alert)
+                                  for channel in channels if decided[channel.name][0] is None}, run)
         for channel in channels:
-            if silence is not None:
-                outcomes[channel.name] = self._record_outcome(alert_id, channel.name,
-                                                              Delivery("silenced", error=silence))
+            known, claimed = decided[channel.name]
+            if known is not None and known.outcome == "silenced":
+                outcomes[channel.name] = self._record_outcome(alert_id, channel.name, known)
                 continue
-            outcomes[channel.name] = self._deliver_to(channel, alert, alert_id, kind != "test", storage_errors)
-            fallback = self._fallback_for(channel, outcomes[channel.name], outcomes, [c.name for c in channels])
-            if fallback is not None:
-                delivery = self._logged(fallback, self._attempts(fallback, alert))
-                outcomes[fallback.name] = self._record_outcome(
-                    alert_id, fallback.name, delivery._replace(error=delivery.error or f"fallback for {channel.name}"))
+            delivery = known or sent.get(channel.name) or unfinished(run)
+            outcomes[channel.name] = self._after_send(channel, alert, alert_id, claimed, delivery, dedup, storage_errors)
+        for channel in channels:
+            for fallback in self._try_fallbacks(channel, alert, outcomes, [c.name for c in channels]):
+                self._record_outcome(alert_id, fallback.name, outcomes[fallback.name])
         if storage_errors and alert_id is not None:
             log.error("%s: some of this alert's history or dedup marks were not saved", storage_errors[0])
         external = [name for name in outcomes if self.settings.channels.get(name) is None
                     or self.settings.channels[name].kind != "log"]
         report = DeliveryReport(outcomes, external, storage_errors[0] if storage_errors else None)
-        if external and not any(report[name] for name in external) and not any(
-                c.spec.kind == "log" for c in channels):
-            self._last_resort(alert)
+        if kind != "test":
+            self._if_unheard(alert, outcomes, external)
         return report
 
     def _record_outcome(self, alert_id: Optional[int], channel: str, delivery: Delivery) -> Delivery:
@@ -5852,6 +6530,20 @@ class AlertingSystem:
             log.warning("channel %s failed: trying its fallback %s", channel.name, name)
         return fallback
 
+    def _try_fallbacks(self, channel: _Channel, alert: Alert, outcomes: Dict[str, Delivery],
+                       targets: List[str]) -> List[_Channel]:
+        """Follow ``channel``'s fallbacks while each one fails (a cycle ends where it began): the channels
+        tried, each one's outcome put in ``outcomes``."""
+        tried = []
+        while True:
+            fallback = self._fallback_for(channel, outcomes[channel.name], outcomes, targets)
+            if fallback is None:
+                return tried
+            delivery = self._logged(fallback, self._attempts(fallback, alert))
+            outcomes[fallback.name] = delivery._replace(error=delivery.error or f"fallback for {channel.name}")
+            tried.append(fallback)
+            channel = fallback
+
     def _record_alert(self, alert: Alert, kind: str, missing: Dict[str, str]) -> int:
         with self.store.write() as conn:
             alert_id = self._insert_alert(conn, alert, kind)
@@ -5870,41 +6562,50 @@ class AlertingSystem:
              self.masker.scrub(alert.message), self.masker.scrub(details)),
         ).lastrowid
 
-    def _last_resort(self, alert: Alert) -> None:
-        """No channel took the alert: the log gets it, so it is on record somewhere."""
-        spec = self.settings.channels.get("log")
-        if spec is not None and spec.kind == "log" and "log" in self.channels:
-            with contextlib.suppress(Exception):
+    def _if_unheard(self, alert: Alert, outcomes: Dict[str, Delivery], external: Iterable[str]) -> None:
+        """No channel but a log took the alert. With ``say_unheard`` (the command line) it goes to the
+        logger at its level, which the command line shows on stderr and cron mails; only then, for when
+        another channel has it, a second copy by mail is noise. Otherwise the log channel gets it, if it
+        had not: on record somewhere."""
+        if not unheard(outcomes, external):
+            return
+        if self.say_unheard:
+            logging.getLogger("metasystem.alert").log(LOG_LEVELS[_notice_severity(alert)], "%s", log_line(alert))
+        elif "log" not in outcomes and "log" in self.channels and self.channels["log"].spec.kind == "log":
+            with contextlib.suppress(Exception):  # the last resort: nothing may stop the run here
                 self.channels["log"].send(alert, self.settings.timeout_s, self._now())
 
-    def _deliver_to(self, channel: _Channel, alert: Alert, alert_id: Optional[int], dedup: bool,
-                    storage_errors: List[StorageError]) -> Delivery:
-        """Claim, send, record. A store that fails on the way costs the dedup and the history row,
-        never the delivery; the error is added to ``storage_errors``."""
-        if alert_id is None:
-            return self._logged(channel, self._attempts(channel, alert))
+    def _before_send(self, channel: _Channel, alert: Alert, alert_id: Optional[int], dedup: bool,
+                     storage_errors: List[StorageError]) -> Tuple[Optional[Delivery], bool]:
+        """(the outcome already known, or None to send; whether the dedup claim was taken) on ``channel``:
+        deduplicated, or held for the end of quiet hours. A store that fails costs the dedup and the
+        history row, never the delivery."""
+        if alert_id is None or not dedup:
+            return None, False
         try:
-            fresh = not dedup or self._claim(channel, alert)
+            if not self._claim(channel, alert):
+                log.info("channel %s: %s already sent within the dedup window", channel.name, alert.key)
+                return Delivery("deduplicated"), False
         except StorageError as err:
             storage_errors.append(err)
-            return self._logged(channel, self._attempts(channel, alert))
-        if not fresh:
-            delivery = Delivery("deduplicated")
-        elif dedup and channel.spec.is_quiet(_local_minute(self._now()), alert.severity.value):
-            delivery = Delivery("held")  # marked as sent: the catch-up at the end of quiet hours carries it
+            return None, False
+        if channel.spec.is_quiet(_local_minute(self._now()), alert.severity.value):
             with contextlib.suppress(StorageError), self.store.write() as conn:
-                self._hold(conn, channel.name, alert, self._now())
-        else:
-            delivery = self._attempts(channel, alert)
-        try:
-            with self.store.write() as conn:
-                self._write_delivery(conn, alert_id, channel.name, delivery, "test" if not dedup else "alert")
-                if dedup and fresh:
-                    self._settle_claim(conn, channel.name, alert.key, delivery.outcome in ("sent", "held"))
-        except StorageError as err:
-            storage_errors.append(err)
-        if not fresh:
-            log.info("channel %s: %s already sent within the dedup window", channel.name, alert.key)
+                self._hold(conn, channel.name, alert, self._now())  # the catch-up at the end carries it
+            return Delivery("held"), True
+        return None, True
+
+    def _after_send(self, channel: _Channel, alert: Alert, alert_id: Optional[int], claimed: bool,
+                    delivery: Delivery, dedup: bool, storage_errors: List[StorageError]) -> Delivery:
+        """Record what happened on ``channel``, and settle the claim taken before it."""
+        if alert_id is not None:
+            try:
+                with self.store.write() as conn:
+                    self._write_delivery(conn, alert_id, channel.name, delivery, "alert" if dedup else "test")
+                    if claimed:
+                        self._settle_claim(conn, channel.name, alert.key, delivery.outcome in ("sent", "held"))
+            except StorageError as err:
+                storage_errors.append(err)
         return self._logged(channel, delivery)
 
     @staticmethod
@@ -5919,9 +6620,14 @@ class AlertingSystem:
 
         A claim is a lease in the store: another process sending the same alert
         waits for it to settle, then sees the delivery (or the failure, and
-        tries itself).  A claim left by a killed process expires.
+        tries itself).  A claim whose process is gone is over at once; one that
+        outlasts its lease (measured here, on the monotonic clock: a wall clock
+        fixed by METASYSTEM_NOW never reaches its end) or the run's time is
+        taken over.
         """
         lease_s = channel.spec.budget_s + DELIVERY_CLAIM_GRACE_S
+        run = self.budget or self._call_budget
+        give_up = self._clock() + min(lease_s, run.left() if run is not None else lease_s)
         while True:
             with self.store.write() as conn:
                 now = self._now()
@@ -5930,7 +6636,12 @@ class AlertingSystem:
                 sent_at, owner, until = row if row else (None, "", 0.0)
                 if sent_at is not None and now - self.settings.dedup_window_s < sent_at <= now + CLOCK_SKEW_S:
                     return False
-                if not owner or until <= now or owner == self._owner:
+                over = not owner or until <= now or owner == self._owner or claim_owner_gone(owner)
+                if not over and self._clock() >= give_up:
+                    log.warning("channel %s: another run has been sending %s for too long; sending it here",
+                                channel.name, alert.key)
+                    over = True
+                if over:
                     conn.execute("INSERT INTO alert_marks (dedup_key, channel, sent_at, claim_owner, claim_until) "
                                  "VALUES (?, ?, ?, ?, ?) ON CONFLICT (dedup_key, channel) DO UPDATE SET "
                                  "claim_owner = excluded.claim_owner, claim_until = excluded.claim_until",
@@ -5962,10 +6673,21 @@ class AlertingSystem:
 
     def _attempts(self, channel: _Channel, alert: Alert) -> Delivery:
         """Send with classified retries: transient failures again after jittered backoff (Retry-After as
-        a floor), permanent ones never, a timeout at most twice, all inside the channel's budget."""
+        a floor), permanent ones never, a timeout at most twice, all inside what the channel has left of
+        its budget in this run (and of the run's)."""
+        run = self.budget or self._call_budget or RunBudget(self.settings.run_budget_s, self._clock)
+        started = self._clock()
+        try:
+            return self._attempts_within(channel, alert, started + run.channel_left(channel.name,
+                                                                                   channel.spec.budget_s))
+        finally:
+            run.spend(channel.name, self._clock() - started)
+
+    def _attempts_within(self, channel: _Channel, alert: Alert, deadline: float) -> Delivery:
         spec = channel.spec
         started = self._clock()
-        deadline = started + spec.budget_s
+        if deadline - started < DELIVERY_MIN_ATTEMPT_S:
+            return Delivery("failed", 0, None, "timeout", "not tried: this run's time for the channel is spent")
         attempts = timeouts = 0
         while True:
             attempts += 1
@@ -6044,13 +6766,19 @@ class AlertingSystem:
     def send_watchdog(self, valid_for_s: float) -> None:
         """The Watchdog alert to each alertmanager channel that wants it, valid for ``valid_for_s``; one
         that cannot take it is a warning line (the next run sends it again), never the run's verdict."""
-        for name, channel in sorted(self.channels.items()):
-            if isinstance(channel, AlertmanagerChannel) and channel.wants_watchdog:
-                try:
-                    channel.send_watchdog(channel.spec.timeout_s, self._now(), valid_for_s)
-                except Exception as error:  # reported, as every delivery failure is
-                    log.warning("channel %s: the Watchdog was not sent: %s", name,
-                                self.masker.scrub(_error_text(error)))
+        with self._run() as run:
+            for name, channel in sorted(self.channels.items()):
+                if isinstance(channel, AlertmanagerChannel) and channel.wants_watchdog:
+                    left, started = run.channel_left(name, channel.spec.budget_s), self._clock()
+                    try:
+                        if left < DELIVERY_MIN_ATTEMPT_S:
+                            raise DeliveryError("this run's time for the channel is spent")
+                        channel.send_watchdog(min(channel.spec.timeout_s, left), self._now(), valid_for_s)
+                    except Exception as error:  # reported, as every delivery failure is
+                        log.warning("channel %s: the Watchdog was not sent: %s", name,
+                                    self.masker.scrub(_error_text(error)))
+                    finally:
+                        run.spend(name, self._clock() - started)
 
     def firing(self) -> List[Dict[str, Any]]:
         """What is firing now: since when, at which severity, how many runs in a row found it failing (the
@@ -6106,10 +6834,14 @@ class AlertingSystem:
             return DeliveryReport({}, [], err)
         channels, missing = self.selected(alert)
         outcomes = {name: Delivery("not_configured", error=why) for name, why in missing.items()}
+        with self._run() as run:
+            sent = self._in_parallel({channel.name: lambda channel=channel: self._attempts(channel, alert)
+                                      for channel in channels}, run)
         for channel in channels:
-            outcomes[channel.name] = self._logged(channel, self._attempts(channel, alert))
+            outcomes[channel.name] = self._logged(channel, sent.get(channel.name) or unfinished(run))
         external = [name for name in outcomes if name not in self.settings.channels
                     or self.settings.channels[name].kind != "log"]
+        self._if_unheard(alert, outcomes, external)
         return DeliveryReport(outcomes, external, err)
 
     def _observe(self, conn: sqlite3.Connection, alert: Alert, failing: bool, now: float,
@@ -6174,12 +6906,18 @@ class AlertingSystem:
 
     def _plan_escalations(self, conn: sqlite3.Connection, call: "_Call", state: Dict[str, Any], alert: Alert,
                           now: float) -> None:
-        """A critical alert firing ``escalate_after`` on a channel, unacknowledged, goes to its
-        ``escalate_to`` as well: once (that channel then holds it, and gets its RESOLVED)."""
+        """A critical alert firing ``escalate_after`` (counted from the start of the firing) on a channel,
+        unacknowledged, goes to its ``escalate_to`` as well: once (that channel then holds it, and gets its
+        RESOLVED). A channel that got it by escalation escalates in turn: a chain is followed, a run at a
+        time."""
         if state["severity"] != "critical":
             return
         planned = {plan.channel.name for plan in call.plans}
-        for channel in self.selected(alert)[0]:
+        routed = self.selected(alert)[0]
+        escalated = [self.channels[name] for (name,) in conn.execute(
+            "SELECT channel FROM alert_channel_states WHERE key = ? AND delivered_at IS NOT NULL ORDER BY channel",
+            (alert.key,)) if name in self.channels and self.channels[name] not in routed]
+        for channel in routed + escalated:
             after, target = channel.spec.escalate_after_s, self.channels.get(channel.spec.escalate_to or "")
             if after is None or target is None or now - state["since"] < after or target.name in planned:
                 continue
@@ -6246,7 +6984,7 @@ class AlertingSystem:
         row = conn.execute(f"SELECT {', '.join(columns)} FROM alert_channel_states WHERE key = ? AND channel = ?",
                            (key, channel)).fetchone()
         state = dict(zip(columns, row)) if row else dict(zip(columns, (None, None, 0, 0, "", 0.0, "", "")))
-        if state["claim_owner"] and state["claim_until"] <= now:
+        if state["claim_owner"] and (state["claim_until"] <= now or claim_owner_gone(state["claim_owner"])):
             log.warning("channel %s: a run stopped while sending %s for %s; counted as delivered",
                         channel, state["claim_kind"], key)
             self._settle_channel(conn, key, channel, state["claim_kind"], state["claim_severity"], True,
@@ -6394,13 +7132,17 @@ class AlertingSystem:
         """Send one catch-up message to each channel whose quiet hours are over."""
         minute = _local_minute(now)
         reports = []
-        for (name,) in self.store.query("SELECT DISTINCT channel FROM alert_held WHERE claim_until <= ?", (now,)):
+        free = sorted({name for name, owner, until in self.store.query(
+            "SELECT DISTINCT channel, claim_owner, claim_until FROM alert_held")
+            if until <= now or claim_owner_gone(owner)})  # a claim whose sender died is over, whatever the clock
+        for name in free:
             channel = self.channels.get(name)
             if channel is None or channel.spec.is_quiet(minute, "info"):
                 continue
             with self.store.write() as conn:
-                held = conn.execute("SELECT id, key, kind, severity, title, ts FROM alert_held "
-                                    "WHERE channel = ? AND claim_until <= ? ORDER BY ts, id", (name, now)).fetchall()
+                held = [row[:6] for row in conn.execute(
+                    "SELECT id, key, kind, severity, title, ts, claim_owner, claim_until FROM alert_held "
+                    "WHERE channel = ? ORDER BY ts, id", (name,)) if row[7] <= now or claim_owner_gone(row[6])]
                 conn.executemany("UPDATE alert_held SET claim_owner = ?, claim_until = ? WHERE id = ?",
                                  [(self._owner, now + channel.spec.budget_s + DELIVERY_CLAIM_GRACE_S, row[0])
                                   for row in held])
@@ -6435,44 +7177,48 @@ class AlertingSystem:
     # -- sending what was planned ----------------------------------------------
 
     def _deliver_calls(self, calls: List["_Call"]) -> DeliveryReport:
-        """Send every plan: one message each, or one digest per channel with more than the limit."""
+        """Send every plan: one message each, or one digest per channel with more than the limit; the
+        channels at once, each within what it has of the run's budget."""
+        with self._run() as run:
+            return self._deliver_calls_within(calls, run)
+
+    def _channel_messages(self, channel: _Channel, entries: List[Tuple["_Call", "_Plan"]]) -> Dict[int, Delivery]:
+        """One channel's share of a run: each plan's outcome by its call, or one digest for them all."""
+        if len(entries) > self.settings.lifecycle.max_messages_per_run:
+            delivery = self._logged(channel, self._attempts(channel, self._digest([plan.alert for _, plan in entries])))
+            return {id(call): delivery._replace(error=delivery.error or "in a digest") for call, _ in entries}
+        return {id(call): self._logged(channel, self._attempts(channel, plan.alert)) for call, plan in entries}
+
+    def _deliver_calls_within(self, calls: List["_Call"], run: RunBudget) -> DeliveryReport:
         by_channel: Dict[str, List[Tuple["_Call", "_Plan"]]] = {}
         for call in calls:
             for plan in call.plans:
                 by_channel.setdefault(plan.channel.name, []).append((call, plan))
-        limit = self.settings.lifecycle.max_messages_per_run
         results: Dict[int, Dict[str, Delivery]] = {id(call): dict(call.outcomes) for call in calls}
+        done = self._in_parallel({name: lambda entries=entries: self._channel_messages(entries[0][1].channel, entries)
+                                  for name, entries in by_channel.items()}, run)
         for name, entries in by_channel.items():
-            channel = entries[0][1].channel
-            if len(entries) > limit:
-                digest = self._digest([plan.alert for _, plan in entries])
-                delivery = self._logged(channel, self._attempts(channel, digest))
-                for call, _ in entries:
-                    results[id(call)][name] = delivery._replace(error=delivery.error or "in a digest")
-            else:
-                for call, plan in entries:
-                    results[id(call)][name] = self._logged(channel, self._attempts(channel, plan.alert))
+            for call, _ in entries:
+                results[id(call)][name] = done[name][id(call)] if name in done else unfinished(run)
+        external = [name for name, spec in self.settings.channels.items() if spec.kind != "log"]
         for call in calls:
             self._fall_back(call, results[id(call)])
             self._record_call(call, results[id(call)])
+            if results[id(call)]:
+                self._if_unheard(call.plans[0].alert if call.plans else call.alert, results[id(call)], external)
         merged: Dict[str, Delivery] = {}
         for call in calls:
             for name, delivery in results[id(call)].items():
                 if name not in merged or delivery.outcome == "failed":  # a failure anywhere is reported
                     merged[name] = delivery
-        external = [name for name in merged if self.settings.channels[name].kind != "log"]
-        return DeliveryReport(merged, external)
+        return DeliveryReport(merged, [name for name in merged if name in external])
 
     def _fall_back(self, call: "_Call", outcomes: Dict[str, Delivery]) -> None:
         """Each failed plan goes to its channel's fallback, which then counts as having the alert."""
         targets = [plan.channel.name for plan in call.plans]
         for plan in list(call.plans):
-            fallback = self._fallback_for(plan.channel, outcomes[plan.channel.name], outcomes, targets)
-            if fallback is None:
-                continue
-            delivery = self._logged(fallback, self._attempts(fallback, plan.alert))
-            outcomes[fallback.name] = delivery._replace(error=delivery.error or f"fallback for {plan.channel.name}")
-            call.plans.append(_Plan(fallback, plan.alert))
+            for fallback in self._try_fallbacks(plan.channel, plan.alert, outcomes, targets):
+                call.plans.append(_Plan(fallback, plan.alert))
 
     def _record_call(self, call: "_Call", outcomes: Dict[str, Delivery]) -> None:
         """History rows, and the channels' states settled, in one transaction. A run of a firing alert
@@ -6537,13 +7283,22 @@ def _routing_lines(spec: ChannelSpec) -> List[str]:
     return lines
 
 
+def unusable_channels(settings: AlertingSettings) -> List[Tuple[str, str, str]]:
+    """Each enabled channel that cannot be used here and now (its secret's variable unset, its file
+    unreadable), as a problem: it would miss every alert, so ``config --check`` must not say OK."""
+    masker = settings.masker()
+    return [(spec.section or f"channel:{name}", "", f"channel {name} cannot be used here: {masker.scrub(spec.missing)}")
+            for name, spec in sorted(settings.channels.items()) if spec.enabled and spec.missing]
+
+
 def effective_configuration(settings: AlertingSettings) -> List[str]:
     """The configuration as alerting reads it, every secret masked: what ``config`` prints."""
     masker = settings.masker()
     lines = [f"# {settings.path}" + ("" if os.path.exists(settings.path) else " (does not exist: defaults)"),
              "[alerting]", f"dedup_window = {format_span(settings.dedup_window_s, exact=True)}",
              f"timeout = {format_span(settings.timeout_s, exact=True)}",
-             f"channel_budget = {format_span(settings.budget_s, exact=True)}"]
+             f"channel_budget = {format_span(settings.budget_s, exact=True)}",
+             f"run_budget = {format_span(settings.run_budget_s, exact=True)}"]
     lines += _lifecycle_lines(settings.lifecycle)
     for name, spec in sorted(settings.channels.items()):
         made_by = "" if spec.section.startswith("channel:") or not spec.section else f"  # from [{spec.section}]"
@@ -6570,6 +7325,7 @@ STATE_RANK = {"OK": 0, "WARNING": 1, "UNKNOWN": 2, "CRITICAL": 3}  # which state
 PLAIN, BYTES, PERCENT, SECONDS = ("",), ("B", ""), ("%",), ("s", "")
 ANY_UNIT = ("", "B", "%", "s")
 CHECK_COMMON_KEYS = ("type", "warning", "critical", "timeout", "interval", "depends_on")
+CONFIGURATION_CHECK = "configuration"  # the run's own check: what is wrong in the configuration file
 DEFAULT_CHECK_INTERVAL_S = 3600.0  # how often cron runs check: a verdict older than this is stale
 CHECK_STALE_GRACE_S = 60.0  # cron starts on the minute, and a run records its verdicts when its checks end
 DEFAULT_CHECK_TIMEOUT_S = 10.0
@@ -6608,7 +7364,7 @@ def _threshold_number(text: str, units: set, whole: str) -> float:
     number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz%")
     unit = cleaned[len(number):]
     try:
-        value = float(number)
+        value = decimal_number(number)
     except ValueError:
         raise ValidationError(f"{_shown(whole)} {_NOT_A_RANGE}") from None
     if unit in SIZE_UNITS:
@@ -6730,7 +7486,7 @@ def _texts(thresholds: List[Threshold]) -> str:
 
 def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Free space of the filesystem holding ``path`` (default: the store), in bytes and percent."""
-    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.collector.db_path) or ".")
+    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.store_path) or ".")
     stats = os.statvfs(path)
     free, total = stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
     percent = 100.0 * free / total if total else 0.0
@@ -6744,7 +7500,7 @@ def check_disk(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 
 def check_inodes(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """Free inodes of the filesystem holding ``path`` (default: the store), in number and percent."""
-    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.collector.db_path) or ".")
+    path = os.path.expanduser(spec.settings.get("path") or os.path.dirname(ctx.store_path) or ".")
     stats = os.statvfs(path)
     if not stats.f_files:
         return CheckResult(spec.name, "UNKNOWN", f"the filesystem of {path} does not count inodes")
@@ -6935,6 +7691,18 @@ def process_usage(pids: List[int]) -> Optional[Tuple[float, float]]:
         return None
 
 
+PIDFILE_MAX_BYTES = 4096  # a pid, and at most a few lines more (PostgreSQL's postmaster.pid)
+
+
+def _pidfile_pid(path: str) -> int:
+    """The process id a pid file starts with: OSError, or ValueError saying why there is none (a FIFO, a
+    device or a large file is refused unread: a symlink to /dev/zero would never end)."""
+    words = read_regular_file(path, PIDFILE_MAX_BYTES)[0].split()
+    if not words or not words[0].isdigit():
+        raise ValueError("it does not start with a process id")
+    return int(words[0])
+
+
 def check_process(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     """How many processes are called ``name``, hold ``match`` in their command line, or have the pid in
     ``pidfile``; by default CRITICAL when there is none (``critical = 1:``). A threshold in bytes judges
@@ -6943,9 +7711,8 @@ def check_process(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
     if settings.get("pidfile"):
         what = f"pid in {settings['pidfile']}"
         try:
-            with open(os.path.expanduser(settings["pidfile"]), encoding="ascii") as handle:
-                pids = {int(handle.read().split()[0])}
-        except (OSError, ValueError, IndexError) as err:
+            pids = {_pidfile_pid(os.path.expanduser(settings["pidfile"]))}
+        except (OSError, ValueError) as err:
             why = getattr(err, "strerror", None) or err
             return CheckResult(spec.name, "CRITICAL", f"{what}: cannot be read ({why})")
     else:
@@ -7007,7 +7774,7 @@ def _statuses(text: str) -> List[Tuple[int, int]]:
     ranges = []
     for part in text.split(","):
         low, _, high = part.strip().partition("-")
-        ranges.append((int(low), int(high or low)))
+        ranges.append((whole_number(low), whole_number(high or low)))
     return ranges
 
 
@@ -7034,36 +7801,53 @@ def http_check_headers(settings: Dict[str, str], section: str) -> Dict[str, str]
     return headers
 
 
-def _http_once(url: str, method: str, headers: Dict[str, str], spec: CheckSpec, now: float) -> Tuple[Any, bytes,
-                                                                                                      Optional[float]]:
-    """One request, redirects not followed: (response, its first MAX_REPLY_BYTES, days the certificate has
-    left for https)."""
+def _http_once(url: str, method: str, headers: Dict[str, str], spec: CheckSpec, now: float,
+               deadline: Deadline) -> Tuple[Any, bytes, Optional[float]]:
+    """One request, redirects not followed, within ``deadline``: (response, its first MAX_REPLY_BYTES, days
+    the certificate has left for https)."""
     import http.client
 
     parts = _checked_url(url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     extra = {"context": _tls_settings_context(spec.settings)} if parts.scheme == "https" else {}
-    connection = connection_class(parts.hostname, parts.port, timeout=spec.timeout_s, **extra)
+    connection = deadline.connection(connection_class)(parts.hostname, parts.port, timeout=deadline.left(), **extra)
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection.request(method, target, headers=headers)
         # Read now: the connection gives its socket away once the answer says it will close.
         days = _days_left(connection.sock.getpeercert(), now) if parts.scheme == "https" else None
         response = connection.getresponse()
-        return response, response.read(MAX_REPLY_BYTES), days
+        body = response.read(MAX_REPLY_BYTES)
+        deadline.check()
+        return response, body, days
     finally:
         connection.close()
 
 
+# What a redirect to another origin keeps of the check's headers: those that cannot carry a credential.
+# Authorization, Cookie, X-Api-Key and any other name the ``headers`` key may give stay behind.
+HTTP_PORTABLE_HEADERS = ("accept", "accept-encoding", "accept-language", "cache-control", "content-type", "pragma",
+                         "user-agent")
+
+
+def _origin(url: str) -> Tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, the port its default when not written: what a redirect
+    must keep for the credentials to follow it."""
+    parts = _checked_url(url)
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
 def _http_redirected(url: str, response: Any, method: str, headers: Dict[str, str]) -> Tuple[str, str]:
     """Where a redirect leads, and with which method (303, and 301/302 after a POST, become GET, as
-    browsers do); the credentials stay behind when it leaves the host, as curl's do. ValueError when
-    the target is not an http(s) URL."""
+    browsers do). When it changes the scheme, host or port, only HTTP_PORTABLE_HEADERS go on (any
+    letter case), for this hop and every later one, as curl drops credentials. ValueError when the
+    target is not an http(s) URL."""
     from urllib.parse import urljoin
 
     target = urljoin(url, response.getheader("Location", ""))
-    if _checked_url(target).netloc != _checked_url(url).netloc:
-        headers.pop("Authorization", None)
+    if _origin(target) != _origin(url):
+        for name in [name for name in headers if name.lower() not in HTTP_PORTABLE_HEADERS]:
+            del headers[name]
     if response.status == 303 or (response.status in (301, 302) and method == "POST"):
         method = "GET"
     return target, method
@@ -7086,17 +7870,19 @@ def check_http(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
         return CheckResult(spec.name, "UNKNOWN", f"{shown}: {err}")
     url = _basic_auth(url)[0]
     started = time.monotonic()
-    try:
-        for hops in range(HTTP_CHECK_REDIRECTS + 1):
-            response, body, days = _http_once(url, method, headers, spec, ctx.now)
-            if not (follow and response.status in _REDIRECT_STATUSES and response.getheader("Location")):
-                break
-            url, method = _http_redirected(url, response, method, headers)
-        else:
-            return CheckResult(spec.name, "CRITICAL", f"{shown}: more than {HTTP_CHECK_REDIRECTS} redirects")
-        took = time.monotonic() - started
-    except (OSError, ValueError, http.client.HTTPException) as err:
-        return CheckResult(spec.name, "CRITICAL", f"{shown}: {_error_text(err)}"[:CHECK_OUTPUT_LINE_CHARS])
+    with Deadline(spec.timeout_s) as deadline:  # every hop, and each one's body, within the check's timeout
+        try:
+            for hops in range(HTTP_CHECK_REDIRECTS + 1):
+                response, body, days = _http_once(url, method, headers, spec, ctx.now, deadline)
+                if not (follow and response.status in _REDIRECT_STATUSES and response.getheader("Location")):
+                    break
+                url, method = _http_redirected(url, response, method, headers)
+            else:
+                return CheckResult(spec.name, "CRITICAL", f"{shown}: more than {HTTP_CHECK_REDIRECTS} redirects")
+            took = time.monotonic() - started
+        except (OSError, ValueError, http.client.HTTPException) as err:
+            why = str(deadline.timeout_error()) if deadline.expired else _error_text(err)
+            return CheckResult(spec.name, "CRITICAL", f"{shown}: {why}"[:CHECK_OUTPUT_LINE_CHARS])
     perf = (perfdata_item(f"{spec.name}_time", round(took, 6), "s", spec.warning, spec.critical, 0, units=SECONDS),
             perfdata_item(f"{spec.name}_size", len(body), "B", minimum=0))
     if days is not None:
@@ -7123,6 +7909,12 @@ def _http_header_problems(section: str, items: Dict[str, str]) -> List[Tuple[str
         name = line.partition(":")[0].strip()
         if line.strip() and (":" not in line or not name or not all(33 <= ord(c) <= 126 for c in name)):
             problems.append((section, "headers", f"{_shown(line.strip())} is not a header such as Accept: text/html"))
+            continue
+        value = line.partition(":")[2].strip()
+        wrong = next((char for char in value if (ord(char) in _LINE_BREAKING and char != "\t") or ord(char) > 0xFF),
+                     None)
+        if wrong is not None:  # http.client sends Latin-1 only, and a control would end the header
+            problems.append((section, "headers", f"the value of {name} holds {wrong!r}, which a header cannot carry"))
     return problems
 
 
@@ -7133,12 +7925,14 @@ def check_tls_cert(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 
     host, port = parse_listen(spec.settings["address"])
     name = spec.settings.get("server_name") or host
-    try:
-        with socket.create_connection((host, port), timeout=spec.timeout_s) as raw:
-            with _tls_settings_context(spec.settings).wrap_socket(raw, server_hostname=name) as wrapped:
-                certificate = wrapped.getpeercert()
-    except OSError as err:
-        return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {_error_text(err)}"[:CHECK_OUTPUT_LINE_CHARS])
+    with Deadline(spec.timeout_s) as deadline:  # a handshake trickled byte by byte is cut too
+        try:
+            with deadline.watch(socket.create_connection((host, port), timeout=deadline.left())) as raw:
+                with _tls_settings_context(spec.settings).wrap_socket(raw, server_hostname=name) as wrapped:
+                    certificate = wrapped.getpeercert()
+        except OSError as err:
+            why = str(deadline.timeout_error()) if deadline.expired else _error_text(err)
+            return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {why}"[:CHECK_OUTPUT_LINE_CHARS])
     days = _days_left(certificate, ctx.now)
     if days is None:
         return CheckResult(spec.name, "UNKNOWN", f"{host}:{port}: no certificate to read (tls_verify = false?)")
@@ -7168,12 +7962,35 @@ def check_load(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
                        _texts(spec.critical), perf)
 
 
-def _tcp_reply(connection: Any, settings: Dict[str, str], timeout_s: float) -> str:
-    """What the peer says after ``send`` (escapes such as \\r\\n honoured) until it holds ``expect``."""
-    import codecs
+TCP_SEND_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\", "0": b"\0"}  # and \xHH, one byte
 
+
+def tcp_send_bytes(text: str) -> bytes:
+    r"""What a tcp check's ``send`` puts on the wire: the escapes ``\r \n \t \\ \0`` and ``\xHH`` (that one
+    byte), every other character as UTF-8; ValueError naming the first backslash that starts no escape.
+
+    >>> tcp_send_bytes(r"GET /€ HTTP/1.0\r\n\xff")
+    b'GET /\xe2\x82\xac HTTP/1.0\r\n\xff'
+    """
+    import re
+
+    sent = bytearray()
+    for match in re.finditer(r"\\(x[0-9A-Fa-f]{2}|[rnt0\\])|(\\.?)|[^\\]+", text, re.DOTALL):
+        escape, wrong = match.groups()
+        if wrong is not None:
+            raise ValueError(f"{wrong} at character {match.start() + 1} is not an escape (\\r \\n \\t \\\\ \\0 \\xHH; "
+                             f"\\\\ is a backslash)")
+        if escape is None:
+            sent += match.group().encode("utf-8")
+        else:
+            sent += bytes([int(escape[1:], 16)]) if escape[0] == "x" else TCP_SEND_ESCAPES[escape]
+    return bytes(sent)
+
+
+def _tcp_reply(connection: Any, settings: Dict[str, str], timeout_s: float) -> str:
+    """What the peer says after ``send`` (its escapes read by tcp_send_bytes()) until it holds ``expect``."""
     if settings.get("send"):
-        connection.sendall(codecs.decode(settings["send"], "unicode_escape").encode("utf-8"))
+        connection.sendall(tcp_send_bytes(settings["send"]))
     expect = settings.get("expect", "")
     received = b""
     connection.settimeout(timeout_s)
@@ -7192,15 +8009,18 @@ def check_tcp(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
 
     host, port = parse_listen(spec.settings["address"])
     started = time.monotonic()
-    try:
-        with socket.create_connection((host, port), timeout=spec.timeout_s) as connection:
-            took = time.monotonic() - started
-            reply = _tcp_reply(connection, spec.settings, spec.timeout_s)
-    except OSError as err:
-        why = "no answer in time" if isinstance(err, socket.timeout) else (err.strerror or str(err)).lower()
-        return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {why}")
+    with Deadline(spec.timeout_s) as deadline:  # the connection and the whole reply, however it trickles
+        try:
+            with deadline.watch(socket.create_connection((host, port), timeout=deadline.left())) as connection:
+                took = time.monotonic() - started
+                reply = _tcp_reply(connection, spec.settings, deadline.left())
+        except OSError as err:
+            why = "no answer in time" if isinstance(err, socket.timeout) else (err.strerror or str(err)).lower()
+            return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {why}")
+        expect = spec.settings.get("expect", "")
+        if deadline.expired and expect not in reply:
+            return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: {deadline.timeout_error()}")
     perf = (perfdata_item(f"{spec.name}_time", round(took, 6), "s", spec.warning, spec.critical, 0, units=SECONDS),)
-    expect = spec.settings.get("expect", "")
     if expect and expect not in reply:
         return CheckResult(spec.name, "CRITICAL", f"{host}:{port}: the reply does not hold {expect!r}: "
                                                   f"{_one_line(reply)[:80]!r}", took, "s", perfdata=perf)
@@ -7642,7 +8462,7 @@ def _timeout_problem(text: str) -> Optional[str]:
 
 def _is_positive_number(text: str) -> bool:
     try:
-        return 0 < float(text) < math.inf
+        return 0 < decimal_number(text) < math.inf
     except ValueError:
         return False
 
@@ -7697,6 +8517,14 @@ def _hours_problem(text: str) -> Optional[str]:
     return None if _is_positive_number(text) else f"{_shown(text)} is not a positive number of hours"
 
 
+def _send_problem(text: str) -> Optional[str]:
+    try:
+        tcp_send_bytes(text)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _statistic_problem(text: str) -> Optional[str]:
     return None if text in METRIC_STATISTICS else f"{_shown(text)} is not one of {', '.join(METRIC_STATISTICS)}"
 
@@ -7711,6 +8539,11 @@ def _command_problem(text: str) -> Optional[str]:
     return None
 
 
+def _job_key_problem(text: str) -> Optional[str]:
+    """A job check's ``job``: a name that ``run NAME`` accepts (an empty one is reported as required)."""
+    return name_problem(text.strip(), "job") if text.strip() else None
+
+
 # What a value of a check key must be; a check type that takes the key gets the rule.
 _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem, "expected_every": _duration_problem,
                       "minutes": _minutes_problem, "per_cpu": _bool_problem, "address": _address_problem,
@@ -7718,7 +8551,8 @@ _CHECK_VALUE_RULES = {"timeout": _timeout_problem, "interval": _timeout_problem,
                       "tls_verify": _bool_problem, "follow_redirects": _bool_problem,
                       "swap_warning": _percent_range_problem, "swap_critical": _percent_range_problem,
                       "max_duration": _duration_problem, "min_duration": _duration_problem, "hours": _hours_problem,
-                      "statistic": _statistic_problem, "command": _command_problem}
+                      "statistic": _statistic_problem, "command": _command_problem, "send": _send_problem,
+                      "job": _job_key_problem}
 
 
 def _check_value_problems(section: str, check: "CheckType", items: Dict[str, str]) -> List[Tuple[str, str, str]]:
@@ -7782,7 +8616,9 @@ def _dependency_problems(config) -> List[Tuple[str, str, str]]:
             problems.append((f"check:{child}", "depends_on", "a check cannot depend on itself"))
         elif parent not in names:
             problems.append((f"check:{child}", "depends_on", f"no check named {_shown(parent)}"))
-    return problems
+    edges = {child: parent for child, parent in check_dependencies(config).items() if parent in names and
+             parent != child}
+    return problems + cycle_problems(edges, lambda name: f"check:{name}", "depends_on")
 
 
 def check_problems(config) -> List[Tuple[str, str, str]]:
@@ -7791,9 +8627,15 @@ def check_problems(config) -> List[Tuple[str, str, str]]:
     for section in config.sections() if hasattr(config, "sections") else ():
         if not section.startswith("check:"):
             continue
+        why = name_problem(section[len("check:"):], "check")
+        if why:
+            problems.append((section, "", why))
         items = dict(config[section])
         kind = items.get("type", "").strip()
         check = CHECK_TYPES.get(kind)
+        if section == f"check:{CONFIGURATION_CHECK}":
+            problems.append((section, "", f"{CONFIGURATION_CHECK!r} is the name of the run's own check (what is "
+                                          "wrong in this file): choose another"))
         if check is None:
             problems.append((section, "type", f"{_shown(kind)} is not one of {', '.join(sorted(CHECK_TYPES))}"))
             continue
@@ -7832,11 +8674,12 @@ def missing_programs(config) -> List[Tuple[str, str, str]]:
     return problems
 
 
-def default_checks(collector: MetricsCollector) -> List[CheckSpec]:
-    """With no [check:...] at all: disk, database, circuit_breaker, and sync_recency per target ever seen."""
+def default_checks(collector: Optional[MetricsCollector]) -> List[CheckSpec]:
+    """With no [check:...] at all: disk, database, circuit_breaker, and sync_recency per target ever seen
+    (none when there is no store to read them from)."""
     specs = [_check_spec("disk", {"type": "disk"}), _check_spec("database", {"type": "database"}),
              _check_spec("circuit_breaker", {"type": "circuit_breaker"})]
-    for target in collector.sync_targets():
+    for target in collector.sync_targets() if collector is not None else ():
         specs.append(_check_spec(f"sync_recency_{target}", {"type": "sync_recency", "target": target}))
     return specs
 
@@ -7850,12 +8693,68 @@ def check_specs(config, collector: MetricsCollector) -> List[CheckSpec]:
     return configured_checks(config) or default_checks(collector)
 
 
+
+
+class CheckPlan(NamedTuple):
+    """What a ``check`` run does: the checks it runs, and an UNKNOWN verdict for each it cannot run."""
+
+    specs: List[CheckSpec]
+    unrunnable: List[CheckResult]
+    configured: bool  # the file has [check:NAME] sections (else the default checks run)
+
+
+def _problem_text(problems: List[Tuple[str, str, str]], sections: bool = False) -> str:
+    """The first few problems on one line; ``sections``: each with its section."""
+    first = "; ".join((f"[{section}] " if sections and section else "") + (f"{key}: " if key else "") + text
+                      for section, key, text in problems[:3])
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return f"{first}{more} (config --check lists every problem)"
+
+
+def check_plan(config, problems: List[Tuple[str, str, str]], path: str) -> CheckPlan:
+    """The checks of the configuration that can run, and for those that cannot an UNKNOWN verdict of their
+    own: a ``[check:NAME]`` with a problem (a typo in a key, a wrong unit) is NAME, UNKNOWN, saying what is
+    wrong; every other problem of the file (a channel, a line it could not read, a dependency) is the
+    ``configuration`` check's. A mistake costs its own check, never the others, and is heard as one."""
+    broken: Dict[str, List[Tuple[str, str, str]]] = {}
+    general: List[Tuple[str, str, str]] = []
+    for problem in problems:
+        section, key, _ = problem
+        name = section[len("check:"):] if section.startswith("check:") else ""
+        runs_anyway = key == "depends_on"  # a dependency that cannot be followed is ignored, the check runs
+        if name and not runs_anyway and name_problem(name, "check") is None and name != CONFIGURATION_CHECK:
+            broken.setdefault(name, []).append(problem)
+        else:
+            general.append(problem)
+    sections = [section for section in config.sections() if section.startswith("check:")] \
+        if hasattr(config, "sections") else []
+    specs, unrunnable = [], []
+    for section in sections:
+        name = section[len("check:"):]
+        if name in broken:
+            unrunnable.append(CheckResult(name, "UNKNOWN", f"configuration: {_problem_text(broken[name])}"
+                                          [:CHECK_OUTPUT_LINE_CHARS]))
+        elif name != CONFIGURATION_CHECK:
+            specs.append(_check_spec(name, dict(config[section])))
+    if general:
+        count = f"{len(general)} problem{'s' if len(general) > 1 else ''} in {path}"
+        unrunnable.append(CheckResult(CONFIGURATION_CHECK, "UNKNOWN",
+                                      f"{count}: {_problem_text(general, sections=True)}"
+                                      [:CHECK_OUTPUT_LINE_CHARS]))
+    return CheckPlan(specs, unrunnable, bool(sections))
+
+
 class CheckContext(NamedTuple):
     """What every check may read: the store, the time of this run, and --deep."""
 
     collector: Optional[MetricsCollector]  # None when the store cannot be opened: only store-free checks run
     now: float
     deep: bool = False
+    db_path: Optional[str] = None  # the store's path, also when it cannot be opened
+
+    @property
+    def store_path(self) -> str:
+        return self.db_path or (self.collector.db_path if self.collector is not None else "")
 
 
 def _run_one(spec: CheckSpec, ctx: "CheckContext") -> CheckResult:
@@ -7906,9 +8805,11 @@ def run_checks(specs: List[CheckSpec], ctx: CheckContext, clock=time.monotonic) 
     return [results[index] for index in range(len(specs))]
 
 
-def record_check_results(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
+def record_check_results(collector: MetricsCollector, results: List[CheckResult], now: float,
+                         forget: Iterable[str] = ()) -> None:
     """Each verdict in words (for the summary) and as metrics: check_state (0-3), check_value and
-    check_duration, labelled check=NAME; one transaction."""
+    check_duration, labelled check=NAME; the words of the checks named in ``forget`` (a configuration
+    problem mended) are dropped; one transaction."""
     samples = []
     for result in results:
         labels = {"check": result.name}
@@ -7919,6 +8820,7 @@ def record_check_results(collector: MetricsCollector, results: List[CheckResult]
     with collector.writing(samples) as conn:  # a writing command: the daily cleanup may follow
         conn.executemany("INSERT OR REPLACE INTO check_results (name, ts, state, summary) VALUES (?, ?, ?, ?)",
                          [(result.name, now, result.state, result.summary) for result in results])
+        conn.executemany("DELETE FROM check_results WHERE name = ?", [(name,) for name in forget])
         for key, value in (pair for result in results for pair in result.keep):
             _set_meta(conn, key, value)
 
@@ -7970,16 +8872,6 @@ class JobRun(NamedTuple):
     @property
     def duration_s(self) -> float:
         return (self.ended or self.started) - self.started
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 class _JobFailed(Exception):
@@ -8094,6 +8986,14 @@ def run_command(argv: List[str], timeout_s: Optional[float], kill_after_s: float
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 
+def validate_job_name(name: Any) -> str:
+    """Return ``name`` if it can name a job (as ``[job:NAME]`` can), else raise ValidationError."""
+    why = name_problem(validate_name(name, "job name"), "job")
+    if why:
+        raise ValidationError(f"{why}, got {_shown(name)}")
+    return name
+
+
 class JobRunner:
     """Runs a command as job NAME: timeout over its whole process group, retries, a lock, a breaker.
 
@@ -8114,7 +9014,7 @@ class JobRunner:
     def run(self, name: str, argv: List[str], *, timeout_s: Optional[float] = None, retries: int = 0,
             lock: bool = False, kill_after_s: float = DEFAULT_KILL_AFTER_S,
             breaker: Optional["CircuitBreaker"] = None) -> JobRun:
-        name = validate_name(name, "job name")
+        name = validate_job_name(name)
         if not argv:
             raise ValidationError("run needs a command after --")
         with contextlib.ExitStack() as stack:
@@ -8166,7 +9066,7 @@ class JobRunner:
         """Runs left 'running' by a process that is gone: ended at their start, outcome unrecorded."""
         for (run_id,) in conn.execute("SELECT run_id FROM job_runs WHERE job = ? AND ended IS NULL", (name,)):
             owner = run_id.partition("-")[0]
-            if owner.isdigit() and not _process_alive(int(owner)):
+            if ascii_digits(owner) and not process_alive(int(owner)):
                 conn.execute("UPDATE job_runs SET ended = started, outcome = 'unrecorded' WHERE run_id = ?",
                              (run_id,))
 
@@ -8259,6 +9159,9 @@ def job_problems(config) -> List[Tuple[str, str, str]]:
     for section in config.sections() if hasattr(config, "sections") else ():
         if not section.startswith("job:"):
             continue
+        why = name_problem(section[len("job:"):], "job")
+        if why:
+            problems.append((section, "", why))
         items = dict(config[section])
         problems += [(section, key, "unknown key") for key in items if key not in JOB_KEYS]
         problems += _ping_url_problems(section, items)
@@ -8472,9 +9375,49 @@ def series_figure(name: str, value: Optional[float]) -> str:
     return f"{value:.6g}"
 
 
+def _label_value(value: Any) -> str:
+    """A label value with backslash, double quote and newline escaped, as both exposition formats want."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def series_key(name: str, labels: Dict[str, str]) -> str:
-    """How the faces name one series: ``name``, or ``name{label=value,...}`` with the labels sorted."""
-    return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+    """How the faces name one series, as the exposition format writes it: ``name``, or
+    ``name{label="value",...}`` with the labels sorted and each value's backslash, double quote and newline
+    escaped; a name that holds ``{`` is quoted inside the braces (``{"name",label="value"}``). So no two
+    series share a key, and series_name() reads the name back.
+
+    >>> series_key("amb", {"a": "1,b=2"}), series_key("amb", {"a": "1", "b": "2"}), series_key("a{b}", {})
+    ('amb{a="1,b=2"}', 'amb{a="1",b="2"}', '{"a{b}"}')
+    """
+    pairs = [f'{key}="{_label_value(value)}"' for key, value in sorted(labels.items())]
+    if "{" in name:
+        return "{" + ",".join([f'"{_label_value(name)}"'] + pairs) + "}"
+    return name + ("{" + ",".join(pairs) + "}" if pairs else "")
+
+
+_KEY_UNESCAPES = {"n": "\n"}  # any other escaped character stands for itself: \\ and \"
+
+
+def series_name(key: str) -> str:
+    r"""The metric name in a series_key().
+
+    >>> series_name('amb{a="1,b=2"}'), series_name('{"a{b\\"c",x="1"}')
+    ('amb', 'a{b"c')
+    """
+    if not key.startswith('{"'):
+        return key.partition("{")[0]
+    name, escaped = [], False
+    for char in key[2:]:
+        if escaped:
+            name.append(_KEY_UNESCAPES.get(char, char))
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            break
+        else:
+            name.append(char)
+    return "".join(name)
 
 
 def _newest_own_series(collector: MetricsCollector) -> Iterator[Tuple[int, str, str, float]]:
@@ -8549,6 +9492,8 @@ def recorded_health(store: Store, now: float,
     """
     found = {name: (ts, state, text) for name, ts, state, text in
              store.query("SELECT name, ts, state, summary FROM check_results ORDER BY name")}
+    if intervals is not None and CONFIGURATION_CHECK in found:  # recorded only while the file has a problem
+        intervals = dict(intervals, **{CONFIGURATION_CHECK: max(intervals.values(), default=DEFAULT_CHECK_INTERVAL_S)})
     if intervals is None:
         newest = max((ts for ts, _, _ in found.values()), default=now)
         intervals = {name: DEFAULT_CHECK_INTERVAL_S for name, (ts, _, _) in found.items()
@@ -8757,7 +9702,7 @@ def series_detail(collector: MetricsCollector, key: str, hours: float = DEFAULT_
 
     hours = window_hours(hours)
     since, until = collector.window(hours)
-    name = key.partition("{")[0]
+    name = series_name(key)
     found = [(series_id, labels) for series_id, labels_text in collector.store.query(
         "SELECT id, labels FROM series WHERE name = ?", (name,))
         for labels in [{} if labels_text == _NO_LABELS else json.loads(labels_text)]
@@ -8831,6 +9776,15 @@ SERVE_MAX_CONNECTIONS = 256  # at once; more are answered 503 at once, without a
 SERVE_BACKLOG = 128  # connections the kernel queues before accept: twenty scrapers at once are never reset
 SERVE_PAGE_REFRESH_S = 30
 DEFAULT_SERVE_CACHE_S = 5.0  # an answer is built at most this often, however many scrape it
+# The kept answers, the oldest dropped first. Four pages are fixed (/, /api/summary, /metrics in its two
+# formats); the rest are /series pages, one per series asked for. Only what was asked within the cache
+# interval is worth keeping, so 64 entries hold the fixed pages and 60 series pages, and a client walking
+# every series cycles through them instead of growing the memory.
+SERVE_CACHE_MAX_ENTRIES = 64
+# Bodies and their gzip forms. A series page is 40 KB at most (SERIES_CHART_POINTS points); /metrics is about
+# 50 bytes a series, so both its formats for 200,000 series (~20 MB) and 60 series pages (~2.5 MB) fit. An
+# answer bigger than this is served but not kept.
+SERVE_CACHE_MAX_BYTES = 32 * 1024 * 1024
 GZIP_MIN_BYTES = 1024  # smaller answers go as they are
 DEFAULT_PUSH_JOB = "metasystem"
 PUSH_METHODS = ("put", "post")
@@ -9028,11 +9982,6 @@ def metric_families(collector: MetricsCollector) -> List[MetricFamily]:
     return [build] + [family for family in families if family.samples]
 
 
-def _label_value(value: Any) -> str:
-    """A label value with backslash, double quote and newline escaped, as both formats want."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def _label_text(labels: Dict[str, str]) -> str:
     if not labels:
         return ""
@@ -9183,7 +10132,7 @@ def wants_openmetrics(accept: str) -> bool:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
                 try:
-                    q = float(value)
+                    q = decimal_number(value)
                 except ValueError:
                     q = 0.0
         weights[kind.lower()] = max(q, weights.get(kind.lower(), 0.0)) if math.isfinite(q) else 0.0
@@ -9395,7 +10344,7 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now,
         if path in ("/series", "/api/series"):
             detail = read_series(db_path, series, hours, now=now) if series else None
             if detail is None:
-                return 404, "text/plain; charset=utf-8", b"no such series (series?key=NAME{label=value,...})\n"
+                return 404, "text/plain; charset=utf-8", b'no such series (series?key=NAME{label="value",...})\n'
             if path == "/api/series":
                 return 200, "application/json", (json_text(detail) + "\n").encode("utf-8")
             return 200, "text/html; charset=utf-8", series_page(detail).encode("utf-8")
@@ -9404,28 +10353,116 @@ def serve_path(path: str, accept: str, db_path: str, hours: float, now,
     return 404, "text/plain; charset=utf-8", b"not found\n"
 
 
-class _Answers:
-    """A server's answers, each built at most once per ``max_age_s`` (by ``clock``) however many clients
-    ask at once: they wait for the one building it. Only successful answers are kept."""
+class _Answer:
+    """One built answer: when its build began (by the cache's clock), what serve_path() gave, and its gzip
+    form once a client has asked for it (made under ``lock``, once)."""
 
-    def __init__(self, max_age_s: float, clock):
+    def __init__(self, at: float, status: int, content_type: str, body: bytes):
         import threading
 
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._kept: Dict[Tuple[str, str], Tuple[float, Tuple[int, str, bytes], Dict[str, bytes]]] = {}
+        self.at, self.status, self.content_type, self.body = at, status, content_type, body
+        self.gzip: Optional[bytes] = None
+        self.lock = threading.Lock()
 
-    def get(self, key: Tuple[str, str], build) -> Tuple[Tuple[int, str, bytes], float, Dict[str, bytes]]:
-        """(the answer, its age in seconds, its encoded forms) for ``key``, built by ``build()`` when needed."""
+    def size_bytes(self) -> int:
+        return len(self.body) + len(self.gzip or b"")
+
+
+class _Build:
+    """An answer being built: the clients that ask for the same key meanwhile wait for ``done``."""
+
+    def __init__(self):
+        import threading
+
+        self.done = threading.Event()
+        self.answer: Optional[_Answer] = None  # still None when done: the build raised
+
+
+class _Answers:
+    """A server's answers by key, each built by ``build(*args)`` (serve_path) at most once per ``max_age_s``
+    (by ``clock``) however many clients ask at once: those asking for a key being built wait for that
+    build, and share its answer. Different keys build at the same time: ``_lock`` guards the two tables,
+    never a build. Only successful answers are kept, at most ``max_entries`` of them and ``max_bytes``
+    (bodies and gzip forms), the oldest dropped first."""
+
+    def __init__(self, max_age_s: float, clock, build=serve_path, *, max_entries: int = SERVE_CACHE_MAX_ENTRIES,
+                 max_bytes: int = SERVE_CACHE_MAX_BYTES):
+        import collections
+        import threading
+
+        self.max_age_s, self.clock, self.build = max_age_s, clock, build
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._lock = threading.Lock()
+        self._kept: Dict[Tuple[str, str], _Answer] = collections.OrderedDict()  # the oldest first
+        self._building: Dict[Tuple[str, str], _Build] = {}
+        self.kept_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keys(self) -> List[Tuple[str, str]]:
+        """The keys kept, the oldest first."""
         with self._lock:
-            kept = self._kept.get(key)
-            at = self.clock()
-            if kept is None or not at - kept[0] < self.max_age_s:
-                kept = (at, build(), {})
-                if kept[1][0] == 200:
-                    self._kept[key] = kept
-            return kept[1], max(0.0, at - kept[0]), kept[2]
+            return list(self._kept)
+
+    def get(self, key: Tuple[str, str], *args: Any) -> Tuple[_Answer, float]:
+        """The answer for ``key`` and its age in seconds, built by ``build(*args)`` when no fresh one is kept."""
+        while True:
+            with self._lock:
+                at = self.clock()
+                kept = self._kept.get(key)
+                if kept is not None and at - kept.at < self.max_age_s:
+                    return kept, at - kept.at
+                pending = self._building.get(key)
+                if pending is None:
+                    pending = self._building[key] = _Build()
+                    break
+            pending.done.wait()
+            if pending.answer is not None:
+                return pending.answer, max(0.0, self.clock() - pending.answer.at)
+            # That build raised (in its own thread, which reports it): this client builds, or waits, anew.
+        try:
+            pending.answer = _Answer(at, *self.build(*args))
+        finally:
+            with self._lock:
+                del self._building[key]
+                if pending.answer is not None and pending.answer.status == 200:
+                    self._keep(key, pending.answer)
+            pending.done.set()
+        return pending.answer, 0.0
+
+    def gzipped(self, key: Tuple[str, str], answer: _Answer) -> bytes:
+        """The gzip form of ``answer`` (got for ``key``), compressed once and kept with it."""
+        import gzip
+
+        with answer.lock:
+            if answer.gzip is None:
+                packed = gzip.compress(answer.body, mtime=0)
+                with self._lock:
+                    answer.gzip = packed
+                    if self._kept.get(key) is answer:
+                        self.kept_bytes += len(packed)
+                        self._drop_oldest()
+            return answer.gzip
+
+    def _keep(self, key: Tuple[str, str], answer: _Answer) -> None:
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self.kept_bytes -= old.size_bytes()
+        if answer.size_bytes() <= self.max_bytes:
+            self._kept[key] = answer
+            self.kept_bytes += answer.size_bytes()
+        self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Drop kept answers, the oldest first, while there are too many or they are stale."""
+        at = self.clock()
+        for key, answer in list(self._kept.items()):
+            if (len(self._kept) <= self.max_entries and self.kept_bytes <= self.max_bytes
+                    and at - answer.at < self.max_age_s):
+                break
+            del self._kept[key]
+            self.kept_bytes -= answer.size_bytes()
 
 
 def _gzip_wanted(accept_encoding: str) -> bool:
@@ -9440,7 +10477,6 @@ def _gzip_wanted(accept_encoding: str) -> bool:
 
 def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock, answers: _Answers,
                    options: Optional[Dict[str, Any]]) -> Any:
-    import gzip
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
@@ -9465,21 +10501,21 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
             self.connection.settimeout(SERVE_REQUEST_TIMEOUT_S)  # the head is in: writing has its own time
             path, query = urlsplit(self.path)[2:4]
             series = (parse_qs(query).get("key") or [""])[0] if path in ("/series", "/api/series") else ""
-            age, encoded, headers = None, None, {}
-            if path != "/healthz" and token and not _bearer_matches(self.headers.get("Authorization"), token):
+            headers: Dict[str, str] = {}
+            if path == "/healthz":  # straight away: never behind a build, nor the answers' lock
+                status, content_type, body = serve_path(path, "", db_path, hours, now)
+            elif token and not _bearer_matches(self.headers.get("Authorization"), token):
                 status, content_type, body = 401, "text/plain; charset=utf-8", b"a bearer token is needed\n"
                 headers["WWW-Authenticate"] = 'Bearer realm="metasystem"'
             else:
                 accept = self.headers.get("Accept", "")
                 key = (path, "openmetrics" if path == "/metrics" and wants_openmetrics(accept) else series)
-                (status, content_type, body), age, encoded = answers.get(
-                    key, lambda: serve_path(path, accept, db_path, hours, now, options, series))
-            if age is not None and status == 200:
-                headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
-                if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
-                    if "gzip" not in encoded:
-                        encoded["gzip"] = gzip.compress(body, mtime=0)
-                    body, headers["Content-Encoding"] = encoded["gzip"], "gzip"
+                answer, age = answers.get(key, path, accept, db_path, hours, now, options, series)
+                status, content_type, body = answer.status, answer.content_type, answer.body
+                if status == 200:
+                    headers.update({"Age": str(int(age)), "Vary": "Accept-Encoding"})
+                    if len(body) >= GZIP_MIN_BYTES and _gzip_wanted(self.headers.get("Accept-Encoding", "")):
+                        body, headers["Content-Encoding"] = answers.gzipped(key, answer), "gzip"
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -9498,12 +10534,14 @@ def _handler_class(db_path: str, hours: float, token: Optional[str], now, clock,
 
 def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOURS, token: Optional[str] = None,
                 now=time.time, clock=time.monotonic, max_connections: int = SERVE_MAX_CONNECTIONS,
-                cache_s: float = DEFAULT_SERVE_CACHE_S, options: Optional[Dict[str, Any]] = None) -> Any:
+                cache_s: float = DEFAULT_SERVE_CACHE_S, options: Optional[Dict[str, Any]] = None,
+                _answers: Optional[_Answers] = None) -> Any:
     """A threaded HTTP server of the store: ``/metrics``, ``/healthz``, ``/api/summary``, ``/`` (the
     status page) and ``/series`` (one series' page); ``options`` are summary_options() of the
-    configuration. Off loopback it needs a bearer token; ``/healthz`` never does. Each answer is built
-    at most once per ``cache_s`` (its ``Age`` header says how old it is) and gzipped for a client that
-    asks.
+    configuration. Off loopback it needs a bearer token; ``/healthz`` never does, and never waits. Each
+    answer is built at most once per ``cache_s`` (its ``Age`` header says how old it is), different ones
+    at the same time, and gzipped for a client that asks; at most SERVE_CACHE_MAX_ENTRIES answers and
+    SERVE_CACHE_MAX_BYTES are kept. ``_answers`` (tests) replaces the answers and their builder.
 
     A client has SERVE_REQUEST_TIMEOUT_S (by ``clock``) for its whole request head, however it trickles
     it; at most ``max_connections`` are served at once, and the next ones get a 503 straight away.
@@ -9532,14 +10570,20 @@ def make_server(listen: str, db_path: str, *, hours: float = DEFAULT_WINDOW_HOUR
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             try:
-                super().process_request_thread(request, client_address)
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
             finally:
+                # Freed before the close, not after: a client that has seen the end of its answer and comes
+                # straight back must find its slot free, not race this thread for it.
                 slots.release()
+                self.shutdown_request(request)
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("serve: a request from %s failed", client_address[0], exc_info=True)
 
-    return Server((host, port), _handler_class(db_path, hours, token, now, clock, _Answers(cache_s, clock), options))
+    answers = _Answers(cache_s, clock) if _answers is None else _answers
+    return Server((host, port), _handler_class(db_path, hours, token, now, clock, answers, options))
 
 
 def _grouping_segment(label: str, value: str) -> str:
@@ -9600,10 +10644,26 @@ _GLOBAL_OPTIONS_WITH_VALUE = ("--db", "--config")
 _PATH_ARGUMENTS = ("db", "config", "output")  # file names: their bytes stay as the system gave them
 
 
-def _open_collector(args, *, readonly: bool) -> MetricsCollector:
-    config = load_config(args.config_path, required=args.config_named)
-    settings = storage_settings(config)
+def _open_collector(args, *, readonly: bool, config: Any = None) -> MetricsCollector:
+    """The store of this run as ``[storage]`` says; a problem there is a ConfigError. Given the ``config``
+    a run has read already (check, run: they must go on whatever is wrong), the store takes what they
+    record while ``[storage]`` has a problem, but keeps all it has (no roll-up, no cleanup by horizons
+    nobody chose), and says so."""
+    if config is None:
+        config = load_config(args.config_path, required=args.config_named)
+        return MetricsCollector(args.db_path, readonly=readonly, now=args.now, **storage_settings(config))
+    settings = storage_or_defaults(config)
+    if not settings["maintain"]:
+        try:
+            storage_settings(config)
+        except ConfigError as err:
+            log.warning("%s; the store keeps everything (no roll-up or cleanup) until that is mended", err)
     return MetricsCollector(args.db_path, readonly=readonly, now=args.now, **settings)
+
+
+def error_line(text: str) -> str:
+    """An error as one line of at most ERROR_LINE_CHARS, with nothing in it a terminal would obey."""
+    return inert_text(truncate(" ".join(text.split()), ERROR_LINE_CHARS))
 
 
 def _print_json(document: Dict[str, Any]) -> None:
@@ -9634,7 +10694,7 @@ def _format_value(value: Any, name: str = "") -> str:
 
 def _parse_number(text: str, what: str) -> float:
     try:
-        number = float(text)
+        number = decimal_number(text)
     except ValueError:
         raise ValidationError(f"{what} {_shown(text)} is not a number") from None
     return finite_number(number, what)
@@ -9749,7 +10809,7 @@ def cmd_stats(args) -> int:
     if args.json:
         _print_json(dict(stats, name=args.name, hours=args.hours))
         return EXIT_OK
-    print(f"{args.name} (last {args.hours:g}h, times {zone_name()})")
+    print(f"{args.name} (last {args.hours:g}h, times {zone_name(_moment(args.now()))})")
     for key, value in stats.items():
         value = local_time(value, seconds=True) if key.endswith("_time") and value else value
         print(f"  {key:<11} {_format_value(value, args.name if key in _STATS_IN_UNIT or key[1:].isdigit() else '')}")
@@ -9783,7 +10843,7 @@ def cmd_anomalies(args) -> int:
     if args.json:
         _print_json(dict(report.as_json(), name=args.name, hours=args.hours))
         return EXIT_OK
-    heading = f"{args.name} (last {args.hours:g}h, times {zone_name()})"
+    heading = f"{args.name} (last {args.hours:g}h, times {zone_name(_moment(args.now()))})"
     if report.insufficient_data:
         print(f"{heading}: insufficient data: {report.n} samples, at least {report.min_samples} needed")
         return EXIT_OK
@@ -9856,7 +10916,7 @@ def cmd_breaker_reset(args) -> int:
 def cmd_retry_stats(args) -> int:
     validate_name(args.operation, "operation")  # no such name can be stored, nor echoed raw
     with _open_collector(args, readonly=True) as collector:
-        retry = AdaptiveRetry(collector=collector)
+        retry = AdaptiveRetry(collector=collector, now=args.now)
         report = {
             "stats": retry.get_retry_stats(args.operation, args.hours),
             "analysis": retry.analyze_failures(args.operation),
@@ -9994,14 +11054,57 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-def _alerting(args, readonly: bool = False) -> AlertingSystem:
-    """The alerting system of the command line: its configuration checked, its store not yet opened."""
-    config = load_config(args.config_path, required=args.config_named)
+class Configured(NamedTuple):
+    """A command's configuration, read once: the parsed file, its alerting settings, and every problem of
+    the file (its unreadable lines first) in ``settings.problems``."""
+
+    config: Any
+    settings: AlertingSettings
+
+
+def read_configuration(args) -> Configured:
+    """The configuration of this run with all its problems; ConfigError only when the file cannot be read
+    at all. What is right in it is used: a mistake costs its own section, not the rest."""
+    config, unreadable = read_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
-    storage = storage_settings(config) if not settings.problems else {}
+    settings.problems[:0] = unreadable
+    return Configured(config, settings)
+
+
+def say_problems(settings: AlertingSettings) -> int:
+    """Each problem of the configuration as an error line on stderr (cron mails it); EXIT_RUNTIME when
+    there was one, else EXIT_OK."""
+    for line in settings.problem_lines():
+        log.error("%s", line)
+    return EXIT_RUNTIME if settings.problems else EXIT_OK
+
+
+def _alerting(args, readonly: bool = False, given: Optional[Configured] = None,
+              budget: Optional[RunBudget] = None) -> AlertingSystem:
+    """The alerting system of the command line, its store not yet opened: every channel that is right is
+    used, and the problems are the caller's to say (say_problems). Everything it sends shares ``budget``
+    (a new ``[alerting] run_budget`` when not given)."""
+    config, settings = given or read_configuration(args)
+    storage = storage_or_defaults(config)
     return AlertingSystem(args.config_path, db_path=args.db_path, settings=settings,
-                          synchronous=storage.get("synchronous", "normal"), now=args.now, readonly=readonly,
-                          busy_timeout_s=storage.get("busy_timeout_s", DEFAULT_BUSY_TIMEOUT_S))
+                          synchronous=storage["synchronous"], now=args.now, readonly=readonly,
+                          busy_timeout_s=storage["busy_timeout_s"], strict=False, say_unheard=True,
+                          budget=budget or RunBudget(settings.run_budget_s))
+
+
+def alongside(work) -> Any:
+    """Start ``work()`` in a thread of its own (a ping beside a run's alerts: neither waits for the other);
+    the function that waits for it, at most ``timeout_s``."""
+    import threading
+
+    thread = threading.Thread(target=work, name="alongside", daemon=True)
+    thread.start()
+    return lambda timeout_s: thread.join(timeout_s)
+
+
+def ping_budget(given: Optional[Configured], budget: RunBudget) -> float:
+    """What a ping may take: the alert timeout, within what is left of the run's budget."""
+    return min(given.settings.timeout_s if given is not None else DEFAULT_ALERT_TIMEOUT_S, budget.left())
 
 
 def cli_clock():
@@ -10046,81 +11149,125 @@ def _delivery_exit(report: DeliveryReport, lifecycle: bool = False) -> int:
     return code
 
 
-def _alert_batch(args) -> int:
-    """One run's states from stdin, one JSON object a line: fired and resolved together, digested."""
+BATCH_FIELDS = ("key", "state", "severity", "title", "message", "details")
+
+
+def batch_entry(raw: bytes, number: int) -> Dict[str, Any]:
+    """One line of ``alert --batch``, checked: a JSON object with a ``key``, a ``state`` of firing or ok, a
+    valid ``severity``, text ``title`` and ``message``, an object of ``details``; ValidationError naming
+    the line otherwise. Text that is not valid Unicode (a lone surrogate is valid JSON) is made so."""
     import json
 
+    try:
+        entry = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValidationError(f"line {number}: not a JSON object") from None
+    expected = (f"expected {{\"key\": ..., \"state\": \"firing\" or \"ok\", \"severity\", \"title\", "
+                f"\"message\", \"details\"}}")
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"].strip() or \
+            entry.get("state", "firing") not in ("firing", "ok"):
+        raise ValidationError(f"line {number}: {expected}")
+    for field in ("title", "message"):
+        if entry.get(field) is not None and not isinstance(entry[field], str):
+            raise ValidationError(f"line {number}: {field} must be text, got {_shown(entry[field])}")
+    if entry.get("details") is not None and not isinstance(entry["details"], dict):
+        raise ValidationError(f"line {number}: details must be an object of KEY: VALUE, got {_shown(entry['details'])}")
+    unknown = sorted(set(entry) - set(BATCH_FIELDS))
+    if unknown:
+        raise ValidationError(f"line {number}: unknown field {_shown(unknown[0])}; the fields are "
+                              f"{', '.join(BATCH_FIELDS)}")
+    try:
+        _lifecycle_key(entry["key"])
+        if entry.get("state", "firing") == "firing":
+            _severity(entry.get("severity", "warning"))
+    except ValidationError as err:
+        raise ValidationError(f"line {number}: {err}") from None
+    return entry
+
+
+def _alert_batch(args) -> int:
+    """One run's states from stdin, one JSON object a line: fired and resolved together, digested. A bad
+    line is reported by its number and the others still go out; the exit code says both."""
     if args.title is not None or args.severity is not None:
         raise ValidationError("--batch reads everything from stdin: give no TITLE or severity")
-    entries = []
+    entries, refused = [], 0
     for number, raw in enumerate(sys.stdin.buffer, start=1):
         if not raw.strip():
             continue
         try:
-            entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ValidationError(f"line {number}: not a JSON object") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or \
-                entry.get("state", "firing") not in ("firing", "ok"):
-            raise ValidationError(f"line {number}: expected {{\"key\": ..., \"state\": \"firing\" or \"ok\", "
-                                  f"\"severity\", \"title\", \"message\", \"details\"}}")
-        if entry.get("state", "firing") == "firing":
-            _severity(entry.get("severity", "warning"))
-        entries.append(entry)
-    with contextlib.closing(_alerting(args)) as system, system.batch() as batch:
+            entries.append(batch_entry(raw, number))
+        except ValidationError as err:
+            log.error("%s; that line was not sent", err)
+            refused += 1
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, given=given)) as system, system.batch() as batch:
         for entry in entries:
             if entry.get("state", "firing") == "ok":
                 system.resolve(entry["key"], entry.get("message"))
             else:
-                system.fire(entry["key"], entry.get("title") or entry["key"], entry.get("message", ""),
+                system.fire(entry["key"], entry.get("title") or entry["key"], entry.get("message") or "",
                             entry.get("severity", "warning"), entry.get("details"))
-    return _delivery_exit(batch.report, lifecycle=True)
+    code = max(_delivery_exit(batch.report, lifecycle=True), say_problems(given.settings))
+    return max(code, EXIT_USAGE) if refused else code
 
 
 def cmd_alert(args) -> int:
+    """0 delivered; 1 also when the configuration has a problem (said on stderr; the channels that are
+    right still got the alert); 3 some channels failed; 4 none delivered."""
     if args.batch:
         return _alert_batch(args)
     if args.severity == "resolve":  # alert --resolve KEY [MESSAGE], or alert --resolve --key KEY [MESSAGE]
         key, message = (args.key, args.title) if args.key else (args.title, args.message)
         if not key:
             raise ValidationError("--resolve needs the KEY that --key fired")
-        with contextlib.closing(_alerting(args)) as system:
-            return _delivery_exit(system.resolve(key, message), lifecycle=True)
-    if args.title is None:
+    elif args.title is None:
         raise ValidationError("alert needs a TITLE (or --batch)")
-    if args.severity is None:
+    elif args.severity is None:
         raise ValidationError("one of --info, --warning, --critical or --resolve is required")
-    with contextlib.closing(_alerting(args)) as system:
-        if args.key and (args.channel or args.dry_run):
-            raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
-        if args.key:
+    elif args.key and (args.channel or args.dry_run):
+        raise ValidationError("--key goes to every channel: it takes neither --channel nor --dry-run")
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, given=given)) as system:
+        if args.severity == "resolve":
+            code = _delivery_exit(system.resolve(key, message), lifecycle=True)
+        elif args.key:
             report = system.fire(args.key, args.title, args.message or "", args.severity,
                                  _parse_details(args.detail))
-            return _delivery_exit(report, lifecycle=True)
-        alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
-                                    _parse_details(args.detail))
-        if args.dry_run:
-            for block in system.render(alert):
-                print(block)
-            return EXIT_OK
-        return _delivery_exit(system.send_alert(alert))
+            code = _delivery_exit(report, lifecycle=True)
+        else:
+            alert = system.create_alert(args.title, args.message or "", args.severity, args.channel,
+                                        _parse_details(args.detail))
+            if args.dry_run:
+                for block in system.render(alert):
+                    print(block)
+                code = EXIT_OK
+            else:
+                code = _delivery_exit(system.send_alert(alert))
+    return max(code, say_problems(given.settings))
 
 
-def cmd_silence(args) -> int:
-    with contextlib.closing(_alerting(args)) as system:
-        if args.action == "add":
-            if not args.match or not args.duration:
-                raise ValidationError("silence add needs --match TEXT and --for DURATION")
-            silence_id = system.add_silence(args.match, parse_duration_s(args.duration), args.comment or "")
-            print(silence_id)
-            return EXIT_OK
-        if args.action == "remove":
-            if not args.id or not args.id.isdigit():
-                raise ValidationError("silence remove needs the ID that 'silence list' shows")
-            if not system.remove_silence(int(args.id)):
-                raise MonitorError(f"no silence #{args.id}")
-            return EXIT_OK
-        silences, planned = system.list_silences(), system.planned_maintenance()
+def _alerting_command(args, work, readonly: bool = False) -> int:
+    """``work(system)`` on the alerting system of this run: its exit code, at least 1 when the configuration
+    has a problem (each said on stderr; the parts that are right did their work)."""
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, readonly=readonly, given=given)) as system:
+        code = work(system)
+    return max(code, say_problems(given.settings))
+
+
+def _silence(args, system: AlertingSystem) -> int:
+    if args.action == "add":
+        if not args.match or not args.duration:
+            raise ValidationError("silence add needs --match TEXT and --for DURATION")
+        print(system.add_silence(args.match, parse_duration_s(args.duration), args.comment or ""))
+        return EXIT_OK
+    if args.action == "remove":
+        if not args.id or not ascii_digits(args.id):
+            raise ValidationError("silence remove needs the ID that 'silence list' shows")
+        if not system.remove_silence(int(args.id)):
+            raise MonitorError(f"no silence #{args.id}")
+        return EXIT_OK
+    silences, planned = system.list_silences(), system.planned_maintenance()
     if args.json:
         _print_json({"silences": silences, "maintenance": planned})
         return EXIT_OK
@@ -10135,10 +11282,15 @@ def cmd_silence(args) -> int:
     return EXIT_OK
 
 
+def cmd_silence(args) -> int:
+    return _alerting_command(args, lambda system: _silence(args, system))
+
+
 def cmd_alert_test(args) -> int:
     """A test to every enabled channel (or those --channel names): a line each, how it went or why it
     was skipped; the disabled ones are listed as such."""
-    with contextlib.closing(_alerting(args)) as system:
+    given = read_configuration(args)
+    with contextlib.closing(_alerting(args, given=given)) as system:
         report = system.send_test(args.channel)
         configured = list(system.settings.channels)
         for name in configured + [name for name in report.outcomes if name not in configured]:
@@ -10148,7 +11300,7 @@ def cmd_alert_test(args) -> int:
                       else f"{name}: skipped ({delivery.error or 'not configured'})")
             elif not args.channel:
                 print(f"{name}: skipped (disabled)")
-        return _delivery_exit(report)
+    return max(_delivery_exit(report), say_problems(given.settings))
 
 
 def _print_firing(firing: List[Dict[str, Any]], as_json: bool) -> int:
@@ -10180,31 +11332,23 @@ def _user_name() -> str:
         return "unknown"
 
 
-def _acknowledge(args) -> int:
+def _acknowledge(args, system: AlertingSystem) -> int:
     if not args.key:
         raise ValidationError(f"alerts {args.action} needs the alert's KEY (alerts --firing lists them)")
-    with contextlib.closing(_alerting(args)) as system:
-        if args.action == "unack":
-            if not system.unacknowledge(args.key):
-                raise MonitorError(f"alert {args.key!r} is not acknowledged")
-            return EXIT_OK
-        by = args.by or _user_name()
-        duration = parse_duration_s(args.duration) if args.duration else None
-        done = system.acknowledge(args.key, by, args.comment or "", duration)
+    if args.action == "unack":
+        if not system.unacknowledge(args.key):
+            raise MonitorError(f"alert {args.key!r} is not acknowledged")
+        return EXIT_OK
+    by = args.by or _user_name()
+    duration = parse_duration_s(args.duration) if args.duration else None
+    done = system.acknowledge(args.key, by, args.comment or "", duration)
     if args.json:
         _print_json(done)
     return EXIT_OK
 
 
-def cmd_alerts(args) -> int:
-    """The history of the last --hours, a line each with every channel's outcome and why one failed or
-    was skipped; or (--firing) what fires now; ``ack KEY`` and ``unack KEY`` acknowledge."""
-    if args.action:
-        return _acknowledge(args)
-    if args.key:
-        raise ValidationError("alerts takes a KEY only after ack or unack")
-    with contextlib.closing(_alerting(args, readonly=True)) as system:
-        history = system.firing() if args.firing else system.get_alert_history(args.hours)
+def _alert_list(args, system: AlertingSystem) -> int:
+    history = system.firing() if args.firing else system.get_alert_history(args.hours)
     if args.firing:
         return _print_firing(history, args.json)
     if args.json:
@@ -10221,6 +11365,16 @@ def cmd_alerts(args) -> int:
     return EXIT_OK
 
 
+def cmd_alerts(args) -> int:
+    """The history of the last --hours, a line each with every channel's outcome and why one failed or
+    was skipped; or (--firing) what fires now; ``ack KEY`` and ``unack KEY`` acknowledge."""
+    if args.action:
+        return _alerting_command(args, lambda system: _acknowledge(args, system))
+    if args.key:
+        raise ValidationError("alerts takes a KEY only after ack or unack")
+    return _alerting_command(args, lambda system: _alert_list(args, system), readonly=True)
+
+
 def cmd_config(args) -> int:
     if args.convert_yaml:
         path = args.config_path if args.config_path.endswith((".yaml", ".yml")) else yaml_sibling(args.config_path)
@@ -10228,11 +11382,10 @@ def cmd_config(args) -> int:
             raise ConfigError(f"no YAML file to convert ({path or args.config_path + ' is not an .ini path'})")
         sys.stdout.write(yaml_as_ini(path))
         return EXIT_OK
-    config = load_config(args.config_path, required=args.config_named)
-    settings = alerting_settings(config, args.config_path)
+    config, settings = read_configuration(args)
     settings.problems.extend(check_problems(config) + job_problems(config))
     if args.check:
-        settings.problems.extend(missing_programs(config))
+        settings.problems.extend(missing_programs(config) + unusable_channels(settings))
     else:
         print("\n".join(effective_configuration(settings)))
     for line in settings.problem_lines():
@@ -10241,37 +11394,29 @@ def cmd_config(args) -> int:
         return EXIT_RUNTIME
     warn_if_shared(settings)
     if args.check:
-        masker = settings.masker()
-        for name, spec in sorted(settings.channels.items()):
-            if spec.missing and spec.enabled:
-                print(f"note: channel {name} is not configured ({masker.scrub(spec.missing)}) and will be skipped")
         usable = sorted(name for name, spec in settings.channels.items() if spec.enabled and not spec.missing)
         print(f"configuration OK: {len(usable)} channel{'' if len(usable) == 1 else 's'} ({', '.join(usable)})")
     return EXIT_OK
 
 
-def _checks_without_store(args, config, err: StorageError) -> List[CheckResult]:
+def _checks_without_store(args, specs: List[CheckSpec], err: StorageError, now: float) -> List[CheckResult]:
     """The store cannot be opened: that is CRITICAL, and the checks that need no store still give their
     verdicts (a broken store must not hide a full disk); the others are UNKNOWN, with the reason."""
-    results = [CheckResult("database", "CRITICAL", str(err))]
-    if check_problems(config):
-        return results
-    specs = [spec for spec in configured_checks(config) if not args.only or spec.name in args.only]
     free = [spec for spec in specs if not CHECK_TYPES[spec.kind].needs_store]
-    results += run_checks(free, CheckContext(None, args.now(), args.deep))
-    results += [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free]
-    return results
+    return ([CheckResult("database", "CRITICAL", str(err))]
+            + run_checks(free, CheckContext(None, now, args.deep, args.db_path))
+            + [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free])
 
 
-def _alert_checks(args, results: List[CheckResult]) -> None:
+def _alert_checks(args, results: List[CheckResult], given: Configured, budget: RunBudget) -> None:
     """Fire each check that is not OK (key: its name) and resolve each that is, as one run, holding the
-    alerts of a check whose ``depends_on`` is CRITICAL; then the Watchdog to Alertmanager, which lives
-    for two check intervals."""
+    alerts of a check whose ``depends_on`` is CRITICAL (a cycle holds nothing); then the Watchdog to
+    Alertmanager, which lives for two check intervals."""
+    config = given.config
+    parents = acyclic(check_dependencies(config))
+    states = {result.name: result.state for result in results}
     try:
-        config = load_config(args.config_path, required=args.config_named)
-        parents = check_dependencies(config)
-        states = {result.name: result.state for result in results}
-        with contextlib.closing(_alerting(args)) as system:
+        with contextlib.closing(_alerting(args, given=given, budget=budget)) as system:
             with system.batch():
                 for result in results:
                     parent = parents.get(result.name)
@@ -10282,50 +11427,53 @@ def _alert_checks(args, results: List[CheckResult]) -> None:
                         severity = "critical" if result.state == "CRITICAL" else "warning"
                         system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}",
                                     severity, inhibited_by=held)
-            interval = check_run_interval(config)
-            system.send_watchdog(WATCHDOG_RUNS * interval + CHECK_STALE_GRACE_S)
-    except MonitorError as err:  # a broken alert configuration must not hide the checks' verdict
+                if not args.only and CONFIGURATION_CHECK not in states:  # the file was mended
+                    system.resolve(CONFIGURATION_CHECK, "the configuration has no problem")
+            system.send_watchdog(WATCHDOG_RUNS * check_run_interval(config) + CHECK_STALE_GRACE_S)
+    except MonitorError as err:  # the store cannot take the alerts' states: the verdict still stands
         log.error("alerts not sent: %s", err)
 
 
-def _ping_check_run(args, code: int, text: str) -> None:
+def _ping_check_run(args, code: int, text: str, given: Configured, budget: RunBudget) -> None:
     """``[check] ping_url`` hears of every run: the URL when all is OK, URL/CODE (1-3) otherwise, the
     plugin output as the body; a service that stops hearing says cron or the machine stopped."""
     import uuid
 
     try:
-        config = load_config(args.config_path, required=args.config_named)
-        url = configured_ping_url(config, "check")
-        if url is None:
-            return
-        budget_s = alerting_settings(config, args.config_path).timeout_s
-    except MonitorError as err:
+        url = configured_ping_url(given.config, "check")
+    except ConfigError as err:
         log.warning("check run not pinged: %s", err)
         return
+    if url is None:
+        return
     problem = send_ping(url, "" if code == 0 else str(code), str(uuid.uuid4()), (text + "\n").encode("utf-8"),
-                        budget_s=budget_s)
+                        budget_s=ping_budget(given, budget))
     if problem:
         log.warning("%s", problem)
 
 
-def _report_checks(args, results: List[CheckResult]) -> int:
+def _report_checks(args, results: List[CheckResult], given: Configured) -> int:
     """The verdicts in the plugin format (or JSON), their alerts, the run's ping, and the worst state as
-    the exit code."""
-    if not args.no_alert:
-        _alert_checks(args, results)
+    the exit code. The ping and the alerts go out at once, all within ``[alerting] run_budget``."""
+    budget = RunBudget(given.settings.run_budget_s)
     state = worst_state(result.state for result in results)
     text = "\n".join(plugin_output(results))
+    pinged = alongside(lambda: _ping_check_run(args, CHECK_STATES.index(state), text, given, budget))
+    if not args.no_alert:
+        _alert_checks(args, results, given, budget)
+    pinged(budget.left() + DELIVERY_JOIN_GRACE_S)
     if args.json:
         _print_json({"state": state, "checks": [result.as_json() for result in results]})
     else:
         print(text)
-    _ping_check_run(args, CHECK_STATES.index(state), text)
     return CHECK_STATES.index(state)
 
 
 def _check_failed(state: str, text: str, as_json: bool) -> int:
-    """``check`` could not run its checks: one line in the plugin format (or JSON), and the state's code."""
+    """``check`` could not run its checks: one line in the plugin format (or JSON) and on stderr, and the
+    state's code."""
     text = " ".join(text.split())
+    log.error("%s", error_line(text))
     if as_json:
         _print_json({"state": state, "checks": [], "error": text})
     else:
@@ -10333,53 +11481,83 @@ def _check_failed(state: str, text: str, as_json: bool) -> int:
     return CHECK_STATES.index(state)
 
 
-def _record_checks(collector: MetricsCollector, results: List[CheckResult], now: float) -> None:
+def _record_checks(collector: MetricsCollector, results: List[CheckResult], now: float, mended: bool) -> None:
     try:
-        record_check_results(collector, results, now)
+        record_check_results(collector, results, now, forget=(CONFIGURATION_CHECK,) if mended else ())
     except StorageError as err:  # the verdict still goes out
         log.error("%s: the check results were not recorded", err)
 
 
+def _unreadable_configuration(args, err: ConfigError) -> int:
+    """The configuration cannot be read at all: no check or channel is known. Said on stderr and in the
+    plugin line, and recorded as the ``configuration`` check, so every face shows it (the store keeps all
+    it has meanwhile)."""
+    result = CheckResult(CONFIGURATION_CHECK, "UNKNOWN", str(err)[:CHECK_OUTPUT_LINE_CHARS])
+    with contextlib.suppress(StorageError), \
+            MetricsCollector(args.db_path, now=args.now, maintain=False) as collector:
+        record_check_results(collector, [result], args.now())
+    return _check_failed("UNKNOWN", f"{CONFIGURATION_CHECK}: {err}", args.json)
+
+
+def _chosen(args, specs: List[CheckSpec], plan: CheckPlan) -> Tuple[List[CheckSpec], List[CheckResult]]:
+    """The checks --only names (every one without it), and the UNKNOWN verdicts that go with them; a
+    name that is no check is a usage error (MonitorError)."""
+    if not args.only:
+        return specs, plan.unrunnable
+    names = [spec.name for spec in specs] + [r.name for r in plan.unrunnable if r.name != CONFIGURATION_CHECK]
+    unknown = sorted(set(args.only) - set(names))
+    if unknown:
+        raise ValidationError(f"no check named {', '.join(unknown)} (there are: {', '.join(names)})")
+    return ([spec for spec in specs if spec.name in args.only],
+            [result for result in plan.unrunnable if result.name in args.only])
+
+
 def cmd_check(args) -> int:
-    """Exit with the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage or configuration error too)."""
+    """Exit with the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage or configuration error too).
+    A configuration problem costs only what it touches: the other checks run and alert, the broken one is
+    UNKNOWN, and every problem is said on stderr."""
     try:
-        config = load_config(args.config_path, required=args.config_named)
-        collector = _open_collector(args, readonly=False)
+        given = read_configuration(args)
     except ConfigError as err:
-        return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
+        return _unreadable_configuration(args, err)
+    given.settings.problems.extend(check_problems(given.config) + job_problems(given.config))
+    say_problems(given.settings)
+    plan = check_plan(given.config, given.settings.problems, given.settings.path)
+    now = args.now()
+    try:
+        collector = _open_collector(args, readonly=False, config=given.config)
     except StorageError as err:
-        return _report_checks(args, _checks_without_store(args, config, err))
+        # the defaults that need no store: a full disk is often why the store cannot be written
+        specs = plan.specs if plan.configured else [s for s in default_checks(None)
+                                                    if not CHECK_TYPES[s.kind].needs_store]
+        try:
+            specs, unrunnable = _chosen(args, specs, plan)
+        except ValidationError as usage:
+            return _check_failed("UNKNOWN", str(usage), args.json)
+        return _report_checks(args, _checks_without_store(args, specs, err, now) + unrunnable, given)
     with contextlib.closing(collector):
         try:
-            specs = check_specs(config, collector)
-        except ConfigError as err:
-            return _check_failed("UNKNOWN", f"configuration: {err}", args.json)
-        unknown = sorted(set(args.only or ()) - {spec.name for spec in specs})
-        if unknown:
-            return _check_failed("UNKNOWN", f"no check named {', '.join(unknown)} "
-                                            f"(there are: {', '.join(spec.name for spec in specs)})", args.json)
-        specs = [spec for spec in specs if not args.only or spec.name in args.only]
-        now = args.now()
-        results = run_checks(specs, CheckContext(collector, now, args.deep))
-        _record_checks(collector, results, now)
-    return _report_checks(args, results)
+            specs, unrunnable = _chosen(args, plan.specs if plan.configured else default_checks(collector), plan)
+        except ValidationError as usage:
+            return _check_failed("UNKNOWN", str(usage), args.json)
+        results = run_checks(specs, CheckContext(collector, now, args.deep, args.db_path)) + unrunnable
+        mended = not args.only and all(result.name != CONFIGURATION_CHECK for result in plan.unrunnable)
+        _record_checks(collector, results, now, mended)
+    return _report_checks(args, results, given)
 
 
 class _Ping:
     """The pings of one run: ``start`` as it is made, then its end, each tried within the alert timeout."""
 
-    def __init__(self, url: str, args):
+    def __init__(self, url: str, given: Optional[Configured]):
         import uuid
 
-        try:
-            self.budget_s = alerting_settings(load_config(args.config_path), args.config_path).timeout_s
-        except MonitorError:
-            self.budget_s = DEFAULT_ALERT_TIMEOUT_S
+        self.given = given
         self.url, self.run_id = url, str(uuid.uuid4())
-        self.send("start")
+        self.send("start", budget=RunBudget(given.settings.run_budget_s if given else DEFAULT_RUN_BUDGET_S))
 
     @classmethod
-    def of_run(cls, args) -> Optional["_Ping"]:
+    def of_run(cls, args, given: Optional[Configured]) -> Optional["_Ping"]:
         """The pings of this run: to --ping, else to ``[job:NAME] ping_url``; None without either. A
         bad --ping is a usage error; a configured URL that cannot be used is a warning, and the job runs."""
         if args.ping:
@@ -10387,16 +11565,20 @@ class _Ping:
                 _checked_url(args.ping)
             except ValueError as err:
                 raise ValidationError(f"--ping: {err}") from None
-            return cls(args.ping, args)
+            return cls(args.ping, given)
+        if given is None:
+            return None
         try:
-            url = configured_ping_url(load_config(args.config_path, required=args.config_named), f"job:{args.name}")
+            url = configured_ping_url(given.config, f"job:{args.name}")
         except MonitorError as err:
             log.warning("run %s not pinged: %s", args.name, err)
             return None
-        return cls(url, args) if url else None
+        return cls(url, given) if url else None
 
-    def send(self, signal: str, body: bytes = b"") -> None:
-        problem = send_ping(self.url, signal, self.run_id, body, budget_s=self.budget_s)
+    def send(self, signal: str, body: bytes = b"", *, budget: RunBudget) -> None:
+        """One ping within the alert timeout and what is left of ``budget``: the start one before the job
+        (so a service that hangs costs the job at most that), the end one beside the run's alerts."""
+        problem = send_ping(self.url, signal, self.run_id, body, budget_s=ping_budget(self.given, budget))
         if problem:
             log.warning("%s", problem)
 
@@ -10410,21 +11592,51 @@ def _run_unrecorded(name: str, argv: List[str], timeout_s: Optional[float], kill
     return JobRun("", name, started, now(), code, outcome, 1, bytes(tail.data), tail.dropped, err)
 
 
-def _alert_job(args, run: JobRun, argv: List[str]) -> None:
+def _alert_job(args, run: JobRun, argv: List[str], given: Optional[Configured], budget: RunBudget) -> None:
+    if given is None:
+        return  # the configuration could not be read: said already, and the job's report is on stdout
     try:
-        with contextlib.closing(_alerting(args)) as system:
+        with contextlib.closing(_alerting(args, given=given, budget=budget)) as system:
             system.store_warning_given = run.store_error is not None  # one line about the store is enough
             if run.outcome == "success":
                 # A job's next success ends its failure: one passing run, not resolve_after.
                 system.resolve(f"job {run.job}", f"exit 0 in {format_span(run.duration_s)}", after=1)
             else:
                 system.fire(f"job {run.job}", f"job {run.job} failed", job_report(run, argv)[:2000], "critical")
-    except MonitorError as err:  # the job ran; a broken alert configuration is reported, not fatal
+    except MonitorError as err:  # the job ran; a store that cannot take the alert is reported, not fatal
         log.error("alerts not sent: %s", err)
 
 
+def _job_run(args, argv: List[str], given: Optional[Configured], timeout_s: Optional[float],
+             kill_after_s: float) -> JobRun:
+    """The job run and recorded; run all the same, once and unrecorded, when the store or the configuration
+    cannot be had: the job matters more than its record."""
+    try:
+        if given is None:
+            raise ConfigError("the configuration cannot be read")
+        collector = _open_collector(args, readonly=False, config=given.config)
+    except (StorageError, ConfigError) as err:
+        return _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err, args.now)
+    with contextlib.closing(collector):
+        breaker = CircuitBreaker(args.breaker, collector=collector, now=args.now) if args.breaker else None
+        return JobRunner(collector, now=args.now).run(args.name, argv, timeout_s=timeout_s, retries=args.retries,
+                                                      lock=args.lock, kill_after_s=kill_after_s, breaker=breaker)
+
+
+def _run_configuration(args) -> Optional[Configured]:
+    """The configuration of a run, its problems said; None (said too) when it cannot be read at all."""
+    try:
+        given = read_configuration(args)
+    except ConfigError as err:  # the job matters more than its configuration: run it anyway, and say so
+        log.error("%s; the job runs without it (no record, alert or configured ping)", err)
+        return None
+    say_problems(given.settings)
+    return given
+
+
 def cmd_run(args) -> int:
-    """The command's own exit code (124 on timeout, 75 when the breaker is open); silent on success."""
+    """The command's own exit code (124 on timeout, 75 when the breaker is open); silent on success. Its end
+    ping and its alert go out together, within ``[alerting] run_budget``."""
     argv = list(args.command)
     if not argv:
         raise ValidationError("run needs a command: run NAME [options] -- COMMAND [ARG]...")
@@ -10434,39 +11646,50 @@ def cmd_run(args) -> int:
     if timeout_s == 0:
         raise ValidationError("--timeout must be more than 0")
     kill_after_s = parse_duration_s(args.kill_after) if args.kill_after else DEFAULT_KILL_AFTER_S
-    ping = _Ping.of_run(args)
-    try:
-        collector = _open_collector(args, readonly=False)
-    except (StorageError, ConfigError) as err:  # the job matters more than its record: run it anyway
-        run = _run_unrecorded(args.name, argv, timeout_s, kill_after_s, err, args.now)
-    else:
-        with contextlib.closing(collector):
-            breaker = CircuitBreaker(args.breaker, collector=collector, now=args.now) if args.breaker else None
-            run = JobRunner(collector, now=args.now).run(args.name, argv, timeout_s=timeout_s,
-                                                             retries=args.retries, lock=args.lock,
-                                                             kill_after_s=kill_after_s, breaker=breaker)
-    if ping is not None:
-        ping.send(ping_signal(run), run.output)
+    given = _run_configuration(args)
+    ping = _Ping.of_run(args, given)
+    run = _job_run(args, argv, given, timeout_s, kill_after_s)
+    budget = RunBudget(given.settings.run_budget_s if given is not None else DEFAULT_RUN_BUDGET_S)
+    pinged = alongside(lambda: ping.send(ping_signal(run), run.output, budget=budget) if ping else None)
     if run.outcome == "skipped":
         log.warning("run %s: skipped: another run of it still holds its lock", run.job)
-        return EXIT_OK
-    if run.outcome != "success":
-        sys.stdout.write(job_report(run, argv))
-        sys.stdout.flush()
-    if run.store_error is not None:
-        log.warning("%s: this run of %s was not recorded%s", run.store_error, run.job,
-                    " (the next run marks its row unrecorded)" if run.run_id else "")
-    _alert_job(args, run, argv)
-    if run.outcome == "breaker_open":
-        return EXIT_TEMPFAIL
+    else:
+        if run.outcome != "success":
+            sys.stdout.write(job_report(run, argv))
+            sys.stdout.flush()
+        if run.store_error is not None:
+            log.warning("%s: this run of %s was not recorded%s", run.store_error, run.job,
+                        " (the next run marks its row unrecorded)" if run.run_id else "")
+        _alert_job(args, run, argv, given, budget)
+    pinged(budget.left() + DELIVERY_JOIN_GRACE_S)
+    if run.outcome in ("skipped", "breaker_open"):
+        return EXIT_OK if run.outcome == "skipped" else EXIT_TEMPFAIL
     return run.exit_code
+
+
+def _whole_argument(text: str) -> int:
+    import argparse
+
+    try:
+        return whole_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _number_argument(text: str) -> float:
+    import argparse
+
+    try:
+        return decimal_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def _hours(text: str) -> float:
     import argparse
 
     try:
-        hours = float(text)
+        hours = decimal_number(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours") from None
     if not (math.isfinite(hours) and 0 < hours <= 1e6):
@@ -10549,11 +11772,6 @@ def with_suggestion(message: str, options: Iterable[str]) -> str:
     return message
 
 
-def error_line(text: str) -> str:
-    """An error as one line of at most ERROR_LINE_CHARS, with nothing in it a terminal would obey."""
-    return inert_text(truncate(" ".join(text.split()), ERROR_LINE_CHARS))
-
-
 def parser_class():
     """argparse's parser, but a usage error is one line on stderr, not usage plus error."""
     import argparse
@@ -10615,7 +11833,7 @@ def _args_anomalies(sub) -> None:
                      help="robust: modified z-score from median and MAD (default); zscore: mean and stddev")
     sub.add_argument("--threshold", metavar="T",
                      help="score beyond which a sample is flagged (default 3.5 robust, 2 zscore)")
-    sub.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES, metavar="N",
+    sub.add_argument("--min-samples", type=_whole_argument, default=DEFAULT_MIN_SAMPLES, metavar="N",
                      help=f"fewer samples than this is insufficient data (default {DEFAULT_MIN_SAMPLES})")
     _add_json(sub)
 
@@ -10691,13 +11909,23 @@ def _args_check(sub) -> None:
     _add_json(sub)
 
 
+def _job_name(text: str) -> str:
+    import argparse
+
+    try:
+        return validate_job_name(text)
+    except ValidationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _args_run(sub) -> None:
     sub.usage = f"{PROG} run NAME [options] -- COMMAND [ARG]..."
-    sub.add_argument("name", metavar="NAME", help="the job's name: its metrics, lock, alert and check")
+    sub.add_argument("name", metavar="NAME", type=_job_name,
+                     help="the job's name (letters, digits, '-', '_' and '.'): its metrics, lock, alert and check")
     sub.add_argument("--timeout", metavar="DURATION", help="stop the whole process group after this long (exit 124)")
     sub.add_argument("--kill-after", metavar="DURATION",
                      help=f"after the timeout's SIGTERM, SIGKILL this much later (default {DEFAULT_KILL_AFTER_S:g}s)")
-    sub.add_argument("--retries", type=int, default=0, metavar="N",
+    sub.add_argument("--retries", type=_whole_argument, default=0, metavar="N",
                      help="run again up to N times after exit 75 (EX_TEMPFAIL) or a timeout, with backoff")
     sub.add_argument("--lock", action="store_true", help="skip this run while another run of NAME is alive")
     sub.add_argument("--quiet-on-success", action="store_true",
@@ -10736,8 +11964,8 @@ def _args_push(sub) -> None:
 
 
 def _args_demo(sub) -> None:
-    sub.add_argument("--days", type=float, default=7.0, help="how many days of data (default 7)")
-    sub.add_argument("--seed", type=int, default=17, help="the random seed: the same seed, the same data")
+    sub.add_argument("--days", type=_number_argument, default=7.0, help="how many days of data (default 7)")
+    sub.add_argument("--seed", type=_whole_argument, default=17, help="the random seed: the same seed, the same data")
 
 
 # name, function, what it does, examples, its arguments: in the order --help lists them.
@@ -10798,6 +12026,7 @@ def reference_config() -> List[str]:
                       "the keys of each type: help checks", "      ", "  [check:NAME]  ")
     lines.append("  Durations: 90s, 5m, 2h, 7d. Sizes: 5GB, 10%. A secret KEY may be given as KEY_env (a variable)")
     lines.append("  or KEY_file (a file); config --check lists every problem, config prints what is in effect.")
+    lines.append("  A NAME (of a channel, check, job or maintenance window) is letters, digits, '-', '_' and '.'.")
     return lines
 
 
@@ -10889,26 +12118,44 @@ def completion_words(parser: Any) -> Dict[str, Dict[str, List[str]]]:
     return {"": words_of(parser), **{name: words_of(sub) for name, sub in subcommand_parsers(parser).items()}}
 
 
-def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]], zsh: bool) -> str:
-    import shlex
+def _shell_word(word: str, fish: bool = False) -> str:
+    """``word`` quoted so that bash, zsh (``fish=False``) or fish reads it back as itself, expanding
+    nothing: no variable, command substitution, glob or brace in it is ever run or matched."""
+    import re
 
+    if re.fullmatch(r"[\w.,:/@+-]+", word, re.ASCII):
+        return word
+    if fish:  # in fish's single quotes, backslash escapes a quote and itself
+        return "'" + word.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]], zsh: bool) -> str:
+    """The bash (and zsh, through bashcompinit) function. The words stand in arrays, each quoted, and are
+    matched to what is typed in a loop: ``compgen -W`` would expand each word again (a ``$(...)`` in a
+    configured name would run) and ``$(compgen ...)`` would glob what it prints."""
     takes_value = sorted({option for entry in table.values() for option in entry["takes_value"]})
     values = {f"{command}:{option}": words for command, entry in table.items() for option, words in entry.items()
               if option.startswith("-")}
     values.update({f"*:{option}": words for option, words in names.items()})
-    cases = [f"        {key}) choices={shlex.quote(' '.join(words))};;"
+    cases = [f"        {key}) choices=({' '.join(_shell_word(word) for word in words)});;"
              for key, words in sorted(values.items())]
-    cases.append(f"        {'|'.join('*:' + option for option in _PATH_OPTIONS)}) "
-                 "COMPREPLY=($(compgen -f -- \"$cur\")); return;;")
-    cases.append(f"        {'|'.join('*:' + option for option in takes_value)}) return;;")
+    cases.append(f"        {'|'.join('*:' + option for option in _PATH_OPTIONS)})")
+    cases.append('            while IFS= read -r word; do COMPREPLY+=("$word"); done < <(compgen -f -- "$cur")')
+    cases.append("            return 0;;")
+    cases.append(f"        {'|'.join('*:' + option for option in takes_value)}) return 0;;")
     no_command = '""'
-    commands = [f"            {shlex.quote(name) if name else no_command}) "
-                f"choices={shlex.quote(' '.join(entry['words']))};;" for name, entry in table.items()]
+    commands = [f"            {_shell_word(name) if name else no_command}) "
+                f"choices=({' '.join(_shell_word(word) for word in entry['words'])});;"
+                for name, entry in table.items()]
     shell = "zsh" if zsh else "bash"
     lines = [f"# {shell} completion for {PROG}, made by '{PROG} completion {shell}'",
              *(["autoload -U +X bashcompinit && bashcompinit"] if zsh else []),
              "_metasystem_monitor() {",
-             '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" command="" choices="" i',
+             '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" command="" word i',
+             "    local -a choices",
+             "    choices=()",
+             "    COMPREPLY=()",
              "    for ((i = 1; i < COMP_CWORD; i++)); do",
              '        case "${COMP_WORDS[i]}" in',
              f"            {'|'.join(takes_value)}) ((i++));;",
@@ -10919,31 +12166,38 @@ def _bash_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, Li
              '    case "$command:$prev" in', *cases, "        *)",
              '            case "$command" in', *commands, "            esac;;",
              "    esac",
-             '    COMPREPLY=($(compgen -W "$choices" -- "$cur"))',
+             '    for word in "${choices[@]}"; do',
+             '        if [[ "$word" == "$cur"* ]]; then COMPREPLY+=("$word"); fi',
+             "    done",
+             "    return 0",
              "}",
              f"complete -F _metasystem_monitor {PROG} metasystem-monitor"]
     return "\n".join(lines) + "\n"
 
 
-def _fish_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]]) -> str:
-    import shlex
+def _fish_words(words: List[str]) -> str:
+    """The argument of fish's ``complete -a``: fish evaluates it, so each word is quoted inside it too."""
+    return _shell_word(" ".join(_shell_word(word, fish=True) for word in words), fish=True)
 
+
+def _fish_completion(table: Dict[str, Dict[str, List[str]]], names: Dict[str, List[str]]) -> str:
     lines = [f"# fish completion for {PROG}, made by '{PROG} completion fish'"]
     commands = [name for name in table if name]
     for program in (PROG, "metasystem-monitor"):
         lines.append(f"complete -c {program} -f")
-        lines += [f"complete -c {program} -n '__fish_use_subcommand' -a {shlex.quote(name)}" for name in commands]
+        lines += [f"complete -c {program} -n '__fish_use_subcommand' -a {_fish_words([name])}" for name in commands]
         for name, entry in table.items():
-            when = f"__fish_seen_subcommand_from {name}" if name else "__fish_use_subcommand"
+            when = _shell_word(f"__fish_seen_subcommand_from {_shell_word(name, fish=True)}" if name
+                               else "__fish_use_subcommand", fish=True)
             for word in entry["words"]:
                 if not word.startswith("--"):
                     if not word.startswith("-") and name:
-                        lines.append(f"complete -c {program} -n {shlex.quote(when)} -a {shlex.quote(word)}")
+                        lines.append(f"complete -c {program} -n {when} -a {_fish_words([word])}")
                     continue
                 values = entry.get(word) or names.get(word)
-                argument = (" -r -F" if word in _PATH_OPTIONS else f" -x -a {shlex.quote(' '.join(values))}"
+                argument = (" -r -F" if word in _PATH_OPTIONS else f" -x -a {_fish_words(values)}"
                             if values else " -x" if word in entry["takes_value"] else "")
-                lines.append(f"complete -c {program} -n {shlex.quote(when)} -l {word[2:]}{argument}")
+                lines.append(f"complete -c {program} -n {when} -l {_shell_word(word[2:], fish=True)}{argument}")
     return "\n".join(lines) + "\n"
 
 
@@ -10956,14 +12210,16 @@ def completion_script(shell: str, parser: Any, names: Dict[str, List[str]]) -> s
 
 
 def _configured_names(args) -> Dict[str, List[str]]:
-    """The check and channel names of the configuration, when it can be read (completion offers them)."""
+    """The check and channel names of the configuration, when it can be read (completion offers them);
+    a name that ``config --check`` refuses is left out."""
     try:
         config = load_config(args.config_path)
         settings = alerting_settings(config, args.config_path)
-        checks = [spec.name for spec in configured_checks(config)] if not check_problems(config) else []
     except (MonitorError, OSError):
         return {}
-    return {"--only": sorted(checks) or ["disk", "database", "circuit_breaker"],
+    checks = [section[len("check:"):] for section in config.sections() if section.startswith("check:")]
+    usable = sorted(name for name in checks if not name_problem(name, "check"))
+    return {"--only": usable if checks else ["disk", "database", "circuit_breaker"],
             "--channel": sorted(settings.channels)}
 
 
@@ -11095,10 +12351,14 @@ def _command_of(argv: List[str]) -> Optional[str]:
 
 
 class _LowerLevelFormatter(logging.Formatter):
-    """``metasystem_monitor.py: warning: ...``: the level in lower case, as in the one-line errors."""
+    """``metasystem_monitor.py: warning: ...``: the level in lower case, as in the one-line errors, and
+    the message on one line whatever text it quotes (a -v traceback still follows it)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _one_line(super().formatMessage(record))
 
 
 @contextlib.contextmanager

@@ -774,7 +774,7 @@ def _refresh_seconds(text: str) -> float:
     import argparse
 
     try:
-        value = float(text)
+        value = mm.decimal_number(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not REFRESH_RANGE_S[0] <= value <= REFRESH_RANGE_S[1]:
@@ -786,7 +786,7 @@ def _window_hours(text: str) -> float:
     import argparse
 
     try:
-        return mm.window_hours(float(text))
+        return mm.window_hours(mm.decimal_number(text))
     except (ValueError, mm.MonitorError):
         raise argparse.ArgumentTypeError(f"must be a positive number of hours, got {text!r}") from None
 

@@ -823,6 +823,41 @@ def bench_bulk_roll_up(tmp):
     print("   (10,000 series; 60,000 samples over 6 days, 600,000 over 60 days, and 60,000 over 60 days)")
 
 
+def bench_trickling_services(tmp):
+    """A channel and a ping service that answer 200, then one byte every 2 s: alert and run --ping end
+    within their budgets (each exchange has a wall-clock deadline over all of it), against the same
+    commands to services that answer at once."""
+    from servers import HTTPServer, Reply
+
+    home = os.path.join(tmp, "trickle")
+    os.mkdir(home)
+    env = dict(os.environ, METASYSTEM_HOME=home, METASYSTEM_DB=os.path.join(home, "m.db"))
+    env.pop("METASYSTEM_CONFIG", None)
+    timeout_s, channel_s, run_s = 5.0, 10.0, 10.0
+    with HTTPServer(default=Reply(200, trickle_s=2.0)) as slow, HTTPServer() as fast:
+        for server, name in ((slow, "slow"), (fast, "fast")):
+            with open(os.path.join(home, f"{name}.ini"), "w", encoding="utf-8") as handle:
+                handle.write(f"[alerting]\ntimeout = {timeout_s:g}s\nchannel_budget = {channel_s:g}s\n"
+                             f"run_budget = {run_s:g}s\n\n[channel:hook]\ntype = webhook\nurl = {server.url('/h')}\n")
+            os.chmod(os.path.join(home, f"{name}.ini"), 0o600)
+
+        def took(name, *argv):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, SCRIPT, "--config", os.path.join(home, f"{name}.ini"), *argv], env=env,
+                           capture_output=True, timeout=120)
+            return time.perf_counter() - start
+
+        alert = [took(name, "alert", "--critical", f"Disk {name} {n}") for n in range(2) for name in ("slow", "fast")]
+        slow_alert, fast_alert = max(alert[0::2]), statistics.median(alert[1::2])
+        report("20. alert to a channel trickling a byte every 2 s", slow_alert, fast_alert, "s",
+               slow_alert / fast_alert, f"< {channel_s + 1:g} s (budget+1)", slow_alert < channel_s + 1)
+        ping = {name: took(name, "run", "job", "--ping", server.url("/p"), "--", "true")
+                for name, server in (("slow", slow), ("fast", fast))}
+        bound = timeout_s + run_s + 1  # the start ping (its timeout), then the end ping within the run's budget
+        report("20b. run --ping to a ping URL trickling the same", ping["slow"], ping["fast"], "s",
+               ping["slow"] / ping["fast"], f"< {bound:g} s (budget+1)", ping["slow"] < bound)
+
+
 def main():
     print(f"make bench on {platform.platform()}, Python {platform.python_version()}, "
           f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
@@ -851,6 +886,7 @@ def main():
         bench_first_write_after_the_hour(tmp)
         bench_sparse_bytes(tmp)
         bench_bulk_roll_up(tmp)
+        bench_trickling_services(tmp)
         print(f"{sum(rows_out)} of {len(rows_out)} targets met in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

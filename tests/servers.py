@@ -5,6 +5,7 @@ socket has a timeout, and every server stops when its ``with`` block ends.
 """
 
 import base64
+import contextlib
 import http.server
 import os
 import socket
@@ -21,8 +22,11 @@ SOCKET_TIMEOUT_S = 10.0
 class Reply:
     """One scripted HTTP answer; ``hang`` holds the connection without answering until the server stops."""
 
-    def __init__(self, status=200, body=b"", headers=None, hang=False, echo_path=False, echo=None):
+    def __init__(self, status=200, body=b"", headers=None, hang=False, echo_path=False, echo=None, trickle_s=None):
         self.status = status
+        # With trickle_s: the status and headers (Content-Length 65536) at once, then one byte of the body
+        # every trickle_s until the server stops: a service that answers, but never finishes.
+        self.trickle_s = trickle_s
         self.echo_path = echo_path  # add the request's path to the body, as some services' errors do
         self.echo = echo  # echo(request) -> str, added to the body: what a receiver repeats back
         self.body = body.encode("utf-8") if isinstance(body, str) else body
@@ -105,6 +109,9 @@ class HTTPServer(_Serving):
                     body += f" {reply.echo(owner.requests[-1])}".encode()
                 if owner.before_reply is not None:
                     owner.before_reply()
+                if reply.trickle_s is not None:
+                    self.trickle(reply)
+                    return
                 self.send_response(reply.status)
                 for key, value in reply.headers.items():
                     self.send_header(key, value)
@@ -118,6 +125,17 @@ class HTTPServer(_Serving):
                     owner.after_reply()
 
             do_GET = do_PUT = do_DELETE = do_POST
+
+            def trickle(self, reply):
+                self.send_response(reply.status)
+                self.send_header("Content-Length", "65536")
+                self.end_headers()
+                self.wfile.flush()
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    while not owner._stopping.wait(reply.trickle_s):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
 
             def log_message(self, *args):
                 pass
@@ -165,8 +183,11 @@ class SMTPServer(_Serving):
     ``starttls`` offers STARTTLS; ``auth`` offers AUTH and ``accept_login`` decides it.
     """
 
-    def __init__(self, *, implicit_tls=False, starttls=False, auth=False, accept_login=True, reject_rcpt=None):
+    def __init__(self, *, implicit_tls=False, starttls=False, auth=False, accept_login=True, reject_rcpt=None,
+                 trickle_s=None):
         self.mails = []
+        self.trickle_s = trickle_s  # the greeting a byte every trickle_s, until the server stops
+        self._stopping = threading.Event()
         self.sessions = 0
         self.implicit_tls = implicit_tls
         self.starttls = starttls
@@ -208,6 +229,29 @@ class SMTPServer(_Serving):
 
         self._serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
 
+    def _stopping_now(self):
+        self._stopping.set()
+
+
+class TrickleServer(_Serving):
+    """A TCP server that sends one byte every ``trickle_s`` to whoever connects, until it stops: a peer that
+    is there, and never says what is expected."""
+
+    def __init__(self, trickle_s):
+        owner = self
+        self._stopping = threading.Event()
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                with contextlib.suppress(OSError):
+                    while not owner._stopping.wait(trickle_s):
+                        self.request.sendall(b".")
+
+        self._serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
+
+    def _stopping_now(self):
+        self._stopping.set()
+
 
 class _SMTPSession:
     def __init__(self, server, handler):
@@ -219,6 +263,13 @@ class _SMTPSession:
         self.recipients = []
 
     def reply(self, line):
+        if self.server.trickle_s is not None:
+            for byte in line.encode("ascii") + b"\r\n":
+                if self.server._stopping.wait(self.server.trickle_s):
+                    return
+                self.handler.wfile.write(bytes([byte]))
+                self.handler.wfile.flush()
+            return
         self.handler.wfile.write(line.encode("ascii") + b"\r\n")
         self.handler.wfile.flush()
 

@@ -133,6 +133,57 @@ class HttpChannels(AlertTestCase):
         self.assertEqual(request.headers["webhook-signature"], f"v1,{expected}")
         self.assertEqual(request.headers["webhook-timestamp"], str(int(self.clock.now)))
 
+    def test_a_whsec_secret_that_is_not_strict_base64_is_a_problem_naming_the_key_never_the_value(self):
+        with open(os.path.join(self.tmp, "secret"), "w", encoding="utf-8") as handle:
+            handle.write("whsec_c2VjcmV0-_x\n")  # URL-safe characters: not the standard alphabet
+        os.chmod(os.path.join(self.tmp, "secret"), 0o600)
+        cases = {"secret = whsec_abc": "is base64 after the prefix, and this one is not",  # 'Incorrect padding'
+                 "secret = whsec_c2VjcmV0 ZXQ=": "is base64 after the prefix, and this one is not",
+                 "secret = whsec_s\u00e9cret==": "is base64 after the prefix, and this one is not",
+                 "secret = whsec_": "holds no key after the prefix",
+                 f"secret_file = {self.tmp}/secret": "is base64 after the prefix, and this one is not",
+                 "secret_env = MM_TEST_WHSEC": "is base64 after the prefix, and this one is not"}  # whsec_==
+        with HTTPServer() as hook:
+            for line, why in cases.items():
+                with self.subTest(line=line):
+                    self.write_config(f"[channel:it]\ntype = webhook\nurl = {hook.url('/h')}\n{line}\n")
+                    problem = f"{self.config_path}: [channel:it] secret: a whsec_ secret {why}"
+                    checked = self.run_cli("config", "--check", env=self.cli_env(MM_TEST_WHSEC="whsec_=="))
+                    self.assertEqual((checked.returncode, checked.stdout.decode(), checked.stderr),
+                                     (1, problem + "\n", b""))
+                    sent = self.run_cli("alert", "--warning", "Disk", env=self.cli_env(MM_TEST_WHSEC="whsec_=="))
+                    # the channel with the problem is left out, the rest works, the problem is said last
+                    self.assertEqual((sent.returncode, sent.stdout, sent.stderr.decode().splitlines()[-1]),
+                                     (1, b"", f"metasystem_monitor.py: error: {problem}"))
+            self.write_config(f"[channel:it]\ntype = webhook\nurl = {hook.url('/h')}\nsecret = whsec_YWJj\n")
+            self.assertEqual(self.run_cli("config", "--check", env=self.cli_env()).returncode, 0)
+        self.assertEqual(hook.requests, [])
+
+    def test_a_secret_with_a_control_character_is_a_problem_before_a_header_refuses_it_quoting_the_secret(self):
+        files = {"line": "tk_sec\nret_value", "nel": "tk_sec\x85ret_value", "soh": "http://127.0.0.1:1/hook\x01x"}
+        for name, text in files.items():
+            with open(os.path.join(self.tmp, name), "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(os.path.join(self.tmp, name), 0o600)
+        with HTTPServer() as server:
+            cases = {f"type = ntfy\nurl = {server.url('/t')}\ntoken_file = {self.tmp}/line": "token",
+                     f"type = gotify\nurl = {server.url('/g')}\ntoken_file = {self.tmp}/nel": "token",
+                     f"type = opsgenie\napi_url = {server.url('')}\napi_key = tk_sec\n  ret_value": "api_key",
+                     f"type = slack\nurl_file = {self.tmp}/soh": "url"}
+            for section, key in cases.items():
+                with self.subTest(section=section):
+                    self.write_config(f"[channel:it]\n{section}\n")
+                    problem = (f"{self.config_path}: [channel:it] {key}: holds a control character or line break: "
+                               "no URL, token or key has one")
+                    checked = self.run_cli("config", "--check", env=self.cli_env())
+                    self.assertEqual((checked.returncode, checked.stdout.decode(), checked.stderr),
+                                     (1, problem + "\n", b""))
+                    sent = self.run_cli("alert", "--warning", "Disk", env=self.cli_env())
+                    # the channel with the problem is left out, the rest works, the problem is said last
+                    self.assertEqual((sent.returncode, sent.stdout, sent.stderr.decode().splitlines()[-1]),
+                                     (1, b"", f"metasystem_monitor.py: error: {problem}"))
+        self.assertEqual(server.requests, [])
+
     def test_webhook_retries_carry_the_same_id_so_a_receiver_can_dedup(self):
         with HTTPServer(Reply(503), Reply(200)) as hook:
             self.send("[channel:it]\ntype = webhook\nurl = {url}/hook\nsecret = plain-secret\n", hook)
@@ -350,6 +401,74 @@ class LogChannel(AlertTestCase):
         self.assertEqual(logs.output, ["WARNING:metasystem.alert:[WARNING] Slow  sync | line1 line2"])
 
 
+# Every character str.splitlines() breaks a line on, and the C1 controls: each one a header, a subject or a
+# log line must not carry (the email package refuses U+2028 and NEL in a header: "may not contain linefeed").
+LINE_BREAKERS = sorted({chr(code) for code in range(0x3000) if len(f"a{chr(code)}b".splitlines()) > 1}
+                       | {chr(code) for code in range(0x80, 0xA0)})
+
+
+class LineBreaksInHeadersAndLogLines(AlertTestCase):
+    """A title holding any line break (U+2028, NEL, VT, FS ... not only CR and LF) is one line wherever a
+    line is all there is: the email Subject, mail's -s argument, ntfy's Title, the syslog line."""
+
+    def test_one_line_leaves_nothing_splitlines_would_break_on(self):
+        self.assertEqual(LINE_BREAKERS, ["\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e"]
+                         + [chr(code) for code in range(0x80, 0xA0)] + ["\u2028", "\u2029"])
+        text = "a" + "b".join(LINE_BREAKERS) + "z"
+        flat = mm._one_line(text)
+        self.assertEqual(flat, "a" + "b".join(" " * len(LINE_BREAKERS)) + "z")
+        self.assertEqual(flat.splitlines(), [flat])
+
+    def test_smtp_sends_each_title_with_one_subject_line(self):
+        with SMTPServer() as smtp:
+            alerts = self.system("[channel:it]\ntype = email\nto = ops@example.com\nfrom = mm@example.com\n"
+                                 f"smtp_host = 127.0.0.1\nsmtp_port = {smtp.port}\nsecurity = none\n")
+            for number, breaker in enumerate(LINE_BREAKERS):
+                delivery = alerts.send_critical_alert(f"Disk {number}{breaker}Bcc: x@example.com", "full",
+                                                      channels=["it"])
+                self.assertEqual(delivery.outcomes["it"].outcome, "sent", (breaker, delivery.outcomes["it"]))
+        self.assertEqual(len(smtp.mails), len(LINE_BREAKERS))
+        for number, mail in enumerate(smtp.mails):
+            head = mail.data.split(b"\r\n\r\n")[0].decode("ascii")
+            self.assertEqual([line.split(":")[0] for line in head.split("\r\n") if line[:1] not in " \t"],
+                             ["Subject", "From", "To", "Date", "Message-ID", "X-Metasystem-Severity", "Content-Type",
+                              "Content-Transfer-Encoding", "MIME-Version"])
+            self.assertEqual(mail.message()["Subject"], f"[CRITICAL] Disk {number} Bcc: x@example.com")
+
+    def test_dry_run_shows_the_subject_on_one_line(self):
+        self.write_config("[channel:it]\ntype = email\nto = ops@example.com\nsmtp_host = 127.0.0.1\n")
+        for breaker in ("\u2028", "\x85", "\x1c"):
+            with self.subTest(breaker=repr(breaker)):
+                result = self.run_cli("alert", "--critical", f"Disk{breaker}full", "--dry-run", "--channel", "it",
+                                      env=self.cli_env(METASYSTEM_NOW="1800000000"))
+                self.assertEqual((result.returncode, result.stderr.decode()), (0, ""))
+                self.assertIn("\nSubject: [CRITICAL] Disk full\n", result.stdout.decode())
+
+    def test_ntfy_title_mail_argument_and_syslog_line_are_one_line(self):
+        title = "Disk" + "".join(LINE_BREAKERS) + "full"
+        with HTTPServer() as ntfy:
+            alerts = self.system(f"[channel:it]\ntype = ntfy\nurl = {ntfy.url('/t')}\n\n"
+                                 "[channel:mailer]\ntype = email\nmethod = mail\nto = root\ncommand = /bin/true\n")
+            delivery = alerts.send_critical_alert(title, "m")
+        self.assertEqual({name: d.outcome for name, d in delivery.outcomes.items()},
+                         {"it": "sent", "mailer": "sent", "log": "sent"})
+        spaces = " " * len(LINE_BREAKERS)
+        self.assertEqual(ntfy.requests[0].headers["Title"], f"[CRITICAL] Disk{spaces}full")
+        [line] = self.syslog.pending()
+        self.assertEqual(line, f"<10>metasystem[{os.getpid()}]: [CRITICAL] Disk{spaces}full | m".encode())
+        argv = alerts.channels["mailer"]._mail_argv(alerts.create_alert(title, "m", mm.AlertSeverity.CRITICAL))
+        self.assertEqual(argv, ["/bin/true", "-s", f"[CRITICAL] Disk{spaces}full", "--", "root"])
+
+    def test_a_log_line_on_stderr_stays_one_line_whatever_it_quotes(self):
+        self.write_config("[channel:log]\ntype = log\naddress = /nonexistent\u2028forged: line\n", log_channel=False)
+        result = self.run_cli("alert", "-v", "--info", "Disk", env=self.cli_env(METASYSTEM_NOW="1800000000"))
+        self.assertEqual((result.returncode, result.stdout), (0, b""))
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual([line for line in lines if not line.startswith("metasystem_monitor.py: ")], [])
+        self.assertIn("metasystem_monitor.py: info: syslog at /nonexistent forged: line refused the alert "
+                      "(No such file or directory); using the logger", lines)
+
+
 if __name__ == "__main__":
     unittest.main()
 
@@ -466,6 +585,53 @@ class MoreChannels(AlertTestCase):
         self.assertEqual((posted["text"], posted["alias"], posted["attachments"][0]["title"],
                           posted["attachments"][0]["color"]), ("[CRITICAL] Disk full", "metasystem", "Disk full",
                                                                "#d00000"))
+
+    def test_mattermost_and_rocketchat_show_the_alerts_text_literally(self):
+        title = "@channel <!here> see [docs](http://evil.example) *now*"
+        message = ("@all ![img](http://evil.example/i.png) <@U123> <http://evil.example|click> _urgent_\n"
+                   "# no heading\n- no list\n3. no item\ndisk_avail_kb \\ `x` ~~y~~ a|b #chan ||spoiler||")
+        with HTTPServer(default=Reply(200, "ok")) as mattermost, \
+                HTTPServer(default=Reply(200, '{"success":true}')) as rocket:
+            alerts = self.system(f"[channel:mm]\ntype = mattermost\nurl = {mattermost.url('/hooks/k')}\n\n"
+                                 f"[channel:rc]\ntype = rocketchat\nurl = {rocket.url('/hooks/i/t')}\n")
+            sent = alerts.send_critical_alert(title, message, details={"by": "@here"})
+        self.assertEqual((sent.outcomes["mm"].outcome, sent.outcomes["rc"].outcome), ("sent", "sent"))
+        j, host, at = "\u2060", socket.gethostname(), mm.iso_time(self.clock.time())
+        tail = f"\n\nby: @{j}here\n\nhost: {host}\ntime: {at}"
+        self.assertEqual(mattermost.requests[0].json()["text"],
+                         f"**[CRITICAL] @{j}channel <{j}!here> see [docs]{j}(http://evil.example) \\*now\\***\n\n"
+                         f"@{j}all ![img]{j}(http://evil.example/i.png) <{j}@{j}U123> <{j}http://evil.example\\|click> "
+                         f"\\_urgent\\_\n\\# no heading\n\\- no list\n3\\. no item\n"
+                         f"disk_avail_kb \\\\ \\`x\\` \\~\\~y\\~\\~ a\\|b #chan \\|\\|spoiler\\|\\|" + tail)
+        posted = rocket.requests[0].json()
+        self.assertEqual(posted["text"], f"[CRITICAL] @{j}channel <{j}!here> see [docs]{j}(http://evil.example) "
+                                         "\uff0anow\uff0a")
+        [attachment] = posted["attachments"]
+        self.assertEqual((attachment["title"], attachment["mrkdwn_in"]),
+                         (f"@{j}channel <{j}!here> see [docs](http://evil.example) *now*", []))
+        self.assertEqual(attachment["text"], message.replace("@", "@" + j).replace("<", "<" + j) + tail)
+        for shown in (mattermost.requests[0].json()["text"], posted["text"], attachment["title"], attachment["text"]):
+            for mention in ("@channel", "@here", "@all", "@U123", "<!", "<@", "<http"):
+                self.assertNotIn(mention, shown)
+        for markdown in (mattermost.requests[0].json()["text"], posted["text"]):  # the attachment is plain text
+            for markup in ("](", "*now*", "_urgent_", "`x`", "~~y~~", "||spoiler||"):
+                self.assertNotIn(markup, markdown)
+
+    def test_matrix_and_telegram_mention_no_one_either(self):
+        with HTTPServer(default=Reply(200, '{"event_id":"$e"}')) as matrix, \
+                HTTPServer(default=Reply(200, '{"ok":true,"result":{}}')) as telegram:
+            alerts = self.system(f"[channel:mx]\ntype = matrix\nhomeserver = {matrix.url('')}\n"
+                                 "room_id = !r:example.org\ntoken = syt_token\n\n[channel:tg]\ntype = telegram\n"
+                                 f"token = 1:secret\nchat_id = 5\napi_url = {telegram.url('')}\n")
+            sent = alerts.send_critical_alert("@room look", "ping @admin and <b>@all</b>")
+        self.assertEqual((sent.outcomes["mx"].outcome, sent.outcomes["tg"].outcome), ("sent", "sent"))
+        j, host, at = "\u2060", socket.gethostname(), mm.iso_time(self.clock.time())
+        text = f"[CRITICAL] @{j}room look\n\nping @{j}admin and <{j}b>@{j}all<{j}/b>\n\nhost: {host}\ntime: {at}"
+        event = matrix.requests[0].json()
+        self.assertEqual((event["body"], event.get("m.mentions")), (text, {}))
+        self.assertTrue(event["formatted_body"].startswith(f"<strong>[CRITICAL] @{j}room look</strong><br>ping "
+                                                           f"@{j}admin and &lt;{j}b&gt;@{j}all&lt;{j}/b&gt;<br>"))
+        self.assertEqual(telegram.requests[0].json()["text"], text)
 
     def test_opsgenie_creates_with_the_key_as_alias_and_closes_by_it(self):
         with HTTPServer(default=Reply(202, '{"result":"Request will be processed","requestId":"x"}')) as genie:

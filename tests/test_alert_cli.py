@@ -41,6 +41,7 @@ class AlertCommand(AlertTestCase):
         self.assertEqual((none.returncode, none.stdout), (4, b""))
         self.assertEqual(none.stderr.decode(),
                          f"{PROG}: warning: channel slack failed after 1 attempt: HTTP 404: no_team\n"
+                         f"{PROG}: warning: [WARNING] Slower\n"  # no channel has it: stderr, which cron mails
                          f"{PROG}: error: no channel delivered the alert\n")
 
     def test_nothing_configured_is_exit_0_said_on_stderr_unless_quiet(self):
@@ -62,8 +63,10 @@ class AlertCommand(AlertTestCase):
             named = self.alert("--warning", "Disk still filling", "--channel", "old")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
         self.assertEqual(len(hook.requests), 1)
-        self.assertEqual((named.returncode, named.stderr.decode()), (0, f"{PROG}: warning: channel old skipped "
-                                                                        "(disabled)\n"))
+        self.assertEqual((named.returncode, named.stderr.decode()),  # asked for, it did not get the alert
+                         (4, f"{PROG}: warning: [WARNING] Disk still filling\n"
+                             f"{PROG}: warning: channel old skipped (disabled)\n"
+                             f"{PROG}: error: no channel delivered the alert\n"))
         self.assertEqual(sqlite_rows(self.db, "SELECT a.title, d.channel, d.outcome, d.error FROM alerts a JOIN "
                                               "alert_deliveries d ON d.alert_id = a.id WHERE d.channel != 'log' "
                                               "ORDER BY a.id"),
@@ -77,17 +80,21 @@ class AlertCommand(AlertTestCase):
     def test_a_channel_asked_for_but_not_configured(self):
         self.write_config("")
         result = self.alert("--critical", "Disk", "--channel", "pager", "-q")
-        self.assertCleanExit(result)
+        self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                         (4, b"", f"{PROG}: critical: [CRITICAL] Disk\n{PROG}: error: no channel delivered the alert\n"))
         self.assertEqual(sqlite_rows(self.db, "SELECT channel, outcome FROM alert_deliveries"),
                          [("pager", "not_configured")])
 
-    def test_a_bad_configuration_is_exit_1_in_one_line_and_nothing_is_sent(self):
+    def test_a_bad_channel_costs_only_itself_the_others_deliver_and_the_run_exits_1(self):
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n[channel:x]\ntype = victorops\n")
             result = self.alert("--critical", "Disk")
-        self.assertOneLineError(result, 1, f"{self.config_path}: [channel:x] type: unknown channel type 'victorops'")
-        self.assertEqual(hook.requests, [])
-        self.assertFalse(os.path.exists(self.db))
+        self.assertEqual((result.returncode, result.stdout), (1, b""))
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            f"{PROG}: error: {self.config_path}: [channel:x] type: unknown channel type 'victorops'; one of "
+            "alertmanager, discord, email, gotify, log, matrix, mattermost, ntfy, opsgenie, pagerduty, pushover, "
+            "rocketchat, slack, teams, telegram, webhook"])
+        self.assertEqual([r.json()["title"] for r in hook.requests], ["Disk"])
 
     def test_a_broken_store_still_lets_the_alert_out_and_says_so(self):
         with open(self.db, "wb") as handle:
@@ -177,8 +184,8 @@ class AlertTestCommand(AlertTestCase):
                               "[channel:old]\ntype = discord\nurl = https://discord.invalid/x\nenabled = false\n\n"
                               "[channel:unset]\ntype = ntfy\nurl_env = MM_UNSET_FOR_THIS_TEST\n")
             result = self.run_cli("alert-test", env=self.cli_env())
-        self.assertEqual((result.returncode, result.stderr.decode()),
-                         (0, f"{PROG}: warning: channel unset skipped ($MM_UNSET_FOR_THIS_TEST is not set)\n"))
+        self.assertEqual((result.returncode, result.stderr.decode()),  # a channel that cannot be used failed
+                         (3, f"{PROG}: warning: channel unset skipped ($MM_UNSET_FOR_THIS_TEST is not set)\n"))
         lines = result.stdout.decode().splitlines()
         self.assertEqual([re.sub(r" in \d+ ms", "", line) for line in lines],
                          ["log: sent", "pager: sent", "hook: sent", "old: skipped (disabled)",
@@ -240,7 +247,7 @@ class ConfigCommand(AlertTestCase):
         result = self.run_cli("config", env=self.cli_env(MM_NTFY_URL="https://ntfy.sh/topic-0123456789"))
         self.assertCleanExit(result, 0, "\n".join([
             f"# {self.config_path}", "[alerting]", "dedup_window = 2h", "timeout = 10s", "channel_budget = 20s",
-            "repeat_interval_critical = 1h", "repeat_interval_warning = 4h", "repeat_interval_info = never",
+            "run_budget = 30s", "repeat_interval_critical = 1h", "repeat_interval_warning = 4h", "repeat_interval_info = never",
             "fire_after = 3 within 5", "resolve_after = 2", "max_messages_per_run = 5", "",
             "[channel:log]", "type = log", "# always on: the record of last resort", "",
             "[channel:phone]", "type = ntfy", "url = https://ntfy.sh/***  # from $MM_NTFY_URL",
@@ -268,16 +275,31 @@ class ConfigCommand(AlertTestCase):
             f"{path}: [channel:c] to: '-oQ/tmp' is not a mail address",
         ])
 
-    def test_check_of_a_syntax_error_is_one_line_exit_1(self):
-        self.write_config("[alerting\nx = 1\n", log_channel=False)
+    def test_check_lists_every_line_it_cannot_read_and_reads_the_rest(self):
+        self.write_config("[alerting\nx = 1\n[alerting]\ntimeout = 5s\nno value here\ntimeout = 7s\n"
+                          "[channel:a]\ntype = log\n[channel:a]\nTYPE = log\n", log_channel=False)
         result = self.run_cli("config", "--check", env=self.cli_env())
-        self.assertOneLineError(result, 1, f"configuration file {self.config_path}: File contains no section headers.")
+        self.assertCleanExit(result, 1, "".join(f"{self.config_path}: line {line}\n" for line in (
+            "1: '[alerting' stands before any [section]", "2: 'x = 1' stands before any [section]",
+            "5: 'no value here' is not KEY = VALUE", "6: key 'timeout' is given a second time in its section",
+            "9: section [channel:a] is given a second time")))
+        shown = self.run_cli("config", env=self.cli_env())
+        self.assertEqual(shown.returncode, 1)
+        self.assertIn("timeout = 7s\n", shown.stdout.decode())
 
-    def test_check_passes_notes_missing_secrets_and_counts_channels(self):
-        self.write_config("[channel:ops]\ntype = slack\nurl_env = MM_UNSET_FOR_TEST\n")
+    def test_check_fails_for_an_enabled_channel_that_cannot_be_used_here(self):
+        missing = os.path.join(self.tmp, "no-such-url-file")
+        self.write_config("[channel:ops]\ntype = slack\nurl_env = MM_UNSET_FOR_TEST\n\n"
+                          f"[channel:hook]\ntype = webhook\nurl_file = {missing}\n\n"
+                          f"[channel:off]\ntype = webhook\nurl_file = {missing}\nenabled = false\n")
         result = self.run_cli("config", "--check", env=self.cli_env())
-        self.assertCleanExit(result, 0, "note: channel ops is not configured ($MM_UNSET_FOR_TEST is not set) "
-                                        "and will be skipped\nconfiguration OK: 1 channel (log)\n")
+        self.assertCleanExit(result, 1, f"{self.config_path}: [channel:hook] channel hook cannot be used here: "
+                                        f"{missing} cannot be read (No such file or directory)\n"
+                                        f"{self.config_path}: [channel:ops] channel ops cannot be used here: "
+                                        "$MM_UNSET_FOR_TEST is not set\n")
+        self.write_config("[channel:ops]\ntype = slack\nurl_env = MM_SET_FOR_TEST\n")
+        result = self.run_cli("config", "--check", env=self.cli_env(MM_SET_FOR_TEST="https://hooks.slack.invalid/x"))
+        self.assertCleanExit(result, 0, "configuration OK: 2 channels (log, ops)\n")
 
     def test_a_config_others_can_read_that_holds_a_secret_draws_a_warning(self):
         text = "[alerting]\nslack_webhook_url = https://hooks.slack.com/services/T0/B0/XYZSECRET\n"
@@ -286,7 +308,7 @@ class ConfigCommand(AlertTestCase):
         self.write_config(text, mode=0o600)
         private = self.run_cli("config", "--check", env=self.cli_env())
         self.write_config("[channel:s]\ntype = slack\nurl_env = MM_X\n", mode=0o644)
-        no_secret_inside = self.run_cli("config", "--check", env=self.cli_env())
+        no_secret_inside = self.run_cli("config", "--check", env=self.cli_env(MM_X="https://hooks.slack.invalid/x"))
         self.assertEqual(shared.stderr.decode(),
                          f"{PROG}: warning: {self.config_path} holds secrets ([alerting] slack_webhook_url) "
                          f"and other users can read it: chmod 600 {self.config_path}\n")

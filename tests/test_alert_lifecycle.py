@@ -14,6 +14,7 @@ from .servers import HTTPServer, Reply, SMTPServer
 from .support import SCRIPT, SUBPROCESS_TIMEOUT_S, AlertTestCase, sqlite_rows
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+PROG = "metasystem_monitor.py"
 
 
 class CronRuns(AlertTestCase):
@@ -104,19 +105,34 @@ class CronRuns(AlertTestCase):
         self.assertEqual(sqlite_rows(self.db, "SELECT count(*), min(outcome), max(outcome) FROM alert_deliveries "
                                               "WHERE channel = 'webhook'"), [(12, "sent", "sent")])
 
-    def test_a_bad_batch_line_is_a_usage_error_and_nothing_is_sent(self):
+    def test_each_bad_batch_line_is_reported_by_number_and_the_others_still_go_out(self):
+        lines = [json.dumps({"key": "a", "title": "A"}), "not json", '{"title": "no key"}',
+                 '{"key": "b", "state": "maybe"}', '{"key": "b", "severity": "loud"}',
+                 '{"key": "c", "title": "\\ud83d lone"}', '{"key": "d", "details": "text"}',
+                 '{"key": "e", "details": 5}', '{"key": "f", "title": 7}', '{"key": "g", "severty": "critical"}',
+                 '{"key": "", "title": "empty key"}',
+                 json.dumps({"key": "h", "severity": "critical", "title": "H", "details": {"n": [1, 2]}})]
         with HTTPServer() as hook:
             self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n")
-            good = json.dumps({"key": "a", "title": "A"}) + "\n"
-            result = self.run_cli("alert", "--batch", stdin=(good + "not json\n").encode(), env=self.cli_env())
-            self.assertOneLineError(result, 2, "line 2: not a JSON object")
-            os.environ["METASYSTEM_CONFIG"], os.environ["METASYSTEM_DB"] = self.config_path, self.db
-            for bad, fragment in (('{"title": "no key"}\n', "line 2: expected"),
-                                  ('{"key": "b", "state": "maybe"}\n', "line 2: expected"),
-                                  ('{"key": "b", "severity": "loud"}\n', "severity must be one of")):
-                with self.subTest(line=bad):  # the same main(), in this process
-                    self.assertMainError(2, fragment, "alert", "--batch", stdin=(good + bad).encode())
-        self.assertEqual(hook.requests, [])
+            result = self.run_cli("alert", "--batch", stdin=("\n".join(lines) + "\n").encode(),
+                                  env=self.cli_env(METASYSTEM_NOW=repr(T0)))
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            f"metasystem_monitor.py: error: line {n}: {why}; that line was not sent" for n, why in (
+                (2, "not a JSON object"),
+                (3, 'expected {"key": ..., "state": "firing" or "ok", "severity", "title", "message", "details"}'),
+                (4, 'expected {"key": ..., "state": "firing" or "ok", "severity", "title", "message", "details"}'),
+                (5, "severity must be one of info, warning, critical, got 'loud'"),
+                (7, "details must be an object of KEY: VALUE, got 'text'"),
+                (8, "details must be an object of KEY: VALUE, got 5"),
+                (9, "title must be text, got 7"),
+                (10, "unknown field 'severty'; the fields are key, state, severity, title, message, details"),
+                (11, 'expected {"key": ..., "state": "firing" or "ok", "severity", "title", "message", "details"}'))])
+        self.assertEqual([(r.json()["dedup_key"], r.json()["severity"], r.json()["title"]) for r in hook.requests],
+                         [("a", "warning", "A"), ("c", "warning", "\ufffd lone"), ("h", "critical", "H")])
+        self.assertEqual(sqlite_rows(self.db, "SELECT dedup_key, severity, title, details FROM alerts ORDER BY id"),
+                         [("a", "warning", "A", "{}"), ("c", "warning", "\ufffd lone", "{}"),
+                          ("h", "critical", "H", '{"n": "[1, 2]"}')])
 
     def test_a_silence_suppresses_is_recorded_and_expires(self):
         with HTTPServer() as hook:
@@ -276,6 +292,98 @@ class CronRuns(AlertTestCase):
             "[maintenance:d] colour: unknown key",
             "[maintenance:d] timezone: 'Mars/Base' is not a time zone this machine knows",
             "[maintenance:d] until: must be after from")])
+
+    def test_a_daily_window_opens_and_closes_on_the_wall_clock_on_the_days_clocks_change(self):
+        """daily = 01:00-03:00 in Europe/Berlin: on 2025-10-26 both 02:30s are inside it (three hours), on
+        2025-03-30 03:30 is outside (one hour); the same in the machine's local time with TZ set so."""
+        import datetime
+
+        def utc(text):
+            return datetime.datetime.fromisoformat(text + "+00:00").timestamp()
+
+        moments = {"autumn-first-0230": ("2025-10-26T00:30", "silenced"),
+                   "autumn-second-0230": ("2025-10-26T01:30", "silenced"),
+                   "autumn-0330": ("2025-10-26T02:30", "sent"),
+                   "autumn-0030": ("2025-10-25T22:30", "sent"),
+                   "spring-0130": ("2025-03-30T00:30", "silenced"),
+                   "spring-0330": ("2025-03-30T01:30", "sent"),
+                   "plain-day-0230": ("2025-03-29T01:30", "silenced")}
+        for zone_key, machine in (("timezone = Europe/Berlin\n", "Asia/Tokyo"), ("", "Europe/Berlin")):
+            with self.subTest(zone_key=zone_key, machine=machine), HTTPServer() as hook:
+                self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n"
+                                  f"[maintenance:night]\nmatch = backup\ndaily = 01:00-03:00\n{zone_key}")
+                for key, (when, _) in moments.items():
+                    title = f"backup {machine} {key}"
+                    result = self.run_cli("alert", "--critical", title, "--key", title.replace(" ", "-"),
+                                          env=self.cli_env(METASYSTEM_NOW=repr(utc(when)), TZ=machine))
+                    self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""), key)
+                rows = sqlite_rows(self.db, "SELECT a.title, d.outcome, d.error FROM alert_deliveries d JOIN alerts a "
+                                            "ON a.id = d.alert_id WHERE d.channel = 'webhook' AND a.title LIKE ? "
+                                            "ORDER BY a.id", (f"backup {machine} %",))
+                self.assertEqual(rows, [(f"backup {machine} {key}", outcome,
+                                         "maintenance night" if outcome == "silenced" else None)
+                                        for key, (_, outcome) in moments.items()])
+                self.assertEqual([r.json()["title"] for r in hook.requests],
+                                 [f"backup {machine} {key}" for key, (_, outcome) in moments.items()
+                                  if outcome == "sent"])
+
+    def test_dates_at_the_edges_of_time_are_shown_or_refused_never_a_crash(self):
+        """9999-12-31 23:59 west of UTC, or 0001-01-01 east of it, is past what can be shown: config --check
+        names the key; within the range the window works in every command, whatever the machine's zone."""
+        missing = os.path.join(self.tmp, "missing")
+        edges = ("[maintenance:ever]\nmatch = backup\nfrom = 0001-01-01\nuntil = 9999-12-31 23:59\ntimezone = UTC\n\n"
+                 "[maintenance:tokyo]\nmatch = tokyo\nfrom = 2027-01-15\nuntil = 9999-12-31 23:59\n"
+                 "timezone = Asia/Tokyo\n\n"
+                 f"[check:backup]\ntype = file_age\npath = {missing}\n")
+        for machine, shown in (("Asia/Tokyo", "maintenance ever  backup  01-01 09:18 LMT to 12-31 23:59 UTC  active\n"
+                                              "maintenance tokyo  tokyo  01-15 00:00 JST to 12-31 23:59 JST  active\n"),
+                               ("America/New_York", "maintenance ever  backup  01-01 00:00 UTC to 12-31 18:59 EST  "
+                                                    "active\nmaintenance tokyo  tokyo  01-14 10:00 EST to 12-31 "
+                                                    "09:59 EST  active\n")):
+            with self.subTest(machine=machine), HTTPServer() as hook:
+                self.write_config(f"[alerting]\nwebhook_url = {hook.url()}\n\n{edges}")
+                env = self.cli_env(METASYSTEM_NOW=repr(T0), TZ=machine)
+                self.assertCleanExit(self.run_cli("config", "--check", env=env), 0,
+                                     "configuration OK: 2 channels (log, webhook)\n")
+                self.assertCleanExit(self.run_cli("silence", "list", env=env), 0, shown)
+                self.assertCleanExit(self.run_cli("alert", "--critical", "Backup failed", "--key", "backup", env=env))
+                self.assertCleanExit(self.run_cli("check", env=env), 2, f"METASYSTEM CRITICAL - backup CRITICAL: "
+                                     f"{missing} does not exist\nCRITICAL backup: {missing} does not exist\n")
+                self.assertEqual(hook.requests, [])  # both held by the maintenance that runs until 9999
+        self.assertEqual(sqlite_rows(self.db, "SELECT DISTINCT outcome, error FROM alert_deliveries WHERE channel = "
+                                              "'webhook'"), [("silenced", "maintenance ever")])
+        past = ("[maintenance:west]\nmatch = x\nuntil = 9999-12-31 23:59\nfrom = 2027-01-01\n"
+                "timezone = America/New_York\n\n[maintenance:east]\nmatch = x\nfrom = 0001-01-01\n"
+                "until = 2027-01-01\ntimezone = Asia/Tokyo\n\n[maintenance:local]\nmatch = x\nfrom = 0001-01-01\n"
+                "until = 9999-12-31 23:59\n")
+        late, early = "is after the year 9999 in UTC: too late to be shown", "is before the year 1 in UTC: too early " \
+                                                                           "to be shown"
+        for machine, local in (("Asia/Tokyo", f"from: '0001-01-01' {early}"),
+                               ("America/New_York", f"until: '9999-12-31 23:59' {late}")):
+            with self.subTest(machine=machine):
+                self.write_config(past + f"\n[check:backup]\ntype = file_age\npath = {missing}\n")
+                env = self.cli_env(METASYSTEM_NOW=repr(T0), TZ=machine)
+                problems = [f"{self.config_path}: [maintenance:{line}" for line in (
+                    f"west] until: '9999-12-31 23:59' {late}", f"east] from: '0001-01-01' {early}", f"local] {local}")]
+                self.assertCleanExit(self.run_cli("config", "--check", env=env), 1, "".join(p + "\n" for p in problems))
+                said = "".join(f"{PROG}: error: {p}\n" for p in problems)
+                for args in (("silence", "list"), ("alert", "--critical", "x")):
+                    with self.subTest(args=args):  # the rest works; each problem said, and exit 1
+                        result = self.run_cli(*args, env=env)
+                        self.assertEqual(result.returncode, 1)
+                        self.assertTrue(result.stderr.decode().endswith(said), result.stderr)
+                shown = self.run_cli("config", env=env)
+                self.assertEqual((shown.returncode, shown.stderr.decode()), (1, said))
+                checked = self.run_cli("check", env=env)
+                lines = checked.stdout.decode().splitlines()
+                self.assertEqual((checked.returncode, lines[1:2]), (2, [f"CRITICAL backup: {missing} does not exist"]))
+                self.assertTrue(lines[0].startswith(f"METASYSTEM CRITICAL - backup CRITICAL: {missing} does not "
+                                                    f"exist; configuration UNKNOWN: 3 problems in {self.config_path}: "
+                                                    f"[maintenance:west] until: '9999-12-31 23:59' {late}"), lines[0])
+                self.assertTrue(lines[2].startswith(f"UNKNOWN configuration: 3 problems in {self.config_path}"))
+                self.assertEqual(len(lines), 3)  # then, no channel but the log configured, the alerts themselves
+                self.assertTrue(checked.stderr.decode().startswith(said), checked.stderr)
+                self.assertNotIn("unexpected", checked.stderr.decode())
 
     def test_quiet_repeats_of_a_failing_check_are_a_count_not_history(self):
         with HTTPServer() as hook:

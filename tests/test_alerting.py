@@ -132,7 +132,7 @@ class MissingConfiguration(AlertTestCase):
         self.assertEqual([r.getMessage() for r in logs.records],
                          ["channel slack skipped (not configured)", "channel email skipped (not configured)",
                           "[CRITICAL] Disk | full"])
-        self.assertEqual(results.exit_code(), 0)
+        self.assertEqual(results.exit_code(), 4)  # neither channel asked for got it
 
     def test_a_secret_whose_variable_is_unset_skips_the_channel(self):
         alerts = self.system("[channel:ops]\ntype = slack\nurl_env = MM_TEST_UNSET_VARIABLE\n",

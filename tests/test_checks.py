@@ -192,11 +192,20 @@ class CheckCommand(AlertTestCase):
         self.assertPluginOutput(result, 3, ["UNKNOWN missing: FileNotFoundError: [Errno 2] No such file or "
                                             "directory: '/no/such/folder'"])
 
-    def test_a_bad_configuration_is_unknown_exit_3(self):
-        result = self.check(config="[check:x]\ntype = disk\nwarning = 20:10\n")
+    def test_a_bad_check_section_is_its_own_unknown_check_and_the_others_run(self):
+        stamp = os.path.join(self.tmp, "stamp")
+        open(stamp, "w").close()
+        os.utime(stamp, (T0 - 60, T0 - 60))
+        result = self.check(config=f"[check:x]\ntype = disk\nwarning = 20:10\n\n[check:age]\ntype = file_age\n"
+                                   f"path = {stamp}\n")
+        why = "configuration: warning: '20:10' is not a range such as 10, 10:, ~:10, 10:20 or @10:20 (config --check " \
+              "lists every problem)"
         self.assertEqual(result.returncode, 3)
-        self.assertEqual(result.stdout.decode(), "METASYSTEM UNKNOWN - configuration: [check:x] warning: '20:10' is "
-                                                 "not a range such as 10, 10:, ~:10, 10:20 or @10:20\n")
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            f"METASYSTEM UNKNOWN - x UNKNOWN: {why} | 'age_age'=60s;;;0", f"OK age: {stamp} modified 1m ago",
+            f"UNKNOWN x: {why}"])
+        self.assertEqual(result.stderr.decode(), f"metasystem_monitor.py: error: {self.config_path}: [check:x] warning: "
+                                                 "'20:10' is not a range such as 10, 10:, ~:10, 10:20 or @10:20\n")
 
     def test_config_check_lists_the_problems_of_check_sections(self):
         self.write_config("[check:x]\ntype = disk\nwarning = 20:10\nbogus = 1\n\n[check:y]\ntype = job\n"
@@ -235,8 +244,13 @@ class CheckCommand(AlertTestCase):
             handle.write(b"garbage" * 100)
         result = self.check()
         broken = f"store {self.db} is not a SQLite database"
-        self.assertEqual((result.returncode, result.stdout.decode()),
-                         (2, f"METASYSTEM CRITICAL - database CRITICAL: {broken}\nCRITICAL database: {broken}\n"))
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual((result.returncode, lines[:2]), (2, [f"METASYSTEM CRITICAL - database CRITICAL: {broken} | "
+                                                              + lines[0].partition(" | ")[2],
+                                                              f"CRITICAL database: {broken}"]))
+        # the default disk check needs no store, and runs: a full disk is often why a store breaks
+        self.assertRegex(lines[2], rf"^(OK|WARNING|CRITICAL) disk: .* free of .* on {re.escape(self.tmp)}$")
+        self.assertEqual(len(lines), 3)
         with open(self.db, "rb") as handle:
             self.assertEqual(handle.read(), b"garbage" * 100)
 
@@ -465,6 +479,35 @@ class MachineChecksTest(AlertTestCase):
             f"CRITICAL nofile: pid in {pidfile}.missing: cannot be read (No such file or directory)",
         ])
 
+    def test_a_pidfile_is_read_only_when_it_is_a_small_regular_file(self):
+        """A symlink to /dev/zero would be read for ever, a FIFO would block the check: both are refused
+        unread, as is a file too large to be a pid file, and one that starts with no process id."""
+        paths = {name: os.path.join(self.tmp, name) for name in ("zero.pid", "fifo.pid", "big.pid", "word.pid",
+                                                                  "empty.pid", "folder.pid", "pg.pid")}
+        os.symlink("/dev/zero", paths["zero.pid"])
+        os.mkfifo(paths["fifo.pid"])
+        os.mkdir(paths["folder.pid"])
+        contents = {"big.pid": f"{os.getpid()}\n" + "#" * mm.PIDFILE_MAX_BYTES, "word.pid": "pid=12\n",
+                    "empty.pid": " \n", "pg.pid": f"{os.getpid()}\n/var/lib/postgresql/data\n1700000000\n5432\n"}
+        for name, text in contents.items():
+            with open(paths[name], "w", encoding="ascii") as handle:
+                handle.write(text)
+        config = "".join(f"[check:{name[:-4]}]\ntype = process\npidfile = {path}\n\n" for name, path in paths.items())
+        self.write_config(config, log_channel=False)
+        result = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(T0)), timeout=20)
+        self.assertEqual((result.returncode, result.stderr), (2, b""))
+        unreadable = "{0}: cannot be read ({0} is {1})"
+        self.assertEqual([re.sub(r", [0-9.]+ [KMG]?B resident, [0-9]+\.[0-9]% CPU$", "", line)
+                          for line in self.lines(result)[1:]], [
+            "CRITICAL zero: pid in " + unreadable.format(paths["zero.pid"], "a character device, not a regular file"),
+            "CRITICAL fifo: pid in " + unreadable.format(paths["fifo.pid"], "a FIFO, not a regular file"),
+            "CRITICAL big: pid in " + unreadable.format(paths["big.pid"], "larger than 4,096 bytes: not what it "
+                                                                              "should hold"),
+            f"CRITICAL word: pid in {paths['word.pid']}: cannot be read (it does not start with a process id)",
+            f"CRITICAL empty: pid in {paths['empty.pid']}: cannot be read (it does not start with a process id)",
+            "CRITICAL folder: pid in " + unreadable.format(paths["folder.pid"], "a directory, not a regular file"),
+            f"OK pg: 1 process pid in {paths['pg.pid']} (pid {os.getpid()})"])
+
     def test_a_process_check_takes_exactly_one_way_to_find_them(self):
         self.write_config("[check:a]\ntype = process\n\n[check:b]\ntype = process\nname = x\nmatch = y\n",
                           log_channel=False)
@@ -589,6 +632,48 @@ class MachineChecksTest(AlertTestCase):
         self.assertEqual([(r.path, r.headers["Authorization"]) for r in other.requests], [("/away", None)])
         self.assertNotIn(b"s3cret", result.stdout + result.stderr + asis.stdout + asis.stderr + away.stdout)
 
+    def test_a_redirect_to_another_origin_keeps_only_headers_that_carry_no_credential(self):
+        """Another scheme, host or port is another origin, as curl judges it: Authorization (any letter case),
+        Cookie, X-Api-Key and the rest stay behind, there and on every later hop; the same origin keeps them."""
+        from .servers import SELF_SIGNED_PEM
+
+        token = os.path.join(self.tmp, "token")
+        with open(token, "w") as handle:
+            handle.write("Bearer s3cret-token\n")
+        os.chmod(token, 0o600)
+        headers = ("headers = Accept: application/json\n  accept-language: de\n  authorization: Bearer in-headers\n"
+                   "  Cookie: session=abc\n  X-Api-Key: k3y\n  PROXY-AUTHORIZATION: Basic eA==\n  X-Trace: 1\n")
+        sent = {"Accept": "application/json", "accept-language": "de", "authorization": "Bearer in-headers",
+                "Cookie": "session=abc", "X-Api-Key": "k3y", "PROXY-AUTHORIZATION": "Basic eA==", "X-Trace": "1"}
+        kept = {"Accept": "application/json", "accept-language": "de"}
+        with HTTPServer(default=Reply(200, "plain")) as plain, HTTPServer(default=Reply(200, "named")) as named, \
+                HTTPServer(default=Reply(200, "same")) as same:
+            with HTTPServer(Reply(302, headers={"Location": plain.url("/in-clear")}), tls=True) as secure:
+                named.replies = [Reply(301, headers={"Location": named.url("/by-address")}),
+                                 Reply(302, headers={"Location": f"http://localhost:{named.port}/back"})]
+                same.replies = [Reply(307, headers={"Location": f"http://LocalHost:{same.port}/case"}),
+                                Reply(308, headers={"Location": f"HTTP://localhost:{same.port}/scheme-case"})]
+                result = self.check(
+                    f"[check:tls]\ntype = http\nurl = {secure.url('/start')}\nca_file = {SELF_SIGNED_PEM}\n"
+                    f"follow_redirects = true\n{headers}\n"
+                    f"[check:host]\ntype = http\nurl = http://localhost:{named.port}/start\nfollow_redirects = true\n"
+                    f"authorization_file = {token}\n{headers}\n"
+                    f"[check:same]\ntype = http\nurl = http://localhost:{same.port}/start\nfollow_redirects = true\n"
+                    f"authorization_file = {token}\n{headers}")
+        self.assertEqual((result.returncode, result.stderr), (0, b""), result.stdout)
+
+        def received(server):
+            return [(r.path, {key: value for key, value in r.headers.items() if key.lower() != "host"})
+                    for r in server.requests]
+
+        common = {"Accept-Encoding": "identity", "User-Agent": mm.USER_AGENT}
+        self.assertEqual(received(secure), [("/start", {**common, **sent})])
+        self.assertEqual(received(plain), [("/in-clear", {**common, **kept})])
+        self.assertEqual(received(named), [("/start", {**common, **sent, "Authorization": "Bearer s3cret-token"}),
+                                           ("/by-address", {**common, **kept}), ("/back", {**common, **kept})])
+        self.assertEqual(received(same), [(path, {**common, **sent, "Authorization": "Bearer s3cret-token"})
+                                          for path in ("/start", "/case", "/scheme-case")])
+
     def test_http_redirect_loops_and_bad_headers_are_reported(self):
         from .servers import HTTPServer, Reply
 
@@ -608,6 +693,23 @@ class MachineChecksTest(AlertTestCase):
             f"{self.config_path}: [check:h] follow_redirects: 'maybe' is not true or false",
             f"{self.config_path}: [check:h] headers: 'no colon here' is not a header such as Accept: text/html",
         ])
+
+    def test_a_header_value_http_cannot_carry_is_a_configuration_problem(self):
+        self.write_config("[check:h]\ntype = http\nurl = http://127.0.0.1:1/\n"
+                          "headers = X-Euro: 5 \u20ac\n    X-Bell: a\x07b\n    X-Fine: a\tb, caf\u00e9\n",
+                          log_channel=False)
+        code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+        self.assertEqual((code, err), (1, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.config_path}: [check:h] headers: the value of X-Euro holds '\u20ac', which a header cannot carry",
+            f"{self.config_path}: [check:h] headers: the value of X-Bell holds '\\x07', which a header cannot carry",
+        ])
+        result = self.run_cli("check", "--no-alert", env=self.cli_env())
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (3, "".join(f"metasystem_monitor.py: error: {line}\n" for line in out.splitlines())))
+        self.assertEqual(result.stdout.decode().splitlines()[0], "METASYSTEM UNKNOWN - h UNKNOWN: configuration: "
+                         "headers: the value of X-Euro holds '\u20ac', which a header cannot carry; headers: the value "
+                         "of X-Bell holds '\\x07', which a header cannot carry (config --check lists every problem)")
 
     def test_a_certificate_a_test_ca_signed_is_verified_only_with_that_ca(self):
         import time
@@ -705,6 +807,55 @@ class MachineChecksTest(AlertTestCase):
         refused = self.check(f"[check:ssh]\ntype = tcp\naddress = 127.0.0.1:{port}\n")
         self.assertEqual((refused.returncode, self.lines(refused)[1]),
                          (2, f"CRITICAL ssh: 127.0.0.1:{port}: connection refused"))
+
+    def test_tcp_send_reads_its_escapes_and_sends_every_other_character_once_as_utf8(self):
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(30)
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        received = []
+
+        def serve():
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(30)
+                data = b""
+                while not data.endswith(b"\r\n"):
+                    chunk = connection.recv(256)
+                    if not chunk:
+                        break
+                    data += chunk
+                received.append(data)
+                connection.sendall(b"OK\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        result = self.check(f"[check:t]\ntype = tcp\naddress = 127.0.0.1:{port}\nexpect = OK\ntimeout = 20s\n"
+                            "send = GET /\u20ac/caf\u00e9 a\\\\b\\t\\0\\x00\\xff\\x7F\\r\\n\n")
+        thread.join(30)
+        self.assertEqual((result.returncode, result.stderr), (0, b""), result.stdout)
+        self.assertEqual(received, [b"GET /\xe2\x82\xac/caf\xc3\xa9 a\\b\t\x00\x00\xff\x7f\r\n"])
+
+    def test_a_tcp_send_with_a_bad_escape_is_a_configuration_problem(self):
+        cases = {"ends\\": "\\ at character 5", "q\\q": "\\q at character 2", "x\\x4": "\\x at character 2",
+                 "x\\x4g": "\\x at character 2", "\\u20ac": "\\u at character 1", "a\\\\\\": "\\ at character 4"}
+        for send, where in cases.items():
+            with self.subTest(send=send):
+                self.write_config(f"[check:t]\ntype = tcp\naddress = 127.0.0.1:1\nsend = {send}\n", log_channel=False)
+                problem = f"[check:t] send: {where} is not an escape (\\r \\n \\t \\\\ \\0 \\xHH; \\\\ is a backslash)"
+                code, out, err = self.run_main("config", "--check", "--config", self.config_path)
+                self.assertEqual((code, out, err), (1, f"{self.config_path}: {problem}\n", ""))
+                result = self.run_cli("check", "--no-alert", env=self.cli_env(METASYSTEM_NOW=repr(T0)))
+                self.assertEqual((result.returncode, result.stderr.decode()),
+                                 (3, f"metasystem_monitor.py: error: {self.config_path}: {problem}\n"))
+                self.assertEqual(self.lines(result)[0], "METASYSTEM UNKNOWN - t UNKNOWN: configuration: "
+                                 f"{problem.partition('] ')[2]} (config --check lists every problem)")
 
     def test_the_new_keys_are_checked(self):
         self.write_config("[check:a]\ntype = load\nminutes = 10\nper_cpu = maybe\n\n[check:b]\ntype = tcp\n\n"

@@ -330,8 +330,8 @@ class ConfigurationTest(StoreTestCase):
              "[storage] rollup_hourly_days must be a number of days or a duration such as 12h, got '1y'"),
             ("[storage]\nrollup_daily_days = nan\n",
              "[storage] rollup_daily_days must be a number of days or a duration such as 12h, got 'nan'"),
-            ("[storage\nsynchronous = full\n", "File contains no section headers"),
-            ("[storage]\n[storage]\n", "section 'storage' already exists"),
+            ("[storage\nsynchronous = full\n", "line 1: '[storage' stands before any [section]"),
+            ("[storage]\n[storage]\n", "line 2: section [storage] is given a second time"),
         ]
         for number, (text, message) in enumerate(cases):
             with self.subTest(message=message):

@@ -179,3 +179,33 @@ class EveryCommandTakesTheOneClockTest(StoreTestCase):
 
     def configuration(self):
         self.assertTrue(self.cli("config").startswith(f"# {self.config}\n"))  # reads no clock: it only has to work
+
+
+class AClockInThePastTest(StoreTestCase):
+    """METASYSTEM_NOW before the real clock: a command that read the real clock instead would find its window
+    empty (retry-stats did: 0 calls), or name the time zone of today rather than of that instant."""
+
+    PAST = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+    def test_retry_stats_counts_the_call_recorded_a_minute_before_the_clock(self):
+        with mm.MetricsCollector(self.db, now=lambda: self.PAST - 60) as collector:
+            mm.AdaptiveRetry(mm.RetryConfig(max_attempts=1), collector=collector, now=lambda: self.PAST - 60).retry(
+                "sync", lambda: "ok")
+        env = self.child_env(METASYSTEM_NOW=repr(self.PAST))
+        result = self.run_cli("--db", self.db, "retry-stats", "sync", "--hours", "1", env=env)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(result.stdout.decode().splitlines()[0],
+                         "sync (last 1h): 1 calls, 100.0% succeeded, 0 retries, 0.0 s asleep")
+        stats = json.loads(self.run_cli("--db", self.db, "retry-stats", "sync", "--hours", "1", "--json",
+                                        env=env).stdout)["stats"]
+        self.assertEqual((stats["calls"], stats["successes"]), (1, 1))
+
+    def test_stats_and_anomalies_name_the_zone_of_the_clocks_instant(self):
+        for when, zone in ((1_784_000_000.0, "EDT"), (1_800_000_000.0, "EST")):  # July 2026, January 2027
+            with self.subTest(zone=zone):
+                env = self.child_env(METASYSTEM_NOW=repr(when), TZ="America/New_York")
+                self.assertEqual(self.run_cli("--db", self.db, "record", "x", "1", env=env).returncode, 0)
+                for command in ("stats", "anomalies"):
+                    result = self.run_cli("--db", self.db, command, "x", "--hours", "1", env=env)
+                    self.assertEqual((result.returncode, result.stderr), (0, b""))
+                    self.assertTrue(result.stdout.decode().startswith(f"x (last 1h, times {zone})"), result.stdout)

@@ -74,7 +74,7 @@ def sample_summary():
                        "expected_every_s": None},
         },
         "metrics": {
-            "backup_bytes{host=nas}": {"name": "backup_bytes", "labels": {"host": "nas"}, "latest": 52_300_000_000.0,
+            'backup_bytes{host="nas"}': {"name": "backup_bytes", "labels": {"host": "nas"}, "latest": 52_300_000_000.0,
                                        "time": "2027-01-15T03:29:34.000+00:00",
                                        "recent": {"values": [5.1e10, 5.15e10, 5.2e10, 5.23e10], "anomalous": []}},
             "host_load1": {"name": "host_load1", "labels": {}, "latest": 3.5, "time": "2027-01-15T07:59:00.000+00:00",
@@ -106,7 +106,7 @@ def sample_series():
     now = mm.epoch_of("2027-01-15T08:00:00.000+00:00")
     points = [[now - 86400 + i * 900, 100.0 + (i % 7) * 3 + (60.0 if i == 40 else 0.0)] for i in range(96)]
     values = [value for _, value in points]
-    return {"key": "backup_bytes{host=nas}", "name": "backup_bytes", "labels": {"host": "nas"},
+    return {"key": 'backup_bytes{host="nas"}', "name": "backup_bytes", "labels": {"host": "nas"},
             "generated_at": "2027-01-15T08:00:00.000+00:00", "window_hours": 24.0, "count": 96, "min": min(values),
             "max": max(values), "avg": sum(values) / 96, "latest": values[-1], "time": mm.iso_time(points[-1][0]),
             "anomalies": 1, "points": points, "anomalous": [40]}

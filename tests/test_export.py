@@ -1,5 +1,7 @@
 """Prometheus hand-off: the exposition formats, the textfile, serve and push, against real parts."""
 
+import collections
+import concurrent.futures
 import html.parser
 import http.client
 import json
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import unittest
 
 import metasystem_monitor as mm
 
@@ -280,8 +283,9 @@ class PageParser(html.parser.HTMLParser):
             self.texts.append(data.strip())
 
 
-class ServeTest(AlertTestCase):
-    """The HTTP server on 127.0.0.1, in this process, asked by a real client."""
+class ServeTestCase(AlertTestCase):
+    """A store with a little of everything, the HTTP server of it on 127.0.0.1 in this process, and a real
+    client."""
 
     def setUp(self):
         super().setUp()
@@ -316,6 +320,29 @@ class ServeTest(AlertTestCase):
         client.sendall(head)
         return client
 
+    @staticmethod
+    def read_to_end(client):
+        answer = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+
+    def get_full(self, port, path, headers=None):
+        """(status, headers as a dict, body) of one GET."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
+        try:
+            connection.request("GET", path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+
+class ServeTest(ServeTestCase):
+    """What the server answers, and how it holds up against slow, many and hostile clients."""
+
     def test_a_client_that_trickles_its_head_is_cut_off_at_the_deadline(self):
         ticks = iter(range(0, 10_000, 4))  # each read of the head takes 4 s by this clock
         port = self.start(clock=lambda: float(next(ticks)))
@@ -337,28 +364,22 @@ class ServeTest(AlertTestCase):
         # The server takes connections in order: once a fourth is answered 503, the three hold their slots.
         refused = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
         self.addCleanup(refused.close)
-        answer = b""
-        while True:
-            chunk = refused.recv(1024)
-            if not chunk:
-                break
-            answer += chunk
-        self.assertEqual(answer, b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                                 b"Retry-After: 1\r\nContent-Length: 14\r\n\r\ntoo many busy\n")
-        held[0].sendall(b"\r\n")  # one finishes its request: its slot is free again
-        self.assertTrue(held[0].makefile("rb").readline().startswith(b"HTTP/1.0 200"))
+        self.assertEqual(self.read_to_end(refused), b"HTTP/1.0 503 Service Unavailable\r\n"
+                                                    b"Content-Type: text/plain; charset=utf-8\r\n"
+                                                    b"Retry-After: 1\r\nContent-Length: 14\r\n\r\ntoo many busy\n")
+        held[0].sendall(b"\r\n")  # one finishes its request: once it has read the end, its slot is free again
+        self.assertEqual(self.read_to_end(held[0]).split(b"\r\n")[0], b"HTTP/1.0 200 OK")
         held[0].close()
-        for _ in range(20):  # the slot comes back once the server has closed its side
-            status = self.get_or_none(port, "/healthz")
-            if status == 200:
-                break
-        self.assertEqual(status, 200)
+        self.assertEqual(self.get(port, "/healthz"), (200, "text/plain; charset=utf-8", b"ok\n"))  # no retry
 
-    def get_or_none(self, port, path):
-        try:
-            return self.get(port, path)[0]
-        except (OSError, http.client.HTTPException):
-            return None
+    def test_a_client_that_has_read_its_answer_to_the_end_finds_its_slot_free(self):
+        port = self.start(max_connections=1)
+        firsts = []
+        for _ in range(300):  # one after another, each read to the server's close (http.client stops sooner)
+            with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S) as client:
+                client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                firsts.append(self.read_to_end(client).split(b"\r\n")[0])
+        self.assertEqual(firsts, [b"HTTP/1.0 200 OK"] * 300)
 
     def test_healthz_answers_while_two_hundred_slow_clients_are_connected(self):
         port = self.start()
@@ -394,16 +415,6 @@ class ServeTest(AlertTestCase):
         self.assertEqual((status, content_type), (200, "application/openmetrics-text; version=1.0.0; charset=utf-8"))
         self.assertTrue(body.endswith(b"# EOF\n"))
         promparse.parse(body.decode("utf-8"), openmetrics=True)
-
-    def get_full(self, port, path, headers=None):
-        """(status, headers as a dict, body) of one GET."""
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
-        try:
-            connection.request("GET", path, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
 
     def test_an_answer_is_built_once_per_cache_interval_and_says_its_age(self):
         clock = FakeClock()
@@ -498,14 +509,14 @@ class ServeTest(AlertTestCase):
     def test_each_series_has_its_own_page_with_a_chart_linked_from_the_overview(self):
         from urllib.parse import quote
 
-        key = "backup_bytes{host=<b>nas</b>}"
+        key = 'backup_bytes{host="<b>nas</b>"}'
         values = [100.0 + i % 3 for i in range(20)]
         values[12] = 5000.0
         with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
             for i, value in enumerate(values):
                 metrics.record("backup_bytes", value, {"host": "<b>nas</b>"}, timestamp=NOW - 3000 + i * 60)
         port = self.start()
-        link = f'<a href="series?key={quote(key, safe="")}">backup_bytes{{host=&lt;b&gt;nas&lt;/b&gt;}}</a>'
+        link = f'<a href="series?key={quote(key, safe="")}">backup_bytes{{host=&quot;&lt;b&gt;nas&lt;/b&gt;&quot;}}</a>'
         self.assertIn(f"<tr><td>{link}</td><td>101 B</td>", self.get(port, "/")[2].decode())
         status, kind, body = self.get(port, f"/api/series?key={quote(key)}")
         self.assertEqual((status, kind), (200, "application/json"))
@@ -529,6 +540,32 @@ class ServeTest(AlertTestCase):
         self.assertNotIn(b"<b>nas", body)
         for path in ("/series?key=nope", "/series", "/api/series?key=backup_bytes"):
             self.assertEqual(self.get(port, path)[0], 404, path)
+
+    def test_series_whose_plain_keys_were_alike_get_a_key_and_a_page_each(self):
+        from urllib.parse import quote
+
+        written = [("amb", {"a": "1,b=2"}, 1.0), ("amb", {"a": "1", "b": "2"}, 2.0),
+                   ('amb{a="1",b="2"}', None, 3.0), ("amb", {"a": 'q"\\\n'}, 4.0)]
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            for name, labels, value in written:
+                metrics.record(name, value, labels, timestamp=NOW - 120)
+        keys = ['amb{a="1,b=2"}', 'amb{a="1",b="2"}', '{"amb{a=\\"1\\",b=\\"2\\"}"}', 'amb{a="q\\"\\\\\\n"}']
+        summary = mm.read_summary(self.db, now=lambda: NOW)["metrics"]
+        self.assertEqual(sorted(summary), sorted(keys))
+        self.assertEqual({key: summary[key]["latest"] for key in keys}, {key: value for key, (_, _, value)
+                                                                        in zip(keys, written)})
+        self.assertEqual([mm.series_name(key) for key in keys], ["amb", "amb", 'amb{a="1",b="2"}', "amb"])
+        port = self.start()
+        for key, (name, labels, value) in zip(keys, written):
+            with self.subTest(key=key):
+                status, _, body = self.get(port, f"/api/series?key={quote(key, safe='')}")
+                detail = json.loads(body)
+                self.assertEqual((status, detail["key"], detail["name"], detail["labels"], detail["points"]),
+                                 (200, key, name, labels or {}, [[NOW - 120, value]]))
+                status, _, page = self.get(port, f"/series?key={quote(key, safe='')}")
+                self.assertEqual(status, 200)
+                self.assertIn(f"<h1>{html.escape(key)}</h1>".encode(), page)
+        self.assertEqual(self.get(port, f"/api/series?key={quote('amb{a=1,b=2}', safe='')}")[0], 404)
 
     def test_a_long_window_is_drawn_as_the_means_of_equal_slices(self):
         points = [(float(t), float(t % 10)) for t in range(1000)]
@@ -611,6 +648,190 @@ class ServeTest(AlertTestCase):
         port = self.start()
         self.assertMainError(1, f"cannot listen on 127.0.0.1:{port}", "serve", "--listen", f"127.0.0.1:{port}")
         self.assertMainError(2, "listen must be HOST:PORT", "serve", "--listen", "nowhere")
+
+
+GATE_TIMEOUT_S = 3 * HTTP_TIMEOUT_S  # a held build gives up after this: a client waiting behind it times out first
+
+
+class GatedBuild:
+    """serve_path for a server, except that a build of a gated (path, series) begins, says so and waits
+    until the test opens its gate; it counts the builds of each (path, series)."""
+
+    def __init__(self, *gated):
+        self.lock = threading.Lock()
+        self.builds = collections.Counter()
+        self.started = {key: threading.Event() for key in gated}
+        self.gates = {key: threading.Event() for key in gated}
+
+    def __call__(self, path, accept, db_path, hours, now, options, series):
+        key = (path, series)
+        with self.lock:
+            self.builds[key] += 1
+        if key in self.gates:
+            self.started[key].set()
+            self.gates[key].wait(GATE_TIMEOUT_S)
+        return mm.serve_path(path, accept, db_path, hours, now, options, series)
+
+    def open_all(self):
+        for gate in self.gates.values():
+            gate.set()
+
+
+class CountedAnswers(mm._Answers):
+    """The server's answers, telling the test once ``expected`` requests have asked for one."""
+
+    def __init__(self, *args, expected=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked, self.expected, self.all_asked = 0, expected, threading.Event()
+        self.asked_lock = threading.Lock()
+
+    def get(self, key, *args):
+        with self.asked_lock:
+            self.asked += 1
+            if self.asked == self.expected:
+                self.all_asked.set()
+        return super().get(key, *args)
+
+
+class ServeConcurrencyTest(ServeTestCase):
+    """Builds held open by the test: who waits for whom."""
+
+    def setUp(self):
+        super().setUp()
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            metrics.record_many([(name, float(i), None, NOW - 600 + i) for name in ("load1", "load5")
+                                 for i in range(10)])
+        self.clock = FakeClock()  # the answers never go stale while a test runs, however loaded the machine
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=12)
+        self.addCleanup(self.pool.shutdown)
+
+    def start_gated(self, *gated, expected=0):
+        build = GatedBuild(*gated)
+        answers = CountedAnswers(5.0, self.clock.monotonic, build, expected=expected)
+        port = self.start(_answers=answers)
+        self.addCleanup(build.open_all)  # before the server stops: no build is left waiting
+        return port, build, answers
+
+    def test_healthz_answers_while_a_series_page_is_being_built(self):
+        port, build, _ = self.start_gated(("/series", "load1"))
+        page = self.pool.submit(self.get_full, port, "/series?key=load1")
+        self.assertTrue(build.started["/series", "load1"].wait(HTTP_TIMEOUT_S))
+        self.assertEqual(self.get(port, "/healthz"), (200, "text/plain; charset=utf-8", b"ok\n"))
+        self.assertEqual(self.get(port, "/healthz", method="HEAD"), (200, "text/plain; charset=utf-8", b""))
+        self.assertFalse(page.done())  # the page is still being built
+        build.gates["/series", "load1"].set()
+        status, headers, body = page.result(HTTP_TIMEOUT_S)
+        self.assertEqual((status, headers["Age"], body),
+                         (200, "0", mm.serve_path("/series", "", self.db, mm.DEFAULT_WINDOW_HOURS, lambda: NOW,
+                                                  None, "load1")[2]))
+        self.assertEqual(build.builds, {("/series", "load1"): 1})  # /healthz is never built nor kept
+
+    def test_two_pages_are_built_at_the_same_time(self):
+        port, build, _ = self.start_gated(("/series", "load1"), ("/api/series", "load5"), ("/metrics", ""))
+        asked = [self.pool.submit(self.get_full, port, path)
+                 for path in ("/series?key=load1", "/api/series?key=load5", "/metrics")]
+        for key in build.started:  # each begins while the others are held
+            with self.subTest(key=key):
+                self.assertTrue(build.started[key].wait(HTTP_TIMEOUT_S))
+        build.open_all()
+        self.assertEqual([future.result(HTTP_TIMEOUT_S)[0] for future in asked], [200, 200, 200])
+        self.assertEqual(build.builds, {("/series", "load1"): 1, ("/api/series", "load5"): 1, ("/metrics", ""): 1})
+
+    def test_a_page_asked_by_ten_clients_at_once_is_built_once(self):
+        port, build, answers = self.start_gated(("/series", "load1"), expected=10)
+        asked = [self.pool.submit(self.get_full, port, "/series?key=load1") for _ in range(10)]
+        self.assertTrue(build.started["/series", "load1"].wait(HTTP_TIMEOUT_S))
+        self.assertTrue(answers.all_asked.wait(HTTP_TIMEOUT_S))  # all ten have asked while it is held
+        self.clock.advance(3)
+        build.gates["/series", "load1"].set()
+        got = [future.result(HTTP_TIMEOUT_S) for future in asked]
+        self.assertEqual(build.builds, {("/series", "load1"): 1})
+        self.assertEqual({(status, body) for status, _, body in got},
+                         {(200, mm.serve_path("/series", "", self.db, mm.DEFAULT_WINDOW_HOURS, lambda: NOW,
+                                              None, "load1")[2])})
+        self.assertEqual(sorted(headers["Age"] for _, headers, _ in got), ["0"] + ["3"] * 9)  # as old as its build
+
+
+class AnswersCacheTest(unittest.TestCase):
+    """The answers kept: at most so many entries and bytes, the oldest dropped first."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.built = []
+        self.answers = mm._Answers(5.0, self.clock.monotonic, self.build, max_entries=3, max_bytes=1000)
+
+    def build(self, name, body):
+        self.built.append(name)
+        return 200, "text/plain", body
+
+    def ask(self, name, body=b""):
+        answer, _ = self.answers.get(("/series", name), name, body)
+        return answer
+
+    def kept(self):
+        return [name for _, name in self.answers.keys()], self.answers.kept_bytes
+
+    def test_the_oldest_go_first_past_the_entries_or_the_bytes(self):
+        for name in "abcd":
+            self.ask(name, b"x" * 100)
+        self.assertEqual(self.kept(), (["b", "c", "d"], 300))  # a fourth entry: a, the oldest, went
+        self.ask("e", b"x" * 700)
+        self.assertEqual(self.kept(), (["c", "d", "e"], 900))
+        self.ask("f", b"x" * 250)  # four entries and 1150 bytes: c for the count, then d for the bytes
+        self.assertEqual(self.kept(), (["e", "f"], 950))
+        self.ask("e")
+        self.assertEqual((self.built, self.kept()), (list("abcdef"), (["e", "f"], 950)))  # kept, not rebuilt
+        self.ask("a", b"x" * 100)
+        self.assertEqual((self.built[-1], self.kept()), ("a", (["f", "a"], 350)))  # 1050 bytes: e went
+
+    def test_a_gzip_form_counts_and_can_push_the_oldest_out(self):
+        import gzip
+        import random
+
+        self.ask("e", b"x" * 700)
+        packed = self.answers.gzipped(("/series", "e"), self.ask("e"))
+        self.assertEqual((gzip.decompress(packed), self.kept()), (b"x" * 700, (["e"], 700 + len(packed))))
+        noise = random.Random(7).randbytes(250)
+        answer = self.ask("f", noise)
+        self.assertEqual(self.kept(), (["e", "f"], 950 + len(packed)))
+        packed_noise = self.answers.gzipped(("/series", "f"), answer)
+        self.assertGreater(len(packed_noise), 250)  # noise does not pack: 1200 bytes and more, e goes
+        self.assertEqual(self.kept(), (["f"], 250 + len(packed_noise)))
+        self.assertIs(self.answers.gzipped(("/series", "f"), answer), packed_noise)  # packed once
+
+    def test_an_answer_bigger_than_the_bytes_is_served_not_kept(self):
+        self.ask("a", b"x" * 100)
+        self.assertEqual(self.ask("huge", b"x" * 1001).body, b"x" * 1001)
+        self.assertEqual(self.ask("huge", b"x" * 1001).body, b"x" * 1001)
+        self.assertEqual((self.built, self.kept()), (["a", "huge", "huge"], (["a"], 100)))
+
+    def test_stale_answers_are_dropped_when_another_is_kept(self):
+        self.ask("a", b"x" * 100)
+        self.clock.advance(4)
+        self.ask("b", b"x" * 100)
+        self.clock.advance(1)  # a is 5 s old: stale
+        self.ask("c", b"x" * 100)
+        self.assertEqual(self.kept(), (["b", "c"], 200))
+
+
+class ServeCacheTest(ServeTestCase):
+    """A client walking every series through the server."""
+
+    def test_walking_many_series_keeps_the_last_ones_within_the_bounds(self):
+        from urllib.parse import quote
+
+        names = [f"walk_{i:03d}" for i in range(mm.SERVE_CACHE_MAX_ENTRIES + 10)]
+        with mm.MetricsCollector(self.db, now=lambda: NOW - 60) as metrics:
+            metrics.record_many([(name, float(i), {"disk": "d/1"}, NOW - 600) for i, name in enumerate(names)])
+        answers = mm._Answers(5.0, FakeClock().monotonic)
+        port = self.start(_answers=answers)
+        keys = [mm.series_key(name, {"disk": "d/1"}) for name in names]
+        for key in keys:
+            self.assertEqual(self.get(port, f"/series?key={quote(key)}")[0], 200)
+        last = keys[-mm.SERVE_CACHE_MAX_ENTRIES:]
+        self.assertEqual(answers.keys(), [("/series", key) for key in last])
+        self.assertEqual(answers.kept_bytes, sum(len(mm.serve_path("/series", "", self.db, mm.DEFAULT_WINDOW_HOURS,
+                                                                   lambda: NOW, None, key)[2]) for key in last))
 
 
 class PushTest(StoreTestCase):

@@ -96,8 +96,10 @@ class JobSectionPingTest(AlertTestCase):
             ran = self.run_cli("run", "nightly", "--", "sh", "-c", "echo ok; exit 4", env=self.cli_env())
             given = self.run_cli("run", "nightly", "--ping", other.url("/given"), "--", "true", env=self.cli_env())
             unpinged = self.run_cli("run", "third", "--", "true", env=self.cli_env())
-        self.assertEqual((ran.returncode, ran.stderr, given.returncode, given.stderr, unpinged.returncode),
-                         (4, b"", 0, b"", 0))
+        self.assertEqual((ran.returncode, given.returncode, given.stderr, unpinged.returncode), (4, 0, b"", 0))
+        self.assertEqual(ran.stderr.decode(),  # no channel but the log: the alert on stderr
+                         "metasystem_monitor.py: critical: [CRITICAL] job nightly failed | run nightly: failure (exit 4) "
+                         "after 0.0 s command: sh -c 'echo ok; exit 4' ok\n")
         start, done = service.requests
         run_id = start.path.split("rid=")[1]
         self.assertEqual((start.path, done.path, done.body), (f"/{TOKEN}/start?rid={run_id}",

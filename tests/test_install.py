@@ -22,9 +22,9 @@ class MakeInstall(StoreTestCase):
         for name in ("Makefile", "metasystem_monitor.py", "monitoring_dashboard.py"):
             shutil.copy2(os.path.join(REPO, name), self.source)
 
-    def make(self, *args):
+    def make(self, *args, env=None):
         result = subprocess.run(["make", "-s", "-C", self.source, f"PYTHON={sys.executable}", *args],
-                                capture_output=True, cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S * 4)
+                                capture_output=True, cwd=self.tmp, env=env, timeout=SUBPROCESS_TIMEOUT_S * 4)
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         return result
 
@@ -57,6 +57,21 @@ class MakeInstall(StoreTestCase):
         self.make("uninstall", f"PREFIX={prefix}")
         self.assertEqual(self.files_under(prefix), [])
         self.assertFalse(os.path.exists(os.path.join(prefix, "lib", "metasystem-monitor")))
+
+    def test_install_compiles_beside_the_module_whatever_pycache_prefix_the_caller_has(self):
+        prefix, elsewhere = os.path.join(self.tmp, "prefix"), os.path.join(self.tmp, "pycache-prefix")
+        self.make("install", f"PREFIX={prefix}", env=dict(os.environ, PYTHONPYCACHEPREFIX=elsewhere))
+        library = os.path.join(prefix, "lib", "metasystem-monitor")
+        tag = sys.implementation.cache_tag
+        self.assertEqual(sorted(os.listdir(os.path.join(library, "__pycache__"))),
+                         [f"metasystem_monitor.{tag}.pyc", f"monitoring_dashboard.{tag}.pyc"])
+        self.assertFalse(os.path.exists(os.path.join(elsewhere, library.lstrip(os.sep))), os.listdir(self.tmp))
+        launched = subprocess.run([sys.executable, "-IS", "-v", os.path.join(prefix, "bin", "metasystem-monitor"),
+                                   "--version"], capture_output=True, env=self.child_env(PYTHONDONTWRITEBYTECODE="1"),
+                                  cwd=self.tmp, timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertEqual(launched.returncode, 0, launched.stderr.decode()[-2000:])
+        self.assertIn(f"code object from '{library}/__pycache__/metasystem_monitor.{tag}.pyc'",
+                      launched.stderr.decode())
 
     def test_destdir_stages_every_file_for_its_final_place_and_writes_nothing_there(self):
         final = "/usr/local/lib/metasystem-monitor"

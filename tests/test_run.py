@@ -190,8 +190,11 @@ time.sleep(60)""")
         result = self.run_job("backup", "--", "sh", "-c", f"touch {marker}; echo done; exit 4")
         self.assertEqual(result.returncode, 4)
         self.assertTrue(os.path.exists(marker))
-        self.assertEqual(result.stderr.decode(), f"metasystem_monitor.py: warning: store {self.db} is not a SQLite "
-                                                 "database: this run of backup was not recorded\n")
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            f"metasystem_monitor.py: warning: store {self.db} is not a SQLite database: this run of backup was not "
+            "recorded",  # and, no channel but the log configured, the alert itself
+            f"metasystem_monitor.py: critical: [CRITICAL] job backup failed | run backup: failure (exit 4) after 0.0 s "
+            f"command: sh -c 'touch {marker}; echo done; exit 4' done"])
         self.assertEqual(result.stdout.decode().splitlines()[2:], ["done"])
         with open(self.db, "rb") as handle:
             self.assertEqual(handle.read(), b"not a database\n" * 50)

@@ -399,8 +399,8 @@ class OwnSeriesTest(StoreTestCase):
 
     def test_the_newest_ten_by_default_with_latest_values_and_anomalies(self):
         shown = mm.read_summary(self.db, now=lambda: self.now)["metrics"]
-        self.assertEqual(list(shown), ["backup_bytes{host=nas}"] + [f"series_{i:02d}" for i in range(3, 12)])
-        backup = shown["backup_bytes{host=nas}"]
+        self.assertEqual(list(shown), ['backup_bytes{host="nas"}'] + [f"series_{i:02d}" for i in range(3, 12)])
+        backup = shown['backup_bytes{host="nas"}']
         self.assertEqual((backup["name"], backup["labels"], backup["latest"], backup["time"]),
                          ("backup_bytes", {"host": "nas"}, 9e9, mm.iso_time(self.now - 100)))
         self.assertEqual(len(backup["recent"]["values"]), 21)
@@ -410,16 +410,16 @@ class OwnSeriesTest(StoreTestCase):
         import monitoring_dashboard as dash
 
         summary = mm.read_summary(self.db, now=lambda: self.now, metrics=["backup_*", "series_0[01]"])
-        self.assertEqual(list(summary["metrics"]), ["backup_bytes{host=nas}", "series_00", "series_01"])
+        self.assertEqual(list(summary["metrics"]), ['backup_bytes{host="nas"}', "series_00", "series_01"])
         text = dash.plain_text(summary, ascii_only=True)
         self.assertIn("\nMETRICS\n" + "-" * 80 + "\n"
-                      "  backup_bytes{host=nas}                       9.0 GB _..-:==+**#! 1 anomalous\n"
+                      '  backup_bytes{host="nas"}                     9.0 GB _..-:==+**#! 1 anomalous\n'
                       "  series_00                                         0 =\n"
                       "  series_01                                         1 =\n", text)
         self.assertIn("<h2>Metrics</h2>", mm.status_page(summary))
         self.assertNotIn("METRICS", dash.plain_text(dict(summary, metrics={}), ascii_only=True))
         ordered = mm.read_summary(self.db, now=lambda: self.now, metrics=["series_0[01]", "backup_*", "series_01"])
-        self.assertEqual(list(ordered["metrics"]), ["series_00", "series_01", "backup_bytes{host=nas}"])  # glob order
+        self.assertEqual(list(ordered["metrics"]), ["series_00", "series_01", 'backup_bytes{host="nas"}'])  # glob order
 
     def test_the_dashboard_section_of_the_configuration(self):
         config = os.path.join(self.tmp, "c.ini")

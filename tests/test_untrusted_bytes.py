@@ -93,14 +93,15 @@ class SecretFileBytesTest(AlertTestCase):
             checked = self.run_cli("config", "--check", env=env)
         self.assertEqual(check.returncode, 2, check.stderr)  # CRITICAL, as the check says
         self.assertTrue(check.stdout.startswith(b"METASYSTEM CRITICAL - full CRITICAL"), check.stdout)
-        self.assertEqual(alert.returncode, 0, alert.stderr)
+        self.assertEqual(alert.returncode, 3, alert.stderr)  # tg, unusable, did not get it
         self.assertEqual([r.json()["title"] for r in hook.requests], ["check full", "t"])
         self.assertEqual(listed.returncode, 0, listed.stderr)
         self.assertIn(b"tg=not_configured", listed.stdout)
         self.assertEqual(shown.returncode, 0, shown.stderr)
         self.assertIn(f"# not configured: {self.token} is {skipped}".encode(), shown.stdout)
-        self.assertEqual(checked.returncode, 0, checked.stderr)
-        self.assertIn(f"note: channel tg is not configured ({self.token} is {skipped})".encode(), checked.stdout)
+        self.assertEqual(checked.returncode, 1, checked.stderr)
+        self.assertIn(f"[channel:tg] channel tg cannot be used here: {self.token} is {skipped}".encode(),
+                      checked.stdout)
         for result in (check, alert, listed, shown, checked):
             self.assertNotIn(b"unexpected", result.stderr)
             self.assertNotIn(b"Traceback", result.stderr)

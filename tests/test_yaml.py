@@ -77,3 +77,51 @@ class FlatYamlTest(AlertTestCase):
                 self.assertEqual((result.returncode, result.stdout), (1, b""))
                 self.assertEqual(result.stderr.decode(), f"{PROG}: error: configuration file {path}: line {line}: "
                                                          f"{why}{'' if 'twice' in why else '; ' + hint}\n")
+
+    def test_no_value_can_become_a_line_or_a_section_of_the_ini(self):
+        for value in ('"https://example.com/\\n[channel:evil]\\ntype = log"', '"a\\tb"', '"x\\n"', "'a\x1bb'",
+                      "a\x07b"):
+            with self.subTest(value=value):
+                path = self.write_yaml(f"email_to: ops@example.com\nwebhook_url: {value}\n")
+                why = f"configuration file {path}: line 2: webhook_url holds a line break or another control character"
+                for command in (("config", "--convert-yaml"), ("config", "--check"), ("alert", "--info", "x")):
+                    result = self.run_cli(*command)
+                    self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                                     (1, b"", f"{PROG}: error: {why}\n"))
+
+    def test_what_converts_reads_back_as_the_same_values_in_alerting_alone(self):
+        import configparser
+
+        values = {"webhook_url": "https://example.com/[channel:evil]", "email_to": "[channel:evil]",
+                  "dedup_window": "2h # not a comment in the INI", "slack_webhook_url": "https://h/#x = [y]"}
+        self.write_yaml("".join(f"{key}: '{value}'\n" for key, value in values.items()))
+        folder = os.path.join(self.tmp, "a\n[channel:evil]\ntype = log\n")
+        os.makedirs(folder)
+        named = os.path.join(folder, "alerting-config.yaml")
+        with open(named, "w", encoding="utf-8") as handle:
+            handle.write("email_to: ops@example.com\n")
+        for args, expected in ((("config", "--convert-yaml"), values),
+                               (("config", "--convert-yaml", "--config", named), {"email_to": "ops@example.com"})):
+            with self.subTest(args=args):
+                converted = self.run_cli(*args)
+                self.assertEqual((converted.returncode, converted.stderr), (0, b""))
+                parser = configparser.ConfigParser(interpolation=None)
+                parser.read_string(converted.stdout.decode())
+                self.assertEqual((parser.sections(), dict(parser["alerting"])), (["alerting"], expected))
+        self.assertEqual(self.run_cli("config", "--convert-yaml", "--config", named).stdout.decode().splitlines()[0],
+                         f"# converted from {named!r}; it holds secrets: chmod 600 it")
+
+    def test_keys_that_differ_only_in_letter_case_are_one_key_given_twice(self):
+        path = self.write_yaml("Email_To: a@example.com\nemail_to: b@example.com\n")
+        for command in (("config", "--convert-yaml"), ("config", "--check"), ("alert", "--info", "x")):
+            with self.subTest(command=command):
+                result = self.run_cli(*command)
+                self.assertEqual((result.returncode, result.stdout, result.stderr.decode()), (1, b"", (
+                    f"{PROG}: error: configuration file {path}: line 2: email_to is given twice (line 1 has "
+                    "Email_To: keys are read in any letter case)\n")))
+        path = self.write_yaml("Webhook_URL: https://example.com/hook\nDEDUP_WINDOW: 2h\n")
+        converted = self.run_cli("config", "--convert-yaml")
+        self.assertEqual((converted.returncode, converted.stderr), (0, b""))
+        self.assertEqual(converted.stdout.decode(), f"# converted from {path}; it holds secrets: chmod 600 it\n"
+                                                    "[alerting]\nwebhook_url = https://example.com/hook\n"
+                                                    "dedup_window = 2h\n")
