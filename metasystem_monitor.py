@@ -114,7 +114,7 @@ log = logging.getLogger("metasystem")
 ## Constants ##################################################################
 
 PROG = "metasystem_monitor.py"
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 11
 DEFAULT_HOME_DIRNAME = ".metasystem"
 DB_FILENAME = "metrics.db"
 CONFIG_FILENAME = "alerting-config.ini"
@@ -930,7 +930,39 @@ def load_config(path: str, required: bool = False):
 
 ## Storage ####################################################################
 
-_MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
+# The series of the sync, agent, breaker, check and job families, in SQL: a family's series carries the label
+# that names its entity, and its name matches one of the family's globs (the Summary section's
+# _EXPORTED_SERIES, said in SQLite's GLOB, which is case-sensitive and whose ``?*`` is ``.+``). Every other
+# series is the user's own: series.own says which when a series is created, once (an index condition
+# would be said again on every write of last_ts); a change here needs a migration that says it again.
+_FAMILY_GLOBS = (
+    ("target", ("sync_?*_success", "sync_?*_failure", "sync_?*_files", "sync_?*_conflicts")),
+    ("agent", ("agent_?*_success", "agent_?*_failure", "agent_?*_items")),
+    ("breaker", ("circuit_breaker_?*_state", "circuit_breaker_?*_failures")),
+    ("check", ("check_state", "check_value", "check_duration")),
+    ("job", ("job_duration", "job_exit_code")),
+)
+_OWN_SERIES = "NOT ({})".format(" OR ".join(
+    "(instr(labels, '\"{}\":') AND ({}))".format(label, " OR ".join(f"name GLOB '{glob}'" for glob in globs))
+    for label, globs in _FAMILY_GLOBS))
+# The series whose last_ts is kept: the user's own, and every series of failures (the worst-first sections
+# find the sync targets and agents that failed in a window by it). The runs that succeed, the files, the
+# breakers' states, the checks' values write no series row.
+_TRACKED = "(own OR name GLOB '*_failure')"
+
+
+def _fill_label_values(conn: sqlite3.Connection) -> None:
+    """Schema 11's label_values, from the series there are: JSON that SQL alone cannot read everywhere."""
+    import json
+
+    texts = conn.execute("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)).fetchall()
+    conn.executemany("INSERT OR IGNORE INTO label_values (key, value) VALUES (?, ?)",
+                     [pair for (text,) in texts for pair in json.loads(text).items()])
+
+
+# Each entry is one schema version: SQL statements, or a function of the connection for what SQL cannot
+# say, run in order in one transaction.
+_MIGRATIONS: Tuple[Tuple[Any, ...], ...] = (
     (
         # One row per (name, labels); samples refer to it by a small integer.
         """CREATE TABLE series (
@@ -1146,6 +1178,31 @@ _MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
         """CREATE TABLE raw_kept (
                series_id INTEGER PRIMARY KEY,
                until REAL NOT NULL)""",
+    ),
+    (
+        # The time of each series' newest sample (NULL without one), for the series that readers order by it:
+        # the user's own (own: 1), whose newest are an index range instead of a look at every series, and
+        # those of failures (see _TRACKED). The writes keep it in their transaction, and so do the deletes;
+        # it may lag only for the few series that meta's lagging_series names, whose samples a reader asks
+        # instead (see _keep_last_times()). Other series' last_ts says nothing.
+        "ALTER TABLE series ADD COLUMN last_ts REAL",
+        "ALTER TABLE series ADD COLUMN own INTEGER NOT NULL DEFAULT 0",
+        f"UPDATE series SET own = {_OWN_SERIES}",
+        f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id) WHERE {_TRACKED}",
+        "CREATE INDEX own_series_by_time ON series (last_ts DESC, name, labels) WHERE own",
+    ),
+    (
+        # Every label value a series carries, by key, written when a series is created: who the targets,
+        # agents and breakers are without reading every series' labels.
+        """CREATE TABLE label_values (
+               key TEXT NOT NULL,
+               value TEXT NOT NULL,
+               PRIMARY KEY (key, value)) WITHOUT ROWID""",
+        _fill_label_values,
+        # The runs' series: which sync targets and agents failed in a window, by the failure series' last_ts,
+        # and how many of the others succeeded, by the success series' samples (see _worst_first()).
+        "CREATE INDEX failures_by_time ON series (last_ts) WHERE name GLOB '*_failure'",
+        "CREATE INDEX success_series ON series (name) WHERE name GLOB '*_success'",
     ),
 )
 
@@ -1389,6 +1446,11 @@ class _WriteTransaction:
             raise self.store.storage_error(exc) from exc
 
 
+def _bound(params: Iterable[Any]) -> Any:
+    """A statement's parameters as sqlite3 takes them: a dict for ``:name`` ones, else a tuple."""
+    return params if isinstance(params, dict) else tuple(params)
+
+
 def _meta_times(conn: sqlite3.Connection, *keys: str) -> Tuple[Optional[float], ...]:
     """The meta values of ``keys``, as floats, None where unset; one query."""
     marks = dict(conn.execute(f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(keys))})",
@@ -1507,7 +1569,10 @@ class Store:
             _mark_as_ours(conn)  # in the same transaction as the tables: never one without the other
             for statements in _MIGRATIONS[version:]:
                 for statement in statements:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
             conn.execute("COMMIT")
         except BaseException:
@@ -1541,14 +1606,43 @@ class Store:
         return _WriteTransaction(self)
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> List[tuple]:
-        """Run one read-only statement and return all its rows."""
+        """Run one read-only statement and return all its rows (``params``: a sequence for ``?``, a dict for
+        ``:name``)."""
         with self._translating_errors():
-            return self.connection.execute(sql, tuple(params)).fetchall()
+            return self.connection.execute(sql, _bound(params)).fetchall()
+
+    @contextlib.contextmanager
+    def rows(self, sql: str, params: Iterable[Any] = ()) -> Iterator[Iterator[tuple]]:
+        """Run one read-only statement; its rows come as SQLite finds them, so a caller that has what it
+        needs stops the statement there (``with store.rows(...) as rows: for row in rows: ...``)."""
+        with self._translating_errors():
+            cursor = self.connection.execute(sql, _bound(params))
+            try:
+                yield cursor
+            finally:
+                cursor.close()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """One read transaction around the queries inside, so that they all see the store as it was at the
+        first of them, whatever other processes commit meanwhile (inside a transaction already: that one)."""
+        conn = self.connection
+        if conn.in_transaction:
+            yield
+            return
+        with self._translating_errors():
+            conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                with self._translating_errors():
+                    conn.execute("COMMIT")
 
     def query_one(self, sql: str, params: Iterable[Any] = ()) -> Optional[tuple]:
         """Run one read-only statement and return its first row, or None."""
         with self._translating_errors():
-            return self.connection.execute(sql, tuple(params)).fetchone()
+            return self.connection.execute(sql, _bound(params)).fetchone()
 
     def meta_times(self, *keys: str) -> Tuple[Optional[float], ...]:
         """Times the store keeps about itself (rolled_until, daily_until, last_cleanup); None if unset."""
@@ -1801,7 +1895,19 @@ _INSERT_NEXT_SEQ = """INSERT INTO samples (series_id, ts, seq, value)
 # instead of hiding every real one.
 LATEST_SQL = f"AND ts <= ? + {CLOCK_SKEW_S!r} ORDER BY ts DESC, seq DESC LIMIT 1"
 _IN_WINDOW = "series_id IN (SELECT id FROM series WHERE name = ?) AND ts >= ? AND ts <= ?"
+# series.last_ts (schema 10): a series may lag behind its samples only if meta's lagging_series, a list of at
+# most LAGGING_SERIES_MAX ids, names it; _keep_last_times() says why.
+LAGGING_SERIES_MAX = 64
+_LAGGING = "SELECT value FROM meta WHERE key = 'lagging_series'"
+# A write's newest time of a series, where it is newer (NULL, no sample yet, is older than any); and, after
+# deleting samples below a bound, the newest left where the newest went. Plain ? only: Python 3.12 takes ?1
+# for a named parameter, and 3.14 refuses a sequence for it.
+_NEWER = f"UPDATE series SET last_ts = ? WHERE id = ? AND NOT coalesce(last_ts >= ?, 0) AND {_TRACKED}"
+_CATCH_UP_BELOW = ("UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = ?) "
+                   "WHERE id = ? AND last_ts < ?")
 _OF_NAME = "series_id IN (SELECT id FROM series WHERE name = ?)"
+_NEW_SERIES = (f"INSERT OR IGNORE INTO series (name, labels, own) SELECT name, labels, {_OWN_SERIES} "
+               "FROM (SELECT ? AS name, ? AS labels)")
 # Chan's pairwise update: every right-hand side sees the row as it was.
 _MERGE_ROLLUP = """INSERT INTO rollups (series_id, span, bucket, n, total, m2, lo, hi, first_ts, last_ts, last_value)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -2076,6 +2182,15 @@ def _set_meta(conn: sqlite3.Connection, key: str, value: float) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, repr(value)))
 
 
+def lagging_ids(text: Optional[str]) -> AbstractSet[int]:
+    """The series ids of meta's lagging_series text.
+
+    >>> sorted(lagging_ids("7,3")), lagging_ids(None)
+    ([3, 7], frozenset())
+    """
+    return frozenset(int(part) for part in text.split(",")) if text else frozenset()
+
+
 class _Range(NamedTuple):
     """Part of a window: whole rolled-up hours or days (span 3600, 86400), or raw samples (span 0); ``kept``:
     the samples kept raw in place of the rollups of whole hours (the roll-up's negative seq)."""
@@ -2165,6 +2280,13 @@ class MetricsCollector:
         self._series: Dict[Tuple[str, str], int] = {}
         self._plain_series: Dict[str, int] = {}
         self._label_texts: Dict[tuple, str] = {}
+        # The lagging series as last read from the store, and whether the list was full: it only grows, so
+        # what was read stays true. The series that keep no last_ts (_TRACKED), as this collector learned
+        # them: a write looks at none of these, nor at the lagging ones.
+        self._lagging: AbstractSet[int] = frozenset()
+        self._lagging_full = False
+        self._untracked: set = set()
+        self._unkept: AbstractSet[int] = frozenset()
         self._next_maintenance = clock()
         self.store = Store(self.db_path, readonly=readonly, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
 
@@ -2219,24 +2341,31 @@ class MetricsCollector:
         self._maintain_if_due()
 
     def _write_prepared(self, conn: sqlite3.Connection, rows: List[tuple], new_keys: List[int], oldest: float,
-                        now: Optional[float]) -> Dict[Tuple[str, str], int]:
-        """Write rows from _prepare() inside the caller's transaction; return the series it created."""
-        created: Dict[Tuple[str, str], int] = {}
+                        now: Optional[float]) -> Dict[Tuple[str, str], Tuple[int, bool]]:
+        """Write rows from _prepare() inside the caller's transaction; return the series it looked up by name
+        (new to this collector), each with its id and whether it keeps a last_ts."""
+        created: Dict[Tuple[str, str], Tuple[int, bool]] = {}
         for i in new_keys:
             key, ts, value = rows[i]
             if key not in created:
                 created[key] = self._series_id(conn, key)
-            rows[i] = (created[key], ts, value)
+            rows[i] = (created[key][0], ts, value)
         self._insert_rows(conn, rows)
+        # Series that lag, or keep no last_ts: nothing to keep, and no call (the steady state of most writes).
+        if rows[0][0] not in self._unkept if len(rows) == 1 else not self._unkept.issuperset([row[0] for row in rows]):
+            self._keep_last_times(conn, rows, {series_id for series_id, tracked in created.values() if not tracked})
         if oldest < (self._now() if now is None else now) - ROLLUP_GRACE_S:
             self._merge_late_rows(conn, rows)
         return created
 
-    def _remember(self, created: Dict[Tuple[str, str], int]) -> None:
-        """Cache new series ids; only after COMMIT, as a rolled-back id may be taken by another process."""
+    def _remember(self, created: Dict[Tuple[str, str], Tuple[int, bool]]) -> None:
+        """Cache new series ids, and which of them keep no last_ts; only after COMMIT, as a rolled-back id may
+        be taken by another process."""
         if created:
-            self._series.update(created)
-            self._plain_series.update((key[0], sid) for key, sid in created.items() if key[1] == _NO_LABELS)
+            self._series.update((key, sid) for key, (sid, _) in created.items())
+            self._plain_series.update((key[0], sid) for key, (sid, _) in created.items() if key[1] == _NO_LABELS)
+            self._untracked.update(sid for sid, tracked in created.values() if not tracked)
+            self._unkept = self._lagging | self._untracked
 
     def _prepare(self, samples: Iterable[Any]) -> Tuple[List[tuple], List[int], float, Optional[float]]:
         """Validate every sample before anything is written; one pass, as it is the hot path.
@@ -2301,9 +2430,16 @@ class MetricsCollector:
 
     @staticmethod
     def _series_id(conn: sqlite3.Connection, key: Tuple[str, str]) -> int:
-        """The id of series (name, labels), created if it is new."""
-        conn.execute("INSERT OR IGNORE INTO series (name, labels) VALUES (?, ?)", key)
-        return conn.execute("SELECT id FROM series WHERE name = ? AND labels = ?", key).fetchone()[0]
+        """The id of series (name, labels), created if it is new (whether it is the user's own said, and its
+        labels put in label_values), and whether it keeps a last_ts."""
+        if conn.execute(_NEW_SERIES, key).rowcount and key[1] != _NO_LABELS:
+            import json
+
+            conn.executemany("INSERT OR IGNORE INTO label_values (key, value) VALUES (?, ?)",
+                             json.loads(key[1]).items())
+        series_id, tracked = conn.execute(f"SELECT id, {_TRACKED} FROM series WHERE name = ? AND labels = ?",
+                                          key).fetchone()
+        return series_id, bool(tracked)
 
     @staticmethod
     def _insert_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
@@ -2323,6 +2459,46 @@ class MetricsCollector:
             conn.execute("ROLLBACK TO insert_samples")
             conn.executemany(_INSERT_NEXT_SEQ, ((sid, ts, sid, ts, value) for sid, ts, value in rows))
         conn.execute("RELEASE insert_samples")
+
+    def _keep_last_times(self, conn: sqlite3.Connection, rows: List[Tuple[int, float, float]],
+                         untracked: AbstractSet[int]) -> None:
+        """Keep series.last_ts right for the series that ``rows`` were inserted into, in their transaction
+        (``untracked``: those of them new to this collector that keep none).
+
+        Only the series _TRACKED names keep one: the user's own and those of failures; a success, a file
+        count, a breaker's state writes no series row. Catching a last_ts up adds a page or two to the
+        commit, which would double the cost of a record(). So the first LAGGING_SERIES_MAX of those series a
+        store is written to lag instead, for good: meta's lagging_series lists them, readers ask their
+        samples, and as the list only ever grows, a writer that saw a series in it trusts that without
+        another read: writing it again costs nothing more. Every other one's last_ts moves to the newest
+        time of its rows where that is newer: an older sample, or a second one at the same instant, leaves
+        it.
+        """
+        written = {row[0] for row in rows} - self._unkept - untracked  # _write_prepared() saw some to keep
+        if written and not self._lagging_full:
+            row = conn.execute(_LAGGING).fetchone()
+            text = "" if row is None else row[0]
+            self._lagging = lagging_ids(text)
+            self._lagging_full = len(self._lagging) >= LAGGING_SERIES_MAX
+            self._unkept = self._lagging | self._untracked
+            written -= self._lagging
+            joining = sorted(written)[:LAGGING_SERIES_MAX - len(self._lagging)]
+            if joining:  # read as listed the next time, once committed
+                text = ",".join(([text] if text else []) + [str(series_id) for series_id in joining])
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lagging_series', ?)", (text,))
+                written.difference_update(joining)
+        if written:
+            newest: Dict[int, float] = {}
+            for series_id, ts, _ in rows:
+                if series_id in written and not ts <= newest.get(series_id, -1.0):
+                    newest[series_id] = ts
+            conn.executemany(_NEWER, [(ts, series_id, ts) for series_id, ts in sorted(newest.items())])
+
+    def lagging_series(self) -> AbstractSet[int]:
+        """The ids of the series whose last_ts may lag behind their samples (at most LAGGING_SERIES_MAX): a
+        reader of last_ts asks their samples instead."""
+        row = self.store.query_one(_LAGGING)
+        return lagging_ids(None if row is None else row[0])
 
     @staticmethod
     def _merge_late_rows(conn: sqlite3.Connection, rows: List[Tuple[int, float, float]]) -> None:
@@ -2399,7 +2575,8 @@ class MetricsCollector:
         self._breaker_change(conn, breaker_name, previous_state, state, failure_count, reason, timestamp)
 
     def _breaker_change(self, conn: sqlite3.Connection, breaker_name: str, previous_state: Optional[str], state: str,
-                        failure_count: int, reason: str, timestamp: Optional[float]) -> Dict[Tuple[str, str], int]:
+                        failure_count: int, reason: str, timestamp: Optional[float]
+                        ) -> Dict[Tuple[str, str], Tuple[int, bool]]:
         """Write a breaker's state samples, and its transition when it has a previous state."""
         validate_name(breaker_name, "breaker name")
         code = _breaker_code(state)
@@ -2716,16 +2893,10 @@ class MetricsCollector:
         return system_summary(self, hours)
 
     def entities(self, *labels: str) -> Dict[str, List[str]]:
-        """For each label (target, breaker, agent): the names it carries across all series, sorted."""
-        import json
-
-        found: Dict[str, set] = {label: set() for label in labels}
-        for (text,) in self.store.query("SELECT DISTINCT labels FROM series WHERE labels != ?", (_NO_LABELS,)):
-            pairs = json.loads(text)
-            for label, names in found.items():
-                if label in pairs:
-                    names.add(pairs[label])
-        return {label: sorted(names) for label, names in found.items()}
+        """For each label (target, breaker, agent): the names it carries across all series, sorted (SQLite
+        compares UTF-8 bytes, which sort as the code points that Python compares)."""
+        return {label: [value for (value,) in self.store.query(
+            "SELECT value FROM label_values WHERE key = ? ORDER BY value", (label,))] for label in labels}
 
     # -- rollups and retention -------------------------------------------------
 
@@ -2885,8 +3056,7 @@ class MetricsCollector:
         # Whole hours: a cleanup that finds nothing due costs a few meta reads, whatever the number of series.
         raw_cutoff = bucket_start(min(now - retention_days * DAY_S, rolled_until))
         report["deleted_samples"] = self._delete_past_mark("raw_deleted_until", raw_cutoff, lambda: sum(
-            self._delete_in_batches("samples", "series_id = ? AND seq >= 0", "ts", (sid,), raw_cutoff)
-            for sid in series()))  # samples kept for their hours stay until those hours fold into days
+            self._delete_raw_samples(sid, raw_cutoff) for sid in series()))
         report["folded_hours"], report["daily_rollups"] = self._fold_old_hours(series, now, rolled_until, raw_cutoff)
         report["deleted_days"] = 0
         if self.daily_days:
@@ -2954,8 +3124,19 @@ class MetricsCollector:
         """The original design's cleanup: ``cleanup()``, returning how many raw samples were deleted."""
         return self.cleanup(retention_days=days)["deleted_samples"]
 
-    def _delete_in_batches(self, table: str, where: str, column: str, params: tuple, cutoff: float) -> int:
-        """Delete the rows of ``table`` matching ``where`` whose ``column`` is below ``cutoff``, a batch at a time."""
+    def _delete_raw_samples(self, series_id: int, cutoff: float) -> int:
+        """Delete a series' raw samples below ``cutoff``, and catch its last_ts up in the same transactions
+        where they held its newest. Samples kept for their hours stay until those hours fold into days."""
+        def catch_up(conn: sqlite3.Connection, bound: float) -> None:
+            conn.execute(_CATCH_UP_BELOW, (series_id, series_id, bound))
+
+        return self._delete_in_batches("samples", "series_id = ? AND seq >= 0", "ts", (series_id,), cutoff,
+                                       then=catch_up)
+
+    def _delete_in_batches(self, table: str, where: str, column: str, params: tuple, cutoff: float,
+                           then=None) -> int:
+        """Delete the rows of ``table`` matching ``where`` whose ``column`` is below ``cutoff``, a batch at a time;
+        ``then(conn, bound)`` runs in each batch's transaction, after it deleted the rows below ``bound``."""
         deleted = 0
         while True:
             row = self.store.query_one(
@@ -2970,6 +3151,8 @@ class MetricsCollector:
             with self.store.write() as conn:
                 deleted += conn.execute(f"DELETE FROM {table} WHERE {where} AND {column} < ?",
                                         (*params, bound)).rowcount
+                if then is not None:
+                    then(conn, bound)
             if row is None:
                 return deleted
 
@@ -3037,6 +3220,7 @@ class MetricsCollector:
         conn.executemany(_MERGE_ROLLUP, [_hourly_row(series_id, hour, points) for hour, points in _hours_of(rows)])
         expired = (series_id, start, min(end, raw_cutoff))
         conn.execute("DELETE FROM samples WHERE series_id = ? AND ts >= ? AND ts < ? AND seq < 0", expired)
+        conn.execute(_CATCH_UP_BELOW, (series_id, series_id, expired[2]))
         if end > raw_cutoff:
             conn.execute(_UNMARK_KEPT, (series_id, max(start, raw_cutoff), end))
 
@@ -9017,6 +9201,7 @@ SUMMARY_SECTION_ROWS = 50  # sync targets or agents shown, the worst first; the 
 SUMMARY_METRICS = 10  # the user's own series shown, the most recently written first
 # The series of the sync, agent, breaker, check and job families (by the label that names the entity): the
 # summary shows them in their sections, the export in named families; every other series is the user's own.
+# The Storage section's _FAMILY_GLOBS says the same in SQL, for an index of the user's own.
 _EXPORTED_SERIES = (
     ("target", r"sync_.+_(success|failure|files|conflicts)"), ("agent", r"agent_.+_(success|failure|items)"),
     ("breaker", r"circuit_breaker_.+_(state|failures)"), ("check", r"check_(state|value|duration)"),
@@ -9235,6 +9420,25 @@ def series_name(key: str) -> str:
     return "".join(name)
 
 
+def _newest_own_series(collector: MetricsCollector) -> Iterator[Tuple[int, str, str, float]]:
+    """(id, name, labels, time of the newest sample) of every user's own series with a sample, the newest
+    first (then by name and labels), read from own_series_by_time as far as the caller iterates; the
+    series whose last_ts may lag are asked their samples and merged in where they fall."""
+    import heapq
+
+    def newest_first(row: tuple) -> tuple:  # the order of the index
+        return -row[3], row[1], row[2]
+
+    lagging = sorted(collector.lagging_series())
+    exact = collector.store.query(
+        "SELECT id, name, labels, (SELECT max(ts) FROM samples WHERE series_id = series.id) AS last FROM series "
+        f"WHERE id IN ({', '.join('?' * len(lagging))}) AND own AND last IS NOT NULL", lagging)
+    with collector.store.rows("SELECT id, name, labels, last_ts FROM series WHERE own AND last_ts IS NOT NULL "
+                              "ORDER BY last_ts DESC, name, labels") as indexed:
+        yield from heapq.merge((row for row in indexed if row[0] not in lagging), sorted(exact, key=newest_first),
+                               key=newest_first)
+
+
 def own_series(collector: MetricsCollector, since: float, patterns: Optional[List[str]] = None,
                limit: int = SUMMARY_METRICS) -> Dict[str, Dict[str, Any]]:
     """The user's own series (not those of the sync, agent, breaker, check and job sections): the ``limit``
@@ -9243,23 +9447,17 @@ def own_series(collector: MetricsCollector, since: float, patterns: Optional[Lis
     the anomalous ones marked."""
     import fnmatch
     import json
-    import re
 
-    families = [(label, re.compile(pattern)) for label, pattern in _EXPORTED_SERIES]
-    rows = collector.store.query(
-        "SELECT id, name, labels, (SELECT max(ts) FROM samples WHERE series_id = series.id) AS last FROM series "
-        "WHERE last IS NOT NULL ORDER BY last DESC, name, labels")
     found: Dict[str, Dict[str, Any]] = {}
-    for series_id, name, labels_text, _ in rows:
-        # A family's series carries its entity label: a look at the canonical text spares the JSON.
-        if any(f'"{label}":' in labels_text and pattern.fullmatch(name) for label, pattern in families):
-            continue
-        if patterns is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-            continue
-        labels = {} if labels_text == _NO_LABELS else json.loads(labels_text)
-        found[series_key(name, labels)] = dict(_series_recent(collector, series_id, since), name=name, labels=labels)
-        if patterns is None and len(found) >= limit:
-            break
+    with contextlib.closing(_newest_own_series(collector)) as newest:  # read no further than the last shown
+        for series_id, name, labels_text, _ in newest:
+            if patterns is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+                continue
+            labels = {} if labels_text == _NO_LABELS else json.loads(labels_text)
+            found[series_key(name, labels)] = dict(_series_recent(collector, series_id, since), name=name,
+                                                   labels=labels)
+            if patterns is None and len(found) >= limit:
+                break
 
     def place(key: str) -> Tuple[int, str]:  # the first glob its name matches, then the key
         name = found[key]["name"]
@@ -9328,26 +9526,130 @@ def rate_state(rate: Optional[float]) -> str:
     return "OK" if rate >= RATE_OK_PERCENT else "WARNING" if rate >= RATE_WARNING_PERCENT else "CRITICAL"
 
 
-def _worst_first(collector: MetricsCollector, prefix: str, names: List[str], since: float, until: float,
+# The queries of the worst-first sections, with the named parameters of _run_params(). Of a series named
+# PREFIX_NAME_success or _failure: NAME, and whether it is a value of the label (the series' own labels say so
+# without a seek where NAME needs no escape in JSON; label_values says so anyway).
+_RUN_NAME = "substr(series.name, :head_chars + 1, length(series.name) - :head_chars - 8)"
+_OF_SECTION = "substr(series.name, 1, :head_chars) = :head AND length(series.name) >= :head_chars + 8"
+_NAMED = (f"CASE WHEN instr(series.labels, :labelled || {_RUN_NAME} || '\"') THEN 1 ELSE EXISTS (SELECT 1 FROM "
+          f"label_values WHERE key = :label AND value = {_RUN_NAME}) END")
+# Whether series of NAME (any label set) have a sample in the window, or how many.
+_IN_THE_WINDOW = ("FROM series AS run JOIN samples ON samples.series_id = run.id WHERE run.name = :head || {} || "
+                  "'_{}' AND ts >= :since AND ts <= :until")
+# A failure series' NAME, the successes and failures of NAME in the window.
+_RUN_COUNTS = (f"SELECT {_RUN_NAME}, (SELECT count(*) {_IN_THE_WINDOW.format(_RUN_NAME, 'success')}), "
+               f"(SELECT count(*) {_IN_THE_WINDOW.format(_RUN_NAME, 'failure')}) FROM series ")
+
+
+def _run_params(prefix: str, label: str, since: float, until: float,
+                lagging: AbstractSet[int]) -> Tuple[str, Dict[str, Any]]:
+    """The SQL list of the lagging series' ids, ``(:l0, :l1, ...)``, and the named parameters of the queries
+    of the worst-first sections."""
+    ids = {f"l{i}": series_id for i, series_id in enumerate(sorted(lagging))}
+    return "({})".format(", ".join(":" + key for key in ids)), dict(
+        ids, since=since, until=until, label=label, head=prefix + "_", head_chars=len(prefix) + 1,
+        labelled=f'"{label}":"')
+
+
+def _counted_runs(store: Store, lagging_ids: str, params: Dict[str, Any]) -> Dict[str, Tuple[int, int]]:
+    """The names with a PREFIX_NAME_failure series that ran since :since, each with its successes and failures
+    in the window: failures_by_time holds those series, and meta's lagging_series the few whose last_ts may
+    lag. Every other name failed no run in the window."""
+    where = f"name GLOB '*_failure' AND {_OF_SECTION} AND {_NAMED}"
+    rows = store.query(f"{_RUN_COUNTS} WHERE name GLOB '*_failure' AND last_ts >= :since AND {where}", params)
+    rows += store.query(f"{_RUN_COUNTS} WHERE id IN {lagging_ids} AND {where}", params)
+    return {name: (good, bad) for name, good, bad in rows}
+
+
+def _succeeded_elsewhere(store: Store, params: Dict[str, Any]) -> int:
+    """How many names have a PREFIX_NAME_success series with a sample in the window: one count in SQL, over
+    the success series (success_series)."""
+    return store.query_one(
+        f"SELECT count(DISTINCT name) FROM series WHERE name GLOB '*_success' AND {_OF_SECTION} AND {_NAMED} "
+        "AND EXISTS (SELECT 1 FROM samples WHERE series_id = series.id AND ts >= :since AND ts <= :until)",
+        params)[0]
+
+
+def _first_names(store: Store, succeeded: bool, skip: AbstractSet[str], count: int,
+                 params: Dict[str, Any]) -> List[str]:
+    """The first ``count`` names in order, past those in ``skip``, that succeeded in the window
+    (``succeeded``) or did not: read as far as they are found."""
+    found: List[str] = []
+    if count <= 0:
+        return found
+    with store.rows(f"SELECT value FROM label_values AS v WHERE key = :label AND {'' if succeeded else 'NOT '}"
+                    f"EXISTS (SELECT 1 {_IN_THE_WINDOW.format('v.value', 'success')}) ORDER BY value",
+                    params) as rows:
+        for (name,) in rows:
+            if name not in skip:
+                found.append(name)
+                if len(found) == count:
+                    break
+    return found
+
+
+def _worst_first(collector: MetricsCollector, prefix: str, label: str, since: float, until: float,
                  limit: Optional[int]) -> Tuple[List[str], Dict[str, int]]:
-    """The ``limit`` names (sorted) whose runs in the window are in the worst state, and how many of the
-    rest are in each state: one grouped count over the window's raw samples ranks them all (a window
-    longer than the raw retention ranks by what raw samples remain)."""
+    """The ``limit`` names of ``label`` (target, agent) whose PREFIX_NAME_success and _failure runs in the
+    window are in the worst state, sorted, and how many of the rest are in each state (every name and no
+    counts without a limit, or when no more are there). The names that failed in the window have their runs
+    counted; every other one failed none, so it is OK if it succeeded, else UNKNOWN: those are counted in SQL,
+    and read only as far as the section shows them, in order. A window longer than the raw retention ranks by
+    the raw samples left."""
     import collections
 
-    if limit is None or len(names) <= limit:
-        return names, {}
-    counts = dict(collector.store.query(
-        "SELECT series.name, count(*) FROM series JOIN samples ON samples.series_id = series.id "
-        "WHERE series.name >= ? AND series.name < ? AND samples.ts >= ? AND samples.ts <= ? GROUP BY series.name",
-        (prefix + "_", prefix + "`", since, until)))  # "`" is the character after "_"
-    states = {}
-    for name in names:
-        good, bad = counts.get(f"{prefix}_{name}_success", 0), counts.get(f"{prefix}_{name}_failure", 0)
-        states[name] = rate_state(100.0 * good / (good + bad) if good + bad else None)
-    ranked = sorted(names, key=lambda name: (-STATE_RANK[states[name]], name))
-    rest = collections.Counter(states[name] for name in ranked[limit:])
-    return sorted(ranked[:limit]), {state: rest[state] for state in CHECK_STATES if rest[state]}
+    store = collector.store
+    first = [name for (name,) in store.query("SELECT value FROM label_values WHERE key = ? ORDER BY value LIMIT ?",
+                                             (label, -1 if limit is None else limit + 1))]
+    if limit is None or len(first) <= limit:
+        return first, {}
+    lagging_ids, params = _run_params(prefix, label, since, until, collector.lagging_series())
+    counted = _counted_runs(store, lagging_ids, params)
+    states = {name: rate_state(100.0 * good / (good + bad) if good + bad else None)
+              for name, (good, bad) in counted.items()}
+    succeeded = _succeeded_elsewhere(store, params) - sum(1 for good, _ in counted.values() if good)
+    names = store.query_one("SELECT count(*) FROM label_values WHERE key = ?", (label,))[0]
+    elsewhere = {"OK": succeeded, "UNKNOWN": names - len(counted) - succeeded}
+    shown: List[Tuple[str, str]] = []
+    for state in sorted(CHECK_STATES, key=STATE_RANK.__getitem__, reverse=True):
+        room = limit - len(shown)
+        if elsewhere.get(state) and room > 0:  # as many as may show, read in order: they join the counted
+            walked = _first_names(store, state == "OK", counted.keys(), room, params)
+            states.update((name, state) for name in walked)
+            elsewhere[state] -= len(walked)
+        shown += [(name, state) for name in sorted(name for name, named in states.items() if named == state)[:room]]
+    rest = collections.Counter(states.values()) + collections.Counter(elsewhere)
+    rest.subtract(state for _, state in shown)
+    return sorted(name for name, _ in shown), {state: rest[state] for state in CHECK_STATES if rest[state]}
+
+
+def _summary_now(collector: MetricsCollector, hours: float, limit: Optional[int], metrics: Optional[List[str]],
+                 checks: Optional[Dict[str, float]], jobs: Optional[Dict[str, float]],
+                 metrics_limit: int) -> Dict[str, Any]:
+    """system_summary(), read in its caller's transaction."""
+    since, until = collector.window(hours)
+    health = recorded_health(collector.store, until, checks)
+    targets, omitted_targets = _worst_first(collector, "sync", "target", since, until, limit)
+    agents, omitted_agents = _worst_first(collector, "agent", "agent", since, until, limit)
+    return {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "generated_at": iso_time(until),
+        "window_hours": hours,
+        "status": summary_status(health),
+        "sync": {target: dict(_sync_summary(collector, target, hours),
+                              recent=recent_runs(collector, f"sync_{target}", since))
+                 for target in targets},
+        "circuit_breakers": _breaker_summaries(collector, collector.entities("breaker")["breaker"], since, until),
+        "agents": {agent: dict(_agent_summary(collector, agent, hours),
+                               recent=recent_runs(collector, f"agent_{agent}", since))
+                   for agent in agents},
+        "jobs": recent_jobs(collector.store, until, jobs),
+        "metrics": own_series(collector, since, metrics, metrics_limit),
+        "alerts": recent_alerts(collector.store, since),
+        "health": health,
+        "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
+                    if counts},
+    }
 
 
 def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HOURS, *,
@@ -9360,30 +9662,8 @@ def system_summary(collector: MetricsCollector, hours: float = DEFAULT_WINDOW_HO
     counts the rest by state; ``metrics``, ``checks`` and ``jobs`` are what summary_options() reads from
     the configuration; without ``metrics``, the ``metrics_limit`` series written most recently show."""
     hours = window_hours(hours)
-    since, until = collector.window(hours)
-    entities = collector.entities("target", "breaker", "agent")
-    health = recorded_health(collector.store, until, checks)
-    targets, omitted_targets = _worst_first(collector, "sync", entities["target"], since, until, limit)
-    agents, omitted_agents = _worst_first(collector, "agent", entities["agent"], since, until, limit)
-    return {
-        "schema_version": SUMMARY_SCHEMA_VERSION,
-        "generated_at": iso_time(until),
-        "window_hours": hours,
-        "status": summary_status(health),
-        "sync": {target: dict(_sync_summary(collector, target, hours),
-                              recent=recent_runs(collector, f"sync_{target}", since))
-                 for target in targets},
-        "circuit_breakers": _breaker_summaries(collector, entities["breaker"], since, until),
-        "agents": {agent: dict(_agent_summary(collector, agent, hours),
-                               recent=recent_runs(collector, f"agent_{agent}", since))
-                   for agent in agents},
-        "jobs": recent_jobs(collector.store, until, jobs),
-        "metrics": own_series(collector, since, metrics, metrics_limit),
-        "alerts": recent_alerts(collector.store, since),
-        "health": health,
-        "omitted": {section: counts for section, counts in (("sync", omitted_targets), ("agents", omitted_agents))
-                    if counts},
-    }
+    with collector.store.reading():  # one snapshot: the lagging series and the last times agree
+        return _summary_now(collector, hours, limit, metrics, checks, jobs, metrics_limit)
 
 
 def _unreadable_summary(err: StorageError, hours: float, now: float) -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 against a real local server that records what it receives."""
 
 import json
+import os
 import sqlite3
 
 import metasystem_monitor as mm
@@ -128,12 +129,17 @@ class DeliveryCountsMigrationTest(AlertTestCase):
         alerts.send_info_alert("one", "", channels=["log"])
         alerts.send_info_alert("two", "", channels=["log"])
         alerts.close()
-        conn = sqlite3.connect(self.db)
-        conn.execute("DROP TABLE delivery_counts")
-        conn.execute("DROP TABLE alert_acks")  # as version 6 had none of them
-        conn.execute("DROP TABLE raw_kept")
+        old = os.path.join(self.tmp, "v6.db")  # the schema of version 6, holding the alerts just sent
+        conn = sqlite3.connect(old)
+        for statements in mm._MIGRATIONS[:6]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA application_id = {mm.APPLICATION_ID}")
+        conn.execute("ATTACH ? AS sent", (self.db,))
+        conn.execute("INSERT INTO alerts SELECT * FROM sent.alerts")
+        conn.execute("INSERT INTO alert_deliveries SELECT * FROM sent.alert_deliveries")
         conn.execute("PRAGMA user_version = 6")
         conn.commit()
         conn.close()
-        mm.Store(self.db).close()  # opened for writing: migrated
-        self.assertEqual(sqlite_rows(self.db, "SELECT channel, outcome, n FROM delivery_counts"), [("log", "sent", 2)])
+        mm.Store(old).close()  # opened for writing: migrated
+        self.assertEqual(sqlite_rows(old, "SELECT channel, outcome, n FROM delivery_counts"), [("log", "sent", 2)])

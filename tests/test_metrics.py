@@ -2,12 +2,13 @@
 
 import math
 import random
+import re
 import statistics
 import unittest
 
 import metasystem_monitor as mm
 
-from .support import FakeClock, StoreTestCase
+from .support import FakeClock, StoreTestCase, sqlite_rows
 
 HOUR = 3600.0
 
@@ -244,6 +245,20 @@ class SummaryTest(StoreTestCase):
             "omitted": {},
         })
 
+    def test_entities_are_the_label_values_of_every_series_sorted_as_python_sorts(self):
+        metrics = self.collector(FakeClock())
+        names = ["zeta", "Zeta", "éclair", "eclair", "日本", "😀", "a b", 'quote"d', "back\\slash", "", "a"]
+        metrics.record_many((f"sync_{i}_files", 1.0, {"target": name, "host": f"h{i % 2}"}) for i, name in
+                            enumerate(names))
+        metrics.record("x", 1.0, {"target": "zeta"})  # one name, twice
+        with metrics.writing() as conn:  # a series created in a transaction that is rolled back leaves none
+            conn.execute("SAVEPOINT s")
+            metrics._series_id(conn, ("y", mm.canonical_labels({"target": "rolled back"})))
+            conn.execute("ROLLBACK TO s")
+        self.assertEqual(metrics.entities("target", "host", "agent"),
+                         {"target": sorted(names), "host": ["h0", "h1"], "agent": []})
+        self.assertEqual(metrics.sync_targets(), sorted(names))
+
     def test_summary_of_an_empty_store(self):
         summary = self.collector(FakeClock()).get_system_summary()
         self.assertEqual((summary["sync"], summary["circuit_breakers"], summary["agents"]), ({}, {}, {}))
@@ -386,6 +401,158 @@ class CleanupTest(StoreTestCase):
         self.assertEqual(self.raw_values(metrics), [1.0, 3.0, 4.0])
         self.assertEqual(metrics.store.meta_times("last_cleanup")[0], clock.now)
         self.assertEqual(metrics.get_metric_stats("x", hours=100)["count"], 4)
+
+
+class LastTimeTest(StoreTestCase):
+    """series.last_ts: the time of the newest sample of each of the user's own series and of each failure
+    series, kept by writes and deletes; for good, the first LAGGING_SERIES_MAX of those written lag instead,
+    listed in meta's lagging_series."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock = FakeClock()
+        self.metrics = self.collector(self.clock, maintain=False)
+
+    def last_times(self):
+        """({name: last_ts}, the names of the lagging series), read apart from the module."""
+        lagging = sqlite_rows(self.db, "SELECT value FROM meta WHERE key = 'lagging_series'")
+        ids = {int(part) for part in lagging[0][0].split(",")} if lagging else set()
+        rows = sqlite_rows(self.db, "SELECT id, name, last_ts FROM series ORDER BY id")
+        return {name: last for _, name, last in rows}, {name for sid, name, _ in rows if sid in ids}
+
+    def assertLastTimesRight(self, msg=None):
+        """Every series that keeps a last_ts and does not lag has the time of its newest sample (None without
+        one), and few lag."""
+        rows = sqlite_rows(self.db, "SELECT name, last_ts, (SELECT max(ts) FROM samples WHERE series_id = series.id) "
+                                    f"FROM series WHERE {mm._TRACKED} ORDER BY id")
+        last, lagging = self.last_times()
+        self.assertLessEqual(len(lagging), mm.LAGGING_SERIES_MAX, msg)
+        self.assertEqual({name: stored for name, stored, _ in rows if name not in lagging},
+                         {name: newest for name, _, newest in rows if name not in lagging}, msg)
+
+    def fill_the_room(self, collector=None):
+        (collector or self.metrics).record_many((f"hot{i}", 1.0) for i in range(mm.LAGGING_SERIES_MAX))
+
+    def test_the_first_series_written_lag_and_writing_one_again_reads_nothing_more(self):
+        now = self.clock.now
+        self.metrics.record("a", 1.0, timestamp=now - 10)
+        self.metrics.record("a", 2.0, timestamp=now - 5)
+        self.assertEqual(self.last_times(), ({"a": None}, {"a"}))
+        traced = []
+        self.metrics.store.connection.set_trace_callback(traced.append)
+        self.metrics.record("a", 3.0, timestamp=now)
+        self.assertEqual([sql.split()[0] for sql in traced], ["BEGIN", "INSERT", "COMMIT"])  # as before schema 10
+        self.metrics.store.connection.set_trace_callback(None)
+        self.metrics.roll_up()
+        self.metrics.record("b", 1.0, timestamp=now)
+        self.assertEqual(self.last_times(), ({"a": None, "b": None}, {"a", "b"}))
+        self.assertEqual(self.metrics.lagging_series(), frozenset({1, 2}))
+        self.assertLastTimesRight()
+
+    def test_the_room_goes_to_series_that_keep_one(self):
+        self.metrics.record_sync_metric("icloud", True, 2.0, 5, 0)
+        self.metrics.record_sync_metric("icloud", False, 2.0, 5, 0)
+        self.metrics.record("load", 1.0)
+        self.assertEqual(self.last_times()[1], {"sync_icloud_failure", "load"})
+
+    def test_only_the_users_own_series_and_failures_keep_one(self):
+        self.fill_the_room()
+        now = self.clock.now
+        self.metrics.record_sync_metric("icloud", True, 2.0, 5, 0, timestamp=now - 30)
+        self.metrics.record_sync_metric("icloud", False, 3.0, 0, 1, timestamp=now - 20)
+        self.metrics.record_circuit_breaker_metric("db", "open", 3, timestamp=now - 10)
+        self.metrics.record("backup_failure", 1.0, timestamp=now - 5)
+        traced = []
+        self.metrics.store.connection.set_trace_callback(traced.append)
+        self.metrics.record_sync_metric("icloud", True, 2.5, 5, 0, timestamp=now)  # three series, none keeps one
+        self.metrics.record("sync_icloud_success", 2.0, {"target": "icloud"}, timestamp=now)
+        self.metrics.store.connection.set_trace_callback(None)
+        self.assertEqual([sql for sql in traced if re.search(r"\b(UPDATE|INTO|FROM) (series|meta)\b", sql)], [])
+        self.assertEqual([sql.split()[0] for sql in traced], ["BEGIN", "SAVEPOINT"] + ["INSERT"] * 3 + [
+            "RELEASE", "COMMIT", "BEGIN", "INSERT", "INSERT", "COMMIT"])  # the same as before schema 10
+        self.assertEqual({name: last for name, last in self.last_times()[0].items() if not name.startswith("hot")}, {
+            "sync_icloud_success": None, "sync_icloud_files": None, "sync_icloud_conflicts": None,
+            "sync_icloud_failure": now - 20, "circuit_breaker_db_state": None, "circuit_breaker_db_failures": None,
+            "backup_failure": now - 5})
+        self.assertLastTimesRight()
+
+    def test_past_the_room_a_write_catches_last_ts_up_out_of_order_and_at_one_instant(self):
+        self.fill_the_room()
+        now = self.clock.now
+        self.metrics.record_many([("late", 1.0, None, now - 5), ("late", 2.0, None, now - 50),
+                                  ("other", 1.0, {"k": "v"}, now - 7)])
+        self.metrics.record("late", 3.0, timestamp=now - 100)  # older than the newest: last_ts stays
+        self.metrics.record("late", 4.0, timestamp=now - 5)  # a second sample at the newest instant
+        last, lagging = self.last_times()
+        self.assertEqual((last["late"], last["other"], len(lagging), "late" in lagging), (now - 5, now - 7, 64, False))
+        self.assertEqual(sqlite_rows(self.db, "SELECT ts, seq, value FROM samples JOIN series ON id = series_id "
+                                              "WHERE name = 'late' ORDER BY ts, seq"),
+                         [(now - 100, 0, 3.0), (now - 50, 0, 2.0), (now - 5, 0, 1.0), (now - 5, 1, 4.0)])
+        self.metrics.record("late", 5.0, timestamp=now + 1)
+        self.assertEqual(self.last_times()[0]["late"], now + 1)
+        self.assertLastTimesRight()
+
+    def test_a_rolled_back_write_lists_nothing(self):
+        with self.assertRaises(mm.StorageError):
+            with self.metrics.writing([("x", 1.0)]) as conn:
+                conn.execute("INSERT INTO check_results (name, ts, state, summary) VALUES (NULL, 1, 'OK', '')")
+        self.assertEqual(self.last_times(), ({}, set()))
+        self.fill_the_room()
+        self.metrics.record("x", 2.0)
+        self.assertEqual((self.last_times()[0]["x"], "x" in self.last_times()[1]), (self.clock.now, False))
+        self.assertLastTimesRight()
+
+    def test_a_collector_sees_the_room_another_took(self):
+        other = self.collector(self.clock, maintain=False)
+        now = self.clock.now
+        self.metrics.record("a", 1.0, timestamp=now - 10)  # this collector read the list with room in it
+        other.record_many((f"hot{i}", 1.0) for i in range(mm.LAGGING_SERIES_MAX - 1))
+        self.metrics.record("z", 2.0, timestamp=now)
+        self.assertEqual((len(self.last_times()[1]), self.last_times()[0]["z"]), (mm.LAGGING_SERIES_MAX, now))
+        self.assertLastTimesRight()
+
+    def test_deleting_the_newest_samples_catches_last_ts_up(self):
+        metrics = self.collector(self.clock, maintain=False, retention_days=2, hourly_days=3)
+        self.fill_the_room(metrics)
+        day, now = 86400.0, self.clock.now
+        busy = [("busy", float(i), None, now - 10 * day + i) for i in range(5)]  # its hour rolled up, raw deleted
+        sparse = [("sparse", 1.0, None, now - 10 * day + k * 7200) for k in range(3)]  # kept raw, folded, deleted
+        mixed = [("mixed", 1.0, None, now - 10 * day), ("mixed", 2.0, None, now - 3600)]  # the newer one stays
+        metrics.record_many(busy + sparse + mixed)
+        metrics.roll_up()
+        metrics.record("sparse", 9.0, timestamp=now - 9 * day)  # late, into an hour rolled up
+        self.assertEqual({name: last for name, last in self.last_times()[0].items() if not name.startswith("hot")},
+                         {"busy": now - 10 * day + 4, "sparse": now - 9 * day, "mixed": now - 3600})
+        report = metrics.cleanup()
+        # Past the retention: busy's five and sparse's late one (a plain sample, its hour's rollup merged).
+        # The samples kept raw for their hours fold into days with the hours (six in all) and go.
+        self.assertEqual((report["deleted_samples"], report["folded_hours"]), (6, 6))
+        self.assertEqual(sqlite_rows(self.db, "SELECT name, ts FROM samples JOIN series ON id = series_id "
+                                              "WHERE name NOT GLOB 'hot*'"), [("mixed", now - 3600)])
+        self.assertEqual({name: last for name, last in self.last_times()[0].items() if not name.startswith("hot")},
+                         {"busy": None, "sparse": None, "mixed": now - 3600})
+        self.assertLastTimesRight()
+
+    def test_any_order_of_writes_roll_ups_and_cleanups_keeps_last_ts_right(self):
+        rng = random.Random(31)
+        collectors = [self.metrics, self.collector(self.clock, maintain=False, retention_days=1, hourly_days=2)]
+        for step in range(300):
+            collector = rng.choice(collectors)
+            action = rng.random()
+            if action < 0.6:
+                collector.record(f"s{rng.randrange(90)}", 1.0, timestamp=self.clock.now - rng.uniform(0, 4 * 86400))
+            elif action < 0.9:
+                collector.record_many((f"s{rng.randrange(90)}", 1.0, None, self.clock.now - rng.uniform(0, 86400))
+                                      for _ in range(rng.randrange(1, 40)))
+            elif action < 0.95:
+                collector.roll_up()
+            else:
+                collector.cleanup()
+            self.clock.advance(rng.uniform(0, 3600))
+            self.assertLastTimesRight(f"after step {step}")
+        self.assertEqual(len(self.last_times()[1]), mm.LAGGING_SERIES_MAX)
+        self.assertGreater(sqlite_rows(self.db, "SELECT count(*) FROM series WHERE last_ts IS NULL")[0][0], 0)
+        self.assertEqual(sqlite_rows(self.db, f"SELECT count(*) FROM series WHERE NOT {mm._TRACKED}"), [(0,)])
 
 
 class PureFunctionsTest(unittest.TestCase):

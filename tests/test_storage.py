@@ -15,6 +15,9 @@ import metasystem_monitor as mm
 from .support import REPO, SUBPROCESS_TIMEOUT_S, StoreTestCase, file_bytes, reap, sqlite_rows
 
 
+UNMARKED_UP_TO_SCHEMA = 7  # APPLICATION_ID came while the schema was 7: a store of 7 or older may lack it
+
+
 class StoreFilesTest(StoreTestCase):
     def test_created_folder_and_file_are_private_whatever_the_umask(self):
         for umask in (0o000, 0o022, 0o077):
@@ -80,6 +83,25 @@ class StorePragmasTest(StoreTestCase):
                     raise RuntimeError("stop")
             self.assertEqual(store.query("SELECT * FROM meta"), [])
             self.assertFalse(store.connection.in_transaction)
+
+    def test_queries_inside_reading_see_one_snapshot_and_rows_stop_where_the_caller_does(self):
+        mm.Store(self.db).close()
+        with mm.Store(self.db, readonly=True) as reader, mm.Store(self.db) as writer:
+            with reader.reading():
+                self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(0,)])
+                with writer.write() as conn:
+                    conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+                self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(0,)])
+                with reader.reading():  # inside one already: that one holds
+                    self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(0,)])
+            self.assertFalse(reader.connection.in_transaction)
+            self.assertEqual(reader.query("SELECT count(*) FROM meta"), [(1,)])
+            steps = []
+            reader.connection.set_progress_handler(lambda: steps.append(1), 1)
+            with reader.rows("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000) "
+                             "SELECT i FROM n") as rows:
+                self.assertEqual([i for i, _ in zip(rows, range(3))], [(1,), (2,), (3,)])
+            self.assertLess(len(steps), 1000)  # three rows made of a million, then the statement stopped
 
     def test_a_held_write_lock_gives_up_after_the_busy_timeout(self):
         with mm.Store(self.db) as holder, mm.Store(self.db, busy_timeout_s=0.05) as waiter:
@@ -167,16 +189,17 @@ class StoreVersionsTest(StoreTestCase):
 
     def test_a_store_from_before_the_marker_is_recognised_and_marked(self):
         conn = sqlite3.connect(self.db)
-        for statements in mm._MIGRATIONS:
+        for statements in mm._MIGRATIONS[:UNMARKED_UP_TO_SCHEMA]:
             for statement in statements:
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION}")
+        conn.execute(f"PRAGMA user_version = {UNMARKED_UP_TO_SCHEMA}")
         conn.commit()
         conn.close()
-        with mm.Store(self.db, readonly=True) as store:
-            self.assertEqual(store.query("SELECT count(*) FROM samples"), [(0,)])
+        with self.assertRaisesRegex(mm.StorageError, "has schema 7; run a recording command once to upgrade it"):
+            mm.Store(self.db, readonly=True)
         self.assertEqual(sqlite_rows(self.db, "PRAGMA application_id"), [(0,)])  # a reader changes nothing
-        mm.Store(self.db).close()
+        with mm.Store(self.db) as store:
+            self.assertEqual(store.query("SELECT count(*) FROM samples"), [(0,)])
         self.assertEqual(sqlite_rows(self.db, "PRAGMA application_id"), [(mm.APPLICATION_ID,)])
 
     def test_an_empty_file_is_migrated_to_the_current_schema(self):
@@ -187,7 +210,7 @@ class StoreVersionsTest(StoreTestCase):
                                   "retry_budget", "breakers", "breaker_failures", "breaker_transitions",
                                   "alerts", "alert_deliveries", "alert_marks", "alert_states",
                                   "alert_channel_states", "alert_held", "silences", "job_runs", "check_results",
-                                  "delivery_counts", "alert_acks", "raw_kept"})
+                                  "delivery_counts", "alert_acks", "raw_kept", "label_values"})
 
     def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(self):
         conn = sqlite3.connect(self.db)
@@ -204,6 +227,36 @@ class StoreVersionsTest(StoreTestCase):
             self.assertEqual(store.query("PRAGMA user_version"), [(mm.SCHEMA_VERSION,)])
             self.assertEqual(store.query("SELECT * FROM samples"), [(1, 1800000000.0, 0, 42.0)])
             self.assertEqual(store.query("SELECT count(*) FROM retry_calls"), [(0,)])
+
+    def test_a_store_of_every_older_version_gets_last_times_and_label_values_from_its_series(self):
+        for version in range(1, mm.SCHEMA_VERSION):
+            with self.subTest(version=version):
+                path = os.path.join(self.tmp, f"v{version}.db")
+                conn = sqlite3.connect(path)
+                for statements in mm._MIGRATIONS[:version]:
+                    for statement in statements:
+                        statement(conn) if callable(statement) else conn.execute(statement)
+                if version > UNMARKED_UP_TO_SCHEMA:
+                    conn.execute(f"PRAGMA application_id = {mm.APPLICATION_ID}")
+                conn.executemany("INSERT INTO series (id, name, labels) VALUES (?, ?, ?)",
+                                 [(1, "own", "{}"), (2, "sync_a_success", '{"target":"a"}'),
+                                  (3, "empty", '{"host":"n\\"as","target":"a"}')])
+                conn.executemany("INSERT INTO samples VALUES (?, ?, ?, ?)",
+                                 [(1, 1800000050.0, 0, 1.0), (1, 1800000010.0, 0, 2.0), (1, 1800000050.0, 1, 3.0),
+                                  (2, 1800000020.0, 0, 4.0)])
+                if version >= 10:  # as the writes of schema 10 keep them
+                    conn.execute("UPDATE series SET own = id != 2")
+                    conn.execute(f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = id) "
+                                 f"WHERE {mm._TRACKED}")
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.commit()
+                conn.close()
+                with mm.Store(path) as store:
+                    self.assertEqual(store.query("SELECT id, last_ts FROM series ORDER BY id"),  # a success: untracked
+                                     [(1, 1800000050.0), (2, None), (3, None)])
+                    self.assertEqual(store.query("SELECT count(*) FROM meta WHERE key = 'lagging_series'"), [(0,)])
+                    self.assertEqual(store.query("SELECT * FROM label_values"), [("host", 'n"as'), ("target", "a")])
+                    self.assertEqual(store.query("SELECT id, own FROM series ORDER BY id"), [(1, 1), (2, 0), (3, 1)])
 
     def test_readonly_open_of_a_missing_store_creates_nothing(self):
         with mm.Store(self.db, readonly=True) as store:

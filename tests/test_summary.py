@@ -2,6 +2,9 @@
 
 import json
 import os
+import random
+import re
+import sqlite3
 import subprocess
 import sys
 
@@ -226,6 +229,107 @@ class ManyTargetsTest(StoreTestCase):
         self.assertEqual(len(mm.read_summary(self.db, now=lambda: now)["sync"]), mm.SUMMARY_SECTION_ROWS)
 
 
+def worst_first_before_schema_11(db, prefix, label, since, until, limit):
+    """The sync or agent section's names and omitted counts as they were found before label_values and
+    last_ts: every name from the series' labels, a grouped count of every run in the window."""
+    import collections
+
+    names = sorted({json.loads(text)[label] for (text,) in sqlite_rows(db, "SELECT DISTINCT labels FROM series")
+                    if label in json.loads(text)})
+    if len(names) <= limit:
+        return names, {}
+    counts = dict(sqlite_rows(db, "SELECT series.name, count(*) FROM series JOIN samples ON series_id = series.id "
+                                  "WHERE series.name >= ? AND series.name < ? AND ts >= ? AND ts <= ? GROUP BY 1",
+                              (prefix + "_", prefix + "`", since, until)))
+    states = {}
+    for name in names:
+        good, bad = counts.get(f"{prefix}_{name}_success", 0), counts.get(f"{prefix}_{name}_failure", 0)
+        states[name] = mm.rate_state(100.0 * good / (good + bad) if good + bad else None)
+    ranked = sorted(names, key=lambda name: (-mm.STATE_RANK[states[name]], name))
+    rest = collections.Counter(states[name] for name in ranked[limit:])
+    return sorted(ranked[:limit]), {state: rest[state] for state in mm.CHECK_STATES if rest[state]}
+
+
+class WorstFirstTest(StoreTestCase):
+    """The worst sync targets and agents, read without a look at every one: the same as a count of all."""
+
+    def build(self, seed):
+        rng = random.Random(seed)
+        now = 1_800_000_000.0
+        names = [f"t{i:03d}" for i in range(rng.randrange(20, 160))]
+        names += ['q"uote', "back\\slash", "é", "a_failure", "", "日本"]  # written with escapes, or odd ones
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: now) as metrics:
+            for prefix, label in (("sync", "target"), ("agent", "agent")):  # "t0" is no name, "t000" is
+                metrics.record_many([(f"{prefix}_t0_success", 1.0, {label: "t000"}, now - 60),
+                                     (f"{prefix}_t0_failure", 1.0, {label: "t000"}, now - 60)])
+            for _ in range(rng.randrange(100, 900)):  # the first 64 series lag in last_ts
+                name = rng.choice(names)
+                prefix, label = rng.choice([("sync", "target"), ("agent", "agent")])
+                outcome = rng.choice(["success", "success", "success", "failure", "files" if prefix == "sync" else
+                                      "items"])
+                when = now - rng.choice([rng.uniform(0, 86400), rng.uniform(86400, 3 * 86400), 86400.0, 0.0,
+                                         -rng.uniform(1, 7200)])  # in the window, before it, at its edges, after it
+                labels = rng.choice([{label: name}, {label: name, "host": "nas"}, None, {label: "other"}])
+                metrics.record(f"{prefix}_{name}_{outcome}", 1.0, labels, timestamp=when)
+                if rng.random() < 0.05:
+                    metrics.record_many((f"{prefix}_{rng.choice(names)}_failure", 2.0, {label: rng.choice(names)},
+                                         now - rng.uniform(0, 86400)) for _ in range(70))
+        if seed % 2:  # as a store migrated to schema 10 leaves them: the lagging series' last_ts from before
+            conn = sqlite3.connect(self.db)
+            self.addCleanup(conn.close)
+            lagging = conn.execute("SELECT value FROM meta WHERE key = 'lagging_series'").fetchone()[0]
+            conn.execute(f"UPDATE series SET last_ts = (SELECT max(ts) FROM samples WHERE series_id = series.id "
+                         f"AND ts < ?) WHERE id IN ({lagging})", (now - rng.uniform(0, 86400),))
+            conn.commit()
+        return now
+
+    def test_the_sections_agree_with_a_count_of_every_run(self):
+        for seed in range(12):
+            with self.subTest(seed=seed):
+                if os.path.exists(self.db):
+                    os.remove(self.db)
+                now = self.build(seed)
+                with mm.MetricsCollector(self.db, readonly=True, now=lambda: now) as metrics:
+                    self.assertGreater(len(metrics.lagging_series()), 0)
+                    for prefix, label in (("sync", "target"), ("agent", "agent")):
+                        for limit, hours in ((1, 24), (5, 24), (50, 24), (5, 48), (20, 1)):
+                            since = now - hours * 3600.0
+                            counted = mm._counted_runs(metrics.store, *mm._run_params(
+                                prefix, label, since, now, metrics.lagging_series()))
+                            runs = dict(sqlite_rows(self.db, "SELECT name, count(*) FROM series JOIN samples ON "
+                                                             "series_id = id WHERE ts >= ? AND ts <= ? GROUP BY name",
+                                                    (since, now)))
+                            self.assertEqual(counted, {name: (runs.get(f"{prefix}_{name}_success", 0),
+                                                              runs.get(f"{prefix}_{name}_failure", 0))
+                                                       for name in counted})
+                            self.assertEqual(mm._worst_first(metrics, prefix, label, since, now, limit),
+                                             worst_first_before_schema_11(self.db, prefix, label, since, now, limit),
+                                             (prefix, limit, hours))
+
+    def test_only_the_failed_and_the_shown_are_read_one_by_one(self):
+        now = 1_800_000_000.0
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: now) as metrics:
+            metrics.record_many((f"early_{i}", 1.0) for i in range(mm.LAGGING_SERIES_MAX))
+            metrics.record_many((f"sync_t{i:04d}_{'failure' if i % 100 == 7 else 'success'}", 1.0,
+                                 {"target": f"t{i:04d}"}, now - 600) for i in range(3000))
+        with mm.MetricsCollector(self.db, readonly=True, now=lambda: now) as metrics:
+            traced = []
+            metrics.store.connection.set_trace_callback(traced.append)
+            shown, omitted = mm._worst_first(metrics, "sync", "target", now - 86400, now, 50)
+            metrics.store.connection.set_trace_callback(None)
+            failed = [f"t{i:04d}" for i in range(7, 3000, 100)]
+            self.assertEqual((shown, omitted), (sorted(failed + [f"t{i:04d}" for i in range(21) if i != 7]),
+                                                {"OK": 2950}))
+            plans = {sql: " ".join(row[3] for row in metrics.store.query("EXPLAIN QUERY PLAN " + sql))
+                     for sql in traced if sql.startswith(("SELECT", "WITH"))}
+        self.assertIn("failures_by_time", next(plan for sql, plan in plans.items() if "'*_failure'" in sql))
+        self.assertIn("success_series", next(plan for sql, plan in plans.items() if "count(DISTINCT" in sql))
+        # The success series are read whole, from their index (each asked for a sample in the window); no
+        # other statement walks series.
+        self.assertEqual([plan for plan in plans.values()
+                          if re.search(r"SCAN series(?! USING (COVERING )?INDEX success_series)", plan)], [])
+
+
 class JobsSectionTest(AlertTestCase):
     """Every job run wraps shows on every face: its last run, how it ended, how long it took."""
 
@@ -331,3 +435,71 @@ class OwnSeriesTest(StoreTestCase):
         checked = self.run_cli("--config", config, "config", "--check")
         self.assertEqual((checked.returncode, checked.stdout.decode()),
                          (1, f"{config}: [dashboard] metrix: unknown key\n"))
+
+
+def own_series_before_schema_10(db, limit):
+    """The keys of the newest own series as the summary found them before last_ts: every series' newest
+    sample, all sorted, the families' series told in Python."""
+    families = [(label, re.compile(pattern)) for label, pattern in mm._EXPORTED_SERIES]
+    keys = []
+    for name, labels, _ in sqlite_rows(db, "SELECT name, labels, (SELECT max(ts) FROM samples WHERE series_id = "
+                                        "series.id) AS last FROM series WHERE last IS NOT NULL "
+                                        "ORDER BY last DESC, name, labels"):
+        if not any(f'"{label}":' in labels and pattern.fullmatch(name) for label, pattern in families):
+            keys.append(mm.series_key(name, json.loads(labels)))
+            if len(keys) == limit:
+                break
+    return sorted(keys)
+
+
+class OwnSeriesIndexTest(StoreTestCase):
+    """The newest of the user's own series come from an index that holds only theirs, with the series that
+    may lag in last_ts asked their samples: the same ten as the sort of every series found."""
+
+    def test_the_families_said_in_sql_are_those_of_the_export(self):
+        names = ["sync_a_success", "sync_a_failure", "sync_a_files", "sync_a_conflicts", "sync__success",
+                 "sync_a_b_success", "sync_success", "Sync_a_success", "sync_a_successes", "xsync_a_success",
+                 "agent_a_items", "agent_a_success", "agent__items", "circuit_breaker_b_state",
+                 "circuit_breaker_b_failures", "circuit_breaker__state", "check_state", "check_value",
+                 "check_duration", "check_states", "job_duration", "job_exit_code", "job_exit", "sync_*_success",
+                 "sync_?_failure", "sync_[a]_files", "sync_é_success", "backup_bytes"]
+        labels = [{}, {"target": "a"}, {"agent": "a"}, {"breaker": "b"}, {"check": "c"}, {"job": "j"},
+                  {"xtarget": "a"}, {"target_": "a"}, {"host": "nas", "target": "a"}, {"note": '"target":'}]
+        conn = sqlite3.connect(":memory:")
+        self.addCleanup(conn.close)
+        conn.execute("CREATE TABLE series (name TEXT, labels TEXT)")
+        cases = [(name, mm.canonical_labels(pairs)) for name in names for pairs in labels]
+        conn.executemany("INSERT INTO series VALUES (?, ?)", cases)
+        families = [(label, re.compile(pattern)) for label, pattern in mm._EXPORTED_SERIES]
+        expected = [(name, text, int(not any(label in json.loads(text) and pattern.fullmatch(name)
+                                             for label, pattern in families))) for name, text in cases]
+        self.assertEqual(conn.execute(f"SELECT name, labels, {mm._OWN_SERIES} FROM series").fetchall(), expected)
+        self.assertEqual(sum(own for _, _, own in expected), 280 - 27)  # 9 + 2 + 2 + 3 + 2 names, 2 with target
+
+    def test_the_newest_ten_are_those_of_a_sort_of_every_series(self):
+        rng = random.Random(31)
+        now, written = 1_800_000_000.0, []
+        with mm.MetricsCollector(self.db, maintain=False, now=lambda: now) as metrics:
+            # The first 64 series written lag in last_ts: some of them old, some the newest of all.
+            metrics.record_many((f"early_{i}", 1.0, None, now - 5000 + 100 * (i % 3)) for i in range(64))
+            for i in range(3000):
+                target = f"t{i:04d}"  # the families' series, newer than every own series
+                metrics.record_many([(f"sync_{target}_success", 1.0, {"target": target}, now - rng.uniform(0, 99)),
+                                     (f"sync_{target}_files", 1.0, {"target": target}, now - 1)])
+            for i in range(40):  # ties at one instant, told apart by name, then labels
+                metrics.record(f"own_{i % 7}", 1.0, {"n": str(i)}, timestamp=now - 200 - i % 4)
+            for i in range(200):
+                metrics.record(f"own_{rng.randrange(9)}", 1.0, timestamp=now - rng.uniform(100, 4000))
+                metrics.record(f"early_{rng.randrange(64)}", 1.0, timestamp=now - rng.uniform(100, 6000))
+        with mm.MetricsCollector(self.db, readonly=True, now=lambda: now) as metrics:
+            traced = []
+            metrics.store.connection.set_trace_callback(traced.append)
+            for limit in (1, 10, 30, 200):
+                with self.subTest(limit=limit):
+                    self.assertEqual(list(mm.own_series(metrics, now - 86400, limit=limit)),
+                                     own_series_before_schema_10(self.db, limit))
+            metrics.store.connection.set_trace_callback(None)
+            indexed = next(sql for sql in traced if "ORDER BY last_ts DESC" in sql)
+            plan = " ".join(row[3] for row in metrics.store.query("EXPLAIN QUERY PLAN " + indexed))
+        self.assertIn("INDEX own_series_by_time", plan)  # in its order: no sort of the series
+        self.assertNotIn("TEMP B-TREE", plan)
