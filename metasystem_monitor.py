@@ -11068,6 +11068,7 @@ def read_configuration(args) -> Configured:
     config, unreadable = read_config(args.config_path, required=args.config_named)
     settings = alerting_settings(config, args.config_path)
     settings.problems[:0] = unreadable
+    settings.problems.extend(unusable_channels(settings))  # a secret missing under cron: heard, not skipped
     return Configured(config, settings)
 
 
@@ -11385,7 +11386,7 @@ def cmd_config(args) -> int:
     config, settings = read_configuration(args)
     settings.problems.extend(check_problems(config) + job_problems(config))
     if args.check:
-        settings.problems.extend(missing_programs(config) + unusable_channels(settings))
+        settings.problems.extend(missing_programs(config))
     else:
         print("\n".join(effective_configuration(settings)))
     for line in settings.problem_lines():
@@ -11408,6 +11409,16 @@ def _checks_without_store(args, specs: List[CheckSpec], err: StorageError, now: 
             + [CheckResult(spec.name, "UNKNOWN", "the store cannot be read") for spec in specs if spec not in free])
 
 
+def _resolve_gone_checks(system: AlertingSystem, states: Dict[str, str]) -> None:
+    """Resolve what this run's checks no longer say: the configuration once mended, and the alert of a check
+    that is no longer configured (a section deleted), which would otherwise fire for ever."""
+    if CONFIGURATION_CHECK not in states:
+        system.resolve(CONFIGURATION_CHECK, "the configuration has no problem")
+    for entry in system.firing():
+        if entry["key"] not in states and entry["key"] != CONFIGURATION_CHECK and entry["title"] == f"check {entry['key']}":
+            system.resolve(entry["key"], "the check is no longer configured", after=1)
+
+
 def _alert_checks(args, results: List[CheckResult], given: Configured, budget: RunBudget) -> None:
     """Fire each check that is not OK (key: its name) and resolve each that is, as one run, holding the
     alerts of a check whose ``depends_on`` is CRITICAL (a cycle holds nothing); then the Watchdog to
@@ -11427,8 +11438,8 @@ def _alert_checks(args, results: List[CheckResult], given: Configured, budget: R
                         severity = "critical" if result.state == "CRITICAL" else "warning"
                         system.fire(result.name, f"check {result.name}", f"{result.state}: {result.summary}",
                                     severity, inhibited_by=held)
-                if not args.only and CONFIGURATION_CHECK not in states:  # the file was mended
-                    system.resolve(CONFIGURATION_CHECK, "the configuration has no problem")
+                if not args.only:
+                    _resolve_gone_checks(system, states)
             system.send_watchdog(WATCHDOG_RUNS * check_run_interval(config) + CHECK_STALE_GRACE_S)
     except MonitorError as err:  # the store cannot take the alerts' states: the verdict still stands
         log.error("alerts not sent: %s", err)

@@ -185,7 +185,9 @@ class AlertTestCommand(AlertTestCase):
                               "[channel:unset]\ntype = ntfy\nurl_env = MM_UNSET_FOR_THIS_TEST\n")
             result = self.run_cli("alert-test", env=self.cli_env())
         self.assertEqual((result.returncode, result.stderr.decode()),  # a channel that cannot be used failed
-                         (3, f"{PROG}: warning: channel unset skipped ($MM_UNSET_FOR_THIS_TEST is not set)\n"))
+                         (3, f"{PROG}: warning: channel unset skipped ($MM_UNSET_FOR_THIS_TEST is not set)\n"
+                             f"{PROG}: error: {self.config_path}: [channel:unset] channel unset cannot be used here: "
+                             "$MM_UNSET_FOR_THIS_TEST is not set\n"))
         lines = result.stdout.decode().splitlines()
         self.assertEqual([re.sub(r" in \d+ ms", "", line) for line in lines],
                          ["log: sent", "pager: sent", "hook: sent", "old: skipped (disabled)",

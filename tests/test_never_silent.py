@@ -433,3 +433,43 @@ class DigitsThatAreNotAsciiTest(AlertTestCase):
                 self.assertIsNone(mm.parse_retry_after(digits, now=0.0))
         self.assertEqual((mm.decimal_number(" -2.5e1 "), mm.whole_number("+7"), mm.parse_listen("[::1]:80")),
                          (-25.0, 7, ("::1", 80)))
+
+
+class WhatARunNoLongerSaysTest(AlertTestCase):
+    """A channel whose secret has gone is heard as a problem, and an alert whose check was deleted resolves."""
+
+    def test_a_channel_whose_secret_file_is_gone_is_the_configuration_check_even_when_all_is_ok(self):
+        from .servers import HTTPServer
+
+        gone = os.path.join(self.tmp, "hook-url")
+        with HTTPServer() as ping:
+            self.write_config(f"[check]\nping_url = {ping.url('/p')}\n\n[channel:hook]\ntype = webhook\n"
+                              f"url_file = {gone}\n\n[check:age]\ntype = file_age\npath = {self.config_path}\n")
+            result = self.run_cli("check", env=self.cli_env())
+        said = f"{gone} cannot be read (No such file or directory)"
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual((result.returncode, lines[0]), (
+            3, f"metasystem_monitor.py: error: {self.config_path}: [channel:hook] channel hook cannot be used here: "
+               f"{said}"))
+        self.assertTrue(lines[1].startswith("metasystem_monitor.py: warning: [WARNING] check configuration | "), lines)
+        self.assertEqual(result.stdout.decode().splitlines()[-1],
+                         f"UNKNOWN configuration: 1 problem in {self.config_path}: [channel:hook] channel hook cannot "
+                         f"be used here: {said} (config --check lists every problem)")
+        self.assertEqual([r.path.split("?")[0] for r in ping.requests], ["/p/3"])
+
+    def test_the_alert_of_a_deleted_check_resolves_at_the_next_run(self):
+        from .servers import HTTPServer
+
+        gone = os.path.join(self.tmp, "never")
+        with HTTPServer() as hook:
+            channel = f"[channel:hook]\ntype = webhook\nurl = {hook.url('/h')}\n\n"
+            self.write_config(channel + f"[check:old]\ntype = file_age\npath = {gone}\n\n[check:age]\ntype = file_age\n"
+                                        f"path = {self.config_path}\n")
+            first = self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(T0)))
+            self.write_config(channel + f"[check:age]\ntype = file_age\npath = {self.config_path}\n")
+            second = self.run_cli("check", env=self.cli_env(METASYSTEM_NOW=repr(T0 + 300)))
+            firing = self.run_cli("alerts", "--firing", env=self.cli_env(METASYSTEM_NOW=repr(T0 + 300)))
+        self.assertEqual((first.returncode, second.returncode, firing.stdout), (2, 0, b""))
+        self.assertEqual([(r.json()["dedup_key"], r.json()["kind"]) for r in hook.requests],
+                         [("old", "firing"), ("old", "resolved")])
+        self.assertEqual(hook.requests[1].json()["message"], "the check is no longer configured")

@@ -94,10 +94,11 @@ class SecretFileBytesTest(AlertTestCase):
         self.assertEqual(check.returncode, 2, check.stderr)  # CRITICAL, as the check says
         self.assertTrue(check.stdout.startswith(b"METASYSTEM CRITICAL - full CRITICAL"), check.stdout)
         self.assertEqual(alert.returncode, 3, alert.stderr)  # tg, unusable, did not get it
-        self.assertEqual([r.json()["title"] for r in hook.requests], ["check full", "t"])
-        self.assertEqual(listed.returncode, 0, listed.stderr)
+        # the unusable channels are the run's configuration problem, heard like any other
+        self.assertEqual([r.json()["title"] for r in hook.requests], ["check full", "check configuration", "t"])
+        self.assertEqual(listed.returncode, 1, listed.stderr)
         self.assertIn(b"tg=not_configured", listed.stdout)
-        self.assertEqual(shown.returncode, 0, shown.stderr)
+        self.assertEqual(shown.returncode, 1, shown.stderr)
         self.assertIn(f"# not configured: {self.token} is {skipped}".encode(), shown.stdout)
         self.assertEqual(checked.returncode, 1, checked.stderr)
         self.assertIn(f"[channel:tg] channel tg cannot be used here: {self.token} is {skipped}".encode(),
